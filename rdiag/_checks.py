@@ -1,0 +1,126 @@
+"""Input validators; every message says what was expected, what came, what to do."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+def check_module(model: Any) -> nn.Module:
+    """Return ``model`` if it is an ``nn.Module``; raise ``TypeError`` otherwise."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"expected a torch.nn.Module, got {type(model).__name__}; "
+            "pass the model object itself (not its state_dict or a function)"
+        )
+    return model
+
+
+def check_tensor(x: Any, name: str, *, min_dim: int = 1) -> Tensor:
+    """Return ``x`` if it is a floating or integer tensor with at least ``min_dim`` dims."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"expected {name} to be a torch.Tensor, got {type(x).__name__}; "
+            f"convert it with torch.as_tensor({name})"
+        )
+    if x.dim() < min_dim:
+        raise ValueError(
+            f"expected {name} to have a leading batch axis (>= {min_dim} dims), "
+            f"got shape {tuple(x.shape)}; add one with {name}.unsqueeze(0)"
+        )
+    return x
+
+
+def check_same_features(x1: Tensor, x2: Tensor) -> None:
+    """Check two batches share every axis but the batch axis."""
+    if x1.shape[1:] != x2.shape[1:] or x1.dtype != x2.dtype:
+        raise ValueError(
+            f"expected x1 and x2 to differ only in the batch axis, got "
+            f"x1 {tuple(x1.shape)} {x1.dtype} and x2 {tuple(x2.shape)} {x2.dtype}; "
+            "reshape or cast one of them"
+        )
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> None:
+    """Raise ``ValueError`` unless ``value`` is a positive int (or None if allowed)."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"expected {name} to be a positive int, got {value!r}")
+
+
+def check_finite_positive(value: Any, name: str) -> float:
+    """Return ``float(value)`` if finite and > 0; raise ``ValueError`` otherwise."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected {name} to be a positive number, got {value!r}") from None
+    if not math.isfinite(out) or out <= 0:
+        raise ValueError(f"expected {name} to be a finite number > 0, got {value!r}")
+    return out
+
+
+def check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``allowed``; raise ``ValueError`` naming them."""
+    if value not in allowed:
+        raise ValueError(f"expected {name} to be one of {list(allowed)}, got {value!r}")
+    return value
+
+
+def check_vector(v: Tensor, size: int, name: str = "v") -> None:
+    """Check ``v`` is a flat vector of ``size`` entries."""
+    if not isinstance(v, Tensor) or v.dim() != 1 or v.numel() != size:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(
+            f"expected {name} to be a flat vector of {size} entries (one per selected "
+            f"parameter, named_parameters() order), got {shape}; "
+            "flatten a parameter dict with FunctionalModel.flatten"
+        )
+
+
+def check_scalar_loss(loss: Tensor) -> None:
+    """Check a loss reduced to a scalar."""
+    if not isinstance(loss, Tensor) or loss.dim() != 0:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError(
+            f"expected loss_fn(output, target) to return a scalar (mean reduction), "
+            f"got {shape}; use reduction='mean' (e.g. F.mse_loss(out, y))"
+        )
+
+
+def check_fits(nbytes: float, budget: float, what: str, hint: str) -> None:
+    """Raise ``MemoryError`` if ``nbytes`` exceeds ``budget``, with a way out."""
+    if nbytes > budget:
+        raise MemoryError(
+            f"{what} needs about {format_bytes(nbytes)}, over the memory budget of "
+            f"{format_bytes(budget)}; {hint}"
+        )
+
+
+def format_bytes(nbytes: float) -> str:
+    """Human-readable byte count, e.g. ``'3.2 GiB'``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def available_memory(device: torch.device) -> int:
+    """Bytes that can be allocated on ``device`` now (free GPU memory or free RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

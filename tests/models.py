@@ -1,0 +1,124 @@
+"""The test model zoo: small architectures with the layers rdiag must handle.
+
+Each builder takes a seed and returns ``(model, make_input)``, where
+``make_input(n, seed)`` draws a batch of ``n`` inputs for that model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+Builder = Callable[[int], tuple[nn.Module, Callable[[int, int], Tensor]]]
+
+
+def _normal(*shape: int) -> Callable[[int, int], Tensor]:
+    def make(n: int, seed: int) -> Tensor:
+        return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+    return make
+
+
+def mlp(activation: type[nn.Module]) -> Builder:
+    def build(seed: int):
+        torch.manual_seed(seed)
+        net = nn.Sequential(
+            nn.Linear(5, 7), activation(), nn.Linear(7, 6), activation(), nn.Linear(6, 3)
+        )
+        return net, _normal(5)
+
+    return build
+
+
+def cnn(seed: int):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(4 * 4 * 4, 3),
+    )
+    return net, _normal(2, 6, 6)
+
+
+def layernorm(seed: int):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[1].weight.normal_(1.0, 0.3)
+        net[1].bias.normal_(0.0, 0.3)
+    return net, _normal(5)
+
+
+def batchnorm(seed: int):
+    torch.manual_seed(seed)
+    net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
+    with torch.no_grad():
+        net[1].running_mean.normal_(0.0, 0.5)
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[1].weight.normal_(1.0, 0.3)
+        net[1].bias.normal_(0.0, 0.3)
+    return net, _normal(5)
+
+
+class Attention(nn.Module):
+    """One pre-norm self-attention block with fused SDPA, then a per-token readout."""
+
+    def __init__(self, dim: int = 6, heads: int = 2, out: int = 2) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.readout = nn.Linear(dim, out)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(n, t, 3, self.heads, d // self.heads).unbind(2)
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return self.readout(x)
+
+
+def attention(seed: int):
+    torch.manual_seed(seed)
+    return Attention(), _normal(4, 6)
+
+
+class EmbedLinear(nn.Module):
+    """Token embedding, mean over positions, tanh, linear readout."""
+
+    def __init__(self, vocab: int = 11, dim: int = 6, out: int = 3) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.hidden = nn.Linear(dim, dim)
+        self.readout = nn.Linear(dim, out)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.readout(torch.tanh(self.hidden(self.embed(tokens)).mean(1)))
+
+
+def embedding(seed: int):
+    torch.manual_seed(seed)
+
+    def make(n: int, s: int) -> Tensor:
+        return torch.randint(0, 11, (n, 4), generator=torch.Generator().manual_seed(s))
+
+    return EmbedLinear(), make
+
+
+ZOO: dict[str, Builder] = {
+    "mlp_tanh": mlp(nn.Tanh),
+    "mlp_relu": mlp(nn.ReLU),
+    "mlp_gelu": mlp(nn.GELU),
+    "cnn": cnn,
+    "layernorm": layernorm,
+    "batchnorm": batchnorm,
+    "attention": attention,
+    "embedding": embedding,
+}
