@@ -58,5 +58,5 @@ def warn_once(key: str, message: str) -> None:
     if key in _WARNED:
         return
     _WARNED.add(key)
-    logger.warning(message)
+    logger.info(message)
     warnings.warn(message, UserWarning, stacklevel=3)

@@ -1,0 +1,138 @@
+"""The ``"jacobian"`` eNTK: per-sample Jacobians (vmapped ``jacrev``), then contraction.
+
+Cost: ``(N1 + N2) * O`` reverse passes to build the Jacobians, and a GEMM of
+``N1 * N2 * P * O**2`` multiply-adds (``* O`` when output-traced). Memory: one
+block of Jacobians, ``B * O * P`` floats; blocks are recomputed when the whole
+Jacobian does not fit in the budget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vmap
+
+from rdiag.functional import FunctionalModel
+from rdiag.ntk.spec import NTKSpec, empty_kernels
+
+
+def jacobians(fm: FunctionalModel, x: Tensor) -> dict[str, Tensor]:
+    """Jacobians of the outputs w.r.t. each selected parameter.
+
+    Args:
+        fm: Functional model.
+        x: Batch ``(B, ...)``.
+
+    Returns:
+        Name -> ``(B, O, p)`` with ``p`` the parameter's size, in at least float32.
+        For a batch-coupled model these are rows of the whole-batch Jacobian.
+    """
+    if fm.batch_coupled:
+        jac = jacrev(lambda p: fm(p, x))(fm.params)
+    else:
+        jac = vmap(jacrev(fm.single), (None, 0))(fm.params, x)
+    out = {}
+    for n, j in jac.items():
+        j = j.reshape(j.shape[0], j.shape[1], -1)
+        out[n] = j.float() if j.dtype in (torch.float16, torch.bfloat16) else j
+    return out
+
+
+def contract(
+    fm: FunctionalModel, j1: dict[str, Tensor], j2: dict[str, Tensor], spec: NTKSpec
+) -> dict[str, Tensor]:
+    """Per-layer weighted kernels from two sets of Jacobians.
+
+    Args:
+        fm: Functional model (for the layer groups).
+        j1: Name -> ``(N1, O, p)``.
+        j2: Name -> ``(N2, O, p)`` (ignored when ``spec.diagonal``).
+        spec: What to compute.
+
+    Returns:
+        Layer -> kernel of shape ``(N1, N2)``, ``(N1, N2, O, O)``, ``(N1,)`` or
+        ``(N1, O, O)``.
+    """
+    out = {}
+    for layer, names in fm.groups.items():
+        acc = None
+        for n in names:
+            w = spec.weights[n]
+            if w == 0.0:
+                continue
+            a, b = j1[n], j2[n]
+            n1, o, p = a.shape
+            if spec.diagonal:
+                k = (a * b).sum((1, 2)) if spec.trace_outputs else torch.bmm(a, b.transpose(1, 2))
+            elif spec.trace_outputs:
+                k = a.reshape(n1, o * p) @ b.reshape(b.shape[0], o * p).T
+            else:
+                k = (a.reshape(n1 * o, p) @ b.reshape(-1, p).T).reshape(n1, o, -1, o)
+                k = k.permute(0, 2, 1, 3)
+            acc = w * k if acc is None else acc.add_(k, alpha=w)
+        if acc is not None:
+            out[layer] = acc
+    return out
+
+
+def tiles(n1: int, n2: int, block: int, symmetric: bool) -> Iterator[tuple[slice, slice]]:
+    """Row and column slices of the ``block x block`` tiles (upper triangle if symmetric)."""
+    for i in range(0, n1, block):
+        for j in range(i if symmetric else 0, n2, block):
+            yield slice(i, min(i + block, n1)), slice(j, min(j + block, n2))
+
+
+def place(out: dict[str, Tensor], part: dict[str, Tensor], rows: slice, cols: slice,
+          mirror: bool) -> None:
+    """Write a tile into the output kernels (and its transpose below the diagonal)."""
+    for layer, k in part.items():
+        out[layer][rows, cols] = k
+        if mirror and rows != cols:
+            out[layer][cols, rows] = k.transpose(0, 1) if k.dim() == 2 else k.permute(1, 0, 3, 2)
+
+
+def jacobian_ntk(
+    fm: FunctionalModel, x1: Tensor, x2: Tensor | None, spec: NTKSpec
+) -> dict[str, Tensor]:
+    """eNTK by Jacobian contraction; see the module docstring for costs.
+
+    Args:
+        fm: Functional model.
+        x1: ``(N1, ...)``.
+        x2: ``(N2, ...)`` or ``None`` for the symmetric kernel ``K(x1, x1)``.
+        spec: What to compute (``spec.block_size`` tiles N1 x N2).
+
+    Returns:
+        Layer -> kernel (see :func:`contract` for shapes).
+    """
+    if fm.batch_coupled:
+        both = x1 if x2 is None else torch.cat([x1, x2])
+        jac = jacobians(fm, both)
+        n1 = len(x1)
+        j2 = jac if x2 is None else {n: j[n1:] for n, j in jac.items()}
+        return contract(fm, {n: j[:n1] for n, j in jac.items()}, j2, spec)
+    if spec.diagonal:
+        parts = [contract(fm, j, j, spec) for j in _blocks(fm, x1, spec.block_size)]
+        return {layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]}
+    symmetric = x2 is None
+    x2 = x1 if symmetric else x2
+    block = spec.block_size
+    if block >= max(len(x1), len(x2)):
+        j1 = jacobians(fm, x1)
+        return contract(fm, j1, j1 if symmetric else jacobians(fm, x2), spec)
+    out = empty_kernels(fm, spec, len(x1), len(x2))
+    cache: tuple[slice, dict[str, Tensor]] | None = None
+    for rows, cols in tiles(len(x1), len(x2), block, symmetric):
+        if cache is None or cache[0] != rows:
+            cache = (rows, jacobians(fm, x1[rows]))
+        j1 = cache[1]
+        j2 = j1 if symmetric and rows == cols else jacobians(fm, x2[cols])
+        place(out, contract(fm, j1, j2, spec), rows, cols, symmetric)
+    return out
+
+
+def _blocks(fm: FunctionalModel, x: Tensor, block: int) -> Iterator[dict[str, Tensor]]:
+    for i in range(0, len(x), block):
+        yield jacobians(fm, x[i : i + block])
