@@ -287,8 +287,11 @@ class FunctionalModel:
         return self(params, x.unsqueeze(0))[0]
 
     def cast_input(self, x: Tensor, name: str = "x") -> Tensor:
-        """Validate an input batch and move it to the parameters' device."""
+        """Validate an input batch; move it to the parameters' device and, if floating,
+        their dtype."""
         check_tensor(x, name)
+        if x.is_floating_point():
+            return x.to(device=self.device, dtype=self.param_dtype)
         return x.to(self.device)
 
 
