@@ -264,13 +264,13 @@ class FunctionalModel:
 
         Args:
             params: Selected parameters by name (any subset overrides; others as held).
-            x: Input batch ``(N, ...)``; floating inputs are cast to ``dtype`` if set.
+            x: Input batch ``(N, ...)``; floating inputs are cast to the parameters' dtype.
 
         Returns:
             Outputs flattened to ``(N, O)``.
         """
-        if self.dtype is not None and x.is_floating_point():
-            x = x.to(self.dtype)
+        if x.is_floating_point() and x.dtype != self.param_dtype:
+            x = x.to(self.param_dtype)
         with self._mode_context():
             out = functional_call(self.module, (dict(params), self.others), (x,))
         if self.output_fn is not None:

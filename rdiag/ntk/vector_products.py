@@ -54,7 +54,8 @@ def _push(
 
     count = next(iter(tangents.values())).shape[0]
     outs = [
-        vmap(push_one)({n: t[i : i + chunk] for n, t in tangents.items()})
+        # randomness="same": a train-mode dropout mask is shared by all tangents.
+        vmap(push_one, randomness="same")({n: t[i : i + chunk] for n, t in tangents.items()})
         for i in range(0, count, chunk)
     ]
     return torch.cat(outs)

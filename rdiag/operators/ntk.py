@@ -83,4 +83,4 @@ class NTKOperator(LinearOperator):
         def push(t: dict[str, Tensor]) -> Tensor:
             return jvp(lambda p: fm(p, x), (fm.params,), (t,), self._mode)[1]
 
-        return vmap(push)(tangents).reshape(matrix.shape[1], -1).T
+        return vmap(push, randomness="same")(tangents).reshape(matrix.shape[1], -1).T
