@@ -1,0 +1,335 @@
+"""Built-in model families whose width is one knob.
+
+Every family is an ``nn.Module`` with
+
+* ``width``: the width ``n`` (hidden units, channels, ``d_model``),
+* ``roles``: module name -> ``"readin"`` | ``"hidden"`` | ``"readout"``,
+* ``sample_inputs(n, generator) -> Tensor`` and ``output_dim``,
+
+and is built with plain ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` layers, so
+:func:`rdiag.parametrization.apply_parametrization` gives each layer its forward
+multiplier (``layer.rdiag_weight_multiplier``) and role (``layer.rdiag_role``).
+Pass ``parametrization=`` to :func:`make_model` to build and parametrize in
+one call; the return value is then what ``apply_parametrization``
+returns (a :class:`~rdiag.parametrization.Centered` wrapper for centered ones).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rdiag._checks import check_choice, check_positive_int
+from rdiag.parametrization import Parametrization, apply_parametrization
+
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "sin": torch.sin,
+    "linear": lambda x: x,
+}
+
+
+def _activation(name: str) -> Callable[[Tensor], Tensor]:
+    return ACTIVATIONS[check_choice(name, "activation", tuple(ACTIVATIONS))]
+
+
+def _gaussian(n: int, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+    return torch.randn(n, *shape, generator=generator)
+
+
+class MLP(nn.Module):
+    """Fully connected network ``d_in -> width -> ... -> width -> d_out``.
+
+    Layers: ``readin`` (read-in), ``hidden.0 ... hidden.{depth-3}``, ``readout``;
+    ``depth`` counts weight layers (>= 2). Input ``(N, d_in)``, output ``(N, d_out)``.
+
+    Args:
+        width: Hidden width ``n``.
+        d_in: Input dimension.
+        d_out: Output dimension.
+        depth: Number of weight layers (>= 2).
+        activation: One of :data:`ACTIVATIONS`.
+        bias: Whether layers have biases.
+    """
+
+    def __init__(
+        self, width: int, *, d_in: int = 8, d_out: int = 1, depth: int = 3,
+        activation: str = "tanh", bias: bool = True,
+    ) -> None:
+        super().__init__()
+        for value, name in ((width, "width"), (d_in, "d_in"), (d_out, "d_out"), (depth, "depth")):
+            check_positive_int(value, name)
+        if depth < 2:
+            raise ValueError(f"expected depth >= 2 (read-in and read-out), got {depth}")
+        self.width, self.d_in, self.output_dim = width, d_in, d_out
+        self.act = _activation(activation)
+        self.readin = nn.Linear(d_in, width, bias=bias)
+        self.hidden = nn.ModuleList(nn.Linear(width, width, bias=bias) for _ in range(depth - 2))
+        self.readout = nn.Linear(width, d_out, bias=bias)
+        self.roles = {"readin": "readin", "readout": "readout"}
+        self.roles.update({f"hidden.{i}": "hidden" for i in range(depth - 2)})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, d_in) -> (N, d_out)``."""
+        h = self.readin(x)
+        for layer in self.hidden:
+            h = layer(self.act(h))
+        return self.readout(self.act(h))
+
+    def sample_inputs(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` standard Gaussian inputs ``(n, d_in)``."""
+        return _gaussian(n, (self.d_in,), generator)
+
+
+class CNN(nn.Module):
+    """Convolutional network with channels as width, global average pool, linear read-out.
+
+    Layers: ``readin`` (``Conv2d(in_channels, width)``), ``hidden.i``
+    (``Conv2d(width, width)``, same padding), ``readout`` (``Linear(width, d_out)``
+    after global average pooling, so its fan-in is ``width``). Conv fan-in is
+    ``C_in * k**2``. Input ``(N, in_channels, image_size, image_size)``.
+
+    Args:
+        width: Number of channels.
+        in_channels: Input channels.
+        image_size: Input height and width.
+        d_out: Output dimension.
+        depth: Number of conv layers (>= 1); the read-out comes on top.
+        kernel_size: Odd kernel size.
+        activation: One of :data:`ACTIVATIONS`.
+    """
+
+    def __init__(
+        self, width: int, *, in_channels: int = 3, image_size: int = 6, d_out: int = 1,
+        depth: int = 2, kernel_size: int = 3, activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        for value, name in ((width, "width"), (in_channels, "in_channels"),
+                            (image_size, "image_size"), (d_out, "d_out"), (depth, "depth")):
+            check_positive_int(value, name)
+        if kernel_size % 2 != 1:
+            raise ValueError(f"expected an odd kernel_size, got {kernel_size}")
+        self.width, self.output_dim = width, d_out
+        self.input_shape = (in_channels, image_size, image_size)
+        self.act = _activation(activation)
+        pad = kernel_size // 2
+        self.readin = nn.Conv2d(in_channels, width, kernel_size, padding=pad)
+        self.hidden = nn.ModuleList(
+            nn.Conv2d(width, width, kernel_size, padding=pad) for _ in range(depth - 1)
+        )
+        self.readout = nn.Linear(width, d_out)
+        self.roles = {"readin": "readin", "readout": "readout"}
+        self.roles.update({f"hidden.{i}": "hidden" for i in range(depth - 1)})
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, C, H, W) -> (N, d_out)``."""
+        h = self.readin(x)
+        for layer in self.hidden:
+            h = layer(self.act(h))
+        return self.readout(self.act(h).mean(dim=(2, 3)))
+
+    def sample_inputs(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` standard Gaussian images ``(n, C, H, W)``."""
+        return _gaussian(n, self.input_shape, generator)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; branches scaled by ``branch_scale`` (1/sqrt(L))."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, branch_scale: float) -> None:
+        super().__init__()
+        self.heads, self.branch_scale = heads, branch_scale
+        self.norm1 = nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm2 = nn.LayerNorm(width)
+        self.fc1 = nn.Linear(width, mlp_ratio * width)
+        self.fc2 = nn.Linear(mlp_ratio * width, width)
+
+    def forward(self, x: Tensor, scale: float) -> Tensor:
+        """``(N, T, width) -> (N, T, width)`` with causal attention logits x ``scale``."""
+        n, t, d = x.shape
+        qkv = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, d // self.heads)
+        q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        x = x + self.branch_scale * self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return x + self.branch_scale * self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class Transformer(nn.Module):
+    """Small causal transformer with ``d_model`` as width and a fixed number of heads.
+
+    Layers: ``embed`` and ``pos`` (read-in embeddings, fan-in 1), per block ``qkv``,
+    ``proj``, ``fc1``, ``fc2`` (hidden), ``unembed`` (read-out, fan-in ``d_model``).
+    ``d_head = width / heads`` grows with width; logits are scaled by
+    ``d_head**-attention_exponent`` (set by the parameterization: 1/2 standard, 1
+    for muP) through ``F.scaled_dot_product_attention(scale=...)``; residual branches
+    are scaled by ``1/sqrt(depth)``. Input token ids ``(N, seq_len)``, output
+    ``(N, seq_len, d_out)`` (``d_out`` defaults to ``vocab``).
+
+    Args:
+        width: ``d_model`` (a multiple of ``heads``).
+        vocab: Vocabulary size.
+        seq_len: Sequence length.
+        depth: Number of blocks.
+        heads: Number of heads (fixed across widths).
+        mlp_ratio: MLP hidden size / ``d_model``.
+        d_out: Output dimension per token.
+    """
+
+    def __init__(
+        self, width: int, *, vocab: int = 16, seq_len: int = 6, depth: int = 2,
+        heads: int = 2, mlp_ratio: int = 2, d_out: int | None = None,
+    ) -> None:
+        super().__init__()
+        for value, name in ((width, "width"), (vocab, "vocab"), (seq_len, "seq_len"),
+                            (depth, "depth"), (heads, "heads"), (mlp_ratio, "mlp_ratio")):
+            check_positive_int(value, name)
+        if width % heads:
+            raise ValueError(f"expected width to be a multiple of heads={heads}, got {width}")
+        self.width, self.vocab, self.seq_len = width, vocab, seq_len
+        self.output_dim = seq_len * (d_out or vocab)
+        self.heads, self.attention_exponent = heads, 0.5
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(seq_len, width)
+        scale = 1.0 / math.sqrt(depth)
+        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, scale) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.unembed = nn.Linear(width, d_out or vocab)
+        self.roles = {"embed": "readin", "pos": "readin", "unembed": "readout"}
+        for i in range(depth):
+            self.roles.update({f"blocks.{i}.{n}": "hidden" for n in ("qkv", "proj", "fc1", "fc2")})
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``(N, T) -> (N, T, d_out)``."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.pos(positions)
+        scale = (self.width // self.heads) ** -self.attention_exponent
+        for block in self.blocks:
+            x = block(x, scale)
+        return self.unembed(self.norm(x))
+
+    def sample_inputs(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` uniform random token sequences ``(n, seq_len)``."""
+        return torch.randint(0, self.vocab, (n, self.seq_len), generator=generator)
+
+
+class RMSBatchNorm(nn.Module):
+    """Batch norm without mean subtraction or affine parameters: ``x / rms_batch(x)``.
+
+    Each feature (axis 1) is divided by its root-mean-square over the batch (axis 0).
+    The output depends on the whole batch (SCIENCE.md section 5).
+    """
+
+    def __init__(self, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, F) -> (N, F)``."""
+        return x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + self.eps)
+
+
+class BNMLP(nn.Module):
+    """Batch-normalized MLP of Meterez et al.: ``H_l = act(l**-alpha * BN(H_{l-1} W_l^T))``.
+
+    Bias-free layers ``readin`` (``d_in -> width``), ``hidden.0 ...`` (``width ->
+    width``; ``hidden.0`` is ``W_2``) and a linear ``readout`` (``width -> d_out``,
+    no BN). Weights are Haar orthogonal (``init="orthogonal"``) or Gaussian with
+    variance ``1/fan_in`` (``"gaussian"``); the read-out is Gaussian ``1/width``.
+    ``activation="linear"`` with ``alpha=0`` is the paper's linear network; ``alpha
+    ~ 0.4`` is activation shaping. A function of the whole batch: use
+    ``mode="train"`` semantics (the network has no running statistics).
+
+    Args:
+        width: Width ``n``.
+        depth: Number of BN layers (``>= 2``).
+        d_in: Input dimension.
+        d_out: Output dimension.
+        activation: One of :data:`ACTIVATIONS`.
+        alpha: Shaping exponent ``>= 0``.
+        init: ``"orthogonal"`` or ``"gaussian"``.
+    """
+
+    def __init__(
+        self, width: int, *, depth: int = 5, d_in: int | None = None, d_out: int = 1,
+        activation: str = "linear", alpha: float = 0.0, init: str = "orthogonal",
+    ) -> None:
+        super().__init__()
+        d_in = d_in or width
+        for value, name in ((width, "width"), (depth, "depth"), (d_in, "d_in"), (d_out, "d_out")):
+            check_positive_int(value, name)
+        if depth < 2:
+            raise ValueError(f"expected depth >= 2, got {depth}")
+        if not (alpha >= 0 and math.isfinite(alpha)):
+            raise ValueError(f"expected alpha to be a finite number >= 0, got {alpha!r}")
+        check_choice(init, "init", ("orthogonal", "gaussian"))
+        self.width, self.d_in, self.output_dim = width, d_in, d_out
+        self.act, self.alpha = _activation(activation), float(alpha)
+        self.readin = nn.Linear(d_in, width, bias=False)
+        self.hidden = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(depth - 1))
+        self.readout = nn.Linear(width, d_out, bias=False)
+        self.norm = RMSBatchNorm()
+        self.roles = {"readin": "readin", "readout": "readout"}
+        self.roles.update({f"hidden.{i}": "hidden" for i in range(depth - 1)})
+        with torch.no_grad():
+            for layer in (self.readin, *self.hidden):
+                if init == "orthogonal":
+                    nn.init.orthogonal_(layer.weight)
+                else:
+                    layer.weight.normal_(0.0, layer.in_features**-0.5)
+            self.readout.weight.normal_(0.0, width**-0.5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, d_in) -> (N, d_out)``; needs ``N <= width`` and independent inputs."""
+        h = x
+        for ell, layer in enumerate((self.readin, *self.hidden), start=1):
+            h = self.act(ell ** -self.alpha * self.norm(layer(h)))
+        return self.readout(h)
+
+    def sample_inputs(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` standard Gaussian inputs ``(n, d_in)``."""
+        return _gaussian(n, (self.d_in,), generator)
+
+
+FAMILIES: dict[str, type[nn.Module]] = {
+    "mlp": MLP, "cnn": CNN, "transformer": Transformer, "bn_mlp": BNMLP,
+}
+
+
+def make_model(
+    family: str,
+    width: int,
+    *,
+    parametrization: Parametrization | str | None = None,
+    seed: int | None = None,
+    **kwargs: object,
+) -> nn.Module:
+    """Build a built-in family at a width, optionally parametrized.
+
+    Args:
+        family: ``"mlp"``, ``"cnn"``, ``"transformer"`` or ``"bn_mlp"``.
+        width: The width knob.
+        parametrization: Applied with :func:`apply_parametrization` if given.
+        seed: Seeds the global torch RNG before building (reproducible init).
+        **kwargs: Family constructor arguments (see each class).
+
+    Returns:
+        The model (a ``Centered`` wrapper for centered parameterizations).
+
+    Raises:
+        ValueError: Unknown family or bad constructor arguments.
+    """
+    check_choice(family, "family", tuple(FAMILIES))
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = FAMILIES[family](width, **kwargs)
+    if parametrization is not None:
+        model = apply_parametrization(model, parametrization)
+    return model

@@ -1,0 +1,638 @@
+"""Richness parameterizations as data: per-layer multipliers, init and learning rates.
+
+A :class:`Parametrization` says, for each layer *role* (``"readin"``, ``"hidden"``,
+``"readout"``), three numbers as functions of the layer's fan-in and of the width
+ratio ``m = width / base_width``:
+
+* the **forward multiplier** ``c`` (the layer computes ``c W x + c_b b``),
+* the **initialization scale** (std of the raw Gaussian weights; ``None`` keeps
+  PyTorch's default init, the standard parameterization),
+* the **learning-rate scale** ``eta_l / eta_0``, separately for SGD and Adam.
+
+Each is a :class:`Scale`, ``const * fan_in**a * m**b``. Biases and norm gains use
+the rule of their layer's role with ``fan_in = 1`` (a bias is a weight on the
+constant input 1); gains of normalization layers follow the hidden rule.
+
+The richness family of Karkada's tutorial (``alpha = m**r``, ``0 <= r <= 1/2``) in
+the two gauges of SCIENCE.md section 1 (``fan_in`` is ``d`` for the read-in and
+``n`` otherwise)::
+
+                         read-in / hidden          read-out
+    table:   init std    fan_in^-1/2               m^-r fan_in^-1/2
+             SGD lr      m^2r / fan_in             1 / fan_in
+             Adam lr     m^(r-1/2) / fan_in        1 / fan_in
+    multiplier gauge:    weights N(0,1), multipliers fan_in^-1/2 and
+                         m^-r fan_in^-1/2, SGD lr m^2r (one global rate)
+
+How the multipliers are applied without renaming parameters: every parametrized
+module (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``) gets the attributes
+``rdiag_role``, ``rdiag_fan_in``, ``rdiag_weight_multiplier`` and
+``rdiag_bias_multiplier``, and one forward hook that maps the module's output ``y =
+W x + b`` to ``c y + (c_b - c) b`` (exactly ``c W x + c_b b``); a hook is a no-op
+while both multipliers are 1. The root module may carry an
+``rdiag_output_multiplier`` (used by :func:`rescale`), applied by a root hook. The
+hooks run under ``torch.func.functional_call``, so rdiag's functional view and
+every eNTK/Hessian see the parametrized function.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from rdiag._checks import check_choice, check_finite_positive, check_module
+
+Role = Literal["readin", "hidden", "readout"]
+ROLES: tuple[str, ...] = ("readin", "hidden", "readout")
+GAUGES: tuple[str, ...] = ("table", "multiplier", "standard", "gamma")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+
+
+@dataclass(frozen=True)
+class Scale:
+    """A factor ``const * fan_in**fan_in_exp * m**width_exp`` (``m = width/base``)."""
+
+    fan_in_exp: float = 0.0
+    width_exp: float = 0.0
+    const: float = 1.0
+
+    def __call__(self, fan_in: float, m: float) -> float:
+        """Evaluate at a layer's fan-in and the width ratio ``m``."""
+        return self.const * float(fan_in) ** self.fan_in_exp * float(m) ** self.width_exp
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Multiplier, init std (``None``: PyTorch default init) and LR scales of a role."""
+
+    multiplier: Scale
+    init_std: Scale | None
+    lr_sgd: Scale
+    lr_adam: Scale
+
+    def lr(self, optimizer: str) -> Scale:
+        """The learning-rate scale for ``optimizer`` (``"sgd"`` or ``"adam"``)."""
+        return self.lr_sgd if optimizer == "sgd" else self.lr_adam
+
+
+@dataclass(frozen=True)
+class Parametrization:
+    """A parameterization as data (see the module docstring for the formulas).
+
+    Attributes:
+        name: Short label, e.g. ``"r=0.25"``, ``"ntk"``, ``"mup"``, ``"gamma=0.1"``.
+        readin, hidden, readout: The :class:`Rule` of each role.
+        r: Richness exponent in ``[0, 1/2]``, or ``None`` (SP, gamma family).
+        gamma: The gamma family's ``gamma0``, or ``None``.
+        gauge: ``"table"``, ``"multiplier"``, ``"standard"`` or ``"gamma"``.
+        base_width: Width at which ``m = width / base_width`` is 1.
+        centered: Whether the model is trained as ``F_theta - F_theta0``.
+        attention_exponent: Attention logits are scaled by ``d_head**-exponent``.
+        bias_init: ``"zeros"`` or ``"default"`` (keep PyTorch's bias init).
+    """
+
+    name: str
+    readin: Rule
+    hidden: Rule
+    readout: Rule
+    r: float | None = None
+    gamma: float | None = None
+    gauge: str = "table"
+    base_width: int = 1
+    centered: bool = False
+    attention_exponent: float = 0.5
+    bias_init: str = "zeros"
+
+    def rule(self, role: str) -> Rule:
+        """The :class:`Rule` of ``role``."""
+        check_choice(role, "role", ROLES)
+        return getattr(self, role)
+
+    def width_ratio(self, width: int) -> float:
+        """``m = width / base_width``; raises ``ValueError`` below the base width."""
+        if isinstance(width, bool) or not isinstance(width, int) or width < self.base_width:
+            raise ValueError(
+                f"expected an integer width >= base_width={self.base_width}, got {width!r}; "
+                "lower base_width (with_base_width) or use a larger model"
+            )
+        return width / self.base_width
+
+    def with_base_width(self, base_width: int) -> Parametrization:
+        """A copy anchored at another base width."""
+        if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
+            raise ValueError(f"expected base_width to be a positive int, got {base_width!r}")
+        return replace(self, base_width=base_width)
+
+    @property
+    def label(self) -> str:
+        """The ``param`` string used in coordinate-check fits (same as ``name``)."""
+        return self.name
+
+
+# ---- presets ---------------------------------------------------------------------
+def _check_r(r: float) -> float:
+    try:
+        r = float(r)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected r in [0, 1/2], got {r!r}") from None
+    if not (0.0 <= r <= 0.5):
+        raise ValueError(
+            f"expected r in [0, 1/2], got {r}; r = 0 is the NTK parameterization and "
+            "r = 1/2 is muP, values outside are not on the richness scale"
+        )
+    return r
+
+
+def richness(r: float, *, gauge: str = "table", base_width: int = 1, name: str | None = None) -> Parametrization:
+    """The richness family ``alpha = m**r`` of Karkada's tutorial (SCIENCE.md section 1).
+
+    Args:
+        r: Richness exponent in ``[0, 1/2]``: 0 is NTK (lazy), 1/2 is muP (rich).
+        gauge: ``"table"`` (no multipliers; per-layer init and learning rates) or
+            ``"multiplier"`` (weights N(0, 1), forward multipliers, one global SGD
+            rate ``eta0 m**2r``). Both train identically under SGD.
+        base_width: Width where ``m = 1``.
+        name: Label; default ``"r=<r>"`` (table) or ``"r=<r>,mult"``.
+
+    Returns:
+        The :class:`Parametrization`.
+
+    Raises:
+        ValueError: ``r`` outside ``[0, 1/2]`` or an unknown gauge.
+    """
+    r = _check_r(r)
+    check_choice(gauge, "gauge", ("table", "multiplier"))
+    if gauge == "table":
+        inner = Rule(
+            multiplier=Scale(),
+            init_std=Scale(-0.5),
+            lr_sgd=Scale(-1.0, 2 * r),
+            lr_adam=Scale(-1.0, r - 0.5),
+        )
+        out = Rule(Scale(), Scale(-0.5, -r), Scale(-1.0), Scale(-1.0))
+    else:
+        # Multiplier c on W trains like cW with lr c^2 eta (SGD) or c eta (Adam).
+        inner = Rule(Scale(-0.5), Scale(), Scale(0.0, 2 * r), Scale(-0.5, r - 0.5))
+        out = Rule(Scale(-0.5, -r), Scale(), Scale(0.0, 2 * r), Scale(-0.5, r))
+    label = name or (f"r={r:g}" if gauge == "table" else f"r={r:g},mult")
+    return Parametrization(
+        label, inner, inner, out, r=r, gauge=gauge, base_width=base_width,
+        attention_exponent=0.5 + r,
+    )
+
+
+def ntk(*, base_width: int = 1) -> Parametrization:
+    """NTK parameterization: N(0, 1) weights, ``1/sqrt(fan_in)`` multipliers, one rate."""
+    return richness(0.0, gauge="multiplier", base_width=base_width, name="ntk")
+
+
+def mup(*, base_width: int = 1) -> Parametrization:
+    """muP in the table gauge (richness ``r = 1/2``; SGD and Adam tables)."""
+    return richness(0.5, gauge="table", base_width=base_width, name="mup")
+
+
+def mean_field(*, base_width: int = 1) -> Parametrization:
+    """Mean-field: NTK multipliers, read-out ``1/fan_in``, SGD rate ``x m`` (r = 1/2)."""
+    return richness(0.5, gauge="multiplier", base_width=base_width, name="mf")
+
+
+def standard(*, base_width: int = 1) -> Parametrization:
+    """Standard parameterization: PyTorch default init, one fixed learning rate."""
+    rule = Rule(Scale(), None, Scale(), Scale())
+    return Parametrization(
+        "sp", rule, rule, rule, gauge="standard", base_width=base_width, bias_init="default"
+    )
+
+
+def gamma_family(gamma0: float, *, base_width: int = 1) -> Parametrization:
+    """The feature-learning-strength family of Atanasov et al. (SCIENCE.md section 3).
+
+    Weights N(0, 1), biases 0, multipliers ``1/sqrt(fan_in)``, the read-out divided
+    by ``fan_in * gamma0``, a *centered* model ``f = F_theta - F_theta0`` and plain
+    SGD with one learning rate ``m * eta0`` (not scaled by ``gamma0``). At fixed
+    width ``N``, ``gamma0 = N**(r - 1/2)`` realizes richness ``r`` (see
+    :func:`gamma_for_richness`) when ``eta0`` is scaled like ``gamma0**2``. At a fixed
+    ``gamma0`` across widths it scales like muP. Adam gets the muP multiplier-gauge
+    Adam rates.
+
+    Args:
+        gamma0: Output scale, finite and > 0 (1 is muP, << 1 lazy, >> 1 ultra-rich).
+        base_width: Width where ``m = 1``.
+
+    Raises:
+        ValueError: ``gamma0`` not finite or <= 0.
+    """
+    try:
+        g = float(gamma0)
+    except (TypeError, ValueError):
+        g = float("nan")
+    if not (math.isfinite(g) and g > 0):
+        raise ValueError(
+            f"expected gamma0 to be a finite number > 0, got {gamma0!r}; gamma0 = 1 is "
+            "muP, smaller is lazier, larger is richer"
+        )
+    inner = Rule(Scale(-0.5), Scale(), Scale(0.0, 1.0), Scale(-0.5))
+    out = Rule(Scale(-1.0, 0.0, 1.0 / g), Scale(), Scale(0.0, 1.0), Scale(0.0, 0.0, g))
+    return Parametrization(
+        f"gamma={g:g}", inner, inner, out, gamma=g, gauge="gamma", base_width=base_width,
+        centered=True, attention_exponent=1.0,
+    )
+
+
+def gamma_for_richness(r: float, width: int) -> float:
+    """``gamma0 = width**(r - 1/2)``: the gamma that realizes richness ``r`` at ``width``."""
+    return float(width) ** (_check_r(r) - 0.5)
+
+
+_PRESETS = {"ntk": ntk, "mup": mup, "mf": mean_field, "sp": standard}
+_SPEC = re.compile(r"^\s*(r|gamma)\s*=\s*(\S+)\s*$")
+
+
+def parse_param(spec: str | Parametrization) -> Parametrization:
+    """Parse a CLI string: ``"r=0.25"``, ``"ntk"``, ``"mup"``, ``"sp"``, ``"mf"``, ``"gamma=0.1"``.
+
+    Args:
+        spec: The string (a :class:`Parametrization` is returned unchanged).
+
+    Returns:
+        The :class:`Parametrization` (``r=...`` is the table gauge).
+
+    Raises:
+        ValueError: Unknown name, unparsable number, or a value out of range.
+    """
+    if isinstance(spec, Parametrization):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"expected a parameterization string like 'r=0.25', got {type(spec).__name__}")
+    key = spec.strip().lower()
+    if key in _PRESETS:
+        return _PRESETS[key]()
+    match = _SPEC.match(key)
+    if match is None:
+        raise ValueError(
+            f"expected a parameterization like 'r=0.25', 'gamma=0.1', or one of "
+            f"{sorted(_PRESETS)}, got {spec!r}"
+        )
+    kind, value = match.groups()
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number after '{kind}=', got {value!r} in {spec!r}") from None
+    return richness(number) if kind == "r" else gamma_family(number)
+
+
+# ---- layers, roles and multipliers -----------------------------------------------
+def fan_in(module: nn.Module) -> int:
+    """Fan-in of a layer: ``in_features``, ``C_in/groups * prod(kernel)``, 1 for embeddings."""
+    if isinstance(module, nn.Embedding):
+        return 1
+    return int(module.weight[0].numel())
+
+
+def infer_roles(model: nn.Module, roles: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Role of every parametrized layer (``Linear``, ``Conv``, ``Embedding``).
+
+    The model's own ``roles`` attribute (built-in families) is used if present;
+    otherwise the first layer in ``named_modules()`` order is the read-in, the last
+    the read-out and the others hidden. ``roles`` overrides per module name.
+
+    Args:
+        model: The module.
+        roles: Module name -> ``"readin"`` | ``"hidden"`` | ``"readout"``.
+
+    Returns:
+        Module name -> role, in ``named_modules()`` order.
+
+    Raises:
+        ValueError: Fewer than two layers without explicit roles, a name that is not
+            a layer, an unknown role, or weights shared between layers.
+    """
+    check_module(model)
+    layers = [n for n, m in model.named_modules() if isinstance(m, _LAYERS)]
+    given = dict(getattr(model, "roles", {}) or {})
+    given.update(roles or {})
+    for name, role in given.items():
+        check_choice(role, f"role of {name!r}", ROLES)
+        if name not in layers:
+            raise ValueError(
+                f"expected roles keys to name Linear/Conv/Embedding modules, got {name!r}; "
+                f"the model's layers are {layers[:8]}"
+            )
+    weights = [id(model.get_submodule(n).weight) for n in layers]
+    if len(set(weights)) != len(weights):
+        raise ValueError(
+            "expected every layer to own its weight, got weights tied between layers; "
+            "untie them (one role per weight) before applying a parameterization"
+        )
+    missing = [n for n in layers if n not in given]
+    if missing and len(layers) < 2:
+        raise ValueError(
+            f"expected at least a read-in and a read-out layer to infer roles, got "
+            f"{len(layers)} layer(s) {layers}; pass roles={{name: role}} explicitly"
+        )
+    inferred = {n: "hidden" for n in layers}
+    inferred[layers[0]], inferred[layers[-1]] = "readin", "readout"
+    return {n: given.get(n, inferred[n]) for n in layers}
+
+
+def _multiplier_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+    cw = getattr(module, "rdiag_weight_multiplier", 1.0)
+    cb = getattr(module, "rdiag_bias_multiplier", 1.0)
+    if cw == 1.0 and cb == 1.0:
+        return None
+    out = output * cw
+    bias = getattr(module, "bias", None)
+    if bias is not None and cb != cw:
+        shape = (-1,) if isinstance(module, nn.Linear) else (-1,) + (1,) * (output.dim() - 2)
+        out = out + (cb - cw) * bias.reshape(shape)
+    return out
+
+
+def _output_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
+    c = getattr(module, "rdiag_output_multiplier", 1.0)
+    return None if c == 1.0 else output * c
+
+
+def _ensure_hook(module: nn.Module, hook, flag: str) -> None:
+    if not getattr(module, flag, False):
+        module.register_forward_hook(hook)
+        setattr(module, flag, True)
+
+
+def model_width(model: nn.Module, roles: Mapping[str, str] | None = None) -> int:
+    """The width knob: ``model.width`` if set, else the read-out layer's fan-in."""
+    width = getattr(model, "width", None)
+    if isinstance(width, int):
+        return width
+    roles = infer_roles(model, roles)
+    readouts = [n for n, r in roles.items() if r == "readout"]
+    return max(fan_in(model.get_submodule(n)) for n in readouts)
+
+
+def apply_parametrization(
+    model: nn.Module,
+    parametrization: Parametrization | str,
+    *,
+    width: int | None = None,
+    roles: Mapping[str, str] | None = None,
+    init: bool = True,
+) -> nn.Module:
+    """Apply a parameterization to a model in place: multipliers, roles and init.
+
+    Args:
+        model: Any module built from ``nn.Linear``/``nn.Conv*``/``nn.Embedding``
+            layers (plus parameter-free modules and norm layers, whose gains are
+            kept and follow the hidden rule).
+        parametrization: A :class:`Parametrization` or a string for :func:`parse_param`.
+        width: The width ``n``; default :func:`model_width`.
+        roles: Module name -> role, overriding the inferred ones.
+        init: Re-initialize the weights (uses the global torch RNG, in
+            ``named_modules()`` order; seed it for reproducibility).
+
+    Returns:
+        ``model`` (parameter names unchanged), or a :class:`Centered` wrapper around
+        it if the parameterization is centered (gamma family).
+
+    Raises:
+        ValueError: Bad roles or width (see :func:`infer_roles`), or a module owning
+            parameters that is neither a layer nor a norm layer.
+    """
+    param = parse_param(parametrization)
+    check_module(model)
+    roles = infer_roles(model, roles)
+    width = model_width(model, roles) if width is None else width
+    m = param.width_ratio(width)
+    _check_supported(model)
+    for name, role in roles.items():
+        module = model.get_submodule(name)
+        rule, fi = param.rule(role), fan_in(module)
+        module.rdiag_role, module.rdiag_fan_in = role, fi
+        module.rdiag_weight_multiplier = rule.multiplier(fi, m)
+        module.rdiag_bias_multiplier = rule.multiplier(1, m)
+        _ensure_hook(module, _multiplier_hook, "_rdiag_hooked")
+        if init:
+            _init_layer(module, rule, param, fi, m)
+    model.rdiag_parametrization, model.rdiag_width = param, width
+    if hasattr(model, "attention_exponent"):
+        model.attention_exponent = param.attention_exponent
+    return Centered(model) if param.centered else model
+
+
+def _check_supported(model: nn.Module) -> None:
+    bad = [
+        f"{n} ({type(m).__name__})"
+        for n, m in model.named_modules()
+        if any(True for _ in m.parameters(recurse=False)) and not isinstance(m, _LAYERS + _NORMS)
+    ]
+    if bad:
+        raise ValueError(
+            f"expected parameters only in Linear/Conv/Embedding/norm layers, got parameters "
+            f"owned by {bad[:5]}; rewrite those with nn.Linear (e.g. replace "
+            "nn.MultiheadAttention by Linear projections and F.scaled_dot_product_attention)"
+        )
+
+
+@torch.no_grad()
+def _init_layer(module: nn.Module, rule: Rule, param: Parametrization, fi: int, m: float) -> None:
+    if rule.init_std is None:
+        module.reset_parameters()
+        return
+    module.weight.normal_(0.0, rule.init_std(fi, m))
+    bias = getattr(module, "bias", None)
+    if bias is not None and param.bias_init == "zeros":
+        bias.zero_()
+
+
+class Centered(nn.Module):
+    """``f(x) = F_theta(x) - F_theta0(x)``: a model minus a frozen copy of its init.
+
+    The copy (``reference``) has ``requires_grad=False``, so rdiag's default
+    parameter selection and :func:`make_optimizer` see only the trained model
+    (parameters named ``model.<name>``).
+
+    Args:
+        model: The module to center (its current weights are ``theta0``).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.reference = copy.deepcopy(model).requires_grad_(False)
+        self.rdiag_parametrization = getattr(model, "rdiag_parametrization", None)
+        self.rdiag_width = getattr(model, "rdiag_width", None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``model(x) - reference(x)``."""
+        return self.model(x) - self.reference(x)
+
+
+# ---- effective weights and learning rates ----------------------------------------
+def _parametrized(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if hasattr(m, "rdiag_role") and isinstance(m, _LAYERS) and m.weight.requires_grad
+    ]
+
+
+def _check_parametrized(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    layers = _parametrized(check_module(model))
+    if not layers:
+        raise ValueError(
+            "expected a model prepared by apply_parametrization (or a built-in family), "
+            "got one without rdiag roles; call apply_parametrization(model, param) first"
+        )
+    return layers
+
+
+def effective_weights(model: nn.Module) -> dict[str, Tensor]:
+    """Forward multiplier x raw weight of every parametrized layer (the table gauge).
+
+    Args:
+        model: A model prepared by :func:`apply_parametrization`.
+
+    Returns:
+        Layer (module) name -> effective weight as a matrix ``(fan_out, fan_in)``
+        (convolutions flattened to ``(C_out, C_in*k*k)``; embeddings transposed to
+        ``(dim, vocab)``), detached. A root output multiplier (:func:`rescale`) is
+        folded into the read-out layers.
+    """
+    layers = _check_parametrized(model)
+    out_mult = _root_output_multiplier(model)
+    result = {}
+    for name, module in layers:
+        c = module.rdiag_weight_multiplier * (out_mult if module.rdiag_role == "readout" else 1.0)
+        w = module.weight.detach()
+        w = w.t() if isinstance(module, nn.Embedding) else w.reshape(w.shape[0], -1)
+        result[name] = c * w
+    return result
+
+
+def _root_output_multiplier(model: nn.Module) -> float:
+    inner = model.model if isinstance(model, Centered) else model
+    return getattr(inner, "rdiag_output_multiplier", 1.0)
+
+
+def lr_multipliers(
+    model: nn.Module,
+    parametrization: Parametrization | str | None = None,
+    optimizer: str = "sgd",
+) -> dict[str, float]:
+    """Per-parameter learning-rate scales ``M = eta_l / eta_0``.
+
+    Pass the result as ``weights=`` to :func:`rdiag.empirical_ntk` (the
+    learning-rate-weighted eNTK ``K_M = sum_l M_l J_l J_l^T``) and as
+    ``preconditioner=`` to the sharpness (``lambda_max(M^1/2 H M^1/2)``).
+
+    Args:
+        model: A model prepared by :func:`apply_parametrization`.
+        parametrization: Default: the one the model was prepared with.
+        optimizer: ``"sgd"`` or ``"adam"``.
+
+    Returns:
+        Parameter name (as in ``model.named_parameters()``) -> scale, for every
+        trainable parameter (norm gains and other parameters get the hidden rule
+        at fan-in 1).
+    """
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    layers = _check_parametrized(model)
+    param = parse_param(parametrization or model.rdiag_parametrization)
+    m = param.width_ratio(model.rdiag_width)
+    owner = {}
+    for name, module in layers:
+        for pname, _ in module.named_parameters(recurse=False):
+            owner[f"{name}.{pname}" if name else pname] = (module.rdiag_role, module.rdiag_fan_in, pname)
+    scales = {}
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        role, fi, kind = owner.get(pname, ("hidden", 1, "bias"))
+        scales[pname] = param.rule(role).lr(optimizer)(fi if kind == "weight" else 1, m)
+    return scales
+
+
+def make_optimizer(
+    model: nn.Module,
+    parametrization: Parametrization | str | None,
+    lr: float,
+    *,
+    optimizer: str = "sgd",
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+) -> torch.optim.Optimizer:
+    """``torch.optim.SGD`` or ``Adam`` with one parameter group per parameter.
+
+    Group ``i`` has learning rate ``lr * lr_multipliers(...)[name]`` and a ``"name"``
+    key. ``lr`` is the base rate ``eta_0``.
+
+    Args:
+        model: A model prepared by :func:`apply_parametrization`.
+        parametrization: Default (``None``): the one the model was prepared with.
+        lr: Base learning rate ``eta_0`` (> 0).
+        optimizer: ``"sgd"`` or ``"adam"``.
+        momentum: SGD momentum.
+        weight_decay: Weight decay (coupled, as in torch).
+        betas: Adam betas.
+        eps: Adam epsilon.
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        ValueError: ``lr`` not finite and positive, unknown optimizer, or a model
+            that was not prepared.
+    """
+    lr = check_finite_positive(lr, "lr")
+    scales = lr_multipliers(model, parametrization, optimizer)
+    named = dict(model.named_parameters())
+    groups = [{"params": [named[n]], "lr": lr * s, "name": n} for n, s in scales.items()]
+    if optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+def rescale(model: nn.Module, r: float, lr: float, *, width: int | None = None) -> float:
+    """Emulate richness ``r`` with an NTK-parameterized model (SCIENCE.md section 1).
+
+    Multiplies the model output by ``n**-r`` (a root forward hook; no parameter is
+    renamed) and returns the SGD learning rate ``lr * n**2r`` (``n`` the width ratio).
+    Trained with that rate, the model follows the same trajectory as the table
+    gauge at richness ``r`` (same seeds; exact in exact arithmetic).
+
+    Args:
+        model: A model prepared with :func:`ntk` (modified in place).
+        r: Richness in ``[0, 1/2]``.
+        lr: The NTK base learning rate.
+        width: Default: the width the model was prepared with.
+
+    Returns:
+        The learning rate to use with the rescaled model.
+
+    Raises:
+        ValueError: ``r`` out of range, or a model not prepared with the NTK
+            parameterization.
+    """
+    r = _check_r(r)
+    lr = check_finite_positive(lr, "lr")
+    _check_parametrized(model)
+    param = model.rdiag_parametrization
+    if param.gauge != "multiplier" or param.r != 0.0:
+        raise ValueError(
+            f"expected a model prepared with the NTK parameterization, got {param.name!r}; "
+            "call apply_parametrization(model, 'ntk') first"
+        )
+    m = param.width_ratio(model.rdiag_width if width is None else width)
+    model.rdiag_output_multiplier = m ** (-r)
+    _ensure_hook(model, _output_hook, "_rdiag_output_hooked")
+    return lr * m ** (2 * r)
