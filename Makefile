@@ -1,0 +1,19 @@
+# The README's two commands: `make main` (the default richness sweep) and `make test`.
+VENV ?= .venv
+OUT ?= results
+export VENV
+
+.PHONY: setup main test bench
+
+setup:
+	@bash scripts/setup_env.sh
+
+main: setup
+	$(VENV)/bin/rdiag sweep --config default --out $(OUT)
+
+test: setup
+	$(VENV)/bin/python -m pytest -q -n 2 --durations=15 tests
+
+bench: setup
+	$(VENV)/bin/python -m pip install -q -e ".[bench]"
+	$(VENV)/bin/python -m pytest bench --benchmark-only --benchmark-json=$(OUT)/bench.json
