@@ -1,0 +1,271 @@
+r"""Generalized Gauss-Newton and Fisher operators: :math:`J^\top H_\ell J` products.
+
+The product with one batch is ``J v`` (a Jacobian-vector product), then the loss's
+Hessian in the outputs, then ``J^T`` (a vector-Jacobian product). For the loss
+Hessian, ``mse_loss`` and softmax ``cross_entropy`` have closed forms; any other
+loss uses forward-over-reverse autodiff in the (small) output space, also exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import jvp, vjp, vmap
+
+from rdiag._checks import check_choice
+from rdiag._typing import Data, LossFn, ParamSelector
+from rdiag.functional import FunctionalModel, Mode
+from rdiag.operators._data import CurvatureOperator, forward_over_reverse, math_attention
+
+LossKind = Literal["mse", "cross_entropy", "autodiff"]
+LOSS_KINDS = ("mse", "cross_entropy", "autodiff")
+
+
+def infer_loss_kind(loss_fn: LossFn) -> LossKind:
+    """Recognize ``mse_loss`` / ``cross_entropy`` (function or module, mean reduction).
+
+    Args:
+        loss_fn: The loss.
+
+    Returns:
+        ``"mse"``, ``"cross_entropy"``, or ``"autodiff"`` for anything else
+        (including modules with class weights or label smoothing).
+    """
+    if loss_fn is F.mse_loss or (
+        isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean"
+    ):
+        return "mse"
+    if loss_fn is F.cross_entropy or (
+        isinstance(loss_fn, nn.CrossEntropyLoss)
+        and loss_fn.reduction == "mean"
+        and loss_fn.weight is None
+        and loss_fn.label_smoothing == 0.0
+    ):
+        return "cross_entropy"
+    return "autodiff"
+
+
+def _ignore_index(loss_fn: LossFn) -> int:
+    return loss_fn.ignore_index if isinstance(loss_fn, nn.CrossEntropyLoss) else -100
+
+
+def loss_hessian_product(
+    kind: LossKind, loss_fn: LossFn, out: Tensor, target: Tensor, u: Tensor
+) -> Tensor:
+    r"""Product of the loss's Hessian in the outputs with ``u``.
+
+    Args:
+        kind: ``"mse"``: ``2 u / numel(out)`` (``mse_loss``'s mean over all
+            entries). ``"cross_entropy"``: :math:`(\mathrm{diag}(p) - p p^\top) u`
+            per position with ``p = softmax(out, dim=1)``, divided by the number of
+            non-ignored targets (class-index targets) or by ``n`` times each row's
+            target mass (probability targets). ``"autodiff"``: forward-over-reverse
+            of ``loss_fn`` in ``out``.
+        loss_fn: The loss (for ``"autodiff"`` and ``ignore_index``).
+        out: Raw outputs ``(n, *out)``.
+        target: Targets of the batch.
+        u: Output-space tangent, same shape as ``out``.
+
+    Returns:
+        ``H_l u``, same shape as ``out``.
+    """
+    if kind == "mse":
+        return u * (2.0 / out.numel())
+    if kind == "cross_entropy":
+        p = out.softmax(1)
+        pu = p * u
+        hu = pu - p * pu.sum(1, keepdim=True)
+        if target.is_floating_point():
+            return hu * target.sum(1, keepdim=True) / out.shape[0]
+        valid = (target != _ignore_index(loss_fn)).to(out.dtype)
+        return hu * valid.unsqueeze(1) / valid.sum()
+    return forward_over_reverse(loss_fn, out, u, target)
+
+
+def dense_loss_hessian(kind: LossKind, loss_fn: LossFn, out: Tensor, target: Tensor) -> Tensor:
+    """The loss Hessian in the flattened outputs, ``(n*O, n*O)`` (block diagonal).
+
+    Args:
+        kind: See :func:`loss_hessian_product`.
+        loss_fn: The loss.
+        out: Raw outputs ``(n, *out)``; ``O = prod(out)``.
+        target: Targets.
+
+    Returns:
+        The dense symmetric ``(n*O, n*O)`` matrix, row-major over ``(sample, output)``.
+    """
+    eye = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
+
+    def column(e: Tensor) -> Tensor:
+        return loss_hessian_product(kind, loss_fn, out, target, e.reshape(out.shape)).reshape(-1)
+
+    return vmap(column, in_dims=1, out_dims=1)(eye)
+
+
+class GGNOperator(CurvatureOperator):
+    r"""Generalized Gauss-Newton :math:`G = \sum_b \frac{n_b}{N} J_b^\top H_{\ell,b} J_b`.
+
+    ``J_b``: Jacobian of batch ``b``'s raw outputs in the selected parameters;
+    ``H_{\ell,b}``: Hessian of ``loss_fn`` (mean reduction) in those outputs. ``G``
+    is the Hessian without the term with the model's second derivatives; it is
+    positive semi-definite for convex losses and exact for MSE and softmax
+    cross-entropy (closed forms), or via autodiff for other losses.
+
+    Shapes: ``matvec: (P,) -> (P,)``, ``matmat: (P, K) -> (P, K)``.
+
+    Args:
+        model: The network (or a prepared FunctionalModel).
+        loss_fn: ``loss_fn(output, target)`` with mean reduction.
+        data: A batch ``(x, y)`` or an iterable of batches.
+        params: Parameter selector (per-layer blocks).
+        exclude: Parameters to leave out.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype.
+        loss: ``"mse"``, ``"cross_entropy"``, ``"autodiff"``, or ``None`` to infer
+            from ``loss_fn`` (:func:`infer_loss_kind`). An explicit value is trusted.
+
+    Raises:
+        ValueError: An unknown ``loss``, or see
+            :class:`~rdiag.operators.hessian.HessianOperator`.
+    """
+
+    kind = "ggn"
+
+    def __init__(
+        self,
+        model: nn.Module | FunctionalModel,
+        loss_fn: LossFn,
+        data: Data,
+        *,
+        params: ParamSelector = None,
+        exclude: ParamSelector = None,
+        mode: Mode = "eval",
+        dtype: torch.dtype | None = None,
+        loss: LossKind | None = None,
+    ) -> None:
+        if loss is not None:
+            check_choice(loss, "loss", LOSS_KINDS)
+        super().__init__(
+            model, loss_fn, data, params=params, exclude=exclude, mode=mode, dtype=dtype
+        )
+        self.loss = loss or infer_loss_kind(loss_fn)
+
+    def _curvature(self, out: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+        """Output-space curvature product ``u -> C u`` on one batch's raw outputs."""
+        return lambda u: loss_hessian_product(self.loss, self.loss_fn, out, y, u)
+
+    def _products(self, x: Tensor, y: Tensor, matrix: Tensor, forward: bool) -> Tensor:
+        theta = self.fm.flatten(self.fm.params)
+
+        def f(t: Tensor) -> Tensor:
+            return self.outputs(self.fm.unflatten(t), x)
+
+        out, pullback = vjp(f, theta)
+        out = out.detach()
+        curvature = self._curvature(out, y)
+
+        def push(v: Tensor) -> Tensor:
+            if forward:
+                return jvp(f, (theta,), (v,))[1]
+            # J v as the vjp of the (linear) map u -> J^T u: reverse-over-reverse.
+            return vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1](v)[0]
+
+        def column(v: Tensor) -> Tensor:
+            return pullback(curvature(push(v)))[0]
+
+        return vmap(column, in_dims=1, out_dims=1, randomness="same")(matrix)
+
+    def _batch_matmat(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
+        def call(forward: bool, math: bool) -> Callable[[], Tensor]:
+            def run() -> Tensor:
+                if not math:
+                    return self._products(x, y, matrix, forward)
+                with math_attention():
+                    return self._products(x, y, matrix, forward)
+
+            return run
+
+        return self.run_strategies(
+            [
+                ("forward-mode J v", call(True, False)),
+                ("forward-mode J v with math attention", call(True, True)),
+                ("double-vjp J v", call(False, False)),
+                ("double-vjp J v with math attention", call(False, True)),
+            ]
+        )
+
+
+class FisherOperator(GGNOperator):
+    r"""Fisher information of the loss as a likelihood, true or empirical.
+
+    ``kind="true"``: :math:`\frac1N \sum_i J_i^\top \mathbb{E}_{y \sim p(\cdot|f_i)}
+    [\nabla_f \ell_i \nabla_f \ell_i^\top] J_i`. For softmax cross-entropy and for
+    ``mse_loss`` (a Gaussian likelihood) the expectation equals the loss Hessian,
+    so the true Fisher **is** the GGN (:class:`GGNOperator`); this class computes it
+    as such, and raises for other losses.
+
+    ``kind="empirical"``: :math:`\frac1N \sum_i g_i g_i^\top` with
+    :math:`g_i = \nabla_\theta \ell_i` the gradient of sample ``i``'s loss at the
+    observed target, ``ell_i = n_b * dL_b/df_i`` scaled so that the batch mean loss
+    is the mean of the ``ell_i``. It is not the Hessian's approximation that the GGN
+    is; it differs from it away from a perfect fit. For a batch-coupled model
+    (train-mode batch norm) ``J_i`` is the Jacobian of output ``i`` of the whole
+    batch function.
+
+    Args:
+        model, loss_fn, data, params, exclude, mode, dtype, loss: As
+            :class:`GGNOperator`.
+        kind: ``"empirical"`` or ``"true"``.
+
+    Raises:
+        ValueError: ``kind="true"`` with a loss that is neither MSE nor
+            cross-entropy, or an unknown ``kind``.
+    """
+
+    kind = "fisher"
+
+    def __init__(
+        self,
+        model: nn.Module | FunctionalModel,
+        loss_fn: LossFn,
+        data: Data,
+        *,
+        params: ParamSelector = None,
+        exclude: ParamSelector = None,
+        mode: Mode = "eval",
+        dtype: torch.dtype | None = None,
+        loss: LossKind | None = None,
+        kind: Literal["empirical", "true"] = "empirical",
+    ) -> None:
+        check_choice(kind, "kind", ("empirical", "true"))
+        super().__init__(
+            model, loss_fn, data, params=params, exclude=exclude, mode=mode, dtype=dtype,
+            loss=loss,
+        )
+        if kind == "true" and self.loss == "autodiff":
+            raise ValueError(
+                f"expected loss_fn to be mse_loss or cross_entropy for the true Fisher, "
+                f"got {loss_fn!r}; pass loss='mse' or loss='cross_entropy' if it is one "
+                "of them, or use kind='empirical'"
+            )
+        self.fisher_kind = kind
+
+    def _curvature(self, out: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
+        if self.fisher_kind == "true":
+            return super()._curvature(out, y)
+        n = out.shape[0]
+        with torch.enable_grad():
+            o = out.detach().requires_grad_()
+            (r,) = torch.autograd.grad(self.loss_fn(o, y), o)
+        r = (r * n).reshape(n, -1)
+
+        def product(u: Tensor) -> Tensor:
+            # (1/n) sum_i r_i r_i^T u_i, per sample block.
+            coeff = (r * u.reshape(n, -1)).sum(1, keepdim=True)
+            return (r * coeff / n).reshape(out.shape)
+
+        return product

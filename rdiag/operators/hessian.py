@@ -1,0 +1,165 @@
+"""The loss Hessian over the parameters, as an operator, and Hessian-vector products."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, vjp, vmap
+
+from rdiag._typing import Data, LossFn, ParamSelector, Params
+from rdiag.functional import FunctionalModel, Mode
+from rdiag.operators._data import CurvatureOperator, forward_over_reverse, math_attention
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian :math:`H = \nabla^2_\theta L(\theta)` of a mean loss, matrix-free.
+
+    :math:`L(\theta) = \sum_b \frac{n_b}{N}\,\mathrm{loss\_fn}(f(\theta, x_b), y_b)`
+    over the batches of ``data`` (one batch: the batch's loss). Products are
+    forward-over-reverse (``jvp`` of ``grad``); if a module has no forward-mode
+    derivative (fused ``scaled_dot_product_attention``), the math attention backend
+    and then reverse-over-reverse are tried once per model, with a one-time notice.
+
+    Shapes: ``P`` selected parameters (``named_parameters()`` order);
+    ``matvec: (P,) -> (P,)``, ``matmat: (P, K) -> (P, K)`` (columns vmapped).
+
+    Args:
+        model: The network (or a prepared :class:`~rdiag.functional.FunctionalModel`;
+            then ``params``, ``exclude``, ``mode``, ``dtype`` are ignored).
+        loss_fn: ``loss_fn(output, target) -> scalar`` with mean reduction, on the
+            raw output ``(n, *out)``.
+        data: A batch ``(x, y)`` or an iterable of batches (a DataLoader).
+        params: Parameter selector (a per-layer block: ``params="fc1.*"``).
+        exclude: Parameters to leave out.
+        mode: ``"eval"`` or ``"train"`` (train-mode batch norm: the loss is a
+            function of each whole batch).
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's.
+        compile: ``torch.compile`` the per-batch product.
+
+    Raises:
+        ValueError: No trainable parameter selected, a loss that is not a scalar,
+            or an output not differentiable in the parameters.
+        TypeError: ``data`` or ``loss_fn`` of the wrong kind.
+
+    Example:
+        >>> import torch, torch.nn.functional as F
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> x, y = torch.randn(5, 3), torch.randn(5, 2)
+        >>> H = HessianOperator(net, F.mse_loss, (x, y), dtype=torch.float64)
+        >>> dense = torch.autograd.functional.hessian(
+        ...     lambda t: F.mse_loss(torch.func.functional_call(
+        ...         net.double(), H.fm.unflatten(t), (x.double(),)), y.double()),
+        ...     H.fm.flatten(H.fm.params))
+        >>> torch.allclose(H.to_dense(), dense)
+        True
+    """
+
+    kind = "hessian"
+
+    def __init__(
+        self,
+        model: nn.Module | FunctionalModel,
+        loss_fn: LossFn,
+        data: Data,
+        *,
+        params: ParamSelector = None,
+        exclude: ParamSelector = None,
+        mode: Mode = "eval",
+        dtype: torch.dtype | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__(
+            model, loss_fn, data, params=params, exclude=exclude, mode=mode, dtype=dtype
+        )
+        self.compile = compile
+        self._compiled: dict[str, Callable[..., Tensor]] = {}
+
+    def _flat_loss(self, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        return lambda theta, y: self.batch_loss(self.fm.unflatten(theta), x, y)
+
+    def _forward(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
+        theta = self.fm.flatten(self.fm.params)
+        loss = self._flat_loss(x)
+
+        def column(v: Tensor) -> Tensor:
+            return forward_over_reverse(loss, theta, v, y)
+
+        return vmap(column, in_dims=1, out_dims=1, randomness="same")(matrix)
+
+    def _reverse(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
+        theta = self.fm.flatten(self.fm.params)
+        loss = self._flat_loss(x)
+        _, pullback = vjp(lambda t: grad(loss)(t, y), theta)
+        return vmap(lambda v: pullback(v)[0], in_dims=1, out_dims=1, randomness="same")(matrix)
+
+    def _maybe_compiled(self, name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        if not self.compile:
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(fn, dynamic=False)
+        return self._compiled[name]
+
+    def _batch_matmat(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
+        fwd = self._maybe_compiled("forward", self._forward)
+        rev = self._maybe_compiled("reverse", self._reverse)
+
+        def math(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
+            def call() -> Tensor:
+                with math_attention():
+                    return fn(x, y, matrix)
+
+            return call
+
+        return self.run_strategies(
+            [
+                ("forward-over-reverse", lambda: fwd(x, y, matrix)),
+                ("forward-over-reverse with math attention", math(fwd)),
+                ("reverse-over-reverse", lambda: rev(x, y, matrix)),
+                ("reverse-over-reverse with math attention", math(rev)),
+            ]
+        )
+
+
+def hvp(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    data: Data,
+    v: Tensor | Mapping[str, Tensor],
+    *,
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | None = None,
+    compile: bool = False,
+) -> Tensor | Params:
+    r"""Hessian-vector product :math:`H v` of the mean loss over ``data``.
+
+    Forward-over-reverse by default (see :class:`HessianOperator` for the fallback).
+    For repeated products build the operator once instead.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(output, target) -> scalar`` (mean reduction).
+        data: A batch ``(x, y)`` or an iterable of batches.
+        v: A flat ``(P,)`` vector over the selected parameters in
+            ``named_parameters()`` order, or a dict name -> tensor of each
+            parameter's shape.
+        params: Parameter selector.
+        exclude: Parameters to leave out.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype.
+        compile: ``torch.compile`` the product.
+
+    Returns:
+        :math:`H v` in the form of ``v``: ``(P,)`` or a dict.
+
+    Raises:
+        ValueError: ``v`` has the wrong size or keys, or see :class:`HessianOperator`.
+    """
+    op = HessianOperator(
+        model, loss_fn, data, params=params, exclude=exclude, mode=mode, dtype=dtype,
+        compile=compile,
+    )
+    return op.apply(v)
