@@ -1,0 +1,224 @@
+"""Fused kernels for structured eNTKs and kernel statistics, with torch references.
+
+Dispatch rule, per call: the Triton kernel runs when Triton imports and the
+tensors are on CUDA, or when ``TRITON_INTERPRET=1`` is set (CPU tensors through
+Triton's interpreter; set it before anything imports Triton). Otherwise, and
+always for float64 inputs (the exact path), :mod:`rdiag.kernels.reference`
+runs. ``RDIAG_KERNELS=reference`` forces the reference. Importing this package
+never imports Triton.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+import types
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from rdiag._optional import has_triton, warn_once
+
+from . import reference
+from ._launch import interpreting
+from .reference import KernelStats
+
+__all__ = [
+    "KernelStats",
+    "gram_hadamard",
+    "gram_hadamard_many",
+    "gram_hadamard_shared",
+    "kernel_stats",
+    "use_triton",
+]
+
+logger = logging.getLogger("rdiag")
+_MODES = ("auto", "reference")
+
+
+def use_triton(x: Tensor) -> bool:
+    """Whether a call on tensors like ``x`` runs the Triton kernel.
+
+    Args:
+        x: A representative input tensor (device and dtype matter).
+
+    Returns:
+        True for Triton, False for the torch reference.
+
+    Raises:
+        ValueError: ``RDIAG_KERNELS`` is set to an unknown value.
+    """
+    mode = os.environ.get("RDIAG_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in _MODES:
+        raise ValueError(
+            f"expected RDIAG_KERNELS to be one of {list(_MODES)}, got {mode!r}; "
+            "unset it or set RDIAG_KERNELS=reference"
+        )
+    if mode == "reference" or not isinstance(x, Tensor):
+        return False
+    if not (x.device.type == "cuda" or interpreting()):
+        return False
+    if x.dtype == torch.float64:
+        logger.debug("rdiag.kernels: float64 input, running the torch reference")
+        return False
+    if not has_triton():
+        warn_once(
+            "kernels-no-triton",
+            "rdiag.kernels: Triton is not installed, running the torch reference "
+            "(slower on GPU); install it with: pip install 'rdiag[triton]'",
+        )
+        return False
+    return True
+
+
+def _impl(name: str, x: Tensor) -> types.ModuleType:
+    """The module implementing ``name`` for inputs like ``x``."""
+    if use_triton(x):
+        return importlib.import_module(f"{__name__}.{name}")
+    return reference
+
+
+def gram_hadamard(
+    x1: Tensor,
+    x2: Tensor,
+    g1: Tensor,
+    g2: Tensor,
+    out: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    allow_tf32: bool = False,
+) -> Tensor:
+    r"""Layerwise eNTK block ``(X1 X2^T) o (G1 G2^T)`` per output pair, fused.
+
+    .. math:: out_{ijab} \mathrel{+}= s\,(x_{1,i}\cdot x_{2,j})\,(g_{1,ia}\cdot g_{2,jb})
+
+    For a Linear layer with inputs ``x`` and output cotangents ``g`` (one per
+    output ``a`` of the network), this is its contribution to the eNTK. With
+    ``R = 1`` it is the plain Hadamard product of the two Grams. The Triton
+    kernel never writes either Gram to memory.
+
+    Args:
+        x1: ``(N1, Dx)`` layer inputs (append a ones column for a bias).
+        x2: ``(N2, Dx)``.
+        g1: ``(N1, R, Dg)`` output cotangents.
+        g2: ``(N2, R, Dg)``.
+        out: ``(N1, N2, R, R)`` float32/float64 tensor accumulated into, or None
+            to allocate zeros (float64 for float64 inputs, else float32).
+        scale: Multiplier ``s`` of the term.
+        allow_tf32: Allow TF32 products for float32 inputs (CUDA); off by default.
+
+    Returns:
+        ``out`` ``(N1, N2, R, R)``. Products and sums run in float32 for
+        float16/bfloat16/float32 inputs, in float64 for float64 inputs.
+
+    Raises:
+        TypeError: Non-tensor or unsupported dtype.
+        ValueError: Shapes, dtypes or devices disagree.
+        MemoryError: A new ``out`` would not fit; the message says how big.
+    """
+    impl = _impl("gram_hadamard", x1)
+    return impl.gram_hadamard(x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32)
+
+
+def gram_hadamard_many(
+    terms: Sequence[tuple[Tensor, Tensor, Tensor, Tensor, float]],
+    out: Tensor | None = None,
+    *,
+    allow_tf32: bool = False,
+) -> Tensor:
+    """Sum of :func:`gram_hadamard` terms (one per layer) into one ``out``.
+
+    On the Triton path, terms with identical shapes and dtype are stacked and
+    run in one launch; other shapes get one launch each.
+
+    Args:
+        terms: ``(x1, x2, g1, g2, scale)`` tuples, shaped as in
+            :func:`gram_hadamard`; all share ``N1, N2, R`` and the device.
+        out: ``(N1, N2, R, R)`` accumulator or None.
+        allow_tf32: Allow TF32 products for float32 inputs (CUDA).
+
+    Returns:
+        ``out`` ``(N1, N2, R, R)``.
+    """
+    terms = list(terms)
+    first = terms[0][0] if terms and isinstance(terms[0], (tuple, list)) else None
+    impl = _impl("gram_hadamard", first) if isinstance(first, Tensor) else reference
+    return impl.gram_hadamard_many(terms, out, allow_tf32=allow_tf32)
+
+
+def gram_hadamard_shared(
+    x1: Tensor,
+    x2: Tensor,
+    g1: Tensor,
+    g2: Tensor,
+    out: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    allow_tf32: bool = False,
+) -> Tensor:
+    r"""eNTK block of a weight-shared layer (a Linear on every token, a conv).
+
+    .. math:: out_{ijab} \mathrel{+}= s \sum_{t,t'} (x_{1,it}\cdot x_{2,jt'})
+        (g_{1,iat}\cdot g_{2,jbt'})
+
+    For a conv, ``x`` holds the unfolded patches (``T`` = output positions,
+    ``Dx = C_in k^2``) and ``g`` the output cotangents per position. The Triton
+    kernel tiles over token pairs (no ``(N T) x (N T)`` Gram in memory); the
+    reference picks Grams or per-sample weight gradients by
+    :func:`rdiag.kernels.reference.shared_route`.
+
+    Args:
+        x1: ``(N1, T1, Dx)``.
+        x2: ``(N2, T2, Dx)``.
+        g1: ``(N1, R, T1, Dg)``.
+        g2: ``(N2, R, T2, Dg)``.
+        out: ``(N1, N2, R, R)`` accumulator or None.
+        scale: Multiplier ``s`` of the term.
+        allow_tf32: Allow TF32 products for float32 inputs (CUDA).
+
+    Returns:
+        ``out`` ``(N1, N2, R, R)`` (float32, or float64 for float64 inputs).
+
+    Raises:
+        TypeError: Non-tensor or unsupported dtype.
+        ValueError: Shapes, dtypes or devices disagree.
+        MemoryError: A new ``out`` would not fit.
+    """
+    impl = _impl("gram_hadamard_shared", x1)
+    return impl.gram_hadamard_shared(x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32)
+
+
+def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
+    """Sums of two kernels ``(N, M)`` in one pass: see :class:`KernelStats`.
+
+    From the result: ``.distance()``, ``.relative_change()`` and (square
+    kernels) ``.centered_alignment()``.
+
+    Args:
+        k0: ``(N, M)`` kernel, e.g. at initialization.
+        k1: ``(N, M)`` kernel, same dtype and device.
+
+    Returns:
+        :class:`KernelStats`; float32 accumulation (float64 for float64 input),
+        scalars summed in float64.
+    """
+    return _impl("kernel_stats", k0).kernel_stats(k0, k1)
+
+
+class _Package(types.ModuleType):
+    """Keep the dispatchers bound when a same-named kernel module is imported.
+
+    Importing ``rdiag.kernels.gram_hadamard`` would otherwise rebind the package
+    attribute ``gram_hadamard`` from the dispatcher to the submodule.
+    """
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -1,0 +1,343 @@
+"""Pure-torch references: the CPU execution path and the test oracle.
+
+Same signatures as the Triton launchers. Inputs in float16/bfloat16/float32 are
+upcast to float32 for every product and sum; float64 inputs stay float64
+end to end (the exact path).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rdiag._checks import available_memory
+
+from ._launch import (
+    GramShape,
+    acc_dtype,
+    check_terms,
+    check_gram_hadamard_args,
+    check_gram_hadamard_shared_args,
+    check_kernel_pair,
+    prepare_out,
+)
+
+#: Elements of float temporaries one block of the references may hold at once.
+_BLOCK_ELEMS = 1 << 24
+
+Term = tuple[Tensor, Tensor, Tensor, Tensor, float]
+
+
+@contextlib.contextmanager
+def _tf32(device: torch.device, allow: bool) -> Iterator[None]:
+    """Set cuBLAS TF32 for the block (CUDA only; CPU matmuls never use TF32)."""
+    if device.type != "cuda":
+        yield
+        return
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = allow
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _blocks(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(n, start + size))
+
+
+def _rows_per_block(n: int, elems_per_row: int) -> int:
+    return max(1, min(n, _BLOCK_ELEMS // max(1, elems_per_row)))
+
+
+def gram_hadamard(
+    x1: Tensor,
+    x2: Tensor,
+    g1: Tensor,
+    g2: Tensor,
+    out: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    allow_tf32: bool = False,
+) -> Tensor:
+    r"""Accumulate ``scale * (x1 x2^T) o (g1 g2^T)`` per output pair into ``out``.
+
+    .. math:: out_{ijab} \mathrel{+}= s\,(x_{1,i}\cdot x_{2,j})\,(g_{1,ia}\cdot g_{2,jb})
+
+    Computed in blocks of rows of ``x1`` (temporaries bounded), with both Grams
+    of a block materialized.
+
+    Args:
+        x1: Layer inputs ``(N1, Dx)``.
+        x2: Layer inputs ``(N2, Dx)``.
+        g1: Output cotangents ``(N1, R, Dg)``.
+        g2: Output cotangents ``(N2, R, Dg)``.
+        out: ``(N1, N2, R, R)`` float32/float64 accumulator, or None to allocate
+            zeros (float64 for float64 inputs, else float32).
+        scale: Multiplier of this term (e.g. a learning-rate weight).
+        allow_tf32: Let cuBLAS use TF32 (CUDA only).
+
+    Returns:
+        ``out`` ``(N1, N2, R, R)``.
+    """
+    shape = check_gram_hadamard_args(x1, x2, g1, g2)
+    out = prepare_out(out, shape, x1)
+    acc = acc_dtype(x1.dtype)
+    n1, n2, _, _, r, _, dg = shape
+    xb, gb = x2.to(acc), g2.to(acc).reshape(n2 * r, dg)
+    with _tf32(x1.device, allow_tf32):
+        for rows in _blocks(n1, _rows_per_block(n1, 2 * n2 * r * r)):
+            m = rows.stop - rows.start
+            xx = x1[rows].to(acc) @ xb.T
+            gg = (g1[rows].to(acc).reshape(m * r, dg) @ gb.T).reshape(m, r, n2, r)
+            term = (scale * xx)[:, :, None, None] * gg.permute(0, 2, 1, 3)
+            out[rows] += term.to(out.dtype)
+    return out
+
+
+def gram_hadamard_many(
+    terms: Sequence[Term], out: Tensor | None = None, *, allow_tf32: bool = False
+) -> Tensor:
+    """Sum :func:`gram_hadamard` over ``terms`` (one per layer) into ``out``.
+
+    Args:
+        terms: ``(x1, x2, g1, g2, scale)`` tuples with shapes as in
+            :func:`gram_hadamard`; all share ``N1, N2, R`` (``Dx, Dg`` may differ).
+        out: ``(N1, N2, R, R)`` accumulator or None.
+        allow_tf32: Let cuBLAS use TF32 (CUDA only).
+
+    Returns:
+        ``out`` ``(N1, N2, R, R)``.
+    """
+    terms = check_terms(terms)
+    for x1, x2, g1, g2, scale in terms:
+        out = gram_hadamard(x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32)
+    return out
+
+
+def shared_route(shape: GramShape, device: torch.device, itemsize: int = 4) -> str:
+    """Pick how the reference computes the weight-shared term: a small cost model.
+
+    With ``W_ia = sum_t g_{iat} x_{it}^T`` (the per-sample weight gradient,
+    ``Dg x Dx``), the shared term is ``<W_ia, W_jb>_F``. Multiply-adds:
+
+    * ``"grams"``: token Grams per pair of samples,
+      ``N1 N2 T1 T2 (Dx + R^2 Dg + R^2)``; temporaries bounded by blocking.
+    * ``"weight_gradients"``: ``(N1 T1 + N2 T2) R Dg Dx + N1 N2 R^2 Dg Dx``;
+      holds ``(N1 + N2) R Dg Dx`` floats.
+
+    The cheaper route by multiply-adds is taken unless the weight gradients do not
+    fit in half the free memory.
+
+    Args:
+        shape: Sizes from the argument check.
+        device: Where the temporaries would live.
+        itemsize: Bytes per accumulated element.
+
+    Returns:
+        ``"grams"`` or ``"weight_gradients"``.
+    """
+    n1, n2, t1, t2, r, dx, dg = shape
+    cost_grams = n1 * n2 * t1 * t2 * (dx + r * r * dg + r * r)
+    cost_wg = (n1 * t1 + n2 * t2) * r * dg * dx + n1 * n2 * r * r * dg * dx
+    wg_bytes = float(n1 + n2) * r * dg * dx * itemsize
+    if wg_bytes > available_memory(device) / 2:
+        return "grams"
+    return "weight_gradients" if cost_wg < cost_grams else "grams"
+
+
+def gram_hadamard_shared(
+    x1: Tensor,
+    x2: Tensor,
+    g1: Tensor,
+    g2: Tensor,
+    out: Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    allow_tf32: bool = False,
+) -> Tensor:
+    r"""Weight-shared Gram-Hadamard term, summed over token pairs, into ``out``.
+
+    .. math:: out_{ijab} \mathrel{+}= s \sum_{t,t'} (x_{1,it}\cdot x_{2,jt'})
+        (g_{1,iat}\cdot g_{2,jbt'})
+
+    The route (token Grams or per-sample weight gradients) is chosen by
+    :func:`shared_route`.
+
+    Args:
+        x1: Layer inputs ``(N1, T1, Dx)`` (tokens or unfolded patches).
+        x2: Layer inputs ``(N2, T2, Dx)``.
+        g1: Output cotangents ``(N1, R, T1, Dg)``.
+        g2: Output cotangents ``(N2, R, T2, Dg)``.
+        out: ``(N1, N2, R, R)`` accumulator or None.
+        scale: Multiplier of this term.
+        allow_tf32: Let cuBLAS use TF32 (CUDA only).
+
+    Returns:
+        ``out`` ``(N1, N2, R, R)``.
+    """
+    shape = check_gram_hadamard_shared_args(x1, x2, g1, g2)
+    out = prepare_out(out, shape, x1)
+    acc = acc_dtype(x1.dtype)
+    route = shared_route(shape, x1.device, torch.finfo(acc).bits // 8)
+    fn = _shared_by_weight_gradients if route == "weight_gradients" else _shared_by_grams
+    with _tf32(x1.device, allow_tf32):
+        fn(x1.to(acc), x2.to(acc), g1.to(acc), g2.to(acc), out, scale)
+    return out
+
+
+def _weight_gradients(x: Tensor, g: Tensor) -> Tensor:
+    """Per-sample weight gradients ``(N, R, Dg, Dx)`` flattened to ``(N R, Dg Dx)``."""
+    n, r = g.shape[:2]
+    return torch.einsum("nrtg,ntx->nrgx", g, x).reshape(n * r, -1)
+
+
+def _shared_by_weight_gradients(
+    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, out: Tensor, scale: float
+) -> None:
+    n1, r, n2 = g1.shape[0], g1.shape[1], g2.shape[0]
+    w1 = _weight_gradients(x1, g1)
+    same = x1 is x2 and g1 is g2
+    w2 = w1 if same else _weight_gradients(x2, g2)
+    prod = (w1 @ w2.T).reshape(n1, r, n2, r).permute(0, 2, 1, 3)
+    out += (scale * prod).to(out.dtype)
+
+
+def _shared_by_grams(
+    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, out: Tensor, scale: float
+) -> None:
+    n1, r, t1, dg = g1.shape
+    n2, _, t2, _ = g2.shape
+    pair = t1 * t2 * (1 + r * r)
+    b = max(1, math.isqrt(max(1, _BLOCK_ELEMS // pair)))
+    for i in _blocks(n1, b):
+        for j in _blocks(n2, b):
+            mi, mj = i.stop - i.start, j.stop - j.start
+            xx = (x1[i].reshape(mi * t1, -1) @ x2[j].reshape(mj * t2, -1).T).reshape(
+                mi, t1, mj, t2
+            )
+            gg = (g1[i].reshape(mi * r * t1, dg) @ g2[j].reshape(mj * r * t2, dg).T).reshape(
+                mi, r, t1, mj, r, t2
+            )
+            term = torch.einsum("itju,iatjbu->ijab", xx, gg)
+            out[i, j] += (scale * term).to(out.dtype)
+
+
+@dataclass(frozen=True)
+class KernelStats:
+    r"""Sufficient statistics of two kernels ``K0, K1`` of shape ``(N, M)``.
+
+    Every comparison below follows from these sums, so one pass over both
+    kernels serves them all.
+
+    Attributes:
+        inner: :math:`\langle K_0, K_1\rangle_F`.
+        sq_norm0: :math:`\|K_0\|_F^2`.
+        sq_norm1: :math:`\|K_1\|_F^2`.
+        sq_diff: :math:`\|K_1 - K_0\|_F^2`, summed directly: from the three sums
+            above it would cancel catastrophically when ``K1`` is close to ``K0``.
+        row0: Row sums ``K0 1`` ``(N,)``.
+        row1: Row sums ``K1 1`` ``(N,)``.
+        col0: Column sums ``K0^T 1`` ``(M,)``.
+        col1: Column sums ``K1^T 1`` ``(M,)``.
+        sum0: Sum of all entries of ``K0``.
+        sum1: Sum of all entries of ``K1``.
+
+    Scalars are Python floats (summed in float64 from float32 or float64 parts);
+    the vectors are float64 for float64 kernels, else float32.
+    """
+
+    inner: float
+    sq_norm0: float
+    sq_norm1: float
+    sq_diff: float
+    row0: Tensor
+    row1: Tensor
+    col0: Tensor
+    col1: Tensor
+    sum0: float
+    sum1: float
+
+    def distance(self) -> float:
+        r"""Kernel distance :math:`1 - \langle K_0,K_1\rangle/(\|K_0\|\|K_1\|)`."""
+        denom = math.sqrt(self.sq_norm0 * self.sq_norm1)
+        if denom == 0.0:
+            raise ValueError("kernel distance is undefined: a kernel is all zeros")
+        return 1.0 - self.inner / denom
+
+    def relative_change(self) -> float:
+        r"""Relative change :math:`\|K_1 - K_0\|_F / \|K_0\|_F`."""
+        if self.sq_norm0 == 0.0:
+            raise ValueError("relative change is undefined: K0 is all zeros")
+        return math.sqrt(self.sq_diff / self.sq_norm0)
+
+    def centered_alignment(self) -> float:
+        r"""Centered kernel alignment of square kernels (``N == M``).
+
+        With :math:`H = I - \mathbf{1}\mathbf{1}^T/N`, :math:`H^2 = H` gives
+
+        .. math:: \langle HK_0H, HK_1H\rangle = \langle K_0,K_1\rangle
+            - (r_0\cdot r_1 + c_0\cdot c_1)/N + s_0 s_1/N^2
+
+        (rows ``r = K 1``, columns ``c = K^T 1``, sums ``s``); the alignment is
+        that inner product over the product of the centered norms.
+
+        Raises:
+            ValueError: The kernels are not square, or a centered kernel is zero.
+        """
+        n, m = self.row0.numel(), self.col0.numel()
+        if n != m:
+            raise ValueError(
+                f"expected square kernels for centered alignment, got ({n}, {m}); "
+                "compute the kernels on one batch (x2 = x1)"
+            )
+        r0, r1, c0, c1 = (v.double() for v in (self.row0, self.row1, self.col0, self.col1))
+
+        def centered(sq: float, ra: Tensor, rb: Tensor, ca: Tensor, cb: Tensor, s: float) -> float:
+            return sq - float(ra @ rb + ca @ cb) / n + s / (n * n)
+
+        c01 = centered(self.inner, r0, r1, c0, c1, self.sum0 * self.sum1)
+        c00 = centered(self.sq_norm0, r0, r0, c0, c0, self.sum0**2)
+        c11 = centered(self.sq_norm1, r1, r1, c1, c1, self.sum1**2)
+        if c00 <= 0.0 or c11 <= 0.0:
+            raise ValueError("centered alignment is undefined: a centered kernel is zero")
+        return c01 / math.sqrt(c00 * c11)
+
+
+def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
+    """Sums of two kernels needed by distance, relative change and alignment.
+
+    Args:
+        k0: Kernel ``(N, M)`` (e.g. at initialization).
+        k1: Kernel ``(N, M)`` (e.g. now), same dtype and device.
+
+    Returns:
+        A :class:`KernelStats`.
+    """
+    check_kernel_pair(k0, k1)
+    acc = acc_dtype(k0.dtype)
+    a, b = k0.to(acc), k1.to(acc)
+    f64 = torch.float64
+
+    def total(t: Tensor) -> float:
+        return float(t.sum(dtype=f64))
+
+    row0, row1 = a.sum(1), b.sum(1)
+    return KernelStats(
+        inner=total(a * b),
+        sq_norm0=total(a * a),
+        sq_norm1=total(b * b),
+        sq_diff=total((b - a) ** 2),
+        row0=row0,
+        row1=row1,
+        col0=a.sum(0),
+        col1=b.sum(0),
+        sum0=total(row0),
+        sum1=total(row1),
+    )
