@@ -1,0 +1,18 @@
+"""Matrix-free solvers and estimators on any :class:`~rdiag.operators.base.LinearOperator`."""
+
+from rdiag.linalg.density import SpectralDensity, lanczos_quadrature, spectral_density
+from rdiag.linalg.lanczos import EigResult, lanczos
+from rdiag.linalg.power import power_iteration
+from rdiag.linalg.trace import TraceEstimate, hutch_plus_plus, hutchinson
+
+__all__ = [
+    "EigResult",
+    "SpectralDensity",
+    "TraceEstimate",
+    "hutch_plus_plus",
+    "hutchinson",
+    "lanczos",
+    "lanczos_quadrature",
+    "power_iteration",
+    "spectral_density",
+]

@@ -1,0 +1,78 @@
+"""Power iteration for the dominant eigenpair, with an optional shift."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rdiag._checks import check_finite_positive, check_positive_int
+from rdiag.linalg.lanczos import EigResult, check_operator, start_vector
+from rdiag.operators.base import LinearOperator
+
+
+def power_iteration(
+    op: LinearOperator,
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    warm_start: EigResult | Tensor | None = None,
+    seed: int = 0,
+    shift: float | None = None,
+) -> EigResult:
+    r"""The eigenpair of ``A`` whose eigenvalue is farthest from ``shift``.
+
+    Iterates ``v <- (A - shift I) v / ||.||`` and reports the Rayleigh quotient
+    ``lambda = v^T A v`` of ``A`` itself. Stops when
+    ``||A v - lambda v|| <= tol * |lambda|`` or after ``max_iter`` products.
+
+    .. warning::
+        Without a shift this finds the eigenvalue of largest **magnitude**. For an
+        indefinite Hessian (at muP initialization, or with cross-entropy) the most
+        negative eigenvalue can be as large in magnitude as the top one, and power
+        iteration then returns it, or oscillates between the two; use
+        :func:`~rdiag.linalg.lanczos.lanczos` for the largest algebraic eigenvalue.
+        With ``shift = lambda_max`` (>= 0) it returns the most negative eigenvalue.
+        Convergence is linear in the eigenvalue ratio, often slow.
+
+    Args:
+        op: A symmetric :class:`~rdiag.operators.base.LinearOperator` ``(P, P)``.
+        tol: Relative residual tolerance.
+        max_iter: Most operator-vector products.
+        warm_start: A previous :class:`EigResult` or a ``(P,)`` / ``(P, k)`` tensor.
+        seed: Seed of the random start.
+        shift: Spectral shift ``s`` (default 0).
+
+    Returns:
+        An :class:`EigResult` with one pair.
+
+    Raises:
+        ValueError: Bad ``tol``, ``max_iter`` or ``warm_start``.
+        TypeError: ``op`` is not a LinearOperator.
+    """
+    check_operator(op)
+    check_finite_positive(tol, "tol")
+    check_positive_int(max_iter, "max_iter")
+    s = 0.0 if shift is None else float(shift)
+    v = start_vector(op, warm_start, seed)
+    lam, res = torch.zeros((), dtype=torch.float64), torch.full((), float("inf"))
+    converged = False
+    for matvecs in range(1, max_iter + 1):
+        w = op.matvec(v)
+        lam = torch.dot(v, w).double()
+        res = (w - lam.to(w.dtype) * v).norm().double()
+        if bool(res <= tol * lam.abs()):
+            converged = True
+            break
+        u = w - s * v
+        norm = u.norm()
+        if not bool(norm > 0):
+            converged = bool(res <= tol * lam.abs())
+            break
+        v = u / norm
+    return EigResult(
+        eigenvalues=lam.reshape(1),
+        eigenvectors=v.unsqueeze(1),
+        residuals=res.reshape(1),
+        num_matvecs=matvecs,
+        converged=converged,
+    )
