@@ -19,7 +19,7 @@ from rdiag._checks import check_choice, check_positive_int
 from rdiag._optional import require
 
 TASKS = ("regression", "classification")
-DATASETS = ("teacher", "digits", "cifar10")
+DATASETS = ("teacher", "digits", "cifar10", "sequences")
 BATCH_MODES = ("sgd", "gd", "online")
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = "test_batch"
@@ -126,6 +126,40 @@ def teacher_student(
     x, y = sample(n_train, g)
     xt, yt = sample(n_test, g)
     return Dataset(x, y, xt, yt, task, outputs, sample)
+
+
+def sequences(
+    n_train: int = 512, n_test: int = 256, *, vocab: int = 16, seq_len: int = 6, seed: int = 0
+) -> Dataset:
+    """Synthetic token task for the transformer: predict the previous token.
+
+    Inputs are uniform token ids ``(N, seq_len)``; the label at position ``t`` is the
+    token at ``t - 1`` (0 at ``t = 0``), ``(N, seq_len)`` int64, so a causal model
+    must attend one position back. Fresh samples via ``Dataset.sampler``.
+
+    Args:
+        n_train: Training sequences.
+        n_test: Test sequences.
+        vocab: Vocabulary size (classes per position).
+        seq_len: Sequence length.
+        seed: Seed of the samples.
+
+    Returns:
+        The :class:`Dataset` (classification over ``vocab`` classes per token).
+    """
+    for name, v in (("n_train", n_train), ("n_test", n_test), ("vocab", vocab),
+                    ("seq_len", seq_len)):
+        check_positive_int(v, name)
+
+    def sample(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        x = torch.randint(0, vocab, (n, seq_len), generator=gen)
+        y = torch.cat([torch.zeros(n, 1, dtype=torch.int64), x[:, :-1]], dim=1)
+        return x, y
+
+    g = torch.Generator().manual_seed(seed)
+    x, y = sample(n_train, g)
+    xt, yt = sample(n_test, g)
+    return Dataset(x, y, xt, yt, "classification", vocab, sample)
 
 
 def digits(n_test: int = 297, *, seed: int = 0, flatten: bool = True) -> Dataset:
@@ -265,12 +299,12 @@ def from_tensors(
 
 
 def load_data(name: str, **options: object) -> Dataset:
-    """Build a dataset by name, for configs: ``"teacher"``, ``"digits"``, ``"cifar10"``.
+    """Build a dataset by name: ``"teacher"``, ``"digits"``, ``"cifar10"``, ``"sequences"``.
 
     Args:
         name: Dataset name.
         **options: Keyword arguments of :func:`teacher_student`, :func:`digits` or
-            :func:`cifar10` (which needs ``root=``).
+            :func:`cifar10` (which needs ``root=``) or :func:`sequences`.
 
     Returns:
         The :class:`Dataset`.
@@ -281,7 +315,9 @@ def load_data(name: str, **options: object) -> Dataset:
             "expected data_options.root (the cifar-10-batches-py directory) for "
             "data='cifar10', got none; add root: /path/to/cifar-10-batches-py"
         )
-    builder = {"teacher": teacher_student, "digits": digits, "cifar10": cifar10}[name]
+    builder = {
+        "teacher": teacher_student, "digits": digits, "cifar10": cifar10, "sequences": sequences
+    }[name]
     try:
         return builder(**options)
     except TypeError as err:

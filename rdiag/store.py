@@ -286,7 +286,17 @@ class Store:
         rows = []
         for key, value in records.items():
             metric, layer = (key, "") if isinstance(key, str) else key
-            rows.append((run_id, int(step), metric, layer or "", float(value)))
+            rows.append((int(step), metric, layer, value))
+        self.log_rows(run_id, rows)
+
+    def log_rows(self, run_id: str, rows: Iterable[tuple[int, str, str, float]]) -> None:
+        """Write ``(step, metric, layer, value)`` rows of several steps in one transaction.
+
+        Args:
+            run_id: The run.
+            rows: Rows; ``layer`` ``""`` or ``None`` for model-level metrics.
+        """
+        rows = [(run_id, int(s), m, layer or "", float(v)) for s, m, layer, v in rows]
         if rows:
             self._execute(
                 "INSERT OR REPLACE INTO scalars (run, step, metric, layer, value) "

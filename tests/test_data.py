@@ -103,3 +103,9 @@ def test_batch_streams() -> None:
     assert D.teacher_student(4, 2).to(torch.float64).sampler(3, torch.Generator())[0].dtype == (
         torch.float64
     )
+
+
+def test_sequences_previous_token_task() -> None:
+    ds = D.load_data("sequences", n_train=5, n_test=3, vocab=7, seq_len=4)
+    assert ds.x.shape == (5, 4) and ds.y.shape == (5, 4) and ds.num_outputs == 7
+    assert torch.equal(ds.y[:, 1:], ds.x[:, :-1]) and bool((ds.y[:, 0] == 0).all())

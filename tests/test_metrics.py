@@ -93,6 +93,12 @@ def test_matrix_norms_and_representation_movement() -> None:
     op, fro = metrics.matrix_norms(w)
     assert_close("op", torch.linalg.svdvals(m)[0], _f64(op), rtol=1e-12, atol=0)
     assert_close("fro", m.norm(), _f64(fro), rtol=1e-12, atol=0)
+    big = torch.randn(40, 30, dtype=torch.float64)
+    op_big, _ = metrics.matrix_norms(big, exact_below=1)  # Lanczos route
+    assert_close("op_lanczos", torch.linalg.svdvals(big)[0], _f64(op_big), rtol=1e-10, atol=0)
+    low_rank = torch.randn(30, 2, dtype=torch.float64) @ torch.randn(2, 45, dtype=torch.float64)
+    op_low = metrics.operator_norm(low_rank, exact_below=1)
+    assert_close("op_low", torch.linalg.svdvals(low_rank)[0], _f64(op_low), rtol=1e-10, atol=0)
     h0, h1 = torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 3, 2, dtype=torch.float64)
     expected = sum((h1[i] - h0[i]).norm() for i in range(4)) / 4
     assert_close("dh", expected, _f64(metrics.representation_movement(h1, h0)), rtol=1e-12, atol=0)
