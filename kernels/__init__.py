@@ -50,6 +50,7 @@ def use_triton(x: Tensor) -> bool:
 
     Raises:
         ValueError: ``RDIAG_KERNELS`` is set to an unknown value.
+
     """
     mode = os.environ.get("RDIAG_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
@@ -93,7 +94,8 @@ def gram_hadamard(
 ) -> Tensor:
     r"""Layerwise eNTK block ``(X1 X2^T) o (G1 G2^T)`` per output pair, fused.
 
-    .. math:: out_{ijab} \mathrel{+}= s\,(x_{1,i}\cdot x_{2,j})\,(g_{1,ia}\cdot g_{2,jb})
+    .. math::
+        out_{ijab} \mathrel{+}= s\,(x_{1,i}\cdot x_{2,j})\,(g_{1,ia}\cdot g_{2,jb})
 
     For a Linear layer with inputs ``x`` and output cotangents ``g`` (one per
     output ``a`` of the network), this is its contribution to the eNTK. With
@@ -118,6 +120,7 @@ def gram_hadamard(
         TypeError: Non-tensor or unsupported dtype.
         ValueError: Shapes, dtypes or devices disagree.
         MemoryError: A new ``out`` would not fit; the message says how big.
+
     """
     impl = _impl("gram_hadamard", x1)
     return impl.gram_hadamard(x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32)
@@ -142,6 +145,7 @@ def gram_hadamard_many(
 
     Returns:
         ``out`` ``(N1, N2, R, R)``.
+
     """
     terms = list(terms)
     first = terms[0][0] if terms and isinstance(terms[0], (tuple, list)) else None
@@ -159,7 +163,7 @@ def gram_hadamard_shared(
     scale: float = 1.0,
     allow_tf32: bool = False,
 ) -> Tensor:
-    r"""eNTK block of a weight-shared layer (a Linear on every token, a conv).
+    r"""ENTK block of a weight-shared layer (a Linear on every token, a conv).
 
     .. math:: out_{ijab} \mathrel{+}= s \sum_{t,t'} (x_{1,it}\cdot x_{2,jt'})
         (g_{1,iat}\cdot g_{2,jbt'})
@@ -186,9 +190,12 @@ def gram_hadamard_shared(
         TypeError: Non-tensor or unsupported dtype.
         ValueError: Shapes, dtypes or devices disagree.
         MemoryError: A new ``out`` would not fit.
+
     """
     impl = _impl("gram_hadamard_shared", x1)
-    return impl.gram_hadamard_shared(x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32)
+    return impl.gram_hadamard_shared(
+        x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32
+    )
 
 
 def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
@@ -204,6 +211,7 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
     Returns:
         :class:`KernelStats`; float32 accumulation (float64 for float64 input),
         scalars summed in float64.
+
     """
     return _impl("kernel_stats", k0).kernel_stats(k0, k1)
 

@@ -40,8 +40,18 @@ def check_triton_dtype(x: Tensor) -> None:
     if x.dtype == torch.float64:
         raise TypeError(
             "expected float16, bfloat16 or float32 inputs for the Triton kernel, got "
-            "float64; float64 runs on rdiag.kernels.reference (the dispatcher does this)"
+            "float64; float64 runs on rdiag.kernels.reference (the dispatcher does "
+            "this)"
         )
+
+
+def dot_precision(dtype: torch.dtype, allow_tf32: bool) -> str:
+    """``tl.dot`` input precision: exact float32 unless TF32 is allowed.
+
+    16-bit operands always use tensor cores with float32 accumulation; the
+    setting only matters for float32, so they get Triton's default.
+    """
+    return "ieee" if dtype == torch.float32 and not allow_tf32 else "tf32"
 
 
 def interpreter_safe(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -75,7 +85,9 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _check_tensor(t: object, name: str, dim: int, axes: str) -> Tensor:
     if not isinstance(t, Tensor):
-        raise TypeError(f"expected {name} to be a torch.Tensor {axes}, got {type(t).__name__}")
+        raise TypeError(
+            f"expected {name} to be a torch.Tensor {axes}, got {type(t).__name__}"
+        )
     if t.dim() != dim:
         raise ValueError(
             f"expected {name} to have shape {axes} ({dim} dims), got {tuple(t.shape)}; "
@@ -83,7 +95,8 @@ def _check_tensor(t: object, name: str, dim: int, axes: str) -> Tensor:
         )
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(
-            f"expected {name} to be float16, bfloat16, float32 or float64, got {t.dtype}; "
+            f"expected {name} to be float16, bfloat16, float32 or float64, got "
+            f"{t.dtype}; "
             f"cast it with {name}.float()"
         )
     return t
@@ -105,7 +118,9 @@ def _mismatch(what: str, **shapes: tuple[int, ...]) -> ValueError:
     return ValueError(f"expected {what}, got {got}")
 
 
-def check_gram_hadamard_args(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> GramShape:
+def check_gram_hadamard_args(
+    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor
+) -> GramShape:
     """Validate ``x1 (N1, Dx), x2 (N2, Dx), g1 (N1, R, Dg), g2 (N2, R, Dg)``.
 
     Returns:
@@ -114,6 +129,7 @@ def check_gram_hadamard_args(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> 
     Raises:
         TypeError: A non-tensor or an unsupported dtype.
         ValueError: Wrong ranks, mismatched sizes, dtypes or devices.
+
     """
     _check_tensor(x1, "x1", 2, "(N1, Dx)")
     _check_tensor(x2, "x2", 2, "(N2, Dx)")
@@ -127,7 +143,9 @@ def check_gram_hadamard_args(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> 
     if g1.shape[1:] != g2.shape[1:]:
         raise _mismatch("g1 and g2 to share (R, Dg)", **shapes)
     if g1.shape[0] != x1.shape[0] or g2.shape[0] != x2.shape[0]:
-        raise _mismatch("g1 to have N1 = len(x1) rows and g2 N2 = len(x2) rows", **shapes)
+        raise _mismatch(
+            "g1 to have N1 = len(x1) rows and g2 N2 = len(x2) rows", **shapes
+        )
     n1, dx = x1.shape
     n2, r, dg = g2.shape
     return GramShape(n1, n2, 1, 1, r, dx, dg)
@@ -136,7 +154,10 @@ def check_gram_hadamard_args(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> 
 def check_gram_hadamard_shared_args(
     x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor
 ) -> GramShape:
-    """Validate ``x1 (N1, T1, Dx), x2 (N2, T2, Dx), g1 (N1, R, T1, Dg), g2 (N2, R, T2, Dg)``.
+    """Validate the weight-shared inputs.
+
+    Shapes: ``x1 (N1, T1, Dx)``, ``x2 (N2, T2, Dx)``, ``g1 (N1, R, T1, Dg)``,
+    ``g2 (N2, R, T2, Dg)``.
 
     Returns:
         The sizes.
@@ -144,6 +165,7 @@ def check_gram_hadamard_shared_args(
     Raises:
         TypeError: A non-tensor or an unsupported dtype.
         ValueError: Wrong ranks, mismatched sizes, dtypes or devices.
+
     """
     _check_tensor(x1, "x1", 3, "(N1, T1, Dx)")
     _check_tensor(x2, "x2", 3, "(N2, T2, Dx)")
@@ -187,6 +209,7 @@ def prepare_out(out: Tensor | None, shape: GramShape, like: Tensor) -> Tensor:
     Raises:
         ValueError: ``out`` has the wrong shape, dtype or device.
         MemoryError: A new output would not fit in free memory.
+
     """
     expected = (shape.n1, shape.n2, shape.r, shape.r)
     if out is None:
@@ -215,7 +238,9 @@ def prepare_out(out: Tensor | None, shape: GramShape, like: Tensor) -> Tensor:
     return out
 
 
-def check_device_fits(nbytes: float, device: torch.device, what: str, hint: str) -> None:
+def check_device_fits(
+    nbytes: float, device: torch.device, what: str, hint: str
+) -> None:
     """Raise ``MemoryError`` if ``nbytes`` exceed the free memory of ``device``."""
     check_fits(nbytes, available_memory(device), what, hint)
 
@@ -233,5 +258,3 @@ def check_terms(terms: Sequence[tuple]) -> list[tuple]:
                 f"expected terms[{k}] to be a tuple (x1, x2, g1, g2, scale), got {got}"
             )
     return [tuple(t) for t in terms]
-
-

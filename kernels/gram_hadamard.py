@@ -17,9 +17,10 @@ import triton.language as tl
 from torch import Tensor
 
 from ._launch import (
-    check_triton_dtype,
     check_gram_hadamard_args,
     check_terms,
+    check_triton_dtype,
+    dot_precision,
     interpreter_safe,
     interpreting,
     prepare_out,
@@ -29,9 +30,15 @@ from ._launch import (
 def get_gram_hadamard_configs() -> list[triton.Config]:
     """Autotune candidates (one small tile under the CPU interpreter)."""
     if interpreting():
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})]
+        return [
+            triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2})
+        ]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+            num_warps=w,
+            num_stages=s,
+        )
         for bm, bn, bk, w, s in (
             (32, 32, 32, 2, 4),
             (64, 64, 32, 4, 3),
@@ -71,8 +78,9 @@ def _gram_hadamard_kernel(
     pid_m = first_m + (pid % width) % group
     pid_n = (pid % width) // group
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # int64 offsets: N1 * N2 * R * R output entries can pass 2**31.
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     mask_m = offs_m < N1
     mask_n = offs_n < N2
@@ -83,12 +91,18 @@ def _gram_hadamard_kernel(
         for k0 in range(0, DX, BLOCK_K):
             kk = k0 + offs_k
             a = tl.load(
-                x1_ptr + t * stride_x1t + offs_m[:, None] * stride_x1n + kk[None, :] * stride_x1d,
+                x1_ptr
+                + t * stride_x1t
+                + offs_m[:, None] * stride_x1n
+                + kk[None, :] * stride_x1d,
                 mask=mask_m[:, None] & (kk[None, :] < DX),
                 other=0.0,
             )
             b = tl.load(
-                x2_ptr + t * stride_x2t + offs_n[None, :] * stride_x2n + kk[:, None] * stride_x2d,
+                x2_ptr
+                + t * stride_x2t
+                + offs_n[None, :] * stride_x2n
+                + kk[:, None] * stride_x2d,
                 mask=mask_n[None, :] & (kk[:, None] < DX),
                 other=0.0,
             )
@@ -100,21 +114,30 @@ def _gram_hadamard_kernel(
                 for k0 in range(0, DG, BLOCK_K):
                     kk = k0 + offs_k
                     a = tl.load(
-                        g1_ptr + t * stride_g1t + offs_m[:, None] * stride_g1n
-                        + ra * stride_g1r + kk[None, :] * stride_g1d,
+                        g1_ptr
+                        + t * stride_g1t
+                        + offs_m[:, None] * stride_g1n
+                        + ra * stride_g1r
+                        + kk[None, :] * stride_g1d,
                         mask=mask_m[:, None] & (kk[None, :] < DG),
                         other=0.0,
                     )
                     b = tl.load(
-                        g2_ptr + t * stride_g2t + offs_n[None, :] * stride_g2n
-                        + rb * stride_g2r + kk[:, None] * stride_g2d,
+                        g2_ptr
+                        + t * stride_g2t
+                        + offs_n[None, :] * stride_g2n
+                        + rb * stride_g2r
+                        + kk[:, None] * stride_g2d,
                         mask=mask_n[None, :] & (kk[:, None] < DG),
                         other=0.0,
                     )
                     gg = tl.dot(a, b, gg, input_precision=INPUT_PRECISION)
                 o_ptrs = (
-                    out_ptr + offs_m[:, None] * stride_on1 + offs_n[None, :] * stride_on2
-                    + ra * stride_or1 + rb * stride_or2
+                    out_ptr
+                    + offs_m[:, None] * stride_on1
+                    + offs_n[None, :] * stride_on2
+                    + ra * stride_or1
+                    + rb * stride_or2
                 )
                 o = tl.load(o_ptrs, mask=mask_mn, other=0.0)
                 tl.store(o_ptrs, o + xx * gg, mask=mask_mn)
@@ -140,6 +163,7 @@ def gram_hadamard_many(
     Raises:
         TypeError: float64 inputs (use the reference) or unsupported dtypes.
         ValueError: Shapes disagree within a term or across terms.
+
     """
     terms = check_terms(terms)
     groups: dict[tuple, list[tuple[Tensor, Tensor, Tensor, Tensor, float]]] = {}
@@ -148,9 +172,13 @@ def gram_hadamard_many(
         shape = check_gram_hadamard_args(x1, x2, g1, g2)
         check_triton_dtype(x1)
         first = first or (shape, x1)
-        if shape[:2] + shape[4:5] != first[0][:2] + first[0][4:5] or x1.device != first[1].device:
+        if (
+            shape[:2] + shape[4:5] != first[0][:2] + first[0][4:5]
+            or x1.device != first[1].device
+        ):
             raise ValueError(
-                f"expected every term to share (N1, N2, R) and the device, got {shape} on "
+                "expected every term to share (N1, N2, R) and the device, got "
+                f"{shape} on "
                 f"{x1.device} after {first[0]} on {first[1].device}"
             )
         groups.setdefault((shape, x1.dtype), []).append((x1, x2, g1, g2, float(scale)))
@@ -184,7 +212,9 @@ def _launch(shape, group, out: Tensor, allow_tf32: bool) -> None:
         return
     x1, x2, g1, g2 = (_stack([term[k] for term in group]) for k in range(4))
     x1, x2, g1, g2 = interpreter_safe(x1, x2, g1, g2)
-    scales = torch.tensor([term[4] for term in group], dtype=torch.float32, device=out.device)
+    scales = torch.tensor(
+        [term[4] for term in group], dtype=torch.float32, device=out.device
+    )
 
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(n1, meta["BLOCK_M"]) * triton.cdiv(n2, meta["BLOCK_N"]),)
@@ -193,5 +223,5 @@ def _launch(shape, group, out: Tensor, allow_tf32: bool) -> None:
         x1, x2, g1, g2, scales, out,
         n1, n2, r, dx, dg, len(group),
         *x1.stride(), *x2.stride(), *g1.stride(), *g2.stride(), *out.stride(),
-        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        INPUT_PRECISION=dot_precision(x1.dtype, allow_tf32),
     )  # fmt: skip

@@ -9,14 +9,14 @@ is ever written. The ``R x R`` partial sums live in one register vector.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ._launch import (
-    check_triton_dtype,
     check_gram_hadamard_shared_args,
+    check_triton_dtype,
+    dot_precision,
     interpreter_safe,
     interpreting,
     next_power_of_2,
@@ -29,7 +29,9 @@ def get_gram_hadamard_shared_configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_T1": 16, "BLOCK_T2": 16, "BLOCK_K": 16})]
     return [
-        triton.Config({"BLOCK_T1": b1, "BLOCK_T2": b2, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        triton.Config(
+            {"BLOCK_T1": b1, "BLOCK_T2": b2, "BLOCK_K": bk}, num_warps=w, num_stages=s
+        )
         for b1, b2, bk, w, s in (
             (16, 16, 32, 1, 3),
             (32, 32, 32, 2, 3),
@@ -94,13 +96,17 @@ def _gram_hadamard_shared_kernel(
                     for k0 in range(0, DG, BLOCK_K):
                         kk = k0 + offs_k
                         a = tl.load(
-                            g1_ptr + ra * stride_g1r + offs_t[:, None] * stride_g1t
+                            g1_ptr
+                            + ra * stride_g1r
+                            + offs_t[:, None] * stride_g1t
                             + kk[None, :] * stride_g1d,
                             mask=mask_t[:, None] & (kk[None, :] < DG),
                             other=0.0,
                         )
                         b = tl.load(
-                            g2_ptr + rb * stride_g2r + offs_u[None, :] * stride_g2t
+                            g2_ptr
+                            + rb * stride_g2r
+                            + offs_u[None, :] * stride_g2t
                             + kk[:, None] * stride_g2d,
                             mask=mask_u[None, :] & (kk[:, None] < DG),
                             other=0.0,
@@ -110,7 +116,13 @@ def _gram_hadamard_shared_kernel(
                     acc = tl.where(rr == ra * R + rb, acc + part, acc)
 
     mask_rr = rr < R * R
-    o_ptrs = out_ptr + i * stride_on1 + j * stride_on2 + (rr // R) * stride_or1 + (rr % R) * stride_or2
+    o_ptrs = (
+        out_ptr
+        + i * stride_on1
+        + j * stride_on2
+        + (rr // R) * stride_or1
+        + (rr % R) * stride_or2
+    )
     o = tl.load(o_ptrs, mask=mask_rr, other=0.0)
     tl.store(o_ptrs, o + scale * acc, mask=mask_rr)
 
@@ -142,6 +154,7 @@ def gram_hadamard_shared(
     Raises:
         TypeError: float64 inputs (the dispatcher sends those to the reference).
         ValueError: Shapes, dtypes or devices disagree.
+
     """
     shape = check_gram_hadamard_shared_args(x1, x2, g1, g2)
     check_triton_dtype(x1)
@@ -154,7 +167,7 @@ def gram_hadamard_shared(
         x1, x2, g1, g2, out, float(scale),
         n2, t1, t2, r, dx, dg,
         *x1.stride(), *x2.stride(), *g1.stride(), *g2.stride(), *out.stride(),
-        INPUT_PRECISION="tf32" if allow_tf32 else "ieee",
+        INPUT_PRECISION=dot_precision(x1.dtype, allow_tf32),
         BLOCK_RR=next_power_of_2(r * r),
     )  # fmt: skip
     return out

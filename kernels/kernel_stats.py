@@ -26,7 +26,13 @@ def get_kernel_stats_configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_N": 8, "BLOCK_M": 16})]
     return [
         triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w)
-        for bn, bm, w in ((16, 128, 4), (32, 128, 4), (32, 256, 8), (64, 64, 4), (8, 512, 4))
+        for bn, bm, w in (
+            (16, 128, 4),
+            (32, 128, 4),
+            (32, 256, 8),
+            (64, 64, 4),
+            (8, 512, 4),
+        )
     ]
 
 
@@ -93,6 +99,7 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
     Raises:
         TypeError: float64 kernels (the dispatcher sends those to the reference).
         ValueError: Shapes, dtypes or devices disagree.
+
     """
     n, m = check_kernel_pair(k0, k1)
     check_triton_dtype(k0)
@@ -100,7 +107,9 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
     rows = torch.zeros((_N_ROW_STATS, n), dtype=torch.float32, device=dev)
     # Sized for the smallest BLOCK_N of the configs, so any config's grid fits.
     min_block = min(c.kwargs["BLOCK_N"] for c in get_kernel_stats_configs())
-    cols = torch.zeros((triton.cdiv(n, min_block), 2, m), dtype=torch.float32, device=dev)
+    cols = torch.zeros(
+        (triton.cdiv(n, min_block), 2, m), dtype=torch.float32, device=dev
+    )
     if n * m > 0:
 
         def grid(meta: dict) -> tuple[int]:

@@ -20,10 +20,10 @@ from rdiag._checks import available_memory
 from ._launch import (
     GramShape,
     acc_dtype,
-    check_terms,
     check_gram_hadamard_args,
     check_gram_hadamard_shared_args,
     check_kernel_pair,
+    check_terms,
     prepare_out,
 )
 
@@ -68,7 +68,8 @@ def gram_hadamard(
 ) -> Tensor:
     r"""Accumulate ``scale * (x1 x2^T) o (g1 g2^T)`` per output pair into ``out``.
 
-    .. math:: out_{ijab} \mathrel{+}= s\,(x_{1,i}\cdot x_{2,j})\,(g_{1,ia}\cdot g_{2,jb})
+    .. math::
+        out_{ijab} \mathrel{+}= s\,(x_{1,i}\cdot x_{2,j})\,(g_{1,ia}\cdot g_{2,jb})
 
     Computed in blocks of rows of ``x1`` (temporaries bounded), with both Grams
     of a block materialized.
@@ -85,6 +86,7 @@ def gram_hadamard(
 
     Returns:
         ``out`` ``(N1, N2, R, R)``.
+
     """
     shape = check_gram_hadamard_args(x1, x2, g1, g2)
     out = prepare_out(out, shape, x1)
@@ -114,6 +116,7 @@ def gram_hadamard_many(
 
     Returns:
         ``out`` ``(N1, N2, R, R)``.
+
     """
     terms = check_terms(terms)
     for x1, x2, g1, g2, scale in terms:
@@ -142,6 +145,7 @@ def shared_route(shape: GramShape, device: torch.device, itemsize: int = 4) -> s
 
     Returns:
         ``"grams"`` or ``"weight_gradients"``.
+
     """
     n1, n2, t1, t2, r, dx, dg = shape
     cost_grams = n1 * n2 * t1 * t2 * (dx + r * r * dg + r * r)
@@ -181,12 +185,15 @@ def gram_hadamard_shared(
 
     Returns:
         ``out`` ``(N1, N2, R, R)``.
+
     """
     shape = check_gram_hadamard_shared_args(x1, x2, g1, g2)
     out = prepare_out(out, shape, x1)
     acc = acc_dtype(x1.dtype)
     route = shared_route(shape, x1.device, torch.finfo(acc).bits // 8)
-    fn = _shared_by_weight_gradients if route == "weight_gradients" else _shared_by_grams
+    fn = (
+        _shared_by_weight_gradients if route == "weight_gradients" else _shared_by_grams
+    )
     with _tf32(x1.device, allow_tf32):
         fn(x1.to(acc), x2.to(acc), g1.to(acc), g2.to(acc), out, scale)
     return out
@@ -222,9 +229,9 @@ def _shared_by_grams(
             xx = (x1[i].reshape(mi * t1, -1) @ x2[j].reshape(mj * t2, -1).T).reshape(
                 mi, t1, mj, t2
             )
-            gg = (g1[i].reshape(mi * r * t1, dg) @ g2[j].reshape(mj * r * t2, dg).T).reshape(
-                mi, r, t1, mj, r, t2
-            )
+            gg = (
+                g1[i].reshape(mi * r * t1, dg) @ g2[j].reshape(mj * r * t2, dg).T
+            ).reshape(mi, r, t1, mj, r, t2)
             term = torch.einsum("itju,iatjbu->ijab", xx, gg)
             out[i, j] += (scale * term).to(out.dtype)
 
@@ -251,6 +258,7 @@ class KernelStats:
 
     Scalars are Python floats (summed in float64 from float32 or float64 parts);
     the vectors are float64 for float64 kernels, else float32.
+
     """
 
     inner: float
@@ -290,6 +298,7 @@ class KernelStats:
 
         Raises:
             ValueError: The kernels are not square, or a centered kernel is zero.
+
         """
         n, m = self.row0.numel(), self.col0.numel()
         if n != m:
@@ -297,16 +306,22 @@ class KernelStats:
                 f"expected square kernels for centered alignment, got ({n}, {m}); "
                 "compute the kernels on one batch (x2 = x1)"
             )
-        r0, r1, c0, c1 = (v.double() for v in (self.row0, self.row1, self.col0, self.col1))
+        r0, r1, c0, c1 = (
+            v.double() for v in (self.row0, self.row1, self.col0, self.col1)
+        )
 
-        def centered(sq: float, ra: Tensor, rb: Tensor, ca: Tensor, cb: Tensor, s: float) -> float:
+        def centered(
+            sq: float, ra: Tensor, rb: Tensor, ca: Tensor, cb: Tensor, s: float
+        ) -> float:
             return sq - float(ra @ rb + ca @ cb) / n + s / (n * n)
 
         c01 = centered(self.inner, r0, r1, c0, c1, self.sum0 * self.sum1)
         c00 = centered(self.sq_norm0, r0, r0, c0, c0, self.sum0**2)
         c11 = centered(self.sq_norm1, r1, r1, c1, c1, self.sum1**2)
         if c00 <= 0.0 or c11 <= 0.0:
-            raise ValueError("centered alignment is undefined: a centered kernel is zero")
+            raise ValueError(
+                "centered alignment is undefined: a centered kernel is zero"
+            )
         return c01 / math.sqrt(c00 * c11)
 
 
@@ -319,6 +334,7 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
 
     Returns:
         A :class:`KernelStats`.
+
     """
     check_kernel_pair(k0, k1)
     acc = acc_dtype(k0.dtype)

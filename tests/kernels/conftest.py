@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from rdiag.kernels._launch import interpreting
+
 from tests._assert import assert_close
 
 HERE = Path(__file__).parent
@@ -23,11 +23,14 @@ HERE = Path(__file__).parent
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "triton_interpret: runs a Triton kernel on CPU (TRITON_INTERPRET=1 child)"
+        "markers",
+        "triton_interpret: runs a Triton kernel on CPU (TRITON_INTERPRET=1 child)",
     )
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(
+    config: pytest.Config, items: list[pytest.Item]
+) -> None:
     keep, drop = [], []
     for item in items:
         mine = HERE in Path(str(item.path)).parents
@@ -44,19 +47,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 #: (rtol, atol as a fraction of max |expected|) for a kernel against the reference
 #: on the same inputs. Both accumulate in float32 and low-precision products are
 #: exact in float32, so only the summation order differs, for every input dtype.
-KERNEL_TOL = {torch.float32: (2e-5, 2e-6), torch.float16: (2e-5, 2e-6), torch.bfloat16: (2e-5, 2e-6)}
+KERNEL_TOL = {
+    torch.float32: (2e-5, 2e-6),
+    torch.float16: (2e-5, 2e-6),
+    torch.bfloat16: (2e-5, 2e-6),
+}
 #: Reference in float64 against a float64 brute force.
 F64_TOL = {"rtol": 1e-10, "atol": 1e-12}
 DTYPES = list(KERNEL_TOL)
 
 
-def randn(*shape: int, dtype: torch.dtype = torch.float64, seed: int = 0) -> torch.Tensor:
+def randn(
+    *shape: int, dtype: torch.dtype = torch.float64, seed: int = 0
+) -> torch.Tensor:
     """A seeded standard-normal tensor."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def assert_kernel_close(name: str, expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype) -> None:
+def assert_kernel_close(
+    name: str, expected: torch.Tensor, actual: torch.Tensor, dtype: torch.dtype
+) -> None:
     """Kernel against reference with the tolerance of ``dtype`` (see ``KERNEL_TOL``)."""
     rtol, atol = KERNEL_TOL[dtype]
     scale = float(expected.abs().max()) if expected.numel() else 1.0

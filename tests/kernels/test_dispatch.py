@@ -1,5 +1,8 @@
-"""Dispatch: which implementation runs, forced reference, no-Triton import, and the
-child process that runs every ``triton_interpret`` test under the interpreter."""
+"""Dispatch rules, forced reference, no-Triton import; the interpreter child run.
+
+``test_kernels_under_triton_interpreter`` runs every ``triton_interpret`` test of
+this directory in a child process under the interpreter.
+"""
 
 from __future__ import annotations
 
@@ -11,23 +14,27 @@ from pathlib import Path
 
 import pytest
 import torch
+from rdiag.kernels import reference
 
 import rdiag
 from rdiag import _optional, kernels
-from rdiag.kernels import reference
 
 HERE = Path(__file__).parent
 
 
 def test_kernels_under_triton_interpreter():
-    """Run the ``triton_interpret`` tests of this directory in a TRITON_INTERPRET=1 child."""
+    """Run this directory's ``triton_interpret`` tests in a TRITON_INTERPRET=1 child."""
     env = {k: v for k, v in os.environ.items() if k != "RDIAG_KERNELS"}
     env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "triton_interpret"]
     cmd += ["-p", "no:cacheprovider", "-p", "no:randomly", str(HERE)]
-    proc = subprocess.run(cmd, env=env, cwd=HERE.parents[1], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd, env=env, cwd=HERE.parents[1], capture_output=True, text=True, timeout=600
+    )
     tail = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter tests failed (rc={proc.returncode}):\n{tail}"
+    assert proc.returncode == 0, (
+        f"interpreter tests failed (rc={proc.returncode}):\n{tail}"
+    )
     assert " passed" in proc.stdout and "deselected" in proc.stdout, tail
 
 
@@ -73,7 +80,11 @@ def test_missing_triton_falls_back_with_one_notice(monkeypatch):
 def test_import_and_run_without_triton(monkeypatch):
     """With ``import triton`` failing, the package imports and runs the reference."""
     monkeypatch.setattr(rdiag, "kernels", kernels)  # restored afterwards
-    for name in [m for m in sys.modules if m == "triton" or m.startswith(("triton.", "rdiag.kernels"))]:
+    for name in [
+        m
+        for m in sys.modules
+        if m == "triton" or m.startswith(("triton.", "rdiag.kernels"))
+    ]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # asks for Triton, which is missing

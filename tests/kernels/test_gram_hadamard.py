@@ -6,11 +6,11 @@ import importlib
 
 import pytest
 import torch
+from rdiag.kernels import reference
 from torch import Tensor, nn
 from torch.autograd.functional import jacobian
 
 from rdiag import kernels
-from rdiag.kernels import reference
 from tests._assert import assert_close
 from tests.kernels.conftest import DTYPES, F64_TOL, assert_kernel_close, randn
 from tests.oracles import ntk_from_jacobians, per_sample_jacobian
@@ -26,7 +26,9 @@ def make_inputs(n1, n2, r, dx, dg, dtype=torch.float64, seed=0):
     )
 
 
-def brute_force(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, scale: float = 1.0) -> Tensor:
+def brute_force(
+    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, scale: float = 1.0
+) -> Tensor:
     """Explicit per-sample weight gradients ``g x^T`` contracted pairwise."""
     j1 = torch.einsum("nrg,nx->nrgx", g1.double(), x1.double()).flatten(2)
     j2 = torch.einsum("nrg,nx->nrgx", g2.double(), x2.double()).flatten(2)
@@ -37,7 +39,8 @@ def brute_force(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, scale: float = 1
 
 
 @pytest.mark.parametrize(
-    "n1,n2,r,dx,dg", [(1, 1, 1, 1, 1), (4, 6, 1, 5, 3), (7, 3, 3, 8, 2), (5, 5, 2, 1, 9)]
+    "n1,n2,r,dx,dg",
+    [(1, 1, 1, 1, 1), (4, 6, 1, 5, 3), (7, 3, 3, 8, 2), (5, 5, 2, 1, 9)],
 )
 def test_reference_matches_per_sample_gradients(n1, n2, r, dx, dg):
     x1, x2, g1, g2 = make_inputs(n1, n2, r, dx, dg)
@@ -56,7 +59,9 @@ def test_reference_r1_is_hadamard_of_grams():
 def test_reference_is_the_linear_layer_entk():
     """The eNTK of the first Linear's weight, against autograd Jacobians."""
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3)).double()
+    net = nn.Sequential(
+        nn.Linear(5, 7, bias=False), nn.Tanh(), nn.Linear(7, 3)
+    ).double()
     x1, x2 = randn(4, 5, seed=1), randn(6, 5, seed=2)
     j1, j2 = (per_sample_jacobian(net, ["0.weight"], x) for x in (x1, x2))
 
@@ -74,14 +79,21 @@ def test_reference_accumulates_into_out():
     out = start.clone()
     returned = reference.gram_hadamard(x1, x2, g1, g2, out, scale=-2.0)
     assert returned is out
-    assert_close("out += term", start + brute_force(x1, x2, g1, g2, -2.0), out, **F64_TOL)
+    assert_close(
+        "out += term", start + brute_force(x1, x2, g1, g2, -2.0), out, **F64_TOL
+    )
 
 
 def test_reference_blocks_rows(monkeypatch):
     """Row blocking (bounded temporaries) gives the same result as one block."""
     monkeypatch.setattr(reference, "_BLOCK_ELEMS", 8)
     x1, x2, g1, g2 = make_inputs(7, 3, 2, 4, 5)
-    assert_close("blocked", brute_force(x1, x2, g1, g2), reference.gram_hadamard(x1, x2, g1, g2), **F64_TOL)
+    assert_close(
+        "blocked",
+        brute_force(x1, x2, g1, g2),
+        reference.gram_hadamard(x1, x2, g1, g2),
+        **F64_TOL,
+    )
 
 
 def test_reference_many_sums_layers():
@@ -99,7 +111,13 @@ def test_reference_low_precision_accumulates_in_float32(dtype):
     assert actual.dtype == torch.float32
     # Same (rounded) inputs in float64: only float32 summation error remains.
     expected = brute_force(x1, x2, g1, g2)
-    assert_close(f"{dtype} reference", expected, actual, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+    assert_close(
+        f"{dtype} reference",
+        expected,
+        actual,
+        rtol=1e-5,
+        atol=1e-5 * float(expected.abs().max()),
+    )
 
 
 # ---------------------------------------------------------------- errors
@@ -108,7 +126,11 @@ def test_reference_low_precision_accumulates_in_float32(dtype):
 @pytest.mark.parametrize(
     "shapes,err,match",
     [
-        (((4, 3), (5, 2), (4, 1, 2), (5, 1, 2)), ValueError, "share the feature size Dx"),
+        (
+            ((4, 3), (5, 2), (4, 1, 2), (5, 1, 2)),
+            ValueError,
+            "share the feature size Dx",
+        ),
         (((4, 3), (5, 3), (4, 1, 2), (5, 2, 2)), ValueError, "share \\(R, Dg\\)"),
         (((4, 3), (5, 3), (3, 1, 2), (5, 1, 2)), ValueError, "N1 = len\\(x1\\)"),
         (((4, 3), (5, 3), (4, 2), (5, 2)), ValueError, "\\(N1, R, Dg\\)"),
@@ -129,7 +151,9 @@ def test_bad_dtypes_and_out_raise():
     with pytest.raises(ValueError, match="shape \\(N1, N2, R, R\\)"):
         kernels.gram_hadamard(x1, x2, g1, g2, torch.zeros(5, 4, 1, 1))
     with pytest.raises(ValueError, match="float32 or float64"):
-        kernels.gram_hadamard(x1, x2, g1, g2, torch.zeros(4, 5, 1, 1, dtype=torch.float16))
+        kernels.gram_hadamard(
+            x1, x2, g1, g2, torch.zeros(4, 5, 1, 1, dtype=torch.float16)
+        )
     with pytest.raises(ValueError, match="at least one"):
         kernels.gram_hadamard_many([])
     with pytest.raises(ValueError, match="tuple \\(x1, x2, g1, g2, scale\\)"):
@@ -148,7 +172,13 @@ def test_output_too_big_raises_memory_error():
 
 SHAPES = [(1, 1, 1, 1), (5, 17, 19, 33), (20, 16, 70, 16), (33, 40, 16, 5)]
 # Every shape in float32; the low-precision dtypes on all but the largest (time).
-CASES = [(s, r, d) for s in SHAPES for r in (1, 3) for d in DTYPES if d == torch.float32 or s[0] < 33]
+CASES = [
+    (s, r, d)
+    for s in SHAPES
+    for r in (1, 3)
+    for d in DTYPES
+    if d == torch.float32 or s[0] < 33
+]
 
 
 def _triton():
@@ -184,7 +214,9 @@ def test_kernel_many_groups_same_shapes():
     c = make_inputs(17, 9, 3, 7, 18, dtype=torch.float32, seed=20)
     terms = [(*a, 0.5), (*c, 2.0), (*b, -1.0)]
     expected = reference.gram_hadamard_many(terms)
-    assert_kernel_close("many", expected, kernels.gram_hadamard_many(terms), torch.float32)
+    assert_kernel_close(
+        "many", expected, kernels.gram_hadamard_many(terms), torch.float32
+    )
 
 
 @pytest.mark.triton_interpret
@@ -219,17 +251,37 @@ def test_cuda_kernel_large_shapes(r, dtype):
     start = torch.randn(300, 257, r, r, device="cuda")
     out = start.clone()
     kernels.gram_hadamard(*args, out)
-    assert_close(f"cuda {dtype}", expected + start.double(), out, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert_close(
+        f"cuda {dtype}",
+        expected + start.double(),
+        out,
+        rtol=1e-4,
+        atol=1e-4 * float(expected.abs().max()),
+    )
 
 
 @pytest.mark.cuda
 def test_cuda_tf32_and_many():
     a = [t.cuda() for t in make_inputs(1000, 600, 2, 256, 64, dtype=torch.float32)]
-    b = [t.cuda() for t in make_inputs(1000, 600, 2, 256, 64, dtype=torch.float32, seed=7)]
-    c = [t.cuda() for t in make_inputs(1000, 600, 2, 33, 100, dtype=torch.float32, seed=9)]
+    b = [
+        t.cuda()
+        for t in make_inputs(1000, 600, 2, 256, 64, dtype=torch.float32, seed=7)
+    ]
+    c = [
+        t.cuda()
+        for t in make_inputs(1000, 600, 2, 33, 100, dtype=torch.float32, seed=9)
+    ]
     terms = [(*a, 1.0), (*b, 0.5), (*c, 2.0)]
-    expected = reference.gram_hadamard_many([tuple(t.double() for t in x[:4]) + (x[4],) for x in terms])
+    expected = reference.gram_hadamard_many(
+        [tuple(t.double() for t in x[:4]) + (x[4],) for x in terms]
+    )
     scale = float(expected.abs().max())
-    assert_close("cuda many", expected, kernels.gram_hadamard_many(terms), rtol=1e-4, atol=1e-4 * scale)
+    assert_close(
+        "cuda many",
+        expected,
+        kernels.gram_hadamard_many(terms),
+        rtol=1e-4,
+        atol=1e-4 * scale,
+    )
     tf32 = kernels.gram_hadamard_many(terms, allow_tf32=True)
     assert_close("cuda tf32", expected, tf32, rtol=2e-2, atol=2e-2 * scale)

@@ -1,4 +1,4 @@
-"""gram_hadamard_shared: reference routes vs float64 brute force; kernel vs reference."""
+"""Shared Gram-Hadamard: reference routes vs brute force, kernel vs reference."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
+from rdiag.kernels import reference
+from rdiag.kernels._launch import GramShape
 from torch import Tensor, nn
 from torch.autograd.functional import jacobian
 
 from rdiag import kernels
-from rdiag.kernels import reference
-from rdiag.kernels._launch import GramShape
 from tests._assert import assert_close
 from tests.kernels.conftest import DTYPES, F64_TOL, assert_kernel_close, randn
 from tests.oracles import ntk_from_jacobians, per_sample_jacobian
@@ -28,7 +28,9 @@ def make_inputs(n1, n2, t1, t2, r, dx, dg, dtype=torch.float64, seed=0):
     )
 
 
-def brute_force(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, scale: float = 1.0) -> Tensor:
+def brute_force(
+    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, scale: float = 1.0
+) -> Tensor:
     """The definition: a sum over every token pair of the two dot products."""
     xx = torch.einsum("itx,jux->ijtu", x1.double(), x2.double())
     gg = torch.einsum("iatg,jbug->ijabtu", g1.double(), g2.double())
@@ -45,7 +47,8 @@ ROUTES = {
 
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize(
-    "n1,n2,t1,t2,r,dx,dg", [(1, 1, 1, 1, 1, 1, 1), (3, 4, 5, 2, 1, 6, 3), (4, 2, 3, 7, 3, 2, 5)]
+    "n1,n2,t1,t2,r,dx,dg",
+    [(1, 1, 1, 1, 1, 1, 1), (3, 4, 5, 2, 1, 6, 3), (4, 2, 3, 7, 3, 2, 5)],
 )
 def test_reference_routes_match_definition(route, n1, n2, t1, t2, r, dx, dg):
     x1, x2, g1, g2 = make_inputs(n1, n2, t1, t2, r, dx, dg)
@@ -80,7 +83,9 @@ def test_reference_accumulates_and_is_the_token_linear_entk():
     start = randn(3, 2, 2, 2, seed=3)
     out = start.clone()
     reference.gram_hadamard_shared(x1, x2, net.cotangents(x1), net.cotangents(x2), out)
-    assert_close("token Linear eNTK", start + ntk_from_jacobians(j1, j2), out, **F64_TOL)
+    assert_close(
+        "token Linear eNTK", start + ntk_from_jacobians(j1, j2), out, **F64_TOL
+    )
 
 
 def test_reference_is_the_conv_entk_via_unfold():
@@ -90,7 +95,9 @@ def test_reference_is_the_conv_entk_via_unfold():
     x1, x2 = randn(3, 2, 5, 5, seed=1), randn(2, 2, 5, 5, seed=2)
     j1, j2 = (per_sample_jacobian(net, ["conv.weight"], x) for x in (x1, x2))
     p1, p2 = (F.unfold(x, 3).transpose(1, 2) for x in (x1, x2))  # (N, T, Cin k^2)
-    actual = reference.gram_hadamard_shared(p1, p2, net.cotangents(x1), net.cotangents(x2))
+    actual = reference.gram_hadamard_shared(
+        p1, p2, net.cotangents(x1), net.cotangents(x2)
+    )
     assert_close("conv eNTK", ntk_from_jacobians(j1, j2), actual, **F64_TOL)
 
 
@@ -130,7 +137,9 @@ class _ConvNet(nn.Module):
     def cotangents(self, x: Tensor) -> Tensor:
         """``(N, R, T, Cout)``: cotangents of the conv output per position."""
         z = self.conv(x).detach()
-        g = torch.stack([jacobian(self.rest, z[i]) for i in range(len(z))])  # (N, R, C, H, W)
+        g = torch.stack(
+            [jacobian(self.rest, z[i]) for i in range(len(z))]
+        )  # (N, R, C, H, W)
         return g.flatten(3).transpose(2, 3)
 
 
@@ -140,10 +149,19 @@ class _ConvNet(nn.Module):
 @pytest.mark.parametrize(
     "shapes,match",
     [
-        (((2, 3, 4), (2, 3, 5), (2, 1, 3, 2), (2, 1, 3, 2)), "share the feature size Dx"),
+        (
+            ((2, 3, 4), (2, 3, 5), (2, 1, 3, 2), (2, 1, 3, 2)),
+            "share the feature size Dx",
+        ),
         (((2, 3, 4), (2, 3, 4), (2, 1, 3, 2), (2, 2, 3, 2)), "share R"),
-        (((2, 3, 4), (2, 3, 4), (2, 1, 4, 2), (2, 1, 3, 2)), "g1 to be \\(N1, R, T1, Dg\\)"),
-        (((2, 3, 4), (2, 3, 4), (2, 1, 3, 2), (1, 1, 3, 2)), "g2 to be \\(N2, R, T2, Dg\\)"),
+        (
+            ((2, 3, 4), (2, 3, 4), (2, 1, 4, 2), (2, 1, 3, 2)),
+            "g1 to be \\(N1, R, T1, Dg\\)",
+        ),
+        (
+            ((2, 3, 4), (2, 3, 4), (2, 1, 3, 2), (1, 1, 3, 2)),
+            "g2 to be \\(N2, R, T2, Dg\\)",
+        ),
         (((2, 4), (2, 4), (2, 1, 2), (2, 1, 2)), "\\(N1, T1, Dx\\)"),
     ],
 )
@@ -155,8 +173,19 @@ def test_bad_shapes_raise(shapes, match):
 
 # ---------------------------------------------------------------- Triton interpreter
 
-SHAPES = [(1, 1, 1, 1, 1, 1), (2, 3, 5, 17, 7, 9), (3, 2, 18, 3, 20, 17), (2, 2, 33, 4, 3, 40)]
-CASES = [(s, r, d) for s in SHAPES for r in (1, 3) for d in DTYPES if d == torch.float32 or r == 1]
+SHAPES = [
+    (1, 1, 1, 1, 1, 1),
+    (2, 3, 5, 17, 7, 9),
+    (3, 2, 18, 3, 20, 17),
+    (2, 2, 33, 4, 3, 40),
+]
+CASES = [
+    (s, r, d)
+    for s in SHAPES
+    for r in (1, 3)
+    for d in DTYPES
+    if d == torch.float32 or r == 1
+]
 
 
 def _triton():
@@ -198,4 +227,10 @@ def test_cuda_kernel_large_shapes(dtype, r):
     out = start.clone()
     kernels.gram_hadamard_shared(*args, out)
     scale = float(expected.abs().max())
-    assert_close(f"cuda shared {dtype}", expected + start.double(), out, rtol=1e-4, atol=1e-4 * scale)
+    assert_close(
+        f"cuda shared {dtype}",
+        expected + start.double(),
+        out,
+        rtol=1e-4,
+        atol=1e-4 * scale,
+    )

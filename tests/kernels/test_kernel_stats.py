@@ -7,9 +7,9 @@ import math
 
 import pytest
 import torch
+from rdiag.kernels import KernelStats, reference
 
 from rdiag import kernels
-from rdiag.kernels import KernelStats, reference
 from tests._assert import assert_close
 from tests.kernels.conftest import DTYPES, F64_TOL, assert_kernel_close, randn
 
@@ -33,9 +33,13 @@ def direct(k0, k1) -> dict[str, torch.Tensor]:
     }  # fmt: skip
 
 
-def assert_stats(name, expected: dict, stats: KernelStats, rtol: float, atol: float) -> None:
+def assert_stats(
+    name, expected: dict, stats: KernelStats, rtol: float, atol: float
+) -> None:
     for field, value in expected.items():
-        assert_close(f"{name}.{field}", value, as64(getattr(stats, field)), rtol=rtol, atol=atol)
+        assert_close(
+            f"{name}.{field}", value, as64(getattr(stats, field)), rtol=rtol, atol=atol
+        )
 
 
 @pytest.mark.parametrize("n,m", [(1, 1), (6, 9), (12, 12)])
@@ -74,7 +78,9 @@ def test_relative_change_survives_near_equal_kernels():
     k0 = randn(30, 30, dtype=torch.float32)
     k1 = k0 + 1e-4 * randn(30, 30, seed=1, dtype=torch.float32)
     expected = ((k1.double() - k0.double()).norm() / k0.double().norm()).item()
-    assert math.isclose(kernels.kernel_stats(k0, k1).relative_change(), expected, rel_tol=1e-4)
+    assert math.isclose(
+        kernels.kernel_stats(k0, k1).relative_change(), expected, rel_tol=1e-4
+    )
 
 
 def test_undefined_comparisons_and_bad_input_raise():
@@ -107,17 +113,27 @@ def test_kernel_matches_reference(n, m, dtype):
     actual = importlib.import_module("rdiag.kernels.kernel_stats").kernel_stats(k0, k1)
     for field in ("row0", "row1", "col0", "col1"):
         assert getattr(actual, field).dtype == torch.float32
-        assert_kernel_close(field, getattr(expected, field), getattr(actual, field), dtype)
+        assert_kernel_close(
+            field, getattr(expected, field), getattr(actual, field), dtype
+        )
     for field in ("inner", "sq_norm0", "sq_norm1", "sq_diff", "sum0", "sum1"):
         e, a = as64(getattr(expected, field)), as64(getattr(actual, field))
-        assert_close(field, e, a, rtol=1e-5, atol=1e-6 * float(expected.sq_norm0) ** 0.5)
+        assert_close(
+            field, e, a, rtol=1e-5, atol=1e-6 * float(expected.sq_norm0) ** 0.5
+        )
 
 
 @pytest.mark.triton_interpret
 def test_kernel_on_strided_kernels_via_dispatch():
     k0, k1 = pair(20, 18, dtype=torch.float32)
     k0t = k0.T.contiguous().T
-    assert_stats("strided", direct(k0, k1), kernels.kernel_stats(k0t, k1[:, :]), rtol=1e-5, atol=1e-4)
+    assert_stats(
+        "strided",
+        direct(k0, k1),
+        kernels.kernel_stats(k0t, k1[:, :]),
+        rtol=1e-5,
+        atol=1e-4,
+    )
 
 
 # ---------------------------------------------------------------- CUDA
