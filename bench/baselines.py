@@ -24,3 +24,50 @@ def tutorial_jacobian_ntk(model: nn.Module, x1: Tensor, x2: Tensor, trace: bool)
     jac2 = [j.flatten(2) for j in jac2.values()]
     eq = "Naf,Mbf->NM" if trace else "Naf,Mbf->NMab"
     return torch.stack([torch.einsum(eq, a, b) for a, b in zip(jac1, jac2)]).sum(0)
+
+
+# ---------------------------------------------------------------- rdiag.kernels baselines
+
+
+def unfused_gram_hadamard(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
+    """Both Grams in memory, then their product: ``(N1, N2, R, R)``.
+
+    ``x1 (N1, Dx)``, ``g1 (N1, R, Dg)``; the naive form of the fused kernel.
+    """
+    n1, r, dg = g1.shape
+    gg = (g1.reshape(n1 * r, dg) @ g2.reshape(-1, dg).T).reshape(n1, r, len(g2), r)
+    return (x1 @ x2.T)[:, :, None, None] * gg.permute(0, 2, 1, 3)
+
+
+def unfused_gram_hadamard_shared(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
+    """Whole ``(N1 T1) x (N2 T2)`` token Grams in memory, then the pair sums.
+
+    ``x1 (N1, T1, Dx)``, ``g1 (N1, R, T1, Dg)``; returns ``(N1, N2, R, R)``.
+    """
+    (n1, t1, dx), (n2, t2, _) = x1.shape, x2.shape
+    r, dg = g1.shape[1], g1.shape[3]
+    xx = (x1.reshape(-1, dx) @ x2.reshape(-1, dx).T).reshape(n1, t1, n2, t2)
+    gg = (g1.reshape(-1, dg) @ g2.reshape(-1, dg).T).reshape(n1, r, t1, n2, r, t2)
+    return torch.einsum("itju,iatjbu->ijab", xx, gg)
+
+
+def gram_matmuls(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor]:
+    """The two cuBLAS GEMMs of the Gram-Hadamard product alone (a throughput bound)."""
+    dg = g1.shape[-1]
+    return x1 @ x2.T, g1.reshape(-1, dg) @ g2.reshape(-1, dg).T
+
+
+def separate_kernel_stats(k0: Tensor, k1: Tensor) -> dict[str, Tensor]:
+    """The sums of ``rdiag.kernels.kernel_stats`` as separate torch reductions."""
+    return {
+        "inner": (k0 * k1).sum(),
+        "sq_norm0": k0.square().sum(),
+        "sq_norm1": k1.square().sum(),
+        "sq_diff": (k1 - k0).square().sum(),
+        "row0": k0.sum(1),
+        "row1": k1.sum(1),
+        "col0": k0.sum(0),
+        "col1": k1.sum(0),
+        "sum0": k0.sum(),
+        "sum1": k1.sum(),
+    }
