@@ -26,7 +26,9 @@ budget.
 
 from __future__ import annotations
 
+import itertools
 import math
+import weakref
 from dataclasses import dataclass, replace
 
 import torch
@@ -42,6 +44,10 @@ from rdiag.ntk.jacobian import jacobian_ntk, place, tiles
 from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype
 
 __all__ = ["structured_coverage", "structured_ntk"]
+
+# One fallback notice per model object; ids of dead modules get reused, tokens do not.
+_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_COUNTER = itertools.count()
 
 
 def structured_coverage(fm: FunctionalModel) -> float:
@@ -121,7 +127,7 @@ def structured_ntk(
     if rest:
         kinds = sorted(set(rest.values()))
         warn_once(
-            f"structured-fallback-{id(fm.module)}",
+            f"structured-fallback-{_TOKENS.setdefault(fm.module, next(_COUNTER))}",
             f"structured eNTK: {len(rest)} parameter(s) of {kinds} went through the "
             "'jacobian' implementation (no structured rule); the result is exact but "
             "slower",

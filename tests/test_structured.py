@@ -1,0 +1,312 @@
+"""The structured (layerwise Gram-Hadamard) eNTK against the float64 brute force.
+
+Every case builds per-sample Jacobians with ``tests/oracles.py`` and compares with
+``assert_close``. Tolerances: float64 runs agree with the oracle to rtol=1e-9,
+atol=1e-10 (only the summation order differs); the float32 run to rtol=1e-4,
+atol=1e-5. Every zoo model runs with the cost model's routes; the models with
+weight sharing, norms and embeddings also with every term forced onto the Gram
+route and onto the per-sample-gradient route.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from rdiag import empirical_ntk, functionalize
+from rdiag.ntk import structured
+from rdiag.ntk.spec import NTKSpec
+from rdiag.ntk.structured import structured_coverage, structured_ntk
+from tests import oracles
+from tests._assert import assert_close
+from tests.models import ZOO
+
+F64 = dict(rtol=1e-9, atol=1e-10)
+KW = dict(implementation="structured", dtype=torch.float64)
+
+
+def _traced(full: Tensor) -> Tensor:
+    return full.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def _jac(model: nn.Module, x: Tensor, names: list[str] | None = None) -> Tensor:
+    names = names or [n for n, p in model.named_parameters() if p.requires_grad]
+    return oracles.per_sample_jacobian(model, names, x)
+
+
+def _columns(fm, names) -> Tensor:
+    """Columns of the flat oracle Jacobian that belong to ``names``."""
+    cols, start = [], 0
+    for n in fm.names:
+        size = fm.params[n].numel()
+        if n in names:
+            cols.append(torch.arange(start, start + size))
+        start += size
+    return torch.cat(cols)
+
+
+def _fallback_notices(record: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in record if "structured eNTK" in str(w.message)]
+
+
+@pytest.fixture(params=["gram", "per_sample"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Force every term onto one route (terms without inputs have only one)."""
+    gram = request.param == "gram"
+    monkeypatch.setattr(structured, "_use_gram", lambda t, n1, n2, spec: gram and t.f1.x is not None)
+    return request.param
+
+
+@functools.lru_cache(maxsize=None)
+def _zoo_case(name: str) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
+    """A zoo model, two batches and their oracle Jacobians (shared by the route tests)."""
+    model, make = ZOO[name](0)
+    x1, x2 = make(5, 1), make(3, 2)
+    return model, x1, x2, _jac(model, x1), _jac(model, x2)
+
+
+@pytest.mark.parametrize("name", list(ZOO))
+def test_zoo_matches_oracle(name: str) -> None:
+    _check_zoo(name)
+
+
+@pytest.mark.parametrize("name", ["cnn", "attention", "embedding", "layernorm"])
+def test_zoo_with_forced_routes(name: str, route: str) -> None:
+    _check_zoo(name)
+
+
+def _check_zoo(name: str) -> None:
+    model, x1, x2, j1, j2 = _zoo_case(name)
+    full, sym = oracles.ntk_from_jacobians(j1, j2), oracles.ntk_from_jacobians(j1, j1)
+    fm = functionalize(model, dtype=torch.float64)
+    assert structured_coverage(fm) == 1.0
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        assert_close(f"{name} full", full, empirical_ntk(fm, x1, x2, trace_outputs=False, **KW), **F64)
+        assert_close(f"{name} traced", _traced(full), empirical_ntk(fm, x1, x2, **KW), **F64)
+        assert_close(f"{name} symmetric", sym, empirical_ntk(fm, x1, trace_outputs=False, **KW), **F64)
+        diag = empirical_ntk(fm, x1, trace_outputs=False, diagonal=True, **KW)
+        assert_close(f"{name} diagonal", sym.diagonal(0, 0, 1).permute(2, 0, 1), diag, **F64)
+        assert_close(f"{name} traced diagonal", _traced(diag), empirical_ntk(fm, x1, diagonal=True, **KW), **F64)
+        layers = empirical_ntk(fm, x1, x2, per_layer=True, **KW)
+    assert not _fallback_notices(record), "a zoo model fell back to the generic path"
+    assert list(layers) == list(fm.groups)
+    for layer, group in fm.groups.items():
+        cols = _columns(fm, group)
+        ref = _traced(oracles.ntk_from_jacobians(j1[..., cols], j2[..., cols]))
+        assert_close(f"{name} layer {layer}", ref, layers[layer], **F64)
+    assert_close(f"{name} per-layer sum", _traced(full), sum(layers.values()), **F64)
+
+
+def test_weights_and_parameter_subsets(route: str) -> None:
+    model, make = ZOO["cnn"](0)
+    x1, x2 = make(4, 1), make(3, 2)
+    names = [n for n, _ in model.named_parameters()]
+    j1, j2 = _jac(model, x1, names), _jac(model, x2, names)
+    fm = functionalize(model, dtype=torch.float64)
+    for weights in [{"0": 2.0, "2.bias": 0.5, "5.*": 3.0}, {"0.weight": 0.0, "2.bias": 0.0}]:
+        w = torch.cat([torch.full((fm.params[n].numel(),), v) for n, v in fm.param_weights(weights).items()])
+        ref = oracles.ntk_from_jacobians(j1, j2, w.double())
+        got = empirical_ntk(fm, x1, x2, trace_outputs=False, weights=weights, **KW)
+        assert_close(f"weights {weights}", ref, got, **F64)
+    layers = empirical_ntk(fm, x1, x2, per_layer=True, weights={"2": 0.0}, **KW)
+    assert "2" not in layers, "a layer with zero weight is left out, as in 'jacobian'"
+    for selector, picked in [("5.*", ["5.weight", "5.bias"]), (["0.weight", "2.bias"], ["0.weight", "2.bias"])]:
+        cols = _columns(fm, picked)
+        ref = _traced(oracles.ntk_from_jacobians(j1[..., cols], j2[..., cols]))
+        assert_close(f"subset {picked}", ref, empirical_ntk(model, x1, x2, params=selector, **KW), **F64)
+
+
+def test_blocking_and_budget_keep_the_result_exact() -> None:
+    model, make = ZOO["attention"](0)
+    x1, x2 = make(7, 1), make(5, 2)
+    j1, j2 = _jac(model, x1), _jac(model, x2)
+    sym, cross = oracles.ntk_from_jacobians(j1, j1), oracles.ntk_from_jacobians(j1, j2)
+    kw = dict(trace_outputs=False, **KW)
+    # 7 samples in blocks of 3: ragged last tile, lower triangle mirrored.
+    assert_close("blocked symmetric", sym, empirical_ntk(model, x1, block_size=3, **kw), **F64)
+    assert_close("blocked cross", cross, empirical_ntk(model, x1, x2, block_size=2, **kw), **F64)
+    diag = empirical_ntk(model, x1, diagonal=True, block_size=2, **kw)
+    assert_close("blocked diagonal", sym.diagonal(0, 0, 1).permute(2, 0, 1), diag, **F64)
+    fm = functionalize(model, dtype=torch.float64)
+    o = 8
+    spec = NTKSpec(False, False, fm.param_weights(None), 7, 4.0e5, o)
+    tight = sum(structured_ntk(fm, x1, None, spec).values())
+    assert_close("budget-limited tiles", sym, tight, **F64)
+    spec = NTKSpec(False, False, fm.param_weights(None), 7, 1.0e4, o)
+    with pytest.raises(MemoryError, match="fewer samples"):
+        structured_ntk(fm, x1, None, spec)
+
+
+class _Twice(nn.Module):
+    """One Linear applied twice (its Jacobian sums both uses), and a norm gain reused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 5)
+        self.shared = nn.Linear(5, 5)
+        self.norm = nn.LayerNorm(5)
+        self.out = nn.Linear(5, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.norm(self.inp(x)))
+        h = torch.tanh(self.shared(h))
+        return self.out(self.norm(self.shared(h)))
+
+
+class _Tied(nn.Module):
+    """Token embedding tied with the per-token readout (a tiny language model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4, padding_idx=0)
+        self.hidden = nn.Linear(4, 4)
+        self.readout = nn.Linear(4, 7)
+        self.readout.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.readout(torch.tanh(self.hidden(self.embed(tokens))))
+
+
+class _Scale(nn.Module):
+    """A custom module with its own parameter: no structured rule."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.linspace(0.5, 1.5, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * self.gain
+
+
+class _Reused(nn.Module):
+    """A Linear weight also used outside the Linear's forward: caught by the check."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = torch.tanh(self.lin(x))
+        return self.out(torch.tanh(F.linear(h, self.lin.weight)))
+
+
+def _tokens(n: int, seed: int) -> Tensor:
+    return torch.randint(0, 7, (n, 3), generator=torch.Generator().manual_seed(seed))
+
+
+def _normal(n: int, seed: int, *shape: int) -> Tensor:
+    return torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _check_against_oracle(model: nn.Module, x1: Tensor, x2: Tensor) -> list[str]:
+    j1, j2 = _jac(model, x1), _jac(model, x2)
+    full = oracles.ntk_from_jacobians(j1, j2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        got = empirical_ntk(model, x1, x2, trace_outputs=False, **KW)
+        again = empirical_ntk(model, x1, x2, per_layer=True, **KW)
+    assert_close(f"{type(model).__name__} full", full, got, **F64)
+    assert_close(f"{type(model).__name__} per-layer sum", _traced(full), sum(again.values()), **F64)
+    return _fallback_notices(record)
+
+
+def test_module_called_twice_is_exact_without_fallback() -> None:
+    torch.manual_seed(0)
+    notices = _check_against_oracle(_Twice(), _normal(4, 1, 3), _normal(3, 2, 3))
+    assert notices == []
+
+
+def test_tied_embedding_readout_falls_back_for_the_tied_weight_only() -> None:
+    torch.manual_seed(0)
+    model = _Tied()
+    fm = functionalize(model)
+    tied = fm.params["embed.weight"].numel()
+    assert structured_coverage(fm) == pytest.approx(1 - tied / fm.num_params)
+    tokens1, tokens2 = _tokens(4, 1), _tokens(3, 2)
+    tokens1[0, 0] = 0  # a padding token: zero gradient row
+    notices = _check_against_oracle(model, tokens1, tokens2)
+    assert len(notices) == 1 and "tied" in notices[0], notices
+
+
+def test_uncovered_module_falls_back_once_per_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), _Scale(6), nn.Tanh(), nn.Linear(6, 2))
+    fm = functionalize(model)
+    assert structured_coverage(fm) == pytest.approx(1 - 6 / fm.num_params)
+    notices = _check_against_oracle(model, _normal(4, 1, 3), _normal(3, 2, 3))
+    assert len(notices) == 1 and "_Scale" in notices[0], notices
+
+
+def test_parameter_used_outside_its_forward_is_caught_and_exact() -> None:
+    torch.manual_seed(0)
+    notices = _check_against_oracle(_Reused(), _normal(4, 1, 4), _normal(3, 2, 4))
+    assert len(notices) == 1 and "gradient check" in notices[0], notices
+
+
+class _Mixed(nn.Module):
+    """Conv1d/Conv2d with stride, dilation, 'same' padding; GroupNorm, RMSNorm, 2-group conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, 4, 3, stride=2, padding=1)
+        self.c2 = nn.Conv2d(1, 3, 3, dilation=2, padding="same")
+        self.c3 = nn.Conv2d(3, 4, (2, 3), stride=(2, 1), padding=(1, 0))
+        self.gn = nn.GroupNorm(2, 4)
+        self.grouped = nn.Conv2d(4, 4, 1, groups=2)
+        self.rms = nn.RMSNorm(6)
+        self.out = nn.Linear(6, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.tanh(self.c1(x))  # (N, 4, 3)
+        b = torch.tanh(self.c2(a.unsqueeze(1)))  # (N, 3, 4, 3)
+        c = self.grouped(torch.tanh(self.gn(self.c3(b))))  # (N, 4, 3, 1)
+        h = torch.tanh(self.rms(c.flatten(1)[:, :6]))
+        return self.out(h)
+
+
+def test_conv_variants_and_norms(route: str) -> None:
+    torch.manual_seed(0)
+    model = _Mixed()
+    with torch.no_grad():
+        model.gn.weight.normal_(1.0, 0.3)
+        model.rms.weight.normal_(1.0, 0.3)
+    fm = functionalize(model)
+    assert structured_coverage(fm) == pytest.approx(1 - 12 / fm.num_params)
+    notices = _check_against_oracle(model, _normal(4, 1, 2, 6), _normal(3, 2, 2, 6))
+    assert len(notices) == 1 and "groups=2" in notices[0], notices
+
+
+def test_float32_matches_float64_oracle() -> None:
+    model, make = ZOO["mlp_gelu"](0)
+    x1, x2 = make(5, 1), make(3, 2)
+    model32 = ZOO["mlp_gelu"](0)[0]
+    full = oracles.ntk_from_jacobians(_jac(model, x1), _jac(model, x2))
+    got = empirical_ntk(model32, x1, x2, trace_outputs=False, implementation="structured")
+    assert got.dtype == torch.float32
+    assert_close("float32", full, got, rtol=1e-4, atol=1e-5)
+
+
+def test_batch_coupled_model_goes_to_the_generic_path() -> None:
+    model, make = ZOO["batchnorm"](0)
+    x = make(6, 1)
+    names = [n for n, _ in model.named_parameters()]
+    j = oracles.batch_jacobian(model, names, x, train=True)
+    fm = functionalize(model, mode="train", dtype=torch.float64)
+    assert fm.batch_coupled and structured_coverage(fm) == 0.0
+    got = empirical_ntk(fm, x, trace_outputs=False, implementation="structured")
+    assert_close("batch-coupled", oracles.ntk_from_jacobians(j, j), got, **F64)
+
+
+def test_diagonal_with_x2_is_an_error() -> None:
+    model, make = ZOO["mlp_tanh"](0)
+    fm = functionalize(model)
+    spec = NTKSpec(True, True, fm.param_weights(None), 4, 1e9, 3)
+    with pytest.raises(ValueError, match="drop x2"):
+        structured_ntk(fm, make(4, 1), make(4, 2), spec)
