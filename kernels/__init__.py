@@ -50,7 +50,6 @@ def use_triton(x: Tensor) -> bool:
 
     Raises:
         ValueError: ``RDIAG_KERNELS`` is set to an unknown value.
-
     """
     mode = os.environ.get("RDIAG_KERNELS", "auto").strip().lower() or "auto"
     if mode not in _MODES:
@@ -120,7 +119,6 @@ def gram_hadamard(
         TypeError: Non-tensor or unsupported dtype.
         ValueError: Shapes, dtypes or devices disagree.
         MemoryError: A new ``out`` would not fit; the message says how big.
-
     """
     impl = _impl("gram_hadamard", x1)
     return impl.gram_hadamard(x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32)
@@ -145,7 +143,6 @@ def gram_hadamard_many(
 
     Returns:
         ``out`` ``(N1, N2, R, R)``.
-
     """
     terms = list(terms)
     first = terms[0][0] if terms and isinstance(terms[0], (tuple, list)) else None
@@ -190,7 +187,6 @@ def gram_hadamard_shared(
         TypeError: Non-tensor or unsupported dtype.
         ValueError: Shapes, dtypes or devices disagree.
         MemoryError: A new ``out`` would not fit.
-
     """
     impl = _impl("gram_hadamard_shared", x1)
     return impl.gram_hadamard_shared(
@@ -211,7 +207,6 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
     Returns:
         :class:`KernelStats`; float32 accumulation (float64 for float64 input),
         scalars summed in float64.
-
     """
     return _impl("kernel_stats", k0).kernel_stats(k0, k1)
 

@@ -129,7 +129,6 @@ def check_gram_hadamard_args(
     Raises:
         TypeError: A non-tensor or an unsupported dtype.
         ValueError: Wrong ranks, mismatched sizes, dtypes or devices.
-
     """
     _check_tensor(x1, "x1", 2, "(N1, Dx)")
     _check_tensor(x2, "x2", 2, "(N2, Dx)")
@@ -165,7 +164,6 @@ def check_gram_hadamard_shared_args(
     Raises:
         TypeError: A non-tensor or an unsupported dtype.
         ValueError: Wrong ranks, mismatched sizes, dtypes or devices.
-
     """
     _check_tensor(x1, "x1", 3, "(N1, T1, Dx)")
     _check_tensor(x2, "x2", 3, "(N2, T2, Dx)")
@@ -200,8 +198,12 @@ def check_kernel_pair(k0: Tensor, k1: Tensor) -> tuple[int, int]:
     return int(k0.shape[0]), int(k0.shape[1])
 
 
-def prepare_out(out: Tensor | None, shape: GramShape, like: Tensor) -> Tensor:
-    """Check ``out (N1, N2, R, R)`` or allocate it zeroed (after a memory-fit check).
+def prepare_out(
+    out: Tensor | None, shape: GramShape, like: Tensor, *, zero: bool = True
+) -> Tensor:
+    """Check ``out (N1, N2, R, R)`` or allocate it (after a memory-fit check).
+
+    A new output is zeroed unless ``zero=False`` (the caller overwrites it).
 
     A given ``out`` must be float32 or float64 on the inputs' device; it is
     accumulated into in its own dtype.
@@ -209,7 +211,6 @@ def prepare_out(out: Tensor | None, shape: GramShape, like: Tensor) -> Tensor:
     Raises:
         ValueError: ``out`` has the wrong shape, dtype or device.
         MemoryError: A new output would not fit in free memory.
-
     """
     expected = (shape.n1, shape.n2, shape.r, shape.r)
     if out is None:
@@ -222,7 +223,8 @@ def prepare_out(out: Tensor | None, shape: GramShape, like: Tensor) -> Tensor:
             "compute it in blocks of rows (slices x1[i:i+b], g1[i:i+b]) into slices of "
             "one preallocated out, or trace over R before storing",
         )
-        return torch.zeros(expected, dtype=dtype, device=like.device)
+        alloc = torch.zeros if zero else torch.empty
+        return alloc(expected, dtype=dtype, device=like.device)
     if not isinstance(out, Tensor) or tuple(out.shape) != expected:
         got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(

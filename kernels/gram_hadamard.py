@@ -163,7 +163,6 @@ def gram_hadamard_many(
     Raises:
         TypeError: float64 inputs (use the reference) or unsupported dtypes.
         ValueError: Shapes disagree within a term or across terms.
-
     """
     terms = check_terms(terms)
     groups: dict[tuple, list[tuple[Tensor, Tensor, Tensor, Tensor, float]]] = {}

@@ -154,7 +154,6 @@ def gram_hadamard_shared(
     Raises:
         TypeError: float64 inputs (the dispatcher sends those to the reference).
         ValueError: Shapes, dtypes or devices disagree.
-
     """
     shape = check_gram_hadamard_shared_args(x1, x2, g1, g2)
     check_triton_dtype(x1)

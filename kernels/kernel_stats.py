@@ -99,7 +99,6 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
     Raises:
         TypeError: float64 kernels (the dispatcher sends those to the reference).
         ValueError: Shapes, dtypes or devices disagree.
-
     """
     n, m = check_kernel_pair(k0, k1)
     check_triton_dtype(k0)

@@ -86,20 +86,23 @@ def gram_hadamard(
 
     Returns:
         ``out`` ``(N1, N2, R, R)``.
-
     """
     shape = check_gram_hadamard_args(x1, x2, g1, g2)
-    out = prepare_out(out, shape, x1)
+    fresh = out is None
+    out = prepare_out(out, shape, x1, zero=False)
     acc = acc_dtype(x1.dtype)
     n1, n2, _, _, r, _, dg = shape
     xb, gb = x2.to(acc), g2.to(acc).reshape(n2 * r, dg)
     with _tf32(x1.device, allow_tf32):
-        for rows in _blocks(n1, _rows_per_block(n1, 2 * n2 * r * r)):
+        for rows in _blocks(n1, _rows_per_block(n1, n2 * r * r)):
             m = rows.stop - rows.start
-            xx = x1[rows].to(acc) @ xb.T
+            xx = (x1[rows].to(acc) @ xb.T).mul_(scale)[:, :, None, None]
             gg = (g1[rows].to(acc).reshape(m * r, dg) @ gb.T).reshape(m, r, n2, r)
-            term = (scale * xx)[:, :, None, None] * gg.permute(0, 2, 1, 3)
-            out[rows] += term.to(out.dtype)
+            gg = gg.permute(0, 2, 1, 3)
+            if fresh:
+                torch.mul(xx, gg, out=out[rows])
+            else:
+                out[rows].addcmul_(xx, gg)
     return out
 
 
@@ -116,7 +119,6 @@ def gram_hadamard_many(
 
     Returns:
         ``out`` ``(N1, N2, R, R)``.
-
     """
     terms = check_terms(terms)
     for x1, x2, g1, g2, scale in terms:
@@ -145,7 +147,6 @@ def shared_route(shape: GramShape, device: torch.device, itemsize: int = 4) -> s
 
     Returns:
         ``"grams"`` or ``"weight_gradients"``.
-
     """
     n1, n2, t1, t2, r, dx, dg = shape
     cost_grams = n1 * n2 * t1 * t2 * (dx + r * r * dg + r * r)
@@ -185,17 +186,17 @@ def gram_hadamard_shared(
 
     Returns:
         ``out`` ``(N1, N2, R, R)``.
-
     """
     shape = check_gram_hadamard_shared_args(x1, x2, g1, g2)
-    out = prepare_out(out, shape, x1)
+    fresh = out is None
+    out = prepare_out(out, shape, x1, zero=False)
     acc = acc_dtype(x1.dtype)
     route = shared_route(shape, x1.device, torch.finfo(acc).bits // 8)
     fn = (
         _shared_by_weight_gradients if route == "weight_gradients" else _shared_by_grams
     )
     with _tf32(x1.device, allow_tf32):
-        fn(x1.to(acc), x2.to(acc), g1.to(acc), g2.to(acc), out, scale)
+        fn(x1.to(acc), x2.to(acc), g1.to(acc), g2.to(acc), out, scale, fresh)
     return out
 
 
@@ -206,18 +207,30 @@ def _weight_gradients(x: Tensor, g: Tensor) -> Tensor:
 
 
 def _shared_by_weight_gradients(
-    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, out: Tensor, scale: float
+    x1: Tensor,
+    x2: Tensor,
+    g1: Tensor,
+    g2: Tensor,
+    out: Tensor,
+    scale: float,
+    fresh: bool = False,
 ) -> None:
     n1, r, n2 = g1.shape[0], g1.shape[1], g2.shape[0]
     w1 = _weight_gradients(x1, g1)
     same = x1 is x2 and g1 is g2
     w2 = w1 if same else _weight_gradients(x2, g2)
     prod = (w1 @ w2.T).reshape(n1, r, n2, r).permute(0, 2, 1, 3)
-    out += (scale * prod).to(out.dtype)
+    _put(out, prod, scale, fresh)
 
 
 def _shared_by_grams(
-    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor, out: Tensor, scale: float
+    x1: Tensor,
+    x2: Tensor,
+    g1: Tensor,
+    g2: Tensor,
+    out: Tensor,
+    scale: float,
+    fresh: bool = False,
 ) -> None:
     n1, r, t1, dg = g1.shape
     n2, _, t2, _ = g2.shape
@@ -233,7 +246,15 @@ def _shared_by_grams(
                 g1[i].reshape(mi * r * t1, dg) @ g2[j].reshape(mj * r * t2, dg).T
             ).reshape(mi, r, t1, mj, r, t2)
             term = torch.einsum("itju,iatjbu->ijab", xx, gg)
-            out[i, j] += (scale * term).to(out.dtype)
+            _put(out[i, j], term, scale, fresh)
+
+
+def _put(dst: Tensor, value: Tensor, scale: float, fresh: bool) -> None:
+    """``dst = scale * value`` into a new (uninitialized) output, else ``+=``."""
+    if fresh:
+        torch.mul(value, scale, out=dst)
+    else:
+        dst.add_(value, alpha=scale)
 
 
 @dataclass(frozen=True)
@@ -258,7 +279,6 @@ class KernelStats:
 
     Scalars are Python floats (summed in float64 from float32 or float64 parts);
     the vectors are float64 for float64 kernels, else float32.
-
     """
 
     inner: float
@@ -298,7 +318,6 @@ class KernelStats:
 
         Raises:
             ValueError: The kernels are not square, or a centered kernel is zero.
-
         """
         n, m = self.row0.numel(), self.col0.numel()
         if n != m:
@@ -334,15 +353,13 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
 
     Returns:
         A :class:`KernelStats`.
-
     """
     check_kernel_pair(k0, k1)
     acc = acc_dtype(k0.dtype)
     a, b = k0.to(acc), k1.to(acc)
-    f64 = torch.float64
 
-    def total(t: Tensor) -> float:
-        return float(t.sum(dtype=f64))
+    def total(t: Tensor) -> float:  # torch's cascade sum keeps float32 error ~log n
+        return float(t.sum())
 
     row0, row1 = a.sum(1), b.sum(1)
     return KernelStats(

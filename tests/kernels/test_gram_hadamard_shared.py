@@ -45,16 +45,21 @@ ROUTES = {
 # ---------------------------------------------------------------- reference (float64)
 
 
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "accumulate"])
 @pytest.mark.parametrize("route", list(ROUTES))
 @pytest.mark.parametrize(
     "n1,n2,t1,t2,r,dx,dg",
     [(1, 1, 1, 1, 1, 1, 1), (3, 4, 5, 2, 1, 6, 3), (4, 2, 3, 7, 3, 2, 5)],
 )
-def test_reference_routes_match_definition(route, n1, n2, t1, t2, r, dx, dg):
+def test_reference_routes_match_definition(fresh, route, n1, n2, t1, t2, r, dx, dg):
+    """A fresh output starts as NaN (must be overwritten), else as ones (added to)."""
     x1, x2, g1, g2 = make_inputs(n1, n2, t1, t2, r, dx, dg)
-    out = torch.zeros(n1, n2, r, r, dtype=torch.float64)
-    ROUTES[route](x1, x2, g1, g2, out, 0.3)
-    assert_close(route, brute_force(x1, x2, g1, g2, 0.3), out, **F64_TOL)
+    out = torch.full(
+        (n1, n2, r, r), float("nan") if fresh else 1.0, dtype=torch.float64
+    )
+    ROUTES[route](x1, x2, g1, g2, out, 0.3, fresh)
+    expected = brute_force(x1, x2, g1, g2, 0.3) + (0.0 if fresh else 1.0)
+    assert_close(route, expected, out, **F64_TOL)
 
 
 def test_grams_route_blocks(monkeypatch):
