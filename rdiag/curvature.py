@@ -1,0 +1,485 @@
+r"""Model-level curvature: top eigenvalues, sharpness, trace and spectral density.
+
+Each function builds the loss-curvature operator of ``(model, loss_fn, data)``
+(Hessian, GGN or Fisher; see :mod:`rdiag.operators.hessian` and
+:mod:`rdiag.operators.ggn`), optionally preconditioned as
+:math:`M^{1/2} A M^{1/2}` by a diagonal ``M``, and hands it to a solver in
+:mod:`rdiag.linalg`. The sample-space functions get the GGN's spectrum from the
+full eNTK instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from rdiag._checks import check_choice, check_positive_int
+from rdiag._typing import Data, LossFn, ParamSelector, Weights
+from rdiag.functional import FunctionalModel, Mode
+from rdiag.linalg.density import SpectralDensity, spectral_density
+from rdiag.linalg.lanczos import EigResult, Which, lanczos
+from rdiag.linalg.power import power_iteration
+from rdiag.linalg.trace import TraceEstimate, hutch_plus_plus, hutchinson
+from rdiag.operators._data import CurvatureOperator
+from rdiag.operators.base import LinearOperator, ScaledOperator
+from rdiag.operators.ggn import FisherOperator, GGNOperator, LossKind, dense_loss_hessian
+from rdiag.operators.hessian import HessianOperator
+
+OperatorKind = Literal["hessian", "ggn", "fisher"]
+OPERATORS = ("hessian", "ggn", "fisher")
+Preconditioner = Tensor | Mapping[str, float] | float | torch.optim.Optimizer | None
+
+
+def curvature_operator(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    data: Data,
+    *,
+    operator: OperatorKind = "hessian",
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | None = None,
+    loss: LossKind | None = None,
+    compile: bool = False,
+) -> CurvatureOperator:
+    """Build the Hessian, GGN or (empirical) Fisher operator of a model's loss.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(output, target)`` with mean reduction.
+        data: A batch ``(x, y)`` or an iterable of batches.
+        operator: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical Fisher).
+        params: Parameter selector (a block: ``params="layers.3.*"``).
+        exclude: Parameters to leave out.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype.
+        loss: Loss kind for the GGN/Fisher (default: inferred).
+        compile: ``torch.compile`` the Hessian product.
+
+    Returns:
+        A ``(P, P)`` :class:`~rdiag.operators._data.CurvatureOperator`.
+
+    Raises:
+        ValueError: Unknown ``operator``.
+    """
+    check_choice(operator, "operator", OPERATORS)
+    common = {"params": params, "exclude": exclude, "mode": mode, "dtype": dtype}
+    if operator == "hessian":
+        return HessianOperator(model, loss_fn, data, compile=compile, **common)
+    if operator == "ggn":
+        return GGNOperator(model, loss_fn, data, loss=loss, **common)
+    return FisherOperator(model, loss_fn, data, loss=loss, kind="empirical", **common)
+
+
+def _adam_diagonal(fm: FunctionalModel, optimizer: torch.optim.Optimizer) -> Tensor:
+    """``lr / (sqrt(v_hat) + eps)`` per selected parameter from an Adam-type state."""
+    name_of = {id(p): n for n, p in fm.module.named_parameters()}
+    found: dict[str, Tensor] = {}
+    for group in optimizer.param_groups:
+        if "betas" not in group or "eps" not in group:
+            raise TypeError(
+                f"expected an Adam-type optimizer (betas, eps, exp_avg_sq), got "
+                f"{type(optimizer).__name__}; pass per-layer learning rates as a dict"
+            )
+        for p in group["params"]:
+            name = name_of.get(id(p))
+            if name not in fm.params:
+                continue
+            state = optimizer.state.get(p, {})
+            key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
+            if key not in state:
+                raise ValueError(
+                    f"expected optimizer state {key!r} for parameter {name!r}, got none; "
+                    "take at least one optimizer step before asking for the adaptive "
+                    "preconditioner"
+                )
+            step = float(state["step"])
+            v_hat = state[key] / (1 - group["betas"][1] ** step)
+            found[name] = group["lr"] / (v_hat.sqrt() + group["eps"])
+    missing = [n for n in fm.names if n not in found]
+    if missing:
+        raise ValueError(
+            f"expected the optimizer to hold every selected parameter, missing {missing[:5]}; "
+            "select the optimizer's parameters with params="
+        )
+    return fm.flatten(found).to(device=fm.device, dtype=fm.param_dtype)
+
+
+def preconditioner_diagonal(fm: FunctionalModel, preconditioner: Preconditioner) -> Tensor | None:
+    r"""Resolve a diagonal preconditioner ``M`` to a flat ``(P,)`` vector.
+
+    Args:
+        fm: The functional view (selected parameters, order).
+        preconditioner: One of
+
+            * ``None``: no preconditioning (returns ``None``);
+            * a dict layer-or-parameter name (or glob) -> scalar, a float, or a
+              callable ``name -> float``: per-layer learning rates relative to a base
+              rate, ``M = eta_l / eta_0`` (resolved by
+              :meth:`~rdiag.functional.FunctionalModel.param_weights`; unmatched
+              parameters get 1); compare the sharpness with ``2 / eta_0``;
+            * a ``(P,)`` non-negative tensor (``named_parameters()`` order);
+            * an Adam-type optimizer (Adam, AdamW, ...) after at least one step:
+              ``M = lr / (sqrt(v_hat) + eps)`` with the bias-corrected second moment
+              ``v_hat = exp_avg_sq / (1 - beta2^step)`` (``max_exp_avg_sq`` with
+              amsgrad), i.e. Adam's own per-coordinate step size *including* ``lr``.
+              The adaptive edge of stability (Cohen et al. 2022) is then
+              ``lambda_max(M^1/2 H M^1/2) = 2 (1 + beta1) / (1 - beta1)`` (38 for
+              ``beta1 = 0.9``), a dimensionless number.
+
+    Returns:
+        ``(P,)`` tensor in the parameters' dtype, or ``None``.
+
+    Raises:
+        ValueError: Wrong size, negative entries, missing optimizer state.
+        TypeError: An unsupported kind.
+    """
+    if preconditioner is None:
+        return None
+    if isinstance(preconditioner, torch.optim.Optimizer):
+        return _adam_diagonal(fm, preconditioner)
+    if isinstance(preconditioner, Tensor):
+        p = fm.num_params
+        if preconditioner.shape != (p,) or not bool((preconditioner >= 0).all()):
+            raise ValueError(
+                f"expected a non-negative flat ({p},) preconditioner, got shape "
+                f"{tuple(preconditioner.shape)}; one entry per selected parameter"
+            )
+        return preconditioner.to(device=fm.device, dtype=fm.param_dtype)
+    weights = fm.param_weights(preconditioner)
+    return torch.cat(
+        [torch.full((fm.sizes[n],), weights[n], dtype=fm.param_dtype) for n in fm.names]
+    ).to(fm.device)
+
+
+def _operator(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    data: Data,
+    preconditioner: Preconditioner,
+    **kwargs: object,
+) -> LinearOperator:
+    op = curvature_operator(model, loss_fn, data, **kwargs)  # type: ignore[arg-type]
+    diagonal = preconditioner_diagonal(op.fm, preconditioner)
+    return op if diagonal is None else ScaledOperator(op, diagonal)
+
+
+def _power_extreme(op: LinearOperator, which: Which, **kwargs: object) -> EigResult:
+    """Largest or smallest algebraic eigenvalue with power iteration (two phases)."""
+    first = power_iteration(op, **kwargs)  # type: ignore[arg-type]
+    lam = float(first.eigenvalues[0])
+    if (which == "largest") == (lam >= 0):
+        return first
+    # The dominant one is at the other end: shift by it to reach the wanted end.
+    kwargs = {**kwargs, "warm_start": None}
+    second = power_iteration(op, shift=lam, **kwargs)  # type: ignore[arg-type]
+    return EigResult(
+        second.eigenvalues,
+        second.eigenvectors,
+        second.residuals,
+        first.num_matvecs + second.num_matvecs,
+        first.converged and second.converged,
+    )
+
+
+def top_eigenvalues(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    data: Data,
+    k: int = 1,
+    *,
+    operator: OperatorKind = "hessian",
+    method: Literal["lanczos", "power"] = "lanczos",
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    warm_start: EigResult | Tensor | None = None,
+    which: Which = "largest",
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    preconditioner: Preconditioner = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | None = None,
+    loss: LossKind | None = None,
+    seed: int = 0,
+    compile: bool = False,
+) -> EigResult:
+    r"""Extreme eigenpairs of the loss Hessian (or GGN / Fisher), optionally preconditioned.
+
+    Computes eigenpairs of :math:`A` or, with a preconditioner,
+    :math:`M^{1/2} A M^{1/2}` (same eigenvalues as :math:`M A`).
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(output, target)`` with mean reduction.
+        data: A batch ``(x, y)`` or an iterable of batches (full-dataset operator).
+        k: Eigenpairs wanted (per end with ``which="both"``).
+        operator: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical).
+        method: ``"lanczos"`` (default) or ``"power"`` (``k=1`` only; the largest
+            *algebraic* eigenvalue, in two phases if the dominant one is negative).
+        tol: Relative residual tolerance (see :func:`~rdiag.linalg.lanczos.lanczos`).
+        max_iter: Most operator-vector products.
+        warm_start: The previous :class:`EigResult` (e.g. a few training steps ago)
+            or ``(P,)`` / ``(P, k)`` vectors; cuts the products needed.
+        which: ``"largest"``, ``"smallest"`` or ``"both"``.
+        params: Parameter selector (per-layer blocks, per-layer sharpness).
+        exclude: Parameters to leave out.
+        preconditioner: See :func:`preconditioner_diagonal`.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype.
+        loss: Loss kind for GGN/Fisher (default inferred).
+        seed: Seed of the start vector.
+        compile: ``torch.compile`` the Hessian product.
+
+    Returns:
+        An :class:`~rdiag.linalg.lanczos.EigResult`; eigenvectors are ``(P, k)`` in
+        the selected parameters' flat order (of the preconditioned operator, if any).
+
+    Raises:
+        ValueError: Bad options (``method="power"`` with ``k > 1`` or
+            ``which="both"``), or see the operators.
+    """
+    check_choice(method, "method", ("lanczos", "power"))
+    check_positive_int(k, "k")
+    op = _operator(
+        model, loss_fn, data, preconditioner, operator=operator, params=params,
+        exclude=exclude, mode=mode, dtype=dtype, loss=loss, compile=compile,
+    )
+    if method == "lanczos":
+        return lanczos(
+            op, k, which=which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed
+        )
+    if k != 1 or which == "both":
+        raise ValueError(
+            f"expected k=1 and which in ('largest', 'smallest') for method='power', got "
+            f"k={k}, which={which!r}; use method='lanczos'"
+        )
+    check_choice(which, "which", ("largest", "smallest"))
+    return _power_extreme(op, which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed)
+
+
+def sharpness(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    data: Data,
+    *,
+    preconditioner: Preconditioner = None,
+    operator: OperatorKind = "hessian",
+    tol: float = 1e-6,
+    warm_start: EigResult | Tensor | None = None,
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> float:
+    r"""The largest **algebraic** eigenvalue of the loss Hessian (or its preconditioned form).
+
+    :math:`\lambda_{\max}(H)`, or :math:`\lambda_{\max}(M^{1/2} H M^{1/2})` with a
+    preconditioner (per-layer learning rates: compare with ``2 / eta_0``; an Adam
+    optimizer: the adaptive edge of stability, see :func:`preconditioner_diagonal`).
+    Computed by Lanczos to ``tol``.
+
+    .. warning::
+        This is the largest *algebraic* eigenvalue, not the largest in magnitude.
+        At muP initialization and with cross-entropy the Hessian is often
+        indefinite with a negative eigenvalue as large in magnitude as the top one;
+        plain power iteration (the usual recipe) then silently returns that one, or
+        a mixture. The edge-of-stability criterion concerns the positive top.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(output, target)`` with mean reduction.
+        data: A batch or an iterable of batches.
+        preconditioner: See :func:`preconditioner_diagonal`.
+        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        tol: Relative residual tolerance.
+        warm_start: A previous result or eigenvector (use :func:`top_eigenvalues`
+            to keep the :class:`EigResult` for the next call).
+        params: Parameter selector (per-layer sharpness: ``params="layer.*"``).
+        exclude: Parameters to leave out.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype.
+        seed: Seed of the start vector.
+
+    Returns:
+        The eigenvalue, a Python float.
+    """
+    result = top_eigenvalues(
+        model, loss_fn, data, 1, operator=operator, tol=tol, warm_start=warm_start,
+        params=params, exclude=exclude, preconditioner=preconditioner, mode=mode,
+        dtype=dtype, seed=seed,
+    )
+    return float(result.eigenvalues[0])
+
+
+def hessian_trace(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    data: Data,
+    *,
+    num_matvecs: int = 99,
+    method: Literal["hutch++", "hutchinson"] = "hutch++",
+    operator: OperatorKind = "hessian",
+    preconditioner: Preconditioner = None,
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> TraceEstimate:
+    """Stochastic estimate of ``tr(H)`` (or of the GGN/Fisher, or preconditioned).
+
+    Args:
+        model, loss_fn, data, operator, preconditioner, params, exclude, mode,
+            dtype: As :func:`top_eigenvalues`.
+        num_matvecs: Products to spend.
+        method: ``"hutch++"`` (default) or ``"hutchinson"``.
+        seed: Seed of the probes.
+
+    Returns:
+        A :class:`~rdiag.linalg.trace.TraceEstimate` with its standard error.
+    """
+    check_choice(method, "method", ("hutch++", "hutchinson"))
+    op = _operator(
+        model, loss_fn, data, preconditioner, operator=operator, params=params,
+        exclude=exclude, mode=mode, dtype=dtype,
+    )
+    if method == "hutchinson":
+        return hutchinson(op, num_matvecs, seed=seed)
+    return hutch_plus_plus(op, num_matvecs, seed=seed)
+
+
+def hessian_density(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    data: Data,
+    *,
+    num_probes: int = 10,
+    lanczos_steps: int = 50,
+    grid: Tensor | int = 1000,
+    sigma: float | None = None,
+    operator: OperatorKind = "hessian",
+    preconditioner: Preconditioner = None,
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+) -> SpectralDensity:
+    """Smoothed eigenvalue density of the Hessian by stochastic Lanczos quadrature.
+
+    Args:
+        model, loss_fn, data, operator, preconditioner, params, exclude, mode,
+            dtype: As :func:`top_eigenvalues`.
+        num_probes, lanczos_steps, grid, sigma, seed: As
+            :func:`~rdiag.linalg.density.spectral_density`.
+
+    Returns:
+        ``(grid, density)``, a :class:`~rdiag.linalg.density.SpectralDensity`.
+    """
+    op = _operator(
+        model, loss_fn, data, preconditioner, operator=operator, params=params,
+        exclude=exclude, mode=mode, dtype=dtype,
+    )
+    return spectral_density(
+        op, num_probes=num_probes, lanczos_steps=lanczos_steps, grid=grid, sigma=sigma,
+        seed=seed,
+    )
+
+
+def ggn_eigenvalues_from_ntk(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    *,
+    loss: LossKind | None = None,
+    weights: Weights = None,
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    r"""The GGN's spectrum on one batch, computed in sample space from the full eNTK.
+
+    With ``J`` the ``(N*O, P)`` Jacobian, ``H_l`` the ``(N*O, N*O)`` loss Hessian in
+    the outputs and ``M`` the diagonal ``weights``, the nonzero eigenvalues of
+    :math:`M^{1/2} J^\top H_\ell J M^{1/2}` (the GGN, preconditioned by ``M``)
+    equal those of :math:`H_\ell^{1/2}\, \Theta_M\, H_\ell^{1/2}` with
+    :math:`\Theta_M = J M J^\top` the full ``(N*O, N*O)`` eNTK. That is an
+    ``N*O``-sized dense problem, whatever ``P``.
+
+    .. warning::
+        Mind the loss convention: ``mse_loss`` means over all ``N*O`` entries, so
+        ``H_l = 2 I / (N O)`` and :math:`\lambda_{\max}(G) = 2\lambda_{\max}(\Theta)
+        / (N O)`, not :math:`\lambda_{\max}(\Theta)/N` (the ``1/2 ||f - y||^2``
+        per-sample convention). Cross-entropy gives ``H_l`` blocks
+        ``(diag(p_i) - p_i p_i^T) / N``.
+
+    Args:
+        model: The network.
+        loss_fn: ``loss_fn(output, target)`` with mean reduction.
+        x: ``(N, ...)`` inputs.
+        y: Targets for ``x``.
+        loss: Loss kind (default inferred; ``"autodiff"`` for others, which must
+            be convex in the outputs).
+        weights: Per-layer weights ``M`` (dict, float, callable; see
+            :meth:`~rdiag.functional.FunctionalModel.param_weights`), e.g. per-layer
+            learning rates relative to the base rate.
+        params: Parameter selector.
+        exclude: Parameters to leave out.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype.
+
+    Returns:
+        ``(N*O,)`` float64 eigenvalues, descending (the GGN's nonzero spectrum
+        padded with its zeros up to ``N*O``).
+
+    Raises:
+        ValueError: The loss Hessian in the outputs is not positive semi-definite.
+    """
+    from rdiag.ntk.api import empirical_ntk
+
+    op = GGNOperator(
+        model, loss_fn, (x, y), params=params, exclude=exclude, mode=mode, dtype=dtype,
+        loss=loss,
+    )
+    xb, yb = op.prepare(x, y)
+    with torch.no_grad():
+        out = op.outputs(op.fm.params, xb)
+    h_l = dense_loss_hessian(op.loss, loss_fn, out, yb).double()
+    vals, vecs = torch.linalg.eigh(h_l)
+    if bool(vals.min() < -1e-8 * vals.abs().max().clamp_min(1e-300)):
+        raise ValueError(
+            f"expected a loss convex in the outputs (positive semi-definite H_l), got "
+            f"an eigenvalue {float(vals.min()):.3g}; use the parameter-space "
+            "GGNOperator with lanczos instead"
+        )
+    root = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+    theta = empirical_ntk(op.fm, xb, trace_outputs=False, weights=weights)
+    n, o = theta.shape[0], theta.shape[2]
+    theta = theta.permute(0, 2, 1, 3).reshape(n * o, n * o).double()
+    small = root @ theta @ root
+    return torch.linalg.eigvalsh((small + small.T) / 2).flip(0)
+
+
+def ggn_sharpness_from_ntk(
+    model: nn.Module | FunctionalModel,
+    loss_fn: LossFn,
+    x: Tensor,
+    y: Tensor,
+    **kwargs: object,
+) -> float:
+    r"""``lambda_max`` of the (preconditioned) GGN on one batch, via the full eNTK.
+
+    See :func:`ggn_eigenvalues_from_ntk` (same arguments); for MSE this is
+    :math:`2\lambda_{\max}(\Theta_M)/(N O)`.
+
+    Returns:
+        The largest eigenvalue, a Python float.
+    """
+    return float(ggn_eigenvalues_from_ntk(model, loss_fn, x, y, **kwargs)[0])  # type: ignore[arg-type]
