@@ -36,7 +36,9 @@ def get_kernel_stats_configs() -> list[triton.Config]:
     ]
 
 
-@triton.autotune(configs=get_kernel_stats_configs(), key=["N", "M"])
+@triton.autotune(
+    configs=get_kernel_stats_configs(), key=["N", "M"], reset_to_zero=["cols_ptr"]
+)
 @triton.jit
 def _kernel_stats_kernel(
     k0_ptr, k1_ptr, rows_ptr, cols_ptr,
@@ -118,6 +120,10 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
             k0, k1, rows, cols, n, m,
             *k0.stride(), *k1.stride(), rows.stride(0), cols.stride(1), cols.stride(0),
         )  # fmt: skip
+        # Autotuning runs every config; partial rows past the chosen config's grid
+        # may hold another config's sums, so reduce only the rows it wrote.
+        used = triton.cdiv(n, _kernel_stats_kernel.best_config.kwargs["BLOCK_N"])
+        cols = cols[:used]
     totals = rows.double().sum(1).tolist()
     col = cols.double().sum(0)
     return KernelStats(

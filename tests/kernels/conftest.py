@@ -10,6 +10,8 @@ with ``TRITON_INTERPRET=1``; in that child only they are selected.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,32 @@ def assert_kernel_close(
     rtol, atol = KERNEL_TOL[dtype]
     scale = float(expected.abs().max()) if expected.numel() else 1.0
     assert_close(name, expected, actual, rtol=rtol, atol=atol * scale)
+
+
+@contextlib.contextmanager
+def autotuning(kernel, configs: list) -> Iterator[None]:
+    """Make a ``triton.autotune`` kernel tune over ``configs`` (interpreter tests).
+
+    Triton's benchmarker needs a GPU, so timings are faked to favour the *last*
+    config: every config runs during tuning (side effects included) and a config
+    other than the first is kept, which exposes state one config leaves for another.
+    """
+    calls = []
+
+    def fake_bench(kernel_call, quantiles=None):
+        kernel_call()
+        calls.append(1)
+        t = 100.0 - len(calls)
+        return [t, t, t]
+
+    saved = kernel.configs, dict(kernel.cache)
+    kernel.configs, kernel.do_bench = list(configs), fake_bench
+    kernel.cache.clear()
+    try:
+        yield
+    finally:
+        kernel.configs = saved[0]
+        kernel.cache.clear()
+        kernel.cache.update(saved[1])
+        del kernel.do_bench
+    assert len(calls) >= len(configs), "the kernel was not autotuned"

@@ -12,7 +12,13 @@ from torch.autograd.functional import jacobian
 
 from rdiag import kernels
 from tests._assert import assert_close
-from tests.kernels.conftest import DTYPES, F64_TOL, assert_kernel_close, randn
+from tests.kernels.conftest import (
+    DTYPES,
+    F64_TOL,
+    assert_kernel_close,
+    autotuning,
+    randn,
+)
 from tests.oracles import ntk_from_jacobians, per_sample_jacobian
 
 
@@ -205,6 +211,23 @@ def test_kernel_accumulates_into_out(out_dtype):
     assert kernels.gram_hadamard(*args, out, scale=-1.5) is out
     expected = reference.gram_hadamard(*args, start.clone(), scale=-1.5)
     assert_kernel_close("out += kernel", expected, out, torch.float32)
+
+
+@pytest.mark.triton_interpret
+def test_autotuning_restores_the_accumulator():
+    """Tuning runs every config on the real ``out``; it must be restored between."""
+    import triton
+
+    meta = {"BLOCK_K": 16, "GROUP_M": 1}
+    configs = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, **meta})]
+    configs.append(triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, **meta}))
+    args = make_inputs(40, 20, 2, 20, 17, dtype=torch.float32)
+    start = randn(40, 20, 2, 2, seed=5, dtype=torch.float32)
+    out = start.clone()
+    with autotuning(_triton()._gram_hadamard_kernel, configs):
+        _triton().gram_hadamard(*args, out)
+    expected = reference.gram_hadamard(*args, start.clone())
+    assert_kernel_close("autotuned out +=", expected, out, torch.float32)
 
 
 @pytest.mark.triton_interpret

@@ -11,7 +11,13 @@ from rdiag.kernels import KernelStats, reference
 
 from rdiag import kernels
 from tests._assert import assert_close
-from tests.kernels.conftest import DTYPES, F64_TOL, assert_kernel_close, randn
+from tests.kernels.conftest import (
+    DTYPES,
+    F64_TOL,
+    assert_kernel_close,
+    autotuning,
+    randn,
+)
 
 
 def as64(value) -> torch.Tensor:
@@ -121,6 +127,20 @@ def test_kernel_matches_reference(n, m, dtype):
         assert_close(
             field, e, a, rtol=1e-5, atol=1e-6 * float(expected.sq_norm0) ** 0.5
         )
+
+
+@pytest.mark.triton_interpret
+def test_autotuning_leaves_no_stale_column_partials():
+    import triton
+
+    module = importlib.import_module("rdiag.kernels.kernel_stats")
+    configs = [triton.Config({"BLOCK_N": 8, "BLOCK_M": 16})]
+    configs.append(triton.Config({"BLOCK_N": 16, "BLOCK_M": 32}))
+    k0, k1 = pair(40, 30, dtype=torch.float32)
+    with autotuning(module._kernel_stats_kernel, configs):
+        actual = module.kernel_stats(k0, k1)
+    assert module._kernel_stats_kernel.best_config.kwargs["BLOCK_N"] == 16
+    assert_stats("autotuned", direct(k0, k1), actual, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.triton_interpret
