@@ -14,7 +14,13 @@ from torch.autograd.functional import jacobian
 
 from rdiag import kernels
 from tests._assert import assert_close
-from tests.kernels.conftest import DTYPES, F64_TOL, assert_kernel_close, randn
+from tests.kernels.conftest import (
+    DTYPES,
+    F64_TOL,
+    assert_kernel_close,
+    autotuning,
+    randn,
+)
 from tests.oracles import ntk_from_jacobians, per_sample_jacobian
 
 
@@ -206,6 +212,21 @@ def test_kernel_matches_reference(shape, r, dtype):
     actual = _triton().gram_hadamard_shared(*args, scale=0.5)
     assert actual.dtype == torch.float32
     assert_kernel_close("shared kernel", expected, actual, dtype)
+
+
+@pytest.mark.triton_interpret
+def test_autotuning_restores_the_accumulator():
+    import triton
+
+    configs = [triton.Config({"BLOCK_T1": 16, "BLOCK_T2": 16, "BLOCK_K": 16})]
+    configs.append(triton.Config({"BLOCK_T1": 32, "BLOCK_T2": 16, "BLOCK_K": 32}))
+    args = make_inputs(2, 2, 20, 9, 2, 10, 6, dtype=torch.float32)
+    start = randn(2, 2, 2, 2, seed=4, dtype=torch.float32)
+    out = start.clone()
+    with autotuning(_triton()._gram_hadamard_shared_kernel, configs):
+        _triton().gram_hadamard_shared(*args, out)
+    expected = reference.gram_hadamard_shared(*args, start.clone())
+    assert_kernel_close("autotuned shared out +=", expected, out, torch.float32)
 
 
 @pytest.mark.triton_interpret
