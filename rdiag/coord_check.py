@@ -1,0 +1,476 @@
+"""Coordinate check: train a family across widths and fit the width exponents.
+
+For each width and seed the model is built, parametrized, trained for ``steps``
+full-batch steps on a fixed batch, and these are measured (``probe`` inputs,
+per-input Euclidean norms averaged over the probe):
+
+=================  ==========================================  ====================
+metric             quantity                                    predicted exponent
+=================  ==========================================  ====================
+``h0``             ``||h||`` at init, read-in/hidden outputs   ``1/2``
+``delta_h``        ``||h_T - h_0||``, read-in/hidden outputs   ``r``
+``f0``             ``||f_0||`` (not for centered models)       ``-r``
+``delta_f``        ``||f_T - f_0||``                           ``0``
+``dW_op``          ``||W_T - W_0||_op``, effective weights     ``r``, ``r-1/2``,
+                                                               ``-1/2`` (in/hid/out)
+``dW_fro``         ``||W_T - W_0||_F``                         (recorded, not fitted)
+``dW_rel``         ``||W_T - W_0||_op / ||W_0||_op``           ``r - 1/2``
+``ntk_rel_change`` ``||K_T - K_0||_F / ||K_0||_F``, ``K_M``    ``2r - 1``
+``lin_error``      ``||f_T - f_lin,T|| / ||f_T - f_0||``       ``2r - 1``
+=================  ==========================================  ====================
+
+``h`` is the output of a layer module (after its forward multiplier: a
+pre-activation). ``K_M`` is the learning-rate-weighted eNTK
+``rdiag.empirical_ntk(model, probe, weights=lr_multipliers(...))`` (traced over
+outputs) and ``f_lin,T = f_0 + J_0 (theta_T - theta_0)`` is computed with
+``torch.func.jvp`` on the functional view. The last two predictions hold after
+``T >~ 10`` steps; after one step with a small ``lr`` the measured slope is near
+``r - 1`` (a zero-mean first-step fluctuation dominates), and that is what is
+reported as the prediction for ``steps == 1``. Predictions exist for the richness
+family (and NTK, muP, mean-field); the gamma family at a fixed ``gamma0`` scales
+like muP (``r = 1/2``); for SP only ``delta_f`` (``+1``: SP is not on the scale)
+and ``f0``, ``h0`` (``0``, ``1/2``) are predicted.
+
+Fits: ordinary least squares of ``log(value)`` on ``log(width)`` over every
+``(width, seed)`` point; the interval is the t-interval on the slope
+(``slope +- t_{df, (1+confidence)/2} * se``, ``df = points - 2``). Seeds are
+treated as independent draws at each width. Finite widths bias slopes (up to
+~0.2 at ``r = 0`` for the kernel exponents), so compare with a tolerance.
+
+The loss is ``0.5 * sum_outputs (f - y)**2`` averaged over the batch (outputs
+flattened to ``(N, O)``). The model must act on each sample separately (no
+batch-coupled layers) for the eNTK and linearization metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from rdiag._checks import check_choice, check_finite_positive, check_positive_int
+from rdiag._optional import require
+from rdiag.functional import functionalize
+from rdiag.linalg.lanczos import lanczos
+from rdiag.models import FAMILIES, make_model
+from rdiag.operators.base import LinearOperator
+from rdiag.parametrization import (
+    OPTIMIZERS,
+    Centered,
+    Parametrization,
+    apply_parametrization,
+    effective_weights,
+    lr_multipliers,
+    make_optimizer,
+    parse_param,
+)
+
+METRICS: tuple[str, ...] = (
+    "h0", "delta_h", "f0", "delta_f", "dW_op", "dW_fro", "dW_rel", "ntk_rel_change", "lin_error",
+)
+_FITTED = tuple(m for m in METRICS if m != "dW_fro")
+Family = str | Callable[[int], nn.Module]
+
+
+@dataclass(frozen=True)
+class CoordCheckResult:
+    """Raw measurements and fitted exponents of a coordinate check.
+
+    Attributes:
+        param: The parameterization label (``"r=0.25"``, ``"mup"``, ...).
+        r: Its richness, or ``None``.
+        optimizer: ``"sgd"`` or ``"adam"``.
+        steps: Training steps.
+        widths: The widths.
+        seeds: The seeds.
+        records: One dict per measurement: ``{"width", "seed", "metric", "layer",
+            "role", "value"}`` (``layer``/``role`` ``None`` for model-level metrics).
+        fits: One dict per fitted series: ``{"metric", "layer", "param", "r",
+            "slope", "ci": [lo, hi], "predicted"}``.
+    """
+
+    param: str
+    r: float | None
+    optimizer: str
+    steps: int
+    widths: tuple[int, ...]
+    seeds: tuple[int, ...]
+    records: list[dict] = field(repr=False)
+    fits: list[dict] = field(repr=False)
+
+    def fit(self, metric: str, layer: str | None = None) -> dict:
+        """The fit of ``metric`` (for ``layer``); raises ``KeyError`` if absent."""
+        for f in self.fits:
+            if f["metric"] == metric and f["layer"] == layer:
+                return f
+        have = sorted({(f["metric"], f["layer"]) for f in self.fits}, key=str)
+        raise KeyError(f"no fit for metric={metric!r}, layer={layer!r}; have {have}")
+
+
+def predicted_exponent(
+    metric: str, role: str | None, param: Parametrization, steps: int
+) -> float | None:
+    """The SCIENCE.md section 2 exponent of ``metric`` for a layer role (see module doc)."""
+    if param.gauge == "standard":
+        return {"delta_f": 1.0, "f0": 0.0, "h0": 0.5}.get(metric)
+    r = 0.5 if param.r is None else param.r
+    kernel = (r - 1.0) if steps == 1 else (2 * r - 1.0)
+    table = {
+        "h0": 0.5, "delta_h": r, "f0": -r, "delta_f": 0.0, "dW_rel": r - 0.5,
+        "ntk_rel_change": kernel, "lin_error": kernel,
+        "dW_op": {"readin": r, "hidden": r - 0.5, "readout": -0.5}.get(role or ""),
+    }
+    return table.get(metric)
+
+
+def coord_check(
+    model_family: Family,
+    parametrization: Parametrization | str,
+    widths: Sequence[int],
+    *,
+    steps: int = 10,
+    seeds: int | Sequence[int] = 4,
+    lr: float = 0.1,
+    optimizer: str = "sgd",
+    data: tuple[Tensor, Tensor] | None = None,
+    probe: Tensor | None = None,
+    batch_size: int = 16,
+    family_kwargs: Mapping[str, object] | None = None,
+    roles: Mapping[str, str] | None = None,
+    dtype: torch.dtype = torch.float32,
+    ntk: bool = True,
+    linearization: bool = True,
+    confidence: float = 0.95,
+    data_seed: int = 1234,
+) -> CoordCheckResult:
+    """Train ``model_family`` at each width and fit every metric's width exponent.
+
+    Args:
+        model_family: A built-in family name (``"mlp"``, ``"cnn"``,
+            ``"transformer"``) or ``width -> nn.Module`` (then ``data`` is needed).
+        parametrization: A :class:`Parametrization` or a :func:`parse_param` string.
+        widths: At least two widths (span >= 16x recommended).
+        steps: Full-batch training steps ``T``.
+        seeds: Number of seeds (``0..K-1``) or the seeds; a seed fixes the init.
+        lr: Base learning rate ``eta_0``.
+        optimizer: ``"sgd"`` or ``"adam"``.
+        data: Training batch ``(x (N, ...), y (N, O))``; default ``batch_size``
+            Gaussian (or random-token) inputs and standard normal targets drawn
+            with ``data_seed``, the same for every width and seed.
+        probe: Inputs ``(P, ...)`` for the measurements; default the training inputs.
+        batch_size: Size of the default batch.
+        family_kwargs: Constructor arguments of a built-in family.
+        roles: Module name -> role, for user families whose roles are ambiguous.
+        dtype: Model and data dtype.
+        ntk: Measure ``ntk_rel_change`` (two eNTKs per run).
+        linearization: Measure ``lin_error`` (one jvp per run).
+        confidence: Level of the slope intervals.
+        data_seed: Seed of the default data.
+
+    Returns:
+        The :class:`CoordCheckResult`.
+
+    Raises:
+        ValueError: Bad widths/steps/seeds/lr/optimizer, a user family without
+            ``data``, or a width below the parameterization's base width.
+    """
+    param = parse_param(parametrization)
+    widths, seeds = _check_args(model_family, widths, steps, seeds, lr, optimizer, data, confidence)
+    build = _builder(model_family, family_kwargs or {})
+    if data is None:
+        data = _default_data(build(widths[0]), batch_size, data_seed)
+    x, y = (t.to(dtype) if t.is_floating_point() else t for t in data)
+    probe = x if probe is None else (probe.to(dtype) if probe.is_floating_point() else probe)
+    records: list[dict] = []
+    for width in widths:
+        for seed in seeds:
+            torch.manual_seed(seed)
+            model = apply_parametrization(build(width).to(dtype), param, roles=roles)
+            measured = _run(model, param, x, y, probe, steps, lr, optimizer, ntk, linearization)
+            records += [dict(width=width, seed=seed, **rec) for rec in measured]
+    fits = _fit_all(records, param, steps, confidence)
+    return CoordCheckResult(
+        param.name, param.r, optimizer, steps, tuple(widths), tuple(seeds), records, fits
+    )
+
+
+def _check_args(family, widths, steps, seeds, lr, optimizer, data, confidence):
+    if isinstance(family, str):
+        check_choice(family, "model_family", tuple(FAMILIES))
+    elif not callable(family):
+        raise TypeError(
+            f"expected model_family to be a family name {sorted(FAMILIES)} or a callable "
+            f"width -> nn.Module, got {type(family).__name__}"
+        )
+    elif data is None:
+        raise ValueError(
+            "expected data=(x, y) for a user model family (it has no sample_inputs); "
+            "pass a fixed training batch"
+        )
+    widths = list(widths)
+    for w in widths:
+        check_positive_int(w, "every width")
+    if len(set(widths)) < 2:
+        raise ValueError(f"expected at least two distinct widths to fit a slope, got {widths}")
+    check_positive_int(steps, "steps")
+    seeds = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
+    if not seeds or not all(isinstance(s, int) for s in seeds):
+        raise ValueError(f"expected seeds as a positive int or a list of ints, got {seeds!r}")
+    check_finite_positive(lr, "lr")
+    check_choice(optimizer, "optimizer", OPTIMIZERS)
+    if not 0 < confidence < 1:
+        raise ValueError(f"expected confidence in (0, 1), got {confidence!r}")
+    return sorted(widths), seeds
+
+
+def _builder(family: Family, kwargs: Mapping[str, object]) -> Callable[[int], nn.Module]:
+    if isinstance(family, str):
+        return lambda width: make_model(family, width, **kwargs)
+    return family
+
+
+def _default_data(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = model.sample_inputs(n, gen)
+    return x, torch.randn(n, model.output_dim, generator=gen)
+
+
+class _Gram(LinearOperator):
+    """``A A^T`` (or ``A^T A``, the smaller side) of a matrix, as an operator."""
+
+    def __init__(self, a: Tensor) -> None:
+        self.a = a if a.shape[0] <= a.shape[1] else a.t()
+        self.shape = (self.a.shape[0], self.a.shape[0])
+        self.dtype, self.device = a.dtype, a.device
+
+    def _matmat(self, matrix: Tensor) -> Tensor:
+        return self.a @ (self.a.t() @ matrix)
+
+
+def op_norm(a: Tensor) -> float:
+    """Spectral norm of a matrix ``(m, n)``: Lanczos on its Gram (dense below 128).
+
+    A dense SVD of a ``2048 x 2048`` matrix takes tens of seconds on a small CPU;
+    Lanczos needs only matrix-vector products (relative residual ``1e-8``).
+    """
+    if min(a.shape) <= 128:
+        return float(torch.linalg.matrix_norm(a, ord=2))
+    top = lanczos(_Gram(a.double()), k=1, tol=1e-8, max_iter=2000).eigenvalues[0]
+    return math.sqrt(max(float(top), 0.0))
+
+
+def _per_input_norm(t: Tensor) -> float:
+    return float(t.reshape(t.shape[0], -1).norm(dim=1).mean())
+
+
+def _capture(model: nn.Module, probe: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    """Model output ``(P, O)`` and every read-in/hidden layer's output on the probe."""
+    layers = {
+        n: m for n, m in model.named_modules()
+        if getattr(m, "rdiag_role", None) in ("readin", "hidden") and m.weight.requires_grad
+    }
+    seen: dict[str, Tensor] = {}
+    handles = [
+        m.register_forward_hook(lambda mod, i, o, name=n: seen.__setitem__(name, o.detach()))
+        for n, m in layers.items()
+    ]
+    try:
+        with torch.no_grad():
+            out = model(probe)
+    finally:
+        for h in handles:
+            h.remove()
+    return out.reshape(out.shape[0], -1), seen
+
+
+def _run(model, param, x, y, probe, steps, lr, optimizer, ntk, linearization) -> list[dict]:
+    from rdiag.ntk.api import empirical_ntk
+
+    weights = lr_multipliers(model, param, optimizer)
+    fm = functionalize(model)
+    theta0 = {n: p.clone() for n, p in fm.params.items()}
+    f0, h0 = _capture(model, probe)
+    w0 = {n: w.clone() for n, w in effective_weights(model).items()}
+    k0 = empirical_ntk(model, probe, weights=weights) if ntk else None
+    opt = make_optimizer(model, param, lr, optimizer=optimizer)
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        out = model(x)
+        loss = 0.5 * (out.reshape(out.shape[0], -1) - y).pow(2).sum(1).mean()
+        loss.backward()
+        opt.step()
+    ft, ht = _capture(model, probe)
+    roles = {n: m.rdiag_role for n, m in model.named_modules() if hasattr(m, "rdiag_role")}
+    recs = [_rec("delta_f", None, None, _per_input_norm(ft - f0))]
+    if not isinstance(model, Centered):
+        recs.append(_rec("f0", None, None, _per_input_norm(f0)))
+    for n in h0:
+        recs.append(_rec("h0", n, roles[n], _per_input_norm(h0[n])))
+        recs.append(_rec("delta_h", n, roles[n], _per_input_norm(ht[n] - h0[n])))
+    for n, wt in effective_weights(model).items():
+        dw = wt - w0[n]
+        op = op_norm(dw)
+        recs.append(_rec("dW_op", n, roles[n], op))
+        recs.append(_rec("dW_fro", n, roles[n], float(dw.norm())))
+        recs.append(_rec("dW_rel", n, roles[n], op / op_norm(w0[n])))
+    if ntk:
+        kt = empirical_ntk(model, probe, weights=weights)
+        recs.append(_rec("ntk_rel_change", None, None, float((kt - k0).norm() / k0.norm())))
+    if linearization:
+        delta = {n: p.detach() - theta0[n] for n, p in functionalize(model).params.items()}
+        with torch.no_grad():
+            _, jvp_out = torch.func.jvp(lambda p: fm(p, probe), (theta0,), (delta,))
+        lin = f0 + jvp_out
+        recs.append(_rec("lin_error", None, None, float((ft - lin).norm() / (ft - f0).norm())))
+    return recs
+
+
+def _rec(metric: str, layer: str | None, role: str | None, value: float) -> dict:
+    return {"metric": metric, "layer": layer, "role": role, "value": value}
+
+
+# ---- fits --------------------------------------------------------------------------
+def _t_quantile(p: float, df: int) -> float:
+    """Quantile of Student's t (``p > 1/2``) by bisection on a Simpson-integrated CDF."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(t: float) -> float:
+        grid = np.linspace(0.0, t, 4001)
+        pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(grid**2 / df))
+        simpson = (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum()) * t / 12000
+        return 0.5 + simpson
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def fit_slope(widths: Sequence[float], values: Sequence[float], confidence: float = 0.95) -> tuple[float, list[float]]:
+    """Log-log OLS slope of ``values`` on ``widths`` and its t-interval.
+
+    Args:
+        widths: ``(K,)`` widths (repeated once per seed).
+        values: ``(K,)`` positive values.
+        confidence: Interval level.
+
+    Returns:
+        ``(slope, [lo, hi])``; the interval is ``[nan, nan]`` with fewer than 3 points.
+
+    Raises:
+        ValueError: Fewer than two distinct widths, or non-positive values.
+    """
+    x, v = np.log(np.asarray(widths, float)), np.asarray(values, float)
+    if not (np.all(np.isfinite(v)) and np.all(v > 0)):
+        raise ValueError(f"expected positive finite values to fit on a log scale, got {v[:5]}")
+    if len(np.unique(x)) < 2:
+        raise ValueError("expected at least two distinct widths to fit a slope")
+    y = np.log(v)
+    sxx = float(((x - x.mean()) ** 2).sum())
+    slope = float(((x - x.mean()) * (y - y.mean())).sum() / sxx)
+    df = len(x) - 2
+    if df < 1:
+        return slope, [float("nan"), float("nan")]
+    resid = y - y.mean() - slope * (x - x.mean())
+    half = _t_quantile((1 + confidence) / 2, df) * math.sqrt(float((resid**2).sum()) / df / sxx)
+    return slope, [slope - half, slope + half]
+
+
+def _fit_all(records: list[dict], param: Parametrization, steps: int, confidence: float) -> list[dict]:
+    series: dict[tuple, list[dict]] = {}
+    for rec in records:
+        if rec["metric"] in _FITTED:
+            series.setdefault((rec["metric"], rec["layer"], rec["role"]), []).append(rec)
+    fits = []
+    for (metric, layer, role), recs in series.items():
+        values = [r["value"] for r in recs]
+        if not all(math.isfinite(v) and v > 0 for v in values):
+            slope, ci = float("nan"), [float("nan"), float("nan")]
+        else:
+            slope, ci = fit_slope([r["width"] for r in recs], values, confidence)
+        fits.append({
+            "metric": metric, "layer": layer, "param": param.name, "r": param.r,
+            "slope": slope, "ci": ci, "predicted": predicted_exponent(metric, role, param, steps),
+        })
+    return fits
+
+
+# ---- output ------------------------------------------------------------------------
+def _jsonable(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj
+
+
+def write_summary(result: CoordCheckResult, out_dir: str | Path) -> Path:
+    """Write ``out_dir/summary.json`` with the fits, the raw records and the settings.
+
+    Non-finite numbers are written as ``null``.
+
+    Returns:
+        The path of the written file.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "param": result.param, "r": result.r, "optimizer": result.optimizer,
+        "steps": result.steps, "widths": list(result.widths), "seeds": list(result.seeds),
+        "fits": result.fits, "records": result.records,
+    }
+    path = out / "summary.json"
+    path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
+    return path
+
+
+def plot_coord_check(result: CoordCheckResult, path: str | Path) -> Path:
+    """Plot every fitted metric against width on log-log axes, one panel per metric.
+
+    Each series shows the per-width mean over seeds (points: every seed), its fitted
+    slope with interval, and the predicted slope as a dashed line through the mean.
+    Needs matplotlib (``pip install 'rdiag[plots]'``).
+
+    Returns:
+        The path of the written image.
+    """
+    figure = require("matplotlib.figure", "plot_coord_check").Figure
+    metrics = [m for m in _FITTED if any(f["metric"] == m for f in result.fits)]
+    cols = 3
+    rows = math.ceil(len(metrics) / cols)
+    fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
+    for i, metric in enumerate(metrics):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for fit in (f for f in result.fits if f["metric"] == metric):
+            _plot_series(ax, result, fit)
+        ax.set(xscale="log", yscale="log", xlabel="width", title=metric)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"coordinate check: {result.param}, {result.optimizer}, T={result.steps}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+def _plot_series(ax, result: CoordCheckResult, fit: dict) -> None:
+    recs = [r for r in result.records if r["metric"] == fit["metric"] and r["layer"] == fit["layer"]]
+    widths = np.array(sorted({r["width"] for r in recs}), float)
+    means = np.array([np.mean([r["value"] for r in recs if r["width"] == w]) for w in widths])
+    lo, hi = fit["ci"]
+    label = f"{fit['layer'] or 'model'}: {fit['slope']:.2f} [{lo:.2f}, {hi:.2f}]"
+    line = ax.plot(widths, means, "o-", ms=3, label=label)[0]
+    ax.scatter([r["width"] for r in recs], [r["value"] for r in recs], s=4, color=line.get_color(), alpha=0.4)
+    if fit["predicted"] is not None and np.all(means > 0):
+        anchor = np.exp(np.mean(np.log(means)) - fit["predicted"] * np.mean(np.log(widths)))
+        ax.plot(widths, anchor * widths ** fit["predicted"], "--", color=line.get_color(), lw=0.8,
+                label=f"predicted {fit['predicted']:.2f}")
