@@ -72,7 +72,15 @@ from rdiag.parametrization import (
 )
 
 METRICS: tuple[str, ...] = (
-    "h0", "delta_h", "f0", "delta_f", "dW_op", "dW_fro", "dW_rel", "ntk_rel_change", "lin_error",
+    "h0",
+    "delta_h",
+    "f0",
+    "delta_f",
+    "dW_op",
+    "dW_fro",
+    "dW_rel",
+    "ntk_rel_change",
+    "lin_error",
 )
 _FITTED = tuple(m for m in METRICS if m != "dW_fro")
 Family = str | Callable[[int], nn.Module]
@@ -122,8 +130,13 @@ def predicted_exponent(
     r = 0.5 if param.r is None else param.r
     kernel = (r - 1.0) if steps == 1 else (2 * r - 1.0)
     table = {
-        "h0": 0.5, "delta_h": r, "f0": -r, "delta_f": 0.0, "dW_rel": r - 0.5,
-        "ntk_rel_change": kernel, "lin_error": kernel,
+        "h0": 0.5,
+        "delta_h": r,
+        "f0": -r,
+        "delta_f": 0.0,
+        "dW_rel": r - 0.5,
+        "ntk_rel_change": kernel,
+        "lin_error": kernel,
         "dW_op": {"readin": r, "hidden": r - 0.5, "readout": -0.5}.get(role or ""),
     }
     return table.get(metric)
@@ -181,22 +194,37 @@ def coord_check(
             ``data``, or a width below the parameterization's base width.
     """
     param = parse_param(parametrization)
-    widths, seeds = _check_args(model_family, widths, steps, seeds, lr, optimizer, data, confidence)
+    widths, seeds = _check_args(
+        model_family, widths, steps, seeds, lr, optimizer, data, confidence
+    )
     build = _builder(model_family, family_kwargs or {})
     if data is None:
         data = _default_data(build(widths[0]), batch_size, data_seed)
     x, y = (t.to(dtype) if t.is_floating_point() else t for t in data)
-    probe = x if probe is None else (probe.to(dtype) if probe.is_floating_point() else probe)
+    probe = (
+        x
+        if probe is None
+        else (probe.to(dtype) if probe.is_floating_point() else probe)
+    )
     records: list[dict] = []
     for width in widths:
         for seed in seeds:
             torch.manual_seed(seed)
             model = apply_parametrization(build(width).to(dtype), param, roles=roles)
-            measured = _run(model, param, x, y, probe, steps, lr, optimizer, ntk, linearization)
+            measured = _run(
+                model, param, x, y, probe, steps, lr, optimizer, ntk, linearization
+            )
             records += [dict(width=width, seed=seed, **rec) for rec in measured]
     fits = _fit_all(records, param, steps, confidence)
     return CoordCheckResult(
-        param.name, param.r, optimizer, steps, tuple(widths), tuple(seeds), records, fits
+        param.name,
+        param.r,
+        optimizer,
+        steps,
+        tuple(widths),
+        tuple(seeds),
+        records,
+        fits,
     )
 
 
@@ -217,11 +245,19 @@ def _check_args(family, widths, steps, seeds, lr, optimizer, data, confidence):
     for w in widths:
         check_positive_int(w, "every width")
     if len(set(widths)) < 2:
-        raise ValueError(f"expected at least two distinct widths to fit a slope, got {widths}")
+        raise ValueError(
+            f"expected at least two distinct widths to fit a slope, got {widths}"
+        )
     check_positive_int(steps, "steps")
-    seeds = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else list(seeds)
+    seeds = (
+        list(range(seeds))
+        if isinstance(seeds, int) and not isinstance(seeds, bool)
+        else list(seeds)
+    )
     if not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ValueError(f"expected seeds as a positive int or a list of ints, got {seeds!r}")
+        raise ValueError(
+            f"expected seeds as a positive int or a list of ints, got {seeds!r}"
+        )
     check_finite_positive(lr, "lr")
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     if not 0 < confidence < 1:
@@ -229,7 +265,9 @@ def _check_args(family, widths, steps, seeds, lr, optimizer, data, confidence):
     return sorted(widths), seeds
 
 
-def _builder(family: Family, kwargs: Mapping[str, object]) -> Callable[[int], nn.Module]:
+def _builder(
+    family: Family, kwargs: Mapping[str, object]
+) -> Callable[[int], nn.Module]:
     if isinstance(family, str):
         return lambda width: make_model(family, width, **kwargs)
     return family
@@ -272,12 +310,16 @@ def _per_input_norm(t: Tensor) -> float:
 def _capture(model: nn.Module, probe: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Model output ``(P, O)`` and every read-in/hidden layer's output on the probe."""
     layers = {
-        n: m for n, m in model.named_modules()
-        if getattr(m, "rdiag_role", None) in ("readin", "hidden") and m.weight.requires_grad
+        n: m
+        for n, m in model.named_modules()
+        if getattr(m, "rdiag_role", None) in ("readin", "hidden")
+        and m.weight.requires_grad
     }
     seen: dict[str, Tensor] = {}
     handles = [
-        m.register_forward_hook(lambda mod, i, o, name=n: seen.__setitem__(name, o.detach()))
+        m.register_forward_hook(
+            lambda mod, i, o, name=n: seen.__setitem__(name, o.detach())
+        )
         for n, m in layers.items()
     ]
     try:
@@ -289,7 +331,9 @@ def _capture(model: nn.Module, probe: Tensor) -> tuple[Tensor, dict[str, Tensor]
     return out.reshape(out.shape[0], -1), seen
 
 
-def _run(model, param, x, y, probe, steps, lr, optimizer, ntk, linearization) -> list[dict]:
+def _run(
+    model, param, x, y, probe, steps, lr, optimizer, ntk, linearization
+) -> list[dict]:
     from rdiag.ntk.api import empirical_ntk
 
     weights = lr_multipliers(model, param, optimizer)
@@ -306,7 +350,9 @@ def _run(model, param, x, y, probe, steps, lr, optimizer, ntk, linearization) ->
         loss.backward()
         opt.step()
     ft, ht = _capture(model, probe)
-    roles = {n: m.rdiag_role for n, m in model.named_modules() if hasattr(m, "rdiag_role")}
+    roles = {
+        n: m.rdiag_role for n, m in model.named_modules() if hasattr(m, "rdiag_role")
+    }
     recs = [_rec("delta_f", None, None, _per_input_norm(ft - f0))]
     if not isinstance(model, Centered):
         recs.append(_rec("f0", None, None, _per_input_norm(f0)))
@@ -321,13 +367,19 @@ def _run(model, param, x, y, probe, steps, lr, optimizer, ntk, linearization) ->
         recs.append(_rec("dW_rel", n, roles[n], op / op_norm(w0[n])))
     if ntk:
         kt = empirical_ntk(model, probe, weights=weights)
-        recs.append(_rec("ntk_rel_change", None, None, float((kt - k0).norm() / k0.norm())))
+        recs.append(
+            _rec("ntk_rel_change", None, None, float((kt - k0).norm() / k0.norm()))
+        )
     if linearization:
-        delta = {n: p.detach() - theta0[n] for n, p in functionalize(model).params.items()}
+        delta = {
+            n: p.detach() - theta0[n] for n, p in functionalize(model).params.items()
+        }
         with torch.no_grad():
             _, jvp_out = torch.func.jvp(lambda p: fm(p, probe), (theta0,), (delta,))
         lin = f0 + jvp_out
-        recs.append(_rec("lin_error", None, None, float((ft - lin).norm() / (ft - f0).norm())))
+        recs.append(
+            _rec("lin_error", None, None, float((ft - lin).norm() / (ft - f0).norm()))
+        )
     return recs
 
 
@@ -338,12 +390,18 @@ def _rec(metric: str, layer: str | None, role: str | None, value: float) -> dict
 # ---- fits --------------------------------------------------------------------------
 def _t_quantile(p: float, df: int) -> float:
     """Quantile of Student's t (``p > 1/2``) by bisection on a Simpson-integrated CDF."""
-    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    log_c = (
+        math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    )
 
     def cdf(t: float) -> float:
         grid = np.linspace(0.0, t, 4001)
         pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(grid**2 / df))
-        simpson = (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum()) * t / 12000
+        simpson = (
+            (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum())
+            * t
+            / 12000
+        )
         return 0.5 + simpson
 
     lo, hi = 0.0, 1.0
@@ -355,7 +413,9 @@ def _t_quantile(p: float, df: int) -> float:
     return 0.5 * (lo + hi)
 
 
-def fit_slope(widths: Sequence[float], values: Sequence[float], confidence: float = 0.95) -> tuple[float, list[float]]:
+def fit_slope(
+    widths: Sequence[float], values: Sequence[float], confidence: float = 0.95
+) -> tuple[float, list[float]]:
     """Log-log OLS slope of ``values`` on ``widths`` and its t-interval.
 
     Args:
@@ -371,7 +431,9 @@ def fit_slope(widths: Sequence[float], values: Sequence[float], confidence: floa
     """
     x, v = np.log(np.asarray(widths, float)), np.asarray(values, float)
     if not (np.all(np.isfinite(v)) and np.all(v > 0)):
-        raise ValueError(f"expected positive finite values to fit on a log scale, got {v[:5]}")
+        raise ValueError(
+            f"expected positive finite values to fit on a log scale, got {v[:5]}"
+        )
     if len(np.unique(x)) < 2:
         raise ValueError("expected at least two distinct widths to fit a slope")
     y = np.log(v)
@@ -381,15 +443,21 @@ def fit_slope(widths: Sequence[float], values: Sequence[float], confidence: floa
     if df < 1:
         return slope, [float("nan"), float("nan")]
     resid = y - y.mean() - slope * (x - x.mean())
-    half = _t_quantile((1 + confidence) / 2, df) * math.sqrt(float((resid**2).sum()) / df / sxx)
+    half = _t_quantile((1 + confidence) / 2, df) * math.sqrt(
+        float((resid**2).sum()) / df / sxx
+    )
     return slope, [slope - half, slope + half]
 
 
-def _fit_all(records: list[dict], param: Parametrization, steps: int, confidence: float) -> list[dict]:
+def _fit_all(
+    records: list[dict], param: Parametrization, steps: int, confidence: float
+) -> list[dict]:
     series: dict[tuple, list[dict]] = {}
     for rec in records:
         if rec["metric"] in _FITTED:
-            series.setdefault((rec["metric"], rec["layer"], rec["role"]), []).append(rec)
+            series.setdefault((rec["metric"], rec["layer"], rec["role"]), []).append(
+                rec
+            )
     fits = []
     for (metric, layer, role), recs in series.items():
         values = [r["value"] for r in recs]
@@ -397,10 +465,17 @@ def _fit_all(records: list[dict], param: Parametrization, steps: int, confidence
             slope, ci = float("nan"), [float("nan"), float("nan")]
         else:
             slope, ci = fit_slope([r["width"] for r in recs], values, confidence)
-        fits.append({
-            "metric": metric, "layer": layer, "param": param.name, "r": param.r,
-            "slope": slope, "ci": ci, "predicted": predicted_exponent(metric, role, param, steps),
-        })
+        fits.append(
+            {
+                "metric": metric,
+                "layer": layer,
+                "param": param.name,
+                "r": param.r,
+                "slope": slope,
+                "ci": ci,
+                "predicted": predicted_exponent(metric, role, param, steps),
+            }
+        )
     return fits
 
 
@@ -426,9 +501,14 @@ def write_summary(result: CoordCheckResult, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     payload = {
-        "param": result.param, "r": result.r, "optimizer": result.optimizer,
-        "steps": result.steps, "widths": list(result.widths), "seeds": list(result.seeds),
-        "fits": result.fits, "records": result.records,
+        "param": result.param,
+        "r": result.r,
+        "optimizer": result.optimizer,
+        "steps": result.steps,
+        "widths": list(result.widths),
+        "seeds": list(result.seeds),
+        "fits": result.fits,
+        "records": result.records,
     }
     path = out / "summary.json"
     path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
@@ -445,7 +525,7 @@ def plot_coord_check(result: CoordCheckResult, path: str | Path) -> Path:
     Returns:
         The path of the written image.
     """
-    figure = require("matplotlib.figure", "plot_coord_check").Figure
+    Figure = require("matplotlib.figure", "plot_coord_check").Figure
     metrics = [m for m in _FITTED if any(f["metric"] == m for f in result.fits)]
     cols = 3
     rows = math.ceil(len(metrics) / cols)
@@ -456,21 +536,43 @@ def plot_coord_check(result: CoordCheckResult, path: str | Path) -> Path:
             _plot_series(ax, result, fit)
         ax.set(xscale="log", yscale="log", xlabel="width", title=metric)
         ax.legend(fontsize=6)
-    fig.suptitle(f"coordinate check: {result.param}, {result.optimizer}, T={result.steps}")
+    fig.suptitle(
+        f"coordinate check: {result.param}, {result.optimizer}, T={result.steps}"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
 
 
 def _plot_series(ax, result: CoordCheckResult, fit: dict) -> None:
-    recs = [r for r in result.records if r["metric"] == fit["metric"] and r["layer"] == fit["layer"]]
+    recs = [
+        r
+        for r in result.records
+        if r["metric"] == fit["metric"] and r["layer"] == fit["layer"]
+    ]
     widths = np.array(sorted({r["width"] for r in recs}), float)
-    means = np.array([np.mean([r["value"] for r in recs if r["width"] == w]) for w in widths])
+    means = np.array(
+        [np.mean([r["value"] for r in recs if r["width"] == w]) for w in widths]
+    )
     lo, hi = fit["ci"]
     label = f"{fit['layer'] or 'model'}: {fit['slope']:.2f} [{lo:.2f}, {hi:.2f}]"
     line = ax.plot(widths, means, "o-", ms=3, label=label)[0]
-    ax.scatter([r["width"] for r in recs], [r["value"] for r in recs], s=4, color=line.get_color(), alpha=0.4)
+    ax.scatter(
+        [r["width"] for r in recs],
+        [r["value"] for r in recs],
+        s=4,
+        color=line.get_color(),
+        alpha=0.4,
+    )
     if fit["predicted"] is not None and np.all(means > 0):
-        anchor = np.exp(np.mean(np.log(means)) - fit["predicted"] * np.mean(np.log(widths)))
-        ax.plot(widths, anchor * widths ** fit["predicted"], "--", color=line.get_color(), lw=0.8,
-                label=f"predicted {fit['predicted']:.2f}")
+        anchor = np.exp(
+            np.mean(np.log(means)) - fit["predicted"] * np.mean(np.log(widths))
+        )
+        ax.plot(
+            widths,
+            anchor * widths ** fit["predicted"],
+            "--",
+            color=line.get_color(),
+            lw=0.8,
+            label=f"predicted {fit['predicted']:.2f}",
+        )

@@ -39,7 +39,9 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[check_choice(name, "activation", tuple(ACTIVATIONS))]
 
 
-def _gaussian(n: int, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+def _gaussian(
+    n: int, shape: tuple[int, ...], generator: torch.Generator | None
+) -> Tensor:
     return torch.randn(n, *shape, generator=generator)
 
 
@@ -59,18 +61,31 @@ class MLP(nn.Module):
     """
 
     def __init__(
-        self, width: int, *, d_in: int = 8, d_out: int = 1, depth: int = 3,
-        activation: str = "tanh", bias: bool = True,
+        self,
+        width: int,
+        *,
+        d_in: int = 8,
+        d_out: int = 1,
+        depth: int = 3,
+        activation: str = "tanh",
+        bias: bool = True,
     ) -> None:
         super().__init__()
-        for value, name in ((width, "width"), (d_in, "d_in"), (d_out, "d_out"), (depth, "depth")):
+        for value, name in (
+            (width, "width"),
+            (d_in, "d_in"),
+            (d_out, "d_out"),
+            (depth, "depth"),
+        ):
             check_positive_int(value, name)
         if depth < 2:
             raise ValueError(f"expected depth >= 2 (read-in and read-out), got {depth}")
         self.width, self.d_in, self.output_dim = width, d_in, d_out
         self.act = _activation(activation)
         self.readin = nn.Linear(d_in, width, bias=bias)
-        self.hidden = nn.ModuleList(nn.Linear(width, width, bias=bias) for _ in range(depth - 2))
+        self.hidden = nn.ModuleList(
+            nn.Linear(width, width, bias=bias) for _ in range(depth - 2)
+        )
         self.readout = nn.Linear(width, d_out, bias=bias)
         self.roles = {"readin": "readin", "readout": "readout"}
         self.roles.update({f"hidden.{i}": "hidden" for i in range(depth - 2)})
@@ -106,12 +121,24 @@ class CNN(nn.Module):
     """
 
     def __init__(
-        self, width: int, *, in_channels: int = 3, image_size: int = 6, d_out: int = 1,
-        depth: int = 2, kernel_size: int = 3, activation: str = "tanh",
+        self,
+        width: int,
+        *,
+        in_channels: int = 3,
+        image_size: int = 6,
+        d_out: int = 1,
+        depth: int = 2,
+        kernel_size: int = 3,
+        activation: str = "tanh",
     ) -> None:
         super().__init__()
-        for value, name in ((width, "width"), (in_channels, "in_channels"),
-                            (image_size, "image_size"), (d_out, "d_out"), (depth, "depth")):
+        for value, name in (
+            (width, "width"),
+            (in_channels, "in_channels"),
+            (image_size, "image_size"),
+            (d_out, "d_out"),
+            (depth, "depth"),
+        ):
             check_positive_int(value, name)
         if kernel_size % 2 != 1:
             raise ValueError(f"expected an odd kernel_size, got {kernel_size}")
@@ -142,7 +169,9 @@ class CNN(nn.Module):
 class Block(nn.Module):
     """Pre-norm transformer block; branches scaled by ``branch_scale`` (1/sqrt(L))."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: int, branch_scale: float) -> None:
+    def __init__(
+        self, width: int, heads: int, mlp_ratio: int, branch_scale: float
+    ) -> None:
         super().__init__()
         self.heads, self.branch_scale = heads, branch_scale
         self.norm1 = nn.LayerNorm(width)
@@ -184,27 +213,46 @@ class Transformer(nn.Module):
     """
 
     def __init__(
-        self, width: int, *, vocab: int = 16, seq_len: int = 6, depth: int = 2,
-        heads: int = 2, mlp_ratio: int = 2, d_out: int | None = None,
+        self,
+        width: int,
+        *,
+        vocab: int = 16,
+        seq_len: int = 6,
+        depth: int = 2,
+        heads: int = 2,
+        mlp_ratio: int = 2,
+        d_out: int | None = None,
     ) -> None:
         super().__init__()
-        for value, name in ((width, "width"), (vocab, "vocab"), (seq_len, "seq_len"),
-                            (depth, "depth"), (heads, "heads"), (mlp_ratio, "mlp_ratio")):
+        for value, name in (
+            (width, "width"),
+            (vocab, "vocab"),
+            (seq_len, "seq_len"),
+            (depth, "depth"),
+            (heads, "heads"),
+            (mlp_ratio, "mlp_ratio"),
+        ):
             check_positive_int(value, name)
         if width % heads:
-            raise ValueError(f"expected width to be a multiple of heads={heads}, got {width}")
+            raise ValueError(
+                f"expected width to be a multiple of heads={heads}, got {width}"
+            )
         self.width, self.vocab, self.seq_len = width, vocab, seq_len
         self.output_dim = seq_len * (d_out or vocab)
         self.heads, self.attention_exponent = heads, 0.5
         self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(seq_len, width)
         scale = 1.0 / math.sqrt(depth)
-        self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, scale) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_ratio, scale) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(width)
         self.unembed = nn.Linear(width, d_out or vocab)
         self.roles = {"embed": "readin", "pos": "readin", "unembed": "readout"}
         for i in range(depth):
-            self.roles.update({f"blocks.{i}.{n}": "hidden" for n in ("qkv", "proj", "fc1", "fc2")})
+            self.roles.update(
+                {f"blocks.{i}.{n}": "hidden" for n in ("qkv", "proj", "fc1", "fc2")}
+            )
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(N, T) -> (N, T, d_out)``."""
@@ -258,22 +306,38 @@ class BNMLP(nn.Module):
     """
 
     def __init__(
-        self, width: int, *, depth: int = 5, d_in: int | None = None, d_out: int = 1,
-        activation: str = "linear", alpha: float = 0.0, init: str = "orthogonal",
+        self,
+        width: int,
+        *,
+        depth: int = 5,
+        d_in: int | None = None,
+        d_out: int = 1,
+        activation: str = "linear",
+        alpha: float = 0.0,
+        init: str = "orthogonal",
     ) -> None:
         super().__init__()
         d_in = d_in or width
-        for value, name in ((width, "width"), (depth, "depth"), (d_in, "d_in"), (d_out, "d_out")):
+        for value, name in (
+            (width, "width"),
+            (depth, "depth"),
+            (d_in, "d_in"),
+            (d_out, "d_out"),
+        ):
             check_positive_int(value, name)
         if depth < 2:
             raise ValueError(f"expected depth >= 2, got {depth}")
         if not (alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"expected alpha to be a finite number >= 0, got {alpha!r}")
+            raise ValueError(
+                f"expected alpha to be a finite number >= 0, got {alpha!r}"
+            )
         check_choice(init, "init", ("orthogonal", "gaussian"))
         self.width, self.d_in, self.output_dim = width, d_in, d_out
         self.act, self.alpha = _activation(activation), float(alpha)
         self.readin = nn.Linear(d_in, width, bias=False)
-        self.hidden = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(depth - 1))
+        self.hidden = nn.ModuleList(
+            nn.Linear(width, width, bias=False) for _ in range(depth - 1)
+        )
         self.readout = nn.Linear(width, d_out, bias=False)
         self.norm = RMSBatchNorm()
         self.roles = {"readin": "readin", "readout": "readout"}
@@ -290,7 +354,7 @@ class BNMLP(nn.Module):
         """``(N, d_in) -> (N, d_out)``; needs ``N <= width`` and independent inputs."""
         h = x
         for ell, layer in enumerate((self.readin, *self.hidden), start=1):
-            h = self.act(ell ** -self.alpha * self.norm(layer(h)))
+            h = self.act(ell**-self.alpha * self.norm(layer(h)))
         return self.readout(h)
 
     def sample_inputs(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -299,7 +363,10 @@ class BNMLP(nn.Module):
 
 
 FAMILIES: dict[str, type[nn.Module]] = {
-    "mlp": MLP, "cnn": CNN, "transformer": Transformer, "bn_mlp": BNMLP,
+    "mlp": MLP,
+    "cnn": CNN,
+    "transformer": Transformer,
+    "bn_mlp": BNMLP,
 }
 
 

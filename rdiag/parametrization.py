@@ -67,7 +67,9 @@ class Scale:
 
     def __call__(self, fan_in: float, m: float) -> float:
         """Evaluate at a layer's fan-in and the width ratio ``m``."""
-        return self.const * float(fan_in) ** self.fan_in_exp * float(m) ** self.width_exp
+        return (
+            self.const * float(fan_in) ** self.fan_in_exp * float(m) ** self.width_exp
+        )
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,11 @@ class Parametrization:
 
     def width_ratio(self, width: int) -> float:
         """``m = width / base_width``; raises ``ValueError`` below the base width."""
-        if isinstance(width, bool) or not isinstance(width, int) or width < self.base_width:
+        if (
+            isinstance(width, bool)
+            or not isinstance(width, int)
+            or width < self.base_width
+        ):
             raise ValueError(
                 f"expected an integer width >= base_width={self.base_width}, got {width!r}; "
                 "lower base_width (with_base_width) or use a larger model"
@@ -128,8 +134,14 @@ class Parametrization:
 
     def with_base_width(self, base_width: int) -> Parametrization:
         """A copy anchored at another base width."""
-        if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
-            raise ValueError(f"expected base_width to be a positive int, got {base_width!r}")
+        if (
+            isinstance(base_width, bool)
+            or not isinstance(base_width, int)
+            or base_width < 1
+        ):
+            raise ValueError(
+                f"expected base_width to be a positive int, got {base_width!r}"
+            )
         return replace(self, base_width=base_width)
 
     @property
@@ -152,7 +164,9 @@ def _check_r(r: float) -> float:
     return r
 
 
-def richness(r: float, *, gauge: str = "table", base_width: int = 1, name: str | None = None) -> Parametrization:
+def richness(
+    r: float, *, gauge: str = "table", base_width: int = 1, name: str | None = None
+) -> Parametrization:
     """The richness family ``alpha = m**r`` of Karkada's tutorial (SCIENCE.md section 1).
 
     Args:
@@ -185,7 +199,13 @@ def richness(r: float, *, gauge: str = "table", base_width: int = 1, name: str |
         out = Rule(Scale(-0.5, -r), Scale(), Scale(0.0, 2 * r), Scale(-0.5, r))
     label = name or (f"r={r:g}" if gauge == "table" else f"r={r:g},mult")
     return Parametrization(
-        label, inner, inner, out, r=r, gauge=gauge, base_width=base_width,
+        label,
+        inner,
+        inner,
+        out,
+        r=r,
+        gauge=gauge,
+        base_width=base_width,
         attention_exponent=0.5 + r,
     )
 
@@ -209,7 +229,13 @@ def standard(*, base_width: int = 1) -> Parametrization:
     """Standard parameterization: PyTorch default init, one fixed learning rate."""
     rule = Rule(Scale(), None, Scale(), Scale())
     return Parametrization(
-        "sp", rule, rule, rule, gauge="standard", base_width=base_width, bias_init="default"
+        "sp",
+        rule,
+        rule,
+        rule,
+        gauge="standard",
+        base_width=base_width,
+        bias_init="default",
     )
 
 
@@ -243,8 +269,15 @@ def gamma_family(gamma0: float, *, base_width: int = 1) -> Parametrization:
     inner = Rule(Scale(-0.5), Scale(), Scale(0.0, 1.0), Scale(-0.5))
     out = Rule(Scale(-1.0, 0.0, 1.0 / g), Scale(), Scale(0.0, 1.0), Scale(0.0, 0.0, g))
     return Parametrization(
-        f"gamma={g:g}", inner, inner, out, gamma=g, gauge="gamma", base_width=base_width,
-        centered=True, attention_exponent=1.0,
+        f"gamma={g:g}",
+        inner,
+        inner,
+        out,
+        gamma=g,
+        gauge="gamma",
+        base_width=base_width,
+        centered=True,
+        attention_exponent=1.0,
     )
 
 
@@ -272,7 +305,9 @@ def parse_param(spec: str | Parametrization) -> Parametrization:
     if isinstance(spec, Parametrization):
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"expected a parameterization string like 'r=0.25', got {type(spec).__name__}")
+        raise TypeError(
+            f"expected a parameterization string like 'r=0.25', got {type(spec).__name__}"
+        )
     key = spec.strip().lower()
     if key in _PRESETS:
         return _PRESETS[key]()
@@ -286,7 +321,9 @@ def parse_param(spec: str | Parametrization) -> Parametrization:
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"expected a number after '{kind}=', got {value!r} in {spec!r}") from None
+        raise ValueError(
+            f"expected a number after '{kind}=', got {value!r} in {spec!r}"
+        ) from None
     return richness(number) if kind == "r" else gamma_family(number)
 
 
@@ -298,7 +335,9 @@ def fan_in(module: nn.Module) -> int:
     return int(module.weight[0].numel())
 
 
-def infer_roles(model: nn.Module, roles: Mapping[str, str] | None = None) -> dict[str, str]:
+def infer_roles(
+    model: nn.Module, roles: Mapping[str, str] | None = None
+) -> dict[str, str]:
     """Role of every parametrized layer (``Linear``, ``Conv``, ``Embedding``).
 
     The model's own ``roles`` attribute (built-in families) is used if present;
@@ -352,7 +391,11 @@ def _multiplier_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor
     out = output * cw
     bias = getattr(module, "bias", None)
     if bias is not None and cb != cw:
-        shape = (-1,) if isinstance(module, nn.Linear) else (-1,) + (1,) * (output.dim() - 2)
+        shape = (
+            (-1,)
+            if isinstance(module, nn.Linear)
+            else (-1,) + (1,) * (output.dim() - 2)
+        )
         out = out + (cb - cw) * bias.reshape(shape)
     return out
 
@@ -431,7 +474,8 @@ def _check_supported(model: nn.Module) -> None:
     bad = [
         f"{n} ({type(m).__name__})"
         for n, m in model.named_modules()
-        if any(True for _ in m.parameters(recurse=False)) and not isinstance(m, _LAYERS + _NORMS)
+        if any(True for _ in m.parameters(recurse=False))
+        and not isinstance(m, _LAYERS + _NORMS)
     ]
     if bad:
         raise ValueError(
@@ -442,7 +486,9 @@ def _check_supported(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def _init_layer(module: nn.Module, rule: Rule, param: Parametrization, fi: int, m: float) -> None:
+def _init_layer(
+    module: nn.Module, rule: Rule, param: Parametrization, fi: int, m: float
+) -> None:
     if rule.init_std is None:
         module.reset_parameters()
         return
@@ -480,7 +526,9 @@ def _parametrized(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [
         (n, m)
         for n, m in model.named_modules()
-        if hasattr(m, "rdiag_role") and isinstance(m, _LAYERS) and m.weight.requires_grad
+        if hasattr(m, "rdiag_role")
+        and isinstance(m, _LAYERS)
+        and m.weight.requires_grad
     ]
 
 
@@ -510,7 +558,9 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
     out_mult = _root_output_multiplier(model)
     result = {}
     for name, module in layers:
-        c = module.rdiag_weight_multiplier * (out_mult if module.rdiag_role == "readout" else 1.0)
+        c = module.rdiag_weight_multiplier * (
+            out_mult if module.rdiag_role == "readout" else 1.0
+        )
         w = module.weight.detach()
         w = w.t() if isinstance(module, nn.Embedding) else w.reshape(w.shape[0], -1)
         result[name] = c * w
@@ -550,7 +600,11 @@ def lr_multipliers(
     owner = {}
     for name, module in layers:
         for pname, _ in module.named_parameters(recurse=False):
-            owner[f"{name}.{pname}" if name else pname] = (module.rdiag_role, module.rdiag_fan_in, pname)
+            owner[f"{name}.{pname}" if name else pname] = (
+                module.rdiag_role,
+                module.rdiag_fan_in,
+                pname,
+            )
     scales = {}
     for pname, p in model.named_parameters():
         if not p.requires_grad:
@@ -596,13 +650,21 @@ def make_optimizer(
     lr = check_finite_positive(lr, "lr")
     scales = lr_multipliers(model, parametrization, optimizer)
     named = dict(model.named_parameters())
-    groups = [{"params": [named[n]], "lr": lr * s, "name": n} for n, s in scales.items()]
+    groups = [
+        {"params": [named[n]], "lr": lr * s, "name": n} for n, s in scales.items()
+    ]
     if optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.Adam(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        return torch.optim.SGD(
+            groups, lr=lr, momentum=momentum, weight_decay=weight_decay
+        )
+    return torch.optim.Adam(
+        groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay
+    )
 
 
-def rescale(model: nn.Module, r: float, lr: float, *, width: int | None = None) -> float:
+def rescale(
+    model: nn.Module, r: float, lr: float, *, width: int | None = None
+) -> float:
     """Emulate richness ``r`` with an NTK-parameterized model (SCIENCE.md section 1).
 
     Multiplies the model output by ``n**-r`` (a root forward hook; no parameter is
