@@ -43,7 +43,6 @@ setup(
         "rdiag.operators",
         "rdiag.ntk",
         "rdiag.linalg",
-        "rdiag.integrations",
         "rdiag.kernels",
     ],
     package_dir={"rdiag.kernels": "kernels"},
