@@ -242,8 +242,10 @@ def standard(*, base_width: int = 1) -> Parametrization:
 def gamma_family(gamma0: float, *, base_width: int = 1) -> Parametrization:
     """The feature-learning-strength family of Atanasov et al. (SCIENCE.md section 3).
 
-    Weights N(0, 1), biases 0, multipliers ``1/sqrt(fan_in)``, the read-out divided
-    by ``fan_in * gamma0``, a *centered* model ``f = F_theta - F_theta0`` and plain
+    Weights N(0, 1), biases 0, multipliers ``1/sqrt(fan_in)``, the read-out
+    weights divided by ``fan_in * gamma0`` (precisely ``sqrt(fan_in * m) * gamma0``,
+    the same when the read-out fan-in is the width and ``base_width=1``; the
+    read-out bias by ``sqrt(m) * gamma0``), a *centered* model ``f = F_theta - F_theta0`` and plain
     SGD with one learning rate ``m * eta0`` (not scaled by ``gamma0``). At fixed
     width ``N``, ``gamma0 = N**(r - 1/2)`` realizes richness ``r`` (see
     :func:`gamma_for_richness`) when ``eta0`` is scaled like ``gamma0**2``. At a fixed
@@ -267,7 +269,12 @@ def gamma_family(gamma0: float, *, base_width: int = 1) -> Parametrization:
             "muP, smaller is lazier, larger is richer"
         )
     inner = Rule(Scale(-0.5), Scale(), Scale(0.0, 1.0), Scale(-0.5))
-    out = Rule(Scale(-1.0, 0.0, 1.0 / g), Scale(), Scale(0.0, 1.0), Scale(0.0, 0.0, g))
+    # Read-out multiplier (fan_in * m)^-1/2 / gamma0: 1 / (n gamma0) on the weights
+    # (fan_in = m = n at base width 1) and m^-1/2 / gamma0 on the bias, as in
+    # mean-field; so gamma0 = n^(r - 1/2) is exactly the multiplier gauge at r.
+    out = Rule(
+        Scale(-0.5, -0.5, 1.0 / g), Scale(), Scale(0.0, 1.0), Scale(-0.5, 0.5, g)
+    )
     return Parametrization(
         f"gamma={g:g}",
         inner,
