@@ -13,10 +13,11 @@ gives ``G = d f_a / d eps`` for every layer at once. A module called ``k`` times
 has its calls concatenated along ``T``, which is exact (the gradient sums over
 uses). Memory: ``N * O * sum_layers(T * Dg)`` floats for the cotangents.
 
-Every capture is checked once against autograd (a gradient of a random output
-projection, reconstructed from the factors); a parameter whose factors do not
-reproduce it (used outside its module's ``forward``, a batch-first assumption
-broken) is reported as failed and goes to the generic path.
+The factors are checked against autograd once per model and input shape (the
+gradient of a random output projection on a few samples, rebuilt from the
+factors); a parameter whose factors do not reproduce it (used outside its
+module's ``forward``, a batch-first assumption broken) is reported as failed and
+goes to the generic path.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from torch import Tensor, nn
 from rdiag.functional import FunctionalModel
 
 __all__ = ["Factor", "Site", "capture", "plan"]
+
+#: Samples used by the one-time check of the factors against autograd.
+CHECK_SAMPLES = 4
 
 
 @dataclass
@@ -242,7 +246,8 @@ def capture(
         sites: From :func:`plan`.
         x: Inputs ``(N, ...)``.
         chunk: Samples per forward/backward pass.
-        verify: Check the factors against an autograd gradient on the first chunk.
+        verify: Check the factors against an autograd gradient (first chunk, once
+            per model, input shape and set of sites; the outcome is cached on ``fm``).
 
     Returns:
         Full parameter name -> :class:`Factor` over all ``N`` samples, and the names
@@ -252,7 +257,12 @@ def capture(
     for start in range(0, len(x), chunk):
         part, bad = _capture_chunk(fm, sites, x[start : start + chunk])
         if verify and start == 0:
-            bad.update(_verify(fm, part, x[:chunk]))
+            key = ("_rdiag_structured_check", tuple(x.shape[1:]), x.dtype, tuple(part))
+            cache = fm.__dict__.setdefault("_rdiag_cache", {})
+            if key not in cache:
+                first = slice(0, min(CHECK_SAMPLES, chunk, len(x)))
+                cache[key] = _verify(fm, {n: f.rows(first) for n, f in part.items()}, x[first])
+            bad.update(cache[key])
         failed.update(bad)
         parts.append(part)
     names = [n for n in parts[0] if n not in failed]

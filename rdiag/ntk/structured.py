@@ -45,6 +45,8 @@ from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype
 
 __all__ = ["structured_coverage", "structured_ntk"]
 
+#: Smallest tile the symmetric kernel is split into (smaller GEMMs lose efficiency).
+MIN_SYMMETRIC_TILE = 32
 # One fallback notice per model object; ids of dead modules get reused, tokens do not.
 _TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COUNTER = itertools.count()
@@ -283,6 +285,9 @@ def _offdiagonal(
     n1, n2 = out[next(iter(out))].shape[:2]
     routes = {k: [_use_gram(t, n1, n2, spec) for t in ts] for k, ts in layers.items()}
     block = _block(layers, routes, out, spec, max(n1, n2))
+    if symmetric:
+        # Only upper-triangle tiles are computed: 4 row blocks save 3/8 of the work.
+        block = min(block, max(MIN_SYMMETRIC_TILE, -(-n1 // 4)))
     for rows, cols in tiles(n1, n2, block, symmetric):
         same = symmetric and rows == cols
         part = {
