@@ -76,6 +76,15 @@ def assert_kernel_close(
     assert_close(name, expected, actual, rtol=rtol, atol=atol * scale)
 
 
+def case_id(case) -> str:
+    """Readable pytest id: shape ``AxBx...``, ``R<r>``, dtype name."""
+    if isinstance(case, tuple):
+        return "x".join(map(str, case))
+    return (
+        str(case).replace("torch.", "") if isinstance(case, torch.dtype) else f"R{case}"
+    )
+
+
 @contextlib.contextmanager
 def autotuning(kernel, configs: list) -> Iterator[None]:
     """Make a ``triton.autotune`` kernel tune over ``configs`` (interpreter tests).
