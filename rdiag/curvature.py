@@ -334,10 +334,17 @@ def hessian_trace(
     """Stochastic estimate of ``tr(H)`` (or of the GGN/Fisher, or preconditioned).
 
     Args:
-        model, loss_fn, data, operator, preconditioner, params, exclude, mode,
-            dtype: As :func:`top_eigenvalues`.
+        model: The network.
+        loss_fn: ``loss_fn(output, target)`` with mean reduction.
+        data: A batch ``(x, y)`` or an iterable of batches.
         num_matvecs: Products to spend.
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
+        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        preconditioner: See :func:`preconditioner_diagonal`.
+        params: Parameter selector.
+        exclude: Parameters to leave out.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype.
         seed: Seed of the probes.
 
     Returns:
@@ -373,10 +380,20 @@ def hessian_density(
     """Smoothed eigenvalue density of the Hessian by stochastic Lanczos quadrature.
 
     Args:
-        model, loss_fn, data, operator, preconditioner, params, exclude, mode,
-            dtype: As :func:`top_eigenvalues`.
-        num_probes, lanczos_steps, grid, sigma, seed: As
-            :func:`~rdiag.linalg.density.spectral_density`.
+        model: The network.
+        loss_fn: ``loss_fn(output, target)`` with mean reduction.
+        data: A batch ``(x, y)`` or an iterable of batches.
+        num_probes: Random probes.
+        lanczos_steps: Lanczos steps (quadrature nodes) per probe.
+        grid: ``(G,)`` points, or a number of points spanning the nodes.
+        sigma: Gaussian broadening (default 1% of the node range).
+        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        preconditioner: See :func:`preconditioner_diagonal`.
+        params: Parameter selector.
+        exclude: Parameters to leave out.
+        mode: ``"eval"`` or ``"train"``.
+        dtype: Compute dtype.
+        seed: Seed of the probes.
 
     Returns:
         ``(grid, density)``, a :class:`~rdiag.linalg.density.SpectralDensity`.

@@ -72,12 +72,13 @@ def test_empirical_fisher_is_mean_of_per_sample_gradient_outer_products(loss: st
     net, x, y, loss_fn, names = make_case("cnn" if loss == "mse" else "mlp_tanh", loss)
     theta, f = oracles.flat_function(net, names)
     out_shape = net(_double(x)).shape[1:]
+
+    def sample_loss(t: torch.Tensor, i: int) -> torch.Tensor:
+        out = f(t, _double(x[i : i + 1])).reshape(1, *out_shape)
+        return loss_fn(out, _double(y[i : i + 1]))
+
     grads = torch.stack(
-        [
-            jacobian(lambda t: loss_fn(f(t, _double(x[i : i + 1])).reshape(1, *out_shape),
-                                       _double(y[i : i + 1])), theta)
-            for i in range(len(x))
-        ]
+        [jacobian(functools.partial(sample_loss, i=i), theta) for i in range(len(x))]
     )
     expected = grads.T @ grads / len(x)
     op = FisherOperator(net, loss_fn, (x, y), dtype=torch.float64)
@@ -105,17 +106,17 @@ def test_loss_kind_inference_and_errors() -> None:
 
 
 def test_reverse_mode_fallbacks_agree_with_dense() -> None:
-    from rdiag.operators._data import _STRATEGY_CACHE
-    from rdiag.operators.hessian import HessianOperator
+    from rdiag.operators.hessian import _STRATEGY_CACHE, HessianOperator
     from tests.test_operators_hessian import case_and_hessian
 
     net, x, y, loss_fn, _, _, _, ggn = ggn_case("layernorm", "ce")
     hess = case_and_hessian("layernorm", "ce")[-1]
-    # Index 2 = the reverse-over-reverse / double-vjp strategies, used when forward
-    # mode is missing even with the math attention backend.
-    _STRATEGY_CACHE[net] = {("hessian", "cross_entropy"): 2, ("ggn", "cross_entropy"): 2}
+    # Index 2 = reverse-over-reverse, used when forward mode is missing even with
+    # the math attention backend; the GGN's J v then uses the double-vjp trick.
+    _STRATEGY_CACHE[net] = {("hessian", "cross_entropy"): 2}
     v = torch.randn(ggn.shape[0], 3, dtype=torch.float64)
     h_op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
     g_op = GGNOperator(net, loss_fn, (x, y), dtype=torch.float64)
+    g_op.fm._rdiag_jvp_mode = "reverse"
     assert_close("H reverse", hess @ v, h_op.matmat(v), rtol=1e-9, atol=1e-12)
     assert_close("GGN double vjp", ggn @ v, g_op.matmat(v), rtol=1e-9, atol=1e-12)

@@ -12,8 +12,7 @@ from torch.autograd.functional import hessian
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
-from rdiag.operators._data import _STRATEGY_CACHE
-from rdiag.operators.hessian import HessianOperator, hvp
+from rdiag.operators.hessian import _STRATEGY_CACHE, HessianOperator, hvp
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO

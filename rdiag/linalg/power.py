@@ -55,8 +55,9 @@ def power_iteration(
     s = 0.0 if shift is None else float(shift)
     v = start_vector(op, warm_start, seed)
     lam, res = torch.zeros((), dtype=torch.float64), torch.full((), float("inf"))
-    converged = False
-    for matvecs in range(1, max_iter + 1):
+    converged, matvecs = False, 0
+    while matvecs < max_iter:
+        matvecs += 1
         w = op.matvec(v)
         lam = torch.dot(v, w).double()
         res = (w - lam.to(w.dtype) * v).norm().double()

@@ -1,15 +1,11 @@
 """Shared machinery of the loss-curvature operators (Hessian, GGN, Fisher).
 
-Batches and DataLoaders, the validated link ``model -> functional view -> loss``,
-and the choice among autodiff strategies with a fallback that is tried once per
-model and remembered.
+Batches and DataLoaders, and the validated link ``model -> functional view -> loss``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -17,15 +13,9 @@ from torch import Tensor, nn
 from torch.func import grad, jvp
 
 from rdiag._checks import check_scalar_loss, check_vector
-from rdiag._optional import warn_once
-from rdiag._typing import Data, LossFn, ParamSelector, Params
+from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.operators.base import LinearOperator
-
-# module -> {(operator kind, loss name): index of the strategy that worked}
-_STRATEGY_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], int]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 def _is_batch(data: Any) -> bool:
@@ -98,17 +88,6 @@ def forward_over_reverse(
     if target.is_floating_point():
         return jvp(grad(fun), (primal, target), (tangent, torch.zeros_like(target)))[1]
     return jvp(grad(lambda p: fun(p, target)), (primal,), (tangent,))[1]
-
-
-def math_attention() -> contextlib.AbstractContextManager[None]:
-    """Context that routes ``scaled_dot_product_attention`` to its math backend.
-
-    The fused CPU/CUDA attention kernels have no forward-mode (and no double
-    backward) derivative; the math backend is plain differentiable torch ops.
-    """
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel(SDPBackend.MATH)
 
 
 class CurvatureOperator(LinearOperator):
@@ -225,37 +204,3 @@ class CurvatureOperator(LinearOperator):
             return self.fm.unflatten(self.matvec(self.fm.flatten(v)))
         check_vector(v, self.shape[0])
         return self.matvec(v)
-
-    # ---- autodiff strategies with a remembered fallback -----------------------------
-    def run_strategies(
-        self, strategies: Sequence[tuple[str, Callable[[], Tensor]]]
-    ) -> Tensor:
-        """Run the first strategy that works for this model; remember which.
-
-        Strategies are tried in order only until one succeeds for this model and
-        loss (then that one is used directly from then on); a fallback is announced
-        once. If all fail, the first error is raised.
-        """
-        cache = _STRATEGY_CACHE.setdefault(self.fm.module, {})
-        key = (self.kind, loss_name(self.loss_fn))
-        if key in cache:
-            return strategies[cache[key]][1]()
-        first: Exception | None = None
-        for index, (name, call) in enumerate(strategies):
-            try:
-                result = call()
-            except (NotImplementedError, RuntimeError) as err:
-                first = first or err
-                continue
-            cache[key] = index
-            if index > 0:
-                reason = str(first).splitlines()[0][:160]
-                warn_once(
-                    f"{self.kind}-{type(self.fm.module).__name__}-{name}",
-                    f"{self.kind}: the default autodiff path failed for "
-                    f"{type(self.fm.module).__name__} ({reason}); using {name} from now "
-                    "on for this model",
-                )
-            return result
-        assert first is not None
-        raise first

@@ -14,12 +14,14 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp, vmap
 
+from rdiag._autodiff import jvp
 from rdiag._checks import check_choice
 from rdiag._typing import Data, LossFn, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
-from rdiag.operators._data import CurvatureOperator, forward_over_reverse, math_attention
+from rdiag.ntk.vector_products import model_jvp_mode
+from rdiag.operators._data import CurvatureOperator, forward_over_reverse
 
 LossKind = Literal["mse", "cross_entropy", "autodiff"]
 LOSS_KINDS = ("mse", "cross_entropy", "autodiff")
@@ -158,45 +160,22 @@ class GGNOperator(CurvatureOperator):
         """Output-space curvature product ``u -> C u`` on one batch's raw outputs."""
         return lambda u: loss_hessian_product(self.loss, self.loss_fn, out, y, u)
 
-    def _products(self, x: Tensor, y: Tensor, matrix: Tensor, forward: bool) -> Tensor:
+    def _batch_matmat(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
+        # Forward mode for J v where the model supports it, else the math attention
+        # backend or the double-vjp trick (probed once per functional model).
+        mode = model_jvp_mode(self.fm, x)
         theta = self.fm.flatten(self.fm.params)
 
         def f(t: Tensor) -> Tensor:
             return self.outputs(self.fm.unflatten(t), x)
 
         out, pullback = vjp(f, theta)
-        out = out.detach()
-        curvature = self._curvature(out, y)
-
-        def push(v: Tensor) -> Tensor:
-            if forward:
-                return jvp(f, (theta,), (v,))[1]
-            # J v as the vjp of the (linear) map u -> J^T u: reverse-over-reverse.
-            return vjp(lambda u: pullback(u)[0], torch.zeros_like(out))[1](v)[0]
+        curvature = self._curvature(out.detach(), y)
 
         def column(v: Tensor) -> Tensor:
-            return pullback(curvature(push(v)))[0]
+            return pullback(curvature(jvp(f, (theta,), (v,), mode)[1]))[0]
 
         return vmap(column, in_dims=1, out_dims=1, randomness="same")(matrix)
-
-    def _batch_matmat(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
-        def call(forward: bool, math: bool) -> Callable[[], Tensor]:
-            def run() -> Tensor:
-                if not math:
-                    return self._products(x, y, matrix, forward)
-                with math_attention():
-                    return self._products(x, y, matrix, forward)
-
-            return run
-
-        return self.run_strategies(
-            [
-                ("forward-mode J v", call(True, False)),
-                ("forward-mode J v with math attention", call(True, True)),
-                ("double-vjp J v", call(False, False)),
-                ("double-vjp J v with math attention", call(False, True)),
-            ]
-        )
 
 
 class FisherOperator(GGNOperator):

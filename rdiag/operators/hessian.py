@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
-from rdiag._typing import Data, LossFn, ParamSelector, Params
+from rdiag._autodiff import _math_attention as math_attention
+from rdiag._optional import warn_once
+from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
-from rdiag.operators._data import CurvatureOperator, forward_over_reverse, math_attention
+from rdiag.operators._data import CurvatureOperator, forward_over_reverse, loss_name
+
+# module -> {(operator kind, loss name): index of the strategy that worked}
+_STRATEGY_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], int]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class HessianOperator(CurvatureOperator):
@@ -120,6 +128,38 @@ class HessianOperator(CurvatureOperator):
                 ("reverse-over-reverse with math attention", math(rev)),
             ]
         )
+
+    def run_strategies(
+        self, strategies: Sequence[tuple[str, Callable[[], Tensor]]]
+    ) -> Tensor:
+        """Run the first strategy that works for this model; remember which.
+
+        Strategies are tried in order only until one succeeds for this model and
+        loss (then that one is used directly from then on); a fallback is announced
+        once. If all fail, the first error is raised.
+        """
+        cache = _STRATEGY_CACHE.setdefault(self.fm.module, {})
+        key = (self.kind, loss_name(self.loss_fn))
+        if key in cache:
+            return strategies[cache[key]][1]()
+        first: Exception | None = None
+        for index, (name, call) in enumerate(strategies):
+            try:
+                result = call()
+            except (NotImplementedError, RuntimeError) as err:
+                first = first or err
+                continue
+            cache[key] = index
+            if index > 0:
+                reason = str(first).splitlines()[0][:160]
+                warn_once(
+                    f"{self.kind}-{type(self.fm.module).__name__}-{name}",
+                    f"{self.kind}: the default autodiff path failed for "
+                    f"{type(self.fm.module).__name__} ({reason}); using {name} from now "
+                    "on for this model",
+                )
+            return result
+        raise first  # type: ignore[misc]  # strategies is never empty
 
 
 def hvp(
