@@ -119,6 +119,15 @@ def gram_hadamard(
         TypeError: Non-tensor or unsupported dtype.
         ValueError: Shapes, dtypes or devices disagree.
         MemoryError: A new ``out`` would not fit; the message says how big.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(4, 3, dtype=torch.float64)
+        >>> g = torch.randn(4, 2, 5, dtype=torch.float64)
+        >>> k = gram_hadamard(x, x, g, g)  # (4, 4, 2, 2)
+        >>> j = torch.einsum("nrg,nx->nrgx", g, x).flatten(2)  # per-sample gradients
+        >>> torch.allclose(k, torch.einsum("iap,jbp->ijab", j, j))
+        True
     """
     impl = _impl("gram_hadamard", x1)
     return impl.gram_hadamard(x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32)
@@ -207,6 +216,13 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
     Returns:
         :class:`KernelStats`; float32 accumulation (float64 for float64 input),
         scalars summed in float64.
+
+    Example:
+        >>> import torch
+        >>> k0 = torch.eye(3, dtype=torch.float64)
+        >>> stats = kernel_stats(k0, 2 * k0)
+        >>> stats.distance(), stats.relative_change()
+        (0.0, 1.0)
     """
     return _impl("kernel_stats", k0).kernel_stats(k0, k1)
 

@@ -24,6 +24,7 @@ HERE = Path(__file__).parent
 
 def test_kernels_under_triton_interpreter():
     """Run this directory's ``triton_interpret`` tests in a TRITON_INTERPRET=1 child."""
+    pytest.importorskip("triton", reason="needs Triton (pip install 'rdiag[triton]')")
     env = {k: v for k, v in os.environ.items() if k != "RDIAG_KERNELS"}
     env["TRITON_INTERPRET"] = "1"
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-m", "triton_interpret"]
