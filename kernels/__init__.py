@@ -141,8 +141,10 @@ def gram_hadamard_many(
 ) -> Tensor:
     """Sum of :func:`gram_hadamard` terms (one per layer) into one ``out``.
 
-    On the Triton path, terms with identical shapes and dtype are stacked and
-    run in one launch; other shapes get one launch each.
+    The Triton path runs when every term qualifies (see :func:`use_triton`);
+    there, terms with identical shapes and dtype are stacked and run in one
+    launch, other shapes get one launch each. Otherwise the reference loops over
+    the terms (mixed dtypes allowed; ``out`` takes the first term's result dtype).
 
     Args:
         terms: ``(x1, x2, g1, g2, scale)`` tuples, shaped as in
@@ -154,8 +156,9 @@ def gram_hadamard_many(
         ``out`` ``(N1, N2, R, R)``.
     """
     terms = list(terms)
-    first = terms[0][0] if terms and isinstance(terms[0], (tuple, list)) else None
-    impl = _impl("gram_hadamard", first) if isinstance(first, Tensor) else reference
+    xs = [t[0] for t in terms if isinstance(t, (tuple, list)) and t]
+    fast = bool(xs) and all(isinstance(x, Tensor) and use_triton(x) for x in xs)
+    impl = importlib.import_module(f"{__name__}.gram_hadamard") if fast else reference
     return impl.gram_hadamard_many(terms, out, allow_tf32=allow_tf32)
 
 

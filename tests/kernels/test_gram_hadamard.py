@@ -310,3 +310,14 @@ def test_cuda_tf32_and_many():
     )
     tf32 = kernels.gram_hadamard_many(terms, allow_tf32=True)
     assert_close("cuda tf32", expected, tf32, rtol=2e-2, atol=2e-2 * scale)
+
+
+@pytest.mark.triton_interpret
+def test_many_with_a_float64_term_runs_the_reference():
+    a = make_inputs(6, 5, 2, 4, 3, dtype=torch.float32)
+    b = make_inputs(6, 5, 2, 3, 7, seed=10)
+    terms = [(*a, 1.0), (*b, 0.5)]
+    expected = brute_force(*a) + brute_force(*b, 0.5)
+    actual = kernels.gram_hadamard_many(terms)
+    assert actual.dtype == torch.float32
+    assert_close("mixed many", expected, actual, rtol=1e-5, atol=1e-5)
