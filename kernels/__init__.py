@@ -23,7 +23,7 @@ from torch import Tensor
 from rdiag._optional import has_triton, warn_once
 
 from . import reference
-from ._launch import interpreting
+from ._launch import check_gram_hadamard_shared_args, interpreting
 from .reference import KernelStats
 
 __all__ = [
@@ -178,10 +178,14 @@ def gram_hadamard_shared(
         (g_{1,iat}\cdot g_{2,jbt'})
 
     For a conv, ``x`` holds the unfolded patches (``T`` = output positions,
-    ``Dx = C_in k^2``) and ``g`` the output cotangents per position. The Triton
-    kernel tiles over token pairs (no ``(N T) x (N T)`` Gram in memory); the
-    reference picks Grams or per-sample weight gradients by
-    :func:`rdiag.kernels.reference.shared_route`.
+    ``Dx = C_in k^2``) and ``g`` the output cotangents per position.
+
+    The cost model :func:`rdiag.kernels.reference.shared_route` picks the route
+    on every device. Where token Grams are cheaper (short sequences, wide
+    layers) the Triton kernel runs when :func:`use_triton` allows; it tiles over
+    token pairs, so no ``(N T) x (N T)`` Gram reaches memory. Where per-sample
+    weight gradients ``(N, R, Dg, Dx)`` are cheaper (convs: many positions) the
+    torch reference computes those (cuBLAS on GPU), on every device.
 
     Args:
         x1: ``(N1, T1, Dx)``.
@@ -201,6 +205,12 @@ def gram_hadamard_shared(
         MemoryError: A new ``out`` would not fit.
     """
     impl = _impl("gram_hadamard_shared", x1)
+    if impl is not reference:
+        # The kernel does the Gram route's N1 N2 T1 T2 (Dx + R^2 Dg) work; where
+        # weight gradients are cheaper (convs: many positions) cuBLAS on those wins.
+        shape = check_gram_hadamard_shared_args(x1, x2, g1, g2)
+        if reference.shared_route(shape, x1.device) == "weight_gradients":
+            impl = reference
     return impl.gram_hadamard_shared(
         x1, x2, g1, g2, out, scale=scale, allow_tf32=allow_tf32
     )

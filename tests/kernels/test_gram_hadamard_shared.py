@@ -227,12 +227,36 @@ def test_autotuning_restores_the_accumulator():
 
 
 @pytest.mark.triton_interpret
-def test_kernel_accumulates_strided_via_dispatch():
+def test_dispatch_follows_the_cost_model(monkeypatch):
+    """Gram route: the Triton kernel; weight-gradient route: the reference."""
+    calls = []
+    launcher = _triton().gram_hadamard_shared
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return launcher(*args, **kwargs)
+
+    monkeypatch.setattr(_triton(), "gram_hadamard_shared", spy)
+    tokens = make_inputs(3, 2, 2, 3, 1, 40, 40, dtype=torch.float32)  # grams
+    expected = reference.gram_hadamard_shared(*tokens)
+    assert_kernel_close(
+        "tokens", expected, kernels.gram_hadamard_shared(*tokens), torch.float32
+    )
+    assert calls == [1]
+    conv = make_inputs(2, 2, 30, 30, 1, 4, 2, dtype=torch.float32)  # weight gradients
+    assert torch.equal(
+        kernels.gram_hadamard_shared(*conv), reference.gram_hadamard_shared(*conv)
+    )
+    assert calls == [1]
+
+
+@pytest.mark.triton_interpret
+def test_kernel_accumulates_strided():
     x1, x2, g1, g2 = make_inputs(3, 2, 6, 5, 2, 9, 4, dtype=torch.float32)
     g1t = g1.transpose(2, 3).contiguous().transpose(2, 3)
     start = randn(3, 2, 2, 2, seed=4, dtype=torch.float32)
     out = start.clone()
-    assert kernels.gram_hadamard_shared(x1, x2, g1t, g2, out, scale=-2.0) is out
+    assert _triton().gram_hadamard_shared(x1, x2, g1t, g2, out, scale=-2.0) is out
     expected = reference.gram_hadamard_shared(x1, x2, g1, g2, start.clone(), scale=-2.0)
     assert_kernel_close("shared out +=", expected, out, torch.float32)
 
