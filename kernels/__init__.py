@@ -4,8 +4,10 @@ Dispatch rule, per call: the Triton kernel runs when Triton imports and the
 tensors are on CUDA, or when ``TRITON_INTERPRET=1`` is set (CPU tensors through
 Triton's interpreter; set it before anything imports Triton). Otherwise, and
 always for float64 inputs (the exact path), :mod:`rdiag.kernels.reference`
-runs. ``RDIAG_KERNELS=reference`` forces the reference. Importing this package
-never imports Triton.
+runs. ``RDIAG_KERNELS=reference`` forces the reference. For the weight-shared
+variant a cost model also decides: where per-sample weight gradients are cheaper
+than token Grams, the reference's weight-gradient route runs on every device.
+Importing this package never imports Triton.
 """
 
 from __future__ import annotations
