@@ -1,0 +1,277 @@
+"""Coordinate check: every recorded metric against a float64 brute force; fits; output."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rdiag.coord_check import (
+    _t_quantile,
+    coord_check,
+    fit_slope,
+    op_norm,
+    plot_coord_check,
+    predicted_exponent,
+    write_summary,
+)
+from rdiag.models import MLP
+from rdiag.parametrization import (
+    apply_parametrization,
+    effective_weights,
+    lr_multipliers,
+    parse_param,
+)
+from tests._assert import assert_close
+from tests.oracles import ntk_from_jacobians, per_sample_jacobian
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+def _data(n: int = 5, seed: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    return x, torch.randn(n, 2, generator=gen, dtype=torch.float64)
+
+
+def _norm(t: torch.Tensor) -> float:
+    return float(t.reshape(len(t), -1).norm(dim=1).mean())
+
+
+@pytest.mark.parametrize(("param", "optimizer"), [("r=0.25", "sgd"), ("mf", "adam")])
+def test_records_match_brute_force(param, optimizer):
+    """Each metric recomputed from the initial and trained model with float64 oracles."""
+    built = []
+
+    def family(width: int) -> MLP:
+        built.append(MLP(width, d_in=3, d_out=2, depth=3).double())
+        return built[-1]
+
+    x, y = _data()
+    probe = x[:4]
+    result = coord_check(
+        family,
+        param,
+        [4, 6],
+        steps=3,
+        seeds=[2],
+        lr=0.2,
+        optimizer=optimizer,
+        data=(x, y),
+        probe=probe,
+        dtype=torch.float64,
+    )
+    trained = built[-1]
+    torch.manual_seed(2)
+    init = apply_parametrization(MLP(6, d_in=3, d_out=2, depth=3).double(), param)
+    got = {
+        (r["metric"], r["layer"]): r["value"] for r in result.records if r["width"] == 6
+    }
+    want = {}
+    with torch.no_grad():
+        f0, ft = init(probe), trained(probe)
+        h0, ht = init.readin(probe), trained.readin(probe)
+        g0, gt = init.hidden[0](torch.tanh(h0)), trained.hidden[0](torch.tanh(ht))
+    want["f0", None], want["delta_f", None] = _norm(f0), _norm(ft - f0)
+    want["h0", "readin"], want["delta_h", "readin"] = _norm(h0), _norm(ht - h0)
+    want["h0", "hidden.0"], want["delta_h", "hidden.0"] = _norm(g0), _norm(gt - g0)
+    w0, wt = effective_weights(init), effective_weights(trained)
+    for name in w0:
+        dw = wt[name] - w0[name]
+        want["dW_op", name] = float(torch.linalg.matrix_norm(dw, ord=2))
+        want["dW_fro", name] = float(dw.norm())
+        want["dW_rel", name] = want["dW_op", name] / float(
+            torch.linalg.matrix_norm(w0[name], ord=2)
+        )
+    weights = lr_multipliers(init, optimizer=optimizer)
+    names = list(weights)
+    m = torch.cat(
+        [
+            torch.full((p.numel(),), weights[n], dtype=torch.float64)
+            for n, p in init.named_parameters()
+        ]
+    )
+    j0 = per_sample_jacobian(init, names, probe)
+    jt = per_sample_jacobian(trained, names, probe)
+    k0 = torch.einsum("ijaa->ij", ntk_from_jacobians(j0, j0, m))
+    kt = torch.einsum("ijaa->ij", ntk_from_jacobians(jt, jt, m))
+    want["ntk_rel_change", None] = float((kt - k0).norm() / k0.norm())
+    dtheta = torch.cat(
+        [
+            (pt - p0).detach().reshape(-1)
+            for p0, pt in zip(init.parameters(), trained.parameters())
+        ]
+    )
+    lin = f0 + torch.einsum("iap,p->ia", j0, dtheta)
+    want["lin_error", None] = float((ft - lin).norm() / (ft - f0).norm())
+    assert set(got) == set(want)
+    keys = sorted(want, key=str)
+    assert_close(
+        "metrics",
+        torch.tensor([want[k] for k in keys]),
+        torch.tensor([got[k] for k in keys]),
+        rtol=1e-8,
+        atol=1e-12,
+    )
+
+
+def test_result_fits_summary_and_plot(tmp_path):
+    result = coord_check(
+        "mlp",
+        "r=0.25",
+        [8, 16, 32],
+        steps=2,
+        seeds=2,
+        lr=0.1,
+        family_kwargs={"d_in": 2, "d_out": 2},
+    )
+    assert (result.param, result.r, result.widths, result.seeds) == (
+        "r=0.25",
+        0.25,
+        (8, 16, 32),
+        (0, 1),
+    )
+    assert len(result.records) == 3 * 2 * len(
+        {(r["metric"], r["layer"]) for r in result.records}
+    )
+    keys = {"metric", "layer", "param", "r", "slope", "ci", "predicted"}
+    assert all(set(f) == keys for f in result.fits)
+    metrics = {f["metric"] for f in result.fits}
+    assert metrics == {
+        "h0",
+        "delta_h",
+        "f0",
+        "delta_f",
+        "dW_op",
+        "dW_rel",
+        "ntk_rel_change",
+        "lin_error",
+    }
+    fit = result.fit("dW_op", "hidden.0")
+    assert (
+        fit["predicted"] == pytest.approx(-0.25)
+        and fit["ci"][0] <= fit["slope"] <= fit["ci"][1]
+    )
+    assert result.fit("ntk_rel_change")["layer"] is None
+    with pytest.raises(KeyError, match="no fit for metric='nope'"):
+        result.fit("nope")
+    path = write_summary(result, tmp_path / "out")
+    payload = json.loads(path.read_text())
+    assert payload["fits"] == json.loads(json.dumps(result.fits))
+    assert len(payload["records"]) == len(result.records)
+    pytest.importorskip("matplotlib")
+    image = plot_coord_check(result, tmp_path / "cc.png")
+    assert image.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_centered_gamma_check_has_no_f0():
+    result = coord_check(
+        "mlp",
+        "gamma=0.5",
+        [8, 16],
+        steps=2,
+        seeds=1,
+        lr=0.05,
+        ntk=False,
+        linearization=False,
+    )
+    assert "f0" not in {r["metric"] for r in result.records}
+    assert (
+        result.fit("delta_h", "model.hidden.0")["predicted"] == 0.5
+    )  # muP at fixed gamma0
+    assert result.r is None and result.param == "gamma=0.5"
+
+
+def test_fit_slope_exact_and_interval():
+    widths = [8, 8, 16, 16, 64, 64]
+    slope, ci = fit_slope(widths, [3.0 * w**-0.75 for w in widths])
+    assert slope == pytest.approx(-0.75, abs=1e-12)
+    assert ci == pytest.approx([-0.75, -0.75], abs=1e-9)
+    rng = np.random.default_rng(0)
+    noisy = [w**0.5 * math.exp(0.1 * rng.standard_normal()) for w in widths]
+    slope, (lo, hi) = fit_slope(widths, noisy, confidence=0.9)
+    assert lo < slope < hi
+    x = np.log(widths)
+    y = np.log(noisy)
+    assert slope == pytest.approx(np.polyfit(x, y, 1)[0], rel=1e-12)
+    resid = y - np.polyval(np.polyfit(x, y, 1), x)
+    se = math.sqrt((resid**2).sum() / 4 / ((x - x.mean()) ** 2).sum())
+    assert hi - slope == pytest.approx(_t_quantile(0.95, 4) * se, rel=1e-12)
+    assert (
+        fit_slope([2, 4], [1.0, 2.0])[1][0] != fit_slope([2, 4], [1.0, 2.0])[1][0]
+    )  # nan
+    with pytest.raises(ValueError, match="positive finite values"):
+        fit_slope([2, 4], [1.0, -1.0])
+    with pytest.raises(ValueError, match="two distinct widths"):
+        fit_slope([2, 2], [1.0, 2.0])
+
+
+@pytest.mark.parametrize("df", [1, 2, 4, 13, 60])
+def test_t_quantile_against_scipy(df):
+    stats = pytest.importorskip("scipy.stats")
+    for p in (0.9, 0.975, 0.995):
+        assert _t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-6)
+
+
+def test_op_norm_lanczos_path():
+    a = torch.randn(
+        300, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
+    assert op_norm(a) == pytest.approx(
+        float(torch.linalg.matrix_norm(a, ord=2)), rel=1e-10
+    )
+    low = a[:, :3] @ a[:3, :]
+    assert op_norm(low) == pytest.approx(
+        float(torch.linalg.matrix_norm(low, ord=2)), rel=1e-10
+    )
+
+
+def test_predictions():
+    r25, sp = parse_param("r=0.25"), parse_param("sp")
+    assert predicted_exponent("ntk_rel_change", None, r25, 10) == -0.5
+    assert predicted_exponent("ntk_rel_change", None, r25, 1) == -0.75
+    assert predicted_exponent("dW_op", "readin", r25, 10) == 0.25
+    assert predicted_exponent("delta_f", None, sp, 1) == 1.0
+    assert predicted_exponent("delta_h", "hidden", sp, 1) is None
+    assert predicted_exponent("lin_error", None, parse_param("gamma=2"), 10) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"widths": [8]}, ValueError, "two distinct widths"),
+        ({"widths": [8, 0]}, ValueError, "expected every width to be a positive int"),
+        ({"steps": 0}, ValueError, "expected steps to be a positive int"),
+        ({"seeds": []}, ValueError, "expected seeds"),
+        ({"lr": -1.0}, ValueError, "expected lr to be a finite number > 0"),
+        ({"optimizer": "lbfgs"}, ValueError, "expected optimizer to be one of"),
+        ({"confidence": 1.5}, ValueError, r"expected confidence in \(0, 1\)"),
+        ({"model_family": "resnet"}, ValueError, "expected model_family to be one of"),
+        ({"model_family": lambda w: MLP(w)}, ValueError, "expected data=\\(x, y\\)"),
+        ({"model_family": 3}, TypeError, "expected model_family"),
+        (
+            {"parametrization": "r=0.9"},
+            ValueError,
+            r"expected r in \[0, 1/2\], got 0.9",
+        ),
+    ],
+)
+def test_bad_arguments(kwargs, error, message):
+    args = {"model_family": "mlp", "parametrization": "mup", "widths": [8, 16]}
+    args.update(kwargs)
+    with pytest.raises(error, match=message):
+        coord_check(
+            args.pop("model_family"),
+            args.pop("parametrization"),
+            args.pop("widths"),
+            **args,
+        )
