@@ -195,8 +195,11 @@ def gram_hadamard_shared(
     fn = (
         _shared_by_weight_gradients if route == "weight_gradients" else _shared_by_grams
     )
+    a1, b1 = x1.to(acc), g1.to(acc)
+    a2 = a1 if x2 is x1 else x2.to(acc)  # keep identity: K(x, x) reuses W
+    b2 = b1 if g2 is g1 else g2.to(acc)
     with _tf32(x1.device, allow_tf32):
-        fn(x1.to(acc), x2.to(acc), g1.to(acc), g2.to(acc), out, scale, fresh)
+        fn(a1, a2, b1, b2, out, scale, fresh)
     return out
 
 
