@@ -69,6 +69,17 @@ def test_reference_routes_match_definition(fresh, route, n1, n2, t1, t2, r, dx, 
     assert_close(route, expected, out, **F64_TOL)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_reference_symmetric_call(dtype):
+    """``K(x, x)`` (same tensors on both sides) on the weight-gradient route."""
+    x, _, g, _ = make_inputs(4, 1, 30, 1, 2, 3, 2, dtype=dtype)
+    shape = reference.check_gram_hadamard_shared_args(x, x, g, g)
+    assert reference.shared_route(shape, x.device) == "weight_gradients"
+    expected = brute_force(x, x, g, g)
+    tol = F64_TOL if dtype == torch.float64 else {"rtol": 1e-5, "atol": 1e-4}
+    assert_close("K(x, x)", expected, reference.gram_hadamard_shared(x, x, g, g), **tol)
+
+
 def test_grams_route_blocks(monkeypatch):
     monkeypatch.setattr(reference, "_BLOCK_ELEMS", 50)
     x1, x2, g1, g2 = make_inputs(5, 6, 3, 2, 2, 4, 3)
