@@ -1,0 +1,302 @@
+"""Figures, ``summary.json`` and one self-contained HTML report from a run store.
+
+:func:`build_report` reads the finished runs of a :class:`~rdiag.store.Store`
+(typically an r x width x seed sweep), fits width exponents on a log-log scale
+(:func:`rdiag.metrics.fit_exponent`, t-interval over all (width, seed) points) and
+puts each next to its prediction (SCIENCE.md section 2):
+
+=================  =====================================  =============
+metric             measured at                            predicted
+=================  =====================================  =============
+``delta_h``        ``||h_T - h_0||`` per hidden layer     ``r``
+``ntk_rel_change`` ``||K_T - K_0||_F / ||K_0||_F``        ``2r - 1``
+``dW_rel``         ``||dW||_op / ||W_0||_op`` per layer   ``r - 1/2``
+``f0``             ``||f_0||`` at initialization          ``-r``
+=================  =====================================  =============
+
+(``T`` is each run's last step; ``K`` the learning-rate-weighted eNTK on the probe.)
+Figures: kernel movement vs width, the coordinate check (``delta_h`` vs width),
+preconditioned sharpness vs step for muP and NTK with the ``2/eta0`` line, the top
+eNTK eigenvalue over time and loss curves. matplotlib and pandas are imported
+inside the functions.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rdiag._optional import require
+from rdiag.metrics import fit_exponent
+from rdiag.store import Store
+
+#: Fitted metric -> the step it is read at (predictions: rdiag.coord_check.predicted_exponent).
+FITTED: dict[str, str] = {
+    "delta_h": "last", "ntk_rel_change": "last", "dW_rel": "last", "f0": "first",
+}
+_SOURCE = {"f0": "f_norm"}
+
+
+def _r_of(param: str) -> float | None:
+    from rdiag.parametrization import parse_param
+
+    return parse_param(param).r
+
+
+def _predicted(metric: str, param: str, steps: int) -> float | None:
+    from rdiag.coord_check import predicted_exponent
+    from rdiag.parametrization import parse_param
+
+    return predicted_exponent(metric, None, parse_param(param), steps)
+
+
+def _frame(store: Store) -> Any:
+    frame = store.query()
+    if len(frame) == 0:
+        raise ValueError(
+            f"the store {store.root} has no records; run `rdiag sweep` or rdiag.train first"
+        )
+    frame = frame[frame["status"] == "finished"]
+    if len(frame) == 0:
+        raise ValueError(f"the store {store.root} has no finished runs yet")
+    return frame
+
+
+def fits(store: Store | str | Path) -> list[dict[str, Any]]:
+    """Width exponents of every run group of the store, next to their predictions.
+
+    Runs are grouped by every config field except ``width`` and ``seed``; a group
+    with at least two widths gives one fit per metric and layer.
+
+    Args:
+        store: The store (or its directory).
+
+    Returns:
+        A list of ``{"metric", "layer", "param", "r", "slope", "ci": [lo, hi],
+        "predicted", "widths", "seeds", "group"}`` (``layer`` None for model-level
+        metrics; ``r``/``predicted`` None where the parameterization has no r).
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    frame = _frame(store)
+    frame = frame[frame["metric"].isin(["delta_h", "ntk_rel_change", "dW_rel", "f_norm"])]
+    group_cols = [
+        c for c in frame.columns
+        if c not in ("run", "step", "metric", "layer", "value", "status", "width", "seed")
+    ]
+    first = frame.groupby("run")["step"].transform("min") == frame["step"]
+    last = frame.groupby("run")["step"].transform("max") == frame["step"]
+    out = []
+    for metric, when in FITTED.items():
+        rows = frame[(frame["metric"] == _SOURCE.get(metric, metric)) & (first if when == "first" else last)]
+        for key, g in rows.groupby(group_cols + ["layer"], dropna=False, sort=True):
+            if g["width"].nunique() < 2:
+                continue
+            values = g["value"].to_numpy(dtype=float)
+            keep = values > 0
+            if keep.sum() < 2 or g["width"][keep].nunique() < 2:
+                continue
+            slope, (lo, hi) = fit_exponent(g["width"].to_numpy(dtype=float)[keep], values[keep])
+            info = dict(zip(group_cols + ["layer"], key))
+            r = _r_of(info["param"])
+            out.append({
+                "metric": metric,
+                "layer": info["layer"] or None,
+                "param": info["param"],
+                "r": r,
+                "slope": slope,
+                "ci": [lo, hi],
+                "predicted": _predicted(metric, info["param"], int(g["step"].max())),
+                "widths": sorted(int(w) for w in g["width"].unique()),
+                "seeds": int(g["seed"].nunique()),
+                "group": {k: v for k, v in info.items() if k not in ("layer", "param")},
+            })
+    return out
+
+
+def _mean_curves(frame: Any, metric: str, layer: str = "") -> Any:
+    rows = frame[(frame["metric"] == metric) & (frame["layer"] == layer)]
+    return rows.groupby(["param", "width", "step"])["value"].mean().reset_index()
+
+
+def _sorted_params(params: Any) -> list[str]:
+    return sorted(set(params), key=lambda p: (_r_of(p) is None, _r_of(p) or 0.0, p))
+
+
+def _fig_width_scaling(plt: Any, frame: Any, fit_list: list, metric: str, source: str,
+                       ylabel: str, path: Path) -> Path | None:
+    rows = frame[frame["metric"] == source]
+    if metric == "f0":
+        rows = rows[rows.groupby("run")["step"].transform("min") == rows["step"]]
+    else:
+        rows = rows[rows.groupby("run")["step"].transform("max") == rows["step"]]
+    if rows.empty or rows["width"].nunique() < 2:
+        return None
+    layers = sorted(rows["layer"].unique())
+    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 4), squeeze=False)
+    for ax, layer in zip(axes[0], layers):
+        for param in _sorted_params(rows["param"]):
+            g = rows[(rows["layer"] == layer) & (rows["param"] == param)]
+            line = ax.plot(g["width"], g["value"], "o", alpha=0.35)[0]
+            mean = g.groupby("width")["value"].mean()
+            fit = next((f for f in fit_list if f["metric"] == metric and f["param"] == param
+                        and (f["layer"] or "") == layer), None)
+            label = param
+            if fit is not None:
+                pred = "n/a" if fit["predicted"] is None else f"{fit['predicted']:+.2f}"
+                label += (f": slope {fit['slope']:+.2f} [{fit['ci'][0]:+.2f}, "
+                          f"{fit['ci'][1]:+.2f}], predicted {pred}")
+            ax.plot(mean.index, mean.values, "-", color=line.get_color(), label=label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("width n")
+        ax.set_ylabel(ylabel)
+        ax.set_title(layer or metric)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fig_over_steps(plt: Any, frame: Any, metric: str, layer: str, ylabel: str, path: Path,
+                    *, params: list[str] | None = None, eos: bool = False,
+                    logy: bool = False) -> Path | None:
+    curves = _mean_curves(frame, metric, layer)
+    if curves.empty:
+        return None
+    params = [p for p in (params or _sorted_params(curves["param"])) if p in set(curves["param"])]
+    if not params:
+        return None
+    fig, axes = plt.subplots(1, len(params), figsize=(5 * len(params), 4), squeeze=False)
+    for ax, param in zip(axes[0], params):
+        g = curves[curves["param"] == param]
+        for width, gw in g.groupby("width"):
+            ax.plot(gw["step"], gw["value"], marker=".", label=f"n={width}")
+        if eos:
+            for lr in sorted(frame[frame["param"] == param]["lr"].unique()):
+                ax.axhline(2 / lr, color="k", ls="--", lw=1, label=f"2/eta0 = {2 / lr:.3g}")
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.set_title(param)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_figures(store: Store | str | Path, out_dir: str | Path,
+                 fit_list: list[dict] | None = None) -> dict[str, Path]:
+    """Draw the report's figures as PNG files into ``out_dir``.
+
+    Args:
+        store: The store (or its directory).
+        out_dir: Directory for the PNGs (created if missing).
+        fit_list: Fits from :func:`fits` (computed if None), quoted in legends.
+
+    Returns:
+        Figure key -> path, for the figures the store has data for.
+    """
+    require("matplotlib", "rdiag report figures").use("Agg")
+    plt = require("matplotlib.pyplot", "rdiag report figures")
+    store = store if isinstance(store, Store) else Store(store)
+    frame = _frame(store)
+    fit_list = fits(store) if fit_list is None else fit_list
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    mu_ntk = [p for p in _sorted_params(frame["param"]) if _r_of(p) in (0.0, 0.5)]
+    made = {
+        "kernel_movement": _fig_width_scaling(
+            plt, frame, fit_list, "ntk_rel_change", "ntk_rel_change",
+            "||K_T - K_0||_F / ||K_0||_F", out / "kernel_movement.png"),
+        "coord_check": _fig_width_scaling(
+            plt, frame, fit_list, "delta_h", "delta_h", "||h_T - h_0|| (mean over probe)",
+            out / "coord_check.png"),
+        "sharpness": _fig_over_steps(
+            plt, frame, "sharpness_precond", "", "lambda_max(M^1/2 H M^1/2)",
+            out / "sharpness.png", params=mu_ntk or None, eos=True),
+        "ntk_eigenvalues": _fig_over_steps(
+            plt, frame, "ntk_eig", "0", "top eigenvalue of K_M", out / "ntk_eigenvalues.png",
+            logy=True),
+        "loss": _fig_over_steps(
+            plt, frame, "train_loss", "", "training loss", out / "loss.png", logy=True),
+    }
+    return {k: v for k, v in made.items() if v is not None}
+
+
+def _fit_table(fit_list: list[dict]) -> str:
+    rows = []
+    for f in fit_list:
+        pred = "" if f["predicted"] is None else f"{f['predicted']:+.3f}"
+        diff = "" if f["predicted"] is None else f"{f['slope'] - f['predicted']:+.3f}"
+        lo, hi = f["ci"]
+        ci = "n/a" if math.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}]"
+        cells = [f["metric"], f["layer"] or "", f["param"], f"{f['slope']:+.3f}", ci, pred, diff,
+                 f"{f['widths'][0]}..{f['widths'][-1]} ({len(f['widths'])})", str(f["seeds"])]
+        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+    head = ["metric", "layer", "param", "fitted slope", "95% CI", "predicted", "slope - predicted",
+            "widths", "seeds"]
+    return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
+            + "".join(rows) + "</table>")
+
+
+def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Path]:
+    """Write figures, ``summary.json`` and a self-contained ``report.html``.
+
+    Args:
+        store: The store (or its directory) holding finished runs.
+        out_dir: Output directory (created if missing); figures go to ``out_dir/figures``.
+
+    Returns:
+        ``{"html": path, "summary": path, <figure key>: path, ...}``.
+
+    Raises:
+        ValueError: The store has no finished runs.
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fit_list = fits(store)
+    figures = plot_figures(store, out / "figures", fit_list)
+    run_ids = store.run_ids()
+    statuses = {s: len(store.run_ids(s)) for s in ("finished", "running", "failed")}
+    summary = {
+        "fits": fit_list,
+        "runs": {"total": len(run_ids), **statuses},
+        "figures": {k: str(v.relative_to(out)) for k, v in figures.items()},
+        "predictions": {"delta_h": "r", "ntk_rel_change": "2r - 1 (r - 1 after one step)",
+                        "dW_rel": "r - 1/2", "f0": "-r"},
+        "store": str(store.db_path),
+    }
+    summary_path = out / "summary.json"
+    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    images = []
+    for key, path in figures.items():
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        images.append(f"<h2>{html.escape(key.replace('_', ' '))}</h2>"
+                      f'<img alt="{key}" src="data:image/png;base64,{data}">')
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>rdiag report</title>
+<style>body{{font-family:sans-serif;max-width:1400px;margin:auto}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px}}
+img{{max-width:100%}}</style></head><body>
+<h1>rdiag report</h1>
+<p>Store: {html.escape(str(store.db_path))}. Runs: {html.escape(json.dumps(summary["runs"]))}.</p>
+<h2>Fitted width exponents</h2>
+<p>Least-squares slopes of log(metric) on log(width) over every (width, seed) point at the
+last step (f0: at initialization), with 95% t-intervals (seed scatter only; finite widths
+bias slopes by up to ~0.2, most at r = 0). Predictions: delta_h ~ r,
+ntk_rel_change ~ 2r - 1, dW_rel ~ r - 1/2, f0 ~ -r.</p>
+{_fit_table(fit_list)}
+{"".join(images)}
+</body></html>
+"""
+    html_path = out / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return {"html": html_path, "summary": summary_path, **figures}
