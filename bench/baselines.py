@@ -71,3 +71,46 @@ def separate_kernel_stats(k0: Tensor, k1: Tensor) -> dict[str, Tensor]:
         "sum0": k0.sum(),
         "sum1": k1.sum(),
     }
+
+
+# ---------------------------------------------------------------- coordinate-check baselines
+
+
+def plain_width_sweep(
+    widths: list[int], seeds: int, steps: int, lr: float, x: Tensor, y: Tensor,
+    record_activations: bool = False,
+) -> list[float]:
+    """The same tanh MLPs (``d_in -> n -> n -> d_out``, muP table init) trained with
+    per-layer SGD rates in plain torch: the bare training cost of a coordinate check.
+
+    With ``record_activations`` it also records every layer's mean ``|h|`` at every
+    step through forward hooks (the mup package's ``get_coord_data`` style check).
+    Returns the recorded values (empty without recording).
+    """
+    d_in, d_out, out = x.shape[1], y.shape[1], []
+    for n in widths:
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            net = nn.Sequential(
+                nn.Linear(d_in, n), nn.Tanh(), nn.Linear(n, n), nn.Tanh(), nn.Linear(n, d_out)
+            )
+            with torch.no_grad():
+                for layer, std in zip(net[::2], (d_in**-0.5, n**-0.5, n**-1.0)):
+                    layer.weight.normal_(0.0, std)
+                    layer.bias.zero_()
+            rates = (n / d_in, 1.0, 1.0 / n)
+            opt = torch.optim.SGD(
+                [{"params": layer.parameters(), "lr": lr * s} for layer, s in zip(net[::2], rates)]
+            )
+            hooks = [
+                m.register_forward_hook(lambda _m, _i, o: out.append(float(o.abs().mean())))
+                for m in net[::2]
+                if record_activations
+            ]
+            for _ in range(steps):
+                opt.zero_grad()
+                (0.5 * (net(x) - y).pow(2).sum(1).mean()).backward()
+                opt.step()
+            for h in hooks:
+                h.remove()
+    return out
