@@ -39,6 +39,11 @@ def _activation(name: str) -> Callable[[Tensor], Tensor]:
     return ACTIVATIONS[check_choice(name, "activation", tuple(ACTIVATIONS))]
 
 
+def _check_sizes(**sizes: int) -> None:
+    for name, value in sizes.items():
+        check_positive_int(value, name)
+
+
 def _gaussian(
     n: int, shape: tuple[int, ...], generator: torch.Generator | None
 ) -> Tensor:
@@ -71,13 +76,7 @@ class MLP(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        for value, name in (
-            (width, "width"),
-            (d_in, "d_in"),
-            (d_out, "d_out"),
-            (depth, "depth"),
-        ):
-            check_positive_int(value, name)
+        _check_sizes(width=width, d_in=d_in, d_out=d_out, depth=depth)
         if depth < 2:
             raise ValueError(f"expected depth >= 2 (read-in and read-out), got {depth}")
         self.width, self.d_in, self.output_dim = width, d_in, d_out
@@ -132,14 +131,13 @@ class CNN(nn.Module):
         activation: str = "tanh",
     ) -> None:
         super().__init__()
-        for value, name in (
-            (width, "width"),
-            (in_channels, "in_channels"),
-            (image_size, "image_size"),
-            (d_out, "d_out"),
-            (depth, "depth"),
-        ):
-            check_positive_int(value, name)
+        _check_sizes(
+            width=width,
+            in_channels=in_channels,
+            image_size=image_size,
+            d_out=d_out,
+            depth=depth,
+        )
         if kernel_size % 2 != 1:
             raise ValueError(f"expected an odd kernel_size, got {kernel_size}")
         self.width, self.output_dim = width, d_out
@@ -224,15 +222,14 @@ class Transformer(nn.Module):
         d_out: int | None = None,
     ) -> None:
         super().__init__()
-        for value, name in (
-            (width, "width"),
-            (vocab, "vocab"),
-            (seq_len, "seq_len"),
-            (depth, "depth"),
-            (heads, "heads"),
-            (mlp_ratio, "mlp_ratio"),
-        ):
-            check_positive_int(value, name)
+        _check_sizes(
+            width=width,
+            vocab=vocab,
+            seq_len=seq_len,
+            depth=depth,
+            heads=heads,
+            mlp_ratio=mlp_ratio,
+        )
         if width % heads:
             raise ValueError(
                 f"expected width to be a multiple of heads={heads}, got {width}"
@@ -318,13 +315,7 @@ class BNMLP(nn.Module):
     ) -> None:
         super().__init__()
         d_in = d_in or width
-        for value, name in (
-            (width, "width"),
-            (depth, "depth"),
-            (d_in, "d_in"),
-            (d_out, "d_out"),
-        ):
-            check_positive_int(value, name)
+        _check_sizes(width=width, depth=depth, d_in=d_in, d_out=d_out)
         if depth < 2:
             raise ValueError(f"expected depth >= 2, got {depth}")
         if not (alpha >= 0 and math.isfinite(alpha)):

@@ -27,14 +27,7 @@ from rdiag.parametrization import (
 )
 from tests._assert import assert_close
 from tests.oracles import ntk_from_jacobians, per_sample_jacobian
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+from tests.test_science import _one_thread  # noqa: F401 (autouse fixture)
 
 
 def _data(n: int = 5, seed: int = 3):

@@ -135,38 +135,40 @@ def test_standard_parametrization_output_change_grows_like_width():
     _check(result, "delta_f", None, 0.1)
 
 
-def test_cnn_coordinate_check_at_mup():
+@pytest.mark.parametrize(
+    ("family", "widths", "kwargs", "hidden"),
+    [
+        (
+            "cnn",
+            [8, 16, 32, 64, 128],
+            {"image_size": 4, "in_channels": 2, "d_out": 4, "depth": 2},
+            ["hidden.0"],
+        ),
+        (
+            "transformer",
+            [16, 32, 64, 128, 256],
+            {"vocab": 8, "seq_len": 4, "depth": 1, "d_out": 2},
+            [f"blocks.0.{n}" for n in ("qkv", "proj", "fc1", "fc2")],
+        ),
+    ],
+)
+def test_family_coordinate_check_at_mup(family, widths, kwargs, hidden):
+    """Hidden ||dh|| ~ n^(1/2) and ||df|| ~ n^0 for the CNN and the transformer (+-0.1)."""
     result = coord_check(
-        "cnn",
+        family,
         "mup",
-        [8, 16, 32, 64, 128],
+        widths,
         steps=10,
         seeds=3,
         lr=0.1,
         batch_size=8,
-        family_kwargs={"image_size": 4, "in_channels": 2, "d_out": 4, "depth": 2},
+        family_kwargs=kwargs,
         ntk=False,
         linearization=False,
     )
-    _check(result, "delta_h", "hidden.0", 0.1)
-    _check(result, "delta_f", None, 0.1)
-
-
-def test_transformer_coordinate_check_at_mup():
-    result = coord_check(
-        "transformer",
-        "mup",
-        [16, 32, 64, 128, 256],
-        steps=10,
-        seeds=3,
-        lr=0.1,
-        batch_size=8,
-        family_kwargs={"vocab": 8, "seq_len": 4, "depth": 1, "d_out": 2},
-        ntk=False,
-        linearization=False,
-    )
-    for layer in ("blocks.0.qkv", "blocks.0.proj", "blocks.0.fc1", "blocks.0.fc2"):
+    for layer in hidden:
         _check(result, "delta_h", layer, 0.1)
+    _check(result, "delta_f", None, 0.1)
 
 
 def test_adam_table_at_mup():
