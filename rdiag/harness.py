@@ -407,7 +407,7 @@ def expand_grid(sweep_config: Mapping[str, Any]) -> list[TrainConfig]:
     if "r" in grid:
         if "param" in grid:
             raise ValueError("grid sets both 'r' and 'param'; use one of them")
-        grid["param"] = [f"r={v}" for v in grid.pop("r")]
+        grid["param"] = [f"r={v:g}" for v in grid.pop("r")]
     keys = list(grid)
     configs = []
     for combo in itertools.product(*(grid[k] for k in keys)):

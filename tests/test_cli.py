@@ -1,0 +1,109 @@
+"""CLI: each subcommand end to end on tiny settings; help texts; clear config errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from rdiag.cli import main
+
+TINY_SWEEP = """
+base:
+  model: mlp
+  depth: 3
+  optimizer: gd
+  lr: 0.1
+  steps: 4
+  every: 2
+  data_options: {n_train: 16, n_test: 8, dim: 3}
+  probe_size: 4
+  metrics: [ntk, representations, weights, sharpness_precond, loss]
+grid:
+  r: [0.5]
+  width: [8]
+"""
+
+
+def _exit_code(argv: list[str]) -> int:
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    return info.value.code
+
+
+@pytest.mark.parametrize("command", ["run", "sweep", "coord-check", "report", "ntk", "sharpness"])
+def test_help_has_examples(command: str, capsys) -> None:
+    assert _exit_code([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out and f"rdiag {command}" in out
+
+
+def test_sweep_then_report_end_to_end(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_SWEEP)
+    out = tmp_path / "results"
+    argv = ["sweep", "--config", str(config), "--r", "0", "0.5", "--widths", "8", "16",
+            "--seeds", "2", "--steps", "4", "--every", "2", "--workers", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "8 runs (8 finished" in printed and str(out / "report.html") in printed
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = {(f["metric"], f["param"]) for f in summary["fits"]}
+    assert {("delta_h", "r=0"), ("ntk_rel_change", "r=0.5")} <= metrics
+    assert summary["runs"]["finished"] == 8
+    assert main(argv) == 0  # resumed: nothing to redo
+    assert "8 already done" in capsys.readouterr().out
+    assert main(["report", "--store", str(out), "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").is_file()
+
+
+def test_run_ntk_and_sharpness(tmp_path, capsys) -> None:
+    assert main(["run", "--width", "8", "--steps", "3", "--every", "3", "--batch-size", "8",
+                 "--metrics", "loss",
+                 "ntk", "--data-option", "n_train=16", "--data-option", "dim=3",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert "finished" in capsys.readouterr().out
+    path = tmp_path / "ntk.json"
+    assert main(["ntk", "--width", "16", "--n", "6", "--param", "ntk", "--out", str(path)]) == 0
+    summary = json.loads(path.read_text())
+    from rdiag import empirical_ntk
+    from rdiag.models import make_model
+    from rdiag.parametrization import lr_multipliers
+
+    model = make_model("mlp", 16, parametrization="ntk", seed=0, depth=3)
+    x = model.sample_inputs(6, torch.Generator().manual_seed(0))
+    k = empirical_ntk(model, x, weights=lr_multipliers(model))
+    assert summary["trace"] == pytest.approx(float(k.trace()), rel=1e-5)
+    assert len(summary["top_eigenvalues"]) == 6
+    assert main(["sharpness", "--width", "8", "--n", "6", "--steps", "2"]) == 0
+    assert "sharpness_preconditioned" in capsys.readouterr().out
+
+
+def test_coord_check_command(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    assert main(["coord-check", "--model", "mlp", "--param", "mup", "--widths", "8", "16",
+                 "--steps", "2", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert any(f["metric"] == "delta_h" for f in summary["fits"])
+    assert (tmp_path / "coord_check.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["run", "--param", "r=0.9", "--out", "{tmp}"], "bad config field 'param'"),
+        (["run", "--data", "cifar10", "--data-option", "root={tmp}/none", "--out", "{tmp}"],
+         "CIFAR-10 directory"),
+        (["run", "--data-option", "oops", "--out", "{tmp}"], "KEY=VALUE"),
+        (["sweep", "--config", "{tmp}/missing.yaml", "--out", "{tmp}"], "does not exist"),
+        (["sweep", "--seeds", "0", "--out", "{tmp}"], "--seeds K >= 1"),
+        (["report", "--store", "{tmp}/nothing"], "no store at"),
+        (["run", "--model", "resnet", "--out", "{tmp}"], "invalid choice: 'resnet'"),
+    ],
+)
+def test_errors_exit_2_with_a_clear_message(tmp_path, capsys, argv: list, message: str) -> None:
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert _exit_code(argv) == 2
+    assert message in capsys.readouterr().err

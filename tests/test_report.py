@@ -1,0 +1,86 @@
+"""Report: fits recover known power laws from a store; HTML, figures and summary.json."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+
+import pytest
+
+from rdiag.report import build_report, fits
+from rdiag.store import Store
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("pandas")
+
+WIDTHS = (16, 32, 64, 128, 256)
+
+
+def _synthetic_store(root, noise: float = 0.0) -> Store:
+    """Records that follow the predicted power laws exactly (times a seed factor)."""
+    store = Store(root)
+    for param, r in (("r=0", 0.0), ("r=0.5", 0.5)):
+        for width in WIDTHS:
+            for seed in (0, 1):
+                cfg = {"model": "mlp", "param": param, "width": width, "seed": seed,
+                       "lr": 0.25, "steps": 10}
+                rid = store.create_run(cfg, seed=seed)
+                wobble = 1 + noise * (1 if (seed + width // 16) % 2 else -1)
+                store.log(rid, 0, {"f_norm": 3.0 * width**-r, ("ntk_eig", "0"): 5.0,
+                                   "sharpness_precond": 4.0, "train_loss": 1.0,
+                                   ("delta_h", "h1"): 0.0, "ntk_rel_change": 0.0})
+                store.log(rid, 10, {
+                    ("delta_h", "h1"): 0.7 * width**r * wobble,
+                    ("delta_h", "h2"): 0.2 * width**r,
+                    "ntk_rel_change": 2.0 * width ** (2 * r - 1) * wobble,
+                    ("dW_rel", "h1"): width ** (r - 0.5),
+                    ("ntk_eig", "0"): 6.0, "sharpness_precond": 7.5, "train_loss": 0.1,
+                })
+                store.set_status(rid, "finished")
+    return store
+
+
+def test_fits_recover_exponents_and_predictions(tmp_path) -> None:
+    store = _synthetic_store(tmp_path)
+    found = {(f["metric"], f["layer"], f["param"]): f for f in fits(store)}
+    expected = {"delta_h": lambda r: r, "ntk_rel_change": lambda r: 2 * r - 1,
+                "dW_rel": lambda r: r - 0.5, "f0": lambda r: -r}
+    for (metric, layer, param), f in found.items():
+        r = f["r"]
+        assert f["slope"] == pytest.approx(expected[metric](r), abs=1e-9), (metric, layer, param)
+        assert f["predicted"] == pytest.approx(expected[metric](r), abs=1e-12)
+        assert f["widths"] == list(WIDTHS) and f["seeds"] == 2
+        assert set(f) >= {"metric", "layer", "param", "r", "slope", "ci", "predicted"}
+    assert ("delta_h", "h2", "r=0.5") in found and ("ntk_rel_change", None, "r=0") in found
+    assert ("f0", None, "r=0.5") in found and len(found) == 10
+
+
+def test_build_report_writes_self_contained_html(tmp_path) -> None:
+    store = _synthetic_store(tmp_path / "store", noise=0.05)
+    paths = build_report(store, tmp_path / "out")
+    page = paths["html"].read_text()
+    assert page.count('src="data:image/png;base64,') == 5
+    start = page.index("base64,") + len("base64,")
+    png = base64.b64decode(page[start : page.index('"', start)])
+    assert png.startswith(b"\x89PNG")
+    summary = json.loads(paths["summary"].read_text())
+    kinds = {f["metric"] for f in summary["fits"]}
+    assert {"delta_h", "ntk_rel_change"} <= kinds
+    for f in summary["fits"]:
+        lo, hi = f["ci"]
+        assert lo <= f["slope"] <= hi and not math.isnan(lo)
+        assert f"{f['slope']:+.3f}" in page
+    assert summary["runs"]["finished"] == 20
+    for key in ("kernel_movement", "coord_check", "sharpness", "ntk_eigenvalues", "loss"):
+        assert paths[key].is_file()
+
+
+def test_report_needs_finished_runs(tmp_path) -> None:
+    store = Store(tmp_path)
+    with pytest.raises(ValueError, match="no records"):
+        build_report(store, tmp_path / "out")
+    rid = store.create_run({"param": "r=0", "width": 8, "seed": 0})
+    store.log(rid, 0, {"loss": 1.0})
+    with pytest.raises(ValueError, match="no finished runs"):
+        build_report(store, tmp_path / "out")
