@@ -23,13 +23,18 @@ import pytest
 import torch
 
 from bench.baselines import tutorial_jacobian_ntk
-from bench.bench_ntk import SIZES, WIDTHS, _skip_if_too_big, mlp
+from bench.bench_ntk import SIZES, WIDTHS, mlp
 from rdiag import empirical_ntk, functionalize
 from rdiag._checks import format_bytes
+from rdiag.ntk.api import NTKImplementation, ntk_costs
+from rdiag.ntk.spec import NTKSpec
 
 IMPLS = ["structured", "recipe", "jacobian", "ntvp"]
 #: The recipe holds both Jacobians; skip it above this many bytes.
 RECIPE_LIMIT = 8 * 2**30
+#: Skip "jacobian"/"ntvp" above this cost-model estimate (about 10 s here; bench_ntk
+#: times them up to 3e12).
+GENERIC_FLOPS = 2e11
 
 
 def _case(impl: str, width: int, n: int, trace: bool):
@@ -46,9 +51,15 @@ def _skip(impl: str, model: torch.nn.Module, x: torch.Tensor, trace: bool) -> No
     if impl == "structured":
         return
     jac_bytes = 2 * len(x) * 10 * sum(p.numel() for p in model.parameters()) * 4
-    if impl == "recipe" and jac_bytes > RECIPE_LIMIT:
-        pytest.skip(f"recipe: its two N*O*P Jacobians need {format_bytes(jac_bytes)} > 8 GiB")
-    _skip_if_too_big(model, x, trace, impl)
+    if impl == "recipe":
+        if jac_bytes > RECIPE_LIMIT:
+            pytest.skip(f"recipe: its two N*O*P Jacobians need {format_bytes(jac_bytes)} > 8 GiB")
+        return
+    fm = functionalize(model)
+    spec = NTKSpec(trace, False, fm.param_weights(None), 1, 1e12, 10)
+    flops = ntk_costs(fm, x, len(x), spec, symmetric=True)[NTKImplementation(impl)].flops
+    if flops > GENERIC_FLOPS:
+        pytest.skip(f"{impl}: cost model estimates {flops:.2g} FLOPs > {GENERIC_FLOPS:.0e}")
 
 
 @pytest.mark.parametrize("trace", [False, True], ids=["full", "traced"])

@@ -310,3 +310,24 @@ def test_diagonal_with_x2_is_an_error() -> None:
     spec = NTKSpec(True, True, fm.param_weights(None), 4, 1e9, 3)
     with pytest.raises(ValueError, match="drop x2"):
         structured_ntk(fm, make(4, 1), make(4, 2), spec)
+
+
+def test_bias_is_folded_into_its_weight_one_gram_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, make = ZOO["mlp_tanh"](0)
+    x1, x2 = make(5, 1), make(3, 2)
+    calls = []
+    original = structured.gram_hadamard
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(structured, "gram_hadamard", spy)
+    weights = {"0.bias": 0.0, "2": 2.0, "4.weight": 0.5}
+    fm = functionalize(model, dtype=torch.float64)
+    got = empirical_ntk(fm, x1, x2, weights=weights, **KW)
+    # Layer 0 has only its weight (bias weight 0); layers 2 and 4 carry a ones column.
+    assert [s[1] for s in calls] == [5, 7 + 1, 6 + 1], calls
+    w = torch.cat([torch.full((fm.params[n].numel(),), v) for n, v in fm.param_weights(weights).items()])
+    ref = oracles.ntk_from_jacobians(_jac(model, x1), _jac(model, x2), w.double())
+    assert_close("folded bias", _traced(ref), got, **F64)

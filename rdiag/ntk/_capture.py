@@ -265,14 +265,29 @@ def capture(
             bad.update(cache[key])
         failed.update(bad)
         parts.append(part)
-    names = [n for n in parts[0] if n not in failed]
-    factors = {}
-    for n in names:
-        xs = [p[n].x for p in parts]
-        factors[n] = Factor(
-            torch.cat([p[n].g for p in parts]), None if xs[0] is None else torch.cat(xs)
-        )
+    memo: dict = {}
+    factors = {n: _join([p[n] for p in parts], 0, memo) for n in parts[0] if n not in failed}
     return factors, failed
+
+
+def _join(parts: list[Factor], g_dim: int, memo: dict) -> Factor:
+    """Concatenate factors over samples (``g_dim=0``) or uses (``g_dim=2``).
+
+    Parameters sharing a cotangent (a weight and its bias) keep sharing one tensor:
+    equal inputs give the one result kept in ``memo``.
+    """
+
+    def cat(tensors: list[Tensor], dim: int) -> Tensor:
+        if len(tensors) == 1:
+            return tensors[0]
+        key = (tuple(id(t) for t in tensors), dim)
+        if key not in memo:
+            memo[key] = torch.cat(tensors, dim)
+        return memo[key]
+
+    xs = [p.x for p in parts]
+    x = None if xs[0] is None else cat(xs, 0 if g_dim == 0 else 1)
+    return Factor(cat([p.g for p in parts], g_dim), x)
 
 
 def _capture_chunk(
@@ -313,15 +328,13 @@ def _capture_chunk(
     for (site, (saved, _)), cot in zip(live, cots):
         facs = _HANDLERS[type(site.module)].factors(site.module, saved, cot.movedim(0, 1))
         per_site.setdefault(site.name, []).append(facs)
-    factors = {}
-    for site in sites:
-        if site.name in failed:
-            continue
-        for local, full in site.params.items():
-            uses = [f[local] for f in per_site[site.name]]
-            g = torch.cat([u.g for u in uses], dim=2)
-            xs = None if uses[0].x is None else torch.cat([u.x for u in uses], dim=1)
-            factors[full] = Factor(g, xs)
+    memo: dict = {}
+    factors = {
+        full: _join([f[local] for f in per_site[site.name]], 2, memo)
+        for site in sites
+        if site.name not in failed
+        for local, full in site.params.items()
+    }
     names_failed = {
         full: failed[s.name] for s in sites if s.name in failed for full in s.params.values()
     }

@@ -131,8 +131,7 @@ def structured_ntk(
         warn_once(
             f"structured-fallback-{_TOKENS.setdefault(fm.module, next(_COUNTER))}",
             f"structured eNTK: {len(rest)} parameter(s) of {kinds} went through the "
-            "'jacobian' implementation (no structured rule); the result is exact but "
-            "slower",
+            "'jacobian' implementation; the result is exact but slower",
         )
         for layer, k in _generic(fm, [n for n in fm.names if n in rest], x1, x2, spec).items():
             out[layer] += k
@@ -154,7 +153,8 @@ def _layer_terms(
         w, b = names.get("weight"), names.get("bias")
         fold = (
             w is not None and b is not None and layer_of(w) == layer_of(b)
-            and f1[w].x is not None and not f1[w].tokens and f1[b].x is None
+            and f1[w].g is f1[b].g and f1[w].x is not None and not f1[w].tokens
+            and f1[b].x is None
         )
         for local, name in names.items():
             if fold and local == "bias":
