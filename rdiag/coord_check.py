@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from rdiag._autodiff import jvp, jvp_mode
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
 from rdiag._optional import require
 from rdiag.functional import functionalize
@@ -374,13 +375,22 @@ def _run(
         delta = {
             n: p.detach() - theta0[n] for n, p in functionalize(model).params.items()
         }
-        with torch.no_grad():
-            _, jvp_out = torch.func.jvp(lambda p: fm(p, probe), (theta0,), (delta,))
-        lin = f0 + jvp_out
+        lin = f0 + _jvp_at(fm, probe, theta0, delta).detach()
         recs.append(
             _rec("lin_error", None, None, float((ft - lin).norm() / (ft - f0).norm()))
         )
     return recs
+
+
+def _jvp_at(fm, probe: Tensor, theta0: dict, delta: dict) -> Tensor:
+    """``J_0 delta`` on the probe; ops without forward-mode AD (fused attention on
+    CPU) fall back as in :mod:`rdiag._autodiff` (math attention, then double vjp)."""
+    results = {}
+
+    def run(mode: str) -> None:
+        results[mode] = jvp(lambda p: fm(p, probe), (theta0,), (delta,), mode)[1]
+
+    return results[jvp_mode(fm, run)]
 
 
 def _rec(metric: str, layer: str | None, role: str | None, value: float) -> dict:

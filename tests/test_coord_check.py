@@ -18,7 +18,7 @@ from rdiag.coord_check import (
     predicted_exponent,
     write_summary,
 )
-from rdiag.models import MLP
+from rdiag.models import MLP, Transformer
 from rdiag.parametrization import (
     apply_parametrization,
     effective_weights,
@@ -268,3 +268,52 @@ def test_bad_arguments(kwargs, error, message):
             args.pop("widths"),
             **args,
         )
+
+
+def test_transformer_linearization_without_forward_mode_attention():
+    """Fused attention has no forward-mode AD on CPU: J0 dtheta falls back, same value."""
+    built = []
+
+    def family(width: int) -> Transformer:
+        built.append(Transformer(width, vocab=5, seq_len=3, depth=1).double())
+        return built[-1]
+
+    tokens = torch.randint(0, 5, (4, 3), generator=torch.Generator().manual_seed(0))
+    y = torch.randn(
+        4, 15, dtype=torch.float64, generator=torch.Generator().manual_seed(1)
+    )
+    # On CPU, forward-mode AD through fused SDPA raises; coord_check falls back.
+    result = coord_check(
+        family,
+        "mup",
+        [4, 6],
+        steps=2,
+        seeds=[0],
+        lr=0.1,
+        data=(tokens, y),
+        dtype=torch.float64,
+        ntk=False,
+    )
+    torch.manual_seed(0)
+    init = apply_parametrization(
+        Transformer(6, vocab=5, seq_len=3, depth=1).double(), "mup"
+    )
+    trained = built[-1]
+    names = [n for n, _ in init.named_parameters()]
+    j0 = per_sample_jacobian(init, names, tokens)
+    dtheta = torch.cat(
+        [
+            (pt - p0).detach().reshape(-1)
+            for p0, pt in zip(init.parameters(), trained.parameters())
+        ]
+    )
+    with torch.no_grad():
+        f0, ft = init(tokens).reshape(4, -1), trained(tokens).reshape(4, -1)
+    lin = f0 + torch.einsum("iap,p->ia", j0, dtheta)
+    want = float((ft - lin).norm() / (ft - f0).norm())
+    got = next(
+        r["value"]
+        for r in result.records
+        if r["metric"] == "lin_error" and r["width"] == 6
+    )
+    assert got == pytest.approx(want, rel=1e-8)
