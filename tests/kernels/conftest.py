@@ -101,7 +101,8 @@ def autotuning(kernel, configs: list) -> Iterator[None]:
         t = 100.0 - len(calls)
         return [t, t, t]
 
-    saved = kernel.configs, dict(kernel.cache)
+    missing = object()
+    saved = kernel.configs, dict(kernel.cache), kernel.__dict__.get("do_bench", missing)
     kernel.configs, kernel.do_bench = list(configs), fake_bench
     kernel.cache.clear()
     try:
@@ -110,5 +111,8 @@ def autotuning(kernel, configs: list) -> Iterator[None]:
         kernel.configs = saved[0]
         kernel.cache.clear()
         kernel.cache.update(saved[1])
-        del kernel.do_bench
+        if saved[2] is missing:  # a cached_property in Triton 3.9: recomputed lazily
+            del kernel.do_bench
+        else:
+            kernel.do_bench = saved[2]
     assert len(calls) >= len(configs), "the kernel was not autotuned"
