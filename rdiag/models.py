@@ -265,20 +265,45 @@ class Transformer(nn.Module):
         return torch.randint(0, self.vocab, (n, self.seq_len), generator=generator)
 
 
-class RMSBatchNorm(nn.Module):
+class RMSBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm without mean subtraction or affine parameters: ``x / rms_batch(x)``.
 
-    Each feature (axis 1) is divided by its root-mean-square over the batch (axis 0).
-    The output depends on the whole batch (SCIENCE.md section 5).
+    In train mode each feature (axis 1) is divided by its root-mean-square over the
+    batch (axis 0), so the output depends on the whole batch (SCIENCE.md section 5)
+    and the running mean square (``running_var``; ``running_mean`` stays 0) is
+    updated; in eval mode the running mean square is used instead. A subclass of
+    PyTorch's ``_BatchNorm``, so rdiag's functional view treats it as batch norm
+    (``mode="train"``: a function of the whole batch; ``"eval"``: running statistics).
+
+    Args:
+        num_features: Number of features ``F``.
+        eps: Added to the mean square.
+        momentum: Running-statistics momentum.
     """
 
-    def __init__(self, eps: float = 1e-12) -> None:
-        super().__init__()
-        self.eps = eps
+    def __init__(
+        self, num_features: int, eps: float = 1e-12, momentum: float = 0.1
+    ) -> None:
+        super().__init__(
+            num_features, eps, momentum, affine=False, track_running_stats=True
+        )
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 2:
+            raise ValueError(f"expected a (N, F) input, got shape {tuple(input.shape)}")
 
     def forward(self, x: Tensor) -> Tensor:
         """``(N, F) -> (N, F)``."""
-        return x * torch.rsqrt(x.pow(2).mean(0, keepdim=True) + self.eps)
+        self._check_input_dim(x)
+        if self.training or not self.track_running_stats:
+            mean_square = x.pow(2).mean(0)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    self.running_var.lerp_(mean_square.detach(), self.momentum)
+                    self.num_batches_tracked += 1
+        else:
+            mean_square = self.running_var
+        return x * torch.rsqrt(mean_square + self.eps)
 
 
 class BNMLP(nn.Module):
@@ -290,7 +315,8 @@ class BNMLP(nn.Module):
     variance ``1/fan_in`` (``"gaussian"``); the read-out is Gaussian ``1/width``.
     ``activation="linear"`` with ``alpha=0`` is the paper's linear network; ``alpha
     ~ 0.4`` is activation shaping. A function of the whole batch: use
-    ``mode="train"`` semantics (the network has no running statistics).
+    ``mode="train"`` semantics for the paper's network (eval mode uses the running
+    mean squares of :class:`RMSBatchNorm`, a different function).
 
     Args:
         width: Width ``n``.
@@ -330,7 +356,7 @@ class BNMLP(nn.Module):
             nn.Linear(width, width, bias=False) for _ in range(depth - 1)
         )
         self.readout = nn.Linear(width, d_out, bias=False)
-        self.norm = RMSBatchNorm()
+        self.norms = nn.ModuleList(RMSBatchNorm(width) for _ in range(depth))
         self.roles = {"readin": "readin", "readout": "readout"}
         self.roles.update({f"hidden.{i}": "hidden" for i in range(depth - 1)})
         with torch.no_grad():
@@ -344,8 +370,9 @@ class BNMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, d_in) -> (N, d_out)``; needs ``N <= width`` and independent inputs."""
         h = x
-        for ell, layer in enumerate((self.readin, *self.hidden), start=1):
-            h = self.act(ell**-self.alpha * self.norm(layer(h)))
+        layers = (self.readin, *self.hidden)
+        for ell, (layer, norm) in enumerate(zip(layers, self.norms), start=1):
+            h = self.act(ell**-self.alpha * norm(layer(h)))
         return self.readout(h)
 
     def sample_inputs(self, n: int, generator: torch.Generator | None = None) -> Tensor:

@@ -82,17 +82,32 @@ def test_transformer_residual_branches_scaled():
 
 def test_rms_batchnorm_has_no_mean_subtraction():
     x = torch.randn(7, 5, dtype=torch.float64) + 3.0
-    y = RMSBatchNorm()(x)
+    norm = RMSBatchNorm(5).double()
+    y = norm(x)
+    rms = x.pow(2).mean(0).sqrt()
     assert_close(
-        "rms",
+        "unit rms",
         torch.ones(5, dtype=torch.float64),
         y.pow(2).mean(0).sqrt(),
         rtol=1e-10,
         atol=0,
     )
-    assert_close("ratio", x / x.pow(2).mean(0).sqrt(), y, rtol=1e-10, atol=0)
+    assert_close("ratio", x / rms, y, rtol=1e-10, atol=0)
     assert float(y.mean(0).min()) > 0.5  # the mean is kept
-    assert list(RMSBatchNorm().parameters()) == []
+    assert list(norm.parameters()) == []
+    assert_close("running", 0.9 + 0.1 * rms**2, norm.running_var, rtol=1e-12, atol=0)
+    norm.eval()
+    assert_close("eval", x / norm.running_var.sqrt(), norm(x), rtol=1e-10, atol=0)
+    with pytest.raises(ValueError, match=r"expected a \(N, F\) input"):
+        norm(x[0])
+
+
+def test_bnmlp_is_batch_coupled_in_train_mode():
+    from rdiag.functional import functionalize
+
+    net = BNMLP(6, depth=3, d_in=4).double()
+    assert functionalize(net, mode="train").batch_coupled
+    assert not functionalize(net, mode="eval").batch_coupled
 
 
 def test_bnmlp_init_and_forward():
@@ -103,21 +118,30 @@ def test_bnmlp_init_and_forward():
         assert_close(
             "orthogonal", eye, layer.weight @ layer.weight.T, rtol=0, atol=1e-6
         )
+    eye4 = torch.eye(4, dtype=torch.float64)
     assert_close(
         "semi-orthogonal",
-        torch.eye(4, dtype=torch.float64),
+        eye4,
         net.readin.weight.T @ net.readin.weight,
         rtol=0,
         atol=1e-6,
     )
     x = torch.randn(5, 4, dtype=torch.float64)
-    h = net.norm(x @ net.readin.weight.T)
+
+    def bn(z):
+        return z / z.pow(2).mean(0).sqrt()
+
+    h = bn(x @ net.readin.weight.T)
     for layer in net.hidden:
-        h = net.norm(h @ layer.weight.T)
-    assert_close("forward", h @ net.readout.weight.T, net(x), rtol=1e-12, atol=1e-12)
-    shaped = BNMLP(6, depth=3, activation="tanh", alpha=0.4).double()
-    z = shaped.norm(x.new_ones(1).expand(5, 6) + torch.randn(5, 6, dtype=torch.float64))
-    assert shaped.act(2**-0.4 * z).abs().max() < 1
+        h = bn(h @ layer.weight.T)
+    assert_close("forward", h @ net.readout.weight.T, net(x), rtol=1e-10, atol=1e-12)
+    shaped = BNMLP(6, depth=3, d_in=4, activation="tanh", alpha=0.4).double()
+    h = torch.tanh(bn(x @ shaped.readin.weight.T))
+    for ell, layer in enumerate(shaped.hidden, start=2):
+        h = torch.tanh(ell**-0.4 * bn(h @ layer.weight.T))
+    assert_close(
+        "shaped", h @ shaped.readout.weight.T, shaped(x), rtol=1e-10, atol=1e-12
+    )
     g = BNMLP(400, depth=2, init="gaussian")
     assert float(g.hidden[0].weight.std()) == pytest.approx(400**-0.5, rel=0.02)
 
