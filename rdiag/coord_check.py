@@ -162,6 +162,7 @@ def coord_check(
     linearization: bool = True,
     confidence: float = 0.95,
     data_seed: int = 1234,
+    device: str | torch.device | None = None,
 ) -> CoordCheckResult:
     """Train ``model_family`` at each width and fit every metric's width exponent.
 
@@ -186,6 +187,8 @@ def coord_check(
         linearization: Measure ``lin_error`` (one jvp per run).
         confidence: Level of the slope intervals.
         data_seed: Seed of the default data.
+        device: Where to train and measure (default CPU). Weights are initialized
+            on the CPU and moved, so a seed gives the same init on every device.
 
     Returns:
         The :class:`CoordCheckResult`.
@@ -201,17 +204,19 @@ def coord_check(
     build = _builder(model_family, family_kwargs or {})
     if data is None:
         data = _default_data(build(widths[0]), batch_size, data_seed)
-    x, y = (t.to(dtype) if t.is_floating_point() else t for t in data)
-    probe = (
-        x
-        if probe is None
-        else (probe.to(dtype) if probe.is_floating_point() else probe)
-    )
+    device = torch.device(device or "cpu")
+
+    def cast(t: Tensor) -> Tensor:
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+    x, y = (cast(t) for t in data)
+    probe = x if probe is None else cast(probe)
     records: list[dict] = []
     for width in widths:
         for seed in seeds:
             torch.manual_seed(seed)
             model = apply_parametrization(build(width).to(dtype), param, roles=roles)
+            model = model.to(device)
             measured = _run(
                 model, param, x, y, probe, steps, lr, optimizer, ntk, linearization
             )

@@ -317,3 +317,17 @@ def test_transformer_linearization_without_forward_mode_attention():
         if r["metric"] == "lin_error" and r["width"] == 6
     )
     assert got == pytest.approx(want, rel=1e-8)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    kwargs = {"steps": 3, "seeds": 2, "lr": 0.1, "dtype": torch.float64}
+    cpu = coord_check("mlp", "r=0.25", [8, 16], **kwargs)
+    gpu = coord_check("mlp", "r=0.25", [8, 16], device="cuda", **kwargs)
+    assert_close(
+        "records",
+        torch.tensor([r["value"] for r in cpu.records]),
+        torch.tensor([r["value"] for r in gpu.records]),
+        rtol=1e-8,
+        atol=1e-12,
+    )
