@@ -24,6 +24,19 @@ the two gauges of SCIENCE.md section 1 (``fan_in`` is ``d`` for the read-in and
     multiplier gauge:    weights N(0,1), multipliers fan_in^-1/2 and
                          m^-r fan_in^-1/2, SGD lr m^2r (one global rate)
 
+The Adam rates follow from Adam's per-coordinate normalization (an update of
+size ``eta`` per entry); in the multiplier gauge a multiplier ``c`` maps them as
+``c eta`` (not ``c^2 eta``). They are checked by a coordinate check
+(tests/test_science.py: hidden ``||dh|| ~ n^(1/2)`` at muP, and ``~ n^(3/2)`` with
+the SGD rates under Adam). Embeddings have fan-in 1 (one row per token).
+
+Presets: :func:`ntk` (multiplier gauge, r = 0), :func:`mup` (table gauge, r = 1/2),
+:func:`mean_field` (multiplier gauge, r = 1/2), :func:`standard` (PyTorch default
+init, one rate), :func:`richness` (any r, either gauge) and :func:`gamma_family`.
+Biases start at 0 (PyTorch's default under SP); norm gains keep their init.
+Attention logits are scaled by ``d_head**-(1/2 + r)`` (``1/sqrt(d_head)`` at NTK,
+``1/d_head`` at muP; in between an interpolation, not a derived rule).
+
 How the multipliers are applied without renaming parameters: every parametrized
 module (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``) gets the attributes
 ``rdiag_role``, ``rdiag_fan_in``, ``rdiag_weight_multiplier`` and
