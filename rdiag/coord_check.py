@@ -196,6 +196,12 @@ def coord_check(
     Raises:
         ValueError: Bad widths/steps/seeds/lr/optimizer, a user family without
             ``data``, or a width below the parameterization's base width.
+
+    Example:
+        >>> res = coord_check("mlp", "mup", [16, 32], steps=2, seeds=2, ntk=False)
+        >>> fit = res.fit("delta_h", "hidden.0")
+        >>> sorted(fit), fit["predicted"], fit["param"]
+        (['ci', 'layer', 'metric', 'param', 'predicted', 'r', 'slope'], 0.5, 'mup')
     """
     param = parse_param(parametrization)
     widths, seeds = _check_args(

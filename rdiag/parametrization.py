@@ -468,6 +468,19 @@ def apply_parametrization(
     Raises:
         ValueError: Bad roles or width (see :func:`infer_roles`), or a module owning
             parameters that is neither a layer nor a norm layer.
+
+    Example:
+        >>> import torch
+        >>> from rdiag.models import MLP
+        >>> net = apply_parametrization(MLP(64, d_in=4), "mf")
+        >>> net.readout.rdiag_weight_multiplier == 1 / 64
+        True
+        >>> lr_multipliers(net)["hidden.0.weight"]
+        64.0
+        >>> x = torch.randn(3, 4)
+        >>> w = net.readin.weight
+        >>> torch.allclose(net.readin(x), x @ w.T / 2 + net.readin.bias)
+        True
     """
     param = parse_param(parametrization)
     check_module(model)
