@@ -15,8 +15,9 @@ scheduled steps the Monitor measures, on a fixed probe batch:
   over the probe) and ``||h_t||``, via forward hooks; the output ``||f_t||`` and
   ``||f_t - f_0||``;
 * ``"weights"``: per layer operator and Frobenius norms of the effective weights
-  (forward multiplier x raw weight, :func:`rdiag.parametrization.effective_weights`)
-  and of their change since initialization, and ``||dW||_op / ||W_0||_op``;
+  (forward multiplier x raw weight, :func:`rdiag.parametrization.effective_weights`;
+  the raw weights of a model not prepared by rdiag) and of their change since
+  initialization, and ``||dW||_op / ||W_0||_op``;
 * ``"sharpness"``: the top (largest algebraic) Hessian eigenvalue, raw and
   preconditioned by the per-layer learning rates (``lambda_max(M^1/2 H M^1/2)``;
   with an Adam optimizer its second-moment preconditioner, recorded from its
@@ -351,10 +352,20 @@ class Monitor:
         if self.save_kernels and self.store is not None:
             self.store.save_array(self.run_id, step, "ntk", k)
 
-    def _weight_metrics(self, rec: dict) -> None:
+    def _weights(self) -> dict[str, Tensor]:
         from rdiag.parametrization import effective_weights
 
-        for name, w in effective_weights(self.model).items():
+        try:
+            return effective_weights(self.model)
+        except ValueError:  # not parametrized by rdiag: the raw weights are the effective ones
+            return {
+                name: m.weight.detach().reshape(m.weight.shape[0], -1)
+                for name, m in _leaf_param_modules(self.model)
+                if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() >= 2
+            }
+
+    def _weight_metrics(self, rec: dict) -> None:
+        for name, w in self._weights().items():
             w = w.detach().double()
             op, fro = M.matrix_norms(w)
             w0, op0 = self._ref.setdefault(f"W:{name}", (w.clone(), op))

@@ -145,3 +145,19 @@ def test_store_records_and_bad_arguments(tmp_path) -> None:
         Monitor(model, (x, y), metrics=["sharpness"])
     with pytest.raises(ValueError, match="layers="):
         Monitor(model, x, metrics=["representations"], layers=["nope"])
+
+
+def test_plain_module_uses_raw_weights() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    net = net.double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    mon = Monitor(net, x, metrics=["weights", "representations", "ntk", "features"])
+    w0 = net[0].weight.detach().clone()
+    mon.step(0)
+    with torch.no_grad():
+        net[0].weight.add_(0.1)
+    rec = mon.step(1)
+    expected = torch.linalg.svdvals(net[0].weight.detach() - w0)[0]
+    assert_close("dW_op raw", expected, _f64(rec[("dW_op", "0")]), rtol=1e-10, atol=0)
+    assert ("delta_h", "0") in rec and ("delta_h", "2") not in rec  # read-out excluded
