@@ -63,8 +63,8 @@ from torch import Tensor, nn
 from rdiag._checks import check_choice, check_finite_positive, check_module
 
 Role = Literal["readin", "hidden", "readout"]
+Gauge = Literal["table", "multiplier", "standard", "gamma"]
 ROLES: tuple[str, ...] = ("readin", "hidden", "readout")
-GAUGES: tuple[str, ...] = ("table", "multiplier", "standard", "gamma")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
 _NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -121,7 +121,7 @@ class Parametrization:
     readout: Rule
     r: float | None = None
     gamma: float | None = None
-    gauge: str = "table"
+    gauge: Gauge = "table"
     base_width: int = 1
     centered: bool = False
     attention_exponent: float = 0.5
@@ -356,8 +356,8 @@ def fan_in(module: nn.Module) -> int:
 
 
 def infer_roles(
-    model: nn.Module, roles: Mapping[str, str] | None = None
-) -> dict[str, str]:
+    model: nn.Module, roles: Mapping[str, Role] | None = None
+) -> dict[str, Role]:
     """Role of every parametrized layer (``Linear``, ``Conv``, ``Embedding``).
 
     The model's own ``roles`` attribute (built-in families) is used if present;
