@@ -31,13 +31,15 @@ family (and NTK, muP, mean-field); the gamma family at a fixed ``gamma0`` scales
 like muP (``r = 1/2``); for SP only ``delta_f`` (``+1``: SP is not on the scale)
 and ``f0``, ``h0`` (``0``, ``1/2``) are predicted.
 
-Fits: ordinary least squares of ``log(value)`` on ``log(width)`` over every
-``(width, seed)`` point; the interval is the t-interval on the slope
+Fits (:func:`rdiag.metrics.fit_exponent`): ordinary least squares of
+``log(value)`` on ``log(width)`` over every ``(width, seed)`` point; the interval
+is the t-interval on the slope
 (``slope +- t_{df, (1+confidence)/2} * se``, ``df = points - 2``). Seeds are
 treated as independent draws at each width. Finite widths bias slopes (up to
 ~0.2 at ``r = 0`` for the kernel exponents), so compare with a tolerance.
 
-The loss is ``0.5 * sum_outputs (f - y)**2`` averaged over the batch (outputs
+Norms come from :mod:`rdiag.metrics` (``representation_movement``,
+``matrix_norms``: Lanczos on the Gram for wide layers). The loss is ``0.5 * sum_outputs (f - y)**2`` averaged over the batch (outputs
 flattened to ``(N, O)``). The model must act on each sample separately (no
 batch-coupled layers) for the eNTK and linearization metrics.
 """
@@ -58,9 +60,8 @@ from rdiag._autodiff import jvp, jvp_mode
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
 from rdiag._optional import require
 from rdiag.functional import functionalize
-from rdiag.linalg.lanczos import lanczos
+from rdiag.metrics import fit_exponent, matrix_norms, representation_movement
 from rdiag.models import FAMILIES, make_model
-from rdiag.operators.base import LinearOperator
 from rdiag.parametrization import (
     OPTIMIZERS,
     Centered,
@@ -291,34 +292,6 @@ def _default_data(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor]:
     return x, torch.randn(n, model.output_dim, generator=gen)
 
 
-class _Gram(LinearOperator):
-    """``A A^T`` (or ``A^T A``, the smaller side) of a matrix, as an operator."""
-
-    def __init__(self, a: Tensor) -> None:
-        self.a = a if a.shape[0] <= a.shape[1] else a.t()
-        self.shape = (self.a.shape[0], self.a.shape[0])
-        self.dtype, self.device = a.dtype, a.device
-
-    def _matmat(self, matrix: Tensor) -> Tensor:
-        return self.a @ (self.a.t() @ matrix)
-
-
-def op_norm(a: Tensor) -> float:
-    """Spectral norm of a matrix ``(m, n)``: Lanczos on its Gram (dense below 128).
-
-    A dense SVD of a ``2048 x 2048`` matrix takes tens of seconds on a small CPU;
-    Lanczos needs only matrix-vector products (relative residual ``1e-8``).
-    """
-    if min(a.shape) <= 128:
-        return float(torch.linalg.matrix_norm(a, ord=2))
-    top = lanczos(_Gram(a.double()), k=1, tol=1e-8, max_iter=2000).eigenvalues[0]
-    return math.sqrt(max(float(top), 0.0))
-
-
-def _per_input_norm(t: Tensor) -> float:
-    return float(t.reshape(t.shape[0], -1).norm(dim=1).mean())
-
-
 def _capture(model: nn.Module, probe: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Model output ``(P, O)`` and every read-in/hidden layer's output on the probe."""
     layers = {
@@ -365,18 +338,27 @@ def _run(
     roles = {
         n: m.rdiag_role for n, m in model.named_modules() if hasattr(m, "rdiag_role")
     }
-    recs = [_rec("delta_f", None, None, _per_input_norm(ft - f0))]
+    recs = [_rec("delta_f", None, None, representation_movement(ft, f0))]
     if not isinstance(model, Centered):
-        recs.append(_rec("f0", None, None, _per_input_norm(f0)))
+        recs.append(
+            _rec("f0", None, None, representation_movement(f0, torch.zeros_like(f0)))
+        )
     for n in h0:
-        recs.append(_rec("h0", n, roles[n], _per_input_norm(h0[n])))
-        recs.append(_rec("delta_h", n, roles[n], _per_input_norm(ht[n] - h0[n])))
+        recs.append(
+            _rec(
+                "h0",
+                n,
+                roles[n],
+                representation_movement(h0[n], torch.zeros_like(h0[n])),
+            )
+        )
+        recs.append(_rec("delta_h", n, roles[n], representation_movement(ht[n], h0[n])))
     for n, wt in effective_weights(model).items():
         dw = wt - w0[n]
-        op = op_norm(dw)
+        op, fro = matrix_norms(dw)
         recs.append(_rec("dW_op", n, roles[n], op))
-        recs.append(_rec("dW_fro", n, roles[n], float(dw.norm())))
-        recs.append(_rec("dW_rel", n, roles[n], op / op_norm(w0[n])))
+        recs.append(_rec("dW_fro", n, roles[n], fro))
+        recs.append(_rec("dW_rel", n, roles[n], op / matrix_norms(w0[n])[0]))
     if ntk:
         kt = empirical_ntk(model, probe, weights=weights)
         recs.append(
@@ -409,67 +391,6 @@ def _rec(metric: str, layer: str | None, role: str | None, value: float) -> dict
 
 
 # ---- fits --------------------------------------------------------------------------
-def _t_quantile(p: float, df: int) -> float:
-    """Quantile of Student's t (``p > 1/2``) by bisection on a Simpson-integrated CDF."""
-    log_c = (
-        math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    )
-
-    def cdf(t: float) -> float:
-        grid = np.linspace(0.0, t, 4001)
-        pdf = np.exp(log_c - (df + 1) / 2 * np.log1p(grid**2 / df))
-        simpson = (
-            (pdf[0] + pdf[-1] + 4 * pdf[1:-1:2].sum() + 2 * pdf[2:-1:2].sum())
-            * t
-            / 12000
-        )
-        return 0.5 + simpson
-
-    lo, hi = 0.0, 1.0
-    while cdf(hi) < p:
-        lo, hi = hi, 2 * hi
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
-    return 0.5 * (lo + hi)
-
-
-def fit_slope(
-    widths: Sequence[float], values: Sequence[float], confidence: float = 0.95
-) -> tuple[float, list[float]]:
-    """Log-log OLS slope of ``values`` on ``widths`` and its t-interval.
-
-    Args:
-        widths: ``(K,)`` widths (repeated once per seed).
-        values: ``(K,)`` positive values.
-        confidence: Interval level.
-
-    Returns:
-        ``(slope, [lo, hi])``; the interval is ``[nan, nan]`` with fewer than 3 points.
-
-    Raises:
-        ValueError: Fewer than two distinct widths, or non-positive values.
-    """
-    x, v = np.log(np.asarray(widths, float)), np.asarray(values, float)
-    if not (np.all(np.isfinite(v)) and np.all(v > 0)):
-        raise ValueError(
-            f"expected positive finite values to fit on a log scale, got {v[:5]}"
-        )
-    if len(np.unique(x)) < 2:
-        raise ValueError("expected at least two distinct widths to fit a slope")
-    y = np.log(v)
-    sxx = float(((x - x.mean()) ** 2).sum())
-    slope = float(((x - x.mean()) * (y - y.mean())).sum() / sxx)
-    df = len(x) - 2
-    if df < 1:
-        return slope, [float("nan"), float("nan")]
-    resid = y - y.mean() - slope * (x - x.mean())
-    half = _t_quantile((1 + confidence) / 2, df) * math.sqrt(
-        float((resid**2).sum()) / df / sxx
-    )
-    return slope, [slope - half, slope + half]
-
-
 def _fit_all(
     records: list[dict], param: Parametrization, steps: int, confidence: float
 ) -> list[dict]:
@@ -485,7 +406,10 @@ def _fit_all(
         if not all(math.isfinite(v) and v > 0 for v in values):
             slope, ci = float("nan"), [float("nan"), float("nan")]
         else:
-            slope, ci = fit_slope([r["width"] for r in recs], values, confidence)
+            slope, interval = fit_exponent(
+                [r["width"] for r in recs], values, confidence
+            )
+            ci = list(interval)
         fits.append(
             {
                 "metric": metric,

@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 
-import numpy as np
 import pytest
 import torch
 
 from rdiag.coord_check import (
-    _t_quantile,
     coord_check,
-    fit_slope,
-    op_norm,
     plot_coord_check,
     predicted_exponent,
     write_summary,
@@ -182,50 +177,6 @@ def test_centered_gamma_check_has_no_f0():
         result.fit("delta_h", "model.hidden.0")["predicted"] == 0.5
     )  # muP at fixed gamma0
     assert result.r is None and result.param == "gamma=0.5"
-
-
-def test_fit_slope_exact_and_interval():
-    widths = [8, 8, 16, 16, 64, 64]
-    slope, ci = fit_slope(widths, [3.0 * w**-0.75 for w in widths])
-    assert slope == pytest.approx(-0.75, abs=1e-12)
-    assert ci == pytest.approx([-0.75, -0.75], abs=1e-9)
-    rng = np.random.default_rng(0)
-    noisy = [w**0.5 * math.exp(0.1 * rng.standard_normal()) for w in widths]
-    slope, (lo, hi) = fit_slope(widths, noisy, confidence=0.9)
-    assert lo < slope < hi
-    x = np.log(widths)
-    y = np.log(noisy)
-    assert slope == pytest.approx(np.polyfit(x, y, 1)[0], rel=1e-12)
-    resid = y - np.polyval(np.polyfit(x, y, 1), x)
-    se = math.sqrt((resid**2).sum() / 4 / ((x - x.mean()) ** 2).sum())
-    assert hi - slope == pytest.approx(_t_quantile(0.95, 4) * se, rel=1e-12)
-    assert (
-        fit_slope([2, 4], [1.0, 2.0])[1][0] != fit_slope([2, 4], [1.0, 2.0])[1][0]
-    )  # nan
-    with pytest.raises(ValueError, match="positive finite values"):
-        fit_slope([2, 4], [1.0, -1.0])
-    with pytest.raises(ValueError, match="two distinct widths"):
-        fit_slope([2, 2], [1.0, 2.0])
-
-
-@pytest.mark.parametrize("df", [1, 2, 4, 13, 60])
-def test_t_quantile_against_scipy(df):
-    stats = pytest.importorskip("scipy.stats")
-    for p in (0.9, 0.975, 0.995):
-        assert _t_quantile(p, df) == pytest.approx(stats.t.ppf(p, df), rel=1e-6)
-
-
-def test_op_norm_lanczos_path():
-    a = torch.randn(
-        300, 200, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
-    )
-    assert op_norm(a) == pytest.approx(
-        float(torch.linalg.matrix_norm(a, ord=2)), rel=1e-10
-    )
-    low = a[:, :3] @ a[:3, :]
-    assert op_norm(low) == pytest.approx(
-        float(torch.linalg.matrix_norm(low, ord=2)), rel=1e-10
-    )
 
 
 def test_predictions():
