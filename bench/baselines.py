@@ -114,3 +114,35 @@ def plain_width_sweep(
             for h in hooks:
                 h.remove()
     return out
+
+
+# ---------------------------------------------------------------- harness / Monitor baselines
+
+
+def dense_operator_norm(w: Tensor) -> float:
+    """Spectral norm by a full SVD (``torch.linalg.matrix_norm(ord=2)``)."""
+    return float(torch.linalg.matrix_norm(w, ord=2))
+
+
+def sqlite_row_per_commit(path: str, rows: list[tuple]) -> None:
+    """Naive logging: one INSERT and one commit per scalar (default journal)."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS scalars (run TEXT, step INTEGER, metric TEXT, "
+        "layer TEXT, value REAL)"
+    )
+    for row in rows:
+        conn.execute("INSERT INTO scalars VALUES (?, ?, ?, ?, ?)", row)
+        conn.commit()
+    conn.close()
+
+
+def sgd_steps(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> None:
+    """Plain full-batch SGD on MSE: the training cost a Monitor check is compared with."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()

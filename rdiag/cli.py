@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--every", type=int)
     run.add_argument("--metrics", nargs="+")
     run.add_argument("--dtype", choices=("float32", "float64"))
+    run.add_argument("--device", choices=("cpu", "cuda", "auto"))
     run.add_argument("--out", required=True, help="store directory")
 
     sw = add("sweep", "run an r x width x seed x lr grid in parallel; store, figures, report")
@@ -145,7 +146,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         config = yaml.safe_load(path.read_text()) or {}
     flags = {k: getattr(args, k) for k in ("model", "width", "depth", "param", "optimizer", "lr",
                                            "steps", "batch_size", "data", "seed", "every",
-                                           "metrics", "dtype")}
+                                           "metrics", "dtype", "device")}
     config.update({k: v for k, v in flags.items() if v is not None})
     if args.data_option:
         opts = dict(config.get("data_options", {}))

@@ -41,6 +41,7 @@ MODELS = ("mlp", "cnn", "transformer")
 OPTIMIZERS = ("sgd", "adam", "gd", "online")
 LOSSES = ("auto", "mse", "ce")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ("cpu", "cuda", "auto")
 
 
 @dataclass
@@ -66,6 +67,7 @@ class TrainConfig:
         loss: ``"mse"``, ``"ce"`` or ``"auto"`` (MSE for regression, CE otherwise).
         seed: Seed of initialization, data order and data generation.
         dtype: ``"float32"`` or ``"float64"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
         probe_size: Probe batch size (the first test samples).
         every: Monitor every this many steps (the last step is always measured).
         metrics: Monitor metrics (:data:`rdiag.monitor.METRICS`).
@@ -89,6 +91,7 @@ class TrainConfig:
     loss: str = "auto"
     seed: int = 0
     dtype: str = "float32"
+    device: str = "cpu"
     probe_size: int = 32
     every: int = 10
     metrics: list[str] = field(
@@ -119,7 +122,8 @@ class TrainConfig:
         from rdiag.parametrization import parse_param
 
         for name, allowed in (("model", MODELS), ("optimizer", OPTIMIZERS), ("loss", LOSSES),
-                              ("data", DATASETS), ("dtype", tuple(DTYPES))):
+                              ("data", DATASETS), ("dtype", tuple(DTYPES)),
+                              ("device", DEVICES)):
             check_choice(getattr(self, name), name, allowed)
         for name in ("width", "depth", "steps", "batch_size", "probe_size", "every"):
             v = getattr(self, name)
@@ -164,6 +168,17 @@ class TrainResult:
     final_loss: float
     seconds: float
     monitor_seconds: float
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "bad config field 'device': 'cuda' requested but no CUDA device is available; "
+            "use 'cpu' or 'auto'"
+        )
+    return torch.device(name)
 
 
 def _loss_fn(cfg: TrainConfig, data: Dataset) -> Callable[[Tensor, Tensor], Tensor]:
@@ -255,7 +270,8 @@ def train(
     if store is None:
         raise ValueError("expected store= (a Store or a directory) to write the run into")
     store = store if isinstance(store, Store) else Store(store)
-    rid = store.create_run(cfg.to_dict(), run_id=run_id, seed=cfg.seed, device="cpu")
+    device = _device(cfg.device)
+    rid = store.create_run(cfg.to_dict(), run_id=run_id, seed=cfg.seed, device=str(device))
     if store.status(rid) == "finished":
         return TrainResult(rid, str(store.root), "skipped", float("nan"), 0.0, 0.0)
     tic = time.perf_counter()
@@ -263,13 +279,13 @@ def train(
     if cfg.data != "cifar10":
         data_options.setdefault("seed", cfg.seed)
     data = load_data(cfg.data, **data_options).to(DTYPES[cfg.dtype])
-    model = build_model(cfg, data)
+    model = build_model(cfg, data).to(device)
     loss_fn = _loss_fn(cfg, data)
     from rdiag.parametrization import lr_multipliers, make_optimizer
 
     kind = "adam" if cfg.optimizer == "adam" else "sgd"
     opt = make_optimizer(model, None, cfg.lr, optimizer=kind, momentum=cfg.momentum)
-    probe = (data.x_test[: cfg.probe_size], data.y_test[: cfg.probe_size])
+    probe = (data.x_test[: cfg.probe_size].to(device), data.y_test[: cfg.probe_size].to(device))
     monitor = Monitor(
         model, probe, every=cfg.every, metrics=cfg.metrics, loss_fn=loss_fn, store=store,
         run_id=rid, lr_multipliers=lr_multipliers(model, optimizer=kind),
@@ -284,6 +300,7 @@ def train(
             store.log_rows(rid, pending)
             pending = []
         monitor.step(step)
+        xb, yb = xb.to(device), yb.to(device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         loss.backward()
@@ -475,7 +492,7 @@ def sweep(
     todo = []
     results: list[TrainResult] = []
     for cfg in configs:
-        rid = store.create_run(cfg.to_dict(), seed=cfg.seed, device="cpu")
+        rid = store.create_run(cfg.to_dict(), seed=cfg.seed, device=cfg.device)
         if store.status(rid) == "finished":
             results.append(TrainResult(rid, str(store.root), "skipped", float("nan"), 0.0, 0.0))
         else:

@@ -167,3 +167,15 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
         assert all(abs(x[2] - y[2]) <= 1e-5 * max(abs(y[2]), 1e-8) for x, y in zip(a, b))
     assert clean.count("finished") == 6
     assert TrainConfig.from_dict(store.config(rid)).width in (8, 12, 16)
+
+
+def test_device_field(tmp_path) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="bad config field 'device'"):
+            train({**TINY, "device": "cuda"}, store=tmp_path)
+    result = train({**TINY, "device": "auto", "steps": 2}, store=tmp_path)
+    assert result.status == "finished"
+    with pytest.raises(ValueError, match="device to be one of"):
+        train({**TINY, "device": "tpu"}, store=tmp_path)
