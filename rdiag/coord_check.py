@@ -322,6 +322,14 @@ def _run(
     from rdiag.ntk.api import empirical_ntk
 
     weights = lr_multipliers(model, param, optimizer)
+    if functionalize(model, mode="train").batch_coupled:
+        raise ValueError(
+            f"expected a model that acts on each sample separately, got "
+            f"{type(model).__name__} with batch norm or dropout; a coordinate check "
+            "compares per-input representations and per-sample kernels, which a "
+            "batch-coupled network does not have; remove those layers or study it "
+            "with rdiag.empirical_ntk(..., mode='train') on a fixed batch"
+        )
     fm = functionalize(model)
     theta0 = {n: p.clone() for n, p in fm.params.items()}
     f0, h0 = _capture(model, probe)

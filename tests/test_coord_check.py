@@ -207,6 +207,7 @@ def test_predictions():
             ValueError,
             r"expected r in \[0, 1/2\], got 0.9",
         ),
+        ({"model_family": "bn_mlp"}, ValueError, "acts on each sample separately"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
