@@ -7,7 +7,8 @@ kernels, all in one run per group. The recipe is skipped where its whole
 rdiag's cost model says they are beyond this machine; slow cases run one round.
 
 Run: ``pytest bench/bench_structured.py --benchmark-only``. Peak memory, one
-fresh process per case: ``python -m bench.bench_structured`` (prints a table).
+fresh process per case: ``python -m bench.bench_structured [structured,recipe]``
+(prints a markdown table).
 """
 
 from __future__ import annotations
@@ -95,13 +96,13 @@ def _measure(impl: str, width: int, n: int, trace: bool) -> dict:
     return {"seconds": min(times), "peak_bytes": max(peak, 0)}
 
 
-def _table() -> None:
+def _table(impls: tuple[str, ...] = ("structured", "recipe")) -> None:
     print("| W | N | kernel | impl | seconds | peak RSS above start |")
     print("|---|---|---|---|---|---|")
     for width in WIDTHS:
         for n in SIZES:
             for trace in (False, True):
-                for impl in ("structured", "recipe"):
+                for impl in impls:
                     model, x, _ = _case(impl, width, n, trace)
                     jac = 2 * n * 10 * sum(p.numel() for p in model.parameters()) * 4
                     if impl == "recipe" and jac > RECIPE_LIMIT:
@@ -123,4 +124,4 @@ if __name__ == "__main__":
         impl, width, n, trace = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
         print(json.dumps(_measure(impl, width, n, trace)))
     else:
-        _table()
+        _table(tuple(sys.argv[1].split(",")) if len(sys.argv) == 2 else ("structured", "recipe"))

@@ -331,3 +331,24 @@ def test_bias_is_folded_into_its_weight_one_gram_per_layer(monkeypatch: pytest.M
     w = torch.cat([torch.full((fm.params[n].numel(),), v) for n, v in fm.param_weights(weights).items()])
     ref = oracles.ntk_from_jacobians(_jac(model, x1), _jac(model, x2), w.double())
     assert_close("folded bias", _traced(ref), got, **F64)
+
+
+class _MHA(nn.Module):
+    """nn.MultiheadAttention (packed in_proj_weight, out_proj used functionally) + readout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.readout = nn.Linear(4, 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.readout(self.attn(x, x, x, need_weights=False)[0])
+
+
+def test_multihead_attention_falls_back_and_readout_stays_structured() -> None:
+    torch.manual_seed(0)
+    model = _MHA()
+    fm = functionalize(model)
+    assert structured_coverage(fm) == pytest.approx(10 / fm.num_params)
+    notices = _check_against_oracle(model, _normal(3, 1, 3, 4), _normal(2, 2, 3, 4))
+    assert len(notices) == 1 and "MultiheadAttention" in notices[0], notices

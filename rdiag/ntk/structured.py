@@ -46,7 +46,7 @@ from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype
 __all__ = ["structured_coverage", "structured_ntk"]
 
 #: Smallest tile the symmetric kernel is split into (smaller GEMMs lose efficiency).
-MIN_SYMMETRIC_TILE = 32
+MIN_SYMMETRIC_TILE = 64
 # One fallback notice per model object; ids of dead modules get reused, tokens do not.
 _TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _COUNTER = itertools.count()
@@ -99,7 +99,7 @@ def structured_ntk(
     Returns:
         Layer name -> its weighted kernel: ``(N1, N2)`` traced, ``(N1, N2, O, O)``
         full, ``(N1,)`` / ``(N1, O, O)`` diagonal. Layers whose parameters all have
-        weight 0 are left out.
+        weight 0 are left out. With ``spec.per_layer`` false, ``{"all": total}``.
 
     Raises:
         ValueError: ``spec.diagonal`` with an ``x2``.
@@ -119,9 +119,13 @@ def structured_ntk(
         failed.update(failed2)
     rest.update(failed)
     rest = {n: why for n, why in rest.items() if spec.weights[n] != 0.0}
-    out = empty_kernels(fm, spec, len(x1), len(x1) if x2 is None else len(x2))
-    dtype = kernel_dtype(fm)
-    layers = _layer_terms(sites, f1, f2, spec.weights, set(rest), dtype)
+    layers = _layer_terms(sites, f1, f2, spec.weights, set(rest), kernel_dtype(fm))
+    keys = None
+    if not spec.per_layer:
+        # One accumulator for every layer: no per-layer kernels to allocate and add.
+        keys = ["all"] if any(w != 0.0 for w in spec.weights.values()) else []
+        layers = {"all": [t for ts in layers.values() for t in ts]} if layers else {}
+    out = empty_kernels(fm, spec, len(x1), len(x1) if x2 is None else len(x2), keys)
     if spec.diagonal:
         _diagonal(layers, out, spec)
     else:
@@ -134,7 +138,7 @@ def structured_ntk(
             "'jacobian' implementation; the result is exact but slower",
         )
         for layer, k in _generic(fm, [n for n in fm.names if n in rest], x1, x2, spec).items():
-            out[layer] += k
+            out[layer if spec.per_layer else "all"] += k
     return out
 
 
@@ -236,23 +240,22 @@ def _traced_g(g: Tensor) -> Tensor:
     return g.permute(0, 2, 1, 3).reshape(n, 1, t, o * dg)
 
 
-def _gram(term: _Term, traced: bool) -> Tensor:
-    """The Gram-route tile ``(n1, n2)`` or ``(n1, n2, O, O)`` of one term."""
+def _gram(term: _Term, traced: bool, out: Tensor | None) -> Tensor:
+    """Accumulate one term's Gram-route tile into ``out`` ``(n1, n2, R, R)``, R = 1 if traced."""
     x1, x2 = _dense_x(term.f1, term.vocab), _dense_x(term.f2, term.vocab)
     g1, g2 = term.f1.g, term.f2.g
     if traced:
         g1, g2 = _traced_g(g1), _traced_g(g2)
     if x1.shape[1] == 1 and x2.shape[1] == 1:
-        k = gram_hadamard(x1[:, 0], x2[:, 0], g1[:, :, 0], g2[:, :, 0], scale=term.scale)
-    else:
-        k = gram_hadamard_shared(x1, x2, g1, g2, scale=term.scale)
-    return k[:, :, 0, 0] if traced else k
+        return gram_hadamard(x1[:, 0], x2[:, 0], g1[:, :, 0], g2[:, :, 0], out, scale=term.scale)
+    return gram_hadamard_shared(x1, x2, g1, g2, out, scale=term.scale)
 
 
 def _gemm(j1: Tensor, j2: Tensor, traced: bool) -> Tensor:
+    """``(n1, n2, R, R)`` kernel of per-sample gradients ``(n, O, P)``, R = 1 if traced."""
     n1, o, p = j1.shape
     if traced:
-        return j1.reshape(n1, o * p) @ j2.reshape(-1, o * p).T
+        return (j1.reshape(n1, o * p) @ j2.reshape(-1, o * p).T)[:, :, None, None]
     k = (j1.reshape(n1 * o, p) @ j2.reshape(-1, p).T).reshape(n1, o, -1, o)
     return k.permute(0, 2, 1, 3)
 
@@ -263,8 +266,7 @@ def _tile(terms: list[_Term], routes: list[bool], traced: bool, same: bool) -> T
     jac1, jac2 = [], []
     for term, gram in zip(terms, routes):
         if gram:
-            k = _gram(term, traced)
-            acc = k if acc is None else acc.add_(k)
+            acc = _gram(term, traced, acc)
         else:
             root = math.sqrt(term.scale)
             jac1.append(root * _per_sample(term.f1, term.vocab))
@@ -274,7 +276,7 @@ def _tile(terms: list[_Term], routes: list[bool], traced: bool, same: bool) -> T
         j1 = torch.cat(jac1, dim=2)
         k = _gemm(j1, j1 if same else torch.cat(jac2, dim=2), traced)
         acc = k if acc is None else acc.add_(k)
-    return acc
+    return acc[:, :, 0, 0] if traced else acc
 
 
 def _offdiagonal(
@@ -294,7 +296,10 @@ def _offdiagonal(
             layer: _tile([t.rows(rows, cols) for t in ts], routes[layer], spec.trace_outputs, same)
             for layer, ts in layers.items()
         }
-        place(out, part, rows, cols, symmetric)
+        if block >= max(n1, n2):
+            out.update({layer: k.to(out[layer].dtype) for layer, k in part.items()})
+        else:
+            place(out, part, rows, cols, symmetric)
 
 
 def _diagonal(layers: dict[str, list[_Term]], out: dict[str, Tensor], spec: NTKSpec) -> None:
