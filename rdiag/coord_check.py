@@ -62,6 +62,7 @@ from rdiag._optional import require
 from rdiag.functional import functionalize
 from rdiag.metrics import fit_exponent, matrix_norms, representation_movement
 from rdiag.models import FAMILIES, make_model
+from rdiag.ntk.api import empirical_ntk
 from rdiag.parametrization import (
     OPTIMIZERS,
     Centered,
@@ -319,8 +320,6 @@ def _capture(model: nn.Module, probe: Tensor) -> tuple[Tensor, dict[str, Tensor]
 def _run(
     model, param, x, y, probe, steps, lr, optimizer, ntk, linearization
 ) -> list[dict]:
-    from rdiag.ntk.api import empirical_ntk
-
     weights = lr_multipliers(model, param, optimizer)
     if functionalize(model, mode="train").batch_coupled:
         raise ValueError(
