@@ -283,3 +283,33 @@ def test_cuda_matches_cpu():
         rtol=1e-8,
         atol=1e-12,
     )
+
+
+def test_user_module_roles_inferred():
+    """A plain nn.Sequential: first layer read-in, last read-out, the rest hidden."""
+
+    def family(width: int) -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Linear(3, width),
+            torch.nn.Tanh(),
+            torch.nn.Linear(width, width),
+            torch.nn.Tanh(),
+            torch.nn.Linear(width, 2),
+        )
+
+    x, y = _data()
+    result = coord_check(
+        family,
+        "r=0.25",
+        [8, 16],
+        steps=2,
+        seeds=1,
+        data=(x.float(), y.float()),
+        ntk=False,
+    )
+    assert {f["layer"] for f in result.fits if f["metric"] == "delta_h"} == {"0", "2"}
+    assert [result.fit("dW_op", n)["predicted"] for n in ("0", "2", "4")] == [
+        0.25,
+        -0.25,
+        -0.5,
+    ]
