@@ -313,7 +313,14 @@ _COMMANDS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``rdiag`` console script; returns the exit status."""
+    """Entry point of the ``rdiag`` console script.
+
+    Args:
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit status (0 on success; errors exit with 2 and a message).
+    """
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -54,7 +54,14 @@ class Dataset:
         return tuple(self.x.shape[1:])
 
     def to(self, dtype: torch.dtype) -> Dataset:
-        """A copy with floating tensors cast to ``dtype``."""
+        """A copy with floating tensors cast to ``dtype``.
+
+        Args:
+            dtype: Target floating dtype.
+
+        Returns:
+            The cast :class:`Dataset` (integer labels unchanged).
+        """
 
         def cast(t: Tensor) -> Tensor:
             return t.to(dtype) if t.is_floating_point() else t
@@ -105,6 +112,10 @@ def teacher_student(
 
     Returns:
         The :class:`Dataset` (float32).
+
+    Raises:
+        ValueError: A size is not a positive int, an unknown ``task``, or fewer than
+            two classes for classification.
     """
     for name, v in (("n_train", n_train), ("n_test", n_test), ("dim", dim),
                     ("outputs", outputs), ("teacher_width", teacher_width)):
@@ -174,6 +185,10 @@ def digits(n_test: int = 297, *, seed: int = 0, flatten: bool = True) -> Dataset
 
     Returns:
         The :class:`Dataset` (float32, classification, 10 classes).
+
+    Raises:
+        ValueError: ``n_test`` outside ``(0, 1797)``.
+        ImportError: scikit-learn is not installed (``pip install 'rdiag[data]'``).
     """
     datasets = require("sklearn.datasets", "rdiag.data.digits")
     bunch = datasets.load_digits()
@@ -278,6 +293,10 @@ def from_tensors(
 
     Returns:
         The :class:`Dataset`.
+
+    Raises:
+        TypeError: ``x`` or ``y`` is not a tensor.
+        ValueError: Empty or mismatched batches, or integer inputs.
     """
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, Tensor):
@@ -308,6 +327,10 @@ def load_data(name: str, **options: object) -> Dataset:
 
     Returns:
         The :class:`Dataset`.
+
+    Raises:
+        ValueError: Unknown name, CIFAR-10 without ``root``, or bad options.
+        FileNotFoundError: A missing CIFAR-10 directory or file.
     """
     check_choice(name, "data", DATASETS)
     if name == "cifar10" and "root" not in options:
@@ -344,6 +367,10 @@ def batches(
 
     Yields:
         ``(x (B, ...), y (B, ...))``.
+
+    Raises:
+        ValueError: Unknown mode, a batch larger than the training set, or an online
+            pass longer than a finite training set.
     """
     check_choice(mode, "optimizer mode", BATCH_MODES)
     check_positive_int(batch_size, "batch_size")

@@ -104,6 +104,12 @@ class TrainConfig:
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         """Build and validate a config; unknown fields and bad values name the field.
 
+        Args:
+            values: Field name -> value.
+
+        Returns:
+            The validated :class:`TrainConfig`.
+
         Raises:
             ValueError: Unknown field, or a value outside its allowed set / range.
         """
@@ -118,7 +124,12 @@ class TrainConfig:
         return cfg
 
     def validate(self) -> None:
-        """Check every field; raise ``ValueError`` naming the field and allowed values."""
+        """Check every field, naming the field and its allowed values on failure.
+
+        Raises:
+            ValueError: A value outside its allowed set or range.
+            TypeError: ``data_options`` / ``model_options`` is not a mapping.
+        """
         from rdiag.parametrization import parse_param
 
         for name, allowed in (("model", MODELS), ("optimizer", OPTIMIZERS), ("loss", LOSSES),
@@ -205,7 +216,18 @@ def _token_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
-    """The parametrized model of a config, sized to the data."""
+    """The parametrized model of a config, sized to the data.
+
+    Args:
+        cfg: The run configuration.
+        data: The dataset (fixes input shape and number of outputs).
+
+    Returns:
+        The model, parametrized by ``cfg.param``, in ``cfg.dtype``.
+
+    Raises:
+        ValueError: The family does not fit the data's input shape.
+    """
     from rdiag.models import make_model
 
     opts: dict[str, Any] = {"depth": cfg.depth}
@@ -328,9 +350,13 @@ class Executor(Protocol):
     has to return futures from ``submit`` (e.g. ``ref.future()``).
     """
 
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future: ...
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        """Schedule ``fn(*args, **kwargs)``; return its future."""
+        ...
 
-    def shutdown(self, wait: bool = True) -> None: ...
+    def shutdown(self, wait: bool = True) -> None:
+        """Release the workers (after the running calls when ``wait``)."""
+        ...
 
 
 class SerialExecutor:
@@ -375,10 +401,13 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         workers: 2       # optional
         report: true     # optional
 
+    Returns:
+        The config dict with ``base`` and ``grid`` present.
+
     Raises:
         FileNotFoundError: The path does not exist.
         ValueError: Unknown top-level keys, a grid value that is not a list, or
-            unknown config fields.
+            unparsable YAML.
     """
     if isinstance(source, Mapping):
         raw = dict(source)
@@ -415,6 +444,12 @@ def expand_grid(sweep_config: Mapping[str, Any]) -> list[TrainConfig]:
     """All configurations of a sweep (Cartesian product of the grid over the base).
 
     A grid key ``r`` sets ``param`` to ``"r=<value>"``.
+
+    Args:
+        sweep_config: ``{"base": {...}, "grid": {...}}``.
+
+    Returns:
+        One validated :class:`TrainConfig` per grid point.
 
     Raises:
         ValueError: A field is unknown or invalid (named, with allowed values).
@@ -479,6 +514,10 @@ def sweep(
 
     Returns:
         A :class:`SweepResult`. Finished runs already in the store are skipped.
+
+    Raises:
+        ValueError: A bad config (before anything runs). An exception inside a run
+            cancels the queued runs and is re-raised; re-running the sweep resumes.
     """
     raw = load_sweep_config(config)
     for section in ("base", "grid"):
@@ -505,12 +544,17 @@ def sweep(
     if progress:
         bar = require("tqdm", "sweep progress").tqdm(total=len(configs), initial=len(results),
                                                      desc="rdiag sweep", unit="run")
+    futures: list[cf.Future] = []
     try:
         futures = [executor.submit(_run_config, cfg, str(store.root)) for cfg in todo]
         for fut in cf.as_completed(futures):
             results.append(fut.result())
             if bar is not None:
                 bar.update(1)
+    except BaseException:
+        for fut in futures:  # fail fast: drop queued runs (running ones finish, resumable)
+            fut.cancel()
+        raise
     finally:
         if bar is not None:
             bar.close()

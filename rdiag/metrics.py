@@ -98,6 +98,10 @@ def one_hot_targets(targets: Tensor, num_classes: int | None = None) -> Tensor:
 
     Returns:
         ``(N, C)`` float tensor (float64 for integer labels).
+
+    Raises:
+        TypeError: ``targets`` is not a tensor.
+        ValueError: Integer labels that are not ``(N,)``.
     """
     if not isinstance(targets, Tensor):
         raise TypeError(f"expected targets as a torch.Tensor, got {type(targets).__name__}")
@@ -119,6 +123,9 @@ def kernel_target_alignment(k: Tensor, targets: Tensor, num_classes: int | None 
 
     Returns:
         The centered alignment of ``K`` with ``Y Y^T``, a float in ``[-1, 1]``.
+
+    Raises:
+        ValueError: ``k`` is not square, or the targets do not match its rows.
     """
     _check_kernel(k, "k", square=True)
     y = one_hot_targets(targets, num_classes).to(device=k.device, dtype=k.dtype)
@@ -158,6 +165,9 @@ def effective_rank(eigs: Tensor, kind: str = "participation") -> float:
 
     Returns:
         A float in ``[1, N]`` (0 for an all-zero spectrum).
+
+    Raises:
+        ValueError: Unknown ``kind``.
     """
     if kind not in ("participation", "entropy"):
         raise ValueError(f"expected kind 'participation' or 'entropy', got {kind!r}")
@@ -220,6 +230,9 @@ def matrix_norms(w: Tensor, *, exact_below: int = 256) -> tuple[float, float]:
 
     Returns:
         ``(operator_norm, frobenius_norm)``.
+
+    Raises:
+        ValueError: ``w`` is not a tensor with at least one dimension.
     """
     if not isinstance(w, Tensor) or w.dim() == 0:
         raise ValueError(f"expected a weight tensor with >= 1 dims, got {w!r}")
@@ -237,6 +250,9 @@ def representation_movement(h_t: Tensor, h_0: Tensor) -> float:
 
     Returns:
         The movement averaged over the ``N`` inputs.
+
+    Raises:
+        ValueError: The shapes differ.
     """
     if h_t.shape != h_0.shape:
         raise ValueError(f"expected equal shapes, got {tuple(h_t.shape)} and {tuple(h_0.shape)}")

@@ -244,7 +244,11 @@ class Store:
         return rid
 
     def set_status(self, run_id: str, status: str) -> None:
-        """Set a run's status: ``"running"``, ``"finished"`` or ``"failed"``."""
+        """Set a run's status: ``"running"``, ``"finished"`` or ``"failed"``.
+
+        Raises:
+            ValueError: Another status.
+        """
         if status not in STATUSES:
             raise ValueError(f"expected status in {list(STATUSES)}, got {status!r}")
         self._execute(
@@ -257,7 +261,14 @@ class Store:
         return rows[0][0] if rows else None
 
     def config(self, run_id: str) -> dict[str, Any]:
-        """The configuration a run was created with."""
+        """The configuration a run was created with.
+
+        Returns:
+            The config dict.
+
+        Raises:
+            KeyError: No such run.
+        """
         rows = self._execute("SELECT config FROM runs WHERE id = ?", (run_id,), fetch=True)
         if not rows:
             raise KeyError(f"no run {run_id!r} in the store {self.db_path}")
@@ -378,6 +389,9 @@ class Store:
 
         Returns:
             Path of the file.
+
+        Raises:
+            ValueError: A name with other characters.
         """
         if not name or not all(c.isalnum() or c in "_.-" for c in name):
             raise ValueError(f"expected an array name of letters, digits, '_.-', got {name!r}")
@@ -410,6 +424,9 @@ class Store:
 
     def load_array(self, run_id: str, step: int, name: str) -> np.ndarray:
         """Read a snapshot back, verifying its sha256.
+
+        Returns:
+            The array.
 
         Raises:
             KeyError: No such snapshot.

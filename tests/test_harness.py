@@ -179,3 +179,10 @@ def test_device_field(tmp_path) -> None:
     assert result.status == "finished"
     with pytest.raises(ValueError, match="device to be one of"):
         train({**TINY, "device": "tpu"}, store=tmp_path)
+
+
+def test_sweep_fails_fast_on_a_run_error(tmp_path) -> None:
+    config = {"base": {**TINY, "model": "cnn"}, "grid": {"seed": [0, 1, 2]}, "report": False}
+    with pytest.raises(ValueError, match="model 'cnn' needs square images"):
+        sweep(config, out=tmp_path)
+    assert Store(tmp_path).run_ids("finished") == []
