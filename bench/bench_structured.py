@@ -83,13 +83,15 @@ def _rss_bytes() -> int:
 
 
 def _measure(impl: str, width: int, n: int, trace: bool) -> dict:
-    """Seconds (best of 2 after a warm-up) and peak resident memory above the start."""
+    """Seconds (best of 2 to 7 after a warm-up) and peak resident memory above the start."""
     _, _, run = _case(impl, width, n, trace)
     start = _rss_bytes()
+    t0 = time.perf_counter()
     run()
+    warm = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
     times = []
-    for _ in range(2):
+    for _ in range(7 if warm < 0.5 else 2):
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)
