@@ -30,6 +30,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rdiag._optional import require
 from rdiag.metrics import fit_exponent
 from rdiag.store import Store
@@ -149,7 +151,12 @@ def _fig_width_scaling(plt: Any, frame: Any, fit_list: list, metric: str, source
                 pred = "n/a" if fit["predicted"] is None else f"{fit['predicted']:+.2f}"
                 label += (f": slope {fit['slope']:+.2f} [{fit['ci'][0]:+.2f}, "
                           f"{fit['ci'][1]:+.2f}], predicted {pred}")
-            ax.plot(mean.index, mean.values, "-", color=line.get_color(), label=label)
+            ax.plot(mean.index, mean.values, ":", color=line.get_color(), lw=1)
+            if fit is not None:  # the fitted power law through the log-means
+                lw, lv = np.log(g["width"].to_numpy(float)), np.log(g["value"].to_numpy(float))
+                grid = np.array(sorted(g["width"].unique()), dtype=float)
+                curve = np.exp(lv.mean() + fit["slope"] * (np.log(grid) - lw.mean()))
+                ax.plot(grid, curve, "-", color=line.get_color(), label=label)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("width n")
