@@ -262,7 +262,7 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
 def train(
     config: TrainConfig | Mapping[str, Any] | None = None,
     *,
-    store: Store | str | Path | None = None,
+    store: Store | str | Path,
     run_id: str | None = None,
     **overrides: Any,
 ) -> TrainResult:
@@ -275,8 +275,7 @@ def train(
 
     Args:
         config: A :class:`TrainConfig` or a dict of its fields (default all defaults).
-        store: A :class:`~rdiag.store.Store` or a directory (default a temporary one
-            is not created: pass one to keep results).
+        store: A :class:`~rdiag.store.Store` or a directory (created if missing).
         run_id: Explicit run id (default the config's :func:`~rdiag.store.run_key`).
         **overrides: Config fields overriding ``config``.
 
@@ -289,8 +288,6 @@ def train(
     """
     base = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
     cfg = TrainConfig.from_dict({**base, **overrides})
-    if store is None:
-        raise ValueError("expected store= (a Store or a directory) to write the run into")
     store = store if isinstance(store, Store) else Store(store)
     device = _device(cfg.device)
     rid = store.create_run(cfg.to_dict(), run_id=run_id, seed=cfg.seed, device=str(device))

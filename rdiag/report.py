@@ -46,14 +46,20 @@ _SOURCE = {"f0": "f_norm"}
 def _r_of(param: str) -> float | None:
     from rdiag.parametrization import parse_param
 
-    return parse_param(param).r
+    try:
+        return parse_param(param).r
+    except ValueError:  # a run not made by the harness (no parameterization string)
+        return None
 
 
 def _predicted(metric: str, param: str, steps: int) -> float | None:
     from rdiag.coord_check import predicted_exponent
     from rdiag.parametrization import parse_param
 
-    return predicted_exponent(metric, None, parse_param(param), steps)
+    try:
+        return predicted_exponent(metric, None, parse_param(param), steps)
+    except ValueError:
+        return None
 
 
 def _frame(store: Store) -> Any:
@@ -65,7 +71,9 @@ def _frame(store: Store) -> Any:
     frame = frame[frame["status"] == "finished"]
     if len(frame) == 0:
         raise ValueError(f"the store {store.root} has no finished runs yet")
-    return frame
+    # Runs written by a bare Monitor may lack the harness's config fields.
+    defaults = {"param": "custom", "width": 0, "seed": 0, "lr": float("nan")}
+    return frame.assign(**{k: v for k, v in defaults.items() if k not in frame.columns})
 
 
 def fits(store: Store | str | Path) -> list[dict[str, Any]]:
@@ -184,7 +192,7 @@ def _fig_over_steps(plt: Any, frame: Any, metric: str, layer: str, ylabel: str, 
         for width, gw in g.groupby("width"):
             ax.plot(gw["step"], gw["value"], marker=".", label=f"n={width}")
         if eos:
-            for lr in sorted(frame[frame["param"] == param]["lr"].unique()):
+            for lr in sorted(frame[frame["param"] == param]["lr"].dropna().unique()):
                 ax.axhline(2 / lr, color="k", ls="--", lw=1, label=f"2/eta0 = {2 / lr:.3g}")
         if logy:
             ax.set_yscale("log")

@@ -84,3 +84,27 @@ def test_report_needs_finished_runs(tmp_path) -> None:
     store.log(rid, 0, {"loss": 1.0})
     with pytest.raises(ValueError, match="no finished runs"):
         build_report(store, tmp_path / "out")
+
+
+def test_report_of_a_bare_monitor_run(tmp_path) -> None:
+    import torch
+
+    from rdiag.monitor import Monitor
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    x, y = torch.randn(6, 3), torch.randn(6, 1)
+    store = Store(tmp_path / "s")
+    rid = store.create_run({"note": "my own loop"})
+    mon = Monitor(net, (x, y), metrics=["ntk", "loss"], loss_fn=torch.nn.functional.mse_loss,
+                  store=store, run_id=rid)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for step in range(3):
+        mon.step(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+    store.set_status(rid, "finished")
+    paths = build_report(store, tmp_path / "out")
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["fits"] == [] and "ntk_eigenvalues" in paths
