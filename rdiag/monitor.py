@@ -74,9 +74,11 @@ def _schedule(every: Schedule) -> Callable[[int], bool]:
 
 
 def _leaf_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    # Trainable leaves only: a centered model's frozen reference copy is not a layer.
     return [
         (name, m) for name, m in model.named_modules()
-        if name and not list(m.children()) and any(True for _ in m.parameters(recurse=False))
+        if name and not list(m.children())
+        and any(p.requires_grad for p in m.parameters(recurse=False))
     ]
 
 

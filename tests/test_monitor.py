@@ -161,3 +161,13 @@ def test_plain_module_uses_raw_weights() -> None:
     expected = torch.linalg.svdvals(net[0].weight.detach() - w0)[0]
     assert_close("dW_op raw", expected, _f64(rec[("dW_op", "0")]), rtol=1e-10, atol=0)
     assert ("delta_h", "0") in rec and ("delta_h", "2") not in rec  # read-out excluded
+
+
+def test_centered_gamma_model_tracks_trained_layers_only() -> None:
+    model = make_model("mlp", 8, parametrization="gamma=1", seed=0, d_in=3, d_out=1).double()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    mon = Monitor(model, x, metrics=["representations", "features", "weights"])
+    assert mon.layers == ["model.readin", "model.hidden.0"]
+    rec = mon.step(0)
+    assert rec["f_norm"] == pytest.approx(0.0, abs=1e-12)  # centered: f0 = 0
+    assert all("reference" not in str(k) for k in rec)
