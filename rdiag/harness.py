@@ -343,8 +343,8 @@ def train(
 class Executor(Protocol):
     """What :func:`sweep` needs from an executor (``concurrent.futures`` style).
 
-    ``ProcessPoolExecutor`` and ``ThreadPoolExecutor`` qualify; a Ray adapter only
-    has to return futures from ``submit`` (e.g. ``ref.future()``).
+    ``ProcessPoolExecutor``, ``ThreadPoolExecutor``, :class:`SerialExecutor` and
+    :class:`RayExecutor` (futures from ``ObjectRef.future()``) qualify.
     """
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
@@ -370,6 +370,31 @@ class SerialExecutor:
 
     def shutdown(self, wait: bool = True) -> None:
         """Nothing to release."""
+
+
+class RayExecutor:
+    """Runs each call as a Ray task (``pip install 'rdiag[ray]'``; Ray imported here only).
+
+    Args:
+        **options: ``ray.remote`` options per task, e.g. ``num_cpus=1``.
+
+    Raises:
+        ImportError: Ray is not installed.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self._ray = require("ray", "RayExecutor")
+        if not self._ray.is_initialized():
+            self._ray.init()
+        self._options = options or {"num_cpus": 1}
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
+        """Launch ``fn`` as a Ray task; return a ``concurrent.futures`` future of it."""
+        remote = self._ray.remote(**self._options)(fn)
+        return remote.remote(*args, **kwargs).future()
+
+    def shutdown(self, wait: bool = True) -> None:
+        """Leave the Ray runtime to its owner (nothing to release per sweep)."""
 
 
 def _worker_init() -> None:

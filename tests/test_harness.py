@@ -186,3 +186,16 @@ def test_sweep_fails_fast_on_a_run_error(tmp_path) -> None:
     with pytest.raises(ValueError, match="model 'cnn' needs square images"):
         sweep(config, out=tmp_path)
     assert Store(tmp_path).run_ids("finished") == []
+
+
+def test_ray_executor(tmp_path) -> None:
+    import importlib.util
+
+    from rdiag.harness import RayExecutor
+
+    if importlib.util.find_spec("ray") is None:
+        with pytest.raises(ImportError, match=r"pip install 'rdiag\[ray\]'"):
+            RayExecutor()
+        return
+    config = {"base": TINY, "grid": {"seed": [0, 1]}, "report": False}
+    assert sweep(config, out=tmp_path, executor=RayExecutor()).count("finished") == 2
