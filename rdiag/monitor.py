@@ -249,6 +249,7 @@ class Monitor:
         first = next(self.model.parameters())
         x = self.x.to(first.device)
         x = x.to(first.dtype) if x.is_floating_point() else x
+        y = None if self.y is None else self.y.to(first.device)
         if {"representations", "features", "loss", "accuracy"} & set(self.metrics):
             self._forward_metrics(x, rec)
         if "ntk" in self.metrics or "ntk_layers" in self.metrics:
@@ -258,12 +259,12 @@ class Monitor:
         if "grad_norm" in self.metrics:
             rec["grad_norm"] = self._grad_norm(x)
         if "sharpness" in self.metrics or "sharpness_precond" in self.metrics:
-            self._sharpness(x, rec)
+            self._sharpness(x, y, rec)
         if "trace" in self.metrics:
             from rdiag.curvature import hessian_trace
 
             est = hessian_trace(
-                self.model, self.loss_fn, (x, self.y), num_matvecs=30, dtype=self.dtype,
+                self.model, self.loss_fn, (x, y), num_matvecs=30, dtype=self.dtype,
                 seed=step,
             )
             rec["trace"], rec["trace_std_err"] = est.estimate, est.std_err
@@ -344,7 +345,9 @@ class Monitor:
                 rec[("ntk_eig", str(i))] = lam
             rec["ntk_eff_rank"] = M.effective_rank(eigs)
             rec["ntk_trace"] = float(k.trace())
-            if self.y is not None and len(k) > 1:
+            # Alignment needs one label (or target vector) per probe input.
+            per_input = self.y is not None and (self.y.dim() == 1 or self.y.is_floating_point())
+            if per_input and len(k) > 1:
                 rec["ntk_kta"] = M.kernel_target_alignment(k, self.y)
         for name, kl in layers.items():
             kl = kl.double()
@@ -386,7 +389,7 @@ class Monitor:
         grads = torch.autograd.grad(self.loss_fn(out, self._target(out)), params)
         return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
-    def _sharpness(self, x: Tensor, rec: dict) -> None:
+    def _sharpness(self, x: Tensor, y: Tensor, rec: dict) -> None:
         from rdiag.curvature import top_eigenvalues
 
         pre = self.optimizer if self.optimizer is not None else self.weights
@@ -400,7 +403,7 @@ class Monitor:
                 rec[key] = rec["sharpness"]
                 continue
             res = top_eigenvalues(
-                self.model, self.loss_fn, (x, self.y), k=1, tol=self.sharpness_tol,
+                self.model, self.loss_fn, (x, y), k=1, tol=self.sharpness_tol,
                 warm_start=self._warm.get(key), preconditioner=precond, dtype=self.dtype,
             )
             self._warm[key] = res.eigenvectors

@@ -49,7 +49,7 @@ def test_train_writes_monitor_and_losses(tmp_path) -> None:
          "metrics": ["loss", "accuracy", "ntk", "features"]},
         {"model": "transformer", "data": "sequences", "width": 8, "depth": 1,
          "data_options": {"n_train": 8, "n_test": 4, "vocab": 5, "seq_len": 3},
-         "metrics": ["loss", "accuracy", "representations"]},
+         "metrics": ["loss", "accuracy", "representations", "ntk", "sharpness"]},
     ],
     ids=["adam", "online", "sgd-classification", "transformer"],
 )
