@@ -21,7 +21,7 @@ from rdiag._typing import Data, LossFn, ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode
 from rdiag.linalg.density import SpectralDensity, spectral_density
 from rdiag.linalg.lanczos import EigResult, Which, lanczos
-from rdiag.linalg.power import power_iteration
+from rdiag.linalg.power import power_extreme
 from rdiag.linalg.trace import TraceEstimate, hutch_plus_plus, hutchinson
 from rdiag.operators._data import CurvatureOperator
 from rdiag.operators.base import LinearOperator, ScaledOperator
@@ -168,24 +168,6 @@ def _operator(
     return op if diagonal is None else ScaledOperator(op, diagonal)
 
 
-def _power_extreme(op: LinearOperator, which: Which, **kwargs: object) -> EigResult:
-    """Largest or smallest algebraic eigenvalue with power iteration (two phases)."""
-    first = power_iteration(op, **kwargs)  # type: ignore[arg-type]
-    lam = float(first.eigenvalues[0])
-    if (which == "largest") == (lam >= 0):
-        return first
-    # The dominant one is at the other end: shift by it to reach the wanted end.
-    kwargs = {**kwargs, "warm_start": None}
-    second = power_iteration(op, shift=lam, **kwargs)  # type: ignore[arg-type]
-    return EigResult(
-        second.eigenvalues,
-        second.eigenvectors,
-        second.residuals,
-        first.num_matvecs + second.num_matvecs,
-        first.converged and second.converged,
-    )
-
-
 def top_eigenvalues(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -206,6 +188,7 @@ def top_eigenvalues(
     loss: LossKind | None = None,
     seed: int = 0,
     compile: bool = False,
+    criterion: Literal["residual", "eigenvalue"] = "residual",
 ) -> EigResult:
     r"""Extreme eigenpairs of the loss Hessian (or GGN / Fisher), optionally preconditioned.
 
@@ -233,6 +216,8 @@ def top_eigenvalues(
         loss: Loss kind for GGN/Fisher (default inferred).
         seed: Seed of the start vector.
         compile: ``torch.compile`` the Hessian product.
+        criterion: Lanczos stopping test, ``"residual"`` or ``"eigenvalue"`` (see
+            :func:`~rdiag.linalg.lanczos.lanczos`).
 
     Returns:
         An :class:`~rdiag.linalg.lanczos.EigResult`; eigenvectors are ``(P, k)`` in
@@ -250,7 +235,8 @@ def top_eigenvalues(
     )
     if method == "lanczos":
         return lanczos(
-            op, k, which=which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed
+            op, k, which=which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed,
+            criterion=criterion,
         )
     if k != 1 or which == "both":
         raise ValueError(
@@ -258,7 +244,7 @@ def top_eigenvalues(
             f"k={k}, which={which!r}; use method='lanczos'"
         )
     check_choice(which, "which", ("largest", "smallest"))
-    return _power_extreme(op, which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed)
+    return power_extreme(op, which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed)
 
 
 def sharpness(
@@ -281,7 +267,9 @@ def sharpness(
     :math:`\lambda_{\max}(H)`, or :math:`\lambda_{\max}(M^{1/2} H M^{1/2})` with a
     preconditioner (per-layer learning rates: compare with ``2 / eta_0``; an Adam
     optimizer: the adaptive edge of stability, see :func:`preconditioner_diagonal`).
-    Computed by Lanczos to ``tol``.
+    Computed by Lanczos with the eigenvalue stopping test: the estimated relative
+    error of the eigenvalue is at most about ``tol`` (see
+    :func:`~rdiag.linalg.lanczos.lanczos`, ``criterion="eigenvalue"``).
 
     .. warning::
         This is the largest *algebraic* eigenvalue, not the largest in magnitude.
@@ -296,7 +284,7 @@ def sharpness(
         data: A batch or an iterable of batches.
         preconditioner: See :func:`preconditioner_diagonal`.
         operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
-        tol: Relative residual tolerance.
+        tol: Relative eigenvalue accuracy.
         warm_start: A previous result or eigenvector (use :func:`top_eigenvalues`
             to keep the :class:`EigResult` for the next call).
         params: Parameter selector (per-layer sharpness: ``params="layer.*"``).
@@ -311,7 +299,7 @@ def sharpness(
     result = top_eigenvalues(
         model, loss_fn, data, 1, operator=operator, tol=tol, warm_start=warm_start,
         params=params, exclude=exclude, preconditioner=preconditioner, mode=mode,
-        dtype=dtype, seed=seed,
+        dtype=dtype, seed=seed, criterion="eigenvalue",
     )
     return float(result.eigenvalues[0])
 

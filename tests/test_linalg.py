@@ -11,6 +11,7 @@ from rdiag.linalg import (
     hutchinson,
     lanczos,
     lanczos_quadrature,
+    power_extreme,
     power_iteration,
     spectral_density,
 )
@@ -102,6 +103,13 @@ def test_power_iteration_dominant_shift_and_the_indefinite_pitfall() -> None:
     assert abs(float(lanczos(a, 1).eigenvalues[0]) - 2.0) < 1e-9
     warm = power_iteration(a, tol=1e-10, max_iter=2000, warm_start=plain)
     assert warm.num_matvecs < plain.num_matvecs
+    # Two phases: the dominant -5 first, then shifted by it to reach the top.
+    top = power_extreme(a, "largest", tol=1e-10, max_iter=2000)
+    assert top.converged and abs(float(top.eigenvalues[0]) - 2.0) < 1e-9
+    assert top.num_matvecs > plain.num_matvecs
+    low = power_extreme(a, "smallest", tol=1e-10, max_iter=2000)
+    assert low.num_matvecs == plain.num_matvecs
+    assert float(low.eigenvalues[0]) == float(plain.eigenvalues[0])
 
 
 def test_trace_estimators_within_their_error_bars() -> None:

@@ -24,15 +24,18 @@ CASES = [(a, "mse") for a in ARCHS] + [
 ]
 
 
-def make_case(arch: str, loss: str, n: int = 6, seed: int = 0):
-    """``(net, x, y, loss_fn, names)``: a zoo model with targets for the loss."""
+def make_case(arch: str, loss: str, n: int = 6, seed: int = 0, scale: float = 1.0):
+    """``(net, x, y, loss_fn, names)``: a zoo model with targets for the loss.
+
+    ``scale`` multiplies the MSE targets (large targets: a strongly indefinite H).
+    """
     net, make_input = ZOO[arch](seed)
     x = make_input(n, seed + 1)
     with torch.no_grad():
         out = net.eval()(x)
     gen = torch.Generator().manual_seed(seed + 2)
     if loss == "mse":
-        y = torch.randn(out.shape, generator=gen)
+        y = scale * torch.randn(out.shape, generator=gen)
         loss_fn = F.mse_loss
     else:
         y = torch.randint(0, out.shape[1], (n,), generator=gen)
@@ -42,9 +45,9 @@ def make_case(arch: str, loss: str, n: int = 6, seed: int = 0):
 
 
 @functools.lru_cache(maxsize=None)
-def case_and_hessian(arch: str, loss: str, n: int = 6, seed: int = 0):
+def case_and_hessian(arch: str, loss: str, n: int = 6, seed: int = 0, scale: float = 1.0):
     """``make_case(...)`` plus the dense float64 Hessian, cached across tests."""
-    net, x, y, loss_fn, names = make_case(arch, loss, n, seed)
+    net, x, y, loss_fn, names = make_case(arch, loss, n, seed, scale)
     theta, f = oracles.flat_function(net, names)
     xd = x.double() if x.is_floating_point() else x
     yd = y.double() if y.is_floating_point() else y

@@ -2,7 +2,7 @@
 
 from rdiag.linalg.density import SpectralDensity, lanczos_quadrature, spectral_density
 from rdiag.linalg.lanczos import EigResult, lanczos
-from rdiag.linalg.power import power_iteration
+from rdiag.linalg.power import power_extreme, power_iteration
 from rdiag.linalg.trace import TraceEstimate, hutch_plus_plus, hutchinson
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "hutchinson",
     "lanczos",
     "lanczos_quadrature",
+    "power_extreme",
     "power_iteration",
     "spectral_density",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rdiag._checks import check_finite_positive, check_positive_int
+from rdiag._checks import check_choice, check_finite_positive, check_positive_int
 from rdiag.linalg.lanczos import EigResult, check_operator, start_vector
 from rdiag.operators.base import LinearOperator
 
@@ -76,4 +76,49 @@ def power_iteration(
         residuals=res.reshape(1),
         num_matvecs=matvecs,
         converged=converged,
+    )
+
+
+def power_extreme(
+    op: LinearOperator,
+    which: str = "largest",
+    *,
+    tol: float = 1e-6,
+    max_iter: int = 1000,
+    warm_start: EigResult | Tensor | None = None,
+    seed: int = 0,
+) -> EigResult:
+    """The largest (or smallest) **algebraic** eigenpair by power iteration.
+
+    Runs :func:`power_iteration`; if the dominant eigenvalue found is at the other
+    end of the spectrum (negative when the largest is wanted), runs it again
+    shifted by that eigenvalue, which makes the wanted end dominant. Products of
+    both runs are counted; ``max_iter`` applies to each.
+
+    Args:
+        op: A symmetric operator ``(P, P)``.
+        which: ``"largest"`` or ``"smallest"``.
+        tol: Relative residual tolerance.
+        max_iter: Most products per run.
+        warm_start: A previous result or vector (first run only).
+        seed: Seed of the random start.
+
+    Returns:
+        An :class:`EigResult` with one pair.
+
+    Raises:
+        ValueError: Unknown ``which`` or bad options.
+    """
+    check_choice(which, "which", ("largest", "smallest"))
+    first = power_iteration(op, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed)
+    lam = float(first.eigenvalues[0])
+    if (which == "largest") == (lam >= 0):
+        return first
+    second = power_iteration(op, tol=tol, max_iter=max_iter, seed=seed, shift=lam)
+    return EigResult(
+        second.eigenvalues,
+        second.eigenvectors,
+        second.residuals,
+        first.num_matvecs + second.num_matvecs,
+        first.converged and second.converged,
     )

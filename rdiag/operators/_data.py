@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, jvp
+from torch.func import grad, jvp, vmap
 
 from rdiag._checks import check_scalar_loss, check_vector
 from rdiag._typing import Data, LossFn, Params, ParamSelector
@@ -69,6 +69,17 @@ def iter_batches(data: Data) -> Iterator[tuple[Tensor, Tensor]]:
         yield x, y
     if count == 0:
         raise ValueError("expected at least one batch, got an empty iterable of batches")
+
+
+def map_columns(fn: Callable[[Tensor], Tensor], matrix: Tensor) -> Tensor:
+    """Apply a ``(P,) -> (P,)`` map to every column of ``(P, K)``: vmapped, or direct for K=1.
+
+    ``randomness="same"``: a train-mode dropout mask is shared by all columns.
+    The direct call for one column skips vmap's overhead (~2x on small models).
+    """
+    if matrix.shape[1] == 1:
+        return fn(matrix[:, 0]).unsqueeze(1)
+    return vmap(fn, in_dims=1, out_dims=1, randomness="same")(matrix)
 
 
 def loss_name(loss_fn: Callable[..., Any]) -> str:

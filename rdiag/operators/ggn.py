@@ -21,7 +21,7 @@ from rdiag._checks import check_choice
 from rdiag._typing import Data, LossFn, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
 from rdiag.ntk.vector_products import model_jvp_mode
-from rdiag.operators._data import CurvatureOperator, forward_over_reverse
+from rdiag.operators._data import CurvatureOperator, forward_over_reverse, map_columns
 
 LossKind = Literal["mse", "cross_entropy", "autodiff"]
 LOSS_KINDS = ("mse", "cross_entropy", "autodiff")
@@ -175,7 +175,7 @@ class GGNOperator(CurvatureOperator):
         def column(v: Tensor) -> Tensor:
             return pullback(curvature(jvp(f, (theta,), (v,), mode)[1]))[0]
 
-        return vmap(column, in_dims=1, out_dims=1, randomness="same")(matrix)
+        return map_columns(column, matrix)
 
 
 class FisherOperator(GGNOperator):

@@ -7,13 +7,18 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
+from torch.func import grad, vjp
 
 from rdiag._autodiff import _math_attention as math_attention
 from rdiag._optional import warn_once
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
-from rdiag.operators._data import CurvatureOperator, forward_over_reverse, loss_name
+from rdiag.operators._data import (
+    CurvatureOperator,
+    forward_over_reverse,
+    loss_name,
+    map_columns,
+)
 
 # module -> {(operator kind, loss name): index of the strategy that worked}
 _STRATEGY_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], int]] = (
@@ -94,13 +99,13 @@ class HessianOperator(CurvatureOperator):
         def column(v: Tensor) -> Tensor:
             return forward_over_reverse(loss, theta, v, y)
 
-        return vmap(column, in_dims=1, out_dims=1, randomness="same")(matrix)
+        return map_columns(column, matrix)
 
     def _reverse(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
         theta = self.fm.flatten(self.fm.params)
         loss = self._flat_loss(x)
         _, pullback = vjp(lambda t: grad(loss)(t, y), theta)
-        return vmap(lambda v: pullback(v)[0], in_dims=1, out_dims=1, randomness="same")(matrix)
+        return map_columns(lambda v: pullback(v)[0], matrix)
 
     def _maybe_compiled(self, name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if not self.compile:
