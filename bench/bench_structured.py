@@ -45,7 +45,11 @@ def _case(impl: str, width: int, n: int, trace: bool):
     fm = functionalize(model)
     if impl == "recipe":
         return model, x, lambda: tutorial_jacobian_ntk(model, x, x, trace)
-    return model, x, lambda: empirical_ntk(fm, x, implementation=impl, trace_outputs=trace)
+    return (
+        model,
+        x,
+        lambda: empirical_ntk(fm, x, implementation=impl, trace_outputs=trace),
+    )
 
 
 def _skip(impl: str, model: torch.nn.Module, x: torch.Tensor, trace: bool) -> None:
@@ -54,13 +58,19 @@ def _skip(impl: str, model: torch.nn.Module, x: torch.Tensor, trace: bool) -> No
     jac_bytes = 2 * len(x) * 10 * sum(p.numel() for p in model.parameters()) * 4
     if impl == "recipe":
         if jac_bytes > RECIPE_LIMIT:
-            pytest.skip(f"recipe: its two N*O*P Jacobians need {format_bytes(jac_bytes)} > 8 GiB")
+            pytest.skip(
+                f"recipe: its two N*O*P Jacobians need {format_bytes(jac_bytes)} > 8 GiB"
+            )
         return
     fm = functionalize(model)
     spec = NTKSpec(trace, False, fm.param_weights(None), 1, 1e12, 10)
-    flops = ntk_costs(fm, x, len(x), spec, symmetric=True)[NTKImplementation(impl)].flops
+    flops = ntk_costs(fm, x, len(x), spec, symmetric=True)[
+        NTKImplementation(impl)
+    ].flops
     if flops > GENERIC_FLOPS:
-        pytest.skip(f"{impl}: cost model estimates {flops:.2g} FLOPs > {GENERIC_FLOPS:.0e}")
+        pytest.skip(
+            f"{impl}: cost model estimates {flops:.2g} FLOPs > {GENERIC_FLOPS:.0e}"
+        )
 
 
 @pytest.mark.parametrize("trace", [False, True], ids=["full", "traced"])
@@ -105,7 +115,7 @@ def _table(impls: tuple[str, ...] = ("structured", "recipe")) -> None:
         for n in SIZES:
             for trace in (False, True):
                 for impl in impls:
-                    model, x, _ = _case(impl, width, n, trace)
+                    model, _, _ = _case(impl, width, n, trace)
                     jac = 2 * n * 10 * sum(p.numel() for p in model.parameters()) * 4
                     if impl == "recipe" and jac > RECIPE_LIMIT:
                         row = "skipped (Jacobians > 8 GiB) | -"
@@ -113,17 +123,30 @@ def _table(impls: tuple[str, ...] = ("structured", "recipe")) -> None:
                         args = [impl, str(width), str(n), str(int(trace))]
                         out = subprocess.run(
                             [sys.executable, "-m", "bench.bench_structured", *args],
-                            capture_output=True, text=True, check=True,
+                            capture_output=True,
+                            text=True,
+                            check=True,
                         ).stdout
                         res = json.loads(out.strip().splitlines()[-1])
-                        row = f"{res['seconds']:.3f} | {format_bytes(res['peak_bytes'])}"
+                        row = (
+                            f"{res['seconds']:.3f} | {format_bytes(res['peak_bytes'])}"
+                        )
                     kind = "traced" if trace else "full"
                     print(f"| {width} | {n} | {kind} | {impl} | {row} |", flush=True)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 5:
-        impl, width, n, trace = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+        impl, width, n, trace = (
+            sys.argv[1],
+            int(sys.argv[2]),
+            int(sys.argv[3]),
+            sys.argv[4] == "1",
+        )
         print(json.dumps(_measure(impl, width, n, trace)))
     else:
-        _table(tuple(sys.argv[1].split(",")) if len(sys.argv) == 2 else ("structured", "recipe"))
+        _table(
+            tuple(sys.argv[1].split(","))
+            if len(sys.argv) == 2
+            else ("structured", "recipe")
+        )

@@ -26,8 +26,8 @@ from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
 
-F64 = dict(rtol=1e-9, atol=1e-10)
-KW = dict(implementation="structured", dtype=torch.float64)
+F64 = {"rtol": 1e-9, "atol": 1e-10}
+KW = {"implementation": "structured", "dtype": torch.float64}
 
 
 def _traced(full: Tensor) -> Tensor:
@@ -58,11 +58,13 @@ def _fallback_notices(record: list[warnings.WarningMessage]) -> list[str]:
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Force every term onto one route (terms without inputs have only one)."""
     gram = request.param == "gram"
-    monkeypatch.setattr(structured, "_use_gram", lambda t, n1, n2, spec: gram and t.f1.x is not None)
+    monkeypatch.setattr(
+        structured, "_use_gram", lambda t, n1, n2, spec: gram and t.f1.x is not None
+    )
     return request.param
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zoo_case(name: str) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
     """A zoo model, two batches and their oracle Jacobians (shared by the route tests)."""
     model, make = ZOO[name](0)
@@ -87,12 +89,31 @@ def _check_zoo(name: str) -> None:
     assert structured_coverage(fm) == 1.0
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        assert_close(f"{name} full", full, empirical_ntk(fm, x1, x2, trace_outputs=False, **KW), **F64)
-        assert_close(f"{name} traced", _traced(full), empirical_ntk(fm, x1, x2, **KW), **F64)
-        assert_close(f"{name} symmetric", sym, empirical_ntk(fm, x1, trace_outputs=False, **KW), **F64)
+        assert_close(
+            f"{name} full",
+            full,
+            empirical_ntk(fm, x1, x2, trace_outputs=False, **KW),
+            **F64,
+        )
+        assert_close(
+            f"{name} traced", _traced(full), empirical_ntk(fm, x1, x2, **KW), **F64
+        )
+        assert_close(
+            f"{name} symmetric",
+            sym,
+            empirical_ntk(fm, x1, trace_outputs=False, **KW),
+            **F64,
+        )
         diag = empirical_ntk(fm, x1, trace_outputs=False, diagonal=True, **KW)
-        assert_close(f"{name} diagonal", sym.diagonal(0, 0, 1).permute(2, 0, 1), diag, **F64)
-        assert_close(f"{name} traced diagonal", _traced(diag), empirical_ntk(fm, x1, diagonal=True, **KW), **F64)
+        assert_close(
+            f"{name} diagonal", sym.diagonal(0, 0, 1).permute(2, 0, 1), diag, **F64
+        )
+        assert_close(
+            f"{name} traced diagonal",
+            _traced(diag),
+            empirical_ntk(fm, x1, diagonal=True, **KW),
+            **F64,
+        )
         layers = empirical_ntk(fm, x1, x2, per_layer=True, **KW)
     assert not _fallback_notices(record), "a zoo model fell back to the generic path"
     assert list(layers) == list(fm.groups)
@@ -109,36 +130,64 @@ def test_weights_and_parameter_subsets(route: str) -> None:
     names = [n for n, _ in model.named_parameters()]
     j1, j2 = _jac(model, x1, names), _jac(model, x2, names)
     fm = functionalize(model, dtype=torch.float64)
-    for weights in [{"0": 2.0, "2.bias": 0.5, "5.*": 3.0}, {"0.weight": 0.0, "2.bias": 0.0}]:
-        w = torch.cat([torch.full((fm.params[n].numel(),), v) for n, v in fm.param_weights(weights).items()])
+    for weights in [
+        {"0": 2.0, "2.bias": 0.5, "5.*": 3.0},
+        {"0.weight": 0.0, "2.bias": 0.0},
+    ]:
+        w = torch.cat(
+            [
+                torch.full((fm.params[n].numel(),), v)
+                for n, v in fm.param_weights(weights).items()
+            ]
+        )
         ref = oracles.ntk_from_jacobians(j1, j2, w.double())
         got = empirical_ntk(fm, x1, x2, trace_outputs=False, weights=weights, **KW)
         assert_close(f"weights {weights}", ref, got, **F64)
     layers = empirical_ntk(fm, x1, x2, per_layer=True, weights={"2": 0.0}, **KW)
     assert "2" not in layers, "a layer with zero weight is left out, as in 'jacobian'"
-    for selector, picked in [("5.*", ["5.weight", "5.bias"]), (["0.weight", "2.bias"], ["0.weight", "2.bias"])]:
+    for selector, picked in [
+        ("5.*", ["5.weight", "5.bias"]),
+        (["0.weight", "2.bias"], ["0.weight", "2.bias"]),
+    ]:
         cols = _columns(fm, picked)
         ref = _traced(oracles.ntk_from_jacobians(j1[..., cols], j2[..., cols]))
-        assert_close(f"subset {picked}", ref, empirical_ntk(model, x1, x2, params=selector, **KW), **F64)
+        assert_close(
+            f"subset {picked}",
+            ref,
+            empirical_ntk(model, x1, x2, params=selector, **KW),
+            **F64,
+        )
 
 
-def test_blocking_and_budget_keep_the_result_exact() -> None:
-    model, make = ZOO["attention"](0)
-    x1, x2 = make(7, 1), make(5, 2)
-    j1, j2 = _jac(model, x1), _jac(model, x2)
+def test_blocking_and_budget_keep_the_result_exact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, x1, x2, j1, j2 = _zoo_case("attention")
     sym, cross = oracles.ntk_from_jacobians(j1, j1), oracles.ntk_from_jacobians(j1, j2)
-    kw = dict(trace_outputs=False, **KW)
-    # 7 samples in blocks of 3: ragged last tile, lower triangle mirrored.
-    assert_close("blocked symmetric", sym, empirical_ntk(model, x1, block_size=3, **kw), **F64)
-    assert_close("blocked cross", cross, empirical_ntk(model, x1, x2, block_size=2, **kw), **F64)
+    kw = {"trace_outputs": False, **KW}
+    # 5 samples in blocks of 2: ragged last tile, lower triangle mirrored.
+    blocked = empirical_ntk(model, x1, block_size=2, **kw)
+    assert_close("blocked symmetric", sym, blocked, **F64)
+    blocked = empirical_ntk(model, x1, x2, block_size=2, **kw)
+    assert_close("blocked cross", cross, blocked, **F64)
     diag = empirical_ntk(model, x1, diagonal=True, block_size=2, **kw)
-    assert_close("blocked diagonal", sym.diagonal(0, 0, 1).permute(2, 0, 1), diag, **F64)
+    assert_close(
+        "blocked diagonal", sym.diagonal(0, 0, 1).permute(2, 0, 1), diag, **F64
+    )
     fm = functionalize(model, dtype=torch.float64)
-    o = 8
-    spec = NTKSpec(False, False, fm.param_weights(None), 7, 4.0e5, o)
+    blocks = []
+    original = structured._block
+    monkeypatch.setattr(
+        structured, "_block", lambda *a: blocks.append(original(*a)) or blocks[-1]
+    )
+    # 1.6e5 bytes hold the kernel and the cotangents, with room for 2 x 2 tiles only.
+    spec = NTKSpec(False, False, fm.param_weights(None), 5, 1.6e5, 8)
     tight = sum(structured_ntk(fm, x1, None, spec).values())
+    assert blocks == [2], (
+        f"expected the budget to force 2 x 2 tiles, got blocks {blocks}"
+    )
     assert_close("budget-limited tiles", sym, tight, **F64)
-    spec = NTKSpec(False, False, fm.param_weights(None), 7, 1.0e4, o)
+    spec = NTKSpec(False, False, fm.param_weights(None), 5, 1.0e4, 8)
     with pytest.raises(MemoryError, match="fewer samples"):
         structured_ntk(fm, x1, None, spec)
 
@@ -213,7 +262,12 @@ def _check_against_oracle(model: nn.Module, x1: Tensor, x2: Tensor) -> list[str]
         got = empirical_ntk(model, x1, x2, trace_outputs=False, **KW)
         again = empirical_ntk(model, x1, x2, per_layer=True, **KW)
     assert_close(f"{type(model).__name__} full", full, got, **F64)
-    assert_close(f"{type(model).__name__} per-layer sum", _traced(full), sum(again.values()), **F64)
+    assert_close(
+        f"{type(model).__name__} per-layer sum",
+        _traced(full),
+        sum(again.values()),
+        **F64,
+    )
     return _fallback_notices(record)
 
 
@@ -288,7 +342,9 @@ def test_float32_matches_float64_oracle() -> None:
     x1, x2 = make(5, 1), make(3, 2)
     model32 = ZOO["mlp_gelu"](0)[0]
     full = oracles.ntk_from_jacobians(_jac(model, x1), _jac(model, x2))
-    got = empirical_ntk(model32, x1, x2, trace_outputs=False, implementation="structured")
+    got = empirical_ntk(
+        model32, x1, x2, trace_outputs=False, implementation="structured"
+    )
     assert got.dtype == torch.float32
     assert_close("float32", full, got, rtol=1e-4, atol=1e-5)
 
@@ -312,7 +368,9 @@ def test_diagonal_with_x2_is_an_error() -> None:
         structured_ntk(fm, make(4, 1), make(4, 2), spec)
 
 
-def test_bias_is_folded_into_its_weight_one_gram_per_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bias_is_folded_into_its_weight_one_gram_per_layer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model, make = ZOO["mlp_tanh"](0)
     x1, x2 = make(5, 1), make(3, 2)
     calls = []
@@ -328,7 +386,12 @@ def test_bias_is_folded_into_its_weight_one_gram_per_layer(monkeypatch: pytest.M
     got = empirical_ntk(fm, x1, x2, weights=weights, **KW)
     # Layer 0 has only its weight (bias weight 0); layers 2 and 4 carry a ones column.
     assert [s[1] for s in calls] == [5, 7 + 1, 6 + 1], calls
-    w = torch.cat([torch.full((fm.params[n].numel(),), v) for n, v in fm.param_weights(weights).items()])
+    w = torch.cat(
+        [
+            torch.full((fm.params[n].numel(),), v)
+            for n, v in fm.param_weights(weights).items()
+        ]
+    )
     ref = oracles.ntk_from_jacobians(_jac(model, x1), _jac(model, x2), w.double())
     assert_close("folded bias", _traced(ref), got, **F64)
 

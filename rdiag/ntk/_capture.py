@@ -95,7 +95,10 @@ def _conv_patches(module: nn.Module, x: Tensor) -> Tensor:
     dilation = (1,) * (2 - spatial) + tuple(module.dilation)
     stride = (1,) * (2 - spatial) + tuple(module.stride)
     if isinstance(module.padding, str):
-        total = [d * (k - 1) if module.padding == "same" else 0 for k, d in zip(kernel, dilation)]
+        total = [
+            d * (k - 1) if module.padding == "same" else 0
+            for k, d in zip(kernel, dilation)
+        ]
         pads = [(t // 2, t - t // 2) for t in total]
     else:
         pads = [(0, 0)] * (2 - spatial) + [(p, p) for p in module.padding]
@@ -117,7 +120,9 @@ def _conv_reason(module: nn.Module) -> str | None:
     return None
 
 
-def _embedding_factors(module: nn.Module, saved: Tensor, cot: Tensor) -> dict[str, Factor]:
+def _embedding_factors(
+    module: nn.Module, saved: Tensor, cot: Tensor
+) -> dict[str, Factor]:
     g = cot.reshape(cot.shape[0], cot.shape[1], -1, module.embedding_dim)
     if module.padding_idx is not None:
         g = g * (saved != module.padding_idx)[:, None, :, None].to(g.dtype)
@@ -137,7 +142,10 @@ def _last_dims_norm(module: nn.Module, saved: Tensor, cot: Tensor) -> dict[str, 
     n, o = cot.shape[:2]
     d = math.prod(module.normalized_shape)
     g = cot.reshape(n, o, -1, d)
-    return {"weight": Factor(g * saved.reshape(n, 1, -1, d), None), "bias": Factor(g, None)}
+    return {
+        "weight": Factor(g * saved.reshape(n, 1, -1, d), None),
+        "bias": Factor(g, None),
+    }
 
 
 def _channel_norm(module: nn.Module, saved: Tensor, cot: Tensor) -> dict[str, Factor]:
@@ -160,22 +168,32 @@ def _batchnorm_reason(module: nn.Module) -> str | None:
 
 
 _HANDLERS: dict[type, _Handler] = {
-    nn.Linear: _Handler(lambda m, x: x.reshape(len(x), -1, m.in_features), _linear_factors, _always),
+    nn.Linear: _Handler(
+        lambda m, x: x.reshape(len(x), -1, m.in_features), _linear_factors, _always
+    ),
     nn.Conv1d: _Handler(_conv_patches, _conv_factors, _conv_reason),
     nn.Conv2d: _Handler(_conv_patches, _conv_factors, _conv_reason),
-    nn.Embedding: _Handler(lambda m, x: x.reshape(len(x), -1), _embedding_factors, _embedding_reason),
+    nn.Embedding: _Handler(
+        lambda m, x: x.reshape(len(x), -1), _embedding_factors, _embedding_reason
+    ),
     nn.LayerNorm: _Handler(
-        lambda m, x: F.layer_norm(x, m.normalized_shape, None, None, m.eps), _last_dims_norm, _always
+        lambda m, x: F.layer_norm(x, m.normalized_shape, None, None, m.eps),
+        _last_dims_norm,
+        _always,
     ),
     nn.GroupNorm: _Handler(
-        lambda m, x: F.group_norm(x, m.num_groups, None, None, m.eps), _channel_norm, _always
+        lambda m, x: F.group_norm(x, m.num_groups, None, None, m.eps),
+        _channel_norm,
+        _always,
     ),
     nn.BatchNorm1d: _Handler(_batchnorm_hat, _channel_norm, _batchnorm_reason),
     nn.BatchNorm2d: _Handler(_batchnorm_hat, _channel_norm, _batchnorm_reason),
 }
 if hasattr(nn, "RMSNorm"):
     _HANDLERS[nn.RMSNorm] = _Handler(
-        lambda m, x: F.rms_norm(x, m.normalized_shape, None, m.eps), _last_dims_norm, _always
+        lambda m, x: F.rms_norm(x, m.normalized_shape, None, m.eps),
+        _last_dims_norm,
+        _always,
     )
 
 
@@ -237,7 +255,12 @@ def plan(fm: FunctionalModel) -> tuple[list[Site], dict[str, str]]:
 
 
 def capture(
-    fm: FunctionalModel, sites: list[Site], x: Tensor, chunk: int, *, verify: bool = False
+    fm: FunctionalModel,
+    sites: list[Site],
+    x: Tensor,
+    chunk: int,
+    *,
+    verify: bool = False,
 ) -> tuple[dict[str, Factor], dict[str, str]]:
     """Factors of every parameter of ``sites`` on the batch ``x``.
 
@@ -261,12 +284,16 @@ def capture(
             cache = fm.__dict__.setdefault("_rdiag_cache", {})
             if key not in cache:
                 first = slice(0, min(CHECK_SAMPLES, chunk, len(x)))
-                cache[key] = _verify(fm, {n: f.rows(first) for n, f in part.items()}, x[first])
+                cache[key] = _verify(
+                    fm, {n: f.rows(first) for n, f in part.items()}, x[first]
+                )
             bad.update(cache[key])
         failed.update(bad)
         parts.append(part)
     memo: dict = {}
-    factors = {n: _join([p[n] for p in parts], 0, memo) for n in parts[0] if n not in failed}
+    factors = {
+        n: _join([p[n] for p in parts], 0, memo) for n in parts[0] if n not in failed
+    }
     return factors, failed
 
 
@@ -302,7 +329,9 @@ def _capture_chunk(
             inp = args[0] if args else None
             batched = isinstance(inp, Tensor) and isinstance(output, Tensor)
             if not batched or inp.shape[:1] != (n,) or output.shape[:1] != (n,):
-                failed[site.name] = f"{type(module).__name__} (input or output not batch-first)"
+                failed[site.name] = (
+                    f"{type(module).__name__} (input or output not batch-first)"
+                )
                 return None
             with torch.no_grad():
                 saved = _HANDLERS[type(module)].prepare(module, inp.detach())
@@ -326,7 +355,9 @@ def _capture_chunk(
     cots = _cotangents(out, [eps for _, (_, eps) in live])
     per_site: dict[str, list[dict[str, Factor]]] = {}
     for (site, (saved, _)), cot in zip(live, cots):
-        facs = _HANDLERS[type(site.module)].factors(site.module, saved, cot.movedim(0, 1))
+        facs = _HANDLERS[type(site.module)].factors(
+            site.module, saved, cot.movedim(0, 1)
+        )
         per_site.setdefault(site.name, []).append(facs)
     memo: dict = {}
     factors = {
@@ -336,7 +367,10 @@ def _capture_chunk(
         for local, full in site.params.items()
     }
     names_failed = {
-        full: failed[s.name] for s in sites if s.name in failed for full in s.params.values()
+        full: failed[s.name]
+        for s in sites
+        if s.name in failed
+        for full in s.params.values()
     }
     return factors, names_failed
 
@@ -349,7 +383,9 @@ def _cotangents(out: Tensor, eps: list[Tensor]) -> list[Tensor]:
     if not out.requires_grad:
         return [torch.zeros(o, *e.shape, dtype=e.dtype, device=e.device) for e in eps]
     basis = torch.eye(o, dtype=out.dtype, device=out.device)[:, None, :].expand(o, n, o)
-    grads = torch.autograd.grad(out, eps, basis, is_grads_batched=True, allow_unused=True)
+    grads = torch.autograd.grad(
+        out, eps, basis, is_grads_batched=True, allow_unused=True
+    )
     return [
         torch.zeros(o, *e.shape, dtype=e.dtype, device=e.device) if g is None else g
         for g, e in zip(grads, eps)
@@ -363,11 +399,15 @@ def gradient_from_factor(f: Factor, v: Tensor, shape: torch.Size) -> Tensor:
         return gv.sum((0, 1)).reshape(shape)
     if f.tokens:
         table = gv.new_zeros(shape[0], gv.shape[-1])
-        return table.index_add_(0, f.x.reshape(-1), gv.reshape(-1, gv.shape[-1])).reshape(shape)
+        return table.index_add_(
+            0, f.x.reshape(-1), gv.reshape(-1, gv.shape[-1])
+        ).reshape(shape)
     return torch.einsum("ntg,ntx->gx", gv, f.x).reshape(shape)
 
 
-def _verify(fm: FunctionalModel, factors: dict[str, Factor], x: Tensor) -> dict[str, str]:
+def _verify(
+    fm: FunctionalModel, factors: dict[str, Factor], x: Tensor
+) -> dict[str, str]:
     """Names whose factors do not reproduce autograd's ``J^T v`` for a random ``v``."""
     if not factors:
         return {}
@@ -377,7 +417,10 @@ def _verify(fm: FunctionalModel, factors: dict[str, Factor], x: Tensor) -> dict[
         out = fm({**fm.params, **leaves}, x)
         v = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
         grads = torch.autograd.grad(
-            (out * v).sum(), list(leaves.values()), allow_unused=True, materialize_grads=True
+            (out * v).sum(),
+            list(leaves.values()),
+            allow_unused=True,
+            materialize_grads=True,
         )
     tol = math.sqrt(torch.finfo(out.dtype).eps)
     bad = {}
@@ -385,5 +428,7 @@ def _verify(fm: FunctionalModel, factors: dict[str, Factor], x: Tensor) -> dict[
         rebuilt = gradient_from_factor(factors[name], v, leaf.shape)
         scale = max(float(true.norm()), float(rebuilt.norm()), 1e-30)
         if float((rebuilt - true).norm()) > tol * scale:
-            bad[name] = "gradient check failed (parameter used outside its module's forward?)"
+            bad[name] = (
+                "gradient check failed (parameter used outside its module's forward?)"
+            )
     return bad

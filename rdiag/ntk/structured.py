@@ -106,7 +106,9 @@ def structured_ntk(
         MemoryError: Not even a 1 x 1 tile fits in ``spec.budget``.
     """
     if spec.diagonal and x2 is not None:
-        raise ValueError("expected x2=None with diagonal=True (K(x_i, x_i)), got an x2; drop x2")
+        raise ValueError(
+            "expected x2=None with diagonal=True (K(x_i, x_i)), got an x2; drop x2"
+        )
     if fm.batch_coupled:
         return jacobian_ntk(fm, x1, x2, spec)
     sites, rest = plan(fm)
@@ -137,7 +139,9 @@ def structured_ntk(
             f"structured eNTK: {len(rest)} parameter(s) of {kinds} went through the "
             "'jacobian' implementation; the result is exact but slower",
         )
-        for layer, k in _generic(fm, [n for n in fm.names if n in rest], x1, x2, spec).items():
+        for layer, k in _generic(
+            fm, [n for n in fm.names if n in rest], x1, x2, spec
+        ).items():
             out[layer if spec.per_layer else "all"] += k
     return out
 
@@ -153,11 +157,17 @@ def _layer_terms(
     """Layer -> its terms; a bias is folded into its weight as a constant column of x."""
     layers: dict[str, list[_Term]] = {}
     for site in sites:
-        names = {k: n for k, n in site.params.items() if n not in skip and weights[n] != 0.0}
+        names = {
+            k: n for k, n in site.params.items() if n not in skip and weights[n] != 0.0
+        }
         w, b = names.get("weight"), names.get("bias")
         fold = (
-            w is not None and b is not None and layer_of(w) == layer_of(b)
-            and f1[w].g is f1[b].g and f1[w].x is not None and not f1[w].tokens
+            w is not None
+            and b is not None
+            and layer_of(w) == layer_of(b)
+            and f1[w].g is f1[b].g
+            and f1[w].x is not None
+            and not f1[w].tokens
             and f1[b].x is None
         )
         for local, name in names.items():
@@ -170,7 +180,11 @@ def _layer_terms(
             c = a
             if f2 is not f1:
                 c = _cast(f2[name], dtype)
-                c = _with_bias(c, weights[w], weights[b]) if fold and local == "weight" else c
+                c = (
+                    _with_bias(c, weights[w], weights[b])
+                    if fold and local == "weight"
+                    else c
+                )
             layers.setdefault(layer_of(name), []).append(_compact(a, c, scale))
     return layers
 
@@ -182,7 +196,9 @@ def _cast(f: Factor, dtype: torch.dtype) -> Factor:
 
 def _with_bias(f: Factor, w_weight: float, w_bias: float) -> Factor:
     """``x -> [sqrt(w_w) x, sqrt(w_b)]`` so one term carries both weight and bias."""
-    ones = torch.full((*f.x.shape[:2], 1), math.sqrt(w_bias), dtype=f.x.dtype, device=f.x.device)
+    ones = torch.full(
+        (*f.x.shape[:2], 1), math.sqrt(w_bias), dtype=f.x.dtype, device=f.x.device
+    )
     return Factor(f.g, torch.cat([math.sqrt(w_weight) * f.x, ones], dim=2))
 
 
@@ -229,8 +245,12 @@ def _per_sample(f: Factor, vocab: int) -> Tensor:
     if f.tokens:
         rows = torch.arange(n, device=f.x.device)[:, None] * vocab + f.x
         table = f.g.new_zeros(n * vocab, o * dg)
-        table.index_add_(0, rows.reshape(-1), f.g.permute(0, 2, 1, 3).reshape(n * t, o * dg))
-        return table.reshape(n, vocab, o, dg).permute(0, 2, 1, 3).reshape(n, o, vocab * dg)
+        table.index_add_(
+            0, rows.reshape(-1), f.g.permute(0, 2, 1, 3).reshape(n * t, o * dg)
+        )
+        return (
+            table.reshape(n, vocab, o, dg).permute(0, 2, 1, 3).reshape(n, o, vocab * dg)
+        )
     return torch.einsum("natg,ntx->nagx", f.g, f.x).reshape(n, o, -1)
 
 
@@ -247,7 +267,9 @@ def _gram(term: _Term, traced: bool, out: Tensor | None) -> Tensor:
     if traced:
         g1, g2 = _traced_g(g1), _traced_g(g2)
     if x1.shape[1] == 1 and x2.shape[1] == 1:
-        return gram_hadamard(x1[:, 0], x2[:, 0], g1[:, :, 0], g2[:, :, 0], out, scale=term.scale)
+        return gram_hadamard(
+            x1[:, 0], x2[:, 0], g1[:, :, 0], g2[:, :, 0], out, scale=term.scale
+        )
     return gram_hadamard_shared(x1, x2, g1, g2, out, scale=term.scale)
 
 
@@ -280,7 +302,10 @@ def _tile(terms: list[_Term], routes: list[bool], traced: bool, same: bool) -> T
 
 
 def _offdiagonal(
-    layers: dict[str, list[_Term]], out: dict[str, Tensor], spec: NTKSpec, symmetric: bool
+    layers: dict[str, list[_Term]],
+    out: dict[str, Tensor],
+    spec: NTKSpec,
+    symmetric: bool,
 ) -> None:
     if not layers:
         return
@@ -293,7 +318,12 @@ def _offdiagonal(
     for rows, cols in tiles(n1, n2, block, symmetric):
         same = symmetric and rows == cols
         part = {
-            layer: _tile([t.rows(rows, cols) for t in ts], routes[layer], spec.trace_outputs, same)
+            layer: _tile(
+                [t.rows(rows, cols) for t in ts],
+                routes[layer],
+                spec.trace_outputs,
+                same,
+            )
             for layer, ts in layers.items()
         }
         if block >= max(n1, n2):
@@ -302,7 +332,9 @@ def _offdiagonal(
             place(out, part, rows, cols, symmetric)
 
 
-def _diagonal(layers: dict[str, list[_Term]], out: dict[str, Tensor], spec: NTKSpec) -> None:
+def _diagonal(
+    layers: dict[str, list[_Term]], out: dict[str, Tensor], spec: NTKSpec
+) -> None:
     if not layers:
         return
     n = out[next(iter(out))].shape[0]
@@ -331,29 +363,48 @@ def _gram_diag(f: Factor, vocab: int, traced: bool) -> Tensor:
     else:
         kx = torch.bmm(f.x, f.x.transpose(1, 2))
     y = torch.einsum("its,iasg->iatg", kx, f.g)
-    return (f.g * y).sum((1, 2, 3)) if traced else torch.einsum("iatg,ibtg->iab", f.g, y)
+    return (
+        (f.g * y).sum((1, 2, 3)) if traced else torch.einsum("iatg,ibtg->iab", f.g, y)
+    )
 
 
 def _block(
-    layers: dict[str, list[_Term]], routes: dict[str, list[bool]], out: dict[str, Tensor],
-    spec: NTKSpec, n: int,
+    layers: dict[str, list[_Term]],
+    routes: dict[str, list[bool]],
+    out: dict[str, Tensor],
+    spec: NTKSpec,
+    n: int,
 ) -> int:
     """Largest tile (at most ``spec.block_size``) whose workspace fits the budget."""
     item = next(iter(out.values())).element_size()
     held = sum(k.numel() for k in out.values()) * item
-    held += sum(
-        t.f1.g.numel() + (0 if t.f2 is t.f1 else t.f2.g.numel()) for ts in layers.values() for t in ts
-    ) * item
+    held += (
+        sum(
+            t.f1.g.numel() + (0 if t.f2 is t.f1 else t.f2.g.numel())
+            for ts in layers.values()
+            for t in ts
+        )
+        * item
+    )
     r2 = 1 if spec.trace_outputs else spec.num_outputs**2
 
     def need(b: int) -> float:
         pairs = b if spec.diagonal else b * b
         worst = 0.0
         for layer, ts in layers.items():
-            jac = sum(2 * b * t.f1.g.shape[1] * t.f1.g.shape[3] * _dx(t.f1, t.vocab)
-                      for t, gram in zip(ts, routes[layer]) if not gram)
-            gram = max((pairs * t.f1.g.shape[2] * t.f2.g.shape[2] * (1 + r2)
-                        for t, g in zip(ts, routes[layer]) if g), default=0)
+            jac = sum(
+                2 * b * t.f1.g.shape[1] * t.f1.g.shape[3] * _dx(t.f1, t.vocab)
+                for t, gram in zip(ts, routes[layer])
+                if not gram
+            )
+            gram = max(
+                (
+                    pairs * t.f1.g.shape[2] * t.f2.g.shape[2] * (1 + r2)
+                    for t, g in zip(ts, routes[layer])
+                    if g
+                ),
+                default=0,
+            )
             worst = max(worst, jac + gram)
         return (worst + len(layers) * pairs * r2) * item
 
@@ -361,7 +412,9 @@ def _block(
     while block > 1 and held + need(block) > spec.budget:
         block = (block + 1) // 2
     check_fits(
-        held + need(block), spec.budget, "the structured eNTK (kernel, cotangents, one tile)",
+        held + need(block),
+        spec.budget,
+        "the structured eNTK (kernel, cotangents, one tile)",
         "select fewer parameters, use trace_outputs=True, or fewer samples",
     )
     return block
@@ -372,7 +425,11 @@ def _generic(
 ) -> dict[str, Tensor]:
     """``"jacobian"`` kernels of ``names`` alone, on a sub-model sharing ``fm``'s settings."""
     sub = FunctionalModel(
-        fm.module, names, mode=fm.mode, dtype=fm.dtype, dropout_seed=fm.dropout_seed,
+        fm.module,
+        names,
+        mode=fm.mode,
+        dtype=fm.dtype,
+        dropout_seed=fm.dropout_seed,
         output_fn=fm.output_fn,
     )
     row = spec.num_outputs * sub.num_params * torch.finfo(kernel_dtype(fm)).bits // 8
