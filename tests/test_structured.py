@@ -415,3 +415,23 @@ def test_multihead_attention_falls_back_and_readout_stays_structured() -> None:
     assert structured_coverage(fm) == pytest.approx(10 / fm.num_params)
     notices = _check_against_oracle(model, _normal(3, 1, 3, 4), _normal(2, 2, 3, 4))
     assert len(notices) == 1 and "MultiheadAttention" in notices[0], notices
+
+
+class _PaddedEmbedding(nn.Module):
+    """Embedding with a padding row (zero gradient), used per token, then a readout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(7, 4, padding_idx=2)
+        self.readout = nn.Linear(4, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.readout(torch.tanh(self.embed(tokens)))
+
+
+def test_embedding_padding_row_gets_no_gradient(route: str) -> None:
+    torch.manual_seed(0)
+    tokens1, tokens2 = _tokens(4, 1), _tokens(3, 2)
+    tokens1[:, 0] = 2
+    tokens2[1] = 2
+    assert _check_against_oracle(_PaddedEmbedding(), tokens1, tokens2) == []
