@@ -64,6 +64,13 @@ def structured_coverage(fm: FunctionalModel) -> float:
 
     Returns:
         A number in ``[0, 1]``.
+
+    Example:
+        >>> import torch
+        >>> from rdiag import functionalize
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        >>> structured_coverage(functionalize(net))
+        1.0
     """
     if fm.batch_coupled:
         return 0.0
@@ -104,6 +111,20 @@ def structured_ntk(
     Raises:
         ValueError: ``spec.diagonal`` with an ``x2``.
         MemoryError: Not even a 1 x 1 tile fits in ``spec.budget``.
+
+    Example:
+        Reached through :func:`rdiag.empirical_ntk`; it equals the Jacobian route:
+
+        >>> import torch
+        >>> from rdiag import empirical_ntk
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(5, 3)
+        >>> kw = dict(dtype=torch.float64, trace_outputs=False)
+        >>> k = empirical_ntk(net, x, implementation="structured", **kw)
+        >>> k.shape
+        torch.Size([5, 5, 2, 2])
+        >>> torch.allclose(k, empirical_ntk(net, x, implementation="jacobian", **kw))
+        True
     """
     if spec.diagonal and x2 is not None:
         raise ValueError(
