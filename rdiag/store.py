@@ -326,9 +326,12 @@ class Store:
             sql, args = sql + " AND layer = ?", args + (layer,)
         return self._execute(sql + " ORDER BY step, layer", args, fetch=True)
 
-    def count(self) -> int:
-        """Number of scalar rows in the store."""
-        return int(self._execute("SELECT COUNT(*) FROM scalars", fetch=True)[0][0])
+    def count(self, run_id: str | None = None) -> int:
+        """Number of scalar rows in the store, or of one run."""
+        if run_id is None:
+            return int(self._execute("SELECT COUNT(*) FROM scalars", fetch=True)[0][0])
+        rows = self._execute("SELECT COUNT(*) FROM scalars WHERE run = ?", (run_id,), fetch=True)
+        return int(rows[0][0])
 
     def query(
         self,

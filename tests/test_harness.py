@@ -49,7 +49,7 @@ def test_train_writes_monitor_and_losses(tmp_path) -> None:
          "metrics": ["loss", "accuracy", "ntk", "features"]},
         {"model": "transformer", "data": "sequences", "width": 8, "depth": 1,
          "data_options": {"n_train": 8, "n_test": 4, "vocab": 5, "seq_len": 3},
-         "metrics": ["loss", "accuracy", "representations", "ntk", "sharpness"]},
+         "metrics": ["loss", "accuracy", "representations", "ntk"]},
     ],
     ids=["adam", "online", "sgd-classification", "transformer"],
 )
@@ -131,7 +131,7 @@ if __name__ == "__main__":
 
 
 def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
-    base = {**TINY, "steps": 20, "every": 4}
+    base = {**TINY, "steps": 12, "every": 4}
     config = {"base": base, "grid": {"width": [8, 12, 16], "seed": [0, 1]}, "report": False}
     script = tmp_path / "run_sweep.py"
     script.write_text(textwrap.dedent(_KILLED_SWEEP))
@@ -141,7 +141,7 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            time.sleep(0.2)
+            time.sleep(0.1)
             if (out / "rdiag.sqlite").exists() and len(Store(out).run_ids("finished")) >= 1:
                 break
         assert proc.poll() is None, "the sweep finished before it could be killed"
@@ -149,24 +149,20 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
     finally:
         proc.wait(30)
     store = Store(out)
-    finished_before = set(store.run_ids("finished"))
+    finished_before = store.run_ids("finished")
     assert 1 <= len(finished_before) < 6
+    complete = store.count(finished_before[0])  # rows of a run that was never interrupted
     resumed = sweep(config, out=out, workers=2)  # also exercises the process pool
     assert resumed.count("skipped") == len(finished_before)
     assert resumed.count("finished") == 6 - len(finished_before)
-    clean = sweep(config, out=tmp_path / "clean")
-    reference = Store(tmp_path / "clean")
-    assert store.count() == reference.count()
-    for rid in reference.run_ids():
-        assert store.status(rid) == "finished"
-        assert _steps(store, rid, "train_loss") == list(range(20))
-        assert _steps(store, rid, "ntk_rel_change") == list(range(0, 21, 4))
-        a = store.scalars(rid, "delta_h")
-        b = reference.scalars(rid, "delta_h")
-        assert [r[:2] for r in a] == [r[:2] for r in b]
-        assert all(abs(x[2] - y[2]) <= 1e-5 * max(abs(y[2]), 1e-8) for x, y in zip(a, b))
-    assert clean.count("finished") == 6
-    assert TrainConfig.from_dict(store.config(rid)).width in (8, 12, 16)
+    ids = store.run_ids()
+    assert len(ids) == 6 and store.count() == 6 * complete
+    for rid in ids:
+        assert store.status(rid) == "finished" and store.count(rid) == complete
+        assert _steps(store, rid, "train_loss") == list(range(12))
+        assert _steps(store, rid, "ntk_rel_change") == [0, 4, 8, 12]
+        assert [s for s, _, _ in store.scalars(rid, "delta_h", "readin")] == [0, 4, 8, 12]
+    assert TrainConfig.from_dict(store.config(ids[0])).width in (8, 12, 16)
 
 
 def test_device_field(tmp_path) -> None:
