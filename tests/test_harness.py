@@ -195,3 +195,14 @@ def test_ray_executor(tmp_path) -> None:
         return
     config = {"base": TINY, "grid": {"seed": [0, 1]}, "report": False}
     assert sweep(config, out=tmp_path, executor=RayExecutor()).count("finished") == 2
+
+
+def test_sweep_overrides_replace_r_with_param(tmp_path) -> None:
+    config = {"base": {**TINY, "steps": 1, "every": 1, "metrics": ["loss"]},
+              "grid": {"r": [0, 0.25]}, "report": False}
+    result = sweep(config, out=tmp_path, overrides={"grid": {"param": ["mup", "ntk"]},
+                                                    "base": {"width": 12}})
+    store = Store(tmp_path)
+    params = sorted(store.config(r.run_id)["param"] for r in result.results)
+    assert params == ["mup", "ntk"]
+    assert {store.config(r.run_id)["width"] for r in result.results} == {12}
