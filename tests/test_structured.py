@@ -435,3 +435,29 @@ def test_embedding_padding_row_gets_no_gradient(route: str) -> None:
     tokens1[:, 0] = 2
     tokens2[1] = 2
     assert _check_against_oracle(_PaddedEmbedding(), tokens1, tokens2) == []
+
+
+def test_traced_kernel_is_accumulated_over_chunks_of_outputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, x1, x2, j1, j2 = _zoo_case("attention")
+    fm = functionalize(model, dtype=torch.float64)
+    seen = []
+    original = structured.capture
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("outputs"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(structured, "capture", spy)
+    # 8 outputs; the cotangents take about 1e4 bytes per output unit here.
+    kw = {"memory_budget": 6e4, **KW}
+    cross = empirical_ntk(fm, x1, x2, **kw)
+    assert len({s.start for s in seen if s is not None}) > 1, seen
+    full = oracles.ntk_from_jacobians(j1, j2)
+    assert_close("output-chunked traced", _traced(full), cross, **F64)
+    sym = oracles.ntk_from_jacobians(j1, j1)
+    diag = empirical_ntk(fm, x1, diagonal=True, **kw)
+    assert_close("output-chunked diagonal", _traced(sym).diagonal(), diag, **F64)
+    with pytest.raises(MemoryError, match="accumulated over chunks of output units"):
+        empirical_ntk(fm, x1, x2, trace_outputs=False, **kw)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from rdiag.functional import FunctionalModel
 
-__all__ = ["Factor", "Site", "capture", "plan"]
+__all__ = ["Factor", "Site", "capture", "cotangent_floats", "plan"]
 
 #: Samples used by the one-time check of the factors against autograd.
 CHECK_SAMPLES = 4
@@ -261,6 +261,7 @@ def capture(
     chunk: int,
     *,
     verify: bool = False,
+    outputs: slice | None = None,
 ) -> tuple[dict[str, Factor], dict[str, str]]:
     """Factors of every parameter of ``sites`` on the batch ``x``.
 
@@ -271,6 +272,7 @@ def capture(
         chunk: Samples per forward/backward pass.
         verify: Check the factors against an autograd gradient (first chunk, once
             per model, input shape and set of sites; the outcome is cached on ``fm``).
+        outputs: Only these output units (the ``O`` axis of the factors); default all.
 
     Returns:
         Full parameter name -> :class:`Factor` over all ``N`` samples, and the names
@@ -278,15 +280,14 @@ def capture(
     """
     parts, failed = [], {}
     for start in range(0, len(x), chunk):
-        part, bad = _capture_chunk(fm, sites, x[start : start + chunk])
+        part, bad = _capture_chunk(fm, sites, x[start : start + chunk], outputs)
         if verify and start == 0:
             key = ("_rdiag_structured_check", tuple(x.shape[1:]), x.dtype, tuple(part))
             cache = fm.__dict__.setdefault("_rdiag_cache", {})
             if key not in cache:
                 first = slice(0, min(CHECK_SAMPLES, chunk, len(x)))
-                cache[key] = _verify(
-                    fm, {n: f.rows(first) for n, f in part.items()}, x[first]
-                )
+                factors = {n: f.rows(first) for n, f in part.items()}
+                cache[key] = _verify(fm, factors, x[first], outputs)
             bad.update(cache[key])
         failed.update(bad)
         parts.append(part)
@@ -295,6 +296,35 @@ def capture(
         n: _join([p[n] for p in parts], 0, memo) for n in parts[0] if n not in failed
     }
     return factors, failed
+
+
+def cotangent_floats(fm: FunctionalModel, sites: list[Site], x: Tensor) -> int:
+    """Floats the captured factors take per sample and output unit (a no-grad probe).
+
+    Args:
+        fm: Functional model.
+        sites: From :func:`plan`.
+        x: A batch; only its first sample is run.
+
+    Returns:
+        ``sum`` over captured calls of the layer output size (twice for norm layers,
+        whose gain and bias have separate cotangent factors).
+    """
+    sizes: list[int] = []
+
+    def hook(module: nn.Module, args: tuple, output: object) -> None:
+        if isinstance(output, Tensor):
+            norm = _HANDLERS[type(module)].factors in (_last_dims_norm, _channel_norm)
+            sizes.append(output[:1].numel() * (2 if norm else 1))
+
+    handles = [s.module.register_forward_hook(hook) for s in sites]
+    try:
+        with torch.no_grad():
+            fm(fm.params, x[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(sizes)
 
 
 def _join(parts: list[Factor], g_dim: int, memo: dict) -> Factor:
@@ -318,7 +348,7 @@ def _join(parts: list[Factor], g_dim: int, memo: dict) -> Factor:
 
 
 def _capture_chunk(
-    fm: FunctionalModel, sites: list[Site], x: Tensor
+    fm: FunctionalModel, sites: list[Site], x: Tensor, outputs: slice | None
 ) -> tuple[dict[str, Factor], dict[str, str]]:
     n = len(x)
     calls: dict[str, list[tuple[Tensor, Tensor]]] = {s.name: [] for s in sites}
@@ -352,7 +382,7 @@ def _capture_chunk(
         if not calls[s.name] and s.name not in failed:
             failed[s.name] = f"{type(s.module).__name__} (forward never called)"
     live = [(s, c) for s in sites if s.name not in failed for c in calls[s.name]]
-    cots = _cotangents(out, [eps for _, (_, eps) in live])
+    cots = _cotangents(out, [eps for _, (_, eps) in live], outputs)
     per_site: dict[str, list[dict[str, Factor]]] = {}
     for (site, (saved, _)), cot in zip(live, cots):
         facs = _HANDLERS[type(site.module)].factors(
@@ -375,14 +405,16 @@ def _capture_chunk(
     return factors, names_failed
 
 
-def _cotangents(out: Tensor, eps: list[Tensor]) -> list[Tensor]:
-    """``d out[:, a] / d eps`` for every output unit ``a``: each ``(O, *eps.shape)``."""
+def _cotangents(out: Tensor, eps: list[Tensor], outputs: slice | None) -> list[Tensor]:
+    """``d out[:, a] / d eps`` for the output units ``a`` in ``outputs``: ``(O', *eps.shape)``."""
     if not eps:
         return []
-    n, o = out.shape
+    n, width = out.shape
+    basis = torch.eye(width, dtype=out.dtype, device=out.device)[outputs or slice(None)]
+    o = len(basis)
     if not out.requires_grad:
         return [torch.zeros(o, *e.shape, dtype=e.dtype, device=e.device) for e in eps]
-    basis = torch.eye(o, dtype=out.dtype, device=out.device)[:, None, :].expand(o, n, o)
+    basis = basis[:, None, :].expand(o, n, width)
     grads = torch.autograd.grad(
         out, eps, basis, is_grads_batched=True, allow_unused=True
     )
@@ -406,16 +438,23 @@ def gradient_from_factor(f: Factor, v: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _verify(
-    fm: FunctionalModel, factors: dict[str, Factor], x: Tensor
+    fm: FunctionalModel, factors: dict[str, Factor], x: Tensor, outputs: slice | None
 ) -> dict[str, str]:
-    """Names whose factors do not reproduce autograd's ``J^T v`` for a random ``v``."""
+    """Names whose factors do not reproduce autograd's ``J^T v`` for a random ``v``.
+
+    ``v`` is zero outside the captured output units ``outputs``.
+    """
     if not factors:
         return {}
     gen = torch.Generator(device=fm.device).manual_seed(0)
     leaves = {n: fm.params[n].detach().clone().requires_grad_() for n in factors}
     with torch.enable_grad():
         out = fm({**fm.params, **leaves}, x)
-        v = torch.randn(out.shape, generator=gen, dtype=out.dtype, device=out.device)
+        v = torch.zeros_like(out)
+        kept = v[:, outputs or slice(None)]
+        kept.copy_(
+            torch.randn(kept.shape, generator=gen, dtype=v.dtype, device=v.device)
+        )
         grads = torch.autograd.grad(
             (out * v).sum(),
             list(leaves.values()),
@@ -425,7 +464,7 @@ def _verify(
     tol = math.sqrt(torch.finfo(out.dtype).eps)
     bad = {}
     for (name, leaf), true in zip(leaves.items(), grads):
-        rebuilt = gradient_from_factor(factors[name], v, leaf.shape)
+        rebuilt = gradient_from_factor(factors[name], kept, leaf.shape)
         scale = max(float(true.norm()), float(rebuilt.norm()), 1e-30)
         if float((rebuilt - true).norm()) > tol * scale:
             bad[name] = (

@@ -39,7 +39,7 @@ from rdiag._checks import check_fits
 from rdiag._optional import warn_once
 from rdiag.functional import FunctionalModel, layer_of
 from rdiag.kernels import gram_hadamard, gram_hadamard_shared
-from rdiag.ntk._capture import Factor, Site, capture, plan
+from rdiag.ntk._capture import Factor, Site, capture, cotangent_floats, plan
 from rdiag.ntk.jacobian import jacobian_ntk, place, tiles
 from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype
 
@@ -134,25 +134,37 @@ def structured_ntk(
         return jacobian_ntk(fm, x1, x2, spec)
     sites, rest = plan(fm)
     sites = [s for s in sites if any(spec.weights[n] != 0.0 for n in s.params.values())]
-    chunk = max(1, min(spec.block_size, len(x1)))
-    f1, failed = capture(fm, sites, x1, chunk, verify=True)
-    f2 = f1
-    if x2 is not None:
-        f2, failed2 = capture(fm, sites, x2, chunk)
-        failed.update(failed2)
-    rest.update(failed)
-    rest = {n: why for n, why in rest.items() if spec.weights[n] != 0.0}
-    layers = _layer_terms(sites, f1, f2, spec.weights, set(rest), kernel_dtype(fm))
+    n2 = len(x1) if x2 is None else len(x2)
     keys = None
     if not spec.per_layer:
         # One accumulator for every layer: no per-layer kernels to allocate and add.
         keys = ["all"] if any(w != 0.0 for w in spec.weights.values()) else []
-        layers = {"all": [t for ts in layers.values() for t in ts]} if layers else {}
-    out = empty_kernels(fm, spec, len(x1), len(x1) if x2 is None else len(x2), keys)
-    if spec.diagonal:
-        _diagonal(layers, out, spec)
-    else:
-        _offdiagonal(layers, out, spec, x2 is None)
+    out = empty_kernels(fm, spec, len(x1), n2, keys)
+    chunk = max(1, min(spec.block_size, len(x1)))
+    failed: dict[str, str] = {}
+    for k, outputs in enumerate(_output_chunks(fm, sites, x1, x2, spec)):
+        f1, bad = capture(fm, sites, x1, chunk, verify=k == 0, outputs=outputs)
+        f2 = f1
+        if x2 is not None:
+            f2, bad2 = capture(fm, sites, x2, chunk, outputs=outputs)
+            bad.update(bad2)
+        if k and set(bad) - set(failed):
+            raise RuntimeError(
+                f"expected the same modules to be captured for every chunk of output "
+                f"units, got new failures {sorted(bad)} on chunk {k}; the forward pass "
+                "must not change with the output cotangent (use implementation='jacobian')"
+            )
+        failed.update(bad)
+        skip = set(rest) | set(failed)
+        layers = _layer_terms(sites, f1, f2, spec.weights, skip, kernel_dtype(fm))
+        if not spec.per_layer and layers:
+            layers = {"all": [t for ts in layers.values() for t in ts]}
+        if spec.diagonal:
+            _diagonal(layers, out, spec)
+        else:
+            _offdiagonal(layers, out, spec, x2 is None, fresh=k == 0)
+    rest.update(failed)
+    rest = {n: why for n, why in rest.items() if spec.weights[n] != 0.0}
     if rest:
         kinds = sorted(set(rest.values()))
         warn_once(
@@ -165,6 +177,39 @@ def structured_ntk(
         ).items():
             out[layer if spec.per_layer else "all"] += k
     return out
+
+
+def _output_chunks(
+    fm: FunctionalModel, sites: list[Site], x1: Tensor, x2: Tensor | None, spec: NTKSpec
+) -> list[slice | None]:
+    """Output units per capture: all at once, or chunks when the cotangents do not fit.
+
+    The cotangents take ``(N1 + N2) * O * sum(layer widths)`` floats. A traced kernel
+    sums over output units, so it can be accumulated over chunks of them; a full
+    kernel pairs every two units and needs them all.
+    """
+    item = torch.finfo(kernel_dtype(fm)).bits // 8
+    per = (
+        cotangent_floats(fm, sites, x1)
+        * item
+        * (len(x1) + (0 if x2 is None else len(x2)))
+    )
+    o, room = spec.num_outputs, spec.budget / 2
+    if not sites or o * per <= room:
+        return [None]
+    if not spec.trace_outputs:
+        check_fits(
+            o * per,
+            room,
+            "the layer cotangents of every output unit (N * O * widths)",
+            "use trace_outputs=True (accumulated over chunks of output units), fewer "
+            "samples, or select fewer parameters",
+        )
+    check_fits(
+        per, room, "the layer cotangents of one output unit", "use fewer samples"
+    )
+    step = int(room // per)
+    return [slice(a, min(a + step, o)) for a in range(0, o, step)]
 
 
 def _layer_terms(
@@ -327,8 +372,17 @@ def _offdiagonal(
     out: dict[str, Tensor],
     spec: NTKSpec,
     symmetric: bool,
+    *,
+    fresh: bool,
 ) -> None:
+    """Write (``fresh``: ``out`` still zero) or add the layers' kernels into ``out``."""
     if not layers:
+        return
+    if not fresh:
+        part = {k: torch.zeros_like(out[k]) for k in layers}
+        _offdiagonal(layers, part, spec, symmetric, fresh=True)
+        for k, v in part.items():
+            out[k] += v
         return
     n1, n2 = out[next(iter(out))].shape[:2]
     routes = {k: [_use_gram(t, n1, n2, spec) for t in ts] for k, ts in layers.items()}
