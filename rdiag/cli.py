@@ -205,8 +205,10 @@ def _print_fits(fits: list[dict]) -> None:
         if f["metric"] not in ("delta_h", "ntk_rel_change"):
             continue
         pred = "n/a" if f["predicted"] is None else f"{f['predicted']:+.2f}"
+        lo, hi = f["ci"]
+        ci = "[n/a: 2 points]" if lo is None or lo != lo else f"[{lo:+.3f}, {hi:+.3f}]"
         print(f"  {f['metric']:15s} {f['layer'] or '':9s} {f['param']:8s} slope "
-              f"{f['slope']:+.3f} [{f['ci'][0]:+.3f}, {f['ci'][1]:+.3f}]  predicted {pred}")
+              f"{f['slope']:+.3f} {ci}  predicted {pred}")
 
 
 def _cmd_coord_check(args: argparse.Namespace) -> int:
