@@ -146,3 +146,57 @@ def sgd_steps(model: nn.Module, x: Tensor, y: Tensor, steps: int, lr: float) -> 
         opt.zero_grad()
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
+
+
+def loss_gradient(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> list[Tensor]:
+    """One gradient of the loss by plain autograd: the unit an HVP's cost is measured in."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return list(torch.autograd.grad(loss_fn(model(x), y), params))
+
+
+def pyhessian_style_power(
+    model: nn.Module, loss_fn, x: Tensor, y: Tensor, max_iter: int = 100, tol: float = 1e-3,
+    seed: int = 0,
+) -> tuple[float, int]:
+    """PyHessian's recipe for the top eigenvalue: double-backward HVPs, power iteration.
+
+    Stops when the eigenvalue estimate changes by less than ``tol`` relative
+    (PyHessian's defaults: ``maxIter=100, tol=1e-3``). Returns ``(eigenvalue, HVPs)``.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+    gen = torch.Generator().manual_seed(seed)
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    norm = torch.sqrt(sum((u * u).sum() for u in v))
+    v = [u / norm for u in v]
+    eigenvalue, count = None, 0
+    for _ in range(max_iter):
+        hv = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True)
+        count += 1
+        new = float(sum((a * b).sum() for a, b in zip(hv, v)))
+        norm = torch.sqrt(sum((u * u).sum() for u in hv))
+        v = [u / norm for u in hv]
+        if eigenvalue is not None and abs(new - eigenvalue) / (abs(eigenvalue) + 1e-6) < tol:
+            eigenvalue = new
+            break
+        eigenvalue = new
+    return float(eigenvalue), count
+
+
+def scipy_eigsh_top(operator, tol: float = 1e-6) -> tuple[float, int]:
+    """``scipy.sparse.linalg.eigsh(which="LA", k=1)`` (ARPACK) on ``operator.to_scipy()``.
+
+    Returns ``(eigenvalue, products)``; the curvlinops + scipy route.
+    """
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    inner = operator.to_scipy()
+    count = [0]
+
+    def mv(v):
+        count[0] += 1
+        return inner.matvec(v)
+
+    wrapped = LinearOperator(inner.shape, matvec=mv, dtype="float64")
+    vals = eigsh(wrapped, k=1, which="LA", tol=tol, return_eigenvectors=False)
+    return float(vals[0]), count[0]

@@ -145,5 +145,7 @@ def test_bad_inputs_give_clear_errors() -> None:
         HessianOperator(net, loss_fn, x)
     with pytest.raises(TypeError, match="callable"):
         HessianOperator(net, "mse", (x, y))
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        HessianOperator(net, loss_fn, iter([(x, y)]))
     with pytest.raises(ValueError, match="same leading batch size"):
         HessianOperator(net, loss_fn, (x, y[:3]))

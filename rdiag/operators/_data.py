@@ -31,8 +31,9 @@ def iter_batches(data: Data) -> Iterator[tuple[Tensor, Tensor]]:
     """Yield ``(x, y)`` batches from one batch or an iterable of batches.
 
     Args:
-        data: A batch ``(x, y)`` of tensors with a common leading axis, or an
-            iterable of such batches (a list, a ``DataLoader``).
+        data: A batch ``(x, y)`` of tensors with a common leading axis, or a
+            re-iterable collection of such batches (a list, a ``DataLoader``; not a
+            one-shot generator: each product makes a pass).
 
     Yields:
         ``(x, y)`` pairs, ``x`` of shape ``(n, ...)`` and ``y`` of shape ``(n, ...)``.
@@ -48,6 +49,12 @@ def iter_batches(data: Data) -> Iterator[tuple[Tensor, Tensor]]:
         raise TypeError(
             f"expected data as a batch (x, y) of tensors or an iterable of such batches "
             f"(e.g. a DataLoader), got {type(data).__name__}; pass (x, y)"
+        )
+    elif iter(data) is data:
+        raise TypeError(
+            f"expected data that can be iterated repeatedly (every product makes a pass), "
+            f"got a one-shot iterator ({type(data).__name__}); pass a list of batches or "
+            "a DataLoader"
         )
     else:
         batches = data

@@ -1,0 +1,159 @@
+"""Hessian engine benchmarks (pytest-benchmark; baselines measured in the same run).
+
+Groups:
+    ``hvp-mlp`` / ``hvp-cnn``: one Hessian-vector product (eager and
+    ``torch.compile``) against one gradient of the same loss; ``extra_info``
+    holds ``hvp_per_gradient`` (goal <= 3).
+    ``lambda-max``: top Hessian eigenvalue of a tanh MLP 8-1024-1024-1024-10,
+    N=256, MSE, float32, one SGD step after a first estimate: Lanczos (cold and
+    warm-started from the estimate before the step), power iteration (cold/warm),
+    PyHessian's power-iteration recipe, and scipy ``eigsh`` on ``to_scipy()``.
+    ``extra_info``: products spent and the relative error against a float64
+    Lanczos reference (goal: <= 1e-6).
+
+Run: ``pytest bench/bench_hessian.py --benchmark-only``.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench import baselines
+from rdiag.linalg import EigResult, lanczos, power_iteration
+from rdiag.operators.hessian import HessianOperator
+
+_GRADIENT_SECONDS: dict[str, float] = {}
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Linear(8, 1024), nn.Tanh()]
+    for _ in range(2):
+        layers += [nn.Linear(1024, 1024), nn.Tanh()]
+    return nn.Sequential(*layers, nn.Linear(1024, 10))
+
+
+def _cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 32, 3, padding=1), nn.Tanh(),
+        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+    )
+
+
+@pytest.fixture(scope="module")
+def problems() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(1)
+    return {
+        "mlp": (_mlp(), torch.randn(256, 8, generator=gen), torch.randn(256, 10, generator=gen)),
+        "cnn": (_cnn(), torch.randn(64, 3, 16, 16, generator=gen),
+                torch.randn(64, 10, generator=gen)),
+    }
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_gradient(benchmark, problems, arch: str) -> None:
+    net, x, y = problems[arch]
+    benchmark.group = f"hvp-{arch}"
+    benchmark.pedantic(baselines.loss_gradient, args=(net, F.mse_loss, x, y), rounds=5,
+                       warmup_rounds=1)
+    _GRADIENT_SECONDS[arch] = benchmark.stats.stats.median
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_hvp(benchmark, problems, arch: str, compiled: bool) -> None:
+    net, x, y = problems[arch]
+    benchmark.group = f"hvp-{arch}"
+    op = HessianOperator(net, F.mse_loss, (x, y), compile=compiled)
+    v = torch.randn(op.shape[0], generator=torch.Generator().manual_seed(2))
+    op.matvec(v)  # compiles when compiled=True
+    benchmark.pedantic(op.matvec, args=(v,), rounds=5, warmup_rounds=1)
+    if arch in _GRADIENT_SECONDS:
+        benchmark.extra_info["hvp_per_gradient"] = (
+            benchmark.stats.stats.median / _GRADIENT_SECONDS[arch]
+        )
+
+
+@pytest.fixture(scope="module")
+def spectrum(problems) -> dict[str, object]:
+    """Operators before/after one SGD step, the estimate before, float64 references."""
+    net, x, y = problems["mlp"]
+    before = HessianOperator(net, F.mse_loss, (x, y))
+    estimate = lanczos(before, 1, tol=1e-6, criterion="eigenvalue")
+    stepped = copy.deepcopy(net)
+    grads = baselines.loss_gradient(stepped, F.mse_loss, x, y)
+    with torch.no_grad():
+        for p, g in zip(stepped.parameters(), grads):
+            p -= 0.1 * g
+    reference = lanczos(
+        HessianOperator(stepped, F.mse_loss, (x, y), dtype=torch.float64), 1, tol=1e-10,
+        criterion="eigenvalue",
+    )
+    return {
+        "op": HessianOperator(stepped, F.mse_loss, (x, y)),
+        "net": stepped,
+        "data": (x, y),
+        "estimate": estimate,
+        "reference": float(reference.eigenvalues[0]),
+    }
+
+
+def _record(benchmark, spectrum, value: float, products: int) -> None:
+    benchmark.extra_info["matvecs"] = products
+    benchmark.extra_info["relative_error"] = abs(value - spectrum["reference"]) / abs(
+        spectrum["reference"]
+    )
+
+
+def _record_eig(benchmark, spectrum, result: EigResult) -> None:
+    _record(benchmark, spectrum, float(result.eigenvalues[0]), result.num_matvecs)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+@pytest.mark.parametrize("criterion", ["eigenvalue", "residual"])
+def test_lanczos(benchmark, spectrum, criterion: str, warm: bool) -> None:
+    benchmark.group = "lambda-max"
+    start = spectrum["estimate"] if warm else None
+    result = benchmark.pedantic(
+        lanczos, args=(spectrum["op"], 1),
+        kwargs={"tol": 1e-6, "criterion": criterion, "warm_start": start, "seed": 1},
+        rounds=1, iterations=1,
+    )
+    _record_eig(benchmark, spectrum, result)
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "warm"])
+def test_power_iteration(benchmark, spectrum, warm: bool) -> None:
+    benchmark.group = "lambda-max"
+    start = spectrum["estimate"] if warm else None
+    result = benchmark.pedantic(
+        power_iteration, args=(spectrum["op"],),
+        kwargs={"tol": 1e-6, "max_iter": 100, "warm_start": start, "seed": 1},
+        rounds=1, iterations=1,
+    )
+    _record_eig(benchmark, spectrum, result)
+
+
+def test_pyhessian_style_power(benchmark, spectrum) -> None:
+    benchmark.group = "lambda-max"
+    x, y = spectrum["data"]
+    value, products = benchmark.pedantic(
+        baselines.pyhessian_style_power, args=(spectrum["net"], F.mse_loss, x, y),
+        rounds=1, iterations=1,
+    )
+    _record(benchmark, spectrum, value, products)
+
+
+def test_scipy_eigsh(benchmark, spectrum) -> None:
+    benchmark.group = "lambda-max"
+    value, products = benchmark.pedantic(
+        baselines.scipy_eigsh_top, args=(spectrum["op"],), kwargs={"tol": 1e-6},
+        rounds=1, iterations=1,
+    )
+    _record(benchmark, spectrum, value, products)
