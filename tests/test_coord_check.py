@@ -22,7 +22,6 @@ from rdiag.parametrization import (
 )
 from tests._assert import assert_close
 from tests.oracles import ntk_from_jacobians, per_sample_jacobian
-from tests.test_science import _one_thread  # noqa: F401 (autouse fixture)
 
 
 def _data(n: int = 5, seed: int = 3):

@@ -30,7 +30,6 @@ from rdiag.parametrization import (
 )
 from tests._assert import assert_close
 from tests.oracles import ntk_from_jacobians, per_sample_jacobian
-from tests.test_science import _one_thread  # noqa: F401 (autouse fixture)
 
 WIDTH, D_IN, D_OUT = 12, 3, 2
 

@@ -40,15 +40,6 @@ WIDTHS = [64, 128, 256, 512, 1024]
 NORM_TOL, KERNEL_TOL = 0.05, 0.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small matrices on a shared 2-core runner: threads only contend.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _check(result, metric, layer, tol):
     fit = result.fit(metric, layer)
     assert fit["predicted"] is not None
