@@ -89,7 +89,7 @@ def spectrum(problems) -> dict[str, object]:
     stepped = copy.deepcopy(net)
     grads = baselines.loss_gradient(stepped, F.mse_loss, x, y)
     with torch.no_grad():
-        for p, g in zip(stepped.parameters(), grads):
+        for p, g in zip(stepped.parameters(), grads, strict=True):
             p -= 0.1 * g
     reference = lanczos(
         HessianOperator(stepped, F.mse_loss, (x, y), dtype=torch.float64), 1, tol=1e-10,

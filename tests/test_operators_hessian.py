@@ -149,3 +149,11 @@ def test_bad_inputs_give_clear_errors() -> None:
         HessianOperator(net, loss_fn, iter([(x, y)]))
     with pytest.raises(ValueError, match="same leading batch size"):
         HessianOperator(net, loss_fn, (x, y[:3]))
+
+
+@pytest.mark.slow
+def test_compiled_hvp_matches_dense() -> None:
+    net, x, y, loss_fn, _, expected = case_and_hessian("mlp_tanh", "mse")
+    op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64, compile=True)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    assert_close("compiled hvp", expected @ v, op.matvec(v), rtol=1e-10, atol=1e-12)
