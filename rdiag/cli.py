@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -206,7 +207,7 @@ def _print_fits(fits: list[dict]) -> None:
             continue
         pred = "n/a" if f["predicted"] is None else f"{f['predicted']:+.2f}"
         lo, hi = f["ci"]
-        ci = "[n/a: 2 points]" if lo is None or lo != lo else f"[{lo:+.3f}, {hi:+.3f}]"
+        ci = "[n/a: 2 points]" if lo is None or math.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}]"
         print(f"  {f['metric']:15s} {f['layer'] or '':9s} {f['param']:8s} slope "
               f"{f['slope']:+.3f} {ci}  predicted {pred}")
 

@@ -62,6 +62,13 @@ def _predicted(metric: str, param: str, steps: int) -> float | None:
         return None
 
 
+def _plain(value: Any) -> Any:
+    """A JSON-ready group value: pandas' missing values (NaN) become None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value.item() if hasattr(value, "item") else value
+
+
 def _frame(store: Store) -> Any:
     frame = store.query()
     if len(frame) == 0:
@@ -88,7 +95,8 @@ def fits(store: Store | str | Path) -> list[dict[str, Any]]:
     Returns:
         A list of ``{"metric", "layer", "param", "r", "slope", "ci": [lo, hi],
         "predicted", "widths", "seeds", "group"}`` (``layer`` None for model-level
-        metrics; ``r``/``predicted`` None where the parameterization has no r).
+        metrics; ``r``/``predicted`` None where the parameterization has no r;
+        ``ci`` ``[None, None]`` for a fit through two points).
     """
     store = store if isinstance(store, Store) else Store(store)
     frame = _frame(store)
@@ -118,11 +126,11 @@ def fits(store: Store | str | Path) -> list[dict[str, Any]]:
                 "param": info["param"],
                 "r": r,
                 "slope": slope,
-                "ci": [lo, hi],
+                "ci": [lo, hi] if math.isfinite(lo) else [None, None],
                 "predicted": _predicted(metric, info["param"], int(g["step"].max())),
                 "widths": sorted(int(w) for w in g["width"].unique()),
                 "seeds": int(g["seed"].nunique()),
-                "group": {k: v for k, v in info.items() if k not in ("layer", "param")},
+                "group": {k: _plain(v) for k, v in info.items() if k not in ("layer", "param")},
             })
     return out
 
@@ -157,8 +165,9 @@ def _fig_width_scaling(plt: Any, frame: Any, fit_list: list, metric: str, source
             label = param
             if fit is not None:
                 pred = "n/a" if fit["predicted"] is None else f"{fit['predicted']:+.2f}"
-                label += (f": slope {fit['slope']:+.2f} [{fit['ci'][0]:+.2f}, "
-                          f"{fit['ci'][1]:+.2f}], predicted {pred}")
+                lo, hi = fit["ci"]
+                ci = "" if lo is None else f" [{lo:+.2f}, {hi:+.2f}]"
+                label += f": slope {fit['slope']:+.2f}{ci}, predicted {pred}"
             ax.plot(mean.index, mean.values, ":", color=line.get_color(), lw=1)
             if fit is not None:  # the fitted power law through the log-means
                 lw, lv = np.log(g["width"].to_numpy(float)), np.log(g["value"].to_numpy(float))
@@ -251,7 +260,7 @@ def _fit_table(fit_list: list[dict]) -> str:
         pred = "" if f["predicted"] is None else f"{f['predicted']:+.3f}"
         diff = "" if f["predicted"] is None else f"{f['slope'] - f['predicted']:+.3f}"
         lo, hi = f["ci"]
-        ci = "n/a" if math.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}]"
+        ci = "n/a (2 points)" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
         cells = [f["metric"], f["layer"] or "", f["param"], f"{f['slope']:+.3f}", ci, pred, diff,
                  f"{f['widths'][0]}..{f['widths'][-1]} ({len(f['widths'])})", str(f["seeds"])]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
@@ -290,7 +299,7 @@ def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Pa
         "store": str(store.db_path),
     }
     summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps(summary, indent=2, default=str))
+    summary_path.write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
     images = []
     for key, path in figures.items():
         data = base64.b64encode(path.read_bytes()).decode("ascii")

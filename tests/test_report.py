@@ -108,3 +108,17 @@ def test_report_of_a_bare_monitor_run(tmp_path) -> None:
     paths = build_report(store, tmp_path / "out")
     summary = json.loads(paths["summary"].read_text())
     assert summary["fits"] == [] and "ntk_eigenvalues" in paths
+
+
+def test_two_width_fit_has_no_interval_and_strict_json(tmp_path) -> None:
+    store = Store(tmp_path / "s")
+    for width in (8, 16):
+        rid = store.create_run({"param": "r=0.5", "width": width, "seed": 0, "lr": 0.1})
+        store.log(rid, 5, {("delta_h", "h"): width**0.5})
+        store.set_status(rid, "finished")
+    paths = build_report(store, tmp_path / "out")
+    text = paths["summary"].read_text()
+    assert "NaN" not in text
+    (fit,) = json.loads(text)["fits"]
+    assert fit["ci"] == [None, None] and fit["slope"] == pytest.approx(0.5)
+    assert "n/a (2 points)" in paths["html"].read_text()
