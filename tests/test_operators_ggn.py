@@ -120,3 +120,14 @@ def test_reverse_mode_fallbacks_agree_with_dense() -> None:
     g_op.fm._rdiag_jvp_mode = "reverse"
     assert_close("H reverse", hess @ v, h_op.matmat(v), rtol=1e-9, atol=1e-12)
     assert_close("GGN double vjp", ggn @ v, g_op.matmat(v), rtol=1e-9, atol=1e-12)
+
+
+def test_train_mode_batchnorm_ggn_uses_the_batch_jacobian() -> None:
+    net, x, y, loss_fn, names = make_case("batchnorm", "ce")
+    jac = oracles.batch_jacobian(net, names, x, train=True)  # (N, O, P) of the batch
+    out = net.train()(x.double()).detach()
+    h_l = hessian(lambda o: loss_fn(o, y), out).reshape(out.numel(), out.numel())
+    flat = jac.reshape(-1, jac.shape[-1])
+    op = GGNOperator(net, loss_fn, (x, y), mode="train", dtype=torch.float64)
+    assert op.fm.batch_coupled
+    assert_close("GGN train BN", flat.T @ h_l @ flat, op.to_dense(), rtol=1e-9, atol=1e-12)
