@@ -461,3 +461,20 @@ def test_traced_kernel_is_accumulated_over_chunks_of_outputs(
     assert_close("output-chunked diagonal", _traced(sym).diagonal(), diag, **F64)
     with pytest.raises(MemoryError, match="accumulated over chunks of output units"):
         empirical_ntk(fm, x1, x2, trace_outputs=False, **kw)
+
+
+@pytest.mark.parametrize("family", ["mlp", "cnn"])
+@pytest.mark.parametrize("param", ["ntk", "mf"])
+def test_parameterization_multipliers_stay_structured(family: str, param: str) -> None:
+    """Forward multipliers of rdiag.parametrization hooks scale the captured factors."""
+    from rdiag.models import make_model
+    from rdiag.parametrization import parse_param
+
+    model = make_model(family, 16, parametrization=parse_param(param), seed=0)
+    x = model.sample_inputs(5, torch.Generator().manual_seed(1))
+    names = [n for n, _ in model.named_parameters()]
+    j = oracles.per_sample_jacobian(model, names, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k = empirical_ntk(model, x, implementation="structured", trace_outputs=False, dtype=torch.float64)
+    assert_close(f"{family} {param}", oracles.ntk_from_jacobians(j, j), k, rtol=1e-9, atol=1e-10)

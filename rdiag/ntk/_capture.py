@@ -77,6 +77,22 @@ class _Handler(NamedTuple):
     reason: Callable[[nn.Module], str | None]
 
 
+def _with_multipliers(module: nn.Module, facs: dict[str, Factor]) -> dict[str, Factor]:
+    """Undo a parameterization's forward multipliers (rdiag.parametrization hooks).
+
+    The capture hook runs after the multiplier hook, so the cotangent is that of
+    ``c W x + c_b b``: the weight's Jacobian is ``c G (x) X`` and the bias's ``c_b G``.
+    """
+    scales = {
+        "weight": getattr(module, "rdiag_weight_multiplier", 1.0),
+        "bias": getattr(module, "rdiag_bias_multiplier", 1.0),
+    }
+    return {
+        k: f if scales.get(k, 1.0) == 1.0 else Factor(scales[k] * f.g, f.x)
+        for k, f in facs.items()
+    }
+
+
 def _always(module: nn.Module) -> str | None:
     return None
 
@@ -388,6 +404,7 @@ def _capture_chunk(
         facs = _HANDLERS[type(site.module)].factors(
             site.module, saved, cot.movedim(0, 1)
         )
+        facs = _with_multipliers(site.module, facs)
         per_site.setdefault(site.name, []).append(facs)
     memo: dict = {}
     factors = {
