@@ -43,13 +43,20 @@ def test_monitor_check(benchmark, setup, provider: str) -> None:
     benchmark.group = f"monitor check, muP MLP width {WIDTH}, probe 64"
     model, x, y = setup
     if provider == "sgd x10":
-        benchmark.pedantic(sgd_steps, args=(model, x, y, 10, 1e-4), rounds=3, iterations=1)
+        benchmark.pedantic(
+            sgd_steps, args=(model, x, y, 10, 1e-4), rounds=3, iterations=1
+        )
         return
     metrics = ["ntk", "representations", "weights", "loss"]
     if provider == "monitor+sharpness":
         metrics.append("sharpness_precond")
-    mon = Monitor(model, (x[:64], y[:64]), metrics=metrics, loss_fn=F.mse_loss,
-                  lr_multipliers=lr_multipliers(model))
+    mon = Monitor(
+        model,
+        (x[:64], y[:64]),
+        metrics=metrics,
+        loss_fn=F.mse_loss,
+        lr_multipliers=lr_multipliers(model),
+    )
     mon.step(0)  # references at initialization
     counter = iter(range(1, 10**6))
     benchmark.pedantic(lambda: mon.step(next(counter)), rounds=3, iterations=1)
@@ -58,7 +65,9 @@ def test_monitor_check(benchmark, setup, provider: str) -> None:
 @pytest.mark.parametrize("provider", ["svd", "lanczos"])
 def test_operator_norm(benchmark, provider: str) -> None:
     benchmark.group = "operator norm 1024 x 1024 (float64)"
-    w = torch.randn(1024, 1024, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(
+        1024, 1024, dtype=torch.float64, generator=torch.Generator().manual_seed(0)
+    )
     fn = dense_operator_norm if provider == "svd" else operator_norm
     value = benchmark.pedantic(fn, args=(w,), rounds=3, iterations=1)
     assert value == pytest.approx(float(torch.linalg.matrix_norm(w, ord=2)), rel=1e-8)
@@ -77,8 +86,13 @@ def test_store_logging(benchmark, tmp_path_factory, provider: str) -> None:
 
     def naive() -> None:
         path = tmp_path_factory.mktemp("naive") / "db.sqlite"
-        rows = [("run", s, m, layer, v) for s in range(20) for (m, layer), v in records.items()]
+        rows = [
+            ("run", s, m, layer, v)
+            for s in range(20)
+            for (m, layer), v in records.items()
+        ]
         sqlite_row_per_commit(str(path), rows)
 
-    benchmark.pedantic(rdiag_store if provider == "rdiag store" else naive, rounds=3,
-                       iterations=1)
+    benchmark.pedantic(
+        rdiag_store if provider == "rdiag store" else naive, rounds=3, iterations=1
+    )

@@ -54,12 +54,17 @@ def _parser() -> argparse.ArgumentParser:
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(
-            name, help=help_, description=help_, epilog=_EPILOG[name],
+            name,
+            help=help_,
+            description=help_,
+            epilog=_EPILOG[name],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
     run = add("run", "train one configuration with the Monitor into a store")
-    run.add_argument("--config", help="YAML file with TrainConfig fields (flags override it)")
+    run.add_argument(
+        "--config", help="YAML file with TrainConfig fields (flags override it)"
+    )
     run.add_argument("--model", choices=MODELS)
     run.add_argument("--width", type=int)
     run.add_argument("--depth", type=int)
@@ -69,8 +74,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int)
     run.add_argument("--batch-size", type=int)
     run.add_argument("--data", choices=DATASETS)
-    run.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
-                     help="data loader option, e.g. root=/data/cifar-10-batches-py")
+    run.add_argument(
+        "--data-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="data loader option, e.g. root=/data/cifar-10-batches-py",
+    )
     run.add_argument("--seed", type=int)
     run.add_argument("--every", type=int)
     run.add_argument("--metrics", nargs="+")
@@ -78,13 +88,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", choices=("cpu", "cuda", "auto"))
     run.add_argument("--out", required=True, help="store directory")
 
-    sw = add("sweep", "run an r x width x seed x lr grid in parallel; store, figures, report")
-    sw.add_argument("--config", default="default",
-                    help="YAML sweep config, or 'default' (the packaged one)")
+    sw = add(
+        "sweep", "run an r x width x seed x lr grid in parallel; store, figures, report"
+    )
+    sw.add_argument(
+        "--config",
+        default="default",
+        help="YAML sweep config, or 'default' (the packaged one)",
+    )
     sw.add_argument("--model", choices=MODELS)
     group = sw.add_mutually_exclusive_group()
     group.add_argument("--r", type=float, nargs="+", help="richness values (grid)")
-    group.add_argument("--param", nargs="+", help="parameterizations (grid), e.g. mup ntk sp")
+    group.add_argument(
+        "--param", nargs="+", help="parameterizations (grid), e.g. mup ntk sp"
+    )
     sw.add_argument("--widths", type=int, nargs="+")
     sw.add_argument("--seeds", type=int, metavar="K", help="seeds 0..K-1")
     sw.add_argument("--lr", type=float, nargs="+", help="base learning rates (grid)")
@@ -92,7 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--every", type=int)
     sw.add_argument("--workers", type=int)
     sw.add_argument("--no-report", action="store_true", help="skip figures and report")
-    sw.add_argument("--out", required=True, help="output directory (store, figures, report)")
+    sw.add_argument(
+        "--out", required=True, help="output directory (store, figures, report)"
+    )
 
     cc = add("coord-check", "coordinate check of a parameterization over widths")
     cc.add_argument("--model", choices=MODELS, default="mlp")
@@ -108,8 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     rep.add_argument("--store", required=True, help="store directory")
     rep.add_argument("--out", help="output directory (default: the store directory)")
 
-    for name, help_ in (("ntk", "eNTK of a built-in model and its spectrum"),
-                        ("sharpness", "raw and preconditioned sharpness of a built-in model")):
+    for name, help_ in (
+        ("ntk", "eNTK of a built-in model and its spectrum"),
+        ("sharpness", "raw and preconditioned sharpness of a built-in model"),
+    ):
         p = add(name, help_)
         p.add_argument("--model", choices=MODELS, default="mlp")
         p.add_argument("--width", type=int, default=128)
@@ -119,12 +140,19 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", help="also write the summary as JSON here")
         if name == "ntk":
-            p.add_argument("--implementation", default="auto",
-                           choices=("auto", "jacobian", "ntvp", "structured"))
+            p.add_argument(
+                "--implementation",
+                default="auto",
+                choices=("auto", "jacobian", "ntvp", "structured"),
+            )
             p.add_argument("--top", type=int, default=10, help="eigenvalues to print")
         else:
-            p.add_argument("--lr", type=float, default=0.1, help="base rate of --steps of GD")
-            p.add_argument("--steps", type=int, default=0, help="GD steps before measuring")
+            p.add_argument(
+                "--lr", type=float, default=0.1, help="base rate of --steps of GD"
+            )
+            p.add_argument(
+                "--steps", type=int, default=0, help="GD steps before measuring"
+            )
     return parser
 
 
@@ -140,14 +168,32 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config: dict[str, Any] = {}
     if args.config:
-        yaml = __import__("rdiag._optional", fromlist=["require"]).require("yaml", "--config")
+        yaml = __import__("rdiag._optional", fromlist=["require"]).require(
+            "yaml", "--config"
+        )
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         config = yaml.safe_load(path.read_text()) or {}
-    flags = {k: getattr(args, k) for k in ("model", "width", "depth", "param", "optimizer", "lr",
-                                           "steps", "batch_size", "data", "seed", "every",
-                                           "metrics", "dtype", "device")}
+    flags = {
+        k: getattr(args, k)
+        for k in (
+            "model",
+            "width",
+            "depth",
+            "param",
+            "optimizer",
+            "lr",
+            "steps",
+            "batch_size",
+            "data",
+            "seed",
+            "every",
+            "metrics",
+            "dtype",
+            "device",
+        )
+    }
     config.update({k: v for k, v in flags.items() if v is not None})
     if args.data_option:
         opts = dict(config.get("data_options", {}))
@@ -158,8 +204,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
             opts[key] = _value(val)
         config["data_options"] = opts
     result = train(config, store=args.out)
-    print(f"run {result.run_id}: {result.status}, final loss {result.final_loss:.4g}, "
-          f"{result.seconds:.1f} s ({result.monitor_seconds:.1f} s diagnostics)")
+    print(
+        f"run {result.run_id}: {result.status}, final loss {result.final_loss:.4g}, "
+        f"{result.seconds:.1f} s ({result.monitor_seconds:.1f} s diagnostics)"
+    )
     print(f"store: {Path(result.store).resolve() / 'rdiag.sqlite'}")
     return 0
 
@@ -185,13 +233,20 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.lr is not None:
         grid["lr"] = args.lr
     tic = time.perf_counter()
-    result = sweep(args.config, out=args.out, workers=args.workers, progress=True,
-                   report=False if args.no_report else None,
-                   overrides={"base": base, "grid": grid})
+    result = sweep(
+        args.config,
+        out=args.out,
+        workers=args.workers,
+        progress=True,
+        report=False if args.no_report else None,
+        overrides={"base": base, "grid": grid},
+    )
     out = Path(args.out).resolve()
-    print(f"{len(result.results)} runs ({result.count('finished')} finished, "
-          f"{result.count('skipped')} already done, {result.count('failed')} failed) "
-          f"in {time.perf_counter() - tic:.0f} s")
+    print(
+        f"{len(result.results)} runs ({result.count('finished')} finished, "
+        f"{result.count('skipped')} already done, {result.count('failed')} failed) "
+        f"in {time.perf_counter() - tic:.0f} s"
+    )
     print(f"store:   {out / 'rdiag.sqlite'}")
     if result.report:
         print(f"report:  {Path(result.report['html']).resolve()}")
@@ -207,16 +262,29 @@ def _print_fits(fits: list[dict]) -> None:
             continue
         pred = "n/a" if f["predicted"] is None else f"{f['predicted']:+.2f}"
         lo, hi = f["ci"]
-        ci = "[n/a: 2 points]" if lo is None or math.isnan(lo) else f"[{lo:+.3f}, {hi:+.3f}]"
-        print(f"  {f['metric']:15s} {f['layer'] or '':9s} {f['param']:8s} slope "
-              f"{f['slope']:+.3f} {ci}  predicted {pred}")
+        ci = (
+            "[n/a: 2 points]"
+            if lo is None or math.isnan(lo)
+            else f"[{lo:+.3f}, {hi:+.3f}]"
+        )
+        print(
+            f"  {f['metric']:15s} {f['layer'] or '':9s} {f['param']:8s} slope "
+            f"{f['slope']:+.3f} {ci}  predicted {pred}"
+        )
 
 
 def _cmd_coord_check(args: argparse.Namespace) -> int:
     from rdiag.coord_check import coord_check, plot_coord_check, write_summary
 
-    result = coord_check(args.model, args.param, args.widths, steps=args.steps,
-                         seeds=args.seeds, lr=args.lr, optimizer=args.optimizer)
+    result = coord_check(
+        args.model,
+        args.param,
+        args.widths,
+        steps=args.steps,
+        seeds=args.seeds,
+        lr=args.lr,
+        optimizer=args.optimizer,
+    )
     out = Path(args.out)
     summary = write_summary(result, out)
     figure = plot_coord_check(result, out / "coord_check.png")
@@ -247,7 +315,9 @@ def _built_in(args: argparse.Namespace) -> tuple[Any, Any]:
     from rdiag.models import make_model
 
     opts: dict[str, Any] = {"depth": args.depth}
-    model = make_model(args.model, args.width, parametrization=args.param, seed=args.seed, **opts)
+    model = make_model(
+        args.model, args.width, parametrization=args.param, seed=args.seed, **opts
+    )
     inner = getattr(model, "model", model)
     x = inner.sample_inputs(args.n, torch.Generator().manual_seed(args.seed))
     return model, x
@@ -268,18 +338,22 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 
     model, x = _built_in(args)
     tic = time.perf_counter()
-    k = empirical_ntk(model, x, implementation=args.implementation,
-                      weights=lr_multipliers(model))
+    k = empirical_ntk(
+        model, x, implementation=args.implementation, weights=lr_multipliers(model)
+    )
     seconds = time.perf_counter() - tic
     eigs = metrics.eigenvalues(k.double())
-    _emit({
-        "model": f"{args.model} width={args.width} depth={args.depth} param={args.param}",
-        "kernel": f"learning-rate-weighted eNTK K_M, shape {tuple(k.shape)}, traced over outputs",
-        "seconds": round(seconds, 4),
-        "trace": float(k.trace()),
-        "top_eigenvalues": [round(v, 6) for v in eigs[: args.top].tolist()],
-        "effective_rank": round(metrics.effective_rank(eigs), 4),
-    }, args.out)
+    _emit(
+        {
+            "model": f"{args.model} width={args.width} depth={args.depth} param={args.param}",
+            "kernel": f"learning-rate-weighted eNTK K_M, shape {tuple(k.shape)}, traced over outputs",
+            "seconds": round(seconds, 4),
+            "trace": float(k.trace()),
+            "top_eigenvalues": [round(v, 6) for v in eigs[: args.top].tolist()],
+            "effective_rank": round(metrics.effective_rank(eigs), 4),
+        },
+        args.out,
+    )
     return 0
 
 
@@ -292,7 +366,9 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
 
     model, x = _built_in(args)
     with torch.no_grad():
-        y = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(args.seed + 1))
+        y = torch.randn(
+            model(x).shape, generator=torch.Generator().manual_seed(args.seed + 1)
+        )
     opt = make_optimizer(model, None, args.lr)
     for _ in range(args.steps):
         opt.zero_grad()
@@ -300,18 +376,27 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
         opt.step()
     raw = sharpness(model, F.mse_loss, (x, y))
     pre = sharpness(model, F.mse_loss, (x, y), preconditioner=lr_multipliers(model))
-    _emit({
-        "model": f"{args.model} width={args.width} depth={args.depth} param={args.param}",
-        "loss": "mse on Gaussian targets", "steps_of_gd": args.steps,
-        "sharpness": raw, "sharpness_preconditioned": pre,
-        "edge_of_stability_2_over_eta0": 2 / args.lr,
-    }, args.out)
+    _emit(
+        {
+            "model": f"{args.model} width={args.width} depth={args.depth} param={args.param}",
+            "loss": "mse on Gaussian targets",
+            "steps_of_gd": args.steps,
+            "sharpness": raw,
+            "sharpness_preconditioned": pre,
+            "edge_of_stability_2_over_eta0": 2 / args.lr,
+        },
+        args.out,
+    )
     return 0
 
 
 _COMMANDS = {
-    "run": _cmd_run, "sweep": _cmd_sweep, "coord-check": _cmd_coord_check,
-    "report": _cmd_report, "ntk": _cmd_ntk, "sharpness": _cmd_sharpness,
+    "run": _cmd_run,
+    "sweep": _cmd_sweep,
+    "coord-check": _cmd_coord_check,
+    "report": _cmd_report,
+    "ntk": _cmd_ntk,
+    "sharpness": _cmd_sharpness,
 }
 
 

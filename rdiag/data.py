@@ -75,8 +75,13 @@ class Dataset:
                 return cast(x), cast(y)
 
         return Dataset(
-            cast(self.x), cast(self.y), cast(self.x_test), cast(self.y_test),
-            self.task, self.num_outputs, sampler,
+            cast(self.x),
+            cast(self.y),
+            cast(self.x_test),
+            cast(self.y_test),
+            self.task,
+            self.num_outputs,
+            sampler,
         )
 
 
@@ -117,12 +122,19 @@ def teacher_student(
         ValueError: A size is not a positive int, an unknown ``task``, or fewer than
             two classes for classification.
     """
-    for name, v in (("n_train", n_train), ("n_test", n_test), ("dim", dim),
-                    ("outputs", outputs), ("teacher_width", teacher_width)):
+    for name, v in (
+        ("n_train", n_train),
+        ("n_test", n_test),
+        ("dim", dim),
+        ("outputs", outputs),
+        ("teacher_width", teacher_width),
+    ):
         check_positive_int(v, name)
     check_choice(task, "task", TASKS)
     if task == "classification" and outputs < 2:
-        raise ValueError(f"expected outputs >= 2 classes for classification, got {outputs}")
+        raise ValueError(
+            f"expected outputs >= 2 classes for classification, got {outputs}"
+        )
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(teacher_width, dim, generator=g)
     a = torch.randn(teacher_width, outputs, generator=g)
@@ -140,7 +152,12 @@ def teacher_student(
 
 
 def sequences(
-    n_train: int = 512, n_test: int = 256, *, vocab: int = 16, seq_len: int = 6, seed: int = 0
+    n_train: int = 512,
+    n_test: int = 256,
+    *,
+    vocab: int = 16,
+    seq_len: int = 6,
+    seed: int = 0,
 ) -> Dataset:
     """Synthetic token task for the transformer: predict the previous token.
 
@@ -158,8 +175,12 @@ def sequences(
     Returns:
         The :class:`Dataset` (classification over ``vocab`` classes per token).
     """
-    for name, v in (("n_train", n_train), ("n_test", n_test), ("vocab", vocab),
-                    ("seq_len", seq_len)):
+    for name, v in (
+        ("n_train", n_train),
+        ("n_test", n_test),
+        ("vocab", vocab),
+        ("seq_len", seq_len),
+    ):
         check_positive_int(v, name)
 
     def sample(n: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -228,7 +249,10 @@ def _read_cifar_file(path: Path) -> tuple[Tensor, Tensor]:
 
 
 def cifar10(
-    root: str | Path, *, train_files: tuple[str, ...] = CIFAR_TRAIN, limit: int | None = None
+    root: str | Path,
+    *,
+    train_files: tuple[str, ...] = CIFAR_TRAIN,
+    limit: int | None = None,
 ) -> Dataset:
     """CIFAR-10 from a local directory in its standard python-pickle format.
 
@@ -300,14 +324,18 @@ def from_tensors(
     """
     for name, t in (("x", x), ("y", y)):
         if not isinstance(t, Tensor):
-            raise TypeError(f"expected {name} to be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(
+                f"expected {name} to be a torch.Tensor, got {type(t).__name__}"
+            )
     if len(x) != len(y) or len(x) == 0:
         raise ValueError(
             f"expected as many targets as inputs (> 0), got x {tuple(x.shape)} and "
             f"y {tuple(y.shape)}"
         )
     if not x.is_floating_point():
-        raise ValueError(f"expected floating inputs, got {x.dtype}; cast with x.float()")
+        raise ValueError(
+            f"expected floating inputs, got {x.dtype}; cast with x.float()"
+        )
     x_test = x if x_test is None else x_test
     y_test = y if y_test is None else y_test
     if y.is_floating_point():
@@ -339,7 +367,10 @@ def load_data(name: str, **options: object) -> Dataset:
             "data='cifar10', got none; add root: /path/to/cifar-10-batches-py"
         )
     builder = {
-        "teacher": teacher_student, "digits": digits, "cifar10": cifar10, "sequences": sequences
+        "teacher": teacher_student,
+        "digits": digits,
+        "cifar10": cifar10,
+        "sequences": sequences,
     }[name]
     try:
         return builder(**options)
@@ -391,7 +422,9 @@ def batches(
             "steps, or synthetic data (fresh samples)"
         )
     if batch_size > n:
-        raise ValueError(f"expected batch_size <= {n} training samples, got {batch_size}")
+        raise ValueError(
+            f"expected batch_size <= {n} training samples, got {batch_size}"
+        )
     perm, pos = torch.randperm(n, generator=g), 0
     for _ in range(steps):
         if pos + batch_size > n:

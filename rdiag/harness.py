@@ -95,7 +95,13 @@ class TrainConfig:
     probe_size: int = 32
     every: int = 10
     metrics: list[str] = field(
-        default_factory=lambda: ["ntk", "features", "representations", "weights", "loss"]
+        default_factory=lambda: [
+            "ntk",
+            "features",
+            "representations",
+            "weights",
+            "loss",
+        ]
     )
     budget_fraction: float | None = None
     save_kernels: bool = False
@@ -132,23 +138,36 @@ class TrainConfig:
         """
         from rdiag.parametrization import parse_param
 
-        for name, allowed in (("model", MODELS), ("optimizer", OPTIMIZERS), ("loss", LOSSES),
-                              ("data", DATASETS), ("dtype", tuple(DTYPES)),
-                              ("device", DEVICES)):
+        for name, allowed in (
+            ("model", MODELS),
+            ("optimizer", OPTIMIZERS),
+            ("loss", LOSSES),
+            ("data", DATASETS),
+            ("dtype", tuple(DTYPES)),
+            ("device", DEVICES),
+        ):
             check_choice(getattr(self, name), name, allowed)
         for name in ("width", "depth", "steps", "batch_size", "probe_size", "every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"expected config field {name!r} to be a positive int, got {v!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"expected config field 'lr' to be a finite number > 0, got {self.lr!r}")
+                raise ValueError(
+                    f"expected config field {name!r} to be a positive int, got {v!r}"
+                )
+        if not (
+            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0
+        ):
+            raise ValueError(
+                f"expected config field 'lr' to be a finite number > 0, got {self.lr!r}"
+            )
         try:
             parse_param(self.param)
         except ValueError as err:
             raise ValueError(f"bad config field 'param': {err}") from err
         bad = [m for m in self.metrics if m not in METRICS]
         if bad:
-            raise ValueError(f"bad config field 'metrics': {bad}; allowed values are {list(METRICS)}")
+            raise ValueError(
+                f"bad config field 'metrics': {bad}; allowed values are {list(METRICS)}"
+            )
         for name in ("data_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(
@@ -193,7 +212,11 @@ def _device(name: str) -> torch.device:
 
 
 def _loss_fn(cfg: TrainConfig, data: Dataset) -> Callable[[Tensor, Tensor], Tensor]:
-    kind = cfg.loss if cfg.loss != "auto" else ("mse" if data.task == "regression" else "ce")
+    kind = (
+        cfg.loss
+        if cfg.loss != "auto"
+        else ("mse" if data.task == "regression" else "ce")
+    )
     if kind == "mse" and data.task == "classification":
         classes = data.num_outputs
 
@@ -204,7 +227,9 @@ def _loss_fn(cfg: TrainConfig, data: Dataset) -> Callable[[Tensor, Tensor], Tens
     if kind == "mse":
         return F.mse_loss
     if data.task == "regression":
-        raise ValueError("bad config field 'loss': 'ce' needs classification data; use 'mse'")
+        raise ValueError(
+            "bad config field 'loss': 'ce' needs classification data; use 'mse'"
+        )
     if cfg.model == "transformer":
         return _token_cross_entropy
     return F.cross_entropy
@@ -237,25 +262,37 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
                 f"model 'mlp' needs flat inputs, got input shape {data.in_shape}; use "
                 "model 'cnn' for images or data_options flatten: true"
             )
-        opts.update(d_in=data.in_shape[0], d_out=data.num_outputs, activation=cfg.activation)
+        opts.update(
+            d_in=data.in_shape[0], d_out=data.num_outputs, activation=cfg.activation
+        )
     elif cfg.model == "cnn":
         if len(data.in_shape) != 3 or data.in_shape[1] != data.in_shape[2]:
             raise ValueError(
                 f"model 'cnn' needs square images (C, H, H), got input shape {data.in_shape}; "
                 "use data 'cifar10' or 'digits' with data_options flatten: false"
             )
-        opts.update(in_channels=data.in_shape[0], image_size=data.in_shape[1],
-                    d_out=data.num_outputs, activation=cfg.activation)
+        opts.update(
+            in_channels=data.in_shape[0],
+            image_size=data.in_shape[1],
+            d_out=data.num_outputs,
+            activation=cfg.activation,
+        )
     else:
         if data.x.is_floating_point() or len(data.in_shape) != 1:
             raise ValueError(
                 f"model 'transformer' needs token inputs (N, T), got {data.x.dtype} inputs of "
                 f"shape {data.in_shape}; use data 'sequences'"
             )
-        opts.update(vocab=int(data.x.max()) + 1, seq_len=data.in_shape[0], d_out=data.num_outputs)
+        opts.update(
+            vocab=int(data.x.max()) + 1,
+            seq_len=data.in_shape[0],
+            d_out=data.num_outputs,
+        )
         opts["vocab"] = max(opts["vocab"], data.num_outputs)
     opts.update(cfg.model_options)
-    model = make_model(cfg.model, cfg.width, parametrization=cfg.param, seed=cfg.seed, **opts)
+    model = make_model(
+        cfg.model, cfg.width, parametrization=cfg.param, seed=cfg.seed, **opts
+    )
     return model.to(DTYPES[cfg.dtype])
 
 
@@ -290,7 +327,9 @@ def train(
     cfg = TrainConfig.from_dict({**base, **overrides})
     store = store if isinstance(store, Store) else Store(store)
     device = _device(cfg.device)
-    rid = store.create_run(cfg.to_dict(), run_id=run_id, seed=cfg.seed, device=str(device))
+    rid = store.create_run(
+        cfg.to_dict(), run_id=run_id, seed=cfg.seed, device=str(device)
+    )
     if store.status(rid) == "finished":
         return TrainResult(rid, str(store.root), "skipped", float("nan"), 0.0, 0.0)
     tic = time.perf_counter()
@@ -304,17 +343,29 @@ def train(
 
     kind = "adam" if cfg.optimizer == "adam" else "sgd"
     opt = make_optimizer(model, None, cfg.lr, optimizer=kind, momentum=cfg.momentum)
-    probe = (data.x_test[: cfg.probe_size].to(device), data.y_test[: cfg.probe_size].to(device))
+    probe = (
+        data.x_test[: cfg.probe_size].to(device),
+        data.y_test[: cfg.probe_size].to(device),
+    )
     monitor = Monitor(
-        model, probe, every=cfg.every, metrics=cfg.metrics, loss_fn=loss_fn, store=store,
-        run_id=rid, lr_multipliers=lr_multipliers(model, optimizer=kind),
-        optimizer=opt if kind == "adam" else None, budget_fraction=cfg.budget_fraction,
+        model,
+        probe,
+        every=cfg.every,
+        metrics=cfg.metrics,
+        loss_fn=loss_fn,
+        store=store,
+        run_id=rid,
+        lr_multipliers=lr_multipliers(model, optimizer=kind),
+        optimizer=opt if kind == "adam" else None,
+        budget_fraction=cfg.budget_fraction,
         save_kernels=cfg.save_kernels,
     )
     mode = {"gd": "gd", "online": "online"}.get(cfg.optimizer, "sgd")
     pending: list[tuple[int, str, str, float]] = []
     status, loss_value = "finished", float("nan")
-    for step, (xb, yb) in enumerate(batches(data, cfg.batch_size, cfg.steps, mode=mode, seed=cfg.seed)):
+    for step, (xb, yb) in enumerate(
+        batches(data, cfg.batch_size, cfg.steps, mode=mode, seed=cfg.seed)
+    ):
         if monitor.scheduled(step):
             store.log_rows(rid, pending)
             pending = []
@@ -328,14 +379,21 @@ def train(
         pending.append((step, "train_loss", "", loss_value))
         if not math.isfinite(loss_value):
             status = "failed"
-            logger.warning("run %s diverged at step %d (loss %s)", rid, step, loss_value)
+            logger.warning(
+                "run %s diverged at step %d (loss %s)", rid, step, loss_value
+            )
             break
     store.log_rows(rid, pending)
     if status == "finished":
         monitor.step(cfg.steps, force=True)
     store.set_status(rid, status)
     return TrainResult(
-        rid, str(store.root), status, loss_value, time.perf_counter() - tic, monitor.seconds
+        rid,
+        str(store.root),
+        status,
+        loss_value,
+        time.perf_counter() - tic,
+        monitor.seconds,
     )
 
 
@@ -404,7 +462,9 @@ def _worker_init() -> None:
 def process_executor(workers: int) -> cf.ProcessPoolExecutor:
     """A spawn-based process pool with one torch thread per worker."""
     return cf.ProcessPoolExecutor(
-        max_workers=workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
+        max_workers=workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=_worker_init,
     )
 
 
@@ -449,16 +509,22 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         try:
             raw = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ValueError(f"could not parse the sweep config {source}: {err}") from err
+            raise ValueError(
+                f"could not parse the sweep config {source}: {err}"
+            ) from err
     allowed = ("base", "grid", "workers", "report", "name")
     unknown = [k for k in raw if k not in allowed]
     if unknown:
-        raise ValueError(f"unknown sweep config key(s) {unknown}; allowed keys are {list(allowed)}")
+        raise ValueError(
+            f"unknown sweep config key(s) {unknown}; allowed keys are {list(allowed)}"
+        )
     raw.setdefault("base", {})
     raw.setdefault("grid", {})
     for key, values in raw["grid"].items():
         if not isinstance(values, list) or not values:
-            raise ValueError(f"expected grid.{key} to be a non-empty list, got {values!r}")
+            raise ValueError(
+                f"expected grid.{key} to be a non-empty list, got {values!r}"
+            )
     return raw
 
 
@@ -555,7 +621,9 @@ def sweep(
     for cfg in configs:
         rid = store.create_run(cfg.to_dict(), seed=cfg.seed, device=cfg.device)
         if store.status(rid) == "finished":
-            results.append(TrainResult(rid, str(store.root), "skipped", float("nan"), 0.0, 0.0))
+            results.append(
+                TrainResult(rid, str(store.root), "skipped", float("nan"), 0.0, 0.0)
+            )
         else:
             todo.append(cfg.to_dict())
     workers = workers or int(raw.get("workers", 1))
@@ -564,8 +632,9 @@ def sweep(
         executor = SerialExecutor() if workers <= 1 else process_executor(workers)
     bar = None
     if progress:
-        bar = require("tqdm", "sweep progress").tqdm(total=len(configs), initial=len(results),
-                                                     desc="rdiag sweep", unit="run")
+        bar = require("tqdm", "sweep progress").tqdm(
+            total=len(configs), initial=len(results), desc="rdiag sweep", unit="run"
+        )
     futures: list[cf.Future] = []
     try:
         futures = [executor.submit(_run_config, cfg, str(store.root)) for cfg in todo]
@@ -574,7 +643,9 @@ def sweep(
             if bar is not None:
                 bar.update(1)
     except BaseException:
-        for fut in futures:  # fail fast: drop queued runs (running ones finish, resumable)
+        for (
+            fut
+        ) in futures:  # fail fast: drop queued runs (running ones finish, resumable)
             fut.cancel()
         raise
     finally:
@@ -588,4 +659,3 @@ def sweep(
 
         paths = {k: str(v) for k, v in build_report(store, out).items()}
     return SweepResult(str(store.root), results, paths)
-

@@ -104,16 +104,22 @@ def one_hot_targets(targets: Tensor, num_classes: int | None = None) -> Tensor:
         ValueError: Integer labels that are not ``(N,)``.
     """
     if not isinstance(targets, Tensor):
-        raise TypeError(f"expected targets as a torch.Tensor, got {type(targets).__name__}")
+        raise TypeError(
+            f"expected targets as a torch.Tensor, got {type(targets).__name__}"
+        )
     if not targets.is_floating_point():
         if targets.dim() != 1:
-            raise ValueError(f"expected integer labels of shape (N,), got {tuple(targets.shape)}")
+            raise ValueError(
+                f"expected integer labels of shape (N,), got {tuple(targets.shape)}"
+            )
         c = int(targets.max()) + 1 if num_classes is None else num_classes
         return torch.nn.functional.one_hot(targets.long(), c).double()
     return targets.reshape(len(targets), -1)
 
 
-def kernel_target_alignment(k: Tensor, targets: Tensor, num_classes: int | None = None) -> float:
+def kernel_target_alignment(
+    k: Tensor, targets: Tensor, num_classes: int | None = None
+) -> float:
     """Centered kernel-target alignment: CKA between ``K`` and ``Y Y^T``.
 
     Args:
@@ -255,13 +261,17 @@ def representation_movement(h_t: Tensor, h_0: Tensor) -> float:
         ValueError: The shapes differ.
     """
     if h_t.shape != h_0.shape:
-        raise ValueError(f"expected equal shapes, got {tuple(h_t.shape)} and {tuple(h_0.shape)}")
+        raise ValueError(
+            f"expected equal shapes, got {tuple(h_t.shape)} and {tuple(h_0.shape)}"
+        )
     return float((h_t - h_0).reshape(len(h_t), -1).norm(dim=1).mean())
 
 
 def _t_quantile(q: float, dof: int) -> float:
     """Quantile of Student's t (``q`` in (0.5, 1)); Simpson-integrated density + bisection."""
-    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(dof * math.pi)
+    c = math.exp(math.lgamma((dof + 1) / 2) - math.lgamma(dof / 2)) / math.sqrt(
+        dof * math.pi
+    )
 
     def cdf(t: float) -> float:
         x = np.linspace(0.0, t, 4001)
@@ -326,7 +336,9 @@ def fit_exponent(
             f"{y.tolist()[:8]}; drop zero or diverged runs before fitting"
         )
     if len(np.unique(x)) < 2:
-        raise ValueError(f"expected at least two distinct widths, got {np.unique(x).tolist()}")
+        raise ValueError(
+            f"expected at least two distinct widths, got {np.unique(x).tolist()}"
+        )
     lx, ly = np.log(x), np.log(y)
     sxx = float(((lx - lx.mean()) ** 2).sum())
     slope = float(((lx - lx.mean()) * (ly - ly.mean())).sum() / sxx)

@@ -51,8 +51,17 @@ from rdiag._checks import check_module, check_positive_int, check_tensor
 from rdiag._typing import LossFn, Weights
 
 METRICS = (
-    "ntk", "ntk_layers", "features", "representations", "weights",
-    "sharpness", "sharpness_precond", "trace", "grad_norm", "loss", "accuracy",
+    "ntk",
+    "ntk_layers",
+    "features",
+    "representations",
+    "weights",
+    "sharpness",
+    "sharpness_precond",
+    "trace",
+    "grad_norm",
+    "loss",
+    "accuracy",
 )
 DEFAULT_METRICS = ("ntk", "features", "representations", "weights", "sharpness", "loss")
 Schedule = int | Sequence[int] | Callable[[int], bool]
@@ -76,8 +85,10 @@ def _schedule(every: Schedule) -> Callable[[int], bool]:
 def _leaf_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     # Trainable leaves only: a centered model's frozen reference copy is not a layer.
     return [
-        (name, m) for name, m in model.named_modules()
-        if name and not list(m.children())
+        (name, m)
+        for name, m in model.named_modules()
+        if name
+        and not list(m.children())
         and any(p.requires_grad for p in m.parameters(recurse=False))
     ]
 
@@ -141,8 +152,17 @@ class Monitor:
         self.metrics = tuple(metrics)
         bad = [m for m in self.metrics if m not in METRICS]
         if bad:
-            raise ValueError(f"expected metrics from {list(METRICS)}, got unknown {bad}")
-        needs_y = {"sharpness", "sharpness_precond", "trace", "grad_norm", "loss", "accuracy"}
+            raise ValueError(
+                f"expected metrics from {list(METRICS)}, got unknown {bad}"
+            )
+        needs_y = {
+            "sharpness",
+            "sharpness_precond",
+            "trace",
+            "grad_norm",
+            "loss",
+            "accuracy",
+        }
         needs_y &= set(self.metrics)
         if needs_y and y is None:
             raise ValueError(
@@ -156,7 +176,9 @@ class Monitor:
         if store is not None and run_id is None:
             raise ValueError("expected run_id= with store= (see Store.create_run)")
         if budget_fraction is not None and not 0 < budget_fraction < 1:
-            raise ValueError(f"expected budget_fraction in (0, 1), got {budget_fraction!r}")
+            raise ValueError(
+                f"expected budget_fraction in (0, 1), got {budget_fraction!r}"
+            )
         self.scheduled = _schedule(every)
         self.loss_fn = loss_fn
         self.store, self.run_id = store, run_id
@@ -192,7 +214,11 @@ class Monitor:
     @property
     def train_seconds(self) -> float:
         """Wall time since the first :meth:`step` call, minus diagnostics time."""
-        return 0.0 if self._start is None else time.perf_counter() - self._start - self.seconds
+        return (
+            0.0
+            if self._start is None
+            else time.perf_counter() - self._start - self.seconds
+        )
 
     def due(self, step: int) -> bool:
         """Whether a check would run at ``step`` (schedule and budget)."""
@@ -233,8 +259,12 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """Counters and references, for checkpointing (Lightning / HF adapters)."""
         return {
-            "seconds": self.seconds, "checks": self.checks, "skipped": self.skipped,
-            "ref": self._ref, "prev": self._prev, "warm": self._warm,
+            "seconds": self.seconds,
+            "checks": self.checks,
+            "skipped": self.skipped,
+            "ref": self._ref,
+            "prev": self._prev,
+            "warm": self._warm,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -264,7 +294,11 @@ class Monitor:
             from rdiag.curvature import hessian_trace
 
             est = hessian_trace(
-                self.model, self.loss_fn, (x, y), num_matvecs=30, dtype=self.dtype,
+                self.model,
+                self.loss_fn,
+                (x, y),
+                num_matvecs=30,
+                dtype=self.dtype,
                 seed=step,
             )
             rec["trace"], rec["trace_std_err"] = est.estimate, est.std_err
@@ -284,7 +318,9 @@ class Monitor:
     def _forward_metrics(self, x: Tensor, rec: dict) -> None:
         modules = dict(self.model.named_modules())
         acts: dict[str, Tensor] = {}
-        hooks = [modules[n].register_forward_hook(self._saver(acts, n)) for n in self.layers]
+        hooks = [
+            modules[n].register_forward_hook(self._saver(acts, n)) for n in self.layers
+        ]
         if self._readout is not None and "features" in self.metrics:
             hooks.append(
                 modules[self._readout].register_forward_pre_hook(
@@ -317,7 +353,11 @@ class Monitor:
             self._movement("ck", ck, rec)
         if self.y is not None and "loss" in self.metrics:
             rec["loss"] = float(self.loss_fn(out, self._target(out)))
-        if self.y is not None and "accuracy" in self.metrics and not self.y.is_floating_point():
+        if (
+            self.y is not None
+            and "accuracy" in self.metrics
+            and not self.y.is_floating_point()
+        ):
             pred = out.argmax(-1)
             rec["accuracy"] = float((pred == self.y.to(pred.device)).double().mean())
 
@@ -346,7 +386,9 @@ class Monitor:
             rec["ntk_eff_rank"] = M.effective_rank(eigs)
             rec["ntk_trace"] = float(k.trace())
             # Alignment needs one label (or target vector) per probe input.
-            per_input = self.y is not None and (self.y.dim() == 1 or self.y.is_floating_point())
+            per_input = self.y is not None and (
+                self.y.dim() == 1 or self.y.is_floating_point()
+            )
             if per_input and len(k) > 1:
                 rec["ntk_kta"] = M.kernel_target_alignment(k, self.y)
         for name, kl in layers.items():
@@ -362,11 +404,14 @@ class Monitor:
 
         try:
             return effective_weights(self.model)
-        except ValueError:  # not parametrized by rdiag: the raw weights are the effective ones
+        except (
+            ValueError
+        ):  # not parametrized by rdiag: the raw weights are the effective ones
             return {
                 name: m.weight.detach().reshape(m.weight.shape[0], -1)
                 for name, m in _leaf_param_modules(self.model)
-                if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() >= 2
+                if isinstance(getattr(m, "weight", None), Tensor)
+                and m.weight.dim() >= 2
             }
 
     def _weight_metrics(self, rec: dict) -> None:
@@ -403,8 +448,14 @@ class Monitor:
                 rec[key] = rec["sharpness"]
                 continue
             res = top_eigenvalues(
-                self.model, self.loss_fn, (x, y), k=1, tol=self.sharpness_tol,
-                warm_start=self._warm.get(key), preconditioner=precond, dtype=self.dtype,
+                self.model,
+                self.loss_fn,
+                (x, y),
+                k=1,
+                tol=self.sharpness_tol,
+                warm_start=self._warm.get(key),
+                preconditioner=precond,
+                dtype=self.dtype,
             )
             self._warm[key] = res.eigenvectors
             rec[key] = float(res.eigenvalues[0])

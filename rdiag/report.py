@@ -38,7 +38,10 @@ from rdiag.store import Store
 
 #: Fitted metric -> the step it is read at (predictions: rdiag.coord_check.predicted_exponent).
 FITTED: dict[str, str] = {
-    "delta_h": "last", "ntk_rel_change": "last", "dW_rel": "last", "f0": "first",
+    "delta_h": "last",
+    "ntk_rel_change": "last",
+    "dW_rel": "last",
+    "f0": "first",
 }
 _SOURCE = {"f0": "f_norm"}
 
@@ -100,16 +103,23 @@ def fits(store: Store | str | Path) -> list[dict[str, Any]]:
     """
     store = store if isinstance(store, Store) else Store(store)
     frame = _frame(store)
-    frame = frame[frame["metric"].isin(["delta_h", "ntk_rel_change", "dW_rel", "f_norm"])]
+    frame = frame[
+        frame["metric"].isin(["delta_h", "ntk_rel_change", "dW_rel", "f_norm"])
+    ]
     group_cols = [
-        c for c in frame.columns
-        if c not in ("run", "step", "metric", "layer", "value", "status", "width", "seed")
+        c
+        for c in frame.columns
+        if c
+        not in ("run", "step", "metric", "layer", "value", "status", "width", "seed")
     ]
     first = frame.groupby("run")["step"].transform("min") == frame["step"]
     last = frame.groupby("run")["step"].transform("max") == frame["step"]
     out = []
     for metric, when in FITTED.items():
-        rows = frame[(frame["metric"] == _SOURCE.get(metric, metric)) & (first if when == "first" else last)]
+        rows = frame[
+            (frame["metric"] == _SOURCE.get(metric, metric))
+            & (first if when == "first" else last)
+        ]
         for key, g in rows.groupby(group_cols + ["layer"], dropna=False, sort=True):
             if g["width"].nunique() < 2:
                 continue
@@ -117,21 +127,31 @@ def fits(store: Store | str | Path) -> list[dict[str, Any]]:
             keep = values > 0
             if keep.sum() < 2 or g["width"][keep].nunique() < 2:
                 continue
-            slope, (lo, hi) = fit_exponent(g["width"].to_numpy(dtype=float)[keep], values[keep])
+            slope, (lo, hi) = fit_exponent(
+                g["width"].to_numpy(dtype=float)[keep], values[keep]
+            )
             info = dict(zip(group_cols + ["layer"], key))
             r = _r_of(info["param"])
-            out.append({
-                "metric": metric,
-                "layer": info["layer"] or None,
-                "param": info["param"],
-                "r": r,
-                "slope": slope,
-                "ci": [lo, hi] if math.isfinite(lo) else [None, None],
-                "predicted": _predicted(metric, info["param"], int(g["step"].max())),
-                "widths": sorted(int(w) for w in g["width"].unique()),
-                "seeds": int(g["seed"].nunique()),
-                "group": {k: _plain(v) for k, v in info.items() if k not in ("layer", "param")},
-            })
+            out.append(
+                {
+                    "metric": metric,
+                    "layer": info["layer"] or None,
+                    "param": info["param"],
+                    "r": r,
+                    "slope": slope,
+                    "ci": [lo, hi] if math.isfinite(lo) else [None, None],
+                    "predicted": _predicted(
+                        metric, info["param"], int(g["step"].max())
+                    ),
+                    "widths": sorted(int(w) for w in g["width"].unique()),
+                    "seeds": int(g["seed"].nunique()),
+                    "group": {
+                        k: _plain(v)
+                        for k, v in info.items()
+                        if k not in ("layer", "param")
+                    },
+                }
+            )
     return out
 
 
@@ -144,8 +164,15 @@ def _sorted_params(params: Any) -> list[str]:
     return sorted(set(params), key=lambda p: (_r_of(p) is None, _r_of(p) or 0.0, p))
 
 
-def _fig_width_scaling(plt: Any, frame: Any, fit_list: list, metric: str, source: str,
-                       ylabel: str, path: Path) -> Path | None:
+def _fig_width_scaling(
+    plt: Any,
+    frame: Any,
+    fit_list: list,
+    metric: str,
+    source: str,
+    ylabel: str,
+    path: Path,
+) -> Path | None:
     rows = frame[frame["metric"] == source]
     if metric == "f0":
         rows = rows[rows.groupby("run")["step"].transform("min") == rows["step"]]
@@ -154,14 +181,24 @@ def _fig_width_scaling(plt: Any, frame: Any, fit_list: list, metric: str, source
     if rows.empty or rows["width"].nunique() < 2:
         return None
     layers = sorted(rows["layer"].unique())
-    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(layers), figsize=(5 * len(layers), 4), squeeze=False
+    )
     for ax, layer in zip(axes[0], layers):
         for param in _sorted_params(rows["param"]):
             g = rows[(rows["layer"] == layer) & (rows["param"] == param)]
             line = ax.plot(g["width"], g["value"], "o", alpha=0.35)[0]
             mean = g.groupby("width")["value"].mean()
-            fit = next((f for f in fit_list if f["metric"] == metric and f["param"] == param
-                        and (f["layer"] or "") == layer), None)
+            fit = next(
+                (
+                    f
+                    for f in fit_list
+                    if f["metric"] == metric
+                    and f["param"] == param
+                    and (f["layer"] or "") == layer
+                ),
+                None,
+            )
             label = param
             if fit is not None:
                 pred = "n/a" if fit["predicted"] is None else f"{fit['predicted']:+.2f}"
@@ -170,7 +207,10 @@ def _fig_width_scaling(plt: Any, frame: Any, fit_list: list, metric: str, source
                 label += f": slope {fit['slope']:+.2f}{ci}, predicted {pred}"
             ax.plot(mean.index, mean.values, ":", color=line.get_color(), lw=1)
             if fit is not None:  # the fitted power law through the log-means
-                lw, lv = np.log(g["width"].to_numpy(float)), np.log(g["value"].to_numpy(float))
+                lw, lv = (
+                    np.log(g["width"].to_numpy(float)),
+                    np.log(g["value"].to_numpy(float)),
+                )
                 grid = np.array(sorted(g["width"].unique()), dtype=float)
                 curve = np.exp(lv.mean() + fit["slope"] * (np.log(grid) - lw.mean()))
                 ax.plot(grid, curve, "-", color=line.get_color(), label=label)
@@ -186,23 +226,40 @@ def _fig_width_scaling(plt: Any, frame: Any, fit_list: list, metric: str, source
     return path
 
 
-def _fig_over_steps(plt: Any, frame: Any, metric: str, layer: str, ylabel: str, path: Path,
-                    *, params: list[str] | None = None, eos: bool = False,
-                    logy: bool = False) -> Path | None:
+def _fig_over_steps(
+    plt: Any,
+    frame: Any,
+    metric: str,
+    layer: str,
+    ylabel: str,
+    path: Path,
+    *,
+    params: list[str] | None = None,
+    eos: bool = False,
+    logy: bool = False,
+) -> Path | None:
     curves = _mean_curves(frame, metric, layer)
     if curves.empty:
         return None
-    params = [p for p in (params or _sorted_params(curves["param"])) if p in set(curves["param"])]
+    params = [
+        p
+        for p in (params or _sorted_params(curves["param"]))
+        if p in set(curves["param"])
+    ]
     if not params:
         return None
-    fig, axes = plt.subplots(1, len(params), figsize=(5 * len(params), 4), squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(params), figsize=(5 * len(params), 4), squeeze=False
+    )
     for ax, param in zip(axes[0], params):
         g = curves[curves["param"] == param]
         for width, gw in g.groupby("width"):
             ax.plot(gw["step"], gw["value"], marker=".", label=f"n={width}")
         if eos:
             for lr in sorted(frame[frame["param"] == param]["lr"].dropna().unique()):
-                ax.axhline(2 / lr, color="k", ls="--", lw=1, label=f"2/eta0 = {2 / lr:.3g}")
+                ax.axhline(
+                    2 / lr, color="k", ls="--", lw=1, label=f"2/eta0 = {2 / lr:.3g}"
+                )
         if logy:
             ax.set_yscale("log")
         ax.set_xlabel("step")
@@ -215,8 +272,9 @@ def _fig_over_steps(plt: Any, frame: Any, metric: str, layer: str, ylabel: str, 
     return path
 
 
-def plot_figures(store: Store | str | Path, out_dir: str | Path,
-                 fit_list: list[dict] | None = None) -> dict[str, Path]:
+def plot_figures(
+    store: Store | str | Path, out_dir: str | Path, fit_list: list[dict] | None = None
+) -> dict[str, Path]:
     """Draw the report's figures as PNG files into ``out_dir``.
 
     Args:
@@ -237,19 +295,45 @@ def plot_figures(store: Store | str | Path, out_dir: str | Path,
     mu_ntk = [p for p in _sorted_params(frame["param"]) if _r_of(p) in (0.0, 0.5)]
     made = {
         "kernel_movement": _fig_width_scaling(
-            plt, frame, fit_list, "ntk_rel_change", "ntk_rel_change",
-            "||K_T - K_0||_F / ||K_0||_F", out / "kernel_movement.png"),
+            plt,
+            frame,
+            fit_list,
+            "ntk_rel_change",
+            "ntk_rel_change",
+            "||K_T - K_0||_F / ||K_0||_F",
+            out / "kernel_movement.png",
+        ),
         "coord_check": _fig_width_scaling(
-            plt, frame, fit_list, "delta_h", "delta_h", "||h_T - h_0|| (mean over probe)",
-            out / "coord_check.png"),
+            plt,
+            frame,
+            fit_list,
+            "delta_h",
+            "delta_h",
+            "||h_T - h_0|| (mean over probe)",
+            out / "coord_check.png",
+        ),
         "sharpness": _fig_over_steps(
-            plt, frame, "sharpness_precond", "", "lambda_max(M^1/2 H M^1/2)",
-            out / "sharpness.png", params=mu_ntk or None, eos=True),
+            plt,
+            frame,
+            "sharpness_precond",
+            "",
+            "lambda_max(M^1/2 H M^1/2)",
+            out / "sharpness.png",
+            params=mu_ntk or None,
+            eos=True,
+        ),
         "ntk_eigenvalues": _fig_over_steps(
-            plt, frame, "ntk_eig", "0", "top eigenvalue of K_M", out / "ntk_eigenvalues.png",
-            logy=True),
+            plt,
+            frame,
+            "ntk_eig",
+            "0",
+            "top eigenvalue of K_M",
+            out / "ntk_eigenvalues.png",
+            logy=True,
+        ),
         "loss": _fig_over_steps(
-            plt, frame, "train_loss", "", "training loss", out / "loss.png", logy=True),
+            plt, frame, "train_loss", "", "training loss", out / "loss.png", logy=True
+        ),
     }
     return {k: v for k, v in made.items() if v is not None}
 
@@ -261,13 +345,38 @@ def _fit_table(fit_list: list[dict]) -> str:
         diff = "" if f["predicted"] is None else f"{f['slope'] - f['predicted']:+.3f}"
         lo, hi = f["ci"]
         ci = "n/a (2 points)" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
-        cells = [f["metric"], f["layer"] or "", f["param"], f"{f['slope']:+.3f}", ci, pred, diff,
-                 f"{f['widths'][0]}..{f['widths'][-1]} ({len(f['widths'])})", str(f["seeds"])]
-        rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
-    head = ["metric", "layer", "param", "fitted slope", "95% CI", "predicted", "slope - predicted",
-            "widths", "seeds"]
-    return ("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
-            + "".join(rows) + "</table>")
+        cells = [
+            f["metric"],
+            f["layer"] or "",
+            f["param"],
+            f"{f['slope']:+.3f}",
+            ci,
+            pred,
+            diff,
+            f"{f['widths'][0]}..{f['widths'][-1]} ({len(f['widths'])})",
+            str(f["seeds"]),
+        ]
+        rows.append(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+        )
+    head = [
+        "metric",
+        "layer",
+        "param",
+        "fitted slope",
+        "95% CI",
+        "predicted",
+        "slope - predicted",
+        "widths",
+        "seeds",
+    ]
+    return (
+        "<table><tr>"
+        + "".join(f"<th>{h}</th>" for h in head)
+        + "</tr>"
+        + "".join(rows)
+        + "</table>"
+    )
 
 
 def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Path]:
@@ -294,8 +403,12 @@ def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Pa
         "fits": fit_list,
         "runs": {"total": len(run_ids), **statuses},
         "figures": {k: str(v.relative_to(out)) for k, v in figures.items()},
-        "predictions": {"delta_h": "r", "ntk_rel_change": "2r - 1 (r - 1 after one step)",
-                        "dW_rel": "r - 1/2", "f0": "-r"},
+        "predictions": {
+            "delta_h": "r",
+            "ntk_rel_change": "2r - 1 (r - 1 after one step)",
+            "dW_rel": "r - 1/2",
+            "f0": "-r",
+        },
         "store": str(store.db_path),
     }
     summary_path = out / "summary.json"
@@ -303,8 +416,10 @@ def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Pa
     images = []
     for key, path in figures.items():
         data = base64.b64encode(path.read_bytes()).decode("ascii")
-        images.append(f"<h2>{html.escape(key.replace('_', ' '))}</h2>"
-                      f'<img alt="{key}" src="data:image/png;base64,{data}">')
+        images.append(
+            f"<h2>{html.escape(key.replace('_', ' '))}</h2>"
+            f'<img alt="{key}" src="data:image/png;base64,{data}">'
+        )
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>rdiag report</title>
 <style>body{{font-family:sans-serif;max-width:1400px;margin:auto}}

@@ -146,7 +146,9 @@ class Store:
                 conn = sqlite3.connect(
                     self.db_path, timeout=min(self.timeout, 5.0), isolation_level=None
                 )
-                conn.execute(f"PRAGMA busy_timeout={int(min(self.timeout, 5.0) * 1000)}")
+                conn.execute(
+                    f"PRAGMA busy_timeout={int(min(self.timeout, 5.0) * 1000)}"
+                )
                 conn.execute("PRAGMA journal_mode=WAL")
                 conn.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.DatabaseError as err:
@@ -175,8 +177,13 @@ class Store:
         raise err
 
     def _execute(
-        self, sql: str, params: Iterable[Any] | Iterable[Iterable[Any]] = (), *,
-        script: bool = False, many: bool = False, fetch: bool = False,
+        self,
+        sql: str,
+        params: Iterable[Any] | Iterable[Iterable[Any]] = (),
+        *,
+        script: bool = False,
+        many: bool = False,
+        fetch: bool = False,
     ) -> list[tuple]:
         deadline = time.monotonic() + self.timeout
         delay = 0.01
@@ -238,8 +245,15 @@ class Store:
             "VALUES (?, ?, ?, ?, ?, 'running', ?, ?) ON CONFLICT(id) DO UPDATE SET "
             "status = CASE WHEN status = 'finished' THEN status ELSE 'running' END, "
             "updated = excluded.updated",
-            (rid, json.dumps(dict(config), sort_keys=True, default=str),
-             json.dumps(versions()), device, seed, now, now),
+            (
+                rid,
+                json.dumps(dict(config), sort_keys=True, default=str),
+                json.dumps(versions()),
+                device,
+                seed,
+                now,
+                now,
+            ),
         )
         return rid
 
@@ -252,12 +266,15 @@ class Store:
         if status not in STATUSES:
             raise ValueError(f"expected status in {list(STATUSES)}, got {status!r}")
         self._execute(
-            "UPDATE runs SET status = ?, updated = ? WHERE id = ?", (status, time.time(), run_id)
+            "UPDATE runs SET status = ?, updated = ? WHERE id = ?",
+            (status, time.time(), run_id),
         )
 
     def status(self, run_id: str) -> str | None:
         """The run's status, or ``None`` if the store has no such run."""
-        rows = self._execute("SELECT status FROM runs WHERE id = ?", (run_id,), fetch=True)
+        rows = self._execute(
+            "SELECT status FROM runs WHERE id = ?", (run_id,), fetch=True
+        )
         return rows[0][0] if rows else None
 
     def config(self, run_id: str) -> dict[str, Any]:
@@ -269,7 +286,9 @@ class Store:
         Raises:
             KeyError: No such run.
         """
-        rows = self._execute("SELECT config FROM runs WHERE id = ?", (run_id,), fetch=True)
+        rows = self._execute(
+            "SELECT config FROM runs WHERE id = ?", (run_id,), fetch=True
+        )
         if not rows:
             raise KeyError(f"no run {run_id!r} in the store {self.db_path}")
         return json.loads(rows[0][0])
@@ -280,7 +299,9 @@ class Store:
             rows = self._execute("SELECT id FROM runs ORDER BY created, id", fetch=True)
         else:
             rows = self._execute(
-                "SELECT id FROM runs WHERE status = ? ORDER BY created, id", (status,), fetch=True
+                "SELECT id FROM runs WHERE status = ? ORDER BY created, id",
+                (status,),
+                fetch=True,
             )
         return [r[0] for r in rows]
 
@@ -300,7 +321,9 @@ class Store:
             rows.append((int(step), metric, layer, value))
         self.log_rows(run_id, rows)
 
-    def log_rows(self, run_id: str, rows: Iterable[tuple[int, str, str, float]]) -> None:
+    def log_rows(
+        self, run_id: str, rows: Iterable[tuple[int, str, str, float]]
+    ) -> None:
         """Write ``(step, metric, layer, value)`` rows of several steps in one transaction.
 
         Args:
@@ -330,7 +353,9 @@ class Store:
         """Number of scalar rows in the store, or of one run."""
         if run_id is None:
             return int(self._execute("SELECT COUNT(*) FROM scalars", fetch=True)[0][0])
-        rows = self._execute("SELECT COUNT(*) FROM scalars WHERE run = ?", (run_id,), fetch=True)
+        rows = self._execute(
+            "SELECT COUNT(*) FROM scalars WHERE run = ?", (run_id,), fetch=True
+        )
         return int(rows[0][0])
 
     def query(
@@ -364,15 +389,22 @@ class Store:
         )
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._execute(sql + " ORDER BY s.run, s.step, s.metric, s.layer", args, fetch=True)
+        rows = self._execute(
+            sql + " ORDER BY s.run, s.step, s.metric, s.layer", args, fetch=True
+        )
         frame = pd.DataFrame(
-            rows, columns=["run", "step", "metric", "layer", "value", "config", "status"]
+            rows,
+            columns=["run", "step", "metric", "layer", "value", "config", "status"],
         )
         if config and len(frame):
-            cfg = pd.DataFrame([json.loads(c) for c in frame["config"]], index=frame.index)
+            cfg = pd.DataFrame(
+                [json.loads(c) for c in frame["config"]], index=frame.index
+            )
             cfg = cfg[[c for c in cfg.columns if c not in frame.columns]]
             cfg = cfg.apply(
-                lambda col: col.map(lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v)
+                lambda col: col.map(
+                    lambda v: json.dumps(v) if isinstance(v, (dict, list)) else v
+                )
             )
             frame = pd.concat([frame, cfg], axis=1)
         return frame.drop(columns=["config"])
@@ -397,8 +429,14 @@ class Store:
             ValueError: A name with other characters.
         """
         if not name or not all(c.isalnum() or c in "_.-" for c in name):
-            raise ValueError(f"expected an array name of letters, digits, '_.-', got {name!r}")
-        arr = array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+            raise ValueError(
+                f"expected an array name of letters, digits, '_.-', got {name!r}"
+            )
+        arr = (
+            array.detach().cpu().numpy()
+            if isinstance(array, torch.Tensor)
+            else np.asarray(array)
+        )
         folder = self.root / "arrays" / run_id
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}-{int(step)}.npy"
@@ -411,8 +449,15 @@ class Store:
         self._execute(
             "INSERT OR REPLACE INTO arrays (run, step, name, path, sha256, shape, dtype) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (run_id, int(step), name, str(path.relative_to(self.root)), digest,
-             json.dumps(list(arr.shape)), str(arr.dtype)),
+            (
+                run_id,
+                int(step),
+                name,
+                str(path.relative_to(self.root)),
+                digest,
+                json.dumps(list(arr.shape)),
+                str(arr.dtype),
+            ),
         )
         return path
 
@@ -441,7 +486,9 @@ class Store:
             fetch=True,
         )
         if not rows:
-            raise KeyError(f"no array {name!r} at step {step} of run {run_id!r} in {self.root}")
+            raise KeyError(
+                f"no array {name!r} at step {step} of run {run_id!r} in {self.root}"
+            )
         path = self.root / rows[0][0]
         if not path.is_file():
             raise StoreCorruptError(

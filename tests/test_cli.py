@@ -32,7 +32,9 @@ def _exit_code(argv: list[str]) -> int:
     return info.value.code
 
 
-@pytest.mark.parametrize("command", ["run", "sweep", "coord-check", "report", "ntk", "sharpness"])
+@pytest.mark.parametrize(
+    "command", ["run", "sweep", "coord-check", "report", "ntk", "sharpness"]
+)
 def test_help_has_examples(command: str, capsys) -> None:
     assert _exit_code([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -44,8 +46,27 @@ def test_sweep_then_report_end_to_end(tmp_path, capsys) -> None:
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY_SWEEP)
     out = tmp_path / "results"
-    argv = ["sweep", "--config", str(config), "--r", "0", "0.5", "--widths", "8", "16",
-            "--seeds", "2", "--steps", "4", "--every", "2", "--workers", "1", "--out", str(out)]
+    argv = [
+        "sweep",
+        "--config",
+        str(config),
+        "--r",
+        "0",
+        "0.5",
+        "--widths",
+        "8",
+        "16",
+        "--seeds",
+        "2",
+        "--steps",
+        "4",
+        "--every",
+        "2",
+        "--workers",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "8 runs (8 finished" in printed and str(out / "report.html") in printed
@@ -60,13 +81,37 @@ def test_sweep_then_report_end_to_end(tmp_path, capsys) -> None:
 
 
 def test_run_ntk_and_sharpness(tmp_path, capsys) -> None:
-    assert main(["run", "--width", "8", "--steps", "3", "--every", "3", "--batch-size", "8",
-                 "--metrics", "loss",
-                 "ntk", "--data-option", "n_train=16", "--data-option", "dim=3",
-                 "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "run",
+                "--width",
+                "8",
+                "--steps",
+                "3",
+                "--every",
+                "3",
+                "--batch-size",
+                "8",
+                "--metrics",
+                "loss",
+                "ntk",
+                "--data-option",
+                "n_train=16",
+                "--data-option",
+                "dim=3",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     assert "finished" in capsys.readouterr().out
     path = tmp_path / "ntk.json"
-    assert main(["ntk", "--width", "16", "--n", "6", "--param", "ntk", "--out", str(path)]) == 0
+    assert (
+        main(["ntk", "--width", "16", "--n", "6", "--param", "ntk", "--out", str(path)])
+        == 0
+    )
     summary = json.loads(path.read_text())
     from rdiag import empirical_ntk
     from rdiag.models import make_model
@@ -83,8 +128,27 @@ def test_run_ntk_and_sharpness(tmp_path, capsys) -> None:
 
 def test_coord_check_command(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib")
-    assert main(["coord-check", "--model", "mlp", "--param", "mup", "--widths", "8", "16",
-                 "--steps", "2", "--seeds", "1", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "coord-check",
+                "--model",
+                "mlp",
+                "--param",
+                "mup",
+                "--widths",
+                "8",
+                "16",
+                "--steps",
+                "2",
+                "--seeds",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert any(f["metric"] == "delta_h" for f in summary["fits"])
     assert (tmp_path / "coord_check.png").is_file()
@@ -94,16 +158,31 @@ def test_coord_check_command(tmp_path, capsys) -> None:
     ("argv", "message"),
     [
         (["run", "--param", "r=0.9", "--out", "{tmp}"], "bad config field 'param'"),
-        (["run", "--data", "cifar10", "--data-option", "root={tmp}/none", "--out", "{tmp}"],
-         "CIFAR-10 directory"),
+        (
+            [
+                "run",
+                "--data",
+                "cifar10",
+                "--data-option",
+                "root={tmp}/none",
+                "--out",
+                "{tmp}",
+            ],
+            "CIFAR-10 directory",
+        ),
         (["run", "--data-option", "oops", "--out", "{tmp}"], "KEY=VALUE"),
-        (["sweep", "--config", "{tmp}/missing.yaml", "--out", "{tmp}"], "does not exist"),
+        (
+            ["sweep", "--config", "{tmp}/missing.yaml", "--out", "{tmp}"],
+            "does not exist",
+        ),
         (["sweep", "--seeds", "0", "--out", "{tmp}"], "--seeds K >= 1"),
         (["report", "--store", "{tmp}/nothing"], "no store at"),
         (["run", "--model", "resnet", "--out", "{tmp}"], "invalid choice: 'resnet'"),
     ],
 )
-def test_errors_exit_2_with_a_clear_message(tmp_path, capsys, argv: list, message: str) -> None:
+def test_errors_exit_2_with_a_clear_message(
+    tmp_path, capsys, argv: list, message: str
+) -> None:
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert _exit_code(argv) == 2
     assert message in capsys.readouterr().err

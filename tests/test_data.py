@@ -13,7 +13,9 @@ from rdiag import data as D
 
 def test_teacher_student_regression_and_classification() -> None:
     reg = D.teacher_student(32, 8, dim=5, outputs=2, seed=1)
-    assert reg.x.shape == (32, 5) and reg.y.shape == (32, 2) and reg.x_test.shape == (8, 5)
+    assert (
+        reg.x.shape == (32, 5) and reg.y.shape == (32, 2) and reg.x_test.shape == (8, 5)
+    )
     again = D.teacher_student(32, 8, dim=5, outputs=2, seed=1)
     assert torch.equal(reg.x, again.x) and torch.equal(reg.y, again.y)
     assert not torch.equal(reg.x, D.teacher_student(32, 8, dim=5, outputs=2, seed=2).x)
@@ -29,7 +31,11 @@ def test_teacher_student_regression_and_classification() -> None:
 def test_digits_bundled_standardized() -> None:
     pytest.importorskip("sklearn")
     ds = D.digits(n_test=97)
-    assert ds.x.shape == (1700, 64) and ds.x_test.shape == (97, 64) and ds.num_outputs == 10
+    assert (
+        ds.x.shape == (1700, 64)
+        and ds.x_test.shape == (97, 64)
+        and ds.num_outputs == 10
+    )
     assert abs(float(ds.x.mean())) < 1e-4
     assert D.digits(flatten=False).x.shape[1:] == (1, 8, 8)
 
@@ -48,7 +54,11 @@ def _write_cifar(root, n: int = 6) -> None:
 def test_cifar10_reads_local_pickles(tmp_path) -> None:
     _write_cifar(tmp_path)
     ds = D.cifar10(tmp_path)
-    assert ds.x.shape == (30, 3, 32, 32) and ds.y.shape == (30,) and ds.x_test.shape[0] == 6
+    assert (
+        ds.x.shape == (30, 3, 32, 32)
+        and ds.y.shape == (30,)
+        and ds.x_test.shape[0] == 6
+    )
     with open(tmp_path / "data_batch_1", "rb") as f:
         raw = pickle.load(f, encoding="bytes")
     px = torch.as_tensor(raw[b"data"]).reshape(-1, 3, 32, 32).float() / 255
@@ -100,9 +110,9 @@ def test_batch_streams() -> None:
         list(D.batches(finite, 4, 3, mode="online"))
     with pytest.raises(ValueError, match="optimizer mode"):
         list(D.batches(ds, 4, 3, mode="lbfgs"))
-    assert D.teacher_student(4, 2).to(torch.float64).sampler(3, torch.Generator())[0].dtype == (
-        torch.float64
-    )
+    assert D.teacher_student(4, 2).to(torch.float64).sampler(3, torch.Generator())[
+        0
+    ].dtype == (torch.float64)
 
 
 def test_sequences_previous_token_task() -> None:

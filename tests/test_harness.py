@@ -18,8 +18,15 @@ from rdiag.harness import TrainConfig, expand_grid, load_sweep_config, sweep, tr
 from rdiag.store import Store
 
 TINY = {
-    "width": 8, "depth": 3, "steps": 4, "every": 2, "lr": 0.1, "optimizer": "gd", "batch_size": 8,
-    "data_options": {"n_train": 16, "n_test": 8, "dim": 3}, "probe_size": 4,
+    "width": 8,
+    "depth": 3,
+    "steps": 4,
+    "every": 2,
+    "lr": 0.1,
+    "optimizer": "gd",
+    "batch_size": 8,
+    "data_options": {"n_train": 16, "n_test": 8, "dim": 3},
+    "probe_size": 4,
     "metrics": ["ntk", "representations", "weights", "loss"],
 }
 
@@ -44,12 +51,27 @@ def test_train_writes_monitor_and_losses(tmp_path) -> None:
     [
         {"optimizer": "adam", "metrics": ["sharpness", "loss"]},
         {"optimizer": "online", "batch_size": 4},
-        {"optimizer": "sgd", "batch_size": 4, "loss": "mse", "data_options":
-            {"n_train": 16, "n_test": 8, "dim": 3, "task": "classification", "outputs": 3},
-         "metrics": ["loss", "accuracy", "ntk", "features"]},
-        {"model": "transformer", "data": "sequences", "width": 8, "depth": 1,
-         "data_options": {"n_train": 8, "n_test": 4, "vocab": 5, "seq_len": 3},
-         "metrics": ["loss", "accuracy", "representations", "ntk"]},
+        {
+            "optimizer": "sgd",
+            "batch_size": 4,
+            "loss": "mse",
+            "data_options": {
+                "n_train": 16,
+                "n_test": 8,
+                "dim": 3,
+                "task": "classification",
+                "outputs": 3,
+            },
+            "metrics": ["loss", "accuracy", "ntk", "features"],
+        },
+        {
+            "model": "transformer",
+            "data": "sequences",
+            "width": 8,
+            "depth": 1,
+            "data_options": {"n_train": 8, "n_test": 4, "vocab": 5, "seq_len": 3},
+            "metrics": ["loss", "accuracy", "representations", "ntk"],
+        },
     ],
     ids=["adam", "online", "sgd-classification", "transformer"],
 )
@@ -62,8 +84,15 @@ def test_train_optimizers_and_families(tmp_path, overrides: dict) -> None:
 
 def test_cnn_on_images(tmp_path) -> None:
     pytest.importorskip("sklearn")
-    cfg = {**TINY, "model": "cnn", "depth": 1, "data": "digits", "width": 4,
-           "data_options": {"flatten": False}, "metrics": ["loss", "accuracy"]}
+    cfg = {
+        **TINY,
+        "model": "cnn",
+        "depth": 1,
+        "data": "digits",
+        "width": 4,
+        "data_options": {"flatten": False},
+        "metrics": ["loss", "accuracy"],
+    }
     assert train(cfg, store=tmp_path).status == "finished"
 
 
@@ -88,12 +117,20 @@ def test_bad_configs_name_the_field(tmp_path, cfg: dict, match: str) -> None:
 
 def test_bad_data_path(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="CIFAR-10 directory"):
-        train({**TINY, "data": "cifar10", "data_options": {"root": str(tmp_path / "nope")}},
-              store=tmp_path / "s")
+        train(
+            {
+                **TINY,
+                "data": "cifar10",
+                "data_options": {"root": str(tmp_path / "nope")},
+            },
+            store=tmp_path / "s",
+        )
 
 
 def test_sweep_grid_and_config_errors(tmp_path) -> None:
-    cfgs = expand_grid({"base": TINY, "grid": {"r": [0, 0.5], "width": [8, 16], "seed": [0, 1]}})
+    cfgs = expand_grid(
+        {"base": TINY, "grid": {"r": [0, 0.5], "width": [8, 16], "seed": [0, 1]}}
+    )
     assert len(cfgs) == 8 and {c.param for c in cfgs} == {"r=0", "r=0.5"}
     default = load_sweep_config("default")
     assert len(expand_grid(default)) >= 3 * 4 * 2
@@ -132,17 +169,25 @@ if __name__ == "__main__":
 
 def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
     base = {**TINY, "steps": 12, "every": 4}
-    config = {"base": base, "grid": {"width": [8, 12, 16], "seed": [0, 1]}, "report": False}
+    config = {
+        "base": base,
+        "grid": {"width": [8, 12, 16], "seed": [0, 1]},
+        "report": False,
+    }
     script = tmp_path / "run_sweep.py"
     script.write_text(textwrap.dedent(_KILLED_SWEEP))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, str(script), json.dumps(config), str(out)],
-                            cwd=Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(config), str(out)],
+        cwd=Path(__file__).resolve().parents[1],
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             time.sleep(0.1)
-            if (out / "rdiag.sqlite").exists() and len(Store(out).run_ids("finished")) >= 1:
+            if (out / "rdiag.sqlite").exists() and len(
+                Store(out).run_ids("finished")
+            ) >= 1:
                 break
         assert proc.poll() is None, "the sweep finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
@@ -151,7 +196,9 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
     store = Store(out)
     finished_before = store.run_ids("finished")
     assert 1 <= len(finished_before) < 6
-    complete = store.count(finished_before[0])  # rows of a run that was never interrupted
+    complete = store.count(
+        finished_before[0]
+    )  # rows of a run that was never interrupted
     resumed = sweep(config, out=out, workers=2)  # also exercises the process pool
     assert resumed.count("skipped") == len(finished_before)
     assert resumed.count("finished") == 6 - len(finished_before)
@@ -161,7 +208,12 @@ def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
         assert store.status(rid) == "finished" and store.count(rid) == complete
         assert _steps(store, rid, "train_loss") == list(range(12))
         assert _steps(store, rid, "ntk_rel_change") == [0, 4, 8, 12]
-        assert [s for s, _, _ in store.scalars(rid, "delta_h", "readin")] == [0, 4, 8, 12]
+        assert [s for s, _, _ in store.scalars(rid, "delta_h", "readin")] == [
+            0,
+            4,
+            8,
+            12,
+        ]
     assert TrainConfig.from_dict(store.config(ids[0])).width in (8, 12, 16)
 
 
@@ -178,7 +230,11 @@ def test_device_field(tmp_path) -> None:
 
 
 def test_sweep_fails_fast_on_a_run_error(tmp_path) -> None:
-    config = {"base": {**TINY, "model": "cnn"}, "grid": {"seed": [0, 1, 2]}, "report": False}
+    config = {
+        "base": {**TINY, "model": "cnn"},
+        "grid": {"seed": [0, 1, 2]},
+        "report": False,
+    }
     with pytest.raises(ValueError, match="model 'cnn' needs square images"):
         sweep(config, out=tmp_path)
     assert Store(tmp_path).run_ids("finished") == []
@@ -198,10 +254,16 @@ def test_ray_executor(tmp_path) -> None:
 
 
 def test_sweep_overrides_replace_r_with_param(tmp_path) -> None:
-    config = {"base": {**TINY, "steps": 1, "every": 1, "metrics": ["loss"]},
-              "grid": {"r": [0, 0.25]}, "report": False}
-    result = sweep(config, out=tmp_path, overrides={"grid": {"param": ["mup", "ntk"]},
-                                                    "base": {"width": 12}})
+    config = {
+        "base": {**TINY, "steps": 1, "every": 1, "metrics": ["loss"]},
+        "grid": {"r": [0, 0.25]},
+        "report": False,
+    }
+    result = sweep(
+        config,
+        out=tmp_path,
+        overrides={"grid": {"param": ["mup", "ntk"]}, "base": {"width": 12}},
+    )
     store = Store(tmp_path)
     params = sorted(store.config(r.run_id)["param"] for r in result.results)
     assert params == ["mup", "ntk"]

@@ -37,8 +37,12 @@ def test_kernel_movement_matches_direct_formulas() -> None:
     c0, c1 = _centered(k0), _centered(k1)
     cka = (c0 * c1).sum() / (c0.norm() * c1.norm())
     assert_close("rel", rel, _f64(metrics.relative_change(k0, k1)), rtol=1e-12, atol=0)
-    assert_close("dist", dist, _f64(metrics.kernel_distance(k0, k1)), rtol=1e-10, atol=1e-14)
-    assert_close("cka", cka, _f64(metrics.centered_alignment(k0, k1)), rtol=1e-12, atol=0)
+    assert_close(
+        "dist", dist, _f64(metrics.kernel_distance(k0, k1)), rtol=1e-10, atol=1e-14
+    )
+    assert_close(
+        "cka", cka, _f64(metrics.centered_alignment(k0, k1)), rtol=1e-12, atol=0
+    )
     assert metrics.relative_change(k0, k0) == pytest.approx(0, abs=1e-12)
     assert metrics.centered_alignment(k0, 3 * k0) == pytest.approx(1, abs=1e-12)
 
@@ -47,7 +51,9 @@ def test_rectangular_distance_and_shape_errors() -> None:
     k0, k1 = _kernels()
     a, b = k0[:, :4], k1[:, :4]
     dist = 1 - (a * b).sum() / (a.norm() * b.norm())
-    assert_close("dist", dist, _f64(metrics.kernel_distance(a, b)), rtol=1e-10, atol=1e-14)
+    assert_close(
+        "dist", dist, _f64(metrics.kernel_distance(a, b)), rtol=1e-10, atol=1e-14
+    )
     with pytest.raises(ValueError, match="same shape"):
         metrics.relative_change(k0, k1[:3])
     with pytest.raises(ValueError, match="square"):
@@ -65,7 +71,9 @@ def test_kernel_target_alignment_one_hot() -> None:
     actual = _f64(metrics.kernel_target_alignment(k, labels))
     assert_close("kta", expected, actual, rtol=1e-12, atol=0)
     # A kernel built from the targets themselves is perfectly aligned.
-    assert metrics.kernel_target_alignment(y @ y.T + 0, labels) == pytest.approx(1, abs=1e-12)
+    assert metrics.kernel_target_alignment(y @ y.T + 0, labels) == pytest.approx(
+        1, abs=1e-12
+    )
     with pytest.raises(ValueError, match="one target per kernel row"):
         metrics.kernel_target_alignment(k, labels[:5])
 
@@ -82,7 +90,13 @@ def test_eigenvalues_and_effective_rank() -> None:
     assert metrics.effective_rank(torch.tensor([1.0, 0, 0])) == pytest.approx(1)
     p = lam / lam.sum()
     ent = torch.exp(-(p[p > 0] * p[p > 0].log()).sum())
-    assert_close("ent", ent, _f64(metrics.effective_rank(lam, kind="entropy")), rtol=1e-10, atol=0)
+    assert_close(
+        "ent",
+        ent,
+        _f64(metrics.effective_rank(lam, kind="entropy")),
+        rtol=1e-10,
+        atol=0,
+    )
     with pytest.raises(ValueError, match="participation"):
         metrics.effective_rank(lam, kind="bogus")
 
@@ -95,13 +109,28 @@ def test_matrix_norms_and_representation_movement() -> None:
     assert_close("fro", m.norm(), _f64(fro), rtol=1e-12, atol=0)
     big = torch.randn(40, 30, dtype=torch.float64)
     op_big, _ = metrics.matrix_norms(big, exact_below=1)  # Lanczos route
-    assert_close("op_lanczos", torch.linalg.svdvals(big)[0], _f64(op_big), rtol=1e-10, atol=0)
-    low_rank = torch.randn(30, 2, dtype=torch.float64) @ torch.randn(2, 45, dtype=torch.float64)
+    assert_close(
+        "op_lanczos", torch.linalg.svdvals(big)[0], _f64(op_big), rtol=1e-10, atol=0
+    )
+    low_rank = torch.randn(30, 2, dtype=torch.float64) @ torch.randn(
+        2, 45, dtype=torch.float64
+    )
     op_low = metrics.operator_norm(low_rank, exact_below=1)
-    assert_close("op_low", torch.linalg.svdvals(low_rank)[0], _f64(op_low), rtol=1e-10, atol=0)
-    h0, h1 = torch.randn(4, 3, 2, dtype=torch.float64), torch.randn(4, 3, 2, dtype=torch.float64)
+    assert_close(
+        "op_low", torch.linalg.svdvals(low_rank)[0], _f64(op_low), rtol=1e-10, atol=0
+    )
+    h0, h1 = (
+        torch.randn(4, 3, 2, dtype=torch.float64),
+        torch.randn(4, 3, 2, dtype=torch.float64),
+    )
     expected = sum((h1[i] - h0[i]).norm() for i in range(4)) / 4
-    assert_close("dh", expected, _f64(metrics.representation_movement(h1, h0)), rtol=1e-12, atol=0)
+    assert_close(
+        "dh",
+        expected,
+        _f64(metrics.representation_movement(h1, h0)),
+        rtol=1e-12,
+        atol=0,
+    )
 
 
 def test_fit_exponent_recovers_slope_and_t_interval() -> None:
@@ -110,7 +139,9 @@ def test_fit_exponent_recovers_slope_and_t_interval() -> None:
     rng = np.random.default_rng(0)
     values = 3.0 * widths[:, None] ** -0.5 * np.exp(0.05 * rng.standard_normal((5, 4)))
     slope, (lo, hi) = metrics.fit_exponent(widths, values)
-    res = scipy_stats.linregress(np.log(np.repeat(widths, 4)), np.log(values.reshape(-1)))
+    res = scipy_stats.linregress(
+        np.log(np.repeat(widths, 4)), np.log(values.reshape(-1))
+    )
     half = scipy_stats.t.ppf(0.975, 18) * res.stderr
     assert slope == pytest.approx(res.slope, abs=1e-12)
     assert (lo, hi) == pytest.approx((res.slope - half, res.slope + half), abs=1e-9)

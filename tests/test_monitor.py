@@ -12,10 +12,24 @@ from rdiag.monitor import Monitor
 from rdiag.parametrization import effective_weights, lr_multipliers, make_optimizer
 from rdiag.store import Store
 from tests._assert import assert_close
-from tests.oracles import dense_eigh, dense_hessian, ntk_from_jacobians, per_sample_jacobian
+from tests.oracles import (
+    dense_eigh,
+    dense_hessian,
+    ntk_from_jacobians,
+    per_sample_jacobian,
+)
 
-ALL = ["ntk", "ntk_layers", "features", "representations", "weights", "sharpness", "loss",
-       "grad_norm", "trace"]
+ALL = [
+    "ntk",
+    "ntk_layers",
+    "features",
+    "representations",
+    "weights",
+    "sharpness",
+    "loss",
+    "grad_norm",
+    "trace",
+]
 
 
 def _f64(value: float) -> torch.Tensor:
@@ -23,7 +37,9 @@ def _f64(value: float) -> torch.Tensor:
 
 
 def _setup(width: int = 6, seed: int = 0):
-    model = make_model("mlp", width, parametrization="r=0.25", seed=seed, d_in=3, d_out=2)
+    model = make_model(
+        "mlp", width, parametrization="r=0.25", seed=seed, d_in=3, d_out=2
+    )
     model = model.double()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(5, 3, generator=g, dtype=torch.float64)
@@ -34,8 +50,12 @@ def _setup(width: int = 6, seed: int = 0):
 def _oracle_kernel(model, x, mults: dict[str, float]) -> torch.Tensor:
     names = [n for n, _ in model.named_parameters()]
     jac = per_sample_jacobian(model, names, x)
-    w = torch.cat([torch.full((p.numel(),), mults[n], dtype=torch.float64)
-                   for n, p in model.named_parameters()])
+    w = torch.cat(
+        [
+            torch.full((p.numel(),), mults[n], dtype=torch.float64)
+            for n, p in model.named_parameters()
+        ]
+    )
     return ntk_from_jacobians(jac, jac, w).diagonal(dim1=2, dim2=3).sum(-1)
 
 
@@ -50,8 +70,15 @@ def _train(model, x, y, steps: int, lr: float = 0.5) -> None:
 def test_metrics_match_brute_force() -> None:
     model, x, y = _setup()
     mults = lr_multipliers(model)
-    mon = Monitor(model, (x, y), every=1, metrics=ALL, loss_fn=F.mse_loss,
-                  lr_multipliers=mults, sharpness_tol=1e-10)
+    mon = Monitor(
+        model,
+        (x, y),
+        every=1,
+        metrics=ALL,
+        loss_fn=F.mse_loss,
+        lr_multipliers=mults,
+        sharpness_tol=1e-10,
+    )
     k0 = _oracle_kernel(model, x, mults)
     h0 = model.readin(x).detach()
     w0 = {k: v.clone() for k, v in effective_weights(model).items()}
@@ -59,28 +86,57 @@ def test_metrics_match_brute_force() -> None:
     _train(model, x, y, 3)
     rec = mon.step(3)
     k1 = _oracle_kernel(model, x, mults)
-    assert_close("ntk_rel_change", (k1 - k0).norm() / k0.norm(),
-                 _f64(rec[("ntk_rel_change", "")]), rtol=1e-8, atol=0)
-    assert_close("ntk_eig0", torch.linalg.eigvalsh(k1)[-1], _f64(rec[("ntk_eig", "0")]),
-                 rtol=1e-8, atol=0)
-    assert_close("kta", _f64(metrics.kernel_target_alignment(k1, y)), _f64(rec["ntk_kta"]),
-                 rtol=1e-8, atol=0)
-    layer_sum = sum(rec[("ntk_layer_trace", n)] for n in ("readin", "hidden.0", "readout"))
+    assert_close(
+        "ntk_rel_change",
+        (k1 - k0).norm() / k0.norm(),
+        _f64(rec[("ntk_rel_change", "")]),
+        rtol=1e-8,
+        atol=0,
+    )
+    assert_close(
+        "ntk_eig0",
+        torch.linalg.eigvalsh(k1)[-1],
+        _f64(rec[("ntk_eig", "0")]),
+        rtol=1e-8,
+        atol=0,
+    )
+    assert_close(
+        "kta",
+        _f64(metrics.kernel_target_alignment(k1, y)),
+        _f64(rec["ntk_kta"]),
+        rtol=1e-8,
+        atol=0,
+    )
+    layer_sum = sum(
+        rec[("ntk_layer_trace", n)] for n in ("readin", "hidden.0", "readout")
+    )
     assert_close("layer traces", k1.trace(), _f64(layer_sum), rtol=1e-8, atol=0)
     dh = (model.readin(x).detach() - h0).norm(dim=1).mean()
     assert_close("delta_h", dh, _f64(rec[("delta_h", "readin")]), rtol=1e-10, atol=0)
     for name, w in effective_weights(model).items():
         d = torch.linalg.svdvals(w - w0[name])[0]
-        assert_close(f"dW_op {name}", d, _f64(rec[("dW_op", name)]), rtol=1e-10, atol=1e-14)
+        assert_close(
+            f"dW_op {name}", d, _f64(rec[("dW_op", name)]), rtol=1e-10, atol=1e-14
+        )
         rel = d / torch.linalg.svdvals(w0[name])[0]
-        assert_close(f"dW_rel {name}", rel, _f64(rec[("dW_rel", name)]), rtol=1e-10, atol=1e-14)
+        assert_close(
+            f"dW_rel {name}", rel, _f64(rec[("dW_rel", name)]), rtol=1e-10, atol=1e-14
+        )
     names = [n for n, _ in model.named_parameters()]
     hess = dense_hessian(model, names, F.mse_loss, x, y)
-    assert_close("sharpness", dense_eigh(hess)[0][0], _f64(rec["sharpness"]), rtol=1e-7, atol=0)
-    m = torch.cat([torch.full((p.numel(),), mults[n], dtype=torch.float64)
-                   for n, p in model.named_parameters()]).sqrt()
+    assert_close(
+        "sharpness", dense_eigh(hess)[0][0], _f64(rec["sharpness"]), rtol=1e-7, atol=0
+    )
+    m = torch.cat(
+        [
+            torch.full((p.numel(),), mults[n], dtype=torch.float64)
+            for n, p in model.named_parameters()
+        ]
+    ).sqrt()
     pre = dense_eigh(m[:, None] * hess * m[None, :])[0][0]
-    assert_close("sharpness_precond", pre, _f64(rec["sharpness_precond"]), rtol=1e-7, atol=0)
+    assert_close(
+        "sharpness_precond", pre, _f64(rec["sharpness_precond"]), rtol=1e-7, atol=0
+    )
     assert_close("loss", F.mse_loss(model(x), y), _f64(rec["loss"]), rtol=1e-12, atol=0)
     assert abs(rec["trace"] - float(hess.trace())) <= 4 * rec["trace_std_err"] + 1e-8
     assert rec[("ck_rel_change", "")] > 0 and rec["monitor_seconds"] > 0
@@ -89,7 +145,11 @@ def test_metrics_match_brute_force() -> None:
 def test_schedules_and_force() -> None:
     model, x, _ = _setup()
     steps_run = {}
-    for name, every in (("int", 3), ("list", [0, 2, 5]), ("callable", lambda s: s in (1, 4))):
+    for name, every in (
+        ("int", 3),
+        ("list", [0, 2, 5]),
+        ("callable", lambda s: s in (1, 4)),
+    ):
         mon = Monitor(model, x, every=every, metrics=["representations"])
         steps_run[name] = [s for s in range(7) if mon.step(s) is not None]
         assert mon.step(100, force=True) is not None
@@ -127,8 +187,16 @@ def test_store_records_and_bad_arguments(tmp_path) -> None:
     model, x, y = _setup()
     store = Store(tmp_path)
     rid = store.create_run({"test": 1})
-    mon = Monitor(model, (x, y), every=2, metrics=["ntk", "loss"], loss_fn=F.mse_loss,
-                  store=store, run_id=rid, save_kernels=True)
+    mon = Monitor(
+        model,
+        (x, y),
+        every=2,
+        metrics=["ntk", "loss"],
+        loss_fn=F.mse_loss,
+        store=store,
+        run_id=rid,
+        save_kernels=True,
+    )
     for step in range(5):
         mon.step(step)
     assert [s for s, _, _ in store.scalars(rid, "ntk_rel_change")] == [0, 2, 4]
@@ -149,7 +217,9 @@ def test_store_records_and_bad_arguments(tmp_path) -> None:
 
 def test_plain_module_uses_raw_weights() -> None:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+    )
     net = net.double()
     x = torch.randn(4, 3, dtype=torch.float64)
     mon = Monitor(net, x, metrics=["weights", "representations", "ntk", "features"])
@@ -164,7 +234,9 @@ def test_plain_module_uses_raw_weights() -> None:
 
 
 def test_centered_gamma_model_tracks_trained_layers_only() -> None:
-    model = make_model("mlp", 8, parametrization="gamma=1", seed=0, d_in=3, d_out=1).double()
+    model = make_model(
+        "mlp", 8, parametrization="gamma=1", seed=0, d_in=3, d_out=1
+    ).double()
     x = torch.randn(4, 3, dtype=torch.float64)
     mon = Monitor(model, x, metrics=["representations", "features", "weights"])
     assert mon.layers == ["model.readin", "model.hidden.0"]

@@ -23,20 +23,41 @@ def _synthetic_store(root, noise: float = 0.0) -> Store:
     for param, r in (("r=0", 0.0), ("r=0.5", 0.5)):
         for width in WIDTHS:
             for seed in (0, 1):
-                cfg = {"model": "mlp", "param": param, "width": width, "seed": seed,
-                       "lr": 0.25, "steps": 10}
+                cfg = {
+                    "model": "mlp",
+                    "param": param,
+                    "width": width,
+                    "seed": seed,
+                    "lr": 0.25,
+                    "steps": 10,
+                }
                 rid = store.create_run(cfg, seed=seed)
                 wobble = 1 + noise * (1 if (seed + width // 16) % 2 else -1)
-                store.log(rid, 0, {"f_norm": 3.0 * width**-r, ("ntk_eig", "0"): 5.0,
-                                   "sharpness_precond": 4.0, "train_loss": 1.0,
-                                   ("delta_h", "h1"): 0.0, "ntk_rel_change": 0.0})
-                store.log(rid, 10, {
-                    ("delta_h", "h1"): 0.7 * width**r * wobble,
-                    ("delta_h", "h2"): 0.2 * width**r,
-                    "ntk_rel_change": 2.0 * width ** (2 * r - 1) * wobble,
-                    ("dW_rel", "h1"): width ** (r - 0.5),
-                    ("ntk_eig", "0"): 6.0, "sharpness_precond": 7.5, "train_loss": 0.1,
-                })
+                store.log(
+                    rid,
+                    0,
+                    {
+                        "f_norm": 3.0 * width**-r,
+                        ("ntk_eig", "0"): 5.0,
+                        "sharpness_precond": 4.0,
+                        "train_loss": 1.0,
+                        ("delta_h", "h1"): 0.0,
+                        "ntk_rel_change": 0.0,
+                    },
+                )
+                store.log(
+                    rid,
+                    10,
+                    {
+                        ("delta_h", "h1"): 0.7 * width**r * wobble,
+                        ("delta_h", "h2"): 0.2 * width**r,
+                        "ntk_rel_change": 2.0 * width ** (2 * r - 1) * wobble,
+                        ("dW_rel", "h1"): width ** (r - 0.5),
+                        ("ntk_eig", "0"): 6.0,
+                        "sharpness_precond": 7.5,
+                        "train_loss": 0.1,
+                    },
+                )
                 store.set_status(rid, "finished")
     return store
 
@@ -44,15 +65,27 @@ def _synthetic_store(root, noise: float = 0.0) -> Store:
 def test_fits_recover_exponents_and_predictions(tmp_path) -> None:
     store = _synthetic_store(tmp_path)
     found = {(f["metric"], f["layer"], f["param"]): f for f in fits(store)}
-    expected = {"delta_h": lambda r: r, "ntk_rel_change": lambda r: 2 * r - 1,
-                "dW_rel": lambda r: r - 0.5, "f0": lambda r: -r}
+    expected = {
+        "delta_h": lambda r: r,
+        "ntk_rel_change": lambda r: 2 * r - 1,
+        "dW_rel": lambda r: r - 0.5,
+        "f0": lambda r: -r,
+    }
     for (metric, layer, param), f in found.items():
         r = f["r"]
-        assert f["slope"] == pytest.approx(expected[metric](r), abs=1e-9), (metric, layer, param)
+        assert f["slope"] == pytest.approx(expected[metric](r), abs=1e-9), (
+            metric,
+            layer,
+            param,
+        )
         assert f["predicted"] == pytest.approx(expected[metric](r), abs=1e-12)
         assert f["widths"] == list(WIDTHS) and f["seeds"] == 2
         assert set(f) >= {"metric", "layer", "param", "r", "slope", "ci", "predicted"}
-    assert ("delta_h", "h2", "r=0.5") in found and ("ntk_rel_change", None, "r=0") in found
+    assert ("delta_h", "h2", "r=0.5") in found and (
+        "ntk_rel_change",
+        None,
+        "r=0",
+    ) in found
     assert ("f0", None, "r=0.5") in found and len(found) == 10
 
 
@@ -72,7 +105,13 @@ def test_build_report_writes_self_contained_html(tmp_path) -> None:
         assert lo <= f["slope"] <= hi and not math.isnan(lo)
         assert f"{f['slope']:+.3f}" in page
     assert summary["runs"]["finished"] == 20
-    for key in ("kernel_movement", "coord_check", "sharpness", "ntk_eigenvalues", "loss"):
+    for key in (
+        "kernel_movement",
+        "coord_check",
+        "sharpness",
+        "ntk_eigenvalues",
+        "loss",
+    ):
         assert paths[key].is_file()
 
 
@@ -92,12 +131,20 @@ def test_report_of_a_bare_monitor_run(tmp_path) -> None:
     from rdiag.monitor import Monitor
 
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)
+    )
     x, y = torch.randn(6, 3), torch.randn(6, 1)
     store = Store(tmp_path / "s")
     rid = store.create_run({"note": "my own loop"})
-    mon = Monitor(net, (x, y), metrics=["ntk", "loss"], loss_fn=torch.nn.functional.mse_loss,
-                  store=store, run_id=rid)
+    mon = Monitor(
+        net,
+        (x, y),
+        metrics=["ntk", "loss"],
+        loss_fn=torch.nn.functional.mse_loss,
+        store=store,
+        run_id=rid,
+    )
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     for step in range(3):
         mon.step(step)

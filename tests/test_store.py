@@ -40,7 +40,9 @@ def test_query_dataframe_with_config_columns(tmp_path) -> None:
     assert sorted(frame["width"]) == [8, 16]
     assert list(frame.columns[:5]) == ["run", "step", "metric", "layer", "value"]
     assert np.allclose(sorted(frame["value"]), [1 / 16, 1 / 8])
-    assert len(store.query()) == 4 and len(store.query(["loss", "delta_h"], run=rid)) == 2
+    assert (
+        len(store.query()) == 4 and len(store.query(["loss", "delta_h"], run=rid)) == 2
+    )
 
 
 def test_array_checksum_roundtrip_and_mismatch(tmp_path) -> None:
