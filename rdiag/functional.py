@@ -160,7 +160,11 @@ class FunctionalModel:
             groups.setdefault(layer_of(n), []).append(n)
         self.groups = {k: tuple(v) for k, v in groups.items()}
         stochastic = any(isinstance(m, _BATCH_NORMS + _DROPOUTS) for m in module.modules())
-        self.batch_coupled = mode == "train" and stochastic
+        # A batch norm without running statistics uses batch statistics in eval mode too.
+        stats_free = any(
+            isinstance(m, _BATCH_NORMS) and not m.track_running_stats for m in module.modules()
+        )
+        self.batch_coupled = (mode == "train" and stochastic) or stats_free
         first = self.params[self.names[0]]
         self.device = first.device
         self.param_dtype = first.dtype

@@ -96,3 +96,9 @@ def test_output_fn_and_non_tensor_output() -> None:
     assert fm(fm.params, x).shape == (4, 2)
     with pytest.raises(ValueError, match="mode"):
         functionalize(Wrapped(), mode="inference")
+
+
+def test_batchnorm_without_running_stats_is_batch_coupled_in_eval_mode() -> None:
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
+    assert functionalize(net).batch_coupled
+    assert not functionalize(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))).batch_coupled

@@ -204,3 +204,18 @@ def test_bad_input_errors() -> None:
         empirical_ntk(model, x1, block_size=0)
     with pytest.raises(TypeError, match="nn.Module"):
         empirical_ntk(lambda x: x, x1)
+
+
+def test_auto_falls_back_when_structured_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rdiag.ntk.api as api
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("structured needs 1 TiB")
+
+    monkeypatch.setattr(api, "_structured", too_big)
+    model, x1, x2, _ = _setup("mlp_tanh")
+    with pytest.warns(UserWarning, match="cheapest generic implementation"):
+        k = empirical_ntk(model, x1, x2, dtype=torch.float64)
+    assert_close("auto fallback", empirical_ntk(model, x1, x2, implementation="jacobian", dtype=torch.float64), k, **F64)
+    with pytest.raises(MemoryError, match="1 TiB"):
+        empirical_ntk(model, x1, x2, implementation="structured")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -17,6 +17,7 @@ from rdiag._checks import (
     check_positive_int,
     check_same_features,
 )
+from rdiag._optional import warn_once
 from rdiag._typing import ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.ntk.jacobian import jacobian_ntk
@@ -146,23 +147,29 @@ def _choose(fm: FunctionalModel, x1: Tensor, n2: int, spec: NTKSpec, symmetric: 
     if not fm.batch_coupled and _structured_coverage(fm) >= STRUCTURED_COVERAGE:
         choice = NTKImplementation.STRUCTURED
     else:
-        costs = ntk_costs(fm, x1, n2, spec, symmetric)
-        if per_layer:
-            # Per-layer kernels cost ntvp one pass per layer; the Jacobian gives them free.
-            layers = len(fm.groups)
-            ntvp = costs[NTKImplementation.NTVP]
-            costs[NTKImplementation.NTVP] = Cost(ntvp.flops * layers, ntvp.workspace)
-        fits = {k: c for k, c in costs.items() if c.workspace <= spec.budget}
-        if not fits:
-            need = min(c.workspace for c in costs.values())
-            check_fits(
-                need, spec.budget, "the eNTK of one sample (O*P floats)",
-                "select fewer parameters (params=...), trace fewer outputs, or use "
-                "rdiag.NTKOperator for products without the kernel",
-            )
-        choice = min(fits, key=lambda k: fits[k].flops)
+        choice = _choose_generic(fm, x1, n2, spec, symmetric, per_layer)
     cache[key] = choice
     return choice
+
+
+def _choose_generic(fm: FunctionalModel, x1: Tensor, n2: int, spec: NTKSpec,
+                    symmetric: bool, per_layer: bool) -> NTKImplementation:
+    """The cheaper of jacobian and ntvp among those whose workspace fits."""
+    costs = ntk_costs(fm, x1, n2, spec, symmetric)
+    if per_layer:
+        # Per-layer kernels cost ntvp one pass per layer; the Jacobian gives them free.
+        layers = len(fm.groups)
+        ntvp = costs[NTKImplementation.NTVP]
+        costs[NTKImplementation.NTVP] = Cost(ntvp.flops * layers, ntvp.workspace)
+    fits = {k: c for k, c in costs.items() if c.workspace <= spec.budget}
+    if not fits:
+        need = min(c.workspace for c in costs.values())
+        check_fits(
+            need, spec.budget, "the eNTK of one sample (O*P floats)",
+            "select fewer parameters (params=...), trace fewer outputs, or use "
+            "rdiag.NTKOperator for products without the kernel",
+        )
+    return min(fits, key=lambda k: fits[k].flops)
 
 
 def _block_size(spec_bytes_per_sample: float, budget: float, n: int, given: int | None) -> int:
@@ -312,18 +319,34 @@ def empirical_ntk(
         "use trace_outputs=True, diagonal=True, fewer samples, or rdiag.NTKOperator "
         "(products K @ v without the kernel)",
     )
-    if impl is NTKImplementation.AUTO:
+    auto = impl is NTKImplementation.AUTO
+    if auto:
         impl = _choose(fm, x1, n2, spec, x2 is None, per_layer)
     if impl is NTKImplementation.STRUCTURED:
-        block = block_size or max(len(x1), n2)
-    else:
-        row_bytes = num_outputs * fm.num_params * item
-        block = _block_size(row_bytes, budget - out_bytes, max(len(x1), n2), block_size)
-    spec = NTKSpec(**{**spec.__dict__, "block_size": block})
-    kernels = _IMPLEMENTATIONS[impl](fm, x1, x2, spec)
+        tiled = replace(spec, block_size=block_size or max(len(x1), n2))
+        try:
+            return _finish(_structured(fm, x1, x2, tiled), spec, per_layer, len(x1), n2, fm)
+        except MemoryError as err:
+            if not auto:
+                raise
+            warn_once(
+                f"ntk-structured-memory-{id(fm.module)}",
+                f"structured eNTK does not fit the memory budget ({err}); using the "
+                "cheapest generic implementation instead",
+            )
+            impl = _choose_generic(fm, x1, n2, spec, x2 is None, per_layer)
+    row_bytes = num_outputs * fm.num_params * item
+    block = _block_size(row_bytes, budget - out_bytes, max(len(x1), n2), block_size)
+    spec = replace(spec, block_size=block)
+    return _finish(_IMPLEMENTATIONS[impl](fm, x1, x2, spec), spec, per_layer, len(x1), n2, fm)
+
+def _finish(
+    kernels: dict[str, Tensor], spec: NTKSpec, per_layer: bool, n1: int, n2: int,
+    fm: FunctionalModel,
+) -> Tensor | dict[str, Tensor]:
     if per_layer:
         return kernels
-    return sum(kernels.values()) if kernels else torch.zeros(
-        kernel_shape(spec, len(x1), n2), dtype=kernel_dtype(fm), device=fm.device
-    )
+    if kernels:
+        return sum(kernels.values())
+    return torch.zeros(kernel_shape(spec, n1, n2), dtype=kernel_dtype(fm), device=fm.device)
 
