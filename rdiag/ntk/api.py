@@ -9,7 +9,6 @@ from enum import Enum
 
 import torch
 from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from rdiag._checks import (
     available_memory,
@@ -80,6 +79,9 @@ def _forward_flops(fm: FunctionalModel, x: Tensor) -> float:
     key = ("_rdiag_fwd_flops", tuple(x.shape[1:]), str(x.dtype))
     cache = fm.__dict__.setdefault("_rdiag_cache", {})
     if key not in cache:
+        # Imported here: torch's flop counter imports Triton when it is installed.
+        from torch.utils.flop_counter import FlopCounterMode
+
         probe = x[: min(len(x), 2)]
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:

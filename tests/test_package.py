@@ -1,0 +1,34 @@
+"""Packaging contract: public names resolve, optional packages stay unimported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import rdiag
+
+OPTIONAL = ("triton", "matplotlib", "pandas", "yaml", "sklearn", "scipy", "ray", "tqdm")
+
+
+def test_public_names_resolve_and_version() -> None:
+    missing = [n for n in rdiag.__all__ if not hasattr(rdiag, n)]
+    assert not missing, f"__all__ names without an attribute: {missing}"
+    assert rdiag.__version__.count(".") == 2
+    assert (Path(rdiag.__file__).parent / "py.typed").exists()
+
+
+def test_import_loads_no_optional_package() -> None:
+    code = (
+        "import sys, torch; before = set(sys.modules); import rdiag, rdiag.kernels; "
+        f"print(sorted({{m.split('.')[0] for m in set(sys.modules) - before}} & set({OPTIONAL!r})))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", f"import rdiag loaded optional packages: {out.stdout}"
+
+
+def test_kernels_live_under_rdiag_only() -> None:
+    import rdiag.kernels
+
+    assert rdiag.kernels.__name__ == "rdiag.kernels"
+    assert callable(rdiag.kernels.gram_hadamard)
