@@ -17,8 +17,7 @@ from rdiag.curvature import (
 )
 from rdiag.data import Dataset, load_data
 from rdiag.functional import FunctionalModel, functionalize, select_parameters
-from rdiag.harness import TrainConfig, TrainResult, train
-from rdiag.harness import sweep as run_sweep
+from rdiag.harness import TrainConfig, TrainResult, sweep, train
 from rdiag.kernels import KernelStats, kernel_stats
 from rdiag.linalg import (
     EigResult,
@@ -134,5 +133,5 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "train",
-    "run_sweep",
+    "sweep",
 ]
