@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import Tensor
 
@@ -81,7 +83,7 @@ def power_iteration(
 
 def power_extreme(
     op: LinearOperator,
-    which: str = "largest",
+    which: Literal["largest", "smallest"] = "largest",
     *,
     tol: float = 1e-6,
     max_iter: int = 1000,
