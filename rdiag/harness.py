@@ -594,7 +594,8 @@ def sweep(
         config: Sweep config (see :func:`load_sweep_config`).
         out: Output directory: the store (``rdiag.sqlite``, ``arrays/``) and report.
         workers: Worker processes (default the config's ``workers`` or 1); 1 runs in
-            this process.
+            this process. Workers are spawned, so a script calling :func:`sweep`
+            with ``workers > 1`` needs the ``if __name__ == "__main__":`` guard.
         executor: An :class:`Executor` overriding ``workers``.
         progress: Show a tqdm progress bar (stderr).
         report: Build the report at the end (default the config's ``report``, True).

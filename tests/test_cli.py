@@ -186,3 +186,23 @@ def test_errors_exit_2_with_a_clear_message(
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
     assert _exit_code(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_run_from_a_yaml_config_with_flag_overrides(tmp_path, capsys) -> None:
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        "width: 8\nsteps: 2\nevery: 2\nbatch_size: 8\nmetrics: [loss]\n"
+        "data_options: {n_train: 16, n_test: 8, dim: 3}\nparam: ntk\n"
+    )
+    out = tmp_path / "store"
+    assert (
+        main(["run", "--config", str(config), "--param", "mup", "--out", str(out)]) == 0
+    )
+    from rdiag.store import Store
+
+    store = Store(out)
+    (rid,) = store.run_ids("finished")
+    assert store.config(rid)["param"] == "mup" and store.config(rid)["width"] == 8
+    config.write_text("widht: 8\n")
+    assert _exit_code(["run", "--config", str(config), "--out", str(out)]) == 2
+    assert "unknown config field(s) ['widht']" in capsys.readouterr().err
