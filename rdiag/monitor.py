@@ -63,6 +63,13 @@ METRICS = (
     "loss",
     "accuracy",
 )
+_NEEDS_TARGETS = set(METRICS) - {
+    "ntk",
+    "ntk_layers",
+    "features",
+    "representations",
+    "weights",
+}
 DEFAULT_METRICS = ("ntk", "features", "representations", "weights", "sharpness", "loss")
 Schedule = int | Sequence[int] | Callable[[int], bool]
 
@@ -155,15 +162,7 @@ class Monitor:
             raise ValueError(
                 f"expected metrics from {list(METRICS)}, got unknown {bad}"
             )
-        needs_y = {
-            "sharpness",
-            "sharpness_precond",
-            "trace",
-            "grad_norm",
-            "loss",
-            "accuracy",
-        }
-        needs_y &= set(self.metrics)
+        needs_y = _NEEDS_TARGETS & set(self.metrics)
         if needs_y and y is None:
             raise ValueError(
                 f"metrics {sorted(needs_y)} need probe targets; pass probe=(x, y)"

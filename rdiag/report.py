@@ -164,6 +164,13 @@ def _sorted_params(params: Any) -> list[str]:
     return sorted(set(params), key=lambda p: (_r_of(p) is None, _r_of(p) or 0.0, p))
 
 
+def _save(plt: Any, fig: Any, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _fig_width_scaling(
     plt: Any,
     frame: Any,
@@ -220,10 +227,7 @@ def _fig_width_scaling(
         ax.set_ylabel(ylabel)
         ax.set_title(layer or metric)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def _fig_over_steps(
@@ -266,10 +270,7 @@ def _fig_over_steps(
         ax.set_ylabel(ylabel)
         ax.set_title(param)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def plot_figures(
