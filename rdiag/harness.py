@@ -72,7 +72,8 @@ class TrainConfig:
         every: Monitor every this many steps (the last step is always measured).
         metrics: Monitor metrics (:data:`rdiag.monitor.METRICS`).
         budget_fraction: Monitor cost budget (fraction of training time) or None.
-        save_kernels: Save the probe eNTK of each check as an array.
+        snapshots: Save the probe eNTK and sharpness eigenvectors of each check as
+            arrays (see :class:`~rdiag.monitor.Monitor`).
     """
 
     model: str = "mlp"
@@ -104,7 +105,7 @@ class TrainConfig:
         ]
     )
     budget_fraction: float | None = None
-    save_kernels: bool = False
+    snapshots: bool = False
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -358,7 +359,7 @@ def train(
         lr_multipliers=lr_multipliers(model, optimizer=kind),
         optimizer=opt if kind == "adam" else None,
         budget_fraction=cfg.budget_fraction,
-        save_kernels=cfg.save_kernels,
+        snapshots=cfg.snapshots,
     )
     mode = {"gd": "gd", "online": "online"}.get(cfg.optimizer, "sgd")
     pending: list[tuple[int, str, str, float]] = []

@@ -125,7 +125,9 @@ class Monitor:
         num_eigs: Number of top eNTK eigenvalues to record.
         sharpness_tol: Relative tolerance of the Lanczos sharpness solves.
         dtype: Compute diagnostics in this dtype (default the model's).
-        save_kernels: Also save the eNTK ``(N, N)`` of every check as an array.
+        snapshots: Also save arrays to the store at every check: the eNTK ``(N, N)``
+            as ``"ntk"`` and the sharpness eigenvectors ``(P,)`` as ``"sharpness"`` /
+            ``"sharpness_precond"`` (checksummed ``.npy`` files).
 
     Attributes:
         history: One dict ``{(metric, layer): value}`` per check, with ``"step"``.
@@ -150,7 +152,7 @@ class Monitor:
         num_eigs: int = 5,
         sharpness_tol: float = 1e-4,
         dtype: torch.dtype | None = None,
-        save_kernels: bool = False,
+        snapshots: bool = False,
     ) -> None:
         self.model = check_module(model)
         x, y = probe if isinstance(probe, (tuple, list)) else (probe, None)
@@ -187,7 +189,7 @@ class Monitor:
         self.num_eigs = num_eigs
         self.sharpness_tol = sharpness_tol
         self.dtype = dtype
-        self.save_kernels = save_kernels
+        self.snapshots = snapshots
         leaves = _leaf_param_modules(model)
         if layers is None:
             layers = [n for n, _ in leaves[:-1]]
@@ -288,7 +290,7 @@ class Monitor:
         if "grad_norm" in self.metrics:
             rec["grad_norm"] = self._grad_norm(x)
         if "sharpness" in self.metrics or "sharpness_precond" in self.metrics:
-            self._sharpness(x, y, rec)
+            self._sharpness(step, x, y, rec)
         if "trace" in self.metrics:
             from rdiag.curvature import hessian_trace
 
@@ -395,7 +397,7 @@ class Monitor:
             ref = self._ref.setdefault(f"ntk:{name}", kl)
             rec[("ntk_layer_rel_change", name)] = M.relative_change(ref, kl)
             rec[("ntk_layer_trace", name)] = float(kl.trace())
-        if self.save_kernels and self.store is not None:
+        if self.snapshots and self.store is not None:
             self.store.save_array(self.run_id, step, "ntk", k)
 
     def _weights(self) -> dict[str, Tensor]:
@@ -433,7 +435,7 @@ class Monitor:
         grads = torch.autograd.grad(self.loss_fn(out, self._target(out)), params)
         return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
-    def _sharpness(self, x: Tensor, y: Tensor, rec: dict) -> None:
+    def _sharpness(self, step: int, x: Tensor, y: Tensor, rec: dict) -> None:
         from rdiag.curvature import top_eigenvalues
 
         pre = self.optimizer if self.optimizer is not None else self.weights
@@ -457,5 +459,7 @@ class Monitor:
                 dtype=self.dtype,
             )
             self._warm[key] = res.eigenvectors
+            if self.snapshots and self.store is not None:
+                self.store.save_array(self.run_id, step, key, res.eigenvectors[:, 0])
             rec[key] = float(res.eigenvalues[0])
             rec[f"{key}_matvecs"] = float(res.num_matvecs)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rdiag import metrics
+from rdiag import empirical_ntk, metrics
 from rdiag.models import make_model
 from rdiag.monitor import METRICS, Monitor
 from rdiag.parametrization import effective_weights, lr_multipliers, make_optimizer
@@ -181,17 +181,28 @@ def test_store_records_and_bad_arguments(tmp_path) -> None:
         model,
         (x, y),
         every=2,
-        metrics=["ntk", "loss"],
+        metrics=["ntk", "loss", "sharpness"],
         loss_fn=F.mse_loss,
+        lr_multipliers=lr_multipliers(model),
         store=store,
         run_id=rid,
-        save_kernels=True,
+        snapshots=True,
     )
     for step in range(5):
-        mon.step(step)
+        rec = mon.step(step)
+        if rec is not None:
+            k_now = empirical_ntk(model, x, weights=lr_multipliers(model))
     assert [s for s, _, _ in store.scalars(rid, "ntk_rel_change")] == [0, 2, 4]
-    k = store.load_array(rid, 4, "ntk")
-    assert k.shape == (5, 5)
+    assert_close(
+        "ntk snapshot",
+        k_now,
+        torch.as_tensor(store.load_array(rid, 4, "ntk")),
+        rtol=1e-10,
+        atol=1e-12,
+    )
+    vec = torch.as_tensor(store.load_array(rid, 4, "sharpness"))
+    assert vec.shape == (sum(p.numel() for p in model.parameters()),)
+    assert store.array_steps(rid, "sharpness_precond") == [0, 2, 4]
     assert len(mon.history) == 3 and mon.history[-1]["step"] == 4
     with pytest.raises(ValueError, match="run_id"):
         Monitor(model, x, store=store, metrics=["ntk"])
