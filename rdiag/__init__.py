@@ -8,10 +8,12 @@ imported here (Triton, matplotlib, pandas, PyYAML, scikit-learn load lazily).
 from rdiag._version import __version__
 from rdiag.coord_check import CoordCheckResult, coord_check, plot_coord_check, write_summary
 from rdiag.curvature import (
+    curvature_operator,
     ggn_eigenvalues_from_ntk,
     ggn_sharpness_from_ntk,
     hessian_density,
     hessian_trace,
+    preconditioner_diagonal,
     sharpness,
     top_eigenvalues,
 )
@@ -26,6 +28,8 @@ from rdiag.linalg import (
     hutch_plus_plus,
     hutchinson,
     lanczos,
+    lanczos_quadrature,
+    power_extreme,
     power_iteration,
     spectral_density,
 )
@@ -82,12 +86,16 @@ __all__ = [
     "EigResult",
     "lanczos",
     "power_iteration",
+    "power_extreme",
+    "lanczos_quadrature",
     "TraceEstimate",
     "hutchinson",
     "hutch_plus_plus",
     "SpectralDensity",
     "spectral_density",
     # model-level curvature
+    "curvature_operator",
+    "preconditioner_diagonal",
     "top_eigenvalues",
     "sharpness",
     "hessian_trace",

@@ -23,7 +23,8 @@ _MODES: tuple[JvpMode, ...] = ("forward", "math_attention", "reverse")
 
 
 @contextlib.contextmanager
-def _math_attention() -> Iterator[None]:
+def math_attention() -> Iterator[None]:
+    """Route ``scaled_dot_product_attention`` to its math backend (has forward-mode AD)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel(SDPBackend.MATH):
@@ -45,7 +46,7 @@ def jvp(func: Callable[..., Any], primals: tuple, tangents: tuple, mode: JvpMode
     if mode == "forward":
         return _jvp(func, primals, tangents)
     if mode == "math_attention":
-        with _math_attention():
+        with math_attention():
             return _jvp(func, primals, tangents)
     out, pullback = _vjp(func, *primals)
 

@@ -64,7 +64,8 @@ def dense_hessian(
 ) -> Tensor:
     """Dense ``(P, P)`` Hessian of ``loss_fn(model(x), y)`` over the named parameters."""
     theta0, f = flat_function(model, names)
-    return hessian(lambda t: loss_fn(f(t, _cast(x)).reshape(len(x), -1), _cast(y)), theta0)
+    loss = lambda t: loss_fn(f(t, _cast(x)).reshape(len(x), -1), _cast(y))  # noqa: E731
+    return hessian(loss, theta0, vectorize=True)
 
 
 def dense_eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:

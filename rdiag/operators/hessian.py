@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
-from rdiag._autodiff import _math_attention as math_attention
+from rdiag._autodiff import math_attention
 from rdiag._optional import warn_once
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
