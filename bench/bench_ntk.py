@@ -28,8 +28,13 @@ SIZES = [64, 256]
 def mlp(width: int) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(8, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-        nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 10),
+        nn.Linear(8, width),
+        nn.Tanh(),
+        nn.Linear(width, width),
+        nn.Tanh(),
+        nn.Linear(width, width),
+        nn.Tanh(),
+        nn.Linear(width, 10),
     )
 
 
@@ -41,11 +46,19 @@ def _skip_if_too_big(model: nn.Module, x: torch.Tensor, trace: bool, impl: str) 
         pytest.skip(f"recipe needs the whole Jacobian, {format_bytes(jac_bytes)}")
     if impl in ("recipe", "jacobian", "ntvp", "auto"):
         costs = ntk_costs(fm, x, len(x), spec, symmetric=True)
-        key = NTKImplementation.JACOBIAN if impl == "recipe" else (
-            min(costs, key=lambda k: costs[k].flops) if impl == "auto" else NTKImplementation(impl)
+        key = (
+            NTKImplementation.JACOBIAN
+            if impl == "recipe"
+            else (
+                min(costs, key=lambda k: costs[k].flops)
+                if impl == "auto"
+                else NTKImplementation(impl)
+            )
         )
         if costs[key].flops > MAX_FLOPS:
-            pytest.skip(f"{impl}: estimated {costs[key].flops:.2g} FLOPs, over {MAX_FLOPS:.0e}")
+            pytest.skip(
+                f"{impl}: estimated {costs[key].flops:.2g} FLOPs, over {MAX_FLOPS:.0e}"
+            )
 
 
 @pytest.mark.parametrize("trace", [False, True], ids=["full", "traced"])

@@ -8,10 +8,14 @@ import pytest
 import torch
 
 
-def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
+def pytest_benchmark_update_machine_info(
+    config: pytest.Config, machine_info: dict
+) -> None:
     machine_info["torch"] = torch.__version__
     machine_info["threads"] = torch.get_num_threads()
-    machine_info["cuda"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    machine_info["cuda"] = (
+        torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    )
     try:
         import triton
 

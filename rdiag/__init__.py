@@ -6,7 +6,12 @@ imported here (Triton, matplotlib, pandas, PyYAML, scikit-learn load lazily).
 """
 
 from rdiag._version import __version__
-from rdiag.coord_check import CoordCheckResult, coord_check, plot_coord_check, write_summary
+from rdiag.coord_check import (
+    CoordCheckResult,
+    coord_check,
+    plot_coord_check,
+    write_summary,
+)
 from rdiag.curvature import (
     curvature_operator,
     ggn_eigenvalues_from_ntk,

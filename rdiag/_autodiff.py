@@ -31,7 +31,9 @@ def math_attention() -> Iterator[None]:
         yield
 
 
-def jvp(func: Callable[..., Any], primals: tuple, tangents: tuple, mode: JvpMode) -> tuple:
+def jvp(
+    func: Callable[..., Any], primals: tuple, tangents: tuple, mode: JvpMode
+) -> tuple:
     """``(func(*primals), J @ tangents)`` by the chosen ``mode``.
 
     Args:
@@ -87,4 +89,6 @@ def jvp_mode(owner: object, probe: Callable[[JvpMode], object]) -> JvpMode:
             )
         owner._rdiag_jvp_mode = mode
         return mode
-    raise RuntimeError("no differentiation mode works for this model: " + "; ".join(errors))
+    raise RuntimeError(
+        "no differentiation mode works for this model: " + "; ".join(errors)
+    )

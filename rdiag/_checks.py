@@ -57,7 +57,9 @@ def check_finite_positive(value: Any, name: str) -> float:
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"expected {name} to be a positive number, got {value!r}") from None
+        raise ValueError(
+            f"expected {name} to be a positive number, got {value!r}"
+        ) from None
     if not math.isfinite(out) or out <= 0:
         raise ValueError(f"expected {name} to be a finite number > 0, got {value!r}")
     return out

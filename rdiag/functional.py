@@ -148,7 +148,7 @@ class FunctionalModel:
         self.dropout_seed = dropout_seed
         self.output_fn = output_fn
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        cast = (lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach())
+        cast = lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach()
         if dtype is None:
             cast = Tensor.detach
         self.params: Params = {n: cast(state[n]) for n in self.names}
@@ -159,10 +159,13 @@ class FunctionalModel:
         for n in self.names:
             groups.setdefault(layer_of(n), []).append(n)
         self.groups = {k: tuple(v) for k, v in groups.items()}
-        stochastic = any(isinstance(m, _BATCH_NORMS + _DROPOUTS) for m in module.modules())
+        stochastic = any(
+            isinstance(m, _BATCH_NORMS + _DROPOUTS) for m in module.modules()
+        )
         # A batch norm without running statistics uses batch statistics in eval mode too.
         stats_free = any(
-            isinstance(m, _BATCH_NORMS) and not m.track_running_stats for m in module.modules()
+            isinstance(m, _BATCH_NORMS) and not m.track_running_stats
+            for m in module.modules()
         )
         self.batch_coupled = (mode == "train" and stochastic) or stats_free
         first = self.params[self.names[0]]
@@ -184,7 +187,9 @@ class FunctionalModel:
         """Concatenate a dict over the selected names into a flat ``(P,)`` vector."""
         missing = [n for n in self.names if n not in tensors]
         if missing:
-            raise ValueError(f"expected entries for every selected parameter, missing {missing[:5]}")
+            raise ValueError(
+                f"expected entries for every selected parameter, missing {missing[:5]}"
+            )
         return torch.cat([tensors[n].reshape(-1) for n in self.names])
 
     def unflatten(self, vector: Tensor) -> Params:
@@ -218,12 +223,19 @@ class FunctionalModel:
         elif isinstance(weights, Mapping):
             resolved = {}
             for n in self.names:
-                keys = [k for k in weights if k in (n, layer_of(n)) or fnmatch.fnmatchcase(n, k)]
+                keys = [
+                    k
+                    for k in weights
+                    if k in (n, layer_of(n)) or fnmatch.fnmatchcase(n, k)
+                ]
                 resolved[n] = float(weights[keys[0]]) if keys else 1.0
             unused = [
                 k
                 for k in weights
-                if not any(k in (n, layer_of(n)) or fnmatch.fnmatchcase(n, k) for n in self.names)
+                if not any(
+                    k in (n, layer_of(n)) or fnmatch.fnmatchcase(n, k)
+                    for n in self.names
+                )
             ]
             if unused:
                 raise ValueError(
@@ -233,7 +245,9 @@ class FunctionalModel:
         elif callable(weights):
             resolved = {n: float(weights(n)) for n in self.names}
         else:
-            raise TypeError(f"expected weights as None, float, dict or callable, got {weights!r}")
+            raise TypeError(
+                f"expected weights as None, float, dict or callable, got {weights!r}"
+            )
         bad = {n: w for n, w in resolved.items() if not (w >= 0 and w < float("inf"))}
         if bad:
             raise ValueError(f"expected finite non-negative weights, got {bad}")
@@ -244,7 +258,9 @@ class FunctionalModel:
     def _mode_context(self) -> Iterator[None]:
         saved = [(m, m.training) for m in self.module.modules()]
         tracked = [
-            (m, m.track_running_stats) for m in self.module.modules() if isinstance(m, _BATCH_NORMS)
+            (m, m.track_running_stats)
+            for m in self.module.modules()
+            if isinstance(m, _BATCH_NORMS)
         ]
         try:
             self.module.train(self.mode == "train")
@@ -252,7 +268,9 @@ class FunctionalModel:
                 for m, _ in tracked:
                     m.track_running_stats = False
             if self.mode == "train" and self.batch_coupled:
-                with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                with torch.random.fork_rng(
+                    devices=[self.device] if self.device.type == "cuda" else []
+                ):
                     torch.manual_seed(self.dropout_seed)
                     yield
             else:
@@ -339,5 +357,10 @@ def functionalize(
         return model
     names = select_parameters(model, params, exclude)
     return FunctionalModel(
-        model, names, mode=mode, dtype=dtype, dropout_seed=dropout_seed, output_fn=output_fn
+        model,
+        names,
+        mode=mode,
+        dtype=dtype,
+        dropout_seed=dropout_seed,
+        output_fn=output_fn,
     )

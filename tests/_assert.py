@@ -6,7 +6,9 @@ import torch
 from torch import Tensor
 
 
-def assert_close(name: str, expected: Tensor, actual: Tensor, *, rtol: float, atol: float) -> None:
+def assert_close(
+    name: str, expected: Tensor, actual: Tensor, *, rtol: float, atol: float
+) -> None:
     """Assert ``|actual - expected| <= atol + rtol * |expected|`` everywhere.
 
     Raises:
@@ -22,7 +24,9 @@ def assert_close(name: str, expected: Tensor, actual: Tensor, *, rtol: float, at
     if bool((err <= bound).all()):
         return
     worst = int((err - bound).argmax())
-    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), expected.shape))
+    idx = tuple(
+        int(i) for i in torch.unravel_index(torch.tensor(worst), expected.shape)
+    )
     rel = float(err.norm() / expected.norm().clamp_min(1e-300))
     raise AssertionError(
         f"{name}: {int((err > bound).sum())}/{err.numel()} entries off (rtol={rtol}, "

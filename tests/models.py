@@ -26,7 +26,11 @@ def mlp(activation: type[nn.Module]) -> Builder:
     def build(seed: int):
         torch.manual_seed(seed)
         net = nn.Sequential(
-            nn.Linear(5, 7), activation(), nn.Linear(7, 6), activation(), nn.Linear(6, 3)
+            nn.Linear(5, 7),
+            activation(),
+            nn.Linear(7, 6),
+            activation(),
+            nn.Linear(6, 3),
         )
         return net, _normal(5)
 
@@ -79,8 +83,12 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         n, t, d = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(n, t, 3, self.heads, d // self.heads).unbind(2)
-        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        q, k, v = (
+            self.qkv(self.norm(x)).view(n, t, 3, self.heads, d // self.heads).unbind(2)
+        )
+        a = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        )
         x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
         return self.readout(x)
 

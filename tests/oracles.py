@@ -43,10 +43,14 @@ def per_sample_jacobian(model: nn.Module, names: list[str], x: Tensor) -> Tensor
     """Per-sample Jacobians ``(N, O, P)``, one autograd call per sample (eval mode)."""
     theta0, f = flat_function(model, names)
     x = _cast(x)
-    return torch.stack([jacobian(lambda t: f(t, x[i : i + 1])[0], theta0) for i in range(len(x))])
+    return torch.stack(
+        [jacobian(lambda t: f(t, x[i : i + 1])[0], theta0) for i in range(len(x))]
+    )
 
 
-def batch_jacobian(model: nn.Module, names: list[str], x: Tensor, train: bool) -> Tensor:
+def batch_jacobian(
+    model: nn.Module, names: list[str], x: Tensor, train: bool
+) -> Tensor:
     """Jacobian of the whole-batch output ``(N, O, P)`` (batch-coupled models)."""
     theta0, f = flat_function(model, names, train=train)
     return jacobian(lambda t: f(t, _cast(x)), theta0)

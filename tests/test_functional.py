@@ -18,12 +18,28 @@ def _mlp() -> nn.Sequential:
 
 def test_selectors() -> None:
     net = _mlp()
-    assert select_parameters(net) == ["0.weight", "0.bias", "1.weight", "1.bias", "2.weight", "2.bias"]
+    assert select_parameters(net) == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "2.weight",
+        "2.bias",
+    ]
     assert select_parameters(net, "*.bias") == ["0.bias", "1.bias", "2.bias"]
-    assert select_parameters(net, ["2.weight", "0.*"]) == ["0.weight", "0.bias", "2.weight"]
+    assert select_parameters(net, ["2.weight", "0.*"]) == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+    ]
     assert select_parameters(net, nn.LayerNorm) == ["1.weight", "1.bias"]
     assert select_parameters(net, lambda n, p: p.dim() == 2) == ["0.weight", "2.weight"]
-    assert select_parameters(net, exclude=nn.LayerNorm) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert select_parameters(net, exclude=nn.LayerNorm) == [
+        "0.weight",
+        "0.bias",
+        "2.weight",
+        "2.bias",
+    ]
     net[0].weight.requires_grad_(False)
     assert "0.weight" not in select_parameters(net)
     with pytest.raises(ValueError, match="requires_grad=False"):
@@ -36,12 +52,26 @@ def test_selectors() -> None:
 
 def test_groups_flatten_unflatten_and_weights() -> None:
     fm = functionalize(_mlp())
-    assert fm.groups == {"0": ("0.weight", "0.bias"), "1": ("1.weight", "1.bias"), "2": ("2.weight", "2.bias")}
+    assert fm.groups == {
+        "0": ("0.weight", "0.bias"),
+        "1": ("1.weight", "1.bias"),
+        "2": ("2.weight", "2.bias"),
+    }
     vec = torch.arange(float(fm.num_params))
     assert torch.equal(fm.flatten(fm.unflatten(vec)), vec)
-    assert fm.unflatten(vec)["2.bias"].tolist() == [fm.num_params - 2.0, fm.num_params - 1.0]
+    assert fm.unflatten(vec)["2.bias"].tolist() == [
+        fm.num_params - 2.0,
+        fm.num_params - 1.0,
+    ]
     w = fm.param_weights({"0": 2.0, "*.bias": 0.5})
-    assert w == {"0.weight": 2.0, "0.bias": 2.0, "1.weight": 1.0, "1.bias": 0.5, "2.weight": 1.0, "2.bias": 0.5}
+    assert w == {
+        "0.weight": 2.0,
+        "0.bias": 2.0,
+        "1.weight": 1.0,
+        "1.bias": 0.5,
+        "2.weight": 1.0,
+        "2.bias": 0.5,
+    }
     assert fm.param_weights(lambda n: 3.0)["1.weight"] == 3.0
     with pytest.raises(ValueError, match="match no selected parameter"):
         fm.param_weights({"readout": 1.0})
@@ -60,15 +90,25 @@ def test_call_matches_module_and_restores_mode() -> None:
         model.eval()
         assert_close("eval call", model(x), fm(fm.params, x), rtol=1e-6, atol=1e-6)
         model.train()
-    assert model.training and all(m.training for m in model.modules()), "mode not restored"
+    assert model.training and all(m.training for m in model.modules()), (
+        "mode not restored"
+    )
     before = model[1].running_mean.clone()
     fm_train = functionalize(model, mode="train")
     assert fm_train.batch_coupled and not fm.batch_coupled
     with torch.no_grad():
         out = fm_train(fm_train.params, x)
-    assert torch.equal(model[1].running_mean, before), "train-mode view must not update running stats"
+    assert torch.equal(model[1].running_mean, before), (
+        "train-mode view must not update running stats"
+    )
     h = model[0](x)
-    expected = model[3](torch.tanh(nn.functional.batch_norm(h, None, None, model[1].weight, model[1].bias, True)))
+    expected = model[3](
+        torch.tanh(
+            nn.functional.batch_norm(
+                h, None, None, model[1].weight, model[1].bias, True
+            )
+        )
+    )
     assert_close("train call", expected, out, rtol=1e-5, atol=1e-6)
 
 
@@ -99,6 +139,10 @@ def test_output_fn_and_non_tensor_output() -> None:
 
 
 def test_batchnorm_without_running_stats_is_batch_coupled_in_eval_mode() -> None:
-    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2))
+    net = nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)
+    )
     assert functionalize(net).batch_coupled
-    assert not functionalize(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))).batch_coupled
+    assert not functionalize(
+        nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    ).batch_coupled

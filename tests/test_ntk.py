@@ -38,8 +38,15 @@ def test_cross_kernel_full_and_traced_match_oracle(name: str, impl: str) -> None
     j2 = oracles.per_sample_jacobian(model, names, x2)
     full = oracles.ntk_from_jacobians(j1, j2)
     kw = dict(implementation=impl, dtype=torch.float64)
-    assert_close(f"{name} full", full, empirical_ntk(model, x1, x2, trace_outputs=False, **kw), **F64)
-    assert_close(f"{name} traced", _traced(full), empirical_ntk(model, x1, x2, **kw), **F64)
+    assert_close(
+        f"{name} full",
+        full,
+        empirical_ntk(model, x1, x2, trace_outputs=False, **kw),
+        **F64,
+    )
+    assert_close(
+        f"{name} traced", _traced(full), empirical_ntk(model, x1, x2, **kw), **F64
+    )
 
 
 @pytest.mark.parametrize("impl", GENERIC)
@@ -52,16 +59,31 @@ def test_symmetric_blocked_diagonal_per_layer(name: str, impl: str) -> None:
     unblocked = empirical_ntk(model, x1, trace_outputs=False, **kw)
     assert_close("symmetric", full, unblocked, **F64)
     # 7 samples in blocks of 3: the last tile is ragged, the lower triangle mirrored.
-    assert_close("blocked", unblocked, empirical_ntk(model, x1, trace_outputs=False, block_size=3, **kw), **F64)
+    assert_close(
+        "blocked",
+        unblocked,
+        empirical_ntk(model, x1, trace_outputs=False, block_size=3, **kw),
+        **F64,
+    )
     diag = empirical_ntk(model, x1, trace_outputs=False, diagonal=True, **kw)
     assert_close("diagonal", torch.stack([full[i, i] for i in range(7)]), diag, **F64)
-    assert_close("traced diagonal", _traced(diag), empirical_ntk(model, x1, diagonal=True, **kw), **F64)
+    assert_close(
+        "traced diagonal",
+        _traced(diag),
+        empirical_ntk(model, x1, diagonal=True, **kw),
+        **F64,
+    )
     layers = empirical_ntk(model, x1, per_layer=True, **kw)
     fm = functionalize(model)
     assert set(layers) == set(fm.groups)
     for layer, group in fm.groups.items():
         cols = torch.cat([_columns(fm, n) for n in group])
-        assert_close(f"layer {layer}", _traced(oracles.ntk_from_jacobians(j[..., cols], j[..., cols])), layers[layer], **F64)
+        assert_close(
+            f"layer {layer}",
+            _traced(oracles.ntk_from_jacobians(j[..., cols], j[..., cols])),
+            layers[layer],
+            **F64,
+        )
     assert_close("per-layer sum", _traced(full), sum(layers.values()), **F64)
 
 
@@ -85,17 +107,33 @@ def test_parameter_subsets_and_weights(impl: str) -> None:
         (lambda n, p: n.endswith("bias"), ["0.bias", "2.bias", "4.bias"]),
     ]:
         ref = oracles.ntk_from_jacobians(
-            oracles.per_sample_jacobian(model, names, x1), oracles.per_sample_jacobian(model, names, x2)
+            oracles.per_sample_jacobian(model, names, x1),
+            oracles.per_sample_jacobian(model, names, x2),
         )
-        assert_close(f"subset {names}", _traced(ref), empirical_ntk(model, x1, x2, params=selector, **kw), **F64)
+        assert_close(
+            f"subset {names}",
+            _traced(ref),
+            empirical_ntk(model, x1, x2, params=selector, **kw),
+            **F64,
+        )
     names = [n for n, _ in model.named_parameters()]
     weights = {"0": 2.0, "2.bias": 0.5, "4.*": 3.0}
     fm = functionalize(model)
-    w = torch.cat([torch.full((fm.params[n].numel(),), v) for n, v in fm.param_weights(weights).items()])
+    w = torch.cat(
+        [
+            torch.full((fm.params[n].numel(),), v)
+            for n, v in fm.param_weights(weights).items()
+        ]
+    )
     j1 = oracles.per_sample_jacobian(model, names, x1)
     j2 = oracles.per_sample_jacobian(model, names, x2)
     ref = oracles.ntk_from_jacobians(j1, j2, w.double())
-    assert_close("weighted", ref, empirical_ntk(model, x1, x2, trace_outputs=False, weights=weights, **kw), **F64)
+    assert_close(
+        "weighted",
+        ref,
+        empirical_ntk(model, x1, x2, trace_outputs=False, weights=weights, **kw),
+        **F64,
+    )
 
 
 def test_frozen_parameters_are_excluded_by_default() -> None:
@@ -103,9 +141,12 @@ def test_frozen_parameters_are_excluded_by_default() -> None:
     model[0].weight.requires_grad_(False)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     ref = oracles.ntk_from_jacobians(
-        oracles.per_sample_jacobian(model, names, x1), oracles.per_sample_jacobian(model, names, x2)
+        oracles.per_sample_jacobian(model, names, x1),
+        oracles.per_sample_jacobian(model, names, x2),
     )
-    assert_close("frozen", _traced(ref), empirical_ntk(model, x1, x2, dtype=torch.float64), **F64)
+    assert_close(
+        "frozen", _traced(ref), empirical_ntk(model, x1, x2, dtype=torch.float64), **F64
+    )
 
 
 @pytest.mark.parametrize("impl", GENERIC)
@@ -116,20 +157,38 @@ def test_train_mode_batchnorm_is_the_whole_batch_kernel(impl: str) -> None:
     ref = oracles.ntk_from_jacobians(j, j)
     kw = dict(implementation=impl, dtype=torch.float64, mode="train")
     both = torch.cat([x1, x2])
-    assert_close("bn train full", ref, empirical_ntk(model, both, trace_outputs=False, **kw), **F64)
+    assert_close(
+        "bn train full",
+        ref,
+        empirical_ntk(model, both, trace_outputs=False, **kw),
+        **F64,
+    )
     # The cross-kernel is the x1-by-x2 block of the kernel on [x1; x2].
-    assert_close("bn train cross", _traced(ref[:5, 5:]), empirical_ntk(model, x1, x2, **kw), **F64)
-    assert_close("bn train diag", _traced(torch.stack([ref[i, i] for i in range(8)])),
-                 empirical_ntk(model, both, diagonal=True, **kw), **F64)
+    assert_close(
+        "bn train cross",
+        _traced(ref[:5, 5:]),
+        empirical_ntk(model, x1, x2, **kw),
+        **F64,
+    )
+    assert_close(
+        "bn train diag",
+        _traced(torch.stack([ref[i, i] for i in range(8)])),
+        empirical_ntk(model, both, diagonal=True, **kw),
+        **F64,
+    )
     for n, b in model.named_buffers():
         assert torch.equal(b.double(), before[n].double()), f"buffer {n} changed"
     evaluated = empirical_ntk(model, x1, x2, implementation=impl, dtype=torch.float64)
-    assert (evaluated - _traced(ref[:5, 5:])).abs().max() > 1e-3, "train and eval kernels coincide"
+    assert (evaluated - _traced(ref[:5, 5:])).abs().max() > 1e-3, (
+        "train and eval kernels coincide"
+    )
 
 
 def test_dropout_is_off_in_eval_mode_and_fixed_in_train_mode() -> None:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 2)).double()
+    net = nn.Sequential(
+        nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 2)
+    ).double()
     plain = nn.Sequential(net[0], net[1], net[3])
     x = torch.randn(6, 4, dtype=torch.float64)
     assert_close("eval dropout", empirical_ntk(plain, x), empirical_ntk(net, x), **F64)
@@ -144,7 +203,9 @@ def test_float32_default_and_float64_option() -> None:
     k32 = empirical_ntk(model, x1, x2)
     k64 = empirical_ntk(model, x1, x2, dtype=torch.float64)
     assert k32.dtype == torch.float32 and k64.dtype == torch.float64
-    assert next(model.parameters()).dtype == torch.float32, "dtype= must not modify the model"
+    assert next(model.parameters()).dtype == torch.float32, (
+        "dtype= must not modify the model"
+    )
     assert_close("float32 vs float64", k64, k32, rtol=1e-4, atol=1e-5)
 
 
@@ -153,7 +214,8 @@ def test_forward_mode_gap_falls_back_with_one_notice() -> None:
     with pytest.warns(UserWarning, match="forward-mode AD"):
         k = empirical_ntk(model, x1, x2, implementation="ntvp", dtype=torch.float64)
     ref = oracles.ntk_from_jacobians(
-        oracles.per_sample_jacobian(model, names, x1), oracles.per_sample_jacobian(model, names, x2)
+        oracles.per_sample_jacobian(model, names, x1),
+        oracles.per_sample_jacobian(model, names, x2),
     )
     assert_close("attention fallback", _traced(ref), k, **F64)
 
@@ -162,7 +224,9 @@ def test_auto_picks_by_cost_and_matches() -> None:
     model, x1, x2, _ = _setup("mlp_tanh")
     fm = functionalize(model, dtype=torch.float64)
     auto = empirical_ntk(fm, x1, x2)
-    assert_close("auto", empirical_ntk(fm, x1, x2, implementation="jacobian"), auto, **F64)
+    assert_close(
+        "auto", empirical_ntk(fm, x1, x2, implementation="jacobian"), auto, **F64
+    )
     from rdiag.ntk.spec import NTKSpec
 
     spec = NTKSpec(True, False, fm.param_weights(None), 1, 1e9, 3)
@@ -172,9 +236,9 @@ def test_auto_picks_by_cost_and_matches() -> None:
     fm_wide = functionalize(wide)
     full = NTKSpec(False, False, fm_wide.param_weights(None), 1, 1e9, 50)
     costs = ntk_costs(fm_wide, torch.randn(64, 4), 64, full, symmetric=True)
-    assert costs[NTKImplementation.NTVP].flops < costs[NTKImplementation.JACOBIAN].flops, (
-        "the full kernel of a 50-output model should favour ntvp"
-    )
+    assert (
+        costs[NTKImplementation.NTVP].flops < costs[NTKImplementation.JACOBIAN].flops
+    ), "the full kernel of a 50-output model should favour ntvp"
 
 
 def test_memory_guard_messages() -> None:
@@ -182,10 +246,20 @@ def test_memory_guard_messages() -> None:
     with pytest.raises(MemoryError, match="trace_outputs=True"):
         empirical_ntk(model, x1, trace_outputs=False, memory_budget=1e5)
     with pytest.raises(MemoryError, match=r"block_size <= \d+"):
-        empirical_ntk(model, x1, block_size=150, memory_budget=2e5, implementation="jacobian")
+        empirical_ntk(
+            model, x1, block_size=150, memory_budget=2e5, implementation="jacobian"
+        )
     # Under a tight budget blocking keeps the computation going and exact.
-    tight = empirical_ntk(model, x1[:20], memory_budget=2e4, implementation="jacobian", dtype=torch.float64)
-    assert_close("tight budget", empirical_ntk(model, x1[:20], dtype=torch.float64), tight, **F64)
+    tight = empirical_ntk(
+        model,
+        x1[:20],
+        memory_budget=2e4,
+        implementation="jacobian",
+        dtype=torch.float64,
+    )
+    assert_close(
+        "tight budget", empirical_ntk(model, x1[:20], dtype=torch.float64), tight, **F64
+    )
 
 
 def test_bad_input_errors() -> None:
@@ -206,7 +280,9 @@ def test_bad_input_errors() -> None:
         empirical_ntk(lambda x: x, x1)
 
 
-def test_auto_falls_back_when_structured_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_falls_back_when_structured_does_not_fit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import rdiag.ntk.api as api
 
     def too_big(*args, **kwargs):
@@ -216,6 +292,11 @@ def test_auto_falls_back_when_structured_does_not_fit(monkeypatch: pytest.Monkey
     model, x1, x2, _ = _setup("mlp_tanh")
     with pytest.warns(UserWarning, match="cheapest generic implementation"):
         k = empirical_ntk(model, x1, x2, dtype=torch.float64)
-    assert_close("auto fallback", empirical_ntk(model, x1, x2, implementation="jacobian", dtype=torch.float64), k, **F64)
+    assert_close(
+        "auto fallback",
+        empirical_ntk(model, x1, x2, implementation="jacobian", dtype=torch.float64),
+        k,
+        **F64,
+    )
     with pytest.raises(MemoryError, match="1 TiB"):
         empirical_ntk(model, x1, x2, implementation="structured")

@@ -36,7 +36,14 @@ def test_weighted_and_batch_coupled_operator() -> None:
     model, make = ZOO["batchnorm"](0)
     x = make(5, 1)
     weights = {"0": 0.5, "3": 4.0}
-    dense = empirical_ntk(model, x, trace_outputs=False, weights=weights, mode="train", dtype=torch.float64)
+    dense = empirical_ntk(
+        model,
+        x,
+        trace_outputs=False,
+        weights=weights,
+        mode="train",
+        dtype=torch.float64,
+    )
     op = NTKOperator(model, x, weights=weights, mode="train", dtype=torch.float64)
     assert_close("weighted train-mode operator", _dense(dense), op.to_dense(), **F64)
 

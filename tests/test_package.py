@@ -23,8 +23,12 @@ def test_import_loads_no_optional_package() -> None:
         "import sys, torch; before = set(sys.modules); import rdiag, rdiag.kernels; "
         f"print(sorted({{m.split('.')[0] for m in set(sys.modules) - before}} & set({OPTIONAL!r})))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]", f"import rdiag loaded optional packages: {out.stdout}"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", (
+        f"import rdiag loaded optional packages: {out.stdout}"
+    )
 
 
 def test_kernels_live_under_rdiag_only() -> None:

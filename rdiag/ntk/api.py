@@ -140,9 +140,22 @@ def _structured_coverage(fm: FunctionalModel) -> float:
     return structured_coverage(fm)
 
 
-def _choose(fm: FunctionalModel, x1: Tensor, n2: int, spec: NTKSpec, symmetric: bool,
-            per_layer: bool) -> NTKImplementation:
-    key = ("_rdiag_auto", tuple(x1.shape), n2, spec.trace_outputs, spec.diagonal, per_layer)
+def _choose(
+    fm: FunctionalModel,
+    x1: Tensor,
+    n2: int,
+    spec: NTKSpec,
+    symmetric: bool,
+    per_layer: bool,
+) -> NTKImplementation:
+    key = (
+        "_rdiag_auto",
+        tuple(x1.shape),
+        n2,
+        spec.trace_outputs,
+        spec.diagonal,
+        per_layer,
+    )
     cache = fm.__dict__.setdefault("_rdiag_cache", {})
     if key in cache:
         return cache[key]
@@ -154,8 +167,14 @@ def _choose(fm: FunctionalModel, x1: Tensor, n2: int, spec: NTKSpec, symmetric: 
     return choice
 
 
-def _choose_generic(fm: FunctionalModel, x1: Tensor, n2: int, spec: NTKSpec,
-                    symmetric: bool, per_layer: bool) -> NTKImplementation:
+def _choose_generic(
+    fm: FunctionalModel,
+    x1: Tensor,
+    n2: int,
+    spec: NTKSpec,
+    symmetric: bool,
+    per_layer: bool,
+) -> NTKImplementation:
     """The cheaper of jacobian and ntvp among those whose workspace fits."""
     costs = ntk_costs(fm, x1, n2, spec, symmetric)
     if per_layer:
@@ -167,25 +186,33 @@ def _choose_generic(fm: FunctionalModel, x1: Tensor, n2: int, spec: NTKSpec,
     if not fits:
         need = min(c.workspace for c in costs.values())
         check_fits(
-            need, spec.budget, "the eNTK of one sample (O*P floats)",
+            need,
+            spec.budget,
+            "the eNTK of one sample (O*P floats)",
             "select fewer parameters (params=...), trace fewer outputs, or use "
             "rdiag.NTKOperator for products without the kernel",
         )
     return min(fits, key=lambda k: fits[k].flops)
 
 
-def _block_size(spec_bytes_per_sample: float, budget: float, n: int, given: int | None) -> int:
+def _block_size(
+    spec_bytes_per_sample: float, budget: float, n: int, given: int | None
+) -> int:
     """Largest block of samples whose Jacobian rows fit in half the budget."""
     fit = int(budget // (2 * spec_bytes_per_sample))
     if given is not None:
         check_fits(
-            2 * given * spec_bytes_per_sample, budget, f"block_size={given}",
+            2 * given * spec_bytes_per_sample,
+            budget,
+            f"block_size={given}",
             f"use block_size <= {max(fit, 1)} or a larger memory_budget",
         )
         return given
     if fit < 1:
         check_fits(
-            2 * spec_bytes_per_sample, budget, "one sample's Jacobian rows",
+            2 * spec_bytes_per_sample,
+            budget,
+            "one sample's Jacobian rows",
             "select fewer parameters (params=...) or use rdiag.NTKOperator",
         )
     return max(1, min(n, fit))
@@ -316,7 +343,8 @@ def empirical_ntk(
     copies = len(fm.groups) if per_layer else 1
     out_bytes = math.prod(kernel_shape(spec, len(x1), n2)) * item * copies
     check_fits(
-        out_bytes, budget,
+        out_bytes,
+        budget,
         f"the kernel {kernel_shape(spec, len(x1), n2)}{' per layer' if per_layer else ''}",
         "use trace_outputs=True, diagonal=True, fewer samples, or rdiag.NTKOperator "
         "(products K @ v without the kernel)",
@@ -327,7 +355,9 @@ def empirical_ntk(
     if impl is NTKImplementation.STRUCTURED:
         tiled = replace(spec, block_size=block_size or max(len(x1), n2))
         try:
-            return _finish(_structured(fm, x1, x2, tiled), spec, per_layer, len(x1), n2, fm)
+            return _finish(
+                _structured(fm, x1, x2, tiled), spec, per_layer, len(x1), n2, fm
+            )
         except MemoryError as err:
             if not auto:
                 raise
@@ -340,15 +370,23 @@ def empirical_ntk(
     row_bytes = num_outputs * fm.num_params * item
     block = _block_size(row_bytes, budget - out_bytes, max(len(x1), n2), block_size)
     spec = replace(spec, block_size=block)
-    return _finish(_IMPLEMENTATIONS[impl](fm, x1, x2, spec), spec, per_layer, len(x1), n2, fm)
+    return _finish(
+        _IMPLEMENTATIONS[impl](fm, x1, x2, spec), spec, per_layer, len(x1), n2, fm
+    )
+
 
 def _finish(
-    kernels: dict[str, Tensor], spec: NTKSpec, per_layer: bool, n1: int, n2: int,
+    kernels: dict[str, Tensor],
+    spec: NTKSpec,
+    per_layer: bool,
+    n1: int,
+    n2: int,
     fm: FunctionalModel,
 ) -> Tensor | dict[str, Tensor]:
     if per_layer:
         return kernels
     if kernels:
         return sum(kernels.values())
-    return torch.zeros(kernel_shape(spec, n1, n2), dtype=kernel_dtype(fm), device=fm.device)
-
+    return torch.zeros(
+        kernel_shape(spec, n1, n2), dtype=kernel_dtype(fm), device=fm.device
+    )

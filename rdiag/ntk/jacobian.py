@@ -65,7 +65,11 @@ def contract(
             a, b = j1[n], j2[n]
             n1, o, p = a.shape
             if spec.diagonal:
-                k = (a * b).sum((1, 2)) if spec.trace_outputs else torch.bmm(a, b.transpose(1, 2))
+                k = (
+                    (a * b).sum((1, 2))
+                    if spec.trace_outputs
+                    else torch.bmm(a, b.transpose(1, 2))
+                )
             elif spec.trace_outputs:
                 k = a.reshape(n1, o * p) @ b.reshape(b.shape[0], o * p).T
             else:
@@ -77,20 +81,29 @@ def contract(
     return out
 
 
-def tiles(n1: int, n2: int, block: int, symmetric: bool) -> Iterator[tuple[slice, slice]]:
+def tiles(
+    n1: int, n2: int, block: int, symmetric: bool
+) -> Iterator[tuple[slice, slice]]:
     """Row and column slices of the ``block x block`` tiles (upper triangle if symmetric)."""
     for i in range(0, n1, block):
         for j in range(i if symmetric else 0, n2, block):
             yield slice(i, min(i + block, n1)), slice(j, min(j + block, n2))
 
 
-def place(out: dict[str, Tensor], part: dict[str, Tensor], rows: slice, cols: slice,
-          mirror: bool) -> None:
+def place(
+    out: dict[str, Tensor],
+    part: dict[str, Tensor],
+    rows: slice,
+    cols: slice,
+    mirror: bool,
+) -> None:
     """Write a tile into the output kernels (and its transpose below the diagonal)."""
     for layer, k in part.items():
         out[layer][rows, cols] = k
         if mirror and rows != cols:
-            out[layer][cols, rows] = k.transpose(0, 1) if k.dim() == 2 else k.permute(1, 0, 3, 2)
+            out[layer][cols, rows] = (
+                k.transpose(0, 1) if k.dim() == 2 else k.permute(1, 0, 3, 2)
+            )
 
 
 def jacobian_ntk(

@@ -54,6 +54,12 @@ def empty_kernels(
 ) -> dict[str, Tensor]:
     """Zero-filled kernels, one per key (default: layers with a non-zero weight)."""
     if keys is None:
-        keys = [k for k, names in fm.groups.items() if any(spec.weights[n] != 0.0 for n in names)]
+        keys = [
+            k
+            for k, names in fm.groups.items()
+            if any(spec.weights[n] != 0.0 for n in names)
+        ]
     shape = kernel_shape(spec, n1, n2)
-    return {k: torch.zeros(shape, dtype=kernel_dtype(fm), device=fm.device) for k in keys}
+    return {
+        k: torch.zeros(shape, dtype=kernel_dtype(fm), device=fm.device) for k in keys
+    }

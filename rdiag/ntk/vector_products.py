@@ -24,7 +24,9 @@ def model_jvp_mode(fm: FunctionalModel, x: Tensor) -> JvpMode:
     """Probe (once per model) which forward-mode strategy works, on a slice of ``x``."""
     probe_x = x[:2]
     zeros = {n: torch.zeros_like(p) for n, p in fm.params.items()}
-    return jvp_mode(fm, lambda mode: jvp(lambda p: fm(p, probe_x), (fm.params,), (zeros,), mode))
+    return jvp_mode(
+        fm, lambda mode: jvp(lambda p: fm(p, probe_x), (fm.params,), (zeros,), mode)
+    )
 
 
 def _pull_rows(fm: FunctionalModel, x: Tensor, num_outputs: int) -> dict[str, Tensor]:
@@ -55,7 +57,9 @@ def _push(
     count = next(iter(tangents.values())).shape[0]
     outs = [
         # randomness="same": a train-mode dropout mask is shared by all tangents.
-        vmap(push_one, randomness="same")({n: t[i : i + chunk] for n, t in tangents.items()})
+        vmap(push_one, randomness="same")(
+            {n: t[i : i + chunk] for n, t in tangents.items()}
+        )
         for i in range(0, count, chunk)
     ]
     return torch.cat(outs)
@@ -126,7 +130,11 @@ def ntvp_ntk(
 
 
 def _diagonal(
-    fm: FunctionalModel, x: Tensor, tangents: dict[str, Tensor], mode: JvpMode, nb: int,
+    fm: FunctionalModel,
+    x: Tensor,
+    tangents: dict[str, Tensor],
+    mode: JvpMode,
+    nb: int,
     spec: NTKSpec,
 ) -> Tensor:
     o = spec.num_outputs
@@ -135,7 +143,9 @@ def _diagonal(
 
     def one(sample: Tensor, tans: dict[str, Tensor]) -> Tensor:
         def push(t: dict[str, Tensor]) -> Tensor:
-            return jvp(lambda p: fm.single({**fm.params, **p}, sample), (base,), (t,), mode)[1]
+            return jvp(
+                lambda p: fm.single({**fm.params, **p}, sample), (base,), (t,), mode
+            )[1]
 
         k = vmap(push)(tans)  # (b, a): row b of K_ii as a function of output a
         return k.diagonal().sum() if spec.trace_outputs else k.T
@@ -157,7 +167,9 @@ def _coupled(
     cols = range(n) if x2 is None else range(n1, n)
     basis = torch.zeros(len(cols) * o, n, o, dtype=fm.param_dtype, device=fm.device)
     for k, j in enumerate(cols):
-        basis[k * o : (k + 1) * o, j] = torch.eye(o, dtype=fm.param_dtype, device=fm.device)
+        basis[k * o : (k + 1) * o, j] = torch.eye(
+            o, dtype=fm.param_dtype, device=fm.device
+        )
     _, pull = vjp(lambda p: fm(p, both), fm.params)
     rows_t = vmap(pull)(basis)[0]
     itemsize = torch.finfo(kernel_dtype(fm)).bits // 8

@@ -43,8 +43,16 @@ class LinearOperator(ABC):
         Raises:
             ValueError: ``matrix`` is not ``(D, K)``.
         """
-        if not isinstance(matrix, Tensor) or matrix.dim() != 2 or matrix.shape[0] != self.shape[1]:
-            got = tuple(matrix.shape) if isinstance(matrix, Tensor) else type(matrix).__name__
+        if (
+            not isinstance(matrix, Tensor)
+            or matrix.dim() != 2
+            or matrix.shape[0] != self.shape[1]
+        ):
+            got = (
+                tuple(matrix.shape)
+                if isinstance(matrix, Tensor)
+                else type(matrix).__name__
+            )
             raise ValueError(
                 f"expected a ({self.shape[1]}, K) matrix for {type(self).__name__}, got {got}"
             )
@@ -57,7 +65,11 @@ class LinearOperator(ABC):
             ValueError: ``vector`` is not ``(D,)``.
         """
         if not isinstance(vector, Tensor) or vector.shape != (self.shape[1],):
-            got = tuple(vector.shape) if isinstance(vector, Tensor) else type(vector).__name__
+            got = (
+                tuple(vector.shape)
+                if isinstance(vector, Tensor)
+                else type(vector).__name__
+            )
             raise ValueError(
                 f"expected a flat vector of {self.shape[1]} entries for "
                 f"{type(self).__name__}, got {got}"
@@ -69,7 +81,9 @@ class LinearOperator(ABC):
 
     def to_dense(self) -> Tensor:
         """Materialize ``A`` as a ``(D, D)`` tensor (D products; for tests and small D)."""
-        return self.matmat(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
+        return self.matmat(
+            torch.eye(self.shape[1], dtype=self.dtype, device=self.device)
+        )
 
     def to_scipy(self) -> Any:
         """A ``scipy.sparse.linalg.LinearOperator`` view (float64 numpy in and out)."""
@@ -79,7 +93,9 @@ class LinearOperator(ABC):
             t = torch.as_tensor(v, device=self.device).reshape(self.shape[1], -1)
             return self.matmat(t).detach().cpu().double().numpy().reshape(v.shape)
 
-        return sla.LinearOperator(self.shape, matvec=mv, matmat=mv, rmatvec=mv, dtype="float64")
+        return sla.LinearOperator(
+            self.shape, matvec=mv, matmat=mv, rmatvec=mv, dtype="float64"
+        )
 
 
 class DenseOperator(LinearOperator):
@@ -91,7 +107,9 @@ class DenseOperator(LinearOperator):
 
     def __init__(self, matrix: Tensor) -> None:
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"expected a square matrix, got shape {tuple(matrix.shape)}")
+            raise ValueError(
+                f"expected a square matrix, got shape {tuple(matrix.shape)}"
+            )
         self.matrix = matrix
         self.shape = (matrix.shape[0], matrix.shape[1])
         self.dtype = matrix.dtype
@@ -116,7 +134,11 @@ class ScaledOperator(LinearOperator):
             )
         self.operator = operator
         self.root = diagonal.to(device=operator.device, dtype=operator.dtype).sqrt()
-        self.shape, self.dtype, self.device = operator.shape, operator.dtype, operator.device
+        self.shape, self.dtype, self.device = (
+            operator.shape,
+            operator.dtype,
+            operator.device,
+        )
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         return self.root[:, None] * self.operator.matmat(self.root[:, None] * matrix)
