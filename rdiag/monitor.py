@@ -457,6 +457,7 @@ class Monitor:
                 warm_start=self._warm.get(key),
                 preconditioner=precond,
                 dtype=self.dtype,
+                criterion="eigenvalue",
             )
             self._warm[key] = res.eigenvectors
             if self.snapshots and self.store is not None:

@@ -14,8 +14,9 @@ def assert_close(
     Raises:
         AssertionError: With the shape, the worst entry and the error norms.
     """
-    expected = torch.as_tensor(expected).detach().double().cpu()
-    actual = torch.as_tensor(actual).detach().double().cpu()
+    # Python floats are read as float64 (torch.as_tensor would make them float32).
+    expected = torch.as_tensor(expected, dtype=torch.float64).detach().cpu()
+    actual = torch.as_tensor(actual, dtype=torch.float64).detach().cpu()
     assert expected.shape == actual.shape, (
         f"{name}: shape mismatch, expected {tuple(expected.shape)}, got {tuple(actual.shape)}"
     )
