@@ -16,4 +16,5 @@ test: setup
 
 bench: setup
 	$(VENV)/bin/python -m pip install -q -e ".[bench]"
+	mkdir -p $(OUT)
 	$(VENV)/bin/python -m pytest bench --benchmark-only --benchmark-json=$(OUT)/bench.json
