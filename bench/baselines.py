@@ -11,7 +11,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
 
-def tutorial_jacobian_ntk(model: nn.Module, x1: Tensor, x2: Tensor, trace: bool) -> Tensor:
+def tutorial_jacobian_ntk(
+    model: nn.Module, x1: Tensor, x2: Tensor, trace: bool
+) -> Tensor:
     """The tutorial's ``empirical_ntk_jacobian_contraction``: vmap(jacrev) + einsum."""
     params = {k: v.detach() for k, v in model.named_parameters()}
 
@@ -39,7 +41,9 @@ def unfused_gram_hadamard(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> Ten
     return (x1 @ x2.T)[:, :, None, None] * gg.permute(0, 2, 1, 3)
 
 
-def unfused_gram_hadamard_shared(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> Tensor:
+def unfused_gram_hadamard_shared(
+    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor
+) -> Tensor:
     """Whole ``(N1 T1) x (N2 T2)`` token Grams in memory, then the pair sums.
 
     ``x1 (N1, T1, Dx)``, ``g1 (N1, R, T1, Dg)``; returns ``(N1, N2, R, R)``.
@@ -51,7 +55,9 @@ def unfused_gram_hadamard_shared(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor)
     return torch.einsum("itju,iatjbu->ijab", xx, gg)
 
 
-def gram_matmuls(x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor]:
+def gram_matmuls(
+    x1: Tensor, x2: Tensor, g1: Tensor, g2: Tensor
+) -> tuple[Tensor, Tensor]:
     """The two cuBLAS GEMMs of the Gram-Hadamard product alone (a throughput bound)."""
     dg = g1.shape[-1]
     return x1 @ x2.T, g1.reshape(-1, dg) @ g2.reshape(-1, dg).T
@@ -77,7 +83,12 @@ def separate_kernel_stats(k0: Tensor, k1: Tensor) -> dict[str, Tensor]:
 
 
 def plain_width_sweep(
-    widths: list[int], seeds: int, steps: int, lr: float, x: Tensor, y: Tensor,
+    widths: list[int],
+    seeds: int,
+    steps: int,
+    lr: float,
+    x: Tensor,
+    y: Tensor,
     record_activations: bool = False,
 ) -> list[float]:
     """The same tanh MLPs (``d_in -> n -> n -> d_out``, muP table init) trained with
@@ -92,7 +103,11 @@ def plain_width_sweep(
         for seed in range(seeds):
             torch.manual_seed(seed)
             net = nn.Sequential(
-                nn.Linear(d_in, n), nn.Tanh(), nn.Linear(n, n), nn.Tanh(), nn.Linear(n, d_out)
+                nn.Linear(d_in, n),
+                nn.Tanh(),
+                nn.Linear(n, n),
+                nn.Tanh(),
+                nn.Linear(n, d_out),
             )
             with torch.no_grad():
                 for layer, std in zip(net[::2], (d_in**-0.5, n**-0.5, n**-1.0)):
@@ -100,10 +115,15 @@ def plain_width_sweep(
                     layer.bias.zero_()
             rates = (n / d_in, 1.0, 1.0 / n)
             opt = torch.optim.SGD(
-                [{"params": layer.parameters(), "lr": lr * s} for layer, s in zip(net[::2], rates)]
+                [
+                    {"params": layer.parameters(), "lr": lr * s}
+                    for layer, s in zip(net[::2], rates)
+                ]
             )
             hooks = [
-                m.register_forward_hook(lambda _m, _i, o: out.append(float(o.abs().mean())))
+                m.register_forward_hook(
+                    lambda _m, _i, o: out.append(float(o.abs().mean()))
+                )
                 for m in net[::2]
                 if record_activations
             ]
@@ -155,7 +175,12 @@ def loss_gradient(model: nn.Module, loss_fn, x: Tensor, y: Tensor) -> list[Tenso
 
 
 def pyhessian_style_power(
-    model: nn.Module, loss_fn, x: Tensor, y: Tensor, max_iter: int = 100, tol: float = 1e-3,
+    model: nn.Module,
+    loss_fn,
+    x: Tensor,
+    y: Tensor,
+    max_iter: int = 100,
+    tol: float = 1e-3,
     seed: int = 0,
 ) -> tuple[float, int]:
     """PyHessian's recipe for the top eigenvalue: double-backward HVPs, power iteration.
@@ -176,7 +201,10 @@ def pyhessian_style_power(
         new = float(sum((a * b).sum() for a, b in zip(hv, v)))
         norm = torch.sqrt(sum((u * u).sum() for u in hv))
         v = [u / norm for u in hv]
-        if eigenvalue is not None and abs(new - eigenvalue) / (abs(eigenvalue) + 1e-6) < tol:
+        if (
+            eigenvalue is not None
+            and abs(new - eigenvalue) / (abs(eigenvalue) + 1e-6) < tol
+        ):
             eigenvalue = new
             break
         eigenvalue = new

@@ -42,8 +42,13 @@ def _mlp() -> nn.Module:
 def _cnn() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.Tanh(), nn.Conv2d(32, 32, 3, padding=1), nn.Tanh(),
-        nn.AvgPool2d(2), nn.Flatten(), nn.Linear(32 * 8 * 8, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.Tanh(),
+        nn.AvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * 8 * 8, 10),
     )
 
 
@@ -51,9 +56,16 @@ def _cnn() -> nn.Module:
 def problems() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(1)
     return {
-        "mlp": (_mlp(), torch.randn(256, 8, generator=gen), torch.randn(256, 10, generator=gen)),
-        "cnn": (_cnn(), torch.randn(64, 3, 16, 16, generator=gen),
-                torch.randn(64, 10, generator=gen)),
+        "mlp": (
+            _mlp(),
+            torch.randn(256, 8, generator=gen),
+            torch.randn(256, 10, generator=gen),
+        ),
+        "cnn": (
+            _cnn(),
+            torch.randn(64, 3, 16, 16, generator=gen),
+            torch.randn(64, 10, generator=gen),
+        ),
     }
 
 
@@ -61,18 +73,23 @@ def problems() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
 def test_gradient(benchmark, problems, arch: str) -> None:
     net, x, y = problems[arch]
     benchmark.group = f"hvp-{arch}"
-    benchmark.pedantic(baselines.loss_gradient, args=(net, F.mse_loss, x, y), rounds=5,
-                       warmup_rounds=1)
+    benchmark.pedantic(
+        baselines.loss_gradient, args=(net, F.mse_loss, x, y), rounds=5, warmup_rounds=1
+    )
     _GRADIENT_SECONDS[arch] = benchmark.stats.stats.median
 
 
 @pytest.fixture(scope="module")
-def hvp_operators(problems) -> dict[tuple[str, bool], tuple[HessianOperator, torch.Tensor]]:
+def hvp_operators(
+    problems,
+) -> dict[tuple[str, bool], tuple[HessianOperator, torch.Tensor]]:
     """Eager and compiled operators per model, each called once (compiles)."""
     ops = {}
     for arch, (net, x, y) in problems.items():
-        v = torch.randn(sum(p.numel() for p in net.parameters()),
-                        generator=torch.Generator().manual_seed(2))
+        v = torch.randn(
+            sum(p.numel() for p in net.parameters()),
+            generator=torch.Generator().manual_seed(2),
+        )
         for compiled in (False, True):
             op = HessianOperator(net, F.mse_loss, (x, y), compile=compiled)
             op.matvec(v)
@@ -93,7 +110,9 @@ def test_hvp(benchmark, hvp_operators, arch: str, compiled: bool) -> None:
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_hvp_per_gradient_interleaved(benchmark, problems, hvp_operators, arch: str) -> None:
+def test_hvp_per_gradient_interleaved(
+    benchmark, problems, hvp_operators, arch: str
+) -> None:
     """Gradient, eager HVP and compiled HVP timed in turn, 8 times: min-time ratios.
 
     Interleaving makes the ratio robust to other load on the machine; the timed
@@ -104,8 +123,12 @@ def test_hvp_per_gradient_interleaved(benchmark, problems, hvp_operators, arch: 
     times: dict[str, list[float]] = {"gradient": [], "eager": [], "compiled": []}
     calls = {
         "gradient": lambda: baselines.loss_gradient(net, F.mse_loss, x, y),
-        "eager": lambda: hvp_operators[arch, False][0].matvec(hvp_operators[arch, False][1]),
-        "compiled": lambda: hvp_operators[arch, True][0].matvec(hvp_operators[arch, True][1]),
+        "eager": lambda: hvp_operators[arch, False][0].matvec(
+            hvp_operators[arch, False][1]
+        ),
+        "compiled": lambda: hvp_operators[arch, True][0].matvec(
+            hvp_operators[arch, True][1]
+        ),
     }
     for _ in range(8):
         for name, call in calls.items():
@@ -131,7 +154,9 @@ def spectrum(problems) -> dict[str, object]:
         for p, g in zip(stepped.parameters(), grads, strict=True):
             p -= 0.1 * g
     reference = lanczos(
-        HessianOperator(stepped, F.mse_loss, (x, y), dtype=torch.float64), 1, tol=1e-10,
+        HessianOperator(stepped, F.mse_loss, (x, y), dtype=torch.float64),
+        1,
+        tol=1e-10,
         criterion="eigenvalue",
     )
     return {
@@ -160,9 +185,11 @@ def test_lanczos(benchmark, spectrum, criterion: str, warm: bool) -> None:
     benchmark.group = "lambda-max"
     start = spectrum["estimate"] if warm else None
     result = benchmark.pedantic(
-        lanczos, args=(spectrum["op"], 1),
+        lanczos,
+        args=(spectrum["op"], 1),
         kwargs={"tol": 1e-6, "criterion": criterion, "warm_start": start, "seed": 1},
-        rounds=1, iterations=1,
+        rounds=1,
+        iterations=1,
     )
     _record_eig(benchmark, spectrum, result)
 
@@ -172,9 +199,11 @@ def test_power_iteration(benchmark, spectrum, warm: bool) -> None:
     benchmark.group = "lambda-max"
     start = spectrum["estimate"] if warm else None
     result = benchmark.pedantic(
-        power_iteration, args=(spectrum["op"],),
+        power_iteration,
+        args=(spectrum["op"],),
         kwargs={"tol": 1e-6, "max_iter": 100, "warm_start": start, "seed": 1},
-        rounds=1, iterations=1,
+        rounds=1,
+        iterations=1,
     )
     _record_eig(benchmark, spectrum, result)
 
@@ -183,8 +212,10 @@ def test_pyhessian_style_power(benchmark, spectrum) -> None:
     benchmark.group = "lambda-max"
     x, y = spectrum["data"]
     value, products = benchmark.pedantic(
-        baselines.pyhessian_style_power, args=(spectrum["net"], F.mse_loss, x, y),
-        rounds=1, iterations=1,
+        baselines.pyhessian_style_power,
+        args=(spectrum["net"], F.mse_loss, x, y),
+        rounds=1,
+        iterations=1,
     )
     _record(benchmark, spectrum, value, products)
 
@@ -192,7 +223,10 @@ def test_pyhessian_style_power(benchmark, spectrum) -> None:
 def test_scipy_eigsh(benchmark, spectrum) -> None:
     benchmark.group = "lambda-max"
     value, products = benchmark.pedantic(
-        baselines.scipy_eigsh_top, args=(spectrum["op"],), kwargs={"tol": 1e-6},
-        rounds=1, iterations=1,
+        baselines.scipy_eigsh_top,
+        args=(spectrum["op"],),
+        kwargs={"tol": 1e-6},
+        rounds=1,
+        iterations=1,
     )
     _record(benchmark, spectrum, value, products)

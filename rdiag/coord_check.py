@@ -56,13 +56,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rdiag._autodiff import jvp, jvp_mode
+from rdiag._autodiff import jvp
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
 from rdiag._optional import require
 from rdiag.functional import functionalize
 from rdiag.metrics import fit_exponent, matrix_norms, representation_movement
 from rdiag.models import FAMILIES, make_model
 from rdiag.ntk.api import empirical_ntk
+from rdiag.ntk.vector_products import model_jvp_mode
 from rdiag.parametrization import (
     OPTIMIZERS,
     Centered,
@@ -383,14 +384,13 @@ def _run(
 
 
 def _jvp_at(fm, probe: Tensor, theta0: dict, delta: dict) -> Tensor:
-    """``J_0 delta`` on the probe; ops without forward-mode AD (fused attention on
-    CPU) fall back as in :mod:`rdiag._autodiff` (math attention, then double vjp)."""
-    results = {}
+    """``J_0 delta`` on the probe, with the forward-mode fallbacks of rdiag._autodiff.
 
-    def run(mode: str) -> None:
-        results[mode] = jvp(lambda p: fm(p, probe), (theta0,), (delta,), mode)[1]
-
-    return results[jvp_mode(fm, run)]
+    Ops without forward-mode AD (fused attention on CPU) fall back to the math
+    attention backend, then to the double-vjp trick.
+    """
+    mode = model_jvp_mode(fm, probe)
+    return jvp(lambda p: fm(p, probe), (theta0,), (delta,), mode)[1]
 
 
 def _rec(metric: str, layer: str | None, role: str | None, value: float) -> dict:

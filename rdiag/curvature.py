@@ -25,7 +25,12 @@ from rdiag.linalg.power import power_extreme
 from rdiag.linalg.trace import TraceEstimate, hutch_plus_plus, hutchinson
 from rdiag.operators._data import CurvatureOperator
 from rdiag.operators.base import LinearOperator, ScaledOperator
-from rdiag.operators.ggn import FisherOperator, GGNOperator, LossKind, dense_loss_hessian
+from rdiag.operators.ggn import (
+    FisherOperator,
+    GGNOperator,
+    LossKind,
+    dense_loss_hessian,
+)
 from rdiag.operators.hessian import HessianOperator
 
 OperatorKind = Literal["hessian", "ggn", "fisher"]
@@ -109,7 +114,9 @@ def _adam_diagonal(fm: FunctionalModel, optimizer: torch.optim.Optimizer) -> Ten
     return fm.flatten(found).to(device=fm.device, dtype=fm.param_dtype)
 
 
-def preconditioner_diagonal(fm: FunctionalModel, preconditioner: Preconditioner) -> Tensor | None:
+def preconditioner_diagonal(
+    fm: FunctionalModel, preconditioner: Preconditioner
+) -> Tensor | None:
     r"""Resolve a diagonal preconditioner ``M`` to a flat ``(P,)`` vector.
 
     Args:
@@ -230,12 +237,27 @@ def top_eigenvalues(
     check_choice(method, "method", ("lanczos", "power"))
     check_positive_int(k, "k")
     op = _operator(
-        model, loss_fn, data, preconditioner, operator=operator, params=params,
-        exclude=exclude, mode=mode, dtype=dtype, loss=loss, compile=compile,
+        model,
+        loss_fn,
+        data,
+        preconditioner,
+        operator=operator,
+        params=params,
+        exclude=exclude,
+        mode=mode,
+        dtype=dtype,
+        loss=loss,
+        compile=compile,
     )
     if method == "lanczos":
         return lanczos(
-            op, k, which=which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed,
+            op,
+            k,
+            which=which,
+            tol=tol,
+            max_iter=max_iter,
+            warm_start=warm_start,
+            seed=seed,
             criterion=criterion,
         )
     if k != 1 or which == "both":
@@ -244,7 +266,9 @@ def top_eigenvalues(
             f"k={k}, which={which!r}; use method='lanczos'"
         )
     check_choice(which, "which", ("largest", "smallest"))
-    return power_extreme(op, which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed)
+    return power_extreme(
+        op, which, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed
+    )
 
 
 def sharpness(
@@ -297,9 +321,20 @@ def sharpness(
         The eigenvalue, a Python float.
     """
     result = top_eigenvalues(
-        model, loss_fn, data, 1, operator=operator, tol=tol, warm_start=warm_start,
-        params=params, exclude=exclude, preconditioner=preconditioner, mode=mode,
-        dtype=dtype, seed=seed, criterion="eigenvalue",
+        model,
+        loss_fn,
+        data,
+        1,
+        operator=operator,
+        tol=tol,
+        warm_start=warm_start,
+        params=params,
+        exclude=exclude,
+        preconditioner=preconditioner,
+        mode=mode,
+        dtype=dtype,
+        seed=seed,
+        criterion="eigenvalue",
     )
     return float(result.eigenvalues[0])
 
@@ -340,8 +375,15 @@ def hessian_trace(
     """
     check_choice(method, "method", ("hutch++", "hutchinson"))
     op = _operator(
-        model, loss_fn, data, preconditioner, operator=operator, params=params,
-        exclude=exclude, mode=mode, dtype=dtype,
+        model,
+        loss_fn,
+        data,
+        preconditioner,
+        operator=operator,
+        params=params,
+        exclude=exclude,
+        mode=mode,
+        dtype=dtype,
     )
     if method == "hutchinson":
         return hutchinson(op, num_matvecs, seed=seed)
@@ -387,11 +429,22 @@ def hessian_density(
         ``(grid, density)``, a :class:`~rdiag.linalg.density.SpectralDensity`.
     """
     op = _operator(
-        model, loss_fn, data, preconditioner, operator=operator, params=params,
-        exclude=exclude, mode=mode, dtype=dtype,
+        model,
+        loss_fn,
+        data,
+        preconditioner,
+        operator=operator,
+        params=params,
+        exclude=exclude,
+        mode=mode,
+        dtype=dtype,
     )
     return spectral_density(
-        op, num_probes=num_probes, lanczos_steps=lanczos_steps, grid=grid, sigma=sigma,
+        op,
+        num_probes=num_probes,
+        lanczos_steps=lanczos_steps,
+        grid=grid,
+        sigma=sigma,
         seed=seed,
     )
 
@@ -450,7 +503,13 @@ def ggn_eigenvalues_from_ntk(
     from rdiag.ntk.api import empirical_ntk
 
     op = GGNOperator(
-        model, loss_fn, (x, y), params=params, exclude=exclude, mode=mode, dtype=dtype,
+        model,
+        loss_fn,
+        (x, y),
+        params=params,
+        exclude=exclude,
+        mode=mode,
+        dtype=dtype,
         loss=loss,
     )
     xb, yb = op.prepare(x, y)

@@ -148,9 +148,12 @@ class FunctionalModel:
         self.dropout_seed = dropout_seed
         self.output_fn = output_fn
         state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-        cast = lambda t: t.detach().to(dtype) if t.is_floating_point() else t.detach()
-        if dtype is None:
-            cast = Tensor.detach
+
+        def cast(t: Tensor) -> Tensor:
+            if dtype is not None and t.is_floating_point():
+                return t.detach().to(dtype)
+            return t.detach()
+
         self.params: Params = {n: cast(state[n]) for n in self.names}
         self.others: dict[str, Tensor] = {
             n: cast(t) for n, t in state.items() if n not in self.params
@@ -309,8 +312,7 @@ class FunctionalModel:
         return self(params, x.unsqueeze(0))[0]
 
     def cast_input(self, x: Tensor, name: str = "x") -> Tensor:
-        """Validate an input batch; move it to the parameters' device and, if floating,
-        their dtype."""
+        """Validate a batch; move it to the parameters' device (and dtype, if floating)."""
         check_tensor(x, name)
         if x.is_floating_point():
             return x.to(device=self.device, dtype=self.param_dtype)

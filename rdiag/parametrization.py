@@ -229,7 +229,7 @@ def ntk(*, base_width: int = 1) -> Parametrization:
 
 
 def mup(*, base_width: int = 1) -> Parametrization:
-    """muP in the table gauge (richness ``r = 1/2``; SGD and Adam tables)."""
+    """MuP in the table gauge (richness ``r = 1/2``; SGD and Adam tables)."""
     return richness(0.5, gauge="table", base_width=base_width, name="mup")
 
 

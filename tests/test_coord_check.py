@@ -312,3 +312,23 @@ def test_user_module_roles_inferred():
         -0.25,
         -0.5,
     ]
+
+
+def test_linearization_jvp_after_the_mode_is_cached() -> None:
+    """The forward-mode choice is cached per model; later products must still run."""
+    from rdiag.coord_check import _jvp_at
+    from rdiag.functional import functionalize
+    from rdiag.ntk.vector_products import model_jvp_mode
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    fm = functionalize(net, dtype=torch.float64)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    model_jvp_mode(fm, x)
+    delta = {n: torch.randn_like(p) for n, p in fm.params.items()}
+    first = _jvp_at(fm, x, fm.params, delta)
+    again = _jvp_at(fm, x, fm.params, delta)
+    eps = 1e-6
+    moved = {n: p + eps * delta[n] for n, p in fm.params.items()}
+    finite = (fm(moved, x) - fm(fm.params, x)) / eps
+    assert torch.equal(first, again)
+    assert torch.allclose(first, finite, rtol=1e-4, atol=1e-6)

@@ -30,10 +30,16 @@ def test_top5_and_most_negative_match_dense(arch: str, loss: str) -> None:
     net, x, y, loss_fn, _, dense = case_and_hessian(arch, loss)
     exact = oracles.dense_eigh(dense)[0]
     top = top_eigenvalues(net, loss_fn, (x, y), 5, dtype=F64, tol=1e-8)
-    low = top_eigenvalues(net, loss_fn, (x, y), 1, which="smallest", dtype=F64, tol=1e-8)
+    low = top_eigenvalues(
+        net, loss_fn, (x, y), 1, which="smallest", dtype=F64, tol=1e-8
+    )
     assert top.converged and low.converged
-    assert_close(f"top-5 {arch} {loss}", exact[:5], top.eigenvalues, rtol=1e-8, atol=1e-10)
-    assert_close(f"min {arch} {loss}", exact[-1:], low.eigenvalues, rtol=1e-8, atol=1e-10)
+    assert_close(
+        f"top-5 {arch} {loss}", exact[:5], top.eigenvalues, rtol=1e-8, atol=1e-10
+    )
+    assert_close(
+        f"min {arch} {loss}", exact[-1:], low.eigenvalues, rtol=1e-8, atol=1e-10
+    )
 
 
 def test_sharpness_is_the_largest_algebraic_eigenvalue() -> None:
@@ -68,18 +74,33 @@ def test_preconditioned_sharpness_matches_dense(kind: str) -> None:
     fm = functionalize(net)
     if kind == "per-layer":
         pre = {"0": 4.0, "4.weight": 0.25}
-        diag = torch.cat([torch.full((fm.sizes[n],), {"0": 4.0, "4": 0.25}.get(n[0], 1.0),
-                                     dtype=F64) if n != "4.bias" else torch.ones(3, dtype=F64)
-                          for n in names])
+        diag = torch.cat(
+            [
+                torch.full(
+                    (fm.sizes[n],), {"0": 4.0, "4": 0.25}.get(n[0], 1.0), dtype=F64
+                )
+                if n != "4.bias"
+                else torch.ones(3, dtype=F64)
+                for n in names
+            ]
+        )
     elif kind == "flat":
-        diag = torch.rand(fm.num_params, generator=torch.Generator().manual_seed(0), dtype=F64)
+        diag = torch.rand(
+            fm.num_params, generator=torch.Generator().manual_seed(0), dtype=F64
+        )
         pre = diag
     else:
         pre = _adam_after_one_step(net, loss_fn, x, y)
         st = [pre.state[p] for p in net.parameters()]
-        diag = torch.cat([(0.01 / ((s["exp_avg_sq"] / (1 - 0.99)).sqrt() + 1e-3)).reshape(-1)
-                          for s in st])
-    assert_close(f"M {kind}", diag, preconditioner_diagonal(fm, pre), rtol=1e-12, atol=0)
+        diag = torch.cat(
+            [
+                (0.01 / ((s["exp_avg_sq"] / (1 - 0.99)).sqrt() + 1e-3)).reshape(-1)
+                for s in st
+            ]
+        )
+    assert_close(
+        f"M {kind}", diag, preconditioner_diagonal(fm, pre), rtol=1e-12, atol=0
+    )
     dense = oracles.dense_hessian(net, names, loss_fn, x, y)
     root = diag.sqrt()
     exact = oracles.dense_eigh(root[:, None] * dense * root[None])[0]
@@ -102,19 +123,30 @@ def test_warm_start_after_an_sgd_step_needs_fewer_matvecs() -> None:
     assert cold.converged and warm.converged
     for res in (cold, warm):
         assert_close("lambda_max", exact, res.eigenvalues, rtol=1e-6, atol=0)
-    assert 2 * warm.num_matvecs <= cold.num_matvecs, (warm.num_matvecs, cold.num_matvecs)
+    assert 2 * warm.num_matvecs <= cold.num_matvecs, (
+        warm.num_matvecs,
+        cold.num_matvecs,
+    )
 
 
-@pytest.mark.parametrize("arch,loss", [("mlp_tanh", "mse"), ("mlp_tanh", "ce"), ("cnn", "mse")])
+@pytest.mark.parametrize(
+    "arch,loss", [("mlp_tanh", "mse"), ("mlp_tanh", "ce"), ("cnn", "mse")]
+)
 def test_sample_space_ggn_equals_parameter_space(arch: str, loss: str) -> None:
     net, x, y, loss_fn, _, jac, _, ggn = ggn_case(arch, loss)
     n_out = jac.shape[0] * jac.shape[1]
     exact = oracles.dense_eigh(ggn)[0][:n_out]
     sample = ggn_eigenvalues_from_ntk(net, loss_fn, x, y, dtype=F64)
     assert sample.shape == (n_out,)
-    assert_close(f"sample-space GGN {arch} {loss}", exact, sample, rtol=1e-8, atol=1e-12)
-    lanczos_top = top_eigenvalues(net, loss_fn, (x, y), 3, operator="ggn", dtype=F64, tol=1e-10)
-    assert_close("vs GGN Lanczos", lanczos_top.eigenvalues, sample[:3], rtol=1e-8, atol=1e-12)
+    assert_close(
+        f"sample-space GGN {arch} {loss}", exact, sample, rtol=1e-8, atol=1e-12
+    )
+    lanczos_top = top_eigenvalues(
+        net, loss_fn, (x, y), 3, operator="ggn", dtype=F64, tol=1e-10
+    )
+    assert_close(
+        "vs GGN Lanczos", lanczos_top.eigenvalues, sample[:3], rtol=1e-8, atol=1e-12
+    )
 
 
 def test_sample_space_with_weights_and_the_mse_convention() -> None:
@@ -128,8 +160,15 @@ def test_sample_space_with_weights_and_the_mse_convention() -> None:
     expected = 2 * float(oracles.dense_eigh(kernel)[0][0]) / (n * o)
     got = ggn_sharpness_from_ntk(net, loss_fn, x, y, weights=weights, dtype=F64)
     assert abs(got - expected) <= 1e-10 * expected
-    via_lanczos = sharpness(net, loss_fn, (x, y), operator="ggn", preconditioner=weights,
-                            dtype=F64, tol=1e-10)
+    via_lanczos = sharpness(
+        net,
+        loss_fn,
+        (x, y),
+        operator="ggn",
+        preconditioner=weights,
+        dtype=F64,
+        tol=1e-10,
+    )
     assert abs(via_lanczos - expected) <= 1e-8 * expected
 
 
@@ -138,11 +177,14 @@ def test_trace_and_density_of_the_hessian() -> None:
     exact, p = float(dense.trace()), dense.shape[0]
     est = hessian_trace(net, loss_fn, (x, y), num_matvecs=45, dtype=F64, seed=1)
     assert abs(est.estimate - exact) <= 4 * est.std_err
-    grid, density = hessian_density(net, loss_fn, (x, y), num_probes=4, lanczos_steps=30,
-                                    grid=3000, dtype=F64)
+    grid, density = hessian_density(
+        net, loss_fn, (x, y), num_probes=4, lanczos_steps=30, grid=3000, dtype=F64
+    )
     dx = float(grid[1] - grid[0])
     assert abs(float(density.sum()) * dx - 1) < 1e-6
-    hutch = hessian_trace(net, loss_fn, (x, y), num_matvecs=4, method="hutchinson", dtype=F64)
+    hutch = hessian_trace(
+        net, loss_fn, (x, y), num_matvecs=4, method="hutchinson", dtype=F64
+    )
     assert abs(float((grid * density).sum()) * dx - hutch.estimate / p) < 1e-6
 
 
@@ -163,6 +205,10 @@ def test_bad_options_give_clear_errors() -> None:
     with pytest.raises(ValueError, match="preconditioner"):
         sharpness(net, loss_fn, (x, y), preconditioner=torch.ones(5))
     with pytest.raises(ValueError, match="optimizer step"):
-        sharpness(net, loss_fn, (x, y), preconditioner=torch.optim.Adam(net.parameters()))
+        sharpness(
+            net, loss_fn, (x, y), preconditioner=torch.optim.Adam(net.parameters())
+        )
     with pytest.raises(TypeError, match="Adam-type"):
-        sharpness(net, loss_fn, (x, y), preconditioner=torch.optim.SGD(net.parameters(), lr=1))
+        sharpness(
+            net, loss_fn, (x, y), preconditioner=torch.optim.SGD(net.parameters(), lr=1)
+        )

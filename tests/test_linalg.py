@@ -30,7 +30,10 @@ def spectrum_matrix(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 # Indefinite, with a cluster near the top and a gap: a Hessian-like test spectrum.
 SPECTRUM = torch.cat(
-    [torch.linspace(-3.0, 6.0, 195, dtype=torch.float64), torch.tensor([7.0, 8.0, 8.5, 9.0, 12.0])]
+    [
+        torch.linspace(-3.0, 6.0, 195, dtype=torch.float64),
+        torch.tensor([7.0, 8.0, 8.5, 9.0, 12.0]),
+    ]
 )
 
 
@@ -46,13 +49,20 @@ def test_lanczos_matches_eigh(which: str, k: int) -> None:
         "both": torch.cat([exact[:k], exact[-k:]]),
     }[which]
     assert res.converged
-    assert_close(f"lanczos {which} k={k}", expected, res.eigenvalues, rtol=1e-10, atol=1e-10)
+    assert_close(
+        f"lanczos {which} k={k}", expected, res.eigenvalues, rtol=1e-10, atol=1e-10
+    )
     vecs = res.eigenvectors
     true_residuals = (a @ vecs - vecs * res.eigenvalues).norm(dim=0)
     assert_close("residuals", true_residuals, res.residuals, rtol=0, atol=1e-9)
     assert bool((res.residuals <= 1e-9 * 12.0 * 1.0001).all())
-    assert_close("orthonormal", torch.eye(len(expected), dtype=torch.float64), vecs.T @ vecs,
-                 rtol=0, atol=1e-10)
+    assert_close(
+        "orthonormal",
+        torch.eye(len(expected), dtype=torch.float64),
+        vecs.T @ vecs,
+        rtol=0,
+        atol=1e-10,
+    )
 
 
 def test_lanczos_restarts_with_a_small_basis_and_is_deterministic() -> None:
@@ -74,7 +84,9 @@ def test_lanczos_finds_multiplicities_of_a_low_rank_operator() -> None:
     res = lanczos(DenseOperator(a), 3, which="both")
     expected = torch.cat([exact[:3], torch.zeros(3, dtype=torch.float64)])
     assert res.converged
-    assert_close("low rank", expected, res.eigenvalues, rtol=1e-10, atol=1e-10 * float(exact[0]))
+    assert_close(
+        "low rank", expected, res.eigenvalues, rtol=1e-10, atol=1e-10 * float(exact[0])
+    )
 
 
 def test_warm_start_cuts_matvecs_after_a_small_change() -> None:
@@ -88,7 +100,10 @@ def test_warm_start_cuts_matvecs_after_a_small_change() -> None:
         warm = lanczos(DenseOperator(b), 1, warm_start=start)
         assert warm.converged
         assert_close("warm", cold_b.eigenvalues, warm.eigenvalues, rtol=1e-10, atol=0)
-        assert warm.num_matvecs * 1.5 <= cold_b.num_matvecs, (warm.num_matvecs, cold_b.num_matvecs)
+        assert warm.num_matvecs * 1.5 <= cold_b.num_matvecs, (
+            warm.num_matvecs,
+            cold_b.num_matvecs,
+        )
 
 
 def test_power_iteration_dominant_shift_and_the_indefinite_pitfall() -> None:
@@ -129,7 +144,9 @@ def test_trace_estimators_within_their_error_bars() -> None:
 def test_spectral_density_integrates_to_one_with_the_right_mean() -> None:
     a = spectrum_matrix(SPECTRUM, seed=6)
     op = DenseOperator(a)
-    grid, density = spectral_density(op, num_probes=8, lanczos_steps=40, grid=2000, seed=2)
+    grid, density = spectral_density(
+        op, num_probes=8, lanczos_steps=40, grid=2000, seed=2
+    )
     dx = float(grid[1] - grid[0])
     assert abs(float(density.sum()) * dx - 1.0) < 1e-6
     mean = float((grid * density).sum()) * dx
@@ -152,8 +169,13 @@ def test_lanczos_on_the_ntk_operator() -> None:
     jac = oracles.per_sample_jacobian(net, names, x)
     kernel = oracles.ntk_from_jacobians(jac, jac).permute(0, 2, 1, 3).reshape(24, 24)
     res = lanczos(NTKOperator(net, x, dtype=torch.float64), 3, tol=1e-10)
-    assert_close("NTK top-3", oracles.dense_eigh(kernel)[0][:3], res.eigenvalues,
-                 rtol=1e-9, atol=1e-12)
+    assert_close(
+        "NTK top-3",
+        oracles.dense_eigh(kernel)[0][:3],
+        res.eigenvalues,
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def test_bad_inputs_give_clear_errors() -> None:

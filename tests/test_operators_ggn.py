@@ -29,7 +29,9 @@ def ggn_case(arch: str, loss: str, n: int = 6):
     with sdpa_kernel(SDPBackend.MATH):
         jac = oracles.per_sample_jacobian(net, names, x)
     out = net(_double(x)).detach()
-    h_l = hessian(lambda o: loss_fn(o, _double(y)), out).reshape(out.numel(), out.numel())
+    h_l = hessian(lambda o: loss_fn(o, _double(y)), out).reshape(
+        out.numel(), out.numel()
+    )
     flat = jac.reshape(-1, jac.shape[-1])
     return net, x, y, loss_fn, names, jac, out, flat.T @ h_l @ flat
 
@@ -40,9 +42,13 @@ def test_ggn_matches_dense(arch: str, loss: str) -> None:
     op = GGNOperator(net, loss_fn, (x, y), dtype=torch.float64)
     assert op.loss == {"mse": "mse", "ce": "cross_entropy"}[loss]
     v = torch.randn(op.shape[0], 4, dtype=torch.float64)
-    assert_close(f"GGN {arch} {loss}", expected @ v, op.matmat(v), rtol=1e-9, atol=1e-12)
+    assert_close(
+        f"GGN {arch} {loss}", expected @ v, op.matmat(v), rtol=1e-9, atol=1e-12
+    )
     autodiff = GGNOperator(net, loss_fn, (x, y), dtype=torch.float64, loss="autodiff")
-    assert_close(f"GGN autodiff {arch}", expected @ v, autodiff.matmat(v), rtol=1e-9, atol=1e-12)
+    assert_close(
+        f"GGN autodiff {arch}", expected @ v, autodiff.matmat(v), rtol=1e-9, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("target", ["ignore_index", "probabilities"])
@@ -51,11 +57,17 @@ def test_cross_entropy_closed_form_variants(target: str) -> None:
     if target == "ignore_index":
         y = torch.tensor([0, 2, -100, 1, 1, -100])
     else:
-        y = torch.softmax(torch.randn(6, 3, generator=torch.Generator().manual_seed(3)), 1)
+        y = torch.softmax(
+            torch.randn(6, 3, generator=torch.Generator().manual_seed(3)), 1
+        )
     closed = GGNOperator(net, F.cross_entropy, (x, y), dtype=torch.float64)
-    generic = GGNOperator(net, F.cross_entropy, (x, y), dtype=torch.float64, loss="autodiff")
+    generic = GGNOperator(
+        net, F.cross_entropy, (x, y), dtype=torch.float64, loss="autodiff"
+    )
     v = torch.randn(closed.shape[0], 3, dtype=torch.float64)
-    assert_close(f"CE {target}", generic.matmat(v), closed.matmat(v), rtol=1e-10, atol=1e-13)
+    assert_close(
+        f"CE {target}", generic.matmat(v), closed.matmat(v), rtol=1e-10, atol=1e-13
+    )
 
 
 def test_ggn_dataloader_equals_one_batch() -> None:
@@ -68,7 +80,9 @@ def test_ggn_dataloader_equals_one_batch() -> None:
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_empirical_fisher_is_mean_of_per_sample_gradient_outer_products(loss: str) -> None:
+def test_empirical_fisher_is_mean_of_per_sample_gradient_outer_products(
+    loss: str,
+) -> None:
     net, x, y, loss_fn, names = make_case("cnn" if loss == "mse" else "mlp_tanh", loss)
     theta, f = oracles.flat_function(net, names)
     out_shape = net(_double(x)).shape[1:]
@@ -82,7 +96,9 @@ def test_empirical_fisher_is_mean_of_per_sample_gradient_outer_products(loss: st
     )
     expected = grads.T @ grads / len(x)
     op = FisherOperator(net, loss_fn, (x, y), dtype=torch.float64)
-    assert_close(f"empirical Fisher {loss}", expected, op.to_dense(), rtol=1e-9, atol=1e-12)
+    assert_close(
+        f"empirical Fisher {loss}", expected, op.to_dense(), rtol=1e-9, atol=1e-12
+    )
 
 
 def test_true_fisher_is_the_ggn_and_needs_a_likelihood() -> None:
@@ -130,4 +146,6 @@ def test_train_mode_batchnorm_ggn_uses_the_batch_jacobian() -> None:
     flat = jac.reshape(-1, jac.shape[-1])
     op = GGNOperator(net, loss_fn, (x, y), mode="train", dtype=torch.float64)
     assert op.fm.batch_coupled
-    assert_close("GGN train BN", flat.T @ h_l @ flat, op.to_dense(), rtol=1e-9, atol=1e-12)
+    assert_close(
+        "GGN train BN", flat.T @ h_l @ flat, op.to_dense(), rtol=1e-9, atol=1e-12
+    )

@@ -45,7 +45,9 @@ def make_case(arch: str, loss: str, n: int = 6, seed: int = 0, scale: float = 1.
 
 
 @functools.lru_cache(maxsize=None)
-def case_and_hessian(arch: str, loss: str, n: int = 6, seed: int = 0, scale: float = 1.0):
+def case_and_hessian(
+    arch: str, loss: str, n: int = 6, seed: int = 0, scale: float = 1.0
+):
     """``make_case(...)`` plus the dense float64 Hessian, cached across tests."""
     net, x, y, loss_fn, names = make_case(arch, loss, n, seed, scale)
     theta, f = oracles.flat_function(net, names)
@@ -81,13 +83,19 @@ def test_hvp_flat_and_dict() -> None:
     op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
     as_dict = hvp(net, loss_fn, (x, y), op.fm.unflatten(v), dtype=torch.float64)
     assert set(as_dict) == set(names)
-    assert_close("hvp dict", expected @ v, op.fm.flatten(as_dict), rtol=1e-10, atol=1e-12)
+    assert_close(
+        "hvp dict", expected @ v, op.fm.flatten(as_dict), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_parameter_block_is_the_dense_block() -> None:
     net, x, y, loss_fn, _, full = case_and_hessian("mlp_tanh", "ce")
     op = HessianOperator(net, loss_fn, (x, y), params="2.*", dtype=torch.float64)
-    start = sum(p.numel() for n, p in net.named_parameters() if not n.startswith("2") and n < "2")
+    start = sum(
+        p.numel()
+        for n, p in net.named_parameters()
+        if not n.startswith("2") and n < "2"
+    )
     block = full[start : start + op.shape[0], start : start + op.shape[0]]
     assert op.fm.names == ("2.weight", "2.bias")
     assert_close("H block", block, op.to_dense(), rtol=1e-10, atol=1e-12)

@@ -18,4 +18,6 @@ def test_quick_start_runs() -> None:
     assert set(scope["layers"]) == {"0", "2"}
     assert scope["op"].shape == (640, 640)
     assert scope["res"].eigenvalues[0] >= scope["res"].eigenvalues[-1]
-    assert abs(scope["lam"] - float(scope["res"].eigenvalues[0])) <= 1e-3 * abs(scope["lam"])
+    assert abs(scope["lam"] - float(scope["res"].eigenvalues[0])) <= 1e-3 * abs(
+        scope["lam"]
+    )

@@ -476,5 +476,13 @@ def test_parameterization_multipliers_stay_structured(family: str, param: str) -
     j = oracles.per_sample_jacobian(model, names, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        k = empirical_ntk(model, x, implementation="structured", trace_outputs=False, dtype=torch.float64)
-    assert_close(f"{family} {param}", oracles.ntk_from_jacobians(j, j), k, rtol=1e-9, atol=1e-10)
+        k = empirical_ntk(
+            model,
+            x,
+            implementation="structured",
+            trace_outputs=False,
+            dtype=torch.float64,
+        )
+    assert_close(
+        f"{family} {param}", oracles.ntk_from_jacobians(j, j), k, rtol=1e-9, atol=1e-10
+    )

@@ -111,7 +111,9 @@ def spectral_density(
     sigma = check_finite_positive(sigma, "sigma")
     if isinstance(grid, int) and not isinstance(grid, bool):
         check_positive_int(grid, "grid")
-        points = torch.linspace(lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64)
+        points = torch.linspace(
+            lo - 5 * sigma, hi + 5 * sigma, grid, dtype=torch.float64
+        )
     elif isinstance(grid, Tensor) and grid.dim() == 1 and grid.numel() > 0:
         points = grid.detach().to("cpu", torch.float64)
     else:

@@ -48,7 +48,9 @@ def check_operator(op: object) -> LinearOperator:
     return op
 
 
-def random_vectors(op: LinearOperator, count: int, seed: int, kind: str = "normal") -> Tensor:
+def random_vectors(
+    op: LinearOperator, count: int, seed: int, kind: str = "normal"
+) -> Tensor:
     """``(P, count)`` seeded random vectors on the operator's device and dtype.
 
     Drawn on the CPU from ``torch.Generator().manual_seed(seed)`` so that a seed
@@ -63,13 +65,21 @@ def random_vectors(op: LinearOperator, count: int, seed: int, kind: str = "norma
     gen = torch.Generator().manual_seed(seed)
     shape = (op.shape[0], count)
     if kind == "rademacher":
-        out = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(torch.float64) * 2 - 1
+        out = (
+            torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(
+                torch.float64
+            )
+            * 2
+            - 1
+        )
     else:
         out = torch.randn(shape, generator=gen, dtype=torch.float64)
     return out.to(device=op.device, dtype=op.dtype)
 
 
-def start_vector(op: LinearOperator, warm_start: EigResult | Tensor | None, seed: int) -> Tensor:
+def start_vector(
+    op: LinearOperator, warm_start: EigResult | Tensor | None, seed: int
+) -> Tensor:
     """A unit ``(P,)`` start vector: the sum of the warm-start vectors, or random.
 
     Args:
@@ -85,7 +95,11 @@ def start_vector(op: LinearOperator, warm_start: EigResult | Tensor | None, seed
         v = random_vectors(op, 1, seed)[:, 0]
     else:
         w = warm_start.eigenvectors if isinstance(warm_start, EigResult) else warm_start
-        if not isinstance(w, Tensor) or w.dim() not in (1, 2) or w.shape[0] != op.shape[0]:
+        if (
+            not isinstance(w, Tensor)
+            or w.dim() not in (1, 2)
+            or w.shape[0] != op.shape[0]
+        ):
             got = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
             raise ValueError(
                 f"expected warm_start as an EigResult or a ({op.shape[0]},) / "
@@ -95,7 +109,9 @@ def start_vector(op: LinearOperator, warm_start: EigResult | Tensor | None, seed
         v = (w / w.norm(dim=0).clamp_min(torch.finfo(op.dtype).tiny)).sum(1)
     norm = v.norm()
     if not bool(norm > 0) or not bool(torch.isfinite(norm)):
-        raise ValueError("expected a non-zero, finite warm_start; got a zero or non-finite one")
+        raise ValueError(
+            "expected a non-zero, finite warm_start; got a zero or non-finite one"
+        )
     return v / norm
 
 
@@ -236,12 +252,16 @@ def lanczos(
         # ones (multiplicities, a start vector in an eigenspace): look beyond it from
         # fresh random directions orthogonal to the basis (coupling computed).
         broke, looked = beta <= math.sqrt(eps) * scale, broke
-        converged = len(want) >= total and _accurate(theta, want, res, tol, scale, criterion)
+        converged = len(want) >= total and _accurate(
+            theta, want, res, tol, scale, criterion
+        )
         if broke:
             # Accept a breakdown only once a fresh direction left the pairs unchanged.
             stable = looked and len(previous) == len(want)
-            converged = converged and stable and bool(
-                ((theta[want] - previous).abs() <= tol * scale).all()
+            converged = (
+                converged
+                and stable
+                and bool(((theta[want] - previous).abs() <= tol * scale).all())
             )
         previous = theta[want]
         if converged or j == p or matvecs >= max_iter:
@@ -254,7 +274,9 @@ def lanczos(
         if j == m:
             keep = _restart_indices(theta, total, which, m)
             rotation = s[:, keep].to(op.dtype)
-            basis[: len(keep), :, 0] = torch.einsum("jp,jk->kp", basis[:m, :, 0], rotation)
+            basis[: len(keep), :, 0] = torch.einsum(
+                "jp,jk->kp", basis[:m, :, 0], rotation
+            )
             t.zero_()
             t[range(len(keep)), range(len(keep))] = theta[keep]
             j = len(keep)

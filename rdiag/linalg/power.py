@@ -112,7 +112,9 @@ def power_extreme(
         ValueError: Unknown ``which`` or bad options.
     """
     check_choice(which, "which", ("largest", "smallest"))
-    first = power_iteration(op, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed)
+    first = power_iteration(
+        op, tol=tol, max_iter=max_iter, warm_start=warm_start, seed=seed
+    )
     lam = float(first.eigenvalues[0])
     if (which == "largest") == (lam >= 0):
         return first

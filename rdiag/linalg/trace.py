@@ -97,7 +97,11 @@ def hutch_plus_plus(
     """
     check_operator(op)
     check_positive_int(block_size, "block_size")
-    if isinstance(num_matvecs, bool) or not isinstance(num_matvecs, int) or num_matvecs < 3:
+    if (
+        isinstance(num_matvecs, bool)
+        or not isinstance(num_matvecs, int)
+        or num_matvecs < 3
+    ):
         raise ValueError(f"expected num_matvecs to be an int >= 3, got {num_matvecs!r}")
     sketch = min(num_matvecs // 3, op.shape[0])
     probes = num_matvecs - 2 * sketch

@@ -1,0 +1,1 @@
+"""Empirical NTKs: the public entry point, generic and structured implementations."""

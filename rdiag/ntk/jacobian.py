@@ -109,7 +109,7 @@ def place(
 def jacobian_ntk(
     fm: FunctionalModel, x1: Tensor, x2: Tensor | None, spec: NTKSpec
 ) -> dict[str, Tensor]:
-    """eNTK by Jacobian contraction; see the module docstring for costs.
+    """ENTK by Jacobian contraction; see the module docstring for costs.
 
     Args:
         fm: Functional model.

@@ -16,7 +16,7 @@ from torch.func import vjp, vmap
 
 from rdiag._autodiff import JvpMode, jvp, jvp_mode
 from rdiag.functional import FunctionalModel
-from rdiag.ntk.jacobian import place, tiles
+from rdiag.ntk.jacobian import place
 from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype
 
 
@@ -89,7 +89,7 @@ def _to_kernel(products: Tensor, nb: int, o: int, spec: NTKSpec) -> Tensor:
 def ntvp_ntk(
     fm: FunctionalModel, x1: Tensor, x2: Tensor | None, spec: NTKSpec
 ) -> dict[str, Tensor]:
-    """eNTK from NTK-vector products; see the module docstring for costs.
+    """ENTK from NTK-vector products; see the module docstring for costs.
 
     Args:
         fm: Functional model.

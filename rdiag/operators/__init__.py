@@ -1,0 +1,1 @@
+"""Curvature and kernel operators behind one LinearOperator interface."""

@@ -75,7 +75,9 @@ def iter_batches(data: Data) -> Iterator[tuple[Tensor, Tensor]]:
         count += 1
         yield x, y
     if count == 0:
-        raise ValueError("expected at least one batch, got an empty iterable of batches")
+        raise ValueError(
+            "expected at least one batch, got an empty iterable of batches"
+        )
 
 
 def map_columns(fn: Callable[[Tensor], Tensor], matrix: Tensor) -> Tensor:
@@ -156,7 +158,11 @@ class CurvatureOperator(LinearOperator):
     def prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Move a batch to the parameters' device; floating tensors to their dtype."""
         x = self.fm.cast_input(x, "x")
-        y = y.to(self.device, self.dtype) if y.is_floating_point() else y.to(self.device)
+        y = (
+            y.to(self.device, self.dtype)
+            if y.is_floating_point()
+            else y.to(self.device)
+        )
         return x, y
 
     def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
@@ -172,14 +178,20 @@ class CurvatureOperator(LinearOperator):
         """Check the model and loss on one batch; return the raw output's trailing shape."""
         x, y = self.prepare(x, y)
         captured: list[Any] = []
-        handle = self.fm.module.register_forward_hook(lambda m, i, o: captured.append(o))
+        handle = self.fm.module.register_forward_hook(
+            lambda m, i, o: captured.append(o)
+        )
         params = {n: t.detach().requires_grad_() for n, t in self.fm.params.items()}
         try:
             with torch.enable_grad():
                 flat = self.fm(params, x)
         finally:
             handle.remove()
-        raw = captured[-1] if self.fm.output_fn is None else self.fm.output_fn(captured[-1])
+        raw = (
+            captured[-1]
+            if self.fm.output_fn is None
+            else self.fm.output_fn(captured[-1])
+        )
         if not flat.is_floating_point() or flat.grad_fn is None:
             raise ValueError(
                 f"expected the model's output to be differentiable in the selected "
@@ -212,7 +224,11 @@ class CurvatureOperator(LinearOperator):
             ValueError: ``v`` has the wrong size or misses parameters.
         """
         if isinstance(v, Mapping):
-            wrong = [n for n in self.fm.names if n in v and v[n].shape != self.fm.params[n].shape]
+            wrong = [
+                n
+                for n in self.fm.names
+                if n in v and v[n].shape != self.fm.params[n].shape
+            ]
             if wrong or set(v) != set(self.fm.names):
                 raise ValueError(
                     f"expected a dict with one tensor per selected parameter "

@@ -88,7 +88,9 @@ def loss_hessian_product(
     return forward_over_reverse(loss_fn, out, u, target)
 
 
-def dense_loss_hessian(kind: LossKind, loss_fn: LossFn, out: Tensor, target: Tensor) -> Tensor:
+def dense_loss_hessian(
+    kind: LossKind, loss_fn: LossFn, out: Tensor, target: Tensor
+) -> Tensor:
     """The loss Hessian in the flattened outputs, ``(n*O, n*O)`` (block diagonal).
 
     Args:
@@ -103,7 +105,9 @@ def dense_loss_hessian(kind: LossKind, loss_fn: LossFn, out: Tensor, target: Ten
     eye = torch.eye(out.numel(), dtype=out.dtype, device=out.device)
 
     def column(e: Tensor) -> Tensor:
-        return loss_hessian_product(kind, loss_fn, out, target, e.reshape(out.shape)).reshape(-1)
+        return loss_hessian_product(
+            kind, loss_fn, out, target, e.reshape(out.shape)
+        ).reshape(-1)
 
     return vmap(column, in_dims=1, out_dims=1)(eye)
 
@@ -222,7 +226,13 @@ class FisherOperator(GGNOperator):
     ) -> None:
         check_choice(kind, "kind", ("empirical", "true"))
         super().__init__(
-            model, loss_fn, data, params=params, exclude=exclude, mode=mode, dtype=dtype,
+            model,
+            loss_fn,
+            data,
+            params=params,
+            exclude=exclude,
+            mode=mode,
+            dtype=dtype,
             loss=loss,
         )
         if kind == "true" and self.loss == "autodiff":

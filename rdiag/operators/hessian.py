@@ -107,7 +107,9 @@ class HessianOperator(CurvatureOperator):
         _, pullback = vjp(lambda t: grad(loss)(t, y), theta)
         return map_columns(lambda v: pullback(v)[0], matrix)
 
-    def _maybe_compiled(self, name: str, fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def _maybe_compiled(
+        self, name: str, fn: Callable[..., Tensor]
+    ) -> Callable[..., Tensor]:
         if not self.compile:
             return fn
         if name not in self._compiled:
@@ -204,7 +206,13 @@ def hvp(
         ValueError: ``v`` has the wrong size or keys, or see :class:`HessianOperator`.
     """
     op = HessianOperator(
-        model, loss_fn, data, params=params, exclude=exclude, mode=mode, dtype=dtype,
+        model,
+        loss_fn,
+        data,
+        params=params,
+        exclude=exclude,
+        mode=mode,
+        dtype=dtype,
         compile=compile,
     )
     return op.apply(v)
