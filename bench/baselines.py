@@ -24,7 +24,7 @@ def tutorial_jacobian_ntk(
     jac2 = vmap(jacrev(f), (None, 0))(params, x2)
     jac1 = [j.flatten(2) for j in jac1.values()]
     jac2 = [j.flatten(2) for j in jac2.values()]
-    eq = "Naf,Mbf->NM" if trace else "Naf,Mbf->NMab"
+    eq = "Naf,Maf->NM" if trace else "Naf,Mbf->NMab"
     return torch.stack([torch.einsum(eq, a, b) for a, b in zip(jac1, jac2)]).sum(0)
 
 

@@ -300,3 +300,16 @@ def test_auto_falls_back_when_structured_does_not_fit(
     )
     with pytest.raises(MemoryError, match="1 TiB"):
         empirical_ntk(model, x1, x2, implementation="structured")
+
+
+def test_large_symmetric_kernel_contracts_upper_tiles_exactly() -> None:
+    """N >= 128 takes the tiled symmetric contraction (ragged last tile)."""
+    model, make = ZOO["mlp_tanh"](0)
+    x = make(131, 3)
+    names = [n for n, _ in model.named_parameters()]
+    j = oracles.per_sample_jacobian(model, names, x)
+    full = oracles.ntk_from_jacobians(j, j)
+    kw = dict(implementation="jacobian", dtype=torch.float64)
+    assert_close("tiled full", full, empirical_ntk(model, x, trace_outputs=False, **kw), **F64)
+    layers = empirical_ntk(model, x, per_layer=True, **kw)
+    assert_close("tiled traced", _traced(full), sum(layers.values()), **F64)

@@ -17,6 +17,9 @@ from torch.func import jacrev, vmap
 from rdiag.functional import FunctionalModel
 from rdiag.ntk.spec import NTKSpec, empty_kernels
 
+#: Smallest tile of the symmetric contraction (smaller tiles lose GEMM efficiency).
+SYMMETRIC_TILE = 64
+
 
 def jacobians(fm: FunctionalModel, x: Tensor) -> dict[str, Tensor]:
     """Jacobians of the outputs w.r.t. each selected parameter.
@@ -134,7 +137,15 @@ def jacobian_ntk(
     block = spec.block_size
     if block >= max(len(x1), len(x2)):
         j1 = jacobians(fm, x1)
-        return contract(fm, j1, j1 if symmetric else jacobians(fm, x2), spec)
+        if not symmetric or len(x1) < 2 * SYMMETRIC_TILE:
+            return contract(fm, j1, j1 if symmetric else jacobians(fm, x2), spec)
+        # Symmetric: contract only the upper-triangle tiles (up to half the GEMM).
+        out = empty_kernels(fm, spec, len(x1), len(x1))
+        tile = max(SYMMETRIC_TILE, -(-len(x1) // 8))
+        for rows, cols in tiles(len(x1), len(x1), tile, True):
+            part = contract(fm, _rows(j1, rows), _rows(j1, cols), spec)
+            place(out, part, rows, cols, True)
+        return out
     out = empty_kernels(fm, spec, len(x1), len(x2))
     cache: tuple[slice, dict[str, Tensor]] | None = None
     for rows, cols in tiles(len(x1), len(x2), block, symmetric):
@@ -144,6 +155,10 @@ def jacobian_ntk(
         j2 = j1 if symmetric and rows == cols else jacobians(fm, x2[cols])
         place(out, contract(fm, j1, j2, spec), rows, cols, symmetric)
     return out
+
+
+def _rows(jac: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
+    return {n: j[rows] for n, j in jac.items()}
 
 
 def _blocks(fm: FunctionalModel, x: Tensor, block: int) -> Iterator[dict[str, Tensor]]:
