@@ -18,7 +18,7 @@ from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.operators.base import LinearOperator
 
 
-def _is_batch(data: Any) -> bool:
+def is_batch(data: Any) -> bool:
     return (
         isinstance(data, (tuple, list))
         and len(data) == 2
@@ -43,7 +43,7 @@ def iter_batches(data: Data) -> Iterator[tuple[Tensor, Tensor]]:
         ValueError: The iterable is empty, or a batch's ``x`` and ``y`` differ in
             length.
     """
-    if _is_batch(data):
+    if is_batch(data):
         batches: Iterable[Any] = (data,)
     elif isinstance(data, Tensor) or not isinstance(data, Iterable):
         raise TypeError(
@@ -60,7 +60,7 @@ def iter_batches(data: Data) -> Iterator[tuple[Tensor, Tensor]]:
         batches = data
     count = 0
     for batch in batches:
-        if not _is_batch(batch):
+        if not is_batch(batch):
             kind = type(batch).__name__
             raise TypeError(
                 f"expected every batch to be a pair (x, y) of tensors, got {kind}; "

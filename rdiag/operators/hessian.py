@@ -16,14 +16,15 @@ from rdiag.functional import FunctionalModel, Mode
 from rdiag.operators._data import (
     CurvatureOperator,
     forward_over_reverse,
+    is_batch,
     loss_name,
     map_columns,
 )
 
-# module -> {(operator kind, loss name): index of the strategy that worked}
-_STRATEGY_CACHE: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str], int]] = (
-    weakref.WeakKeyDictionary()
-)
+# module -> {(operator kind, loss name): names of the strategies that failed}
+_STRATEGY_CACHE: weakref.WeakKeyDictionary[
+    nn.Module, dict[tuple[str, str], set[str]]
+] = weakref.WeakKeyDictionary()
 
 
 class HessianOperator(CurvatureOperator):
@@ -88,6 +89,7 @@ class HessianOperator(CurvatureOperator):
         )
         self.compile = compile
         self._compiled: dict[str, Callable[..., Tensor]] = {}
+        self._graph: tuple[list[Tensor], tuple[Tensor, ...]] | None = None
 
     def _flat_loss(self, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda theta, y: self.batch_loss(self.fm.unflatten(theta), x, y)
@@ -106,6 +108,43 @@ class HessianOperator(CurvatureOperator):
         loss = self._flat_loss(x)
         _, pullback = vjp(lambda t: grad(loss)(t, y), theta)
         return map_columns(lambda v: pullback(v)[0], matrix)
+
+    def _retained(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
+        """Reverse-over-reverse through one gradient graph kept for all products.
+
+        The gradient is built once with ``create_graph=True``; each product is then
+        a single backward pass through it, about half the cost of recomputing the
+        forward and backward for forward-over-reverse. Used for a single batch only
+        (a DataLoader would keep one graph per batch alive).
+        """
+        if self._graph is None:
+            leaves = {
+                n: p.detach().requires_grad_(True) for n, p in self.fm.params.items()
+            }
+            with torch.enable_grad():
+                loss = self.batch_loss(leaves, x, y)
+                grads = torch.autograd.grad(
+                    loss, list(leaves.values()), create_graph=True
+                )
+            self._graph = (list(leaves.values()), grads)
+        leaves, grads = self._graph
+        # Gradients that do not depend on the parameters have zero Hessian rows.
+        live = [i for i, g in enumerate(grads) if g.requires_grad]
+        columns = []
+        for k in range(matrix.shape[1]):
+            v = self.fm.unflatten(matrix[:, k])
+            hv = [torch.zeros_like(leaf) for leaf in leaves]
+            if live:
+                parts = torch.autograd.grad(
+                    [grads[i] for i in live],
+                    leaves,
+                    [v[self.fm.names[i]] for i in live],
+                    retain_graph=True,
+                    allow_unused=True,
+                )
+                hv = [h if p is None else p for h, p in zip(hv, parts)]
+            columns.append(torch.cat([h.reshape(-1) for h in hv]))
+        return torch.stack(columns, 1)
 
     def _maybe_compiled(
         self, name: str, fn: Callable[..., Tensor]
@@ -127,8 +166,19 @@ class HessianOperator(CurvatureOperator):
 
             return call
 
+        retained = (
+            []
+            if self.compile or not is_batch(self.data)
+            else [
+                (
+                    "reverse-over-reverse on a retained graph",
+                    lambda: self._retained(x, y, matrix),
+                )
+            ]
+        )
         return self.run_strategies(
-            [
+            retained
+            + [
                 ("forward-over-reverse", lambda: fwd(x, y, matrix)),
                 ("forward-over-reverse with math attention", math(fwd)),
                 ("reverse-over-reverse", lambda: rev(x, y, matrix)),
@@ -139,25 +189,29 @@ class HessianOperator(CurvatureOperator):
     def run_strategies(
         self, strategies: Sequence[tuple[str, Callable[[], Tensor]]]
     ) -> Tensor:
-        """Run the first strategy that works for this model; remember which.
+        """Run the first strategy that works for this model; remember what failed.
 
-        Strategies are tried in order only until one succeeds for this model and
-        loss (then that one is used directly from then on); a fallback is announced
-        once. If all fail, the first error is raised.
+        Strategies are tried in order; the ones that failed before one succeeded
+        are skipped for this model and loss from then on, and the fallback is
+        announced once. If all fail, the first error is raised and nothing is
+        remembered (the error may be the caller's, not the strategy's).
         """
-        cache = _STRATEGY_CACHE.setdefault(self.fm.module, {})
-        key = (self.kind, loss_name(self.loss_fn))
-        if key in cache:
-            return strategies[cache[key]][1]()
+        skip = _STRATEGY_CACHE.setdefault(self.fm.module, {}).setdefault(
+            (self.kind, loss_name(self.loss_fn)), set()
+        )
         first: Exception | None = None
-        for index, (name, call) in enumerate(strategies):
+        failed: list[str] = []
+        for name, call in strategies:
+            if name in skip:
+                continue
             try:
                 result = call()
             except (NotImplementedError, RuntimeError) as err:
                 first = first or err
+                failed.append(name)
                 continue
-            cache[key] = index
-            if index > 0:
+            skip.update(failed)
+            if first is not None:
                 reason = str(first).splitlines()[0][:160]
                 warn_once(
                     f"{self.kind}-{type(self.fm.module).__name__}-{name}",
