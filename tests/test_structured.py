@@ -463,7 +463,7 @@ def test_traced_kernel_is_accumulated_over_chunks_of_outputs(
         empirical_ntk(fm, x1, x2, trace_outputs=False, **kw)
 
 
-@pytest.mark.parametrize("family", ["mlp", "cnn"])
+@pytest.mark.parametrize("family", ["mlp", "cnn", "transformer"])
 @pytest.mark.parametrize("param", ["ntk", "mf"])
 def test_parameterization_multipliers_stay_structured(family: str, param: str) -> None:
     """Forward multipliers of rdiag.parametrization hooks scale the captured factors."""
