@@ -255,7 +255,9 @@ class Transformer(nn.Module):
         """``(N, T) -> (N, T, d_out)``."""
         # Positions per sample (N, T): every module sees the batch axis, so the
         # structured eNTK captures the positional embedding like any other.
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(
+            tokens
+        )
         x = self.embed(tokens) + self.pos(positions)
         scale = (self.width // self.heads) ** -self.attention_exponent
         for block in self.blocks:

@@ -320,7 +320,9 @@ def test_linearization_jvp_after_the_mode_is_cached() -> None:
     from rdiag.functional import functionalize
     from rdiag.ntk.vector_products import model_jvp_mode
 
-    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+    )
     fm = functionalize(net, dtype=torch.float64)
     x = torch.randn(4, 3, dtype=torch.float64)
     model_jvp_mode(fm, x)

@@ -310,6 +310,8 @@ def test_large_symmetric_kernel_contracts_upper_tiles_exactly() -> None:
     j = oracles.per_sample_jacobian(model, names, x)
     full = oracles.ntk_from_jacobians(j, j)
     kw = dict(implementation="jacobian", dtype=torch.float64)
-    assert_close("tiled full", full, empirical_ntk(model, x, trace_outputs=False, **kw), **F64)
+    assert_close(
+        "tiled full", full, empirical_ntk(model, x, trace_outputs=False, **kw), **F64
+    )
     layers = empirical_ntk(model, x, per_layer=True, **kw)
     assert_close("tiled traced", _traced(full), sum(layers.values()), **F64)
