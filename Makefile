@@ -3,7 +3,7 @@ VENV ?= .venv
 OUT ?= results
 export VENV
 
-.PHONY: setup main test bench
+.PHONY: setup main test lint bench
 
 setup:
 	@bash scripts/setup_env.sh
@@ -13,6 +13,9 @@ main: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -n 2 --durations=15 tests
+
+lint: setup
+	$(VENV)/bin/ruff check rdiag kernels tests bench
 
 bench: setup
 	$(VENV)/bin/python -m pip install -q -e ".[bench]"

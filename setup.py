@@ -27,7 +27,7 @@ EXTRAS["all"] = sorted(
         for req in reqs
     }
 )
-EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7", "pytest-xdist>=3"]
+EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7", "pytest-xdist>=3", "ruff>=0.5"]
 EXTRAS["bench"] = EXTRAS["test"] + ["pytest-benchmark>=4"]
 
 setup(
