@@ -5,6 +5,8 @@ Batches and DataLoaders, and the validated link ``model -> functional view -> lo
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -212,9 +214,9 @@ class CurvatureOperator(LinearOperator):
             total += n
         return acc / total
 
+    @abstractmethod
     def _batch_matmat(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
         """``(P, K)`` product of this batch's (mean-loss) curvature with ``matrix``."""
-        raise NotImplementedError
 
     # ---- flat vectors and dicts -----------------------------------------------------
     def apply(self, v: Tensor | Mapping[str, Tensor]) -> Tensor | Params:
