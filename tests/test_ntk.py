@@ -288,7 +288,7 @@ def test_auto_falls_back_when_structured_does_not_fit(
     def too_big(*args, **kwargs):
         raise MemoryError("structured needs 1 TiB")
 
-    monkeypatch.setattr(api, "_structured", too_big)
+    monkeypatch.setitem(api._IMPLEMENTATIONS, NTKImplementation.STRUCTURED, too_big)
     model, x1, x2, _ = _setup("mlp_tanh")
     with pytest.warns(UserWarning, match="cheapest generic implementation"):
         k = empirical_ntk(model, x1, x2, dtype=torch.float64)

@@ -21,6 +21,7 @@ from rdiag._typing import ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.ntk.jacobian import jacobian_ntk
 from rdiag.ntk.spec import NTKSpec, kernel_dtype, kernel_shape
+from rdiag.ntk.structured import structured_coverage, structured_ntk
 from rdiag.ntk.vector_products import ntvp_ntk
 
 __all__ = ["NTKImplementation", "NTKSpec", "empirical_ntk", "ntk_costs"]
@@ -48,16 +49,10 @@ class NTKImplementation(str, Enum):
     ``"jacobian"``. Fastest wherever it covers the parameters."""
 
 
-def _structured(fm: FunctionalModel, x1: Tensor, x2: Tensor | None, spec: NTKSpec):
-    from rdiag.ntk.structured import structured_ntk
-
-    return structured_ntk(fm, x1, x2, spec)
-
-
 _IMPLEMENTATIONS: dict[NTKImplementation, Callable[..., dict[str, Tensor]]] = {
     NTKImplementation.JACOBIAN: jacobian_ntk,
     NTKImplementation.NTVP: ntvp_ntk,
-    NTKImplementation.STRUCTURED: _structured,
+    NTKImplementation.STRUCTURED: structured_ntk,
 }
 
 
@@ -105,8 +100,10 @@ def ntk_costs(
       floats per sample.
     - ntvp: ``3 F O N2`` for the rows plus ``3 F O N2 N1`` for the jvps (halved
       when symmetric); workspace ``O P`` floats per sample.
-    - structured (where installed): the jacobian cost with ``P`` replaced by the
-      layer widths; only considered when it covers the parameters.
+    ``"structured"`` is not costed here: ``"auto"`` takes it whenever it covers at
+    least ``STRUCTURED_COVERAGE`` of the parameters (its cost scales with layer
+    widths instead of ``P``), and falls back to the cheaper of these two when it
+    does not fit the memory budget.
 
     Args:
         fm: Functional model.
@@ -132,14 +129,6 @@ def ntk_costs(
     return costs
 
 
-def _structured_coverage(fm: FunctionalModel) -> float:
-    try:
-        from rdiag.ntk.structured import structured_coverage
-    except ImportError:
-        return 0.0
-    return structured_coverage(fm)
-
-
 def _choose(
     fm: FunctionalModel,
     x1: Tensor,
@@ -159,7 +148,7 @@ def _choose(
     cache = fm.__dict__.setdefault("_rdiag_cache", {})
     if key in cache:
         return cache[key]
-    if not fm.batch_coupled and _structured_coverage(fm) >= STRUCTURED_COVERAGE:
+    if not fm.batch_coupled and structured_coverage(fm) >= STRUCTURED_COVERAGE:
         choice = NTKImplementation.STRUCTURED
     else:
         choice = _choose_generic(fm, x1, n2, spec, symmetric, per_layer)
@@ -355,9 +344,8 @@ def empirical_ntk(
     if impl is NTKImplementation.STRUCTURED:
         tiled = replace(spec, block_size=block_size or max(len(x1), n2))
         try:
-            return _finish(
-                _structured(fm, x1, x2, tiled), spec, per_layer, len(x1), n2, fm
-            )
+            kernels = _IMPLEMENTATIONS[impl](fm, x1, x2, tiled)
+            return _finish(kernels, spec, per_layer, len(x1), n2, fm)
         except MemoryError as err:
             if not auto:
                 raise
