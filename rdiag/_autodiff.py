@@ -50,12 +50,9 @@ def jvp(
     if mode == "math_attention":
         with math_attention():
             return _jvp(func, primals, tangents)
+    # The pullback u -> J^T u is linear in u; its own vjp applied to t gives J t.
     out, pullback = _vjp(func, *primals)
-
-    def transpose(cotangent: torch.Tensor) -> Any:
-        return _vjp(func, *primals)[1](cotangent)
-
-    _, push = _vjp(transpose, torch.zeros_like(out))
+    _, push = _vjp(pullback, torch.zeros_like(out))
     return out, push(tangents)[0]
 
 

@@ -1,0 +1,39 @@
+"""Forward-mode products and their fallbacks against the float64 Jacobian."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rdiag import functionalize
+from rdiag._autodiff import jvp
+from rdiag.ntk.vector_products import model_jvp_mode
+from tests import oracles
+from tests._assert import assert_close
+from tests.models import ZOO
+
+
+@pytest.mark.parametrize("mode", ["forward", "math_attention", "reverse"])
+@pytest.mark.parametrize("name", ["mlp_gelu", "cnn", "layernorm", "embedding"])
+def test_every_mode_gives_the_jacobian_product(name: str, mode: str) -> None:
+    model, make = ZOO[name](0)
+    x = make(3, 1)
+    fm = functionalize(model, dtype=torch.float64)
+    tangent = {n: torch.randn_like(p) for n, p in fm.params.items()}
+    out, jt = jvp(lambda p: fm(p, x), (fm.params,), (tangent,), mode)
+    jac = oracles.per_sample_jacobian(model, list(fm.names), x)  # (N, O, P)
+    expected = jac @ fm.flatten(tangent)
+    assert_close(f"{name} {mode} J t", expected, jt, rtol=1e-10, atol=1e-12)
+    assert_close(f"{name} {mode} f", fm(fm.params, x), out, rtol=0, atol=0)
+
+
+def test_fused_attention_picks_math_backend_once() -> None:
+    model, make = ZOO["attention"](0)
+    x = make(3, 1)
+    fm = functionalize(model, dtype=torch.float64)
+    zeros = {n: torch.zeros_like(p) for n, p in fm.params.items()}
+    with pytest.raises(NotImplementedError, match="forward AD"):
+        jvp(lambda p: fm(p, x), (fm.params,), (zeros,), "forward")
+    with pytest.warns(UserWarning, match="math attention"):
+        assert model_jvp_mode(fm, x) == "math_attention"
+    assert model_jvp_mode(fm, x) == "math_attention"
