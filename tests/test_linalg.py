@@ -15,7 +15,8 @@ from rdiag.linalg import (
     power_iteration,
     spectral_density,
 )
-from rdiag.operators.base import DenseOperator
+from rdiag.linalg._vectors import column_dots, orthogonalize
+from rdiag.operators.base import DenseOperator, LinearOperator
 from tests import oracles
 from tests._assert import assert_close
 
@@ -104,6 +105,66 @@ def test_warm_start_cuts_matvecs_after_a_small_change() -> None:
             warm.num_matvecs,
             cold_b.num_matvecs,
         )
+
+
+class DiagonalOperator(LinearOperator):
+    """``diag(d)``: eigenvectors are coordinate vectors, the worst case for sums."""
+
+    def __init__(self, diagonal: torch.Tensor) -> None:
+        self.diagonal = diagonal
+        self.shape = (len(diagonal), len(diagonal))
+        self.dtype, self.device = diagonal.dtype, diagonal.device
+
+    def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self.diagonal[:, None] * matrix
+
+
+def head_heavy_diagonal(size: int = 2**21 + 4321) -> torch.Tensor:
+    """float64: 8 separated top eigenvalues over millions spread in [-0.3, 1.2]."""
+    gen = torch.Generator().manual_seed(0)
+    d = torch.rand(size, generator=gen, dtype=torch.float64) * 1.5 - 0.3
+    d[:8] = torch.tensor([2.2, 2.14, 2.09, 2.085, 2.07, 2.02, 2.01, 1.98])
+    return d
+
+
+def test_float32_dots_and_gram_schmidt_are_accurate_at_millions_of_entries() -> None:
+    # A vector near a coordinate vector: a BLAS float32 dot loses the 2M small
+    # products below its running sum's rounding (about 1e-3 off here).
+    d = head_heavy_diagonal()
+    gen = torch.Generator().manual_seed(1)
+    a = (d**12 * torch.randn(len(d), generator=gen, dtype=torch.float64))[:, None]
+    b = torch.randn(len(d), 3, generator=gen, dtype=torch.float64) * d[:, None] ** 6
+    exact = (a * b).sum(0)
+    got = column_dots(a.float().expand(-1, 3), b.float())
+    scale = a.norm() * b.norm(dim=0)
+    assert bool(((got - exact).abs() <= 1e-6 * scale).all()), (got - exact) / scale
+    basis = torch.linalg.qr(torch.cat([a, b], dim=1))[0][:, :3].T.float()
+    w, coeff = orthogonalize(basis[None], b[:, 0].float()[None])
+    leftover = basis.double() @ w[0].double() / w[0].double().norm()
+    assert float(leftover.abs().max()) <= 1e-6
+    assert_close(
+        "coefficients",
+        basis.double() @ b[:, 0],
+        coeff[0],
+        rtol=0,
+        atol=1e-6 * float(b[:, 0].norm()),
+    )
+
+
+@pytest.mark.parametrize("criterion", ["eigenvalue", "residual"])
+def test_float32_lanczos_reaches_1e6_on_millions_of_parameters(criterion: str) -> None:
+    # Float32 norms and dots without float64 accumulation left this at 4e-6 (norm
+    # rounding) and 2.5e-5 (BLAS dots); the accurate sums give about 1e-8.
+    d = head_heavy_diagonal()
+    res = lanczos(DiagonalOperator(d.float()), 2, tol=1e-6, criterion=criterion)
+    assert res.converged
+    assert_close("top two", d[:2], res.eigenvalues, rtol=1e-6, atol=0)
+    gram = res.eigenvectors.double().T @ res.eigenvectors.double()
+    assert_close(
+        "orthonormal", torch.eye(2, dtype=torch.float64), gram, rtol=0, atol=1e-6
+    )
+    power = power_iteration(DiagonalOperator(d.float()), tol=1e-4, max_iter=400)
+    assert abs(float(power.eigenvalues[0]) - 2.2) <= 1e-6 * 2.2
 
 
 def test_power_iteration_dominant_shift_and_the_indefinite_pitfall() -> None:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from rdiag._checks import check_finite_positive, check_positive_int
-from rdiag.linalg.lanczos import check_operator, orthogonalize, random_vectors
+from rdiag.linalg._vectors import column_norms, orthogonalize, random_vectors
+from rdiag.linalg.lanczos import check_operator
 from rdiag.operators.base import LinearOperator
 
 
@@ -50,19 +51,20 @@ def lanczos_quadrature(
     p = op.shape[0]
     steps = min(steps, p)
     q = random_vectors(op, num_probes, seed, "rademacher") / math.sqrt(p)
-    basis = torch.empty(steps, p, num_probes, dtype=op.dtype, device=op.device)
+    basis = torch.empty(num_probes, steps, p, dtype=op.dtype, device=op.device)
     t = torch.zeros(num_probes, steps, steps, dtype=torch.float64)
     eps = torch.finfo(op.dtype).eps
     for j in range(steps):
-        basis[j] = q
-        w, coeff = orthogonalize(basis[: j + 1], op.matmat(q))
-        t[:, j, j] = coeff[j].double()
+        basis[:, j] = q.T
+        w, coeff = orthogonalize(basis[:, : j + 1], op.matmat(q).T)
+        t[:, j, j] = coeff[:, j]
         if j > 0:
             # beta_{j-1} from the recurrence; an exhausted probe keeps 0 couplings.
-            t[:, j, j - 1] = t[:, j - 1, j] = coeff[j - 1].double()
-        beta = w.norm(dim=0)
-        alive = beta > 10 * eps * coeff.abs().max(dim=0).values.clamp_min(eps)
-        q = torch.where(alive, w / beta.clamp_min(torch.finfo(op.dtype).tiny), 0.0)
+            t[:, j, j - 1] = t[:, j - 1, j] = coeff[:, j - 1]
+        beta = column_norms(w.T)
+        alive = beta > 10 * eps * coeff.abs().max(dim=1).values.clamp_min(eps)
+        unit = w / beta.clamp_min(torch.finfo(torch.float64).tiny).to(w.dtype)[:, None]
+        q = torch.where(alive[:, None], unit, 0.0).T
     nodes, vecs = torch.linalg.eigh(t)
     return nodes, vecs[:, 0, :] ** 2
 

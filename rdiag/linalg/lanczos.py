@@ -14,6 +14,12 @@ import torch
 from torch import Tensor
 
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
+from rdiag.linalg._vectors import (
+    column_dots,
+    column_norms,
+    orthogonalize,
+    random_vectors,
+)
 from rdiag.operators.base import LinearOperator
 
 Which = Literal["largest", "smallest", "both"]
@@ -48,35 +54,6 @@ def check_operator(op: object) -> LinearOperator:
     return op
 
 
-def random_vectors(
-    op: LinearOperator, count: int, seed: int, kind: str = "normal"
-) -> Tensor:
-    """``(P, count)`` seeded random vectors on the operator's device and dtype.
-
-    Drawn on the CPU from ``torch.Generator().manual_seed(seed)`` so that a seed
-    gives the same vectors on every device.
-
-    Args:
-        op: The operator (size, dtype, device).
-        count: Number of columns.
-        seed: The seed.
-        kind: ``"normal"`` or ``"rademacher"`` (entries +-1).
-    """
-    gen = torch.Generator().manual_seed(seed)
-    shape = (op.shape[0], count)
-    if kind == "rademacher":
-        out = (
-            torch.randint(0, 2, shape, generator=gen, dtype=torch.int8).to(
-                torch.float64
-            )
-            * 2
-            - 1
-        )
-    else:
-        out = torch.randn(shape, generator=gen, dtype=torch.float64)
-    return out.to(device=op.device, dtype=op.dtype)
-
-
 def start_vector(
     op: LinearOperator, warm_start: EigResult | Tensor | None, seed: int
 ) -> Tensor:
@@ -106,29 +83,14 @@ def start_vector(
                 f"({op.shape[0]}, k) tensor, got {got}; pass the previous result"
             )
         w = w.to(device=op.device, dtype=op.dtype).reshape(op.shape[0], -1)
-        v = (w / w.norm(dim=0).clamp_min(torch.finfo(op.dtype).tiny)).sum(1)
-    norm = v.norm()
-    if not bool(norm > 0) or not bool(torch.isfinite(norm)):
+        norms = column_norms(w).clamp_min(torch.finfo(torch.float64).tiny)
+        v = (w / norms.to(w.dtype)).sum(1)
+    norm = float(column_norms(v[:, None])[0])
+    if not norm > 0 or not math.isfinite(norm):
         raise ValueError(
             "expected a non-zero, finite warm_start; got a zero or non-finite one"
         )
     return v / norm
-
-
-def orthogonalize(basis: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
-    """Project ``w`` off the basis twice (classical Gram-Schmidt, repeated).
-
-    Args:
-        basis: ``(j, P, K)`` orthonormal vectors per column ``k`` (K independent runs).
-        w: ``(P, K)``.
-
-    Returns:
-        ``(w_perp, coefficients)`` with coefficients ``(j, K)`` = ``basis^T w``.
-    """
-    coeff = torch.einsum("jpk,pk->jk", basis, w)
-    w = w - torch.einsum("jpk,jk->pk", basis, coeff)
-    again = torch.einsum("jpk,pk->jk", basis, w)
-    return w - torch.einsum("jpk,jk->pk", basis, again), coeff + again
 
 
 def _wanted(theta: Tensor, k: int, which: Which) -> Tensor:
@@ -157,8 +119,10 @@ def lanczos(
 ) -> EigResult:
     r"""Extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
-    Each step is one operator-vector product, orthogonalized twice against the
-    whole basis (full reorthogonalization, so no ghost eigenvalues). When the
+    Each step is one operator-vector product; the projected matrix ``T`` comes
+    from the Lanczos recurrence (dots and norms accumulated in float64), and the
+    new vector is reorthogonalized against the whole basis (full
+    reorthogonalization, so no ghost eigenvalues). When the
     basis reaches ``basis_size`` vectors it is compressed to the best Ritz vectors
     (thick restart, the symmetric Krylov-Schur method) and the expansion goes on.
     It stops when every wanted Ritz pair satisfies
@@ -231,18 +195,24 @@ def lanczos(
             f"expected basis_size >= {total + 2} for k={k} ({which}), got {m}; "
             "leave basis_size=None for the default"
         )
-    basis = torch.empty(m + 1, p, 1, dtype=op.dtype, device=op.device)
-    basis[0, :, 0] = start_vector(op, warm_start, seed)
-    t = torch.zeros(m, m, dtype=torch.float64)
+    basis = torch.empty(m + 1, p, dtype=op.dtype, device=op.device)
+    basis[0] = start_vector(op, warm_start, seed)
+    # T = V^T A V from the Lanczos relation A q_j = sum_i T[i, j] q_i + w_j: the
+    # diagonal, the band and (after a thick restart) the arrow of couplings.
+    t = torch.zeros(m + 1, m + 1, dtype=torch.float64)
     j, matvecs, fresh, broke = 0, 0, 0, False
     previous = torch.empty(0, dtype=torch.float64)
     eps = torch.finfo(op.dtype).eps
     while True:
-        w, coeff = orthogonalize(basis[: j + 1], op.matvec(basis[j, :, 0]).unsqueeze(1))
+        w = op.matvec(basis[j])
         matvecs += 1
-        # Column j of T = V^T A V; entries above the band are the thick-restart arrow.
-        t[: j + 1, j] = t[j, : j + 1] = coeff[:, 0].double()
-        beta = float(w.norm())
+        t[j, j] = column_dots(basis[j, :, None], w[:, None])[0]
+        coupled = t[: j + 1, j].nonzero()  # j-1 and j, or from 0 after a restart
+        first = int(coupled[0, 0]) if len(coupled) else j
+        w = w - t[first : j + 1, j].to(op.dtype) @ basis[first : j + 1]
+        # Full reorthogonalization of what rounding left: no ghost eigenvalues.
+        w = orthogonalize(basis[None, : j + 1], w[None])[0][0]
+        beta = float(column_norms(w[:, None])[0])
         j += 1
         theta, s = torch.linalg.eigh(t[:j, :j])
         scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
@@ -268,20 +238,25 @@ def lanczos(
             break
         if broke:
             fresh += 1
-            w, _ = orthogonalize(basis[:j], random_vectors(op, 1, seed + 7919 * fresh))
-            beta = float(w.norm())
-        nxt = w / beta
+            probe = random_vectors(op, 1, seed + 7919 * fresh)[:, 0]
+            probe = orthogonalize(basis[None, :j], probe[None])[0][0]
+            nxt = probe / float(column_norms(probe[:, None])[0])
+            coupling = float(column_dots(nxt[:, None], w[:, None])[0])
+        else:
+            nxt, coupling = w / beta, beta
         if j == m:
             keep = _restart_indices(theta, total, which, m)
-            rotation = s[:, keep].to(op.dtype)
-            basis[: len(keep), :, 0] = torch.einsum(
-                "jp,jk->kp", basis[:m, :, 0], rotation
-            )
+            basis[: len(keep)] = s[:, keep].to(op.dtype).T @ basis[:m]
             t.zero_()
             t[range(len(keep)), range(len(keep))] = theta[keep]
+            # The arrow: the next vector's coupling to each kept Ritz vector.
+            t[: len(keep), len(keep)] = coupling * s[j - 1, keep]
+            t[len(keep), : len(keep)] = t[: len(keep), len(keep)]
             j = len(keep)
+        else:
+            t[j - 1, j] = t[j, j - 1] = coupling
         basis[j] = nxt
-    vectors = basis[:j, :, 0].T @ s[:, want].to(op.dtype)
+    vectors = basis[:j].T @ s[:, want].to(op.dtype)
     return EigResult(
         eigenvalues=theta[want].clone(),
         eigenvectors=vectors,

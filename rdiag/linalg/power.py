@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
+from rdiag.linalg._vectors import column_dots, column_norms
 from rdiag.linalg.lanczos import EigResult, check_operator, start_vector
 from rdiag.operators.base import LinearOperator
 
@@ -61,13 +62,13 @@ def power_iteration(
     while matvecs < max_iter:
         matvecs += 1
         w = op.matvec(v)
-        lam = torch.dot(v, w).double()
-        res = (w - lam.to(w.dtype) * v).norm().double()
+        lam = column_dots(v[:, None], w[:, None])[0]
+        res = column_norms((w - lam.to(w.dtype) * v)[:, None])[0]
         if bool(res <= tol * lam.abs()):
             converged = True
             break
         u = w - s * v
-        norm = u.norm()
+        norm = column_norms(u[:, None])[0].to(u.dtype)
         if not bool(norm > 0):
             converged = bool(res <= tol * lam.abs())
             break

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from rdiag._checks import check_positive_int
-from rdiag.linalg.lanczos import check_operator, random_vectors
+from rdiag.linalg._vectors import column_dots, random_vectors
+from rdiag.linalg.lanczos import check_operator
 from rdiag.operators.base import LinearOperator
 
 
@@ -32,7 +33,7 @@ class TraceEstimate:
 def _quadratic_forms(op: LinearOperator, probes: Tensor, block_size: int) -> Tensor:
     """``z_i^T A z_i`` for the columns of ``probes`` ``(P, s)``, in blocks of columns."""
     out = [
-        (block * op.matmat(block)).sum(0).double()
+        column_dots(block, op.matmat(block))
         for block in probes.split(block_size, dim=1)
     ]
     return torch.cat(out)
