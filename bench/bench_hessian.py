@@ -10,6 +10,8 @@ Groups:
     PyHessian's power-iteration recipe, and scipy ``eigsh`` on ``to_scipy()``.
     ``extra_info``: products spent and the relative error against a float64
     Lanczos reference (goal: <= 1e-6).
+    ``lambda-max-warm-vs-cold``: the same after one SGD step of rate 0.003 to
+    0.3, cold and warm-started runs timed in turn (goal: warm >= 3x cheaper).
 
 Run: ``pytest bench/bench_hessian.py --benchmark-only``.
 """
@@ -142,29 +144,34 @@ def test_hvp_per_gradient_interleaved(
         )
 
 
+def _sgd_step(net: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float) -> nn.Module:
+    stepped = copy.deepcopy(net)
+    grads = baselines.loss_gradient(stepped, F.mse_loss, x, y)
+    with torch.no_grad():
+        for p, g in zip(stepped.parameters(), grads, strict=True):
+            p -= lr * g
+    return stepped
+
+
+def _reference(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """lambda_max of the float64 Hessian, Lanczos to 1e-10."""
+    op = HessianOperator(net, F.mse_loss, (x, y), dtype=torch.float64)
+    return float(lanczos(op, 1, tol=1e-10, criterion="eigenvalue").eigenvalues[0])
+
+
 @pytest.fixture(scope="module")
 def spectrum(problems) -> dict[str, object]:
     """Operators before/after one SGD step, the estimate before, float64 references."""
     net, x, y = problems["mlp"]
     before = HessianOperator(net, F.mse_loss, (x, y))
     estimate = lanczos(before, 1, tol=1e-6, criterion="eigenvalue")
-    stepped = copy.deepcopy(net)
-    grads = baselines.loss_gradient(stepped, F.mse_loss, x, y)
-    with torch.no_grad():
-        for p, g in zip(stepped.parameters(), grads, strict=True):
-            p -= 0.1 * g
-    reference = lanczos(
-        HessianOperator(stepped, F.mse_loss, (x, y), dtype=torch.float64),
-        1,
-        tol=1e-10,
-        criterion="eigenvalue",
-    )
+    stepped = _sgd_step(net, x, y, 0.1)
     return {
         "op": HessianOperator(stepped, F.mse_loss, (x, y)),
         "net": stepped,
         "data": (x, y),
         "estimate": estimate,
-        "reference": float(reference.eigenvalues[0]),
+        "reference": _reference(stepped, x, y),
     }
 
 
@@ -230,3 +237,43 @@ def test_scipy_eigsh(benchmark, spectrum) -> None:
         iterations=1,
     )
     _record(benchmark, spectrum, value, products)
+
+
+@pytest.mark.parametrize("lr", [0.003, 0.03, 0.1, 0.3])
+def test_warm_over_cold_by_step_size(benchmark, problems, spectrum, lr: float) -> None:
+    """Cold and warm Lanczos after one SGD step of rate ``lr``, timed in turn.
+
+    ``lr * lambda_max`` runs from 0.007 to 0.66 (edge of stability: 2). The timed
+    quantity is the warm run; ``extra_info`` holds both product counts, both
+    times (fastest of 2) and both relative errors.
+    """
+    benchmark.group = "lambda-max-warm-vs-cold"
+    net, x, y = problems["mlp"]
+    stepped = _sgd_step(net, x, y, lr)
+    reference = _reference(stepped, x, y)
+    op = HessianOperator(stepped, F.mse_loss, (x, y))
+    runs = {"cold": None, "warm": spectrum["estimate"]}
+    seconds: dict[str, float] = {}
+    results: dict[str, EigResult] = {}
+    for _ in range(2):
+        for name, start in runs.items():
+            tic = time.perf_counter()
+            results[name] = lanczos(
+                op, 1, tol=1e-6, criterion="eigenvalue", warm_start=start, seed=1
+            )
+            elapsed = time.perf_counter() - tic
+            seconds[name] = min(seconds.get(name, elapsed), elapsed)
+    benchmark.pedantic(
+        lanczos,
+        args=(op, 1),
+        kwargs={"tol": 1e-6, "criterion": "eigenvalue", "warm_start": runs["warm"]},
+        rounds=1,
+        iterations=1,
+    )
+    for name, result in results.items():
+        benchmark.extra_info[f"{name}_matvecs"] = result.num_matvecs
+        benchmark.extra_info[f"{name}_seconds"] = seconds[name]
+        benchmark.extra_info[f"{name}_relative_error"] = (
+            abs(float(result.eigenvalues[0]) - reference) / reference
+        )
+    benchmark.extra_info["cold_over_warm_time"] = seconds["cold"] / seconds["warm"]
