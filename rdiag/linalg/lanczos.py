@@ -151,7 +151,11 @@ def lanczos(
         max_iter: Most operator-vector products to spend.
         warm_start: A previous :class:`EigResult` or a ``(P,)`` / ``(P, k)`` tensor;
             the Krylov space starts from the sum of its (normalized) vectors, which
-            cuts the products needed when the operator changed a little.
+            cuts the products needed when the operator changed a little. After
+            one SGD step on a tanh MLP (``bench/README.md``) it took 2 instead of
+            27 products at ``lr * lambda_max = 0.007``, 9 at 0.07, 11 at 0.22
+            and 16 at 0.66: the larger the step, the more of the new top
+            eigenvector lies in the bulk of the spectrum.
         seed: Seed of the random start vector (and of restarts after a breakdown).
         criterion: ``"residual"`` (default; the test above) or ``"eigenvalue"``:
             stop when the eigenvalue error bound ``residual**2 / gap`` is at most
