@@ -139,8 +139,10 @@ def test_float32_dots_and_gram_schmidt_are_accurate_at_millions_of_entries() -> 
     scale = a.norm() * b.norm(dim=0)
     assert bool(((got - exact).abs() <= 1e-6 * scale).all()), (got - exact) / scale
     basis = torch.linalg.qr(torch.cat([a, b], dim=1))[0][:, :3].T.float()
-    w, coeff = orthogonalize(basis[None], b[:, 0].float()[None])
-    leftover = basis.double() @ w[0].double() / w[0].double().norm()
+    w, coeff, norm = orthogonalize(basis[None], b[:, 0].float()[None])
+    exact_norm = float(w[0].double().norm())
+    assert abs(float(norm[0]) - exact_norm) <= 1e-7 * exact_norm
+    leftover = basis.double() @ w[0].double() / exact_norm
     assert float(leftover.abs().max()) <= 1e-6
     assert_close(
         "coefficients",

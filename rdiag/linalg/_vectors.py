@@ -76,7 +76,7 @@ def column_norms(a: Tensor) -> Tensor:
     return column_dots(a, a).sqrt()
 
 
-def orthogonalize(basis: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
+def orthogonalize(basis: Tensor, w: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Project ``w`` off the basis: classical Gram-Schmidt, repeated when needed.
 
     One pass (accurate coefficients, then one batched product to subtract); a
@@ -90,17 +90,16 @@ def orthogonalize(basis: Tensor, w: Tensor) -> tuple[Tensor, Tensor]:
         w: ``(K, P)``.
 
     Returns:
-        ``(w_perp, coefficients)``, ``(K, P)`` and float64 ``(K, j)``; the
-        coefficients are ``basis w`` (the passes summed).
+        ``(w_perp, coefficients, norms)``: ``(K, P)``, float64 ``(K, j)`` (the
+        passes summed: ``basis w``) and float64 ``(K,)`` norms of ``w_perp``.
     """
-    before = column_norms(w.T)
+    norms = column_norms(w.T)
     coeff = torch.zeros(basis.shape[:2], dtype=torch.float64, device=w.device)
     for _ in range(2):
         step = basis_coefficients(basis, w)
         w = w - torch.bmm(step.to(w.dtype).unsqueeze(1), basis).squeeze(1)
         coeff = coeff + step
-        after = column_norms(w.T)
-        if bool((after >= before / math.sqrt(2)).all()):
+        before, norms = norms, column_norms(w.T)
+        if bool((norms >= before / math.sqrt(2)).all()):
             break
-        before = after
-    return w, coeff
+    return w, coeff, norms

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from rdiag._checks import check_finite_positive, check_positive_int
-from rdiag.linalg._vectors import column_norms, orthogonalize, random_vectors
+from rdiag.linalg._vectors import orthogonalize, random_vectors
 from rdiag.linalg.lanczos import check_operator
 from rdiag.operators.base import LinearOperator
 
@@ -56,12 +56,11 @@ def lanczos_quadrature(
     eps = torch.finfo(op.dtype).eps
     for j in range(steps):
         basis[:, j] = q.T
-        w, coeff = orthogonalize(basis[:, : j + 1], op.matmat(q).T)
+        w, coeff, beta = orthogonalize(basis[:, : j + 1], op.matmat(q).T)
         t[:, j, j] = coeff[:, j]
         if j > 0:
             # beta_{j-1} from the recurrence; an exhausted probe keeps 0 couplings.
             t[:, j, j - 1] = t[:, j - 1, j] = coeff[:, j - 1]
-        beta = column_norms(w.T)
         alive = beta > 10 * eps * coeff.abs().max(dim=1).values.clamp_min(eps)
         unit = w / beta.clamp_min(torch.finfo(torch.float64).tiny).to(w.dtype)[:, None]
         q = torch.where(alive[:, None], unit, 0.0).T

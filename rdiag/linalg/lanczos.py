@@ -213,10 +213,11 @@ def lanczos(
         t[j, j] = column_dots(basis[j, :, None], w[:, None])[0]
         coupled = t[: j + 1, j].nonzero()  # j-1 and j, or from 0 after a restart
         first = int(coupled[0, 0]) if len(coupled) else j
-        w = w - t[first : j + 1, j].to(op.dtype) @ basis[first : j + 1]
+        couplings = t[first : j + 1, j].to(op.dtype)
+        w = torch.addmv(w, basis[first : j + 1].T, couplings, alpha=-1)
         # Full reorthogonalization of what rounding left: no ghost eigenvalues.
-        w = orthogonalize(basis[None, : j + 1], w[None])[0][0]
-        beta = float(column_norms(w[:, None])[0])
+        w, _, norm = orthogonalize(basis[None, : j + 1], w[None])
+        w, beta = w[0], float(norm[0])
         j += 1
         theta, s = torch.linalg.eigh(t[:j, :j])
         scale = max(float(theta.abs().max()), torch.finfo(torch.float64).tiny)
@@ -243,11 +244,11 @@ def lanczos(
         if broke:
             fresh += 1
             probe = random_vectors(op, 1, seed + 7919 * fresh)[:, 0]
-            probe = orthogonalize(basis[None, :j], probe[None])[0][0]
-            nxt = probe / float(column_norms(probe[:, None])[0])
-            coupling = float(column_dots(nxt[:, None], w[:, None])[0])
+            probe, _, norm = orthogonalize(basis[None, :j], probe[None])
+            nxt, size = probe[0], float(norm[0])
+            coupling = float(column_dots(nxt[:, None], w[:, None])[0]) / size
         else:
-            nxt, coupling = w / beta, beta
+            nxt, size, coupling = w, beta, beta
         if j == m:
             keep = _restart_indices(theta, total, which, m)
             basis[: len(keep)] = s[:, keep].to(op.dtype).T @ basis[:m]
@@ -259,7 +260,7 @@ def lanczos(
             j = len(keep)
         else:
             t[j - 1, j] = t[j, j - 1] = coupling
-        basis[j] = nxt
+        torch.div(nxt, size, out=basis[j])
     vectors = basis[:j].T @ s[:, want].to(op.dtype)
     return EigResult(
         eigenvalues=theta[want].clone(),
