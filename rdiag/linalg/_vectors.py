@@ -54,12 +54,15 @@ def basis_coefficients(basis: Tensor, w: Tensor) -> Tensor:
         basis: ``(K, j, P)``.
         w: ``(K, P)``.
     """
-    p = basis.shape[2]
+    k, j, p = basis.shape
     block = max(2**16, -(-p // 64))
-    sums = [
-        (basis[:, :, i : i + block] * w[:, None, i : i + block]).sum(2)
-        for i in range(0, p, block)
-    ]
+    products = basis.new_empty(k, j, min(block, p))
+    sums = []
+    for i in range(0, p, block):
+        size = min(block, p - i)
+        part = products[:, :, :size]
+        torch.mul(basis[:, :, i : i + size], w[:, None, i : i + size], out=part)
+        sums.append(part.sum(2))
     return torch.stack(sums).sum(0, dtype=torch.float64)
 
 
