@@ -1,11 +1,13 @@
 """Vector numerics shared by the solvers: seeded probes, accurate dots, Gram-Schmidt.
 
-Dots and norms that enter a result accumulate in float64. In float32 a norm of a
-vector with millions of entries is off by about 1e-5 relative on the CPU, and a
-BLAS dot by up to 1e-3 when a few entries dominate (a Lanczos vector near the top
-eigenvector): the small products vanish below the running sum's rounding. That
-biased Lanczos eigenvalues by several 1e-6. The float64 accumulation costs a
-fraction of one operator product.
+Dots and norms that enter a result are summed pairwise (torch's cascade
+reduction) or block by block with float64 partial sums, never by a BLAS dot or
+``Tensor.norm``. In float32 on the CPU a norm of a vector with millions of entries
+is off by about 3e-5 relative, and a BLAS dot by up to 1e-3 when a few entries
+dominate (a Lanczos vector near the top eigenvector): the small products vanish
+below the running sum's rounding. On a 2-million-entry operator that left Lanczos
+eigenvalues 4e-6 (norms) to 2e-5 (dots) off; the careful sums cost a fraction of
+one operator product.
 """
 
 from __future__ import annotations
