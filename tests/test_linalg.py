@@ -169,6 +169,17 @@ def test_float32_lanczos_reaches_1e6_on_millions_of_parameters(criterion: str) -
     assert abs(float(power.eigenvalues[0]) - 2.2) <= 1e-6 * 2.2
 
 
+def test_float32_lanczos_both_ends_through_restarts_has_no_ghosts() -> None:
+    # T comes from the recurrence and the restart arrow is set analytically; a
+    # lost orthogonality would show as a repeated (ghost) eigenvalue here.
+    d = head_heavy_diagonal(200_003)
+    d[-4:] = torch.tensor([-1.0, -0.9, -0.85, -0.8], dtype=torch.float64)
+    res = lanczos(DiagonalOperator(d.float()), 3, which="both", tol=1e-6, basis_size=12)
+    assert res.converged and res.num_matvecs > 12  # it restarted
+    expected = torch.cat([d[:3], d[-4:-1].flip(0)])
+    assert_close("both ends", expected, res.eigenvalues, rtol=1e-6, atol=1e-6)
+
+
 def test_power_iteration_dominant_shift_and_the_indefinite_pitfall() -> None:
     values = torch.cat([torch.linspace(-1.0, 1.0, 48), torch.tensor([2.0, -5.0])])
     a = DenseOperator(spectrum_matrix(values))
