@@ -69,7 +69,7 @@ def basis_coefficients(basis: Tensor, w: Tensor) -> Tensor:
 
 
 def column_dots(a: Tensor, b: Tensor) -> Tensor:
-    """``(K,)`` float64 ``a[:, k] . b[:, k]`` for ``(P, K)`` inputs.
+    """Float64 ``a[:, k] . b[:, k]``: ``(K,)`` for ``(P, K)`` inputs, ``()`` for ``(P,)``.
 
     torch's own reduction sums pairwise (cascade), accurate to about 1e-7.
     """
@@ -77,7 +77,7 @@ def column_dots(a: Tensor, b: Tensor) -> Tensor:
 
 
 def column_norms(a: Tensor) -> Tensor:
-    """``(K,)`` float64 Euclidean norms of the columns of a ``(P, K)`` tensor."""
+    """Float64 Euclidean norms: ``(K,)`` of the columns of ``(P, K)``, ``()`` of ``(P,)``."""
     return column_dots(a, a).sqrt()
 
 

@@ -85,7 +85,7 @@ def start_vector(
         w = w.to(device=op.device, dtype=op.dtype).reshape(op.shape[0], -1)
         norms = column_norms(w).clamp_min(torch.finfo(torch.float64).tiny)
         v = (w / norms.to(w.dtype)).sum(1)
-    norm = float(column_norms(v[:, None])[0])
+    norm = float(column_norms(v))
     if not norm > 0 or not math.isfinite(norm):
         raise ValueError(
             "expected a non-zero, finite warm_start; got a zero or non-finite one"
@@ -120,9 +120,9 @@ def lanczos(
     r"""Extreme eigenpairs of a symmetric operator by thick-restart Lanczos.
 
     Each step is one operator-vector product; the projected matrix ``T`` comes
-    from the Lanczos recurrence (dots and norms accumulated in float64), and the
-    new vector is reorthogonalized against the whole basis (full
-    reorthogonalization, so no ghost eigenvalues). When the
+    from the Lanczos recurrence (dots and norms summed pairwise, see
+    :mod:`rdiag.linalg._vectors`), and the new vector is reorthogonalized against
+    the whole basis (full reorthogonalization, so no ghost eigenvalues). When the
     basis reaches ``basis_size`` vectors it is compressed to the best Ritz vectors
     (thick restart, the symmetric Krylov-Schur method) and the expansion goes on.
     It stops when every wanted Ritz pair satisfies
@@ -210,7 +210,7 @@ def lanczos(
     while True:
         w = op.matvec(basis[j])
         matvecs += 1
-        t[j, j] = column_dots(basis[j, :, None], w[:, None])[0]
+        t[j, j] = column_dots(basis[j], w)
         coupled = t[: j + 1, j].nonzero()  # j-1 and j, or from 0 after a restart
         first = int(coupled[0, 0]) if len(coupled) else j
         couplings = t[first : j + 1, j].to(op.dtype)
@@ -246,7 +246,7 @@ def lanczos(
             probe = random_vectors(op, 1, seed + 7919 * fresh)[:, 0]
             probe, _, norm = orthogonalize(basis[None, :j], probe[None])
             nxt, size = probe[0], float(norm[0])
-            coupling = float(column_dots(nxt[:, None], w[:, None])[0]) / size
+            coupling = float(column_dots(nxt, w)) / size
         else:
             nxt, size, coupling = w, beta, beta
         if j == m:

@@ -62,13 +62,13 @@ def power_iteration(
     while matvecs < max_iter:
         matvecs += 1
         w = op.matvec(v)
-        lam = column_dots(v[:, None], w[:, None])[0]
-        res = column_norms((w - lam.to(w.dtype) * v)[:, None])[0]
+        lam = column_dots(v, w)
+        res = column_norms(w - lam.to(w.dtype) * v)
         if bool(res <= tol * lam.abs()):
             converged = True
             break
         u = w - s * v
-        norm = column_norms(u[:, None])[0].to(u.dtype)
+        norm = column_norms(u).to(u.dtype)
         if not bool(norm > 0):
             converged = bool(res <= tol * lam.abs())
             break
