@@ -86,7 +86,7 @@ def test_gram_hadamard_gpu(
 
 def _shared_kernel(*args: torch.Tensor) -> torch.Tensor:
     """The Triton launcher itself, whatever route the dispatcher would pick."""
-    module = importlib.import_module("rdiag.kernels.gram_hadamard_shared")
+    module = importlib.import_module("rdiag.kernels.triton_gram_hadamard_shared")
     return module.gram_hadamard_shared(*args)
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from bench.baselines import tutorial_jacobian_ntk
 from rdiag import empirical_ntk, functionalize
-from rdiag._checks import available_memory, format_bytes
+from rdiag._tiling import available_memory, format_bytes
 from rdiag.ntk.api import NTKImplementation, ntk_costs
 from rdiag.ntk.spec import NTKSpec
 

@@ -26,7 +26,7 @@ import torch
 from bench.baselines import tutorial_jacobian_ntk
 from bench.bench_ntk import SIZES, WIDTHS, mlp
 from rdiag import empirical_ntk, functionalize
-from rdiag._checks import format_bytes
+from rdiag._tiling import format_bytes
 from rdiag.ntk.api import NTKImplementation, ntk_costs
 from rdiag.ntk.spec import NTKSpec
 

@@ -7,15 +7,16 @@ always for float64 inputs (the exact path), :mod:`rdiag.kernels.reference`
 runs. ``RDIAG_KERNELS=reference`` forces the reference. For the weight-shared
 variant a cost model also decides: where per-sample weight gradients are cheaper
 than token Grams, the reference's weight-gradient route runs on every device.
-Importing this package never imports Triton.
+Importing this package never imports Triton; the Triton launchers live in the
+``triton_*`` modules beside it.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import math
 import os
-import sys
 import types
 from collections.abc import Sequence
 
@@ -25,8 +26,7 @@ from torch import Tensor
 from rdiag._optional import has_triton, warn_once
 
 from . import reference
-from ._launch import check_gram_hadamard_shared_args, interpreting
-from .reference import KernelStats
+from ._launch import KernelSums, check_gram_hadamard_shared_args, interpreting
 
 __all__ = [
     "KernelStats",
@@ -79,7 +79,7 @@ def use_triton(x: Tensor) -> bool:
 def _impl(name: str, x: Tensor) -> types.ModuleType:
     """The module implementing ``name`` for inputs like ``x``."""
     if use_triton(x):
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(f"{__name__}.triton_{name}")
     return reference
 
 
@@ -160,7 +160,11 @@ def gram_hadamard_many(
     terms = list(terms)
     xs = [t[0] for t in terms if isinstance(t, (tuple, list)) and t]
     fast = bool(xs) and all(isinstance(x, Tensor) and use_triton(x) for x in xs)
-    impl = importlib.import_module(f"{__name__}.gram_hadamard") if fast else reference
+    impl = (
+        importlib.import_module(f"{__name__}.triton_gram_hadamard")
+        if fast
+        else reference
+    )
     return impl.gram_hadamard_many(terms, out, allow_tf32=allow_tf32)
 
 
@@ -218,6 +222,81 @@ def gram_hadamard_shared(
     )
 
 
+class KernelStats(KernelSums):
+    r"""Sufficient statistics of two kernels ``K0, K1`` of shape ``(N, M)``.
+
+    Every comparison below follows from these sums, so one pass over both
+    kernels serves them all.
+
+    Attributes:
+        inner: :math:`\langle K_0, K_1\rangle_F`.
+        sq_norm0: :math:`\|K_0\|_F^2`.
+        sq_norm1: :math:`\|K_1\|_F^2`.
+        sq_diff: :math:`\|K_1 - K_0\|_F^2`, summed directly: from the three sums
+            above it would cancel catastrophically when ``K1`` is close to ``K0``.
+        row0: Row sums ``K0 1`` ``(N,)``.
+        row1: Row sums ``K1 1`` ``(N,)``.
+        col0: Column sums ``K0^T 1`` ``(M,)``.
+        col1: Column sums ``K1^T 1`` ``(M,)``.
+        sum0: Sum of all entries of ``K0``.
+        sum1: Sum of all entries of ``K1``.
+
+    Scalars are Python floats (summed in float64 from float32 or float64 parts);
+    the vectors are float64 for float64 kernels, else float32.
+    """
+
+    def distance(self) -> float:
+        r"""Kernel distance :math:`1 - \langle K_0,K_1\rangle/(\|K_0\|\|K_1\|)`."""
+        denom = math.sqrt(self.sq_norm0 * self.sq_norm1)
+        if denom == 0.0:
+            raise ValueError("kernel distance is undefined: a kernel is all zeros")
+        return 1.0 - self.inner / denom
+
+    def relative_change(self) -> float:
+        r"""Relative change :math:`\|K_1 - K_0\|_F / \|K_0\|_F`."""
+        if self.sq_norm0 == 0.0:
+            raise ValueError("relative change is undefined: K0 is all zeros")
+        return math.sqrt(self.sq_diff / self.sq_norm0)
+
+    def centered_alignment(self) -> float:
+        r"""Centered kernel alignment of square kernels (``N == M``).
+
+        With :math:`H = I - \mathbf{1}\mathbf{1}^T/N`, :math:`H^2 = H` gives
+
+        .. math:: \langle HK_0H, HK_1H\rangle = \langle K_0,K_1\rangle
+            - (r_0\cdot r_1 + c_0\cdot c_1)/N + s_0 s_1/N^2
+
+        (rows ``r = K 1``, columns ``c = K^T 1``, sums ``s``); the alignment is
+        that inner product over the product of the centered norms.
+
+        Raises:
+            ValueError: The kernels are not square, or a centered kernel is zero.
+        """
+        n, m = self.row0.numel(), self.col0.numel()
+        if n != m:
+            raise ValueError(
+                f"expected square kernels for centered alignment, got ({n}, {m}); "
+                "compute the kernels on one batch (x2 = x1)"
+            )
+        r0, r1, c0, c1 = (
+            v.double() for v in (self.row0, self.row1, self.col0, self.col1)
+        )
+
+        def centered(
+            sq: float, ra: Tensor, rb: Tensor, ca: Tensor, cb: Tensor, s: float
+        ) -> float:
+            return sq - float(ra @ rb + ca @ cb) / n + s / (n * n)
+
+        c01 = centered(self.inner, r0, r1, c0, c1, self.sum0 * self.sum1)
+        c00 = centered(self.sq_norm0, r0, r0, c0, c0, self.sum0**2)
+        c11 = centered(self.sq_norm1, r1, r1, c1, c1, self.sum1**2)
+        if c00 <= 0.0 or c11 <= 0.0:
+            raise ValueError(
+                "centered alignment is undefined: a centered kernel is zero"
+            )
+        return c01 / math.sqrt(c00 * c11)
+
+
 def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
     """Sums of two kernels ``(N, M)`` in one pass: see :class:`KernelStats`.
 
@@ -239,20 +318,5 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
         >>> stats.distance(), stats.relative_change()
         (0.0, 1.0)
     """
-    return _impl("kernel_stats", k0).kernel_stats(k0, k1)
-
-
-class _Package(types.ModuleType):
-    """Keep the dispatchers bound when a same-named kernel module is imported.
-
-    Importing ``rdiag.kernels.gram_hadamard`` would otherwise rebind the package
-    attribute ``gram_hadamard`` from the dispatcher to the submodule.
-    """
-
-    def __setattr__(self, name: str, value: object) -> None:
-        if isinstance(value, types.ModuleType) and callable(self.__dict__.get(name)):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    sums: KernelSums = _impl("kernel_stats", k0).kernel_stats(k0, k1)
+    return KernelStats(*sums)

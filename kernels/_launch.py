@@ -12,10 +12,28 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from rdiag._checks import available_memory, check_fits
+from rdiag._tiling import available_memory, check_fits
 
 #: Input dtypes the kernels accept; everything but float64 accumulates in float32.
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class KernelSums(NamedTuple):
+    """The sums of two kernels ``K0, K1 (N, M)`` that ``kernel_stats`` launchers return.
+
+    ``rdiag.kernels.KernelStats`` (the same fields) adds the comparisons.
+    """
+
+    inner: float
+    sq_norm0: float
+    sq_norm1: float
+    sq_diff: float
+    row0: Tensor
+    row1: Tensor
+    col0: Tensor
+    col1: Tensor
+    sum0: float
+    sum1: float
 
 
 class GramShape(NamedTuple):
@@ -68,14 +86,6 @@ def interpreter_safe(*tensors: Tensor) -> tuple[Tensor, ...]:
 def next_power_of_2(n: int) -> int:
     """Smallest power of two ``>= n`` (1 for ``n <= 1``)."""
     return 1 if n <= 1 else 1 << (int(n) - 1).bit_length()
-
-
-def dot_block(n: int, lo: int = 16, hi: int = 64) -> int:
-    """Power-of-two block size covering ``n``, clamped to ``[lo, hi]``.
-
-    ``tl.dot`` needs every block dimension ``>= 16``.
-    """
-    return max(lo, min(hi, next_power_of_2(n)))
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from rdiag._checks import available_memory
+from rdiag._tiling import available_memory
 
 from ._launch import (
     GramShape,
+    KernelSums,
     acc_dtype,
     check_gram_hadamard_args,
     check_gram_hadamard_shared_args,
@@ -260,94 +260,7 @@ def _put(dst: Tensor, value: Tensor, scale: float, fresh: bool) -> None:
         dst.add_(value, alpha=scale)
 
 
-@dataclass(frozen=True)
-class KernelStats:
-    r"""Sufficient statistics of two kernels ``K0, K1`` of shape ``(N, M)``.
-
-    Every comparison below follows from these sums, so one pass over both
-    kernels serves them all.
-
-    Attributes:
-        inner: :math:`\langle K_0, K_1\rangle_F`.
-        sq_norm0: :math:`\|K_0\|_F^2`.
-        sq_norm1: :math:`\|K_1\|_F^2`.
-        sq_diff: :math:`\|K_1 - K_0\|_F^2`, summed directly: from the three sums
-            above it would cancel catastrophically when ``K1`` is close to ``K0``.
-        row0: Row sums ``K0 1`` ``(N,)``.
-        row1: Row sums ``K1 1`` ``(N,)``.
-        col0: Column sums ``K0^T 1`` ``(M,)``.
-        col1: Column sums ``K1^T 1`` ``(M,)``.
-        sum0: Sum of all entries of ``K0``.
-        sum1: Sum of all entries of ``K1``.
-
-    Scalars are Python floats (summed in float64 from float32 or float64 parts);
-    the vectors are float64 for float64 kernels, else float32.
-    """
-
-    inner: float
-    sq_norm0: float
-    sq_norm1: float
-    sq_diff: float
-    row0: Tensor
-    row1: Tensor
-    col0: Tensor
-    col1: Tensor
-    sum0: float
-    sum1: float
-
-    def distance(self) -> float:
-        r"""Kernel distance :math:`1 - \langle K_0,K_1\rangle/(\|K_0\|\|K_1\|)`."""
-        denom = math.sqrt(self.sq_norm0 * self.sq_norm1)
-        if denom == 0.0:
-            raise ValueError("kernel distance is undefined: a kernel is all zeros")
-        return 1.0 - self.inner / denom
-
-    def relative_change(self) -> float:
-        r"""Relative change :math:`\|K_1 - K_0\|_F / \|K_0\|_F`."""
-        if self.sq_norm0 == 0.0:
-            raise ValueError("relative change is undefined: K0 is all zeros")
-        return math.sqrt(self.sq_diff / self.sq_norm0)
-
-    def centered_alignment(self) -> float:
-        r"""Centered kernel alignment of square kernels (``N == M``).
-
-        With :math:`H = I - \mathbf{1}\mathbf{1}^T/N`, :math:`H^2 = H` gives
-
-        .. math:: \langle HK_0H, HK_1H\rangle = \langle K_0,K_1\rangle
-            - (r_0\cdot r_1 + c_0\cdot c_1)/N + s_0 s_1/N^2
-
-        (rows ``r = K 1``, columns ``c = K^T 1``, sums ``s``); the alignment is
-        that inner product over the product of the centered norms.
-
-        Raises:
-            ValueError: The kernels are not square, or a centered kernel is zero.
-        """
-        n, m = self.row0.numel(), self.col0.numel()
-        if n != m:
-            raise ValueError(
-                f"expected square kernels for centered alignment, got ({n}, {m}); "
-                "compute the kernels on one batch (x2 = x1)"
-            )
-        r0, r1, c0, c1 = (
-            v.double() for v in (self.row0, self.row1, self.col0, self.col1)
-        )
-
-        def centered(
-            sq: float, ra: Tensor, rb: Tensor, ca: Tensor, cb: Tensor, s: float
-        ) -> float:
-            return sq - float(ra @ rb + ca @ cb) / n + s / (n * n)
-
-        c01 = centered(self.inner, r0, r1, c0, c1, self.sum0 * self.sum1)
-        c00 = centered(self.sq_norm0, r0, r0, c0, c0, self.sum0**2)
-        c11 = centered(self.sq_norm1, r1, r1, c1, c1, self.sum1**2)
-        if c00 <= 0.0 or c11 <= 0.0:
-            raise ValueError(
-                "centered alignment is undefined: a centered kernel is zero"
-            )
-        return c01 / math.sqrt(c00 * c11)
-
-
-def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
+def kernel_stats(k0: Tensor, k1: Tensor) -> KernelSums:
     """Sums of two kernels needed by distance, relative change and alignment.
 
     Args:
@@ -355,7 +268,7 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
         k1: Kernel ``(N, M)`` (e.g. now), same dtype and device.
 
     Returns:
-        A :class:`KernelStats`.
+        The :class:`~rdiag.kernels._launch.KernelSums`.
     """
     check_kernel_pair(k0, k1)
     acc = acc_dtype(k0.dtype)
@@ -365,7 +278,7 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
         return float(t.sum())
 
     row0, row1 = a.sum(1), b.sum(1)
-    return KernelStats(
+    return KernelSums(
         inner=total(a * b),
         sq_norm0=total(a * a),
         sq_norm1=total(b * b),

@@ -6,19 +6,16 @@ imported here (Triton, matplotlib, pandas, PyYAML, scikit-learn load lazily).
 """
 
 from rdiag._version import __version__
-from rdiag.coord_check import (
-    CoordCheckResult,
-    coord_check,
-    plot_coord_check,
-    write_summary,
-)
+from typing import Any
+
+from rdiag.coord_check import CoordCheckResult, coord_check, plot_coord_check
 from rdiag.curvature import (
     curvature_operator,
     ggn_eigenvalues_from_ntk,
     ggn_sharpness_from_ntk,
     hessian_density,
     hessian_trace,
-    preconditioner_diagonal,
+    multiplier_diagonal,
     sharpness,
     top_eigenvalues,
 )
@@ -48,17 +45,21 @@ from rdiag.metrics import (
 )
 from rdiag.models import BNMLP, CNN, MLP, Transformer, make_model
 from rdiag.monitor import Monitor
-from rdiag.ntk.api import NTKImplementation, empirical_ntk, ntk_costs
+from rdiag.ntk.api import NTKFunction, NTKImplementation, empirical_ntk, ntk_fn
 from rdiag.ntk.structured import structured_coverage
 from rdiag.operators.base import DenseOperator, LinearOperator, ScaledOperator
+from rdiag.operators.curvature import CurvatureOperator
 from rdiag.operators.ggn import FisherOperator, GGNOperator
 from rdiag.operators.hessian import HessianOperator, hvp
 from rdiag.operators.ntk import NTKOperator
 from rdiag.parametrization import (
+    LayerScale,
     Parametrization,
+    applied_parametrization,
     apply_parametrization,
     effective_weights,
     gamma_family,
+    layer_scales,
     lr_multipliers,
     make_optimizer,
     parse_param,
@@ -75,13 +76,15 @@ __all__ = [
     "select_parameters",
     # eNTK
     "NTKImplementation",
+    "NTKFunction",
+    "ntk_fn",
     "empirical_ntk",
-    "ntk_costs",
     "structured_coverage",
     # operators
     "LinearOperator",
     "DenseOperator",
     "ScaledOperator",
+    "CurvatureOperator",
     "NTKOperator",
     "HessianOperator",
     "GGNOperator",
@@ -100,7 +103,7 @@ __all__ = [
     "spectral_density",
     # model-level curvature
     "curvature_operator",
-    "preconditioner_diagonal",
+    "multiplier_diagonal",
     "top_eigenvalues",
     "sharpness",
     "hessian_trace",
@@ -122,6 +125,9 @@ __all__ = [
     "gamma_family",
     "parse_param",
     "apply_parametrization",
+    "applied_parametrization",
+    "LayerScale",
+    "layer_scales",
     "effective_weights",
     "lr_multipliers",
     "make_optimizer",
@@ -133,7 +139,6 @@ __all__ = [
     "make_model",
     "CoordCheckResult",
     "coord_check",
-    "write_summary",
     "plot_coord_check",
     # harness
     "Monitor",
@@ -148,3 +153,31 @@ __all__ = [
     "train",
     "sweep",
 ]
+
+_MOVED = {
+    "ntk_costs": ("rdiag.ntk.api", "ntk_costs", "ntk_fn(model).plan(x1, x2).costs"),
+    "write_summary": (
+        "rdiag.coord_check",
+        "write_summary",
+        "CoordCheckResult.save(out_dir)",
+    ),
+    "preconditioner_diagonal": (
+        "rdiag.curvature",
+        "multiplier_diagonal",
+        "rdiag.multiplier_diagonal",
+    ),
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Names that left the top-level namespace: they work for one more release."""
+    if name in _MOVED:
+        import importlib
+
+        from rdiag._deprecation import renamed_name
+
+        module, attr, new = _MOVED[name]
+        return renamed_name(
+            f"rdiag.{name}", new, getattr(importlib.import_module(module), attr)
+        )
+    raise AttributeError(f"module 'rdiag' has no attribute {name!r}")

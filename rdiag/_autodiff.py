@@ -1,7 +1,7 @@
 """Forward-mode products with fallbacks for ops that lack forward-mode AD.
 
 Some PyTorch kernels (the fused scaled-dot-product-attention kernels among them)
-have no forward-mode derivative. :func:`jvp_mode` probes a model once and picks,
+have no forward-mode derivative. :func:`probe_jvp_mode` probes a model and picks,
 in order: native forward mode, forward mode under the math attention backend, or
 reverse-over-reverse (the "double-vjp" trick, two backward passes per product).
 """
@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 
-from rdiag._optional import warn_once
+from rdiag._inputs import Inputs, rows
+from rdiag._optional import notice
+
+if TYPE_CHECKING:
+    from rdiag.functional import FunctionalModel
 
 JvpMode = Literal["forward", "math_attention", "reverse"]
 _MODES: tuple[JvpMode, ...] = ("forward", "math_attention", "reverse")
@@ -56,35 +60,41 @@ def jvp(
     return out, push(tangents)[0]
 
 
-def jvp_mode(owner: object, probe: Callable[[JvpMode], object]) -> JvpMode:
-    """The first mode in which ``probe(mode)`` runs, cached on ``owner``.
+def probe_jvp_mode(fm: FunctionalModel, x: Inputs) -> JvpMode:
+    """The first mode in which a small jvp of ``fm`` runs on (a slice of) ``x``.
+
+    Nothing is cached here: the caller (an eNTK handle, an operator, a Monitor)
+    probes once and keeps the answer for as long as it holds the model; a
+    fallback is said at each probe.
 
     Args:
-        owner: Object to cache the choice on (a ``FunctionalModel``).
-        probe: Runs one small jvp in the given mode; raises if unsupported.
+        fm: Functional view of the model.
+        x: A prepared batch; its first two samples are used (the whole batch for
+            a batch-coupled model).
 
     Returns:
         The mode; a one-time warning says when it is not native forward mode.
+
+    Raises:
+        RuntimeError: No mode works (every mode's error is quoted).
     """
-    cached = getattr(owner, "_rdiag_jvp_mode", None)
-    if cached is not None:
-        return cached
+    probe_x = x if fm.batch_coupled else rows(x, slice(0, 2))
+    params = fm.params
+    zeros = {n: torch.zeros_like(p) for n, p in params.items()}
     errors = []
     for mode in _MODES:
         try:
-            probe(mode)
+            jvp(lambda p: fm(p, probe_x), (params,), (zeros,), mode)
         except (NotImplementedError, RuntimeError) as err:
             errors.append(f"{mode}: {str(err).splitlines()[0][:160]}")
             continue
         if mode != "forward":
-            module = getattr(owner, "module", owner)
-            warn_once(
-                f"jvp-{type(module).__name__}-{id(module)}",
-                f"{type(module).__name__} has an op without forward-mode AD "
-                f"({errors[0]}); rdiag uses {mode.replace('_', ' ')} instead "
+            kind = type(fm.module).__name__
+            notice(
+                f"{kind} has an op without forward-mode AD ({errors[0]}); rdiag uses "
+                f"{mode.replace('_', ' ')} instead "
                 f"{'(same result)' if mode == 'math_attention' else '(about 2x the cost)'}",
             )
-        owner._rdiag_jvp_mode = mode
         return mode
     raise RuntimeError(
         "no differentiation mode works for this model: " + "; ".join(errors)

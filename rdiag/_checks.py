@@ -93,36 +93,32 @@ def check_scalar_loss(loss: Tensor) -> None:
         )
 
 
-def check_fits(nbytes: float, budget: float, what: str, hint: str) -> None:
-    """Raise ``MemoryError`` if ``nbytes`` exceeds ``budget``, with a way out."""
-    if nbytes > budget:
-        raise MemoryError(
-            f"{what} needs about {format_bytes(nbytes)}, over the memory budget of "
-            f"{format_bytes(budget)}; {hint}"
-        )
+_DTYPE_NAMES = {
+    "float64": torch.float64,
+    "double": torch.float64,
+    "float32": torch.float32,
+    "float": torch.float32,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
 
 
-def format_bytes(nbytes: float) -> str:
-    """Human-readable byte count, e.g. ``'3.2 GiB'``."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(nbytes) < 1024 or unit == "TiB":
-            return f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    raise AssertionError("unreachable")
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """Return a floating ``torch.dtype`` (or None) from a dtype or its name.
 
-
-def available_memory(device: torch.device) -> int:
-    """Bytes that can be allocated on ``device`` now (free GPU memory or free RAM)."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import os
-
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    Raises:
+        TypeError: Neither a floating dtype nor one of its names.
+    """
+    if dtype is None:
+        return None
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in _DTYPE_NAMES:
+            return _DTYPE_NAMES[key]
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    raise TypeError(
+        f"expected dtype to be a floating torch.dtype (e.g. torch.float64) or its name "
+        f"({sorted(_DTYPE_NAMES)}), got {dtype!r}"
+    )

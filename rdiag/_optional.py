@@ -53,10 +53,32 @@ def has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def notice(message: str, *, stacklevel: int = 3) -> None:
+    """Say ``message`` as a ``UserWarning`` and a log line."""
+    logger.info(message)
+    warnings.warn(message, UserWarning, stacklevel=stacklevel)
+
+
 def warn_once(key: str, message: str) -> None:
-    """Emit ``message`` as a ``UserWarning`` and a log line, once per ``key``."""
+    """Say a fact about this process (e.g. Triton is missing) once per ``key``.
+
+    Notices about one model are said once by the object that owns the decision
+    (a handle, an operator, a Monitor: :class:`Notices`), not here.
+    """
     if key in _WARNED:
         return
     _WARNED.add(key)
-    logger.info(message)
-    warnings.warn(message, UserWarning, stacklevel=3)
+    notice(message, stacklevel=4)
+
+
+class Notices:
+    """One-time notices owned by one object: each key is said once per owner."""
+
+    def __init__(self) -> None:
+        self._said: set[str] = set()
+
+    def say(self, key: str, message: str) -> None:
+        """Say ``message`` unless this owner already said ``key``."""
+        if key not in self._said:
+            self._said.add(key)
+            notice(message, stacklevel=4)

@@ -56,20 +56,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rdiag._autodiff import jvp
+from rdiag._autodiff import jvp, probe_jvp_mode
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
 from rdiag._optional import require
 from rdiag.functional import functionalize
 from rdiag.metrics import fit_exponent, matrix_norms, representation_movement
 from rdiag.models import FAMILIES, make_model
 from rdiag.ntk.api import empirical_ntk
-from rdiag.ntk.vector_products import model_jvp_mode
 from rdiag.parametrization import (
     OPTIMIZERS,
     Centered,
     Parametrization,
     apply_parametrization,
     effective_weights,
+    layer_scales,
     lr_multipliers,
     make_optimizer,
     parse_param,
@@ -115,6 +115,30 @@ class CoordCheckResult:
     seeds: tuple[int, ...]
     records: list[dict] = field(repr=False)
     fits: list[dict] = field(repr=False)
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``out_dir/summary.json``: the fits, the raw records and the settings.
+
+        Non-finite numbers are written as ``null``.
+
+        Returns:
+            The path of the written file.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "param": self.param,
+            "r": self.r,
+            "optimizer": self.optimizer,
+            "steps": self.steps,
+            "widths": list(self.widths),
+            "seeds": list(self.seeds),
+            "fits": self.fits,
+            "records": self.records,
+        }
+        path = out / "summary.json"
+        path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
+        return path
 
     def fit(self, metric: str, layer: str | None = None) -> dict:
         """The fit of ``metric`` (for ``layer``); raises ``KeyError`` if absent."""
@@ -297,10 +321,9 @@ def _default_data(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor]:
 def _capture(model: nn.Module, probe: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
     """Model output ``(P, O)`` and every read-in/hidden layer's output on the probe."""
     layers = {
-        n: m
-        for n, m in model.named_modules()
-        if getattr(m, "rdiag_role", None) in ("readin", "hidden")
-        and m.weight.requires_grad
+        n: model.get_submodule(n)
+        for n, s in layer_scales(model).items()
+        if s.role in ("readin", "hidden")
     }
     seen: dict[str, Tensor] = {}
     handles = [
@@ -334,7 +357,7 @@ def _run(
     theta0 = {n: p.clone() for n, p in fm.params.items()}
     f0, h0 = _capture(model, probe)
     w0 = {n: w.clone() for n, w in effective_weights(model).items()}
-    k0 = empirical_ntk(model, probe, weights=weights) if ntk else None
+    k0 = empirical_ntk(model, probe, lr_multipliers=weights) if ntk else None
     opt = make_optimizer(model, param, lr, optimizer=optimizer)
     for _ in range(steps):
         opt.zero_grad(set_to_none=True)
@@ -343,9 +366,7 @@ def _run(
         loss.backward()
         opt.step()
     ft, ht = _capture(model, probe)
-    roles = {
-        n: m.rdiag_role for n, m in model.named_modules() if hasattr(m, "rdiag_role")
-    }
+    roles = {n: s.role for n, s in layer_scales(model).items()}
     recs = [_rec("delta_f", None, None, representation_movement(ft, f0))]
     if not isinstance(model, Centered):
         recs.append(
@@ -368,7 +389,7 @@ def _run(
         recs.append(_rec("dW_fro", n, roles[n], fro))
         recs.append(_rec("dW_rel", n, roles[n], op / matrix_norms(w0[n])[0]))
     if ntk:
-        kt = empirical_ntk(model, probe, weights=weights)
+        kt = empirical_ntk(model, probe, lr_multipliers=weights)
         recs.append(
             _rec("ntk_rel_change", None, None, float((kt - k0).norm() / k0.norm()))
         )
@@ -389,7 +410,7 @@ def _jvp_at(fm, probe: Tensor, theta0: dict, delta: dict) -> Tensor:
     Ops without forward-mode AD (fused attention on CPU) fall back to the math
     attention backend, then to the double-vjp trick.
     """
-    mode = model_jvp_mode(fm, probe)
+    mode = probe_jvp_mode(fm, probe)
     return jvp(lambda p: fm(p, probe), (theta0,), (delta,), mode)[1]
 
 
@@ -443,28 +464,10 @@ def _jsonable(obj: object) -> object:
 
 
 def write_summary(result: CoordCheckResult, out_dir: str | Path) -> Path:
-    """Write ``out_dir/summary.json`` with the fits, the raw records and the settings.
+    """Deprecated: :meth:`CoordCheckResult.save`."""
+    from rdiag._deprecation import renamed_name
 
-    Non-finite numbers are written as ``null``.
-
-    Returns:
-        The path of the written file.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "param": result.param,
-        "r": result.r,
-        "optimizer": result.optimizer,
-        "steps": result.steps,
-        "widths": list(result.widths),
-        "seeds": list(result.seeds),
-        "fits": result.fits,
-        "records": result.records,
-    }
-    path = out / "summary.json"
-    path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
-    return path
+    return renamed_name("write_summary", "CoordCheckResult.save", result.save)(out_dir)
 
 
 def plot_coord_check(result: CoordCheckResult, path: str | Path) -> Path:

@@ -10,21 +10,22 @@ full eNTK instead.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
+from rdiag._deprecation import UNSET, renamed_argument, renamed_name
 from rdiag._typing import Data, LossFn, ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode
 from rdiag.linalg.density import SpectralDensity, spectral_density
 from rdiag.linalg.lanczos import EigResult, Which, lanczos
 from rdiag.linalg.power import power_extreme
 from rdiag.linalg.trace import TraceEstimate, hutch_plus_plus, hutchinson
-from rdiag.operators._data import CurvatureOperator
 from rdiag.operators.base import LinearOperator, ScaledOperator
+from rdiag.operators.curvature import CurvatureOperator
 from rdiag.operators.ggn import (
     FisherOperator,
     GGNOperator,
@@ -35,7 +36,7 @@ from rdiag.operators.hessian import HessianOperator
 
 OperatorKind = Literal["hessian", "ggn", "fisher"]
 OPERATORS = ("hessian", "ggn", "fisher")
-Preconditioner = Tensor | Mapping[str, float] | float | torch.optim.Optimizer | None
+Multipliers = Tensor | Mapping[str, float] | float | torch.optim.Optimizer | None
 
 
 def curvature_operator(
@@ -47,7 +48,8 @@ def curvature_operator(
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
     loss: LossKind | None = None,
     compile: bool = False,
 ) -> CurvatureOperator:
@@ -62,17 +64,25 @@ def curvature_operator(
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
+        output_fn: Picks the output tensor from a non-tensor model output.
         loss: Loss kind for the GGN/Fisher (default: inferred).
         compile: ``torch.compile`` the Hessian product.
 
     Returns:
-        A ``(P, P)`` :class:`~rdiag.operators._data.CurvatureOperator`.
+        A ``(P, P)`` :class:`~rdiag.operators.curvature.CurvatureOperator`; keep it
+        for repeated use (it reads the parameters live; ``rebind`` for new data).
 
     Raises:
         ValueError: Unknown ``operator``.
     """
     check_choice(operator, "operator", OPERATORS)
-    common = {"params": params, "exclude": exclude, "mode": mode, "dtype": dtype}
+    common = {
+        "params": params,
+        "exclude": exclude,
+        "mode": mode,
+        "dtype": dtype,
+        "output_fn": output_fn,
+    }
     if operator == "hessian":
         return HessianOperator(model, loss_fn, data, compile=compile, **common)
     if operator == "ggn":
@@ -92,7 +102,7 @@ def _adam_diagonal(fm: FunctionalModel, optimizer: torch.optim.Optimizer) -> Ten
             )
         for p in group["params"]:
             name = name_of.get(id(p))
-            if name not in fm.params:
+            if name not in fm.shapes:
                 continue
             state = optimizer.state.get(p, {})
             key = "max_exp_avg_sq" if group.get("amsgrad") else "exp_avg_sq"
@@ -114,14 +124,14 @@ def _adam_diagonal(fm: FunctionalModel, optimizer: torch.optim.Optimizer) -> Ten
     return fm.flatten(found).to(device=fm.device, dtype=fm.param_dtype)
 
 
-def preconditioner_diagonal(
-    fm: FunctionalModel, preconditioner: Preconditioner
+def multiplier_diagonal(
+    fm: FunctionalModel, lr_multipliers: Multipliers
 ) -> Tensor | None:
-    r"""Resolve a diagonal preconditioner ``M`` to a flat ``(P,)`` vector.
+    r"""Resolve the diagonal ``M`` (per-layer learning-rate ratios) to a flat ``(P,)`` vector.
 
     Args:
         fm: The functional view (selected parameters, order).
-        preconditioner: One of
+        lr_multipliers: One of
 
             * ``None``: no preconditioning (returns ``None``);
             * a dict layer-or-parameter name (or glob) -> scalar, a float, or a
@@ -145,34 +155,48 @@ def preconditioner_diagonal(
         ValueError: Wrong size, negative entries, missing optimizer state.
         TypeError: An unsupported kind.
     """
-    if preconditioner is None:
+    if lr_multipliers is None:
         return None
-    if isinstance(preconditioner, torch.optim.Optimizer):
-        return _adam_diagonal(fm, preconditioner)
-    if isinstance(preconditioner, Tensor):
+    if isinstance(lr_multipliers, torch.optim.Optimizer):
+        return _adam_diagonal(fm, lr_multipliers)
+    if isinstance(lr_multipliers, Tensor):
         p = fm.num_params
-        if preconditioner.shape != (p,) or not bool((preconditioner >= 0).all()):
+        if lr_multipliers.shape != (p,) or not bool((lr_multipliers >= 0).all()):
             raise ValueError(
-                f"expected a non-negative flat ({p},) preconditioner, got shape "
-                f"{tuple(preconditioner.shape)}; one entry per selected parameter"
+                f"expected non-negative flat ({p},) lr_multipliers, got shape "
+                f"{tuple(lr_multipliers.shape)}; one entry per selected parameter"
             )
-        return preconditioner.to(device=fm.device, dtype=fm.param_dtype)
-    weights = fm.param_weights(preconditioner)
+        return lr_multipliers.to(device=fm.device, dtype=fm.param_dtype)
+    weights = fm.param_weights(lr_multipliers)
     return torch.cat(
         [torch.full((fm.sizes[n],), weights[n], dtype=fm.param_dtype) for n in fm.names]
     ).to(fm.device)
+
+
+def preconditioner_diagonal(
+    fm: FunctionalModel, preconditioner: Multipliers
+) -> Tensor | None:
+    """Deprecated name of :func:`multiplier_diagonal`."""
+    return renamed_name(
+        "preconditioner_diagonal", "multiplier_diagonal", multiplier_diagonal
+    )(fm, preconditioner)
+
+
+def scaled(op: CurvatureOperator, lr_multipliers: Multipliers) -> LinearOperator:
+    """``op`` itself, or ``M^1/2 op M^1/2`` for the diagonal of ``lr_multipliers``."""
+    diagonal = multiplier_diagonal(op.fm, lr_multipliers)
+    return op if diagonal is None else ScaledOperator(op, diagonal)
 
 
 def _operator(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
     data: Data,
-    preconditioner: Preconditioner,
+    lr_multipliers: Multipliers,
     **kwargs: object,
 ) -> LinearOperator:
     op = curvature_operator(model, loss_fn, data, **kwargs)  # type: ignore[arg-type]
-    diagonal = preconditioner_diagonal(op.fm, preconditioner)
-    return op if diagonal is None else ScaledOperator(op, diagonal)
+    return scaled(op, lr_multipliers)
 
 
 def top_eigenvalues(
@@ -189,18 +213,22 @@ def top_eigenvalues(
     which: Which = "largest",
     params: ParamSelector = None,
     exclude: ParamSelector = None,
-    preconditioner: Preconditioner = None,
+    lr_multipliers: Multipliers = None,
     mode: Mode = "eval",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
     loss: LossKind | None = None,
     seed: int = 0,
     compile: bool = False,
     criterion: Literal["residual", "eigenvalue"] = "residual",
+    preconditioner: Any = UNSET,
 ) -> EigResult:
     r"""Extreme eigenpairs of the loss Hessian (or GGN / Fisher), optionally preconditioned.
 
-    Computes eigenpairs of :math:`A` or, with a preconditioner,
-    :math:`M^{1/2} A M^{1/2}` (same eigenvalues as :math:`M A`).
+    Computes eigenpairs of :math:`A` or, with ``lr_multipliers``,
+    :math:`M^{1/2} A M^{1/2}` (same eigenvalues as :math:`M A`). One-shot: for
+    repeated solves keep the operator of :func:`curvature_operator` and call
+    :func:`rdiag.lanczos` on ``scaled(op, lr_multipliers)``.
 
     Args:
         model: The network.
@@ -217,14 +245,16 @@ def top_eigenvalues(
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
         params: Parameter selector (per-layer blocks, per-layer sharpness).
         exclude: Parameters to leave out.
-        preconditioner: See :func:`preconditioner_diagonal`.
+        lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
+        output_fn: Picks the output tensor from a non-tensor model output.
         loss: Loss kind for GGN/Fisher (default inferred).
         seed: Seed of the start vector.
         compile: ``torch.compile`` the Hessian product.
         criterion: Lanczos stopping test, ``"residual"`` or ``"eigenvalue"`` (see
             :func:`~rdiag.linalg.lanczos.lanczos`).
+        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         An :class:`~rdiag.linalg.lanczos.EigResult`; eigenvectors are ``(P, k)`` in
@@ -234,18 +264,26 @@ def top_eigenvalues(
         ValueError: Bad options (``method="power"`` with ``k > 1`` or
             ``which="both"``), or see the operators.
     """
+    lr_multipliers = renamed_argument(
+        "top_eigenvalues",
+        "preconditioner",
+        "lr_multipliers",
+        preconditioner,
+        lr_multipliers,
+    )
     check_choice(method, "method", ("lanczos", "power"))
     check_positive_int(k, "k")
     op = _operator(
         model,
         loss_fn,
         data,
-        preconditioner,
+        lr_multipliers,
         operator=operator,
         params=params,
         exclude=exclude,
         mode=mode,
         dtype=dtype,
+        output_fn=output_fn,
         loss=loss,
         compile=compile,
     )
@@ -276,24 +314,26 @@ def sharpness(
     loss_fn: LossFn,
     data: Data,
     *,
-    preconditioner: Preconditioner = None,
+    lr_multipliers: Multipliers = None,
     operator: OperatorKind = "hessian",
     tol: float = 1e-6,
     warm_start: EigResult | Tensor | None = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
+    preconditioner: Any = UNSET,
 ) -> float:
     r"""The largest **algebraic** eigenvalue of the loss Hessian (or its preconditioned form).
 
-    :math:`\lambda_{\max}(H)`, or :math:`\lambda_{\max}(M^{1/2} H M^{1/2})` with a
-    preconditioner (per-layer learning rates: compare with ``2 / eta_0``; an Adam
-    optimizer: the adaptive edge of stability, see :func:`preconditioner_diagonal`).
-    Computed by Lanczos with the eigenvalue stopping test: the estimated relative
-    error of the eigenvalue is at most about ``tol`` (see
-    :func:`~rdiag.linalg.lanczos.lanczos`, ``criterion="eigenvalue"``).
+    :math:`\lambda_{\max}(H)`, or :math:`\lambda_{\max}(M^{1/2} H M^{1/2})` with
+    ``lr_multipliers`` (per-layer learning rates: compare with ``2 / eta_0``; an
+    Adam optimizer: the adaptive edge of stability, see
+    :func:`multiplier_diagonal`). Computed by Lanczos with the eigenvalue stopping
+    test: the estimated relative error of the eigenvalue is at most about ``tol``
+    (see :func:`~rdiag.linalg.lanczos.lanczos`, ``criterion="eigenvalue"``).
 
     .. warning::
         This is the largest *algebraic* eigenvalue, not the largest in magnitude.
@@ -306,7 +346,7 @@ def sharpness(
         model: The network.
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch or an iterable of batches.
-        preconditioner: See :func:`preconditioner_diagonal`.
+        lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
         operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         tol: Relative eigenvalue accuracy.
         warm_start: A previous result or eigenvector (use :func:`top_eigenvalues`
@@ -315,11 +355,16 @@ def sharpness(
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
+        output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the start vector.
+        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         The eigenvalue, a Python float.
     """
+    lr_multipliers = renamed_argument(
+        "sharpness", "preconditioner", "lr_multipliers", preconditioner, lr_multipliers
+    )
     result = top_eigenvalues(
         model,
         loss_fn,
@@ -330,9 +375,10 @@ def sharpness(
         warm_start=warm_start,
         params=params,
         exclude=exclude,
-        preconditioner=preconditioner,
+        lr_multipliers=lr_multipliers,
         mode=mode,
         dtype=dtype,
+        output_fn=output_fn,
         seed=seed,
         criterion="eigenvalue",
     )
@@ -347,12 +393,14 @@ def hessian_trace(
     num_matvecs: int = 99,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
     operator: OperatorKind = "hessian",
-    preconditioner: Preconditioner = None,
+    lr_multipliers: Multipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
+    preconditioner: Any = UNSET,
 ) -> TraceEstimate:
     """Stochastic estimate of ``tr(H)`` (or of the GGN/Fisher, or preconditioned).
 
@@ -363,27 +411,42 @@ def hessian_trace(
         num_matvecs: Products to spend.
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
-        preconditioner: See :func:`preconditioner_diagonal`.
+        lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
         params: Parameter selector.
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
+        output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the probes.
+        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         A :class:`~rdiag.linalg.trace.TraceEstimate` with its standard error.
+
+    Raises:
+        ValueError: A bad ``num_matvecs`` or ``method``.
+        MemoryError: The probe vectors do not fit (the message says how big).
     """
+    lr_multipliers = renamed_argument(
+        "hessian_trace",
+        "preconditioner",
+        "lr_multipliers",
+        preconditioner,
+        lr_multipliers,
+    )
     check_choice(method, "method", ("hutch++", "hutchinson"))
+    check_positive_int(num_matvecs, "num_matvecs")
     op = _operator(
         model,
         loss_fn,
         data,
-        preconditioner,
+        lr_multipliers,
         operator=operator,
         params=params,
         exclude=exclude,
         mode=mode,
         dtype=dtype,
+        output_fn=output_fn,
     )
     if method == "hutchinson":
         return hutchinson(op, num_matvecs, seed=seed)
@@ -400,12 +463,14 @@ def hessian_density(
     grid: Tensor | int = 1000,
     sigma: float | None = None,
     operator: OperatorKind = "hessian",
-    preconditioner: Preconditioner = None,
+    lr_multipliers: Multipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
+    preconditioner: Any = UNSET,
 ) -> SpectralDensity:
     """Smoothed eigenvalue density of the Hessian by stochastic Lanczos quadrature.
 
@@ -418,26 +483,36 @@ def hessian_density(
         grid: ``(G,)`` points, or a number of points spanning the nodes.
         sigma: Gaussian broadening (default 1% of the node range).
         operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
-        preconditioner: See :func:`preconditioner_diagonal`.
+        lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
         params: Parameter selector.
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
+        output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the probes.
+        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         ``(grid, density)``, a :class:`~rdiag.linalg.density.SpectralDensity`.
     """
+    lr_multipliers = renamed_argument(
+        "hessian_density",
+        "preconditioner",
+        "lr_multipliers",
+        preconditioner,
+        lr_multipliers,
+    )
     op = _operator(
         model,
         loss_fn,
         data,
-        preconditioner,
+        lr_multipliers,
         operator=operator,
         params=params,
         exclude=exclude,
         mode=mode,
         dtype=dtype,
+        output_fn=output_fn,
     )
     return spectral_density(
         op,
@@ -456,17 +531,19 @@ def ggn_eigenvalues_from_ntk(
     y: Tensor,
     *,
     loss: LossKind | None = None,
-    weights: Weights = None,
+    lr_multipliers: Weights = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
+    weights: Any = UNSET,
 ) -> Tensor:
     r"""The GGN's spectrum on one batch, computed in sample space from the full eNTK.
 
     With ``J`` the ``(N*O, P)`` Jacobian, ``H_l`` the ``(N*O, N*O)`` loss Hessian in
-    the outputs and ``M`` the diagonal ``weights``, the nonzero eigenvalues of
-    :math:`M^{1/2} J^\top H_\ell J M^{1/2}` (the GGN, preconditioned by ``M``)
+    the outputs and ``M`` the diagonal ``lr_multipliers``, the nonzero eigenvalues
+    of :math:`M^{1/2} J^\top H_\ell J M^{1/2}` (the GGN, preconditioned by ``M``)
     equal those of :math:`H_\ell^{1/2}\, \Theta_M\, H_\ell^{1/2}` with
     :math:`\Theta_M = J M J^\top` the full ``(N*O, N*O)`` eNTK. That is an
     ``N*O``-sized dense problem, whatever ``P``.
@@ -485,13 +562,15 @@ def ggn_eigenvalues_from_ntk(
         y: Targets for ``x``.
         loss: Loss kind (default inferred; ``"autodiff"`` for others, which must
             be convex in the outputs).
-        weights: Per-layer weights ``M`` (dict, float, callable; see
+        lr_multipliers: The diagonal ``M`` (dict, float, callable; see
             :meth:`~rdiag.functional.FunctionalModel.param_weights`), e.g. per-layer
             learning rates relative to the base rate.
         params: Parameter selector.
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
+        output_fn: Picks the output tensor from a non-tensor model output.
+        weights: Deprecated name of ``lr_multipliers``.
 
     Returns:
         ``(N*O,)`` float64 eigenvalues, descending (the GGN's nonzero spectrum
@@ -502,6 +581,9 @@ def ggn_eigenvalues_from_ntk(
     """
     from rdiag.ntk.api import empirical_ntk
 
+    lr_multipliers = renamed_argument(
+        "ggn_eigenvalues_from_ntk", "weights", "lr_multipliers", weights, lr_multipliers
+    )
     op = GGNOperator(
         model,
         loss_fn,
@@ -510,6 +592,7 @@ def ggn_eigenvalues_from_ntk(
         exclude=exclude,
         mode=mode,
         dtype=dtype,
+        output_fn=output_fn,
         loss=loss,
     )
     xb, yb = op.prepare(x, y)
@@ -524,7 +607,7 @@ def ggn_eigenvalues_from_ntk(
             "GGNOperator with lanczos instead"
         )
     root = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-    theta = empirical_ntk(op.fm, xb, trace_outputs=False, weights=weights)
+    theta = empirical_ntk(op.fm, xb, trace_outputs=False, lr_multipliers=lr_multipliers)
     n, o = theta.shape[0], theta.shape[2]
     theta = theta.permute(0, 2, 1, 3).reshape(n * o, n * o).double()
     small = root @ theta @ root

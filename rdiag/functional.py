@@ -1,15 +1,17 @@
 """A model as a pure function ``f(params, x)`` of a selected set of its parameters.
 
 Every diagnostic in rdiag starts here: :func:`functionalize` turns an ``nn.Module``
-into a :class:`FunctionalModel` holding the selected parameters, the rest of the
-state (frozen parameters and buffers), the per-layer grouping of the selected
-parameters, and the mode (eval or train semantics) under which it is evaluated.
+into a :class:`FunctionalModel`: the *structure* of the computation (which
+parameters are selected and how they group into layers, the mode, the dtype
+policy, the output adapter). Values are read live from the module, so the view
+never goes stale when the model trains.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Literal
 
@@ -17,7 +19,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from rdiag._checks import check_choice, check_module, check_tensor
+from rdiag._checks import check_choice, check_dtype, check_module
+from rdiag._inputs import Inputs, check_inputs, describe, tree_map
+from rdiag._optional import Notices
 from rdiag._typing import Params, ParamSelector, Weights
 
 Mode = Literal["eval", "train"]
@@ -107,26 +111,39 @@ def layer_of(name: str) -> str:
 class FunctionalModel:
     """A module seen as ``f(params, x) -> (N, O)`` over its selected parameters.
 
+    The view holds *structure* only: the selected names and their per-layer
+    groups, the mode, the dtype policy and the output adapter. Parameter and buffer
+    *values* are read live from the module at every access (or passed in
+    explicitly), so a view, and anything built on it, stays valid across optimizer
+    steps: it never holds a copy that can go stale.
+
     The output of the wrapped module, of shape ``(N, *out)``, is flattened to
     ``(N, O)`` with ``O = prod(out)`` (e.g. a language model's ``(N, T, V)`` becomes
-    ``O = T * V``).
+    ``O = T * V``). Inputs are a tensor, a tuple of tensors (``forward(*x)``) or a
+    dict of tensors (``forward(**x)``, e.g. ``input_ids`` and ``attention_mask``);
+    axis 0 of every tensor is the sample axis.
 
     Modes:
         ``"eval"`` (default): every module in eval mode: dropout off, batch norm uses
         its running statistics; the function acts on each sample separately.
         ``"train"``: every module in train mode: batch norm uses the statistics of
         the batch passed in (its running statistics are not updated) and dropout is
-        active with a mask fixed by ``dropout_seed``, so repeated evaluations see the
-        same function. If the model has batch norm or dropout, the function is then
-        one of the whole batch (``batch_coupled``): ``R^{N x d} -> R^{N x O}``.
+        active with a mask fixed by ``dropout_seed`` (the global RNG state is
+        restored afterwards), so repeated evaluations see the same function. If the
+        model has batch norm or dropout, the function is then one of the whole batch
+        (``batch_coupled``): ``R^{N x d} -> R^{N x O}``.
+
+    Outputs: ``output_fn`` maps the module's raw output to a tensor; without it a
+    tensor is taken as is and a mapping or Hugging Face ``ModelOutput`` with a
+    ``logits`` entry gives its logits (said once).
 
     Attributes:
         module: The wrapped module (never modified; its mode is restored after calls).
         names: Selected parameter names, ``named_parameters()`` order.
-        params: The selected parameters as detached tensors (in ``dtype``).
-        others: Every other parameter and buffer, by name.
+        shapes: Name -> shape of each selected parameter.
         groups: Layer name -> names of its selected parameters.
         mode: ``"eval"`` or ``"train"``.
+        dtype: The requested compute dtype, or ``None`` (the model's own).
         batch_coupled: Whether outputs depend on other samples of the batch.
     """
 
@@ -136,7 +153,7 @@ class FunctionalModel:
         names: Sequence[str],
         *,
         mode: Mode = "eval",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         dropout_seed: int = 0,
         output_fn: Callable[[object], Tensor] | None = None,
     ) -> None:
@@ -144,20 +161,17 @@ class FunctionalModel:
         self.module = module
         self.names = tuple(names)
         self.mode = mode
-        self.dtype = dtype
+        self.dtype = check_dtype(dtype)
         self.dropout_seed = dropout_seed
+        if output_fn is not None and not callable(output_fn):
+            raise TypeError(
+                f"expected output_fn to be a callable raw output -> tensor, got "
+                f"{type(output_fn).__name__}; e.g. output_fn=lambda out: out.logits"
+            )
         self.output_fn = output_fn
-        state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-
-        def cast(t: Tensor) -> Tensor:
-            if dtype is not None and t.is_floating_point():
-                return t.detach().to(dtype)
-            return t.detach()
-
-        self.params: Params = {n: cast(state[n]) for n in self.names}
-        self.others: dict[str, Tensor] = {
-            n: cast(t) for n, t in state.items() if n not in self.params
-        }
+        self.notices = Notices()
+        named = dict(module.named_parameters())
+        self.shapes = {n: named[n].shape for n in self.names}
         groups: dict[str, list[str]] = {}
         for n in self.names:
             groups.setdefault(layer_of(n), []).append(n)
@@ -171,15 +185,51 @@ class FunctionalModel:
             for m in module.modules()
         )
         self.batch_coupled = (mode == "train" and stochastic) or stats_free
-        first = self.params[self.names[0]]
-        self.device = first.device
-        self.param_dtype = first.dtype
+
+    # ---- live values --------------------------------------------------------------
+    def _cast(self, t: Tensor) -> Tensor:
+        t = t.detach()
+        if self.dtype is not None and t.is_floating_point():
+            return t.to(self.dtype)
+        return t
+
+    @property
+    def params(self) -> Params:
+        """The selected parameters now, detached (cast to ``dtype`` if one is set)."""
+        named = dict(self.module.named_parameters())
+        missing = [n for n in self.names if n not in named]
+        if missing:
+            raise ValueError(
+                f"the model no longer has the selected parameters {missing[:5]}; "
+                "build a new view (or handle) after changing the model's structure"
+            )
+        return {n: self._cast(named[n]) for n in self.names}
+
+    @property
+    def others(self) -> dict[str, Tensor]:
+        """Every other parameter and buffer now, detached (and cast), by name."""
+        selected = set(self.names)
+        state = {
+            **dict(self.module.named_parameters()),
+            **dict(self.module.named_buffers()),
+        }
+        return {n: self._cast(t) for n, t in state.items() if n not in selected}
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the selected parameters."""
+        return self.module.get_parameter(self.names[0]).device
+
+    @property
+    def param_dtype(self) -> torch.dtype:
+        """The dtype computations run in: ``dtype``, or the parameters' own."""
+        return self.dtype or self.module.get_parameter(self.names[0]).dtype
 
     # ---- sizes and flat vectors -------------------------------------------------
     @property
     def sizes(self) -> dict[str, int]:
         """Number of entries of each selected parameter."""
-        return {n: p.numel() for n, p in self.params.items()}
+        return {n: math.prod(s) for n, s in self.shapes.items()}
 
     @property
     def num_params(self) -> int:
@@ -199,9 +249,8 @@ class FunctionalModel:
         """Split a flat ``(P,)`` (or ``(P, K)``) tensor into a dict of parameter shapes."""
         out, start = {}, 0
         for n in self.names:
-            p = self.params[n]
-            stop = start + p.numel()
-            out[n] = vector[start:stop].reshape(*p.shape, *vector.shape[1:])
+            stop = start + math.prod(self.shapes[n])
+            out[n] = vector[start:stop].reshape(*self.shapes[n], *vector.shape[1:])
             start = stop
         return out
 
@@ -221,24 +270,17 @@ class FunctionalModel:
         """
         if weights is None:
             resolved = {n: 1.0 for n in self.names}
-        elif isinstance(weights, (int, float)):
+        elif isinstance(weights, (int, float)) and not isinstance(weights, bool):
             resolved = {n: float(weights) for n in self.names}
         elif isinstance(weights, Mapping):
             resolved = {}
             for n in self.names:
-                keys = [
-                    k
-                    for k in weights
-                    if k in (n, layer_of(n)) or fnmatch.fnmatchcase(n, k)
-                ]
+                keys = [k for k in weights if _weight_key_matches(k, n)]
                 resolved[n] = float(weights[keys[0]]) if keys else 1.0
             unused = [
                 k
                 for k in weights
-                if not any(
-                    k in (n, layer_of(n)) or fnmatch.fnmatchcase(n, k)
-                    for n in self.names
-                )
+                if not any(_weight_key_matches(k, n) for n in self.names)
             ]
             if unused:
                 raise ValueError(
@@ -271,8 +313,9 @@ class FunctionalModel:
                 for m, _ in tracked:
                     m.track_running_stats = False
             if self.mode == "train" and self.batch_coupled:
+                device = self.device
                 with torch.random.fork_rng(
-                    devices=[self.device] if self.device.type == "cuda" else []
+                    devices=[device] if device.type == "cuda" else []
                 ):
                     torch.manual_seed(self.dropout_seed)
                     yield
@@ -284,39 +327,127 @@ class FunctionalModel:
             for m, flag in tracked:
                 m.track_running_stats = flag
 
-    def __call__(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """Evaluate the model on a batch.
+    def forward(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+        """Evaluate the model on a batch, keeping the output's shape.
 
         Args:
-            params: Selected parameters by name (any subset overrides; others as held).
-            x: Input batch ``(N, ...)``; floating inputs are cast to the parameters' dtype.
+            params: Selected parameters by name (any subset overrides; the rest are
+                read from the module).
+            x: Input batch (tensor, tuple or dict); floating tensors are cast to the
+                computation dtype.
 
         Returns:
-            Outputs flattened to ``(N, O)``.
+            The output tensor ``(N, *out)`` (after ``output_fn`` or the logits rule).
         """
-        if x.is_floating_point() and x.dtype != self.param_dtype:
-            x = x.to(self.param_dtype)
+        dtype = self.param_dtype
+        x = tree_map(lambda t: t.to(dtype) if t.is_floating_point() else t, x)
+        state = (dict(params), self.others)
         with self._mode_context():
-            out = functional_call(self.module, (dict(params), self.others), (x,))
+            if isinstance(x, Tensor):
+                out = functional_call(self.module, state, (x,))
+            elif isinstance(x, Mapping):
+                out = functional_call(self.module, state, (), dict(x))
+            else:
+                out = functional_call(self.module, state, tuple(x))
+        return self._output_tensor(out)
+
+    def __call__(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+        """Evaluate the model on a batch; returns outputs flattened to ``(N, O)``."""
+        out = self.forward(params, x)
+        return out.reshape(out.shape[0], -1)
+
+    def _output_tensor(self, out: object) -> Tensor:
         if self.output_fn is not None:
             out = self.output_fn(out)
+        elif not isinstance(out, Tensor):
+            logits = _logits(out)
+            if logits is not None:
+                self.notices.say(
+                    "logits",
+                    f"rdiag: the model returns {type(out).__name__}; its 'logits' are "
+                    "measured (pass output_fn= to pick another tensor)",
+                )
+                out = logits
         if not isinstance(out, Tensor):
             raise TypeError(
                 f"expected the model to return a tensor, got {type(out).__name__}; pass "
                 "output_fn= to pick the tensor (e.g. lambda out: out.logits)"
             )
-        return out.reshape(out.shape[0], -1)
+        if out.dim() == 0:
+            raise ValueError(
+                "expected the model output to have a leading sample axis, got a "
+                "scalar; return one row per sample (or pick it with output_fn=)"
+            )
+        return out
 
-    def single(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+    def single(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """Evaluate on one sample ``x`` (no batch axis); returns ``(O,)``."""
-        return self(params, x.unsqueeze(0))[0]
+        return self(params, tree_map(lambda t: t.unsqueeze(0), x))[0]
 
-    def cast_input(self, x: Tensor, name: str = "x") -> Tensor:
-        """Validate a batch; move it to the parameters' device (and dtype, if floating)."""
-        check_tensor(x, name)
-        if x.is_floating_point():
-            return x.to(device=self.device, dtype=self.param_dtype)
-        return x.to(self.device)
+    def cast_input(self, x: object, name: str = "x") -> Inputs:
+        """Validate a batch; move it to the parameters' device (and dtype, if floating).
+
+        Raises:
+            TypeError: Not a tensor, tuple or dict of tensors.
+            ValueError: An empty batch, mismatched sample axes or non-finite values.
+        """
+        x = check_inputs(x, name)
+        device, dtype = self.device, self.param_dtype
+        return tree_map(
+            lambda t: (
+                t.to(device=device, dtype=dtype)
+                if t.is_floating_point()
+                else t.to(device)
+            ),
+            x,
+        )
+
+    def probe(self, x: Inputs) -> Tensor:
+        """Check the model runs on ``x`` and is differentiable in the selected parameters.
+
+        Runs one forward pass with the selected parameters as fresh leaves.
+
+        Args:
+            x: A prepared batch (see :meth:`cast_input`).
+
+        Returns:
+            The output ``(N, *out)``, attached to the graph of those leaves.
+
+        Raises:
+            ValueError: The model fails on ``x`` (the message names the input
+                shapes and the model's own error), or its output does not depend
+                differentiably on the selected parameters.
+        """
+        leaves = {n: p.requires_grad_() for n, p in self.params.items()}
+        try:
+            with torch.enable_grad():
+                out = self.forward(leaves, x)
+        except (RuntimeError, ValueError, IndexError, AssertionError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
+            raise ValueError(
+                f"the model failed on inputs {describe(x)}: {first}; check the input "
+                "size and dtype its forward expects (token ids are integer tensors)"
+            ) from err
+        if not out.is_floating_point() or out.grad_fn is None:
+            raise ValueError(
+                f"expected the model's output to be differentiable in the selected "
+                f"parameters, got a {out.dtype} output "
+                f"{'without' if out.grad_fn is None else 'with'} a gradient; remove "
+                "detach()/no_grad()/argmax from forward or select other parameters"
+            )
+        return out
+
+
+def _weight_key_matches(key: str, name: str) -> bool:
+    return key in (name, layer_of(name)) or fnmatch.fnmatchcase(name, key)
+
+
+def _logits(out: object) -> Tensor | None:
+    """The ``logits`` of a mapping or Hugging Face ``ModelOutput``, if it has them."""
+    if isinstance(out, Mapping) and isinstance(out.get("logits"), Tensor):
+        return out["logits"]
+    logits = getattr(out, "logits", None)
+    return logits if isinstance(logits, Tensor) else None
 
 
 def functionalize(

@@ -24,10 +24,24 @@ scheduled steps the Monitor measures, on a fixed probe batch:
   first step on), each warm-started
   from the previous check's eigenvector; ``"sharpness_precond"``: only the
   preconditioned one (half the cost);
-* ``"trace"`` (Hutchinson), ``"grad_norm"``, ``"loss"``, ``"accuracy"``.
+* ``"linearization"``: ``lin_error = ||f_t - f_lin,t|| / ||f_t - f_0||`` with
+  ``f_lin,t = f_0 + J_0 (theta_t - theta_0)`` (one jvp at the first check's
+  parameters, which the Monitor keeps);
+* ``"trace"`` (Hutch++), ``"grad_norm"``, ``"loss"``, ``"accuracy"``.
 
 Records go to a :class:`~rdiag.store.Store` (one transaction per check) and to
-``Monitor.history``.
+``Monitor.history``. A metric that cannot be computed at a check (a degenerate
+state: a zero kernel, a solver that does not converge) is left out of that check
+and recorded as missing with its reason (``Monitor.missing``, and the store's
+missing records); ``strict=True`` raises instead.
+
+What the Monitor keeps from construction on (so a check spends only what the
+measurements need): one functional view of the model, an eNTK handle
+(:func:`rdiag.ntk_fn`, planned at the first check), a Hessian operator (built at
+the first check, rebound at each later one) with the static learning-rate
+diagonal, and the reference values of the first check. The model itself is
+never changed: measurements run through the functional view (mode, dropout
+seed and RNG handled there), gradients go to fresh leaves, hooks are removed.
 
 Cost and budget: the Monitor times itself (``Monitor.seconds``). Training time is
 the wall time since the first call to :meth:`step` minus the Monitor's own time.
@@ -47,8 +61,19 @@ import torch
 from torch import Tensor, nn
 
 from rdiag import metrics as M
-from rdiag._checks import check_module, check_positive_int, check_tensor
+from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
+from rdiag._checks import check_finite_positive, check_module, check_positive_int
+from rdiag._deprecation import UNSET, renamed_argument
+from rdiag._inputs import Inputs, batch_size, check_inputs
+from rdiag._optional import Notices
 from rdiag._typing import LossFn, Weights
+from rdiag.functional import MODES, Mode, functionalize
+from rdiag.kernels import kernel_stats
+from rdiag.linalg.lanczos import lanczos
+from rdiag.linalg.trace import hutch_plus_plus
+from rdiag.ntk.api import ntk_fn
+from rdiag.operators.base import LinearOperator, ScaledOperator
+from rdiag.operators.hessian import HessianOperator
 
 METRICS = (
     "ntk",
@@ -56,6 +81,7 @@ METRICS = (
     "features",
     "representations",
     "weights",
+    "linearization",
     "sharpness",
     "sharpness_precond",
     "trace",
@@ -63,14 +89,18 @@ METRICS = (
     "loss",
     "accuracy",
 )
-_NEEDS_TARGETS = set(METRICS) - {
-    "ntk",
-    "ntk_layers",
-    "features",
-    "representations",
-    "weights",
+_NEEDS_TARGETS = {
+    "sharpness",
+    "sharpness_precond",
+    "trace",
+    "grad_norm",
+    "loss",
+    "accuracy",
 }
+_FORWARD = {"representations", "features", "loss", "accuracy"}
 DEFAULT_METRICS = ("ntk", "features", "representations", "weights", "sharpness", "loss")
+#: What a metric may raise on a degenerate state; recorded as missing unless strict.
+MEASUREMENT_ERRORS = (ValueError, RuntimeError, ArithmeticError, MemoryError)
 Schedule = int | Sequence[int] | Callable[[int], bool]
 
 
@@ -100,13 +130,30 @@ def _leaf_param_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     ]
 
 
+def default_layers(model: nn.Module) -> list[str]:
+    """The layers whose outputs a Monitor tracks by default.
+
+    The read-in and hidden layers of a model prepared by
+    :func:`rdiag.apply_parametrization` (the layers the width exponents are
+    predicted for); otherwise every trainable leaf module but the last (taken as
+    the read-out).
+    """
+    from rdiag.parametrization import layer_scales
+
+    scales = layer_scales(model)
+    if scales:
+        return [n for n, s in scales.items() if s.role in ("readin", "hidden")]
+    return [n for n, _ in _leaf_param_modules(model)[:-1]]
+
+
 class Monitor:
     """Diagnostics of a model on a fixed probe batch, at scheduled training steps.
 
     Args:
         model: The network being trained (read, never modified).
-        probe: Probe batch ``x (N, ...)`` or ``(x, y)``; targets are needed for the
-            loss, accuracy, alignment and curvature metrics. Keep ``N`` small (32-64).
+        probe: Probe inputs ``x (N, ...)`` (a tensor, tuple or dict of tensors) or
+            ``(x, y)``; targets are needed for the loss, accuracy, alignment and
+            curvature metrics. Keep ``N`` small (32-64).
         every: Schedule: check every ``k`` steps, at a list of steps, or where a
             callable ``step -> bool`` is true.
         metrics: Subset of :data:`METRICS`.
@@ -114,23 +161,30 @@ class Monitor:
             gradient norm, loss).
         store: A :class:`~rdiag.store.Store` to write records to.
         run_id: The store's run id (required with ``store``).
-        lr_multipliers: Per-layer ``eta_l / eta0`` (``rdiag.parametrization.lr_multipliers``),
-            the weights of ``K_M`` and the sharpness preconditioner; default all 1.
+        lr_multipliers: Per-layer ``eta_l / eta0`` (:func:`rdiag.lr_multipliers`),
+            the diagonal ``M`` of ``K_M`` and of the sharpness preconditioner;
+            default all 1.
         optimizer: An Adam optimizer: its second moments precondition the sharpness
             (otherwise ``lr_multipliers`` do).
         budget_fraction: Keep diagnostics below this fraction of training time by
             skipping checks (see the module docstring).
         layers: Module names whose outputs are the tracked representations; default
-            every parameterized leaf module but the last (the read-out).
-        num_eigs: Number of top eNTK eigenvalues to record.
+            :func:`default_layers`.
+        num_eigs: Number of top eNTK eigenvalues to record (``>= 0``).
         sharpness_tol: Relative tolerance of the Lanczos sharpness solves.
+        mode: ``"eval"`` (default: dropout off, batch norm running statistics) or
+            ``"train"`` (batch statistics, fixed-seed dropout), for every metric.
         dtype: Compute diagnostics in this dtype (default the model's).
+        output_fn: Picks the output tensor from a non-tensor model output.
         snapshots: Also save arrays to the store at every check: the eNTK ``(N, N)``
             as ``"ntk"`` and the sharpness eigenvectors ``(P,)`` as ``"sharpness"`` /
             ``"sharpness_precond"`` (checksummed ``.npy`` files).
+        strict: Raise when a metric fails instead of recording it as missing.
+        weights: Deprecated name of ``lr_multipliers``.
 
     Attributes:
         history: One dict ``{(metric, layer): value}`` per check, with ``"step"``.
+        missing: Metric -> reason, for the metrics the last check could not compute.
         seconds: Seconds spent in diagnostics.
         checks: Number of checks run; ``skipped``: checks skipped by the budget.
     """
@@ -138,7 +192,7 @@ class Monitor:
     def __init__(
         self,
         model: nn.Module,
-        probe: Tensor | tuple[Tensor, Tensor],
+        probe: Inputs | tuple[Inputs, Tensor],
         *,
         every: Schedule = 1,
         metrics: Sequence[str] = DEFAULT_METRICS,
@@ -151,12 +205,27 @@ class Monitor:
         layers: Sequence[str] | None = None,
         num_eigs: int = 5,
         sharpness_tol: float = 1e-4,
-        dtype: torch.dtype | None = None,
+        mode: Mode = "eval",
+        dtype: torch.dtype | str | None = None,
+        output_fn: Callable[[object], Tensor] | None = None,
         snapshots: bool = False,
+        strict: bool = False,
+        weights: Any = UNSET,
     ) -> None:
+        lr_multipliers = renamed_argument(
+            "Monitor", "weights", "lr_multipliers", weights, lr_multipliers
+        )
         self.model = check_module(model)
-        x, y = probe if isinstance(probe, (tuple, list)) else (probe, None)
-        self.x = check_tensor(x, "probe x")
+        x, y = _split_probe(probe)
+        self.x = check_inputs(x, "probe x")
+        if y is not None and (
+            not isinstance(y, Tensor) or len(y) != batch_size(self.x)
+        ):
+            got = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(
+                f"expected probe targets y with one row per probe input "
+                f"({batch_size(self.x)}), got {got}"
+            )
         self.y = y
         self.metrics = tuple(metrics)
         bad = [m for m in self.metrics if m not in METRICS]
@@ -180,29 +249,46 @@ class Monitor:
             raise ValueError(
                 f"expected budget_fraction in (0, 1), got {budget_fraction!r}"
             )
+        if isinstance(num_eigs, bool) or not isinstance(num_eigs, int) or num_eigs < 0:
+            raise ValueError(f"expected num_eigs to be an int >= 0, got {num_eigs!r}")
+        if mode not in MODES:
+            raise ValueError(f"expected mode to be one of {list(MODES)}, got {mode!r}")
         self.scheduled = _schedule(every)
         self.loss_fn = loss_fn
         self.store, self.run_id = store, run_id
-        self.weights = lr_multipliers
+        self.lr_multipliers = lr_multipliers
         self.optimizer = optimizer
         self.budget_fraction = budget_fraction
         self.num_eigs = num_eigs
-        self.sharpness_tol = sharpness_tol
-        self.dtype = dtype
+        self.sharpness_tol = check_finite_positive(sharpness_tol, "sharpness_tol")
+        self.mode = mode
         self.snapshots = snapshots
+        self.strict = bool(strict)
+        self.fm = functionalize(model, mode=mode, dtype=dtype, output_fn=output_fn)
         leaves = _leaf_param_modules(model)
-        if layers is None:
-            layers = [n for n, _ in leaves[:-1]]
+        layers = default_layers(model) if layers is None else list(layers)
         modules = dict(model.named_modules())
-        missing = [n for n in layers if n not in modules]
-        if missing:
+        unknown = [n for n in layers if n not in modules]
+        if unknown:
             raise ValueError(
-                f"expected layers= to name modules of the model, got unknown {missing}; "
+                f"expected layers= to name modules of the model, got unknown {unknown}; "
                 f"modules with parameters: {[n for n, _ in leaves][:10]}"
             )
-        self.layers = list(layers)
+        self.layers = layers
         self._readout = leaves[-1][0] if leaves else None
+        self._ntk = None
+        if {"ntk", "ntk_layers"} & set(self.metrics):
+            self._ntk = ntk_fn(
+                self.fm,
+                lr_multipliers=lr_multipliers,
+                per_layer="ntk_layers" in self.metrics,
+            )
+        self._hessian: HessianOperator | None = None
+        self._lr_diagonal: Tensor | None = None
+        self._jvp_mode: JvpMode | None = None
         self.history: list[dict[Any, float]] = []
+        self.missing: dict[str, str] = {}
+        self.notices = Notices()
         self.seconds = 0.0
         self.checks = 0
         self.skipped = 0
@@ -239,6 +325,9 @@ class Monitor:
         Returns:
             The records ``{metric or (metric, layer): value}`` of this check, or
             ``None`` when no check ran.
+
+        Raises:
+            Exception: With ``strict=True``, what a failing metric raised.
         """
         if self._start is None:
             self._start = time.perf_counter()
@@ -254,6 +343,8 @@ class Monitor:
         records["train_seconds"] = self.train_seconds
         if self.store is not None:
             self.store.log(self.run_id, step, records)
+            if self.missing:
+                self.store.log_missing(self.run_id, step, self.missing)
         self.history.append({"step": step, **records})
         return records
 
@@ -277,46 +368,53 @@ class Monitor:
     # ---- measurements -----------------------------------------------------------
     def _measure(self, step: int) -> dict[Any, float]:
         rec: dict[Any, float] = {}
-        first = next(self.model.parameters())
-        x = self.x.to(first.device)
-        x = x.to(first.dtype) if x.is_floating_point() else x
-        y = None if self.y is None else self.y.to(first.device)
-        if {"representations", "features", "loss", "accuracy"} & set(self.metrics):
-            self._forward_metrics(x, rec)
-        if "ntk" in self.metrics or "ntk_layers" in self.metrics:
-            self._ntk_metrics(step, x, rec)
-        if "weights" in self.metrics:
-            self._weight_metrics(rec)
-        if "grad_norm" in self.metrics:
-            rec["grad_norm"] = self._grad_norm(x)
-        if "sharpness" in self.metrics or "sharpness_precond" in self.metrics:
-            self._sharpness(step, x, y, rec)
-        if "trace" in self.metrics:
-            from rdiag.curvature import hessian_trace
-
-            est = hessian_trace(
-                self.model,
-                self.loss_fn,
-                (x, y),
-                num_matvecs=30,
-                dtype=self.dtype,
-                seed=step,
-            )
-            rec["trace"], rec["trace_std_err"] = est.estimate, est.std_err
+        self.missing = {}
+        x = self.fm.cast_input(self.x, "probe x")
+        y = None if self.y is None else self.y.to(self.fm.device)
+        wanted = set(self.metrics)
+        groups: list[tuple[str, Callable[[], None]]] = []
+        if _FORWARD & wanted:
+            groups.append(("forward", lambda: self._forward_metrics(x, rec)))
+        if {"ntk", "ntk_layers"} & wanted:
+            groups.append(("ntk", lambda: self._ntk_metrics(step, x, rec)))
+        if "weights" in wanted:
+            groups.append(("weights", lambda: self._weight_metrics(rec)))
+        if "linearization" in wanted:
+            groups.append(("linearization", lambda: self._linearization(x, rec)))
+        if "grad_norm" in wanted:
+            groups.append(("grad_norm", lambda: self._grad_norm(x, y, rec)))
+        if {"sharpness", "sharpness_precond", "trace"} & wanted:
+            groups.append(("curvature", lambda: self._curvature(step, x, y, rec)))
+        for name, run in groups:
+            try:
+                run()
+            except MEASUREMENT_ERRORS as err:
+                if self.strict:
+                    raise
+                reason = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                self.missing[name] = reason[:500]
+                self.notices.say(
+                    f"missing-{name}-{type(err).__name__}",
+                    f"Monitor: {name} could not be computed at step {step} ({reason}); "
+                    "recorded as missing, training goes on",
+                )
         return rec
 
     def _movement(self, key: str, k: Tensor, rec: dict, layer: str = "") -> None:
         ref = self._ref.setdefault(key, k)
-        rec[(f"{key}_rel_change", layer)] = M.relative_change(ref, k)
-        rec[(f"{key}_distance", layer)] = M.kernel_distance(ref, k)
+        stats = kernel_stats(ref, k)
+        rec[(f"{key}_rel_change", layer)] = stats.relative_change()
+        rec[(f"{key}_distance", layer)] = stats.distance()
         if k.shape[0] > 1:
-            rec[(f"{key}_cka", layer)] = M.centered_alignment(ref, k)
+            rec[(f"{key}_cka", layer)] = stats.centered_alignment()
         prev = self._prev.get(key)
         if prev is not None:
-            rec[(f"{key}_rel_change_prev", layer)] = M.relative_change(prev, k)
+            rec[(f"{key}_rel_change_prev", layer)] = kernel_stats(
+                prev, k
+            ).relative_change()
         self._prev[key] = k
 
-    def _forward_metrics(self, x: Tensor, rec: dict) -> None:
+    def _forward_metrics(self, x: Inputs, rec: dict) -> None:
         modules = dict(self.model.named_modules())
         acts: dict[str, Tensor] = {}
         hooks = [
@@ -328,17 +426,14 @@ class Monitor:
                     lambda _m, inp: acts.__setitem__("__features__", inp[0].detach())
                 )
             )
-        training = [(m, m.training) for m in self.model.modules()]
         try:
-            self.model.eval()
             with torch.no_grad():
-                out = self.model(x)
+                out = self.fm.forward(self.fm.params, x)
         finally:
             for h in hooks:
                 h.remove()
-            for m, flag in training:
-                m.training = flag
-        f = out.reshape(len(out), -1).double()
+        n = batch_size(x)
+        f = out.reshape(n, -1).double()
         if "representations" in self.metrics:
             f0 = self._ref.setdefault("f", f)
             rec["f_norm"] = float(f.norm(dim=1).mean())
@@ -346,12 +441,11 @@ class Monitor:
             for name in self.layers:
                 h = acts[name].double()
                 h0 = self._ref.setdefault(f"h:{name}", h)
-                rec[("h_norm", name)] = float(h.reshape(len(h), -1).norm(dim=1).mean())
+                rec[("h_norm", name)] = float(h.reshape(n, -1).norm(dim=1).mean())
                 rec[("delta_h", name)] = M.representation_movement(h, h0)
         if "features" in self.metrics and "__features__" in acts:
-            phi = acts["__features__"].reshape(len(x), -1).double()
-            ck = phi @ phi.T / phi.shape[1]
-            self._movement("ck", ck, rec)
+            phi = acts["__features__"].reshape(n, -1).double()
+            self._movement("ck", phi @ phi.T / phi.shape[1], rec)
         if self.y is not None and "loss" in self.metrics:
             rec["loss"] = float(self.loss_fn(out, self._target(out)))
         if (
@@ -369,17 +463,12 @@ class Monitor:
 
         return hook
 
-    def _ntk_metrics(self, step: int, x: Tensor, rec: dict) -> None:
-        from rdiag.ntk.api import empirical_ntk
-
+    def _ntk_metrics(self, step: int, x: Inputs, rec: dict) -> None:
+        out = self._ntk(x)
         per_layer = "ntk_layers" in self.metrics
-        out = empirical_ntk(
-            self.model, x, weights=self.weights, dtype=self.dtype, per_layer=per_layer
-        )
         layers = out if per_layer else {}
-        k = sum(layers.values()) if per_layer else out
-        k = k.double()
-        if "ntk" in self.metrics or per_layer:
+        k = (sum(layers.values()) if per_layer else out).double()
+        if "ntk" in self.metrics:
             self._movement("ntk", k, rec)
             eigs = M.eigenvalues(k)
             for i, lam in enumerate(eigs[: self.num_eigs].tolist()):
@@ -395,25 +484,24 @@ class Monitor:
         for name, kl in layers.items():
             kl = kl.double()
             ref = self._ref.setdefault(f"ntk:{name}", kl)
-            rec[("ntk_layer_rel_change", name)] = M.relative_change(ref, kl)
+            rec[("ntk_layer_rel_change", name)] = kernel_stats(
+                ref, kl
+            ).relative_change()
             rec[("ntk_layer_trace", name)] = float(kl.trace())
         if self.snapshots and self.store is not None:
             self.store.save_array(self.run_id, step, "ntk", k)
 
     def _weights(self) -> dict[str, Tensor]:
-        from rdiag.parametrization import effective_weights
+        from rdiag.parametrization import effective_weights, layer_scales
 
-        try:
+        if layer_scales(self.model):
             return effective_weights(self.model)
-        except (
-            ValueError
-        ):  # not parametrized by rdiag: the raw weights are the effective ones
-            return {
-                name: m.weight.detach().reshape(m.weight.shape[0], -1)
-                for name, m in _leaf_param_modules(self.model)
-                if isinstance(getattr(m, "weight", None), Tensor)
-                and m.weight.dim() >= 2
-            }
+        # Not parametrized by rdiag: the raw weights are the effective ones.
+        return {
+            name: m.weight.detach().reshape(m.weight.shape[0], -1)
+            for name, m in _leaf_param_modules(self.model)
+            if isinstance(getattr(m, "weight", None), Tensor) and m.weight.dim() >= 2
+        }
 
     def _weight_metrics(self, rec: dict) -> None:
         for name, w in self._weights().items():
@@ -425,38 +513,85 @@ class Monitor:
             rec[("dW_op", name)], rec[("dW_fro", name)] = dop, dfro
             rec[("dW_rel", name)] = dop / max(op0, 1e-300)
 
+    def _linearization(self, x: Inputs, rec: dict) -> None:
+        """``||f_t - f_lin,t|| / ||f_t - f_0||`` on the probe (0 at the first check)."""
+        fm = self.fm
+        params = fm.params
+        theta0 = self._ref.setdefault(
+            "theta", {n: p.clone() for n, p in params.items()}
+        )
+        with torch.no_grad():
+            f = fm(params, x).double()
+        f0 = self._ref.setdefault("f_lin0", f)
+        delta = {n: params[n] - theta0[n] for n in fm.names}
+        moved = float((f - f0).norm())
+        if moved == 0.0:
+            rec["lin_error"] = 0.0
+            return
+        if self._jvp_mode is None:
+            self._jvp_mode = probe_jvp_mode(fm, x)
+        push = jvp(lambda p: fm(p, x), (theta0,), (delta,), self._jvp_mode)[1]
+        rec["lin_error"] = float((f - f0 - push.detach().double()).norm()) / moved
+
     def _target(self, out: Tensor) -> Tensor:
         y = self.y.to(out.device)
         return y.to(out.dtype) if y.is_floating_point() else y
 
-    def _grad_norm(self, x: Tensor) -> float:
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        out = self.model(x)
-        grads = torch.autograd.grad(self.loss_fn(out, self._target(out)), params)
-        return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+    def _grad_norm(self, x: Inputs, y: Tensor, rec: dict) -> None:
+        leaves = {n: p.requires_grad_() for n, p in self.fm.params.items()}
+        with torch.enable_grad():
+            out = self.fm.forward(leaves, x)
+            grads = torch.autograd.grad(
+                self.loss_fn(out, self._target(out)), list(leaves.values())
+            )
+        rec["grad_norm"] = float(
+            torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
+        )
 
-    def _sharpness(self, step: int, x: Tensor, y: Tensor, rec: dict) -> None:
-        from rdiag.curvature import top_eigenvalues
+    def _operator(self, x: Inputs, y: Tensor) -> HessianOperator:
+        """The Hessian operator of the probe loss, built once and rebound per check."""
+        if self._hessian is None:
+            self._hessian = HessianOperator(self.fm, self.loss_fn, (x, y))
+            if self.optimizer is None and self.lr_multipliers is not None:
+                from rdiag.curvature import multiplier_diagonal
 
-        pre = self.optimizer if self.optimizer is not None else self.weights
-        # Adam's preconditioner exists only after its first step: no value before that.
-        fresh = self.optimizer is not None and not any(self.optimizer.state.values())
-        todo = [] if fresh else [("sharpness_precond", pre)]
+                self._lr_diagonal = multiplier_diagonal(self.fm, self.lr_multipliers)
+        else:
+            self._hessian.rebind((x, y))
+        return self._hessian
+
+    def _preconditioned(self, op: HessianOperator) -> LinearOperator | None:
+        """``M^1/2 H M^1/2`` (Adam: from its state; ``None`` before its first step)."""
+        if self.optimizer is not None:
+            if not any(self.optimizer.state.values()):
+                return None
+            from rdiag.curvature import multiplier_diagonal
+
+            return ScaledOperator(op, multiplier_diagonal(self.fm, self.optimizer))
+        if self._lr_diagonal is None:
+            return op
+        return ScaledOperator(op, self._lr_diagonal)
+
+    def _curvature(self, step: int, x: Inputs, y: Tensor, rec: dict) -> None:
+        op = self._operator(x, y)
+        todo: list[tuple[str, LinearOperator]] = []
         if "sharpness" in self.metrics:
-            todo.insert(0, ("sharpness", None))
-        for key, precond in todo:
-            if key == "sharpness_precond" and precond is None and "sharpness" in rec:
+            todo.append(("sharpness", op))
+        if {"sharpness", "sharpness_precond"} & set(self.metrics):
+            pre = self._preconditioned(op)
+            if pre is op and "sharpness" in self.metrics:
+                todo.append(("sharpness_precond", None))
+            elif pre is not None:
+                todo.append(("sharpness_precond", pre))
+        for key, target in todo:
+            if target is None:  # no preconditioner: the same eigenvalue
                 rec[key] = rec["sharpness"]
                 continue
-            res = top_eigenvalues(
-                self.model,
-                self.loss_fn,
-                (x, y),
+            res = lanczos(
+                target,
                 k=1,
                 tol=self.sharpness_tol,
                 warm_start=self._warm.get(key),
-                preconditioner=precond,
-                dtype=self.dtype,
                 criterion="eigenvalue",
             )
             self._warm[key] = res.eigenvectors
@@ -464,3 +599,21 @@ class Monitor:
                 self.store.save_array(self.run_id, step, key, res.eigenvectors[:, 0])
             rec[key] = float(res.eigenvalues[0])
             rec[f"{key}_matvecs"] = float(res.num_matvecs)
+        if "trace" in self.metrics:
+            est = hutch_plus_plus(op, 30, seed=step)
+            rec["trace"], rec["trace_std_err"] = est.estimate, est.std_err
+
+
+def _split_probe(probe: Any) -> tuple[Any, Any]:
+    """``(x, y)`` from ``probe``: a pair whose second entry is a tensor, else inputs alone.
+
+    A model with two positional inputs and no targets takes its probe as a dict
+    of keyword arguments (a pair of tensors reads as inputs and targets).
+    """
+    if (
+        isinstance(probe, (tuple, list))
+        and len(probe) == 2
+        and isinstance(probe[1], Tensor)
+    ):
+        return probe[0], probe[1]
+    return probe, None

@@ -38,14 +38,16 @@ Attention logits are scaled by ``d_head**-(1/2 + r)`` (``1/sqrt(d_head)`` at NTK
 ``1/d_head`` at muP; in between an interpolation, not a derived rule).
 
 How the multipliers are applied without renaming parameters: every parametrized
-module (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``) gets the attributes
-``rdiag_role``, ``rdiag_fan_in``, ``rdiag_weight_multiplier`` and
-``rdiag_bias_multiplier``, and one forward hook that maps the module's output ``y =
-W x + b`` to ``c y + (c_b - c) b`` (exactly ``c W x + c_b b``); a hook is a no-op
-while both multipliers are 1. The root module may carry an
-``rdiag_output_multiplier`` (used by :func:`rescale`), applied by a root hook. The
-hooks run under ``torch.func.functional_call``, so rdiag's functional view and
-every eNTK/Hessian see the parametrized function.
+module (``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding``) gets one forward
+hook, a :class:`LayerScale` object that maps the module's output ``y = W x + b``
+to ``c y + (c_b - c) b`` (exactly ``c W x + c_b b``; a no-op while both
+multipliers are 1) and holds the layer's role, fan-in and multipliers, and the
+:class:`Applied` record (parametrization and width) shared by the model's
+layers. Nothing else is stored on the modules: :func:`layer_scales` and
+:func:`applied_parametrization` read those hook objects back. :func:`rescale`
+adds an :class:`OutputScale` hook to the root module. The hooks run under
+``torch.func.functional_call``, so rdiag's functional view and every
+eNTK/Hessian see the parametrized function.
 """
 
 from __future__ import annotations
@@ -156,11 +158,6 @@ class Parametrization:
                 f"expected base_width to be a positive int, got {base_width!r}"
             )
         return replace(self, base_width=base_width)
-
-    @property
-    def label(self) -> str:
-        """The ``param`` string used in coordinate-check fits (same as ``name``)."""
-        return self.name
 
 
 # ---- presets ---------------------------------------------------------------------
@@ -403,32 +400,106 @@ def infer_roles(
     return {n: given.get(n, inferred[n]) for n in layers}
 
 
-def _multiplier_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-    cw = getattr(module, "rdiag_weight_multiplier", 1.0)
-    cb = getattr(module, "rdiag_bias_multiplier", 1.0)
-    if cw == 1.0 and cb == 1.0:
-        return None
-    out = output * cw
-    bias = getattr(module, "bias", None)
-    if bias is not None and cb != cw:
-        shape = (
-            (-1,)
-            if isinstance(module, nn.Linear)
-            else (-1,) + (1,) * (output.dim() - 2)
-        )
-        out = out + (cb - cw) * bias.reshape(shape)
+@dataclass(frozen=True)
+class Applied:
+    """A parametrization as applied to one model.
+
+    Attributes:
+        parametrization: The :class:`Parametrization`.
+        width: The width ``n`` it was applied at.
+    """
+
+    parametrization: Parametrization
+    width: int
+
+
+@dataclass(frozen=True)
+class LayerScale:
+    """The forward hook a parametrization puts on one layer: ``y -> c y + (c_b - c) b``.
+
+    Attributes:
+        role: ``"readin"``, ``"hidden"`` or ``"readout"``.
+        fan_in: The layer's fan-in.
+        weight: Forward multiplier ``c`` of the weight.
+        bias: Forward multiplier ``c_b`` of the bias.
+        applied: The model-level :class:`Applied` record.
+    """
+
+    role: str
+    fan_in: int
+    weight: float
+    bias: float
+    applied: Applied
+
+    def __call__(
+        self, module: nn.Module, inputs: tuple, output: Tensor
+    ) -> Tensor | None:
+        """Rescale the layer output (``None``: unchanged)."""
+        if self.weight == 1.0 and self.bias == 1.0:
+            return None
+        out = output * self.weight
+        bias = getattr(module, "bias", None)
+        if bias is not None and self.bias != self.weight:
+            shape = (
+                (-1,)
+                if isinstance(module, nn.Linear)
+                else (-1,) + (1,) * (output.dim() - 2)
+            )
+            out = out + (self.bias - self.weight) * bias.reshape(shape)
+        return out
+
+
+@dataclass(frozen=True)
+class OutputScale:
+    """The root hook of :func:`rescale`: the model output times ``scale``."""
+
+    scale: float
+
+    def __call__(self, module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+        """Rescale the model output."""
+        return output * self.scale
+
+
+def _hooks_of(module: nn.Module, kind: type) -> list:
+    return [h for h in module._forward_hooks.values() if isinstance(h, kind)]
+
+
+def _replace_hook(module: nn.Module, hook: object) -> None:
+    """Register ``hook``, removing earlier hooks of its type (re-application)."""
+    for key, old in list(module._forward_hooks.items()):
+        if isinstance(old, type(hook)):
+            del module._forward_hooks[key]
+    module.register_forward_hook(hook)
+
+
+def layer_scale(module: nn.Module) -> LayerScale | None:
+    """The :class:`LayerScale` a parametrization put on ``module``, or ``None``."""
+    found = _hooks_of(module, LayerScale)
+    return found[-1] if found else None
+
+
+def layer_scales(model: nn.Module) -> dict[str, LayerScale]:
+    """Module name -> :class:`LayerScale` of every parametrized, trainable layer.
+
+    A centered model's frozen reference copy carries copies of the hooks; its
+    layers have no trainable weight and are left out.
+    """
+    out = {}
+    for name, module in check_module(model).named_modules():
+        scale = layer_scale(module)
+        if (
+            scale is not None
+            and isinstance(module, _LAYERS)
+            and module.weight.requires_grad
+        ):
+            out[name] = scale
     return out
 
 
-def _output_hook(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor | None:
-    c = getattr(module, "rdiag_output_multiplier", 1.0)
-    return None if c == 1.0 else output * c
-
-
-def _ensure_hook(module: nn.Module, hook, flag: str) -> None:
-    if not getattr(module, flag, False):
-        module.register_forward_hook(hook)
-        setattr(module, flag, True)
+def applied_parametrization(model: nn.Module) -> Applied | None:
+    """The :class:`Applied` record of a model prepared by :func:`apply_parametrization`."""
+    scales = layer_scales(model)
+    return next(iter(scales.values())).applied if scales else None
 
 
 def model_width(model: nn.Module, roles: Mapping[str, str] | None = None) -> int:
@@ -473,7 +544,7 @@ def apply_parametrization(
         >>> import torch
         >>> from rdiag.models import MLP
         >>> net = apply_parametrization(MLP(64, d_in=4), "mf")
-        >>> net.readout.rdiag_weight_multiplier == 1 / 64
+        >>> layer_scale(net.readout).weight == 1 / 64
         True
         >>> lr_multipliers(net)["hidden.0.weight"]
         64.0
@@ -488,16 +559,16 @@ def apply_parametrization(
     width = model_width(model, roles) if width is None else width
     m = param.width_ratio(width)
     _check_supported(model)
+    applied = Applied(param, width)
     for name, role in roles.items():
         module = model.get_submodule(name)
         rule, fi = param.rule(role), fan_in(module)
-        module.rdiag_role, module.rdiag_fan_in = role, fi
-        module.rdiag_weight_multiplier = rule.multiplier(fi, m)
-        module.rdiag_bias_multiplier = rule.multiplier(1, m)
-        _ensure_hook(module, _multiplier_hook, "_rdiag_hooked")
+        scale = LayerScale(
+            role, fi, rule.multiplier(fi, m), rule.multiplier(1, m), applied
+        )
+        _replace_hook(module, scale)
         if init:
             _init_layer(module, rule, param, fi, m)
-    model.rdiag_parametrization, model.rdiag_width = param, width
     if hasattr(model, "attention_exponent"):
         model.attention_exponent = param.attention_exponent
     return Centered(model) if param.centered else model
@@ -546,8 +617,6 @@ class Centered(nn.Module):
         super().__init__()
         self.model = model
         self.reference = copy.deepcopy(model).requires_grad_(False)
-        self.rdiag_parametrization = getattr(model, "rdiag_parametrization", None)
-        self.rdiag_width = getattr(model, "rdiag_width", None)
 
     def forward(self, x: Tensor) -> Tensor:
         """``model(x) - reference(x)``."""
@@ -555,24 +624,15 @@ class Centered(nn.Module):
 
 
 # ---- effective weights and learning rates ----------------------------------------
-def _parametrized(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if hasattr(m, "rdiag_role")
-        and isinstance(m, _LAYERS)
-        and m.weight.requires_grad
-    ]
-
-
-def _check_parametrized(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    layers = _parametrized(check_module(model))
-    if not layers:
+def _check_parametrized(model: nn.Module) -> dict[str, LayerScale]:
+    scales = layer_scales(check_module(model))
+    if not scales:
         raise ValueError(
             "expected a model prepared by apply_parametrization (or a built-in family), "
-            "got one without rdiag roles; call apply_parametrization(model, param) first"
+            "got one without rdiag layer scales; call apply_parametrization(model, "
+            "parametrization) first"
         )
-    return layers
+    return scales
 
 
 def effective_weights(model: nn.Module) -> dict[str, Tensor]:
@@ -587,13 +647,12 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
         ``(dim, vocab)``), detached. A root output multiplier (:func:`rescale`) is
         folded into the read-out layers.
     """
-    layers = _check_parametrized(model)
+    scales = _check_parametrized(model)
     out_mult = _root_output_multiplier(model)
     result = {}
-    for name, module in layers:
-        c = module.rdiag_weight_multiplier * (
-            out_mult if module.rdiag_role == "readout" else 1.0
-        )
+    for name, scale in scales.items():
+        module = model.get_submodule(name)
+        c = scale.weight * (out_mult if scale.role == "readout" else 1.0)
         w = module.weight.detach()
         w = w.t() if isinstance(module, nn.Embedding) else w.reshape(w.shape[0], -1)
         result[name] = c * w
@@ -602,7 +661,7 @@ def effective_weights(model: nn.Module) -> dict[str, Tensor]:
 
 def _root_output_multiplier(model: nn.Module) -> float:
     inner = model.model if isinstance(model, Centered) else model
-    return getattr(inner, "rdiag_output_multiplier", 1.0)
+    return math.prod(h.scale for h in _hooks_of(inner, OutputScale))
 
 
 def lr_multipliers(
@@ -612,9 +671,10 @@ def lr_multipliers(
 ) -> dict[str, float]:
     """Per-parameter learning-rate scales ``M = eta_l / eta_0``.
 
-    Pass the result as ``weights=`` to :func:`rdiag.empirical_ntk` (the
-    learning-rate-weighted eNTK ``K_M = sum_l M_l J_l J_l^T``) and as
-    ``preconditioner=`` to the sharpness (``lambda_max(M^1/2 H M^1/2)``).
+    Pass the result as ``lr_multipliers=`` to :func:`rdiag.empirical_ntk` (the
+    learning-rate-weighted eNTK ``K_M = sum_l M_l J_l J_l^T``), to the curvature
+    functions (the preconditioned sharpness ``lambda_max(M^1/2 H M^1/2)``) and to
+    the :class:`~rdiag.monitor.Monitor`.
 
     Args:
         model: A model prepared by :func:`apply_parametrization`.
@@ -627,24 +687,26 @@ def lr_multipliers(
         at fan-in 1).
     """
     check_choice(optimizer, "optimizer", OPTIMIZERS)
-    layers = _check_parametrized(model)
-    param = parse_param(parametrization or model.rdiag_parametrization)
-    m = param.width_ratio(model.rdiag_width)
+    scales = _check_parametrized(model)
+    applied = next(iter(scales.values())).applied
+    param = parse_param(parametrization or applied.parametrization)
+    m = param.width_ratio(applied.width)
     owner = {}
-    for name, module in layers:
+    for name, scale in scales.items():
+        module = model.get_submodule(name)
         for pname, _ in module.named_parameters(recurse=False):
             owner[f"{name}.{pname}" if name else pname] = (
-                module.rdiag_role,
-                module.rdiag_fan_in,
+                scale.role,
+                scale.fan_in,
                 pname,
             )
-    scales = {}
+    result = {}
     for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
         role, fi, kind = owner.get(pname, ("hidden", 1, "bias"))
-        scales[pname] = param.rule(role).lr(optimizer)(fi if kind == "weight" else 1, m)
-    return scales
+        result[pname] = param.rule(role).lr(optimizer)(fi if kind == "weight" else 1, m)
+    return result
 
 
 def make_optimizer(
@@ -700,8 +762,8 @@ def rescale(
 ) -> float:
     """Emulate richness ``r`` with an NTK-parameterized model (SCIENCE.md section 1).
 
-    Multiplies the model output by ``n**-r`` (a root forward hook; no parameter is
-    renamed) and returns the SGD learning rate ``lr * n**2r`` (``n`` the width ratio).
+    Multiplies the model output by ``n**-r`` (a root :class:`OutputScale` hook; no
+    parameter is renamed) and returns the SGD learning rate ``lr * n**2r`` (``n`` the width ratio).
     Trained with that rate, the model follows the same trajectory as the table
     gauge at richness ``r`` (same seeds; exact in exact arithmetic).
 
@@ -720,14 +782,13 @@ def rescale(
     """
     r = _check_r(r)
     lr = check_finite_positive(lr, "lr")
-    _check_parametrized(model)
-    param = model.rdiag_parametrization
+    applied = next(iter(_check_parametrized(model).values())).applied
+    param = applied.parametrization
     if param.gauge != "multiplier" or param.r != 0.0:
         raise ValueError(
             f"expected a model prepared with the NTK parameterization, got {param.name!r}; "
             "call apply_parametrization(model, 'ntk') first"
         )
-    m = param.width_ratio(model.rdiag_width if width is None else width)
-    model.rdiag_output_multiplier = m ** (-r)
-    _ensure_hook(model, _output_hook, "_rdiag_output_hooked")
+    m = param.width_ratio(applied.width if width is None else width)
+    _replace_hook(model, OutputScale(m ** (-r)))
     return lr * m ** (2 * r)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from rdiag import functionalize
-from rdiag._autodiff import jvp
-from rdiag.ntk.vector_products import model_jvp_mode
+from rdiag._autodiff import jvp, probe_jvp_mode
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
@@ -35,5 +34,5 @@ def test_fused_attention_picks_math_backend_once() -> None:
     with pytest.raises(NotImplementedError, match="forward AD"):
         jvp(lambda p: fm(p, x), (fm.params,), (zeros,), "forward")
     with pytest.warns(UserWarning, match="math attention"):
-        assert model_jvp_mode(fm, x) == "math_attention"
-    assert model_jvp_mode(fm, x) == "math_attention"
+        assert probe_jvp_mode(fm, x) == "math_attention"
+    assert probe_jvp_mode(fm, x) == "math_attention"

@@ -119,7 +119,7 @@ def test_run_ntk_and_sharpness(tmp_path, capsys) -> None:
 
     model = make_model("mlp", 16, parametrization="ntk", seed=0, depth=3)
     x = model.sample_inputs(6, torch.Generator().manual_seed(0))
-    k = empirical_ntk(model, x, weights=lr_multipliers(model))
+    k = empirical_ntk(model, x, lr_multipliers=lr_multipliers(model))
     assert summary["trace"] == pytest.approx(float(k.trace()), rel=1e-5)
     assert len(summary["top_eigenvalues"]) == 6
     assert main(["sharpness", "--width", "8", "--n", "6", "--steps", "2"]) == 0

@@ -11,7 +11,6 @@ from rdiag.coord_check import (
     coord_check,
     plot_coord_check,
     predicted_exponent,
-    write_summary,
 )
 from rdiag.models import MLP, Transformer
 from rdiag.parametrization import (
@@ -151,7 +150,7 @@ def test_result_fits_summary_and_plot(tmp_path):
     assert result.fit("ntk_rel_change")["layer"] is None
     with pytest.raises(KeyError, match="no fit for metric='nope'"):
         result.fit("nope")
-    path = write_summary(result, tmp_path / "out")
+    path = result.save(tmp_path / "out")
     payload = json.loads(path.read_text())
     assert payload["fits"] == json.loads(json.dumps(result.fits))
     assert len(payload["records"]) == len(result.records)
@@ -314,18 +313,18 @@ def test_user_module_roles_inferred():
     ]
 
 
-def test_linearization_jvp_after_the_mode_is_cached() -> None:
-    """The forward-mode choice is cached per model; later products must still run."""
+def test_linearization_jvp_after_the_mode_is_probed() -> None:
+    """The forward-mode probe leaves no state behind; later products still run."""
+    from rdiag._autodiff import probe_jvp_mode
     from rdiag.coord_check import _jvp_at
     from rdiag.functional import functionalize
-    from rdiag.ntk.vector_products import model_jvp_mode
 
     net = torch.nn.Sequential(
         torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
     )
     fm = functionalize(net, dtype=torch.float64)
     x = torch.randn(4, 3, dtype=torch.float64)
-    model_jvp_mode(fm, x)
+    probe_jvp_mode(fm, x)
     delta = {n: torch.randn_like(p) for n, p in fm.params.items()}
     first = _jvp_at(fm, x, fm.params, delta)
     again = _jvp_at(fm, x, fm.params, delta)

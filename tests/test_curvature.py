@@ -11,7 +11,7 @@ from rdiag.curvature import (
     ggn_sharpness_from_ntk,
     hessian_density,
     hessian_trace,
-    preconditioner_diagonal,
+    multiplier_diagonal,
     sharpness,
     top_eigenvalues,
 )
@@ -98,13 +98,11 @@ def test_preconditioned_sharpness_matches_dense(kind: str) -> None:
                 for s in st
             ]
         )
-    assert_close(
-        f"M {kind}", diag, preconditioner_diagonal(fm, pre), rtol=1e-12, atol=0
-    )
+    assert_close(f"M {kind}", diag, multiplier_diagonal(fm, pre), rtol=1e-12, atol=0)
     dense = oracles.dense_hessian(net, names, loss_fn, x, y)
     root = diag.sqrt()
     exact = oracles.dense_eigh(root[:, None] * dense * root[None])[0]
-    got = sharpness(net, loss_fn, (x, y), preconditioner=pre, dtype=F64, tol=1e-10)
+    got = sharpness(net, loss_fn, (x, y), lr_multipliers=pre, dtype=F64, tol=1e-10)
     assert abs(got - float(exact[0])) <= 1e-9 * abs(float(exact[0]))
 
 
@@ -153,19 +151,19 @@ def test_sample_space_with_weights_and_the_mse_convention() -> None:
     net, x, y, loss_fn, names, jac, _, _ = ggn_case("mlp_tanh", "mse")
     weights = {"0": 3.0, "2": 0.5}
     fm = functionalize(net)
-    m = preconditioner_diagonal(fm, weights)
+    m = multiplier_diagonal(fm, weights)
     flat = jac.reshape(-1, jac.shape[-1])
     kernel = flat @ (m[:, None] * flat.T)
     n, o = jac.shape[:2]
     expected = 2 * float(oracles.dense_eigh(kernel)[0][0]) / (n * o)
-    got = ggn_sharpness_from_ntk(net, loss_fn, x, y, weights=weights, dtype=F64)
+    got = ggn_sharpness_from_ntk(net, loss_fn, x, y, lr_multipliers=weights, dtype=F64)
     assert abs(got - expected) <= 1e-10 * expected
     via_lanczos = sharpness(
         net,
         loss_fn,
         (x, y),
         operator="ggn",
-        preconditioner=weights,
+        lr_multipliers=weights,
         dtype=F64,
         tol=1e-10,
     )
@@ -202,13 +200,24 @@ def test_bad_options_give_clear_errors() -> None:
         top_eigenvalues(net, loss_fn, (x, y), 2, method="power")
     with pytest.raises(ValueError, match="operator"):
         sharpness(net, loss_fn, (x, y), operator="kfac")
-    with pytest.raises(ValueError, match="preconditioner"):
-        sharpness(net, loss_fn, (x, y), preconditioner=torch.ones(5))
+    with pytest.raises(ValueError, match="lr_multipliers"):
+        sharpness(net, loss_fn, (x, y), lr_multipliers=torch.ones(5))
     with pytest.raises(ValueError, match="optimizer step"):
         sharpness(
-            net, loss_fn, (x, y), preconditioner=torch.optim.Adam(net.parameters())
+            net, loss_fn, (x, y), lr_multipliers=torch.optim.Adam(net.parameters())
         )
     with pytest.raises(TypeError, match="Adam-type"):
         sharpness(
-            net, loss_fn, (x, y), preconditioner=torch.optim.SGD(net.parameters(), lr=1)
+            net, loss_fn, (x, y), lr_multipliers=torch.optim.SGD(net.parameters(), lr=1)
         )
+    with pytest.raises(ValueError, match="num_matvecs"):
+        hessian_trace(net, loss_fn, (x, y), num_matvecs=0)
+    with pytest.raises(MemoryError, match="fewer products"):
+        hessian_trace(net, loss_fn, (x, y), num_matvecs=10**13)
+    with pytest.warns(DeprecationWarning, match="lr_multipliers"):
+        old = sharpness(net, loss_fn, (x, y), preconditioner=2.0, dtype=F64)
+    assert old == pytest.approx(
+        sharpness(net, loss_fn, (x, y), lr_multipliers=2.0, dtype=F64), rel=1e-6
+    )
+    with pytest.raises(TypeError, match="only lr_multipliers"):
+        sharpness(net, loss_fn, (x, y), preconditioner=2.0, lr_multipliers=2.0)

@@ -130,9 +130,18 @@ def test_output_fn_and_non_tensor_output() -> None:
             return {"logits": self.lin(x)}
 
     x = torch.randn(4, 3)
+    net = Wrapped()
+    with pytest.warns(UserWarning, match="its 'logits' are measured"):
+        picked = functionalize(net)(dict(net.named_parameters()), x)
+    assert torch.equal(picked, net(x)["logits"])
+
+    class Hidden(Wrapped):
+        def forward(self, x: torch.Tensor) -> dict:
+            return {"hidden": self.lin(x)}
+
     with pytest.raises(TypeError, match="output_fn"):
-        functionalize(Wrapped())(dict(Wrapped().named_parameters()), x)
-    fm = functionalize(Wrapped(), output_fn=lambda o: o["logits"])
+        functionalize(Hidden())(dict(Hidden().named_parameters()), x)
+    fm = functionalize(Hidden(), output_fn=lambda o: o["hidden"])
     assert fm(fm.params, x).shape == (4, 2)
     with pytest.raises(ValueError, match="mode"):
         functionalize(Wrapped(), mode="inference")

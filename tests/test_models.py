@@ -9,7 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from rdiag.models import BNMLP, CNN, MLP, RMSBatchNorm, Transformer, make_model
-from rdiag.parametrization import fan_in, infer_roles
+from rdiag.parametrization import (
+    applied_parametrization,
+    fan_in,
+    infer_roles,
+    layer_scale,
+)
 from tests._assert import assert_close
 
 
@@ -169,4 +174,5 @@ def test_make_model_family_and_seed():
     a = make_model("mlp", 8, parametrization="mup", seed=3)
     b = make_model("mlp", 8, parametrization="mup", seed=3)
     assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
-    assert a.rdiag_parametrization.name == "mup" and a.readin.rdiag_role == "readin"
+    assert applied_parametrization(a).parametrization.name == "mup"
+    assert layer_scale(a.readin).role == "readin"

@@ -191,7 +191,7 @@ def test_store_records_and_bad_arguments(tmp_path) -> None:
     for step in range(5):
         rec = mon.step(step)
         if rec is not None:
-            k_now = empirical_ntk(model, x, weights=lr_multipliers(model))
+            k_now = empirical_ntk(model, x, lr_multipliers=lr_multipliers(model))
     assert [s for s, _, _ in store.scalars(rid, "ntk_rel_change")] == [0, 2, 4]
     assert_close(
         "ntk snapshot",

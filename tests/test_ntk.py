@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from rdiag import empirical_ntk, functionalize
-from rdiag.ntk.api import NTKImplementation, ntk_costs
+from rdiag import empirical_ntk, functionalize, ntk_fn
+from rdiag.ntk.api import NTKImplementation
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
@@ -131,9 +131,12 @@ def test_parameter_subsets_and_weights(impl: str) -> None:
     assert_close(
         "weighted",
         ref,
-        empirical_ntk(model, x1, x2, trace_outputs=False, weights=weights, **kw),
+        empirical_ntk(model, x1, x2, trace_outputs=False, lr_multipliers=weights, **kw),
         **F64,
     )
+    with pytest.warns(DeprecationWarning, match="weights= is deprecated"):
+        old = empirical_ntk(model, x1, x2, trace_outputs=False, weights=weights, **kw)
+    assert_close("deprecated weights=", ref, old, **F64)
 
 
 def test_frozen_parameters_are_excluded_by_default() -> None:
@@ -227,18 +230,24 @@ def test_auto_picks_by_cost_and_matches() -> None:
     assert_close(
         "auto", empirical_ntk(fm, x1, x2, implementation="jacobian"), auto, **F64
     )
-    from rdiag.ntk.spec import NTKSpec
-
-    spec = NTKSpec(True, False, fm.param_weights(None), 1, 1e9, 3)
-    costs = ntk_costs(fm, x1, 3, spec, symmetric=False)
-    assert set(costs) == {NTKImplementation.JACOBIAN, NTKImplementation.NTVP}
+    # A model the structured rules do not cover goes to the cost model.
+    uncovered = ntk_fn(
+        model, params=lambda n, p: n.endswith("bias"), dtype=torch.float64
+    )
+    uncovered(x1, x2)
+    plan = uncovered.last_plan
+    assert plan.implementation is NTKImplementation.STRUCTURED  # biases are covered
     wide = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 50)).double()
-    fm_wide = functionalize(wide)
-    full = NTKSpec(False, False, fm_wide.param_weights(None), 1, 1e9, 50)
-    costs = ntk_costs(fm_wide, torch.randn(64, 4), 64, full, symmetric=True)
+    full = ntk_fn(wide, trace_outputs=False, implementation="ntvp")
+    generic = full._generic_plan(
+        full.plan(torch.randn(64, 4)).spec, torch.randn(64, 4), None, "test"
+    )
+    costs = generic.costs
+    assert set(costs) == {NTKImplementation.JACOBIAN, NTKImplementation.NTVP}
     assert (
         costs[NTKImplementation.NTVP].flops < costs[NTKImplementation.JACOBIAN].flops
     ), "the full kernel of a 50-output model should favour ntvp"
+    assert generic.implementation is NTKImplementation.NTVP
 
 
 def test_memory_guard_messages() -> None:
@@ -272,7 +281,7 @@ def test_bad_input_errors() -> None:
         empirical_ntk(model, x1, params="nothing*")
     with pytest.raises(ValueError, match="takes no x2"):
         empirical_ntk(model, x1, x2, diagonal=True)
-    with pytest.raises(ValueError, match="not a valid NTKImplementation"):
+    with pytest.raises(ValueError, match=r"one of \['auto', 'jacobian'"):
         empirical_ntk(model, x1, implementation="magic")
     with pytest.raises(ValueError, match="block_size"):
         empirical_ntk(model, x1, block_size=0)
@@ -288,7 +297,7 @@ def test_auto_falls_back_when_structured_does_not_fit(
     def too_big(*args, **kwargs):
         raise MemoryError("structured needs 1 TiB")
 
-    monkeypatch.setitem(api._IMPLEMENTATIONS, NTKImplementation.STRUCTURED, too_big)
+    monkeypatch.setitem(api._RUNNERS, NTKImplementation.STRUCTURED, too_big)
     model, x1, x2, _ = _setup("mlp_tanh")
     with pytest.warns(UserWarning, match="cheapest generic implementation"):
         k = empirical_ntk(model, x1, x2, dtype=torch.float64)

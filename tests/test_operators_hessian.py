@@ -12,7 +12,7 @@ from torch.autograd.functional import hessian
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.data import DataLoader, TensorDataset
 
-from rdiag.operators.hessian import _STRATEGY_CACHE, HessianOperator, hvp
+from rdiag.operators.hessian import HessianOperator, hvp
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
@@ -107,10 +107,12 @@ def test_attention_falls_back_once_and_remembers() -> None:
     op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
     # The fused CPU attention has neither a double backward nor a forward-mode
     # derivative; forward-over-reverse under the math backend works.
-    assert _STRATEGY_CACHE[net][("hessian", "mse_loss")] == {
+    assert op.failed_strategies == {
         "reverse-over-reverse on a retained graph",
         "forward-over-reverse",
     }
+    # The memory is the operator's: a new operator finds out for itself.
+    assert HessianOperator(net, loss_fn, (x, y)).failed_strategies == set()
 
 
 def test_dataloader_with_uneven_last_batch_equals_one_batch() -> None:

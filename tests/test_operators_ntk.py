@@ -40,11 +40,13 @@ def test_weighted_and_batch_coupled_operator() -> None:
         model,
         x,
         trace_outputs=False,
-        weights=weights,
+        lr_multipliers=weights,
         mode="train",
         dtype=torch.float64,
     )
-    op = NTKOperator(model, x, weights=weights, mode="train", dtype=torch.float64)
+    op = NTKOperator(
+        model, x, lr_multipliers=weights, mode="train", dtype=torch.float64
+    )
     assert_close("weighted train-mode operator", _dense(dense), op.to_dense(), **F64)
 
 

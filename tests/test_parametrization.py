@@ -18,6 +18,7 @@ from rdiag.parametrization import (
     gamma_family,
     gamma_for_richness,
     infer_roles,
+    layer_scale,
     lr_multipliers,
     make_optimizer,
     mean_field,
@@ -185,16 +186,16 @@ def test_gauges_have_equal_effective_weights(r):
 
 def test_multiplier_values_of_presets():
     model = _mlp(ntk())
-    assert model.readin.rdiag_weight_multiplier == pytest.approx(D_IN**-0.5)
-    assert model.hidden[0].rdiag_weight_multiplier == pytest.approx(WIDTH**-0.5)
-    assert model.readout.rdiag_weight_multiplier == pytest.approx(WIDTH**-0.5)
+    assert layer_scale(model.readin).weight == pytest.approx(D_IN**-0.5)
+    assert layer_scale(model.hidden[0]).weight == pytest.approx(WIDTH**-0.5)
+    assert layer_scale(model.readout).weight == pytest.approx(WIDTH**-0.5)
     mf = _mlp(mean_field())
-    assert mf.readout.rdiag_weight_multiplier == pytest.approx(1 / WIDTH)
-    assert mf.readout.rdiag_bias_multiplier == pytest.approx(WIDTH**-0.5)
+    assert layer_scale(mf.readout).weight == pytest.approx(1 / WIDTH)
+    assert layer_scale(mf.readout).bias == pytest.approx(WIDTH**-0.5)
     assert list(lr_multipliers(mf).values()) == pytest.approx([WIDTH] * 6)
     sp = _mlp(standard())
     assert set(lr_multipliers(sp, optimizer="adam").values()) == {1.0}
-    assert sp.readout.rdiag_weight_multiplier == 1.0
+    assert layer_scale(sp.readout).weight == 1.0
     base = _mlp(richness(0.5, base_width=4))
     assert lr_multipliers(base)["hidden.0.bias"] == pytest.approx(WIDTH / 4)
 
@@ -207,12 +208,12 @@ def test_hook_is_exactly_cWx_plus_cb_b():
     net[2] = nn.Linear(3 * 2 * 2, 3).double()
     apply_parametrization(net, richness(0.25, gauge="multiplier"), width=7, init=False)
     x = torch.randn(4, 2, 4, 4, dtype=torch.float64)
-    c, cb = conv.rdiag_weight_multiplier, conv.rdiag_bias_multiplier
+    c, cb = layer_scale(conv).weight, layer_scale(conv).bias
     assert c != cb
     h = F.conv2d(x, c * conv.weight, cb * conv.bias)
     assert_close("conv", h, conv(x), rtol=1e-14, atol=1e-14)
     z = torch.randn(4, 3, dtype=torch.float64)
-    c, cb = lin.rdiag_weight_multiplier, lin.rdiag_bias_multiplier
+    c, cb = layer_scale(lin).weight, layer_scale(lin).bias
     assert_close(
         "linear",
         F.linear(z, c * lin.weight, cb * lin.bias),
@@ -244,7 +245,11 @@ def test_weighted_entk_of_parametrized_model_matches_oracle(family, implementati
     weights = lr_multipliers(model, optimizer="adam")
     names = list(weights)
     k = empirical_ntk(
-        model, x, weights=weights, implementation=implementation, dtype=torch.float64
+        model,
+        x,
+        lr_multipliers=weights,
+        implementation=implementation,
+        dtype=torch.float64,
     )
     jac = per_sample_jacobian(model, names, x)
     m = torch.cat(
@@ -348,9 +353,7 @@ def test_centered_gamma_model():
     expected = [f"model.{n}" for n, _ in model.model.named_parameters()]
     assert list(lr_multipliers(model)) == expected
     assert list(lr_multipliers(model).values()) == pytest.approx([WIDTH] * 6)
-    assert model.model.readout.rdiag_weight_multiplier == pytest.approx(
-        1 / (WIDTH * 0.5)
-    )
+    assert layer_scale(model.model.readout).weight == pytest.approx(1 / (WIDTH * 0.5))
 
 
 @pytest.mark.parametrize("r", [0.0, 0.3])

@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdiag import empirical_ntk, functionalize
+from rdiag import empirical_ntk, functionalize, ntk_fn
 from rdiag.ntk import structured
 from rdiag.ntk.spec import NTKSpec
-from rdiag.ntk.structured import structured_coverage, structured_ntk
+from rdiag.ntk.structured import plan_structured, structured_coverage, structured_ntk
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
@@ -141,9 +141,11 @@ def test_weights_and_parameter_subsets(route: str) -> None:
             ]
         )
         ref = oracles.ntk_from_jacobians(j1, j2, w.double())
-        got = empirical_ntk(fm, x1, x2, trace_outputs=False, weights=weights, **KW)
+        got = empirical_ntk(
+            fm, x1, x2, trace_outputs=False, lr_multipliers=weights, **KW
+        )
         assert_close(f"weights {weights}", ref, got, **F64)
-    layers = empirical_ntk(fm, x1, x2, per_layer=True, weights={"2": 0.0}, **KW)
+    layers = empirical_ntk(fm, x1, x2, per_layer=True, lr_multipliers={"2": 0.0}, **KW)
     assert "2" not in layers, "a layer with zero weight is left out, as in 'jacobian'"
     for selector, picked in [
         ("5.*", ["5.weight", "5.bias"]),
@@ -182,14 +184,16 @@ def test_blocking_and_budget_keep_the_result_exact(
     )
     # 1.6e5 bytes hold the kernel and the cotangents, with room for 2 x 2 tiles only.
     spec = NTKSpec(False, False, fm.param_weights(None), 5, 1.6e5, 8)
-    tight = sum(structured_ntk(fm, x1, None, spec).values())
+    x1 = fm.cast_input(x1)
+    plan = plan_structured(fm, x1, 8, spec.weights)
+    tight = sum(structured_ntk(fm, x1, None, spec, plan).values())
     assert blocks == [2], (
         f"expected the budget to force 2 x 2 tiles, got blocks {blocks}"
     )
     assert_close("budget-limited tiles", sym, tight, **F64)
     spec = NTKSpec(False, False, fm.param_weights(None), 5, 1.0e4, 8)
     with pytest.raises(MemoryError, match="fewer samples"):
-        structured_ntk(fm, x1, None, spec)
+        structured_ntk(fm, x1, None, spec, plan)
 
 
 class _Twice(nn.Module):
@@ -255,12 +259,16 @@ def _normal(n: int, seed: int, *shape: int) -> Tensor:
 
 
 def _check_against_oracle(model: nn.Module, x1: Tensor, x2: Tensor) -> list[str]:
+    """Check one handle's kernel (called twice) and the per-layer kernels; the
+    handle's notices: a fallback is said once per handle."""
     j1, j2 = _jac(model, x1), _jac(model, x2)
     full = oracles.ntk_from_jacobians(j1, j2)
+    kernel = ntk_fn(model, trace_outputs=False, **KW)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        got = empirical_ntk(model, x1, x2, trace_outputs=False, **KW)
-        again = empirical_ntk(model, x1, x2, per_layer=True, **KW)
+        got = kernel(x1, x2)
+        assert_close("second call", got, kernel(x1, x2), rtol=0, atol=0)
+    again = empirical_ntk(model, x1, x2, per_layer=True, **KW)
     assert_close(f"{type(model).__name__} full", full, got, **F64)
     assert_close(
         f"{type(model).__name__} per-layer sum",
@@ -289,7 +297,7 @@ def test_tied_embedding_readout_falls_back_for_the_tied_weight_only() -> None:
     assert len(notices) == 1 and "tied" in notices[0], notices
 
 
-def test_uncovered_module_falls_back_once_per_model() -> None:
+def test_uncovered_module_falls_back_once_per_handle() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 6), _Scale(6), nn.Tanh(), nn.Linear(6, 2))
     fm = functionalize(model)
@@ -362,10 +370,9 @@ def test_batch_coupled_model_goes_to_the_generic_path() -> None:
 
 def test_diagonal_with_x2_is_an_error() -> None:
     model, make = ZOO["mlp_tanh"](0)
-    fm = functionalize(model)
-    spec = NTKSpec(True, True, fm.param_weights(None), 4, 1e9, 3)
+    kernel = ntk_fn(model, diagonal=True, implementation="structured")
     with pytest.raises(ValueError, match="drop x2"):
-        structured_ntk(fm, make(4, 1), make(4, 2), spec)
+        kernel(make(4, 1), make(4, 2))
 
 
 def test_bias_is_folded_into_its_weight_one_gram_per_layer(
@@ -374,18 +381,19 @@ def test_bias_is_folded_into_its_weight_one_gram_per_layer(
     model, make = ZOO["mlp_tanh"](0)
     x1, x2 = make(5, 1), make(3, 2)
     calls = []
-    original = structured.gram_hadamard
+    original = structured.gram_hadamard_many
 
-    def spy(*args, **kwargs):
-        calls.append(args[0].shape)
-        return original(*args, **kwargs)
+    def spy(terms, *args, **kwargs):
+        calls.append([t[0].shape for t in terms])
+        return original(terms, *args, **kwargs)
 
-    monkeypatch.setattr(structured, "gram_hadamard", spy)
+    monkeypatch.setattr(structured, "gram_hadamard_many", spy)
     weights = {"0.bias": 0.0, "2": 2.0, "4.weight": 0.5}
     fm = functionalize(model, dtype=torch.float64)
-    got = empirical_ntk(fm, x1, x2, weights=weights, **KW)
-    # Layer 0 has only its weight (bias weight 0); layers 2 and 4 carry a ones column.
-    assert [s[1] for s in calls] == [5, 7 + 1, 6 + 1], calls
+    got = empirical_ntk(fm, x1, x2, lr_multipliers=weights, **KW)
+    # Layer 0 has only its weight (bias weight 0); layers 2 and 4 carry a ones column;
+    # all three Linear terms go to one gram_hadamard_many call.
+    assert [[s[1] for s in c] for c in calls] == [[5, 7 + 1, 6 + 1]], calls
     w = torch.cat(
         [
             torch.full((fm.params[n].numel(),), v)

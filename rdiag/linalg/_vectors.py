@@ -17,6 +17,7 @@ import math
 import torch
 from torch import Tensor
 
+from rdiag._tiling import check_fits, resolve_budget
 from rdiag.operators.base import LinearOperator
 
 
@@ -33,9 +34,19 @@ def random_vectors(
         count: Number of columns.
         seed: The seed.
         kind: ``"normal"`` or ``"rademacher"`` (entries +-1).
+
+    Raises:
+        MemoryError: The vectors would not fit in half the free memory (the
+            message says how big they are).
     """
-    gen = torch.Generator().manual_seed(seed)
     shape = (op.shape[0], count)
+    check_fits(
+        op.shape[0] * count * 8.0,
+        resolve_budget(None, torch.device("cpu")),
+        f"{count} random vectors of {op.shape[0]} entries",
+        "ask for fewer products (num_matvecs=, num_samples=, num_probes=)",
+    )
+    gen = torch.Generator().manual_seed(seed)
     if kind == "rademacher":
         signs = torch.randint(0, 2, shape, generator=gen, dtype=torch.int8)
         out = signs.to(torch.float64) * 2 - 1

@@ -13,8 +13,8 @@ gives ``G = d f_a / d eps`` for every layer at once. A module called ``k`` times
 has its calls concatenated along ``T``, which is exact (the gradient sums over
 uses). Memory: ``N * O * sum_layers(T * Dg)`` floats for the cotangents.
 
-The factors are checked against autograd once per model and input shape (the
-gradient of a random output projection on a few samples, rebuilt from the
+The factors are checked against autograd once per plan (:func:`verify_sites`:
+the gradient of a random output projection on a few samples, rebuilt from the
 factors); a parameter whose factors do not reproduce it (used outside its
 module's ``forward``, a batch-first assumption broken) is reported as failed and
 goes to the generic path.
@@ -31,12 +31,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rdiag._inputs import Inputs, batch_size, rows
 from rdiag.functional import FunctionalModel
+from rdiag.parametrization import layer_scale
 
-__all__ = ["Factor", "Site", "capture", "cotangent_floats", "plan"]
+__all__ = ["Factor", "Site", "capture", "cotangent_floats", "sites_of", "verify_sites"]
 
 #: Samples used by the one-time check of the factors against autograd.
 CHECK_SAMPLES = 4
+#: Output units used by that check (the structure does not depend on the unit).
+CHECK_OUTPUTS = 16
 
 
 @dataclass
@@ -77,18 +81,14 @@ class _Handler(NamedTuple):
     reason: Callable[[nn.Module], str | None]
 
 
-def _with_multipliers(module: nn.Module, facs: dict[str, Factor]) -> dict[str, Factor]:
-    """Undo a parameterization's forward multipliers (rdiag.parametrization hooks).
+def _with_multipliers(site: Site, facs: dict[str, Factor]) -> dict[str, Factor]:
+    """Apply a parametrization's forward multipliers (``Site.scales``).
 
     The capture hook runs after the multiplier hook, so the cotangent is that of
     ``c W x + c_b b``: the weight's Jacobian is ``c G (x) X`` and the bias's ``c_b G``.
     """
-    scales = {
-        "weight": getattr(module, "rdiag_weight_multiplier", 1.0),
-        "bias": getattr(module, "rdiag_bias_multiplier", 1.0),
-    }
     return {
-        k: f if scales.get(k, 1.0) == 1.0 else Factor(scales[k] * f.g, f.x)
+        k: f if site.scales.get(k, 1.0) == 1.0 else Factor(site.scales[k] * f.g, f.x)
         for k, f in facs.items()
     }
 
@@ -221,15 +221,18 @@ class Site:
         name: Module path (``""`` for the root module).
         module: The module.
         params: Local parameter name (``"weight"``) -> selected full name.
+        scales: Local parameter name -> forward multiplier of a parametrization
+            (:class:`rdiag.parametrization.LayerScale`); absent means 1.
     """
 
     name: str
     module: nn.Module
     params: dict[str, str]
+    scales: dict[str, float]
 
 
-def plan(fm: FunctionalModel) -> tuple[list[Site], dict[str, str]]:
-    """Split the selected parameters into captured sites and the rest.
+def sites_of(fm: FunctionalModel) -> tuple[list[Site], dict[str, str]]:
+    """Split the selected parameters into captured sites and the rest (static rules).
 
     A parameter is captured when its module's exact type has a handler (subclasses
     may override ``forward``), the module instance is supported, and no other
@@ -266,45 +269,41 @@ def plan(fm: FunctionalModel) -> tuple[list[Site], dict[str, str]]:
                 rest[full] = f"{kind} ({reason})"
                 del local[k]
         if local:
-            sites.append(Site(mname, module, local))
+            scale = layer_scale(module)
+            scales = (
+                {} if scale is None else {"weight": scale.weight, "bias": scale.bias}
+            )
+            sites.append(Site(mname, module, local, scales))
     return sites, rest
 
 
 def capture(
     fm: FunctionalModel,
     sites: list[Site],
-    x: Tensor,
+    x: Inputs,
     chunk: int,
     *,
-    verify: bool = False,
     outputs: slice | None = None,
 ) -> tuple[dict[str, Factor], dict[str, str]]:
     """Factors of every parameter of ``sites`` on the batch ``x``.
 
     Args:
         fm: Functional model (not batch-coupled).
-        sites: From :func:`plan`.
+        sites: From :func:`sites_of` (checked by :func:`verify_sites`).
         x: Inputs ``(N, ...)``.
         chunk: Samples per forward/backward pass.
-        verify: Check the factors against an autograd gradient (first chunk, once
-            per model, input shape and set of sites; the outcome is cached on ``fm``).
         outputs: Only these output units (the ``O`` axis of the factors); default all.
 
     Returns:
         Full parameter name -> :class:`Factor` over all ``N`` samples, and the names
         that could not be captured -> reason (their sites are dropped).
     """
+    params = fm.params
     parts, failed = [], {}
-    for start in range(0, len(x), chunk):
-        part, bad = _capture_chunk(fm, sites, x[start : start + chunk], outputs)
-        if verify and start == 0:
-            key = ("_rdiag_structured_check", tuple(x.shape[1:]), x.dtype, tuple(part))
-            cache = fm.__dict__.setdefault("_rdiag_cache", {})
-            if key not in cache:
-                first = slice(0, min(CHECK_SAMPLES, chunk, len(x)))
-                factors = {n: f.rows(first) for n, f in part.items()}
-                cache[key] = _verify(fm, factors, x[first], outputs)
-            bad.update(cache[key])
+    for start in range(0, batch_size(x), chunk):
+        part, bad = _capture_chunk(
+            fm, params, sites, rows(x, slice(start, start + chunk)), outputs
+        )
         failed.update(bad)
         parts.append(part)
     memo: dict = {}
@@ -314,7 +313,30 @@ def capture(
     return factors, failed
 
 
-def cotangent_floats(fm: FunctionalModel, sites: list[Site], x: Tensor) -> int:
+def verify_sites(
+    fm: FunctionalModel, sites: list[Site], x: Inputs, num_outputs: int
+) -> dict[str, str]:
+    """Capture on a few samples and check the factors against autograd (once per plan).
+
+    Args:
+        fm: Functional model.
+        sites: From :func:`sites_of`.
+        x: A batch; its first ``CHECK_SAMPLES`` samples are used.
+        num_outputs: ``O``; at most ``CHECK_OUTPUTS`` output units are checked.
+
+    Returns:
+        Selected names whose factors could not be captured or do not reproduce
+        autograd's ``J^T v`` -> reason.
+    """
+    first = rows(x, slice(0, min(CHECK_SAMPLES, batch_size(x))))
+    outputs = slice(0, min(num_outputs, CHECK_OUTPUTS))
+    params = fm.params
+    factors, failed = _capture_chunk(fm, params, sites, first, outputs)
+    failed.update(_verify(fm, params, factors, first, outputs))
+    return failed
+
+
+def cotangent_floats(fm: FunctionalModel, sites: list[Site], x: Inputs) -> int:
     """Floats the captured factors take per sample and output unit (a no-grad probe).
 
     Args:
@@ -336,7 +358,7 @@ def cotangent_floats(fm: FunctionalModel, sites: list[Site], x: Tensor) -> int:
     handles = [s.module.register_forward_hook(hook) for s in sites]
     try:
         with torch.no_grad():
-            fm(fm.params, x[:1])
+            fm(fm.params, rows(x, slice(0, 1)))
     finally:
         for h in handles:
             h.remove()
@@ -364,9 +386,13 @@ def _join(parts: list[Factor], g_dim: int, memo: dict) -> Factor:
 
 
 def _capture_chunk(
-    fm: FunctionalModel, sites: list[Site], x: Tensor, outputs: slice | None
+    fm: FunctionalModel,
+    params: dict[str, Tensor],
+    sites: list[Site],
+    x: Inputs,
+    outputs: slice | None,
 ) -> tuple[dict[str, Factor], dict[str, str]]:
-    n = len(x)
+    n = batch_size(x)
     calls: dict[str, list[tuple[Tensor, Tensor]]] = {s.name: [] for s in sites}
     failed: dict[str, str] = {}
 
@@ -390,7 +416,7 @@ def _capture_chunk(
     handles = [s.module.register_forward_hook(hook_for(s)) for s in sites]
     try:
         with torch.enable_grad():
-            out = fm(fm.params, x)
+            out = fm(params, x)
     finally:
         for h in handles:
             h.remove()
@@ -404,7 +430,7 @@ def _capture_chunk(
         facs = _HANDLERS[type(site.module)].factors(
             site.module, saved, cot.movedim(0, 1)
         )
-        facs = _with_multipliers(site.module, facs)
+        facs = _with_multipliers(site, facs)
         per_site.setdefault(site.name, []).append(facs)
     memo: dict = {}
     factors = {
@@ -455,7 +481,11 @@ def gradient_from_factor(f: Factor, v: Tensor, shape: torch.Size) -> Tensor:
 
 
 def _verify(
-    fm: FunctionalModel, factors: dict[str, Factor], x: Tensor, outputs: slice | None
+    fm: FunctionalModel,
+    params: dict[str, Tensor],
+    factors: dict[str, Factor],
+    x: Inputs,
+    outputs: slice | None,
 ) -> dict[str, str]:
     """Names whose factors do not reproduce autograd's ``J^T v`` for a random ``v``.
 
@@ -464,9 +494,9 @@ def _verify(
     if not factors:
         return {}
     gen = torch.Generator(device=fm.device).manual_seed(0)
-    leaves = {n: fm.params[n].detach().clone().requires_grad_() for n in factors}
+    leaves = {n: params[n].detach().clone().requires_grad_() for n in factors}
     with torch.enable_grad():
-        out = fm({**fm.params, **leaves}, x)
+        out = fm({**params, **leaves}, x)
         v = torch.zeros_like(out)
         kept = v[:, outputs or slice(None)]
         kept.copy_(

@@ -1,4 +1,14 @@
-"""``empirical_ntk``: the one public entry point for empirical NTKs."""
+"""Empirical NTKs: :func:`ntk_fn` returns a kernel function that owns its plan.
+
+Planning (what :class:`NTKFunction` does once per input signature, i.e. the
+shapes and dtypes of ``x1`` and ``x2``): one probe forward pass (output size,
+differentiability, a clear error if the model does not take the inputs), the
+memory budget, the implementation (``"auto"``: by the rules and cost model
+below), the block size, the structured path's capture sites and its one-time
+check against autograd, and the forward-mode strategy. Every later call with the
+same signature only computes. Parameter values are read live from the model, so
+one handle serves a whole training run.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +16,35 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from rdiag._checks import (
-    available_memory,
-    check_fits,
-    check_positive_int,
-    check_same_features,
-)
-from rdiag._optional import warn_once
+from rdiag._autodiff import JvpMode, probe_jvp_mode
+from rdiag._checks import check_positive_int
+from rdiag._deprecation import UNSET, renamed_argument
+from rdiag._inputs import Inputs, batch_size, describe, rows, signature, trailing
+from rdiag._optional import Notices
+from rdiag._tiling import block_size, check_fits, format_bytes, resolve_budget
 from rdiag._typing import ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.ntk.jacobian import jacobian_ntk
-from rdiag.ntk.spec import NTKSpec, kernel_dtype, kernel_shape
-from rdiag.ntk.structured import structured_coverage, structured_ntk
+from rdiag.ntk.spec import NTKSpec, kernel_dtype, kernel_itemsize, kernel_shape
+from rdiag.ntk.structured import StructuredPlan, plan_structured, structured_ntk
 from rdiag.ntk.vector_products import ntvp_ntk
 
-__all__ = ["NTKImplementation", "NTKSpec", "empirical_ntk", "ntk_costs"]
+__all__ = ["NTKFunction", "NTKImplementation", "NTKPlan", "empirical_ntk", "ntk_fn"]
 
-#: Fraction of free memory used when no ``memory_budget`` is given.
-DEFAULT_BUDGET_FRACTION = 0.5
 #: ``"auto"`` picks ``"structured"`` when it covers at least this share of parameters.
 STRUCTURED_COVERAGE = 0.9
 
 
 class NTKImplementation(str, Enum):
-    """How :func:`empirical_ntk` computes the kernel."""
+    """How the eNTK is computed (``implementation=``; plain strings are accepted)."""
 
     AUTO = "auto"
-    """Pick by the cost model of :func:`ntk_costs` (cached per model and shapes)."""
+    """Pick by the rules and cost model of :class:`NTKFunction` (once per plan)."""
     JACOBIAN = "jacobian"
     """Per-sample Jacobians, then a GEMM. Wins for small ``O`` and output-traced
     kernels; needs ``B * O * P`` floats per block of ``B`` samples."""
@@ -48,12 +56,16 @@ class NTKImplementation(str, Enum):
     (Linear, Conv, Embedding, norm gains); other modules' parameters go through
     ``"jacobian"``. Fastest wherever it covers the parameters."""
 
-
-_IMPLEMENTATIONS: dict[NTKImplementation, Callable[..., dict[str, Tensor]]] = {
-    NTKImplementation.JACOBIAN: jacobian_ntk,
-    NTKImplementation.NTVP: ntvp_ntk,
-    NTKImplementation.STRUCTURED: structured_ntk,
-}
+    @classmethod
+    def parse(cls, value: NTKImplementation | str) -> NTKImplementation:
+        """The member for ``value``; raises ``ValueError`` listing the choices."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ValueError(
+                f"expected implementation to be one of {[m.value for m in cls]}, got "
+                f"{value!r}"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -69,170 +81,77 @@ class Cost:
     workspace: float
 
 
-def _forward_flops(fm: FunctionalModel, x: Tensor) -> float:
-    """FLOPs of one forward pass per sample, counted once per model and input shape."""
-    key = ("_rdiag_fwd_flops", tuple(x.shape[1:]), str(x.dtype))
-    cache = fm.__dict__.setdefault("_rdiag_cache", {})
-    if key not in cache:
-        # Imported here: torch's flop counter imports Triton when it is installed.
-        from torch.utils.flop_counter import FlopCounterMode
+@dataclass(frozen=True)
+class NTKPlan:
+    """Everything decided for one input signature.
 
-        probe = x[: min(len(x), 2)]
-        counter = FlopCounterMode(display=False)
-        with torch.no_grad(), counter:
-            fm(fm.params, probe)
-        # Elementwise ops are not counted; 2 FLOPs per parameter is the floor.
-        cache[key] = max(counter.get_total_flops() / len(probe), 2.0 * fm.num_params)
-    return cache[key]
+    Attributes:
+        implementation: What runs (never ``AUTO``).
+        reason: Why it was chosen, in words.
+        spec: The request with the block size, budget and output size filled in.
+        shape: Shape of the returned kernel (of each per-layer kernel).
+        structured: The checked capture sites, for ``STRUCTURED``.
+        costs: The cost model's estimates, when ``"auto"`` consulted it.
+    """
+
+    implementation: NTKImplementation
+    reason: str
+    spec: NTKSpec
+    shape: tuple[int, ...]
+    structured: StructuredPlan | None = None
+    costs: dict[NTKImplementation, Cost] | None = None
 
 
-def ntk_costs(
-    fm: FunctionalModel, x1: Tensor, n2: int, spec: NTKSpec, symmetric: bool
+def _forward_flops(fm: FunctionalModel, x: Inputs) -> float:
+    """FLOPs of one forward pass per sample (torch's flop counter on two samples)."""
+    # Imported here: torch's flop counter imports Triton when it is installed.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = rows(x, slice(0, 2))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fm(fm.params, probe)
+    # Elementwise ops are not counted; 2 FLOPs per parameter is the floor.
+    return max(counter.get_total_flops() / batch_size(probe), 2.0 * fm.num_params)
+
+
+def _costs(
+    fm: FunctionalModel, flops: float, n1: int, n2: int, spec: NTKSpec, symmetric: bool
 ) -> dict[NTKImplementation, Cost]:
-    """The cost model behind ``implementation="auto"``.
+    """The cost model of the generic implementations.
 
-    With ``F`` the forward FLOPs of one sample (counted by
-    ``torch.utils.flop_counter``), ``P`` parameters and ``O`` outputs:
+    With ``F`` the forward FLOPs of one sample, ``P`` parameters and ``O`` outputs:
 
     - jacobian: ``3 F O (N1 + N2)`` for the Jacobians (a reverse pass costs about
       twice a forward one) plus ``2 N1 N2 P O^k`` for the contraction, ``k = 1``
       when output-traced, 2 otherwise (halved when symmetric); workspace ``O P``
-      floats per sample.
+      floats per sample. Per-layer kernels come free with the Jacobian.
     - ntvp: ``3 F O N2`` for the rows plus ``3 F O N2 N1`` for the jvps (halved
-      when symmetric); workspace ``O P`` floats per sample.
-    ``"structured"`` is not costed here: ``"auto"`` takes it whenever it covers at
-    least ``STRUCTURED_COVERAGE`` of the parameters (its cost scales with layer
-    widths instead of ``P``), and falls back to the cheaper of these two when it
-    does not fit the memory budget.
-
-    Args:
-        fm: Functional model.
-        x1: First batch (its trailing shape sets ``F``).
-        n2: Size of the second batch.
-        spec: The request.
-        symmetric: Whether ``K(x1, x1)`` is asked for.
-
-    Returns:
-        Implementation -> :class:`Cost`.
+      when symmetric), once per layer for per-layer kernels; workspace ``O P``
+      floats per sample.
     """
-    f = _forward_flops(fm, x1)
-    n1, o, p = len(x1), spec.num_outputs, fm.num_params
+    o, p = spec.num_outputs, fm.num_params
     half = 0.5 if symmetric else 1.0
     pairs = n1 if spec.diagonal else n1 * n2 * half
-    item = torch.finfo(kernel_dtype(fm)).bits // 8
+    item = kernel_itemsize(fm)
     contract = 2.0 * pairs * p * (o if spec.trace_outputs else o * o)
-    rows = 3.0 * f * o * (n1 if symmetric else n1 + n2)
-    costs = {
-        NTKImplementation.JACOBIAN: Cost(rows + contract, o * p * item),
-        NTKImplementation.NTVP: Cost(3.0 * f * o * (n2 + pairs), o * p * item),
+    jac_rows = 3.0 * flops * o * (n1 if symmetric else n1 + n2)
+    layers = len(fm.groups) if spec.per_layer else 1
+    return {
+        NTKImplementation.JACOBIAN: Cost(jac_rows + contract, o * p * item),
+        NTKImplementation.NTVP: Cost(
+            3.0 * flops * o * (n2 + pairs) * layers, o * p * item
+        ),
     }
-    return costs
 
 
-def _choose(
-    fm: FunctionalModel,
-    x1: Tensor,
-    n2: int,
-    spec: NTKSpec,
-    symmetric: bool,
-    per_layer: bool,
-) -> NTKImplementation:
-    key = (
-        "_rdiag_auto",
-        tuple(x1.shape),
-        n2,
-        spec.trace_outputs,
-        spec.diagonal,
-        per_layer,
-    )
-    cache = fm.__dict__.setdefault("_rdiag_cache", {})
-    if key in cache:
-        return cache[key]
-    if not fm.batch_coupled and structured_coverage(fm) >= STRUCTURED_COVERAGE:
-        choice = NTKImplementation.STRUCTURED
-    else:
-        choice = _choose_generic(fm, x1, n2, spec, symmetric, per_layer)
-    cache[key] = choice
-    return choice
+class NTKFunction:
+    r"""The empirical NTK of one model as a reusable function ``(x1, x2=None) -> K``.
 
-
-def _choose_generic(
-    fm: FunctionalModel,
-    x1: Tensor,
-    n2: int,
-    spec: NTKSpec,
-    symmetric: bool,
-    per_layer: bool,
-) -> NTKImplementation:
-    """The cheaper of jacobian and ntvp among those whose workspace fits."""
-    costs = ntk_costs(fm, x1, n2, spec, symmetric)
-    if per_layer:
-        # Per-layer kernels cost ntvp one pass per layer; the Jacobian gives them free.
-        layers = len(fm.groups)
-        ntvp = costs[NTKImplementation.NTVP]
-        costs[NTKImplementation.NTVP] = Cost(ntvp.flops * layers, ntvp.workspace)
-    fits = {k: c for k, c in costs.items() if c.workspace <= spec.budget}
-    if not fits:
-        need = min(c.workspace for c in costs.values())
-        check_fits(
-            need,
-            spec.budget,
-            "the eNTK of one sample (O*P floats)",
-            "select fewer parameters (params=...), trace fewer outputs, or use "
-            "rdiag.NTKOperator for products without the kernel",
-        )
-    return min(fits, key=lambda k: fits[k].flops)
-
-
-def _block_size(
-    spec_bytes_per_sample: float, budget: float, n: int, given: int | None
-) -> int:
-    """Largest block of samples whose Jacobian rows fit in half the budget."""
-    fit = int(budget // (2 * spec_bytes_per_sample))
-    if given is not None:
-        check_fits(
-            2 * given * spec_bytes_per_sample,
-            budget,
-            f"block_size={given}",
-            f"use block_size <= {max(fit, 1)} or a larger memory_budget",
-        )
-        return given
-    if fit < 1:
-        check_fits(
-            2 * spec_bytes_per_sample,
-            budget,
-            "one sample's Jacobian rows",
-            "select fewer parameters (params=...) or use rdiag.NTKOperator",
-        )
-    return max(1, min(n, fit))
-
-
-def empirical_ntk(
-    model: nn.Module | FunctionalModel,
-    x1: Tensor,
-    x2: Tensor | None = None,
-    *,
-    implementation: NTKImplementation | str = "auto",
-    trace_outputs: bool = True,
-    diagonal: bool = False,
-    per_layer: bool = False,
-    params: ParamSelector = None,
-    exclude: ParamSelector = None,
-    weights: Weights = None,
-    mode: Mode = "eval",
-    dtype: torch.dtype | None = None,
-    block_size: int | None = None,
-    memory_budget: float | None = None,
-    output_fn: Callable[[object], Tensor] | None = None,
-) -> Tensor | dict[str, Tensor]:
-    r"""Empirical neural tangent kernel :math:`\Theta(x, x') = J(x)\, M\, J(x')^\top`.
-
-    ``J = \partial f / \partial \theta`` over the selected parameters (default: every
-    parameter with ``requires_grad=True``), ``M`` the diagonal weighting from
-    ``weights`` (identity by default; per-layer learning rates give the
-    width-comparable kernel ``K_M``). The model's output ``(N, *out)`` is flattened
-    to ``(N, O)``, ``O = prod(out)`` (a ``(N, T, V)`` sequence output gives
-    ``O = T * V``).
+    :math:`\Theta(x, x') = J(x)\, M\, J(x')^\top` with ``J = df/dtheta`` over the
+    selected parameters and ``M`` the diagonal ``lr_multipliers`` (identity by
+    default; per-layer learning rates give the width-comparable kernel ``K_M``).
+    The model's output ``(N, *out)`` is flattened to ``(N, O)``, ``O = prod(out)``.
 
     Shapes (``N1 = len(x1)``, ``N2 = len(x2)``, or ``N1`` if ``x2`` is None):
 
@@ -244,7 +163,12 @@ def empirical_ntk(
     =================  ====================  ==================
 
     ``K[i, j, a, b] = sum_p J[i, a, p] M[p] J[j, b, p]``; the traced kernel is the
-    **sum** over output units ``sum_a K[i, j, a, a]``.
+    **sum** over output units ``sum_a K[i, j, a, a]``. With ``per_layer=True`` a
+    call returns ``{layer name: kernel}`` whose values sum to the total.
+
+    The handle owns its plan (see :class:`NTKPlan`), one per input signature:
+    :meth:`plan` shows it, :attr:`implementation` and :meth:`explain` say what
+    ran and why. The parameters are read live from the model at every call.
 
     .. warning::
         neural-tangents' ``trace_axes`` takes the *mean* over outputs; rdiag's traced
@@ -263,39 +187,35 @@ def empirical_ntk(
         model: The network, or a prepared :class:`~rdiag.functional.FunctionalModel`
             (then ``params``, ``exclude``, ``mode``, ``dtype``, ``output_fn`` are
             ignored).
-        x1: ``(N1, ...)`` inputs.
-        x2: ``(N2, ...)`` inputs with the same trailing shape, or ``None``
-            (symmetric kernel; only upper-triangle tiles are computed).
         implementation: A :class:`NTKImplementation` or its string value.
         trace_outputs: Sum over output units (see the table).
-        diagonal: Only ``K(x_i, x_i)`` (requires ``x2=None``).
-        per_layer: Return ``{layer name: kernel}`` whose values sum to the total.
+        diagonal: Only ``K(x_i, x_i)`` (calls take no ``x2``).
+        per_layer: Return ``{layer name: kernel}``.
         params: Parameter selector (glob, list, module type, predicate).
         exclude: Parameters to leave out.
-        weights: Per-layer/parameter weights (dict by layer name, parameter name or
-            glob; float; callable), e.g. the learning-rate multipliers.
+        lr_multipliers: The diagonal ``M``: per-layer/parameter weights (dict by
+            layer name, parameter name or glob; float; callable), e.g.
+            :func:`rdiag.lr_multipliers`.
         mode: ``"eval"`` or ``"train"`` (see the warning).
         dtype: Compute in this dtype (e.g. ``torch.float64``); default the model's.
             Half-precision models accumulate in float32.
         block_size: Samples per tile of ``N1 x N2``; default the largest that fits.
-        memory_budget: Bytes the computation may use; default half the free memory.
+        memory_budget: Bytes the computation may use; default half the free memory
+            (read when a plan is made).
         output_fn: Picks the output tensor from a non-tensor model output.
-
-    Returns:
-        The kernel (see the table), or a dict of per-layer kernels.
+        weights: Deprecated name of ``lr_multipliers``.
 
     Raises:
-        ValueError: Bad shapes or options (x1/x2 trailing shapes differ, ``diagonal``
-            with ``x2``, nothing selected).
-        TypeError: Inputs that are not tensors.
-        MemoryError: The kernel or the smallest block does not fit the budget; the
-            message gives the size and a block size or alternative that fits.
+        ValueError: Bad options (an unknown implementation, ``block_size < 1``, a
+            non-positive ``memory_budget``, nothing selected).
+        TypeError: ``model`` is not a module.
 
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> kernel = ntk_fn(net, dtype=torch.float64)
         >>> x = torch.randn(5, 3, dtype=torch.float64)
-        >>> k = empirical_ntk(net, x, dtype=torch.float64)
+        >>> k = kernel(x)
         >>> jac = torch.autograd.functional.jacobian(
         ...     lambda *p: torch.func.functional_call(
         ...         net.double(), dict(zip(dict(net.named_parameters()), p)), (x,)),
@@ -303,78 +223,357 @@ def empirical_ntk(
         >>> j = torch.cat([t.reshape(5, 2, -1) for t in jac], -1)
         >>> torch.allclose(k, torch.einsum("iap,jap->ij", j, j))
         True
+        >>> kernel.implementation.value
+        'structured'
     """
-    impl = NTKImplementation(implementation)
-    fm = functionalize(
-        model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn
-    )
-    x1 = fm.cast_input(x1, "x1")
-    if x2 is not None:
-        x2 = fm.cast_input(x2, "x2")
-        check_same_features(x1, x2)
-    if diagonal and x2 is not None:
-        raise ValueError("diagonal=True computes K(x_i, x_i) and takes no x2; drop x2")
-    check_positive_int(block_size, "block_size", allow_none=True)
-    budget = memory_budget or DEFAULT_BUDGET_FRACTION * available_memory(fm.device)
-    n2 = len(x1) if x2 is None else len(x2)
-    with torch.no_grad():
-        num_outputs = fm(fm.params, x1[: len(x1) if fm.batch_coupled else 1]).shape[1]
-    spec = NTKSpec(
-        trace_outputs=trace_outputs,
-        diagonal=diagonal,
-        weights=fm.param_weights(weights),
-        block_size=1,
-        budget=float(budget),
-        num_outputs=num_outputs,
-        per_layer=per_layer,
-    )
-    item = torch.finfo(kernel_dtype(fm)).bits // 8
-    copies = len(fm.groups) if per_layer else 1
-    out_bytes = math.prod(kernel_shape(spec, len(x1), n2)) * item * copies
-    check_fits(
-        out_bytes,
-        budget,
-        f"the kernel {kernel_shape(spec, len(x1), n2)}{' per layer' if per_layer else ''}",
-        "use trace_outputs=True, diagonal=True, fewer samples, or rdiag.NTKOperator "
-        "(products K @ v without the kernel)",
-    )
-    auto = impl is NTKImplementation.AUTO
-    if auto:
-        impl = _choose(fm, x1, n2, spec, x2 is None, per_layer)
-    if impl is NTKImplementation.STRUCTURED:
-        tiled = replace(spec, block_size=block_size or max(len(x1), n2))
+
+    def __init__(
+        self,
+        model: nn.Module | FunctionalModel,
+        *,
+        implementation: NTKImplementation | str = "auto",
+        trace_outputs: bool = True,
+        diagonal: bool = False,
+        per_layer: bool = False,
+        params: ParamSelector = None,
+        exclude: ParamSelector = None,
+        lr_multipliers: Weights = None,
+        mode: Mode = "eval",
+        dtype: torch.dtype | str | None = None,
+        block_size: int | None = None,
+        memory_budget: float | None = None,
+        output_fn: Callable[[object], Tensor] | None = None,
+        weights: Any = UNSET,
+    ) -> None:
+        lr_multipliers = renamed_argument(
+            "ntk_fn", "weights", "lr_multipliers", weights, lr_multipliers
+        )
+        self.requested = NTKImplementation.parse(implementation)
+        self.fm = functionalize(
+            model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn
+        )
+        check_positive_int(block_size, "block_size", allow_none=True)
+        if memory_budget is not None:
+            resolve_budget(memory_budget, self.fm.device)
+        self.trace_outputs = bool(trace_outputs)
+        self.diagonal = bool(diagonal)
+        self.per_layer = bool(per_layer)
+        self.block_size = block_size
+        self.memory_budget = memory_budget
+        self.weights = self.fm.param_weights(lr_multipliers)
+        self._plans: dict[tuple, NTKPlan] = {}
+        self._jvp_mode: JvpMode | None = None
+        self.notices = Notices()
+        self.last_plan: NTKPlan | None = None
+
+    # ---- public surface ---------------------------------------------------------
+    def __call__(
+        self, x1: Inputs, x2: Inputs | None = None
+    ) -> Tensor | dict[str, Tensor]:
+        """The kernel of ``x1`` against ``x2`` (``x1`` itself when ``None``).
+
+        Args:
+            x1: ``(N1, ...)`` inputs (a tensor, tuple or dict of tensors).
+            x2: ``(N2, ...)`` inputs of the same form, or ``None`` (symmetric kernel;
+                only upper-triangle tiles are computed).
+
+        Returns:
+            The kernel (see the class table), or a dict of per-layer kernels.
+
+        Raises:
+            ValueError: Inputs that do not fit (differing trailing shapes, an empty
+                batch, NaN entries, ``x2`` with ``diagonal=True``, inputs the model
+                fails on).
+            TypeError: Inputs that are not tensors.
+            MemoryError: The kernel or the smallest block does not fit the budget;
+                the message gives the size and a block size or alternative that fits.
+        """
+        x1, x2 = self._prepare(x1, x2)
+        plan = self._plan(x1, x2)
+        self.last_plan = plan
         try:
-            kernels = _IMPLEMENTATIONS[impl](fm, x1, x2, tiled)
-            return _finish(kernels, spec, per_layer, len(x1), n2, fm)
+            kernels = _RUNNERS[plan.implementation](self, plan, x1, x2)
         except MemoryError as err:
-            if not auto:
+            if self.requested is not NTKImplementation.AUTO:
                 raise
-            warn_once(
-                f"ntk-structured-memory-{id(fm.module)}",
+            self.notices.say(
+                "structured-memory",
                 f"structured eNTK does not fit the memory budget ({err}); using the "
                 "cheapest generic implementation instead",
             )
-            impl = _choose_generic(fm, x1, n2, spec, x2 is None, per_layer)
-    row_bytes = num_outputs * fm.num_params * item
-    block = _block_size(row_bytes, budget - out_bytes, max(len(x1), n2), block_size)
-    spec = replace(spec, block_size=block)
-    return _finish(
-        _IMPLEMENTATIONS[impl](fm, x1, x2, spec), spec, per_layer, len(x1), n2, fm
-    )
+            plan = self._generic_plan(plan.spec, x1, x2, "structured did not fit")
+            self._plans[self._key(x1, x2)] = self.last_plan = plan
+            kernels = _RUNNERS[plan.implementation](self, plan, x1, x2)
+        return self._finish(kernels, plan)
+
+    def plan(self, x1: Inputs, x2: Inputs | None = None) -> NTKPlan:
+        """The plan for inputs like ``x1`` (and ``x2``): made once, then reused.
+
+        Raises:
+            ValueError, TypeError, MemoryError: As :meth:`__call__`.
+        """
+        return self._plan(*self._prepare(x1, x2))
+
+    @property
+    def implementation(self) -> NTKImplementation | None:
+        """What ran in the last call (``None`` before the first)."""
+        return None if self.last_plan is None else self.last_plan.implementation
+
+    @property
+    def num_plans(self) -> int:
+        """How many plans this handle has made (one per input signature)."""
+        return len(self._plans)
+
+    def explain(self) -> str:
+        """One line: the implementation of the last call and why."""
+        plan = self.last_plan
+        if plan is None:
+            return f"no call yet; implementation={self.requested.value!r} was asked for"
+        spec = plan.spec
+        return (
+            f"{plan.implementation.value}: {plan.reason}; kernel {plan.shape}, "
+            f"block {spec.block_size} samples, memory budget {format_bytes(spec.budget)}"
+        )
+
+    # ---- planning -----------------------------------------------------------------
+    def _prepare(self, x1: Inputs, x2: Inputs | None) -> tuple[Inputs, Inputs | None]:
+        x1 = self.fm.cast_input(x1, "x1")
+        if x2 is not None:
+            if self.diagonal:
+                raise ValueError(
+                    "diagonal=True computes K(x_i, x_i) and takes no x2; drop x2"
+                )
+            x2 = self.fm.cast_input(x2, "x2")
+            if trailing(x1) != trailing(x2):
+                raise ValueError(
+                    f"expected x1 and x2 to differ only in the batch axis, got x1 "
+                    f"{describe(x1)} and x2 {describe(x2)}; reshape or cast one of them"
+                )
+        return x1, x2
+
+    def _key(self, x1: Inputs, x2: Inputs | None) -> tuple:
+        return (
+            signature(x1),
+            None if x2 is None else signature(x2),
+            self.fm.param_dtype,
+            self.fm.device,
+        )
+
+    def _plan(self, x1: Inputs, x2: Inputs | None) -> NTKPlan:
+        key = self._key(x1, x2)
+        if key not in self._plans:
+            self._plans[key] = self._make_plan(x1, x2)
+        return self._plans[key]
+
+    def _make_plan(self, x1: Inputs, x2: Inputs | None) -> NTKPlan:
+        fm = self.fm
+        n1 = batch_size(x1)
+        n2 = n1 if x2 is None else batch_size(x2)
+        probe = x1 if fm.batch_coupled else rows(x1, slice(0, 1))
+        num_outputs = math.prod(fm.probe(probe).shape[1:])
+        spec = NTKSpec(
+            trace_outputs=self.trace_outputs,
+            diagonal=self.diagonal,
+            weights=self.weights,
+            block_size=1,
+            budget=resolve_budget(self.memory_budget, fm.device),
+            num_outputs=num_outputs,
+            per_layer=self.per_layer,
+        )
+        shape = kernel_shape(spec, n1, n2)
+        copies = len(fm.groups) if self.per_layer else 1
+        check_fits(
+            math.prod(shape) * kernel_itemsize(fm) * copies,
+            spec.budget,
+            f"the kernel {shape}{' per layer' if self.per_layer else ''}",
+            "use trace_outputs=True, diagonal=True, fewer samples, or rdiag.NTKOperator "
+            "(products K @ v without the kernel)",
+        )
+        requested = self.requested
+        if requested in (NTKImplementation.STRUCTURED, NTKImplementation.AUTO):
+            if fm.batch_coupled:
+                reason = "the model is batch-coupled (no per-sample factors)"
+                if requested is NTKImplementation.STRUCTURED:
+                    return self._sized(NTKImplementation.JACOBIAN, reason, spec, x1, x2)
+                return self._generic_plan(spec, x1, x2, reason)
+            structured = plan_structured(fm, x1, num_outputs, self.weights)
+            coverage = structured.coverage(fm)
+            if (
+                requested is NTKImplementation.STRUCTURED
+                or coverage >= STRUCTURED_COVERAGE
+            ):
+                self._notice_rest(structured)
+                reason = (
+                    f"the structured rules cover {coverage:.1%} of "
+                    f"{fm.num_params:,} parameters after the autograd check"
+                )
+                block = self.block_size or max(n1, n2)
+                return NTKPlan(
+                    NTKImplementation.STRUCTURED,
+                    reason
+                    if requested is NTKImplementation.STRUCTURED
+                    else f"auto: {reason}",
+                    replace(spec, block_size=block),
+                    shape,
+                    structured=structured,
+                )
+            why = f"structured covers only {coverage:.1%} of the parameters"
+            return self._generic_plan(spec, x1, x2, why)
+        return self._sized(requested, "asked for", spec, x1, x2)
+
+    def _generic_plan(
+        self, spec: NTKSpec, x1: Inputs, x2: Inputs | None, why: str
+    ) -> NTKPlan:
+        """The cheaper of jacobian and ntvp among those whose workspace fits."""
+        n1 = batch_size(x1)
+        n2 = n1 if x2 is None else batch_size(x2)
+        costs = _costs(self.fm, _forward_flops(self.fm, x1), n1, n2, spec, x2 is None)
+        fits = {k: c for k, c in costs.items() if c.workspace <= spec.budget}
+        if not fits:
+            check_fits(
+                min(c.workspace for c in costs.values()),
+                spec.budget,
+                "the eNTK of one sample (O*P floats)",
+                "select fewer parameters (params=...), trace fewer outputs, or use "
+                "rdiag.NTKOperator for products without the kernel",
+            )
+        choice = min(fits, key=lambda k: fits[k].flops)
+        reason = f"auto: {why}; {choice.value} is the cheapest by the cost model"
+        plan = self._sized(choice, reason, spec, x1, x2)
+        return replace(plan, costs=costs)
+
+    def _sized(
+        self,
+        impl: NTKImplementation,
+        reason: str,
+        spec: NTKSpec,
+        x1: Inputs,
+        x2: Inputs | None,
+    ) -> NTKPlan:
+        """A jacobian/ntvp plan with the largest block that fits beside the kernel."""
+        n1 = batch_size(x1)
+        n2 = n1 if x2 is None else batch_size(x2)
+        shape = kernel_shape(spec, n1, n2)
+        copies = len(self.fm.groups) if self.per_layer else 1
+        item = kernel_itemsize(self.fm)
+        out_bytes = math.prod(shape) * item * copies
+        row_bytes = spec.num_outputs * self.fm.num_params * item
+        block = block_size(
+            row_bytes, spec.budget - out_bytes, max(n1, n2), self.block_size
+        )
+        if impl is NTKImplementation.NTVP:
+            self.jvp_mode(x1)
+        return NTKPlan(impl, reason, replace(spec, block_size=block), shape)
+
+    def jvp_mode(self, x: Inputs) -> JvpMode:
+        """The forward-mode strategy for this model, probed once per handle."""
+        if self._jvp_mode is None:
+            self._jvp_mode = probe_jvp_mode(self.fm, x)
+        return self._jvp_mode
+
+    def _notice_rest(self, structured: StructuredPlan) -> None:
+        rest = {n: why for n, why in structured.rest.items() if self.weights[n]}
+        if rest:
+            kinds = sorted(set(rest.values()))
+            self.notices.say(
+                f"structured-fallback-{kinds}",
+                f"structured eNTK: {len(rest)} parameter(s) of {kinds} go through the "
+                "'jacobian' implementation; the result is exact but slower",
+            )
+
+    def _finish(
+        self, kernels: dict[str, Tensor], plan: NTKPlan
+    ) -> Tensor | dict[str, Tensor]:
+        if self.per_layer:
+            return kernels
+        if kernels:
+            return sum(kernels.values())
+        return torch.zeros(
+            plan.shape, dtype=kernel_dtype(self.fm), device=self.fm.device
+        )
 
 
-def _finish(
-    kernels: dict[str, Tensor],
-    spec: NTKSpec,
-    per_layer: bool,
-    n1: int,
-    n2: int,
-    fm: FunctionalModel,
+def _run_jacobian(
+    f: NTKFunction, plan: NTKPlan, x1: Inputs, x2: Inputs | None
+) -> dict[str, Tensor]:
+    return jacobian_ntk(f.fm, x1, x2, plan.spec)
+
+
+def _run_ntvp(
+    f: NTKFunction, plan: NTKPlan, x1: Inputs, x2: Inputs | None
+) -> dict[str, Tensor]:
+    return ntvp_ntk(f.fm, x1, x2, plan.spec, f.jvp_mode(x1))
+
+
+def _run_structured(
+    f: NTKFunction, plan: NTKPlan, x1: Inputs, x2: Inputs | None
+) -> dict[str, Tensor]:
+    return structured_ntk(f.fm, x1, x2, plan.spec, plan.structured)
+
+
+_RUNNERS: dict[
+    NTKImplementation, Callable[[NTKFunction, NTKPlan, Inputs, Inputs | None], dict]
+] = {
+    NTKImplementation.JACOBIAN: _run_jacobian,
+    NTKImplementation.NTVP: _run_ntvp,
+    NTKImplementation.STRUCTURED: _run_structured,
+}
+
+
+def ntk_fn(model: nn.Module | FunctionalModel, **options: Any) -> NTKFunction:
+    """The eNTK of ``model`` as a reusable kernel function that owns its plan.
+
+    ``rdiag.ntk_fn(model, **options)`` is :class:`NTKFunction` (see there for the
+    options, shapes and semantics); keep it for repeated kernels of one model (a
+    Monitor, a training loop): plans, checks and probes are done once.
+
+    Returns:
+        The :class:`NTKFunction`, called as ``kernel(x1, x2=None)``.
+    """
+    return NTKFunction(model, **options)
+
+
+def empirical_ntk(
+    model: nn.Module | FunctionalModel,
+    x1: Inputs,
+    x2: Inputs | None = None,
+    **options: Any,
 ) -> Tensor | dict[str, Tensor]:
-    if per_layer:
-        return kernels
-    if kernels:
-        return sum(kernels.values())
-    return torch.zeros(
-        kernel_shape(spec, n1, n2), dtype=kernel_dtype(fm), device=fm.device
-    )
+    r"""Empirical NTK :math:`J(x_1)\, M\, J(x_2)^\top` in one call: ``ntk_fn(model, **options)(x1, x2)``.
+
+    Options, shapes and semantics are those of :class:`NTKFunction`
+    (``implementation``, ``trace_outputs``, ``diagonal``, ``per_layer``,
+    ``params``, ``exclude``, ``lr_multipliers``, ``mode``, ``dtype``,
+    ``block_size``, ``memory_budget``, ``output_fn``). For repeated kernels of one
+    model keep the handle from :func:`ntk_fn` instead: this function plans anew
+    every call.
+
+    Args:
+        model: The network (or a :class:`~rdiag.functional.FunctionalModel`).
+        x1: ``(N1, ...)`` inputs.
+        x2: ``(N2, ...)`` inputs, or ``None`` for the symmetric kernel.
+        **options: See :class:`NTKFunction`.
+
+    Returns:
+        ``(N1, N2)`` traced (default), ``(N1, N2, O, O)`` full, ``(N1,)`` /
+        ``(N1, O, O)`` diagonal, or a dict of per-layer kernels.
+
+    Example:
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> x = torch.randn(5, 3)
+        >>> empirical_ntk(net, x).shape, empirical_ntk(net, x, trace_outputs=False).shape
+        (torch.Size([5, 5]), torch.Size([5, 5, 2, 2]))
+    """
+    return ntk_fn(model, **options)(x1, x2)
+
+
+def ntk_costs(
+    fm: FunctionalModel, x1: Tensor, n2: int, spec: NTKSpec, symmetric: bool
+) -> dict[NTKImplementation, Cost]:
+    """Deprecated: the cost model is on the plan, ``ntk_fn(model).plan(x1, x2).costs``."""
+    from rdiag._deprecation import renamed_name
+
+    renamed_name("rdiag.ntk_costs", "ntk_fn(model).plan(x1, x2).costs", None)
+    n1 = batch_size(x1)
+    return _costs(fm, _forward_flops(fm, x1), n1, n2, spec, symmetric)

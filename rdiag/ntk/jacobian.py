@@ -14,18 +14,20 @@ import torch
 from torch import Tensor
 from torch.func import jacrev, vmap
 
+from rdiag._inputs import Inputs, batch_size, concat, rows
+from rdiag._tiling import place, symmetric_tile, tiles
 from rdiag.functional import FunctionalModel
 from rdiag.ntk.spec import NTKSpec, empty_kernels
 
-#: Smallest tile of the symmetric contraction (smaller tiles lose GEMM efficiency).
-SYMMETRIC_TILE = 64
+Params = dict[str, Tensor]
 
 
-def jacobians(fm: FunctionalModel, x: Tensor) -> dict[str, Tensor]:
+def jacobians(fm: FunctionalModel, params: Params, x: Inputs) -> dict[str, Tensor]:
     """Jacobians of the outputs w.r.t. each selected parameter.
 
     Args:
         fm: Functional model.
+        params: The selected parameters (``fm.params``).
         x: Batch ``(B, ...)``.
 
     Returns:
@@ -33,9 +35,9 @@ def jacobians(fm: FunctionalModel, x: Tensor) -> dict[str, Tensor]:
         For a batch-coupled model these are rows of the whole-batch Jacobian.
     """
     if fm.batch_coupled:
-        jac = jacrev(lambda p: fm(p, x))(fm.params)
+        jac = jacrev(lambda p: fm(p, x))(params)
     else:
-        jac = vmap(jacrev(fm.single), (None, 0))(fm.params, x)
+        jac = vmap(jacrev(fm.single), (None, 0))(params, x)
     out = {}
     for n, j in jac.items():
         j = j.reshape(j.shape[0], j.shape[1], -1)
@@ -84,33 +86,8 @@ def contract(
     return out
 
 
-def tiles(
-    n1: int, n2: int, block: int, symmetric: bool
-) -> Iterator[tuple[slice, slice]]:
-    """Row and column slices of the ``block x block`` tiles (upper triangle if symmetric)."""
-    for i in range(0, n1, block):
-        for j in range(i if symmetric else 0, n2, block):
-            yield slice(i, min(i + block, n1)), slice(j, min(j + block, n2))
-
-
-def place(
-    out: dict[str, Tensor],
-    part: dict[str, Tensor],
-    rows: slice,
-    cols: slice,
-    mirror: bool,
-) -> None:
-    """Write a tile into the output kernels (and its transpose below the diagonal)."""
-    for layer, k in part.items():
-        out[layer][rows, cols] = k
-        if mirror and rows != cols:
-            out[layer][cols, rows] = (
-                k.transpose(0, 1) if k.dim() == 2 else k.permute(1, 0, 3, 2)
-            )
-
-
 def jacobian_ntk(
-    fm: FunctionalModel, x1: Tensor, x2: Tensor | None, spec: NTKSpec
+    fm: FunctionalModel, x1: Inputs, x2: Inputs | None, spec: NTKSpec
 ) -> dict[str, Tensor]:
     """ENTK by Jacobian contraction; see the module docstring for costs.
 
@@ -123,44 +100,51 @@ def jacobian_ntk(
     Returns:
         Layer -> kernel (see :func:`contract` for shapes).
     """
+    params = fm.params
+    n1 = batch_size(x1)
     if fm.batch_coupled:
-        both = x1 if x2 is None else torch.cat([x1, x2])
-        jac = jacobians(fm, both)
-        n1 = len(x1)
+        both = x1 if x2 is None else concat(x1, x2)
+        jac = jacobians(fm, params, both)
         j2 = jac if x2 is None else {n: j[n1:] for n, j in jac.items()}
         return contract(fm, {n: j[:n1] for n, j in jac.items()}, j2, spec)
     if spec.diagonal:
-        parts = [contract(fm, j, j, spec) for j in _blocks(fm, x1, spec.block_size)]
+        parts = [
+            contract(fm, j, j, spec) for j in _blocks(fm, params, x1, spec.block_size)
+        ]
         return {layer: torch.cat([p[layer] for p in parts]) for layer in parts[0]}
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
+    n2 = batch_size(x2)
     block = spec.block_size
-    if block >= max(len(x1), len(x2)):
-        j1 = jacobians(fm, x1)
-        if not symmetric or len(x1) < 2 * SYMMETRIC_TILE:
-            return contract(fm, j1, j1 if symmetric else jacobians(fm, x2), spec)
+    if block >= max(n1, n2):
+        j1 = jacobians(fm, params, x1)
+        tile = symmetric_tile(n1, 8)
+        if not symmetric or n1 < 2 * tile:
+            return contract(
+                fm, j1, j1 if symmetric else jacobians(fm, params, x2), spec
+            )
         # Symmetric: contract only the upper-triangle tiles (up to half the GEMM).
-        out = empty_kernels(fm, spec, len(x1), len(x1))
-        tile = max(SYMMETRIC_TILE, -(-len(x1) // 8))
-        for rows, cols in tiles(len(x1), len(x1), tile, True):
-            part = contract(fm, _rows(j1, rows), _rows(j1, cols), spec)
-            place(out, part, rows, cols, True)
+        out = empty_kernels(fm, spec, n1, n1)
+        for r, c in tiles(n1, n1, tile, True):
+            place(out, contract(fm, _rows(j1, r), _rows(j1, c), spec), r, c, True)
         return out
-    out = empty_kernels(fm, spec, len(x1), len(x2))
+    out = empty_kernels(fm, spec, n1, n2)
     cache: tuple[slice, dict[str, Tensor]] | None = None
-    for rows, cols in tiles(len(x1), len(x2), block, symmetric):
-        if cache is None or cache[0] != rows:
-            cache = (rows, jacobians(fm, x1[rows]))
+    for r, c in tiles(n1, n2, block, symmetric):
+        if cache is None or cache[0] != r:
+            cache = (r, jacobians(fm, params, rows(x1, r)))
         j1 = cache[1]
-        j2 = j1 if symmetric and rows == cols else jacobians(fm, x2[cols])
-        place(out, contract(fm, j1, j2, spec), rows, cols, symmetric)
+        j2 = j1 if symmetric and r == c else jacobians(fm, params, rows(x2, c))
+        place(out, contract(fm, j1, j2, spec), r, c, symmetric)
     return out
 
 
-def _rows(jac: dict[str, Tensor], rows: slice) -> dict[str, Tensor]:
-    return {n: j[rows] for n, j in jac.items()}
+def _rows(jac: dict[str, Tensor], sl: slice) -> dict[str, Tensor]:
+    return {n: j[sl] for n, j in jac.items()}
 
 
-def _blocks(fm: FunctionalModel, x: Tensor, block: int) -> Iterator[dict[str, Tensor]]:
-    for i in range(0, len(x), block):
-        yield jacobians(fm, x[i : i + block])
+def _blocks(
+    fm: FunctionalModel, params: Params, x: Inputs, block: int
+) -> Iterator[dict[str, Tensor]]:
+    for i in range(0, batch_size(x), block):
+        yield jacobians(fm, params, rows(x, slice(i, i + block)))

@@ -49,6 +49,11 @@ def kernel_dtype(fm: FunctionalModel) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def kernel_itemsize(fm: FunctionalModel) -> int:
+    """Bytes per entry of a kernel (and of Jacobian rows) in the accumulation dtype."""
+    return torch.finfo(kernel_dtype(fm)).bits // 8
+
+
 def empty_kernels(
     fm: FunctionalModel, spec: NTKSpec, n1: int, n2: int, keys: list[str] | None = None
 ) -> dict[str, Tensor]:

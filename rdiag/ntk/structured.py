@@ -11,7 +11,7 @@ a Hadamard product of the Gram matrices of the layer inputs and of the output
 cotangents (``T = 1`` for a plain MLP layer). A bias appends a constant column to
 ``x``; an embedding's ``x`` is a one-hot row; a norm gain has ``x = 1`` and
 ``g`` multiplied by the normalized input. Per layer the cheaper of two routes is
-taken: this Gram route (:func:`rdiag.kernels.gram_hadamard` /
+taken: this Gram route (:func:`rdiag.kernels.gram_hadamard_many` /
 :func:`rdiag.kernels.gram_hadamard_shared`), or materializing the per-sample
 gradient ``sum_t g_t x_t^T`` and one GEMM (wins for convolutions with many
 positions and few channels). Parameters of other modules (and tied ones) go
@@ -26,38 +26,107 @@ budget.
 
 from __future__ import annotations
 
-import itertools
 import math
-import weakref
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rdiag._checks import check_fits
-from rdiag._optional import warn_once
+from rdiag._inputs import Inputs, batch_size
+from rdiag._optional import notice
+from rdiag._tiling import block_size, check_fits, place, symmetric_tile, tiles
 from rdiag.functional import FunctionalModel, layer_of
-from rdiag.kernels import gram_hadamard, gram_hadamard_shared
-from rdiag.ntk._capture import Factor, Site, capture, cotangent_floats, plan
-from rdiag.ntk.jacobian import jacobian_ntk, place, tiles
-from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype
+from rdiag.kernels import gram_hadamard_many, gram_hadamard_shared
+from rdiag.ntk._capture import (
+    Factor,
+    Site,
+    capture,
+    cotangent_floats,
+    sites_of,
+    verify_sites,
+)
+from rdiag.ntk.jacobian import jacobian_ntk
+from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype, kernel_itemsize
 
-__all__ = ["structured_coverage", "structured_ntk"]
+__all__ = ["StructuredPlan", "plan_structured", "structured_coverage", "structured_ntk"]
 
-#: Smallest tile the symmetric kernel is split into (smaller GEMMs lose efficiency).
-MIN_SYMMETRIC_TILE = 64
-# One fallback notice per model object; ids of dead modules get reused, tokens do not.
-_TOKENS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_COUNTER = itertools.count()
+
+@dataclass(frozen=True)
+class StructuredPlan:
+    """What the structured path captures for one input signature, checked once.
+
+    Attributes:
+        sites: Supported modules whose factors passed the autograd check.
+        rest: Selected parameter name -> why it goes through ``"jacobian"``
+            (no rule, an unsupported instance, tied, or a failed check).
+        rest_view: The functional view of the ``rest`` parameters with a non-zero
+            weight (``None`` if there are none), built once.
+        cotangent_floats: Floats of the captured cotangents per sample and output
+            unit (:func:`~rdiag.ntk._capture.cotangent_floats`).
+    """
+
+    sites: list[Site]
+    rest: dict[str, str]
+    rest_view: FunctionalModel | None = None
+    cotangent_floats: int = 0
+
+    def coverage(self, fm: FunctionalModel) -> float:
+        """Fraction of the selected scalar parameters that run structured."""
+        covered = sum(fm.sizes[n] for s in self.sites for n in s.params.values())
+        return covered / fm.num_params
+
+
+def plan_structured(
+    fm: FunctionalModel, x: Inputs, num_outputs: int, weights: dict[str, float]
+) -> StructuredPlan:
+    """Split the parameters by the static rules, then check the captured factors.
+
+    Args:
+        fm: Functional model (not batch-coupled).
+        x: A prepared batch of the planned signature (a few samples are used).
+        num_outputs: ``O``.
+        weights: Parameter name -> weight of the kernel (zero-weight ones are skipped).
+
+    Returns:
+        The :class:`StructuredPlan`.
+    """
+    sites, rest = sites_of(fm)
+    sites = [s for s in sites if any(weights[n] != 0.0 for n in s.params.values())]
+    failed = verify_sites(fm, sites, x, num_outputs) if sites else {}
+    rest.update(failed)
+    kept = []
+    for site in sites:
+        params = {k: n for k, n in site.params.items() if n not in failed}
+        if params:
+            kept.append(replace(site, params=params))
+    floats = cotangent_floats(fm, kept, x) if kept else 0
+    view = _sub_view(fm, [n for n in rest if weights[n]])
+    return StructuredPlan(kept, rest, view, floats)
+
+
+def _sub_view(fm: FunctionalModel, names: list[str]) -> FunctionalModel | None:
+    """The view of ``names`` alone, sharing ``fm``'s settings."""
+    if not names:
+        return None
+    return FunctionalModel(
+        fm.module,
+        [n for n in fm.names if n in names],
+        mode=fm.mode,
+        dtype=fm.dtype,
+        dropout_seed=fm.dropout_seed,
+        output_fn=fm.output_fn,
+    )
 
 
 def structured_coverage(fm: FunctionalModel) -> float:
-    """Fraction of the selected scalar parameters that the structured path covers.
+    """Fraction of the selected scalar parameters that the static rules cover.
 
-    Static: counts parameters of supported modules (Linear, Conv1d/2d with
-    ``groups=1``, Embedding, LayerNorm, RMSNorm, GroupNorm, eval-mode BatchNorm),
-    excluding tied ones. A batch-coupled model gives 0.0.
+    Counts parameters of supported modules (Linear, Conv1d/2d with ``groups=1``,
+    Embedding, LayerNorm, RMSNorm, GroupNorm, eval-mode BatchNorm), excluding tied
+    ones. A batch-coupled model gives 0.0. What really runs structured on a batch
+    (after the one-time autograd check) is
+    ``rdiag.ntk_fn(model).plan(x).structured.coverage(fm)``.
 
     Args:
         fm: Functional model.
@@ -74,9 +143,8 @@ def structured_coverage(fm: FunctionalModel) -> float:
     """
     if fm.batch_coupled:
         return 0.0
-    sites, _ = plan(fm)
-    covered = sum(fm.sizes[n] for s in sites for n in s.params.values())
-    return covered / fm.num_params
+    sites, rest = sites_of(fm)
+    return StructuredPlan(sites, rest).coverage(fm)
 
 
 @dataclass
@@ -93,15 +161,20 @@ class _Term:
 
 
 def structured_ntk(
-    fm: FunctionalModel, x1: Tensor, x2: Tensor | None, spec: NTKSpec
+    fm: FunctionalModel,
+    x1: Inputs,
+    x2: Inputs | None,
+    spec: NTKSpec,
+    plan: StructuredPlan,
 ) -> dict[str, Tensor]:
     """Layerwise eNTK by Gram-Hadamard products (see the module docstring).
 
     Args:
-        fm: Functional model; a batch-coupled one goes to ``"jacobian"`` whole.
+        fm: Functional model (not batch-coupled).
         x1: ``(N1, ...)``.
         x2: ``(N2, ...)``, or ``None`` for the symmetric ``K(x1, x1)``.
         spec: What to compute; ``spec.block_size`` caps the tile and capture chunk.
+        plan: The checked sites (:func:`plan_structured`).
 
     Returns:
         Layer name -> its weighted kernel: ``(N1, N2)`` traced, ``(N1, N2, O, O)``
@@ -109,7 +182,6 @@ def structured_ntk(
         weight 0 are left out. With ``spec.per_layer`` false, ``{"all": total}``.
 
     Raises:
-        ValueError: ``spec.diagonal`` with an ``x2``.
         MemoryError: Not even a 1 x 1 tile fits in ``spec.budget``.
 
     Example:
@@ -126,24 +198,20 @@ def structured_ntk(
         >>> torch.allclose(k, empirical_ntk(net, x, implementation="jacobian", **kw))
         True
     """
-    if spec.diagonal and x2 is not None:
-        raise ValueError(
-            "expected x2=None with diagonal=True (K(x_i, x_i)), got an x2; drop x2"
-        )
-    if fm.batch_coupled:
-        return jacobian_ntk(fm, x1, x2, spec)
-    sites, rest = plan(fm)
-    sites = [s for s in sites if any(spec.weights[n] != 0.0 for n in s.params.values())]
-    n2 = len(x1) if x2 is None else len(x2)
+    sites = plan.sites
+    n1 = batch_size(x1)
+    n2 = n1 if x2 is None else batch_size(x2)
     keys = None
     if not spec.per_layer:
         # One accumulator for every layer: no per-layer kernels to allocate and add.
         keys = ["all"] if any(w != 0.0 for w in spec.weights.values()) else []
-    out = empty_kernels(fm, spec, len(x1), n2, keys)
-    chunk = max(1, min(spec.block_size, len(x1)))
+    out = empty_kernels(fm, spec, n1, n2, keys)
+    chunk = max(1, min(spec.block_size, n1))
     failed: dict[str, str] = {}
-    for k, outputs in enumerate(_output_chunks(fm, sites, x1, x2, spec)):
-        f1, bad = capture(fm, sites, x1, chunk, verify=k == 0, outputs=outputs)
+    samples = n1 + (0 if x2 is None else n2)
+    chunks = _output_chunks(plan, samples, spec, kernel_itemsize(fm))
+    for k, outputs in enumerate(chunks):
+        f1, bad = capture(fm, sites, x1, chunk, outputs=outputs)
         f2 = f1
         if x2 is not None:
             f2, bad2 = capture(fm, sites, x2, chunk, outputs=outputs)
@@ -155,47 +223,44 @@ def structured_ntk(
                 "must not change with the output cotangent (use implementation='jacobian')"
             )
         failed.update(bad)
-        skip = set(rest) | set(failed)
-        layers = _layer_terms(sites, f1, f2, spec.weights, skip, kernel_dtype(fm))
+        layers = _layer_terms(
+            sites, f1, f2, spec.weights, set(failed), kernel_dtype(fm)
+        )
         if not spec.per_layer and layers:
             layers = {"all": [t for ts in layers.values() for t in ts]}
         if spec.diagonal:
             _diagonal(layers, out, spec)
         else:
             _offdiagonal(layers, out, spec, x2 is None, fresh=k == 0)
-    rest.update(failed)
-    rest = {n: why for n, why in rest.items() if spec.weights[n] != 0.0}
-    if rest:
-        kinds = sorted(set(rest.values()))
-        warn_once(
-            f"structured-fallback-{_TOKENS.setdefault(fm.module, next(_COUNTER))}",
-            f"structured eNTK: {len(rest)} parameter(s) of {kinds} went through the "
-            "'jacobian' implementation; the result is exact but slower",
+    if failed:
+        notice(
+            f"structured eNTK: {len(failed)} parameter(s) could not be captured on "
+            f"this batch ({sorted(set(failed.values()))}); they went through the "
+            "'jacobian' implementation",
         )
-        for layer, k in _generic(
-            fm, [n for n in fm.names if n in rest], x1, x2, spec
-        ).items():
+    view = plan.rest_view
+    if failed:
+        names = set(failed) | set(view.names if view is not None else ())
+        view = _sub_view(fm, [n for n in names if spec.weights[n]])
+    if view is not None:
+        for layer, k in _generic(view, x1, x2, spec).items():
             out[layer if spec.per_layer else "all"] += k
     return out
 
 
 def _output_chunks(
-    fm: FunctionalModel, sites: list[Site], x1: Tensor, x2: Tensor | None, spec: NTKSpec
+    plan: StructuredPlan, samples: int, spec: NTKSpec, item: int
 ) -> list[slice | None]:
     """Output units per capture: all at once, or chunks when the cotangents do not fit.
 
-    The cotangents take ``(N1 + N2) * O * sum(layer widths)`` floats. A traced kernel
-    sums over output units, so it can be accumulated over chunks of them; a full
-    kernel pairs every two units and needs them all.
+    The cotangents take ``samples * O * sum(layer widths)`` floats (``samples``:
+    both batches). A traced kernel sums over output units, so it can be
+    accumulated over chunks of them; a full kernel pairs every two units and needs
+    them all.
     """
-    item = torch.finfo(kernel_dtype(fm)).bits // 8
-    per = (
-        cotangent_floats(fm, sites, x1)
-        * item
-        * (len(x1) + (0 if x2 is None else len(x2)))
-    )
+    per = plan.cotangent_floats * item * samples
     o, room = spec.num_outputs, spec.budget / 2
-    if not sites or o * per <= room:
+    if not plan.sites or o * per <= room:
         return [None]
     if not spec.trace_outputs:
         check_fits(
@@ -326,17 +391,13 @@ def _traced_g(g: Tensor) -> Tensor:
     return g.permute(0, 2, 1, 3).reshape(n, 1, t, o * dg)
 
 
-def _gram(term: _Term, traced: bool, out: Tensor | None) -> Tensor:
-    """Accumulate one term's Gram-route tile into ``out`` ``(n1, n2, R, R)``, R = 1 if traced."""
+def _gram_factors(term: _Term, traced: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``x1, x2 (n, T, Dx)`` and ``g1, g2 (n, R, T, Dg)`` of a Gram term, R = 1 if traced."""
     x1, x2 = _dense_x(term.f1, term.vocab), _dense_x(term.f2, term.vocab)
     g1, g2 = term.f1.g, term.f2.g
     if traced:
         g1, g2 = _traced_g(g1), _traced_g(g2)
-    if x1.shape[1] == 1 and x2.shape[1] == 1:
-        return gram_hadamard(
-            x1[:, 0], x2[:, 0], g1[:, :, 0], g2[:, :, 0], out, scale=term.scale
-        )
-    return gram_hadamard_shared(x1, x2, g1, g2, out, scale=term.scale)
+    return x1, x2, g1, g2
 
 
 def _gemm(j1: Tensor, j2: Tensor, traced: bool) -> Tensor:
@@ -349,17 +410,29 @@ def _gemm(j1: Tensor, j2: Tensor, traced: bool) -> Tensor:
 
 
 def _tile(terms: list[_Term], routes: list[bool], traced: bool, same: bool) -> Tensor:
-    """One layer's kernel on one tile: Gram terms, plus one GEMM for the rest."""
+    """One layer's kernel on one tile: Gram terms, plus one GEMM for the rest.
+
+    Single-position terms (Linear layers) go to one :func:`gram_hadamard_many`
+    call (on the GPU: one launch per group of same-shaped layers); weight-shared
+    ones (tokens, conv positions) to :func:`gram_hadamard_shared` each.
+    """
     acc = None
+    flat: list[tuple[Tensor, Tensor, Tensor, Tensor, float]] = []
     jac1, jac2 = [], []
     for term, gram in zip(terms, routes):
         if gram:
-            acc = _gram(term, traced, acc)
+            x1, x2, g1, g2 = _gram_factors(term, traced)
+            if x1.shape[1] == 1 and x2.shape[1] == 1:
+                flat.append((x1[:, 0], x2[:, 0], g1[:, :, 0], g2[:, :, 0], term.scale))
+            else:
+                acc = gram_hadamard_shared(x1, x2, g1, g2, acc, scale=term.scale)
         else:
             root = math.sqrt(term.scale)
             jac1.append(root * _per_sample(term.f1, term.vocab))
             if not same:
                 jac2.append(root * _per_sample(term.f2, term.vocab))
+    if flat:
+        acc = gram_hadamard_many(flat, acc)
     if jac1:
         j1 = torch.cat(jac1, dim=2)
         k = _gemm(j1, j1 if same else torch.cat(jac2, dim=2), traced)
@@ -389,7 +462,7 @@ def _offdiagonal(
     block = _block(layers, routes, out, spec, max(n1, n2))
     if symmetric:
         # Only upper-triangle tiles are computed: 4 row blocks save 3/8 of the work.
-        block = min(block, max(MIN_SYMMETRIC_TILE, -(-n1 // 4)))
+        block = min(block, symmetric_tile(n1, 4))
     for rows, cols in tiles(n1, n2, block, symmetric):
         same = symmetric and rows == cols
         part = {
@@ -496,18 +569,10 @@ def _block(
 
 
 def _generic(
-    fm: FunctionalModel, names: list[str], x1: Tensor, x2: Tensor | None, spec: NTKSpec
+    view: FunctionalModel, x1: Inputs, x2: Inputs | None, spec: NTKSpec
 ) -> dict[str, Tensor]:
-    """``"jacobian"`` kernels of ``names`` alone, on a sub-model sharing ``fm``'s settings."""
-    sub = FunctionalModel(
-        fm.module,
-        names,
-        mode=fm.mode,
-        dtype=fm.dtype,
-        dropout_seed=fm.dropout_seed,
-        output_fn=fm.output_fn,
-    )
-    row = spec.num_outputs * sub.num_params * torch.finfo(kernel_dtype(fm)).bits // 8
-    block = max(1, min(spec.block_size, int(spec.budget // (2 * row))))
-    weights = {n: spec.weights[n] for n in names}
-    return jacobian_ntk(sub, x1, x2, replace(spec, weights=weights, block_size=block))
+    """``"jacobian"`` kernels of the parameters of ``view`` alone."""
+    row = spec.num_outputs * view.num_params * kernel_itemsize(view)
+    block = block_size(row, spec.budget, spec.block_size)
+    weights = {n: spec.weights[n] for n in view.names}
+    return jacobian_ntk(view, x1, x2, replace(spec, weights=weights, block_size=block))

@@ -14,45 +14,41 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
-from rdiag._autodiff import JvpMode, jvp, jvp_mode
+from rdiag._autodiff import JvpMode, jvp
+from rdiag._inputs import Inputs, batch_size, concat, rows
+from rdiag._tiling import place
 from rdiag.functional import FunctionalModel
-from rdiag.ntk.jacobian import place
-from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype
+from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype, kernel_itemsize
+
+Params = dict[str, Tensor]
 
 
-def model_jvp_mode(fm: FunctionalModel, x: Tensor) -> JvpMode:
-    """Probe (once per model) which forward-mode strategy works, on a slice of ``x``."""
-    probe_x = x[:2]
-    zeros = {n: torch.zeros_like(p) for n, p in fm.params.items()}
-    return jvp_mode(
-        fm, lambda mode: jvp(lambda p: fm(p, probe_x), (fm.params,), (zeros,), mode)
-    )
-
-
-def _pull_rows(fm: FunctionalModel, x: Tensor, num_outputs: int) -> dict[str, Tensor]:
+def _pull_rows(
+    fm: FunctionalModel, params: Params, x: Inputs, num_outputs: int
+) -> dict[str, Tensor]:
     """``J^T e`` for every sample of ``x`` and output unit: name -> ``(B, O, *shape)``."""
     basis = torch.eye(num_outputs, dtype=kernel_dtype(fm), device=fm.device)
 
-    def rows(sample: Tensor) -> dict[str, Tensor]:
-        _, pull = vjp(lambda p: fm.single(p, sample), fm.params)
+    def sample_rows(sample: Inputs) -> dict[str, Tensor]:
+        _, pull = vjp(lambda p: fm.single(p, sample), params)
         return vmap(pull)(basis.to(fm.param_dtype))[0]
 
-    return vmap(rows)(x)
+    return vmap(sample_rows)(x)
 
 
 def _push(
     fm: FunctionalModel,
-    x: Tensor,
+    params: Params,
+    x: Inputs,
     tangents: dict[str, Tensor],
     mode: JvpMode,
     chunk: int,
 ) -> Tensor:
     """``J(x) t`` for a batch of tangents (name -> ``(C, *shape)``): ``(C, N, O)``."""
-    names = list(tangents)
-    base = {n: fm.params[n] for n in names}
+    base = {n: params[n] for n in tangents}
 
     def push_one(tangent: dict[str, Tensor]) -> Tensor:
-        return jvp(lambda p: fm({**fm.params, **p}, x), (base,), (tangent,), mode)[1]
+        return jvp(lambda p: fm({**params, **p}, x), (base,), (tangent,), mode)[1]
 
     count = next(iter(tangents.values())).shape[0]
     outs = [
@@ -87,7 +83,11 @@ def _to_kernel(products: Tensor, nb: int, o: int, spec: NTKSpec) -> Tensor:
 
 
 def ntvp_ntk(
-    fm: FunctionalModel, x1: Tensor, x2: Tensor | None, spec: NTKSpec
+    fm: FunctionalModel,
+    x1: Inputs,
+    x2: Inputs | None,
+    spec: NTKSpec,
+    mode: JvpMode,
 ) -> dict[str, Tensor]:
     """ENTK from NTK-vector products; see the module docstring for costs.
 
@@ -96,42 +96,45 @@ def ntvp_ntk(
         x1: ``(N1, ...)``.
         x2: ``(N2, ...)`` or ``None`` for the symmetric kernel.
         spec: What to compute.
+        mode: The forward-mode strategy (:func:`rdiag._autodiff.probe_jvp_mode`).
 
     Returns:
         Layer -> kernel when ``spec.per_layer``, else ``{"all": kernel}``; shapes as
         in :class:`~rdiag.ntk.spec.NTKSpec`.
     """
-    mode = model_jvp_mode(fm, x1)
+    params = fm.params
     o = spec.num_outputs
     groups = _groups(fm, spec)
     if fm.batch_coupled:
-        return _coupled(fm, x1, x2, spec, groups, mode)
+        return _coupled(fm, params, x1, x2, spec, groups, mode)
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
-    out = empty_kernels(fm, spec, len(x1), len(x2), keys=list(groups))
-    itemsize = torch.finfo(kernel_dtype(fm)).bits // 8
+    n1, n2 = batch_size(x1), batch_size(x2)
+    out = empty_kernels(fm, spec, n1, n2, keys=list(groups))
+    itemsize = kernel_itemsize(fm)
     block = spec.block_size
-    for start in range(0, len(x2), block):
-        cols = slice(start, min(start + block, len(x2)))
+    for start in range(0, n2, block):
+        cols = slice(start, min(start + block, n2))
         nb = cols.stop - cols.start
-        rows_t = _pull_rows(fm, x2[cols], o)
+        xb = rows(x2, cols)
+        rows_t = _pull_rows(fm, params, xb, o)
         for key, names in groups.items():
             tangents = {n: spec.weights[n] * rows_t[n].flatten(0, 1) for n in names}
             if spec.diagonal:
-                k = _diagonal(fm, x2[cols], tangents, mode, nb, spec)
-                out[key][cols] = k
+                out[key][cols] = _diagonal(fm, params, xb, tangents, mode, nb, spec)
                 continue
-            rows = slice(cols.start if symmetric else 0, len(x1))
-            xa = x1[rows]
-            chunk = _chunk(spec, fm.num_params, len(xa), itemsize)
-            k = _to_kernel(_push(fm, xa, tangents, mode, chunk), nb, o, spec)
-            place(out, {key: k}, rows, cols, mirror=symmetric)
+            kept = slice(cols.start if symmetric else 0, n1)
+            xa = rows(x1, kept)
+            chunk = _chunk(spec, fm.num_params, kept.stop - kept.start, itemsize)
+            k = _to_kernel(_push(fm, params, xa, tangents, mode, chunk), nb, o, spec)
+            place(out, {key: k}, kept, cols, mirror=symmetric)
     return out
 
 
 def _diagonal(
     fm: FunctionalModel,
-    x: Tensor,
+    params: Params,
+    x: Inputs,
     tangents: dict[str, Tensor],
     mode: JvpMode,
     nb: int,
@@ -139,12 +142,12 @@ def _diagonal(
 ) -> Tensor:
     o = spec.num_outputs
     per_sample = {n: t.reshape(nb, o, *t.shape[1:]) for n, t in tangents.items()}
-    base = {n: fm.params[n] for n in tangents}
+    base = {n: params[n] for n in tangents}
 
-    def one(sample: Tensor, tans: dict[str, Tensor]) -> Tensor:
+    def one(sample: Inputs, tans: dict[str, Tensor]) -> Tensor:
         def push(t: dict[str, Tensor]) -> Tensor:
             return jvp(
-                lambda p: fm.single({**fm.params, **p}, sample), (base,), (t,), mode
+                lambda p: fm.single({**params, **p}, sample), (base,), (t,), mode
             )[1]
 
         k = vmap(push)(tans)  # (b, a): row b of K_ii as a function of output a
@@ -155,28 +158,30 @@ def _diagonal(
 
 def _coupled(
     fm: FunctionalModel,
-    x1: Tensor,
-    x2: Tensor | None,
+    params: Params,
+    x1: Inputs,
+    x2: Inputs | None,
     spec: NTKSpec,
     groups: dict[str, list[str]],
     mode: JvpMode,
 ) -> dict[str, Tensor]:
     """Batch-coupled model: products of the whole-batch function on ``[x1; x2]``."""
-    both = x1 if x2 is None else torch.cat([x1, x2])
-    n, n1, o = len(both), len(x1), spec.num_outputs
+    both = x1 if x2 is None else concat(x1, x2)
+    n, n1, o = batch_size(both), batch_size(x1), spec.num_outputs
     cols = range(n) if x2 is None else range(n1, n)
     basis = torch.zeros(len(cols) * o, n, o, dtype=fm.param_dtype, device=fm.device)
     for k, j in enumerate(cols):
         basis[k * o : (k + 1) * o, j] = torch.eye(
             o, dtype=fm.param_dtype, device=fm.device
         )
-    _, pull = vjp(lambda p: fm(p, both), fm.params)
+    _, pull = vjp(lambda p: fm(p, both), params)
     rows_t = vmap(pull)(basis)[0]
-    itemsize = torch.finfo(kernel_dtype(fm)).bits // 8
+    itemsize = kernel_itemsize(fm)
     out = {}
     for key, names in groups.items():
         tangents = {nm: spec.weights[nm] * rows_t[nm] for nm in names}
-        prod = _push(fm, both, tangents, mode, _chunk(spec, fm.num_params, n, itemsize))
+        chunk = _chunk(spec, fm.num_params, n, itemsize)
+        prod = _push(fm, params, both, tangents, mode, chunk)
         k = _to_kernel(prod[:, :n1], len(cols), o, spec)
         if spec.diagonal:
             k = k.diagonal(dim1=0, dim2=1)

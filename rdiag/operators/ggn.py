@@ -16,12 +16,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from rdiag._autodiff import jvp
+from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._checks import check_choice
 from rdiag._typing import Data, LossFn, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
-from rdiag.ntk.vector_products import model_jvp_mode
-from rdiag.operators._data import CurvatureOperator, forward_over_reverse, map_columns
+from rdiag.operators.curvature import (
+    CurvatureOperator,
+    forward_over_reverse,
+    map_columns,
+)
 
 LossKind = Literal["mse", "cross_entropy", "autodiff"]
 LOSS_KINDS = ("mse", "cross_entropy", "autodiff")
@@ -131,6 +134,7 @@ class GGNOperator(CurvatureOperator):
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
+        output_fn: Picks the output tensor from a non-tensor model output.
         loss: ``"mse"``, ``"cross_entropy"``, ``"autodiff"``, or ``None`` to infer
             from ``loss_fn`` (:func:`infer_loss_kind`). An explicit value is trusted.
 
@@ -150,15 +154,24 @@ class GGNOperator(CurvatureOperator):
         params: ParamSelector = None,
         exclude: ParamSelector = None,
         mode: Mode = "eval",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        output_fn: Callable[[object], Tensor] | None = None,
         loss: LossKind | None = None,
     ) -> None:
         if loss is not None:
             check_choice(loss, "loss", LOSS_KINDS)
         super().__init__(
-            model, loss_fn, data, params=params, exclude=exclude, mode=mode, dtype=dtype
+            model,
+            loss_fn,
+            data,
+            params=params,
+            exclude=exclude,
+            mode=mode,
+            dtype=dtype,
+            output_fn=output_fn,
         )
         self.loss = loss or infer_loss_kind(loss_fn)
+        self._jvp_mode: JvpMode | None = None
 
     def _curvature(self, out: Tensor, y: Tensor) -> Callable[[Tensor], Tensor]:
         """Output-space curvature product ``u -> C u`` on one batch's raw outputs."""
@@ -166,8 +179,10 @@ class GGNOperator(CurvatureOperator):
 
     def _batch_matmat(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
         # Forward mode for J v where the model supports it, else the math attention
-        # backend or the double-vjp trick (probed once per functional model).
-        mode = model_jvp_mode(self.fm, x)
+        # backend or the double-vjp trick (probed once per operator).
+        if self._jvp_mode is None:
+            self._jvp_mode = probe_jvp_mode(self.fm, x)
+        mode = self._jvp_mode
         theta = self.fm.flatten(self.fm.params)
 
         def f(t: Tensor) -> Tensor:
@@ -200,7 +215,7 @@ class FisherOperator(GGNOperator):
     batch function.
 
     Args:
-        model, loss_fn, data, params, exclude, mode, dtype, loss: As
+        model, loss_fn, data, params, exclude, mode, dtype, output_fn, loss: As
             :class:`GGNOperator`.
         kind: ``"empirical"`` or ``"true"``.
 
@@ -220,7 +235,8 @@ class FisherOperator(GGNOperator):
         params: ParamSelector = None,
         exclude: ParamSelector = None,
         mode: Mode = "eval",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        output_fn: Callable[[object], Tensor] | None = None,
         loss: LossKind | None = None,
         kind: Literal["empirical", "true"] = "empirical",
     ) -> None:
@@ -233,6 +249,7 @@ class FisherOperator(GGNOperator):
             exclude=exclude,
             mode=mode,
             dtype=dtype,
+            output_fn=output_fn,
             loss=loss,
         )
         if kind == "true" and self.loss == "autodiff":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -10,21 +9,15 @@ from torch import Tensor, nn
 from torch.func import grad, vjp
 
 from rdiag._autodiff import math_attention
-from rdiag._optional import warn_once
+from rdiag._optional import notice
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
-from rdiag.operators._data import (
+from rdiag.operators.curvature import (
     CurvatureOperator,
     forward_over_reverse,
     is_batch,
-    loss_name,
     map_columns,
 )
-
-# module -> {(operator kind, loss name): names of the strategies that failed}
-_STRATEGY_CACHE: weakref.WeakKeyDictionary[
-    nn.Module, dict[tuple[str, str], set[str]]
-] = weakref.WeakKeyDictionary()
 
 
 class HessianOperator(CurvatureOperator):
@@ -34,7 +27,9 @@ class HessianOperator(CurvatureOperator):
     over the batches of ``data`` (one batch: the batch's loss). Products are
     forward-over-reverse (``jvp`` of ``grad``); if a module has no forward-mode
     derivative (fused ``scaled_dot_product_attention``), the math attention backend
-    and then reverse-over-reverse are tried once per model, with a one-time notice.
+    and then reverse-over-reverse are tried once per operator, with a one-time
+    notice. Products are at the model's current parameters; for a single batch
+    the gradient graph is kept and rebuilt only after the parameters change.
 
     Shapes: ``P`` selected parameters (``named_parameters()`` order);
     ``matvec: (P,) -> (P,)``, ``matmat: (P, K) -> (P, K)`` (columns vmapped).
@@ -50,6 +45,8 @@ class HessianOperator(CurvatureOperator):
         mode: ``"eval"`` or ``"train"`` (train-mode batch norm: the loss is a
             function of each whole batch).
         dtype: Compute dtype (e.g. ``torch.float64``); default the model's.
+        output_fn: Picks the output tensor from a non-tensor model output (a
+            ``ModelOutput``'s ``logits`` are picked without it).
         compile: ``torch.compile`` the per-batch product.
 
     Raises:
@@ -81,15 +78,33 @@ class HessianOperator(CurvatureOperator):
         params: ParamSelector = None,
         exclude: ParamSelector = None,
         mode: Mode = "eval",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        output_fn: Callable[[object], Tensor] | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__(
-            model, loss_fn, data, params=params, exclude=exclude, mode=mode, dtype=dtype
+            model,
+            loss_fn,
+            data,
+            params=params,
+            exclude=exclude,
+            mode=mode,
+            dtype=dtype,
+            output_fn=output_fn,
         )
         self.compile = compile
         self._compiled: dict[str, Callable[..., Tensor]] = {}
-        self._graph: tuple[list[Tensor], tuple[Tensor, ...]] | None = None
+        self._graph: tuple[tuple, list[Tensor], tuple[Tensor, ...]] | None = None
+        # Strategies that failed before another one worked: skipped from then on.
+        self.failed_strategies: set[str] = set()
+
+    def _invalidate(self) -> None:
+        self._graph = None
+
+    def _param_state(self) -> tuple:
+        """Identity and version of every selected parameter: changes with any update."""
+        named = dict(self.fm.module.named_parameters())
+        return tuple((named[n].data_ptr(), named[n]._version) for n in self.fm.names)
 
     def _flat_loss(self, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda theta, y: self.batch_loss(self.fm.unflatten(theta), x, y)
@@ -115,9 +130,13 @@ class HessianOperator(CurvatureOperator):
         The gradient is built once with ``create_graph=True``; each product is then
         a single backward pass through it, about half the cost of recomputing the
         forward and backward for forward-over-reverse. Used for a single batch only
-        (a DataLoader would keep one graph per batch alive).
+        (a DataLoader would keep one graph per batch alive). The graph is rebuilt
+        whenever a parameter changed (an optimizer step bumps its version) or
+        :meth:`rebind` was called.
         """
-        if self._graph is None:
+        state = self._param_state()
+        if self._graph is None or self._graph[0] != state:
+            self._graph = None
             leaves = {
                 n: p.detach().requires_grad_(True) for n, p in self.fm.params.items()
             }
@@ -126,8 +145,8 @@ class HessianOperator(CurvatureOperator):
                 grads = torch.autograd.grad(
                     loss, list(leaves.values()), create_graph=True
                 )
-            self._graph = (list(leaves.values()), grads)
-        leaves, grads = self._graph
+            self._graph = (state, list(leaves.values()), grads)
+        _, leaves, grads = self._graph
         # Gradients that do not depend on the parameters have zero Hessian rows.
         live = [i for i, g in enumerate(grads) if g.requires_grad]
         columns = []
@@ -192,13 +211,11 @@ class HessianOperator(CurvatureOperator):
         """Run the first strategy that works for this model; remember what failed.
 
         Strategies are tried in order; the ones that failed before one succeeded
-        are skipped for this model and loss from then on, and the fallback is
-        announced once. If all fail, the first error is raised and nothing is
-        remembered (the error may be the caller's, not the strategy's).
+        are skipped by this operator from then on (``failed_strategies``), and the
+        fallback is announced once. If all fail, the first error is raised and
+        nothing is remembered (the error may be the caller's, not the strategy's).
         """
-        skip = _STRATEGY_CACHE.setdefault(self.fm.module, {}).setdefault(
-            (self.kind, loss_name(self.loss_fn)), set()
-        )
+        skip = self.failed_strategies
         first: Exception | None = None
         failed: list[str] = []
         for name, call in strategies:
@@ -213,11 +230,10 @@ class HessianOperator(CurvatureOperator):
             skip.update(failed)
             if first is not None:
                 reason = str(first).splitlines()[0][:160]
-                warn_once(
-                    f"{self.kind}-{type(self.fm.module).__name__}-{name}",
+                notice(
                     f"{self.kind}: the default autodiff path failed for "
                     f"{type(self.fm.module).__name__} ({reason}); using {name} from now "
-                    "on for this model",
+                    "on for this operator",
                 )
             return result
         raise first  # type: ignore[misc]  # strategies is never empty
@@ -232,7 +248,8 @@ def hvp(
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
     compile: bool = False,
 ) -> Tensor | Params:
     r"""Hessian-vector product :math:`H v` of the mean loss over ``data``.
@@ -251,6 +268,7 @@ def hvp(
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
+        output_fn: Picks the output tensor from a non-tensor model output.
         compile: ``torch.compile`` the product.
 
     Returns:
@@ -267,6 +285,7 @@ def hvp(
         exclude=exclude,
         mode=mode,
         dtype=dtype,
+        output_fn=output_fn,
         compile=compile,
     )
     return op.apply(v)

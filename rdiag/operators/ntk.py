@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from rdiag._autodiff import jvp
+from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
+from rdiag._deprecation import UNSET, renamed_argument
+from rdiag._inputs import Inputs, batch_size, describe, trailing
 from rdiag._typing import ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode, functionalize
-from rdiag.ntk.vector_products import model_jvp_mode
 from rdiag.operators.base import LinearOperator
 
 
@@ -25,17 +28,19 @@ class NTKOperator(LinearOperator):
     ``empirical_ntk(model, x, trace_outputs=False).permute(0, 2, 1, 3).reshape(N*O, N*O)``.
 
     Works for batch-coupled models (train-mode batch norm) as the kernel of the
-    whole-batch function.
+    whole-batch function. Products are taken at the model's current parameters
+    (read live); :meth:`rebind` swaps the batch without probing the model again.
 
     Args:
         model: Network or :class:`~rdiag.functional.FunctionalModel`.
-        x: ``(N, ...)`` batch.
+        x: ``(N, ...)`` batch (a tensor, tuple or dict of tensors).
         params: Parameter selector.
         exclude: Parameters to leave out.
-        weights: Per-layer weights ``M`` (see :func:`rdiag.empirical_ntk`).
+        lr_multipliers: The diagonal ``M`` (see :class:`rdiag.ntk.api.NTKFunction`).
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype (default the model's).
         output_fn: Picks the output tensor from a non-tensor model output.
+        weights: Deprecated name of ``lr_multipliers``.
 
     Example:
         >>> import torch
@@ -51,36 +56,57 @@ class NTKOperator(LinearOperator):
     def __init__(
         self,
         model: nn.Module | FunctionalModel,
-        x: Tensor,
+        x: Inputs,
         *,
         params: ParamSelector = None,
         exclude: ParamSelector = None,
-        weights: Weights = None,
+        lr_multipliers: Weights = None,
         mode: Mode = "eval",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         output_fn: Callable[[object], Tensor] | None = None,
+        weights: Any = UNSET,
     ) -> None:
+        lr_multipliers = renamed_argument(
+            "NTKOperator", "weights", "lr_multipliers", weights, lr_multipliers
+        )
         self.fm = functionalize(
             model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn
         )
+        self.weights = self.fm.param_weights(lr_multipliers)
         self.x = self.fm.cast_input(x)
-        self.weights = self.fm.param_weights(weights)
-        with torch.no_grad():
-            self.out_shape = tuple(self.fm(self.fm.params, self.x).shape)
+        self.out_shape = (
+            batch_size(self.x),
+            math.prod(self.fm.probe(self.x).shape[1:]),
+        )
         size = self.out_shape[0] * self.out_shape[1]
         self.shape = (size, size)
         self.dtype = self.fm.param_dtype
         self.device = self.fm.device
-        self._mode = model_jvp_mode(self.fm, self.x)
+        self._mode: JvpMode = probe_jvp_mode(self.fm, self.x)
+
+    def rebind(self, x: Inputs) -> None:
+        """Use another batch of the same shape and form (no new probe of the model).
+
+        Raises:
+            ValueError: ``x`` differs in shape or form from the bound batch.
+        """
+        x = self.fm.cast_input(x)
+        if trailing(x) != trailing(self.x) or batch_size(x) != self.out_shape[0]:
+            raise ValueError(
+                f"expected a batch shaped like the bound one {describe(self.x)}, got "
+                f"{describe(x)}; build a new NTKOperator for another size"
+            )
+        self.x = x
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         fm, x = self.fm, self.x
-        _, pull = vjp(lambda p: fm(p, x), fm.params)
+        params = fm.params
+        _, pull = vjp(lambda p: fm(p, x), params)
         cot = matrix.T.reshape(-1, *self.out_shape)
         rows = vmap(pull)(cot)[0]
         tangents = {n: self.weights[n] * rows[n] for n in fm.names}
 
         def push(t: dict[str, Tensor]) -> Tensor:
-            return jvp(lambda p: fm(p, x), (fm.params,), (t,), self._mode)[1]
+            return jvp(lambda p: fm(p, x), (params,), (t,), self._mode)[1]
 
         return vmap(push, randomness="same")(tangents).reshape(matrix.shape[1], -1).T

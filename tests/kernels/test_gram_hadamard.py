@@ -190,7 +190,7 @@ CASES = [
 
 
 def _triton():
-    return importlib.import_module("rdiag.kernels.gram_hadamard")
+    return importlib.import_module("rdiag.kernels.triton_gram_hadamard")
 
 
 @pytest.mark.triton_interpret

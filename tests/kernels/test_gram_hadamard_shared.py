@@ -208,7 +208,7 @@ CASES += [(s, 3, torch.float32) for s in SHAPES[1:3]]
 
 
 def _triton():
-    return importlib.import_module("rdiag.kernels.gram_hadamard_shared")
+    return importlib.import_module("rdiag.kernels.triton_gram_hadamard_shared")
 
 
 @pytest.mark.triton_interpret

@@ -13,8 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._launch import check_kernel_pair, check_triton_dtype, interpreting
-from .reference import KernelStats
+from ._launch import KernelSums, check_kernel_pair, check_triton_dtype, interpreting
 
 #: Rows of the per-row output: K0 1, K1 1, <K0,K1>, |K0|^2, |K1|^2, |K1-K0|^2.
 _N_ROW_STATS = 6
@@ -88,7 +87,7 @@ def _kernel_stats_kernel(
     tl.store(rows_ptr + 5 * stride_rs + offs_n, sqd, mask=mask_n)
 
 
-def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
+def kernel_stats(k0: Tensor, k1: Tensor) -> KernelSums:
     """Launch one program per ``BLOCK_N`` rows; reduce the partials in float64.
 
     Args:
@@ -96,7 +95,7 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
         k1: Kernel ``(N, M)``, same dtype and device.
 
     Returns:
-        A :class:`~rdiag.kernels.reference.KernelStats` with float32 vectors.
+        The :class:`~rdiag.kernels._launch.KernelSums` (float32 vectors).
 
     Raises:
         TypeError: float64 kernels (the dispatcher sends those to the reference).
@@ -126,7 +125,7 @@ def kernel_stats(k0: Tensor, k1: Tensor) -> KernelStats:
         cols = cols[:used]
     totals = rows.double().sum(1).tolist()
     col = cols.double().sum(0)
-    return KernelStats(
+    return KernelSums(
         inner=totals[2],
         sq_norm0=totals[3],
         sq_norm1=totals[4],

@@ -1,12 +1,14 @@
-"""Shared machinery of the loss-curvature operators (Hessian, GGN, Fisher).
+"""The loss-curvature operators' common base: model, loss and data as one operator.
 
-Batches and DataLoaders, and the validated link ``model -> functional view -> loss``.
+:class:`CurvatureOperator` is what the Hessian, GGN and Fisher operators share:
+batches and DataLoaders, the validated link ``model -> functional view -> loss``,
+products at the model's current parameters, and :meth:`CurvatureOperator.rebind`
+to a new batch without probing the model again.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
-
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -15,21 +17,31 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
 from rdiag._checks import check_scalar_loss, check_vector
+from rdiag._inputs import Inputs, batch_size, describe, leaves, trailing
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.operators.base import LinearOperator
 
 
+def _is_inputs(x: Any) -> bool:
+    if isinstance(x, Tensor):
+        return True
+    if isinstance(x, Mapping):
+        return bool(x) and all(isinstance(v, Tensor) for v in x.values())
+    return isinstance(x, tuple) and bool(x) and all(isinstance(v, Tensor) for v in x)
+
+
 def is_batch(data: Any) -> bool:
+    """Whether ``data`` is one batch ``(inputs, targets)`` (inputs: tensor, tuple or dict)."""
     return (
         isinstance(data, (tuple, list))
         and len(data) == 2
-        and isinstance(data[0], Tensor)
+        and _is_inputs(data[0])
         and isinstance(data[1], Tensor)
     )
 
 
-def iter_batches(data: Data) -> Iterator[tuple[Tensor, Tensor]]:
+def iter_batches(data: Data) -> Iterator[tuple[Inputs, Tensor]]:
     """Yield ``(x, y)`` batches from one batch or an iterable of batches.
 
     Args:
@@ -69,10 +81,14 @@ def iter_batches(data: Data) -> Iterator[tuple[Tensor, Tensor]]:
                 "wrap the loader so it yields (inputs, targets)"
             )
         x, y = batch
-        if x.dim() == 0 or y.dim() == 0 or len(x) != len(y):
+        if (
+            any(t.dim() == 0 for t in leaves(x))
+            or y.dim() == 0
+            or batch_size(x) != len(y)
+        ):
             raise ValueError(
                 f"expected x and y with the same leading batch size, got x "
-                f"{tuple(x.shape)} and y {tuple(y.shape)}"
+                f"{describe(x)} and y {tuple(y.shape)}"
             )
         count += 1
         yield x, y
@@ -93,11 +109,6 @@ def map_columns(fn: Callable[[Tensor], Tensor], matrix: Tensor) -> Tensor:
     return vmap(fn, in_dims=1, out_dims=1, randomness="same")(matrix)
 
 
-def loss_name(loss_fn: Callable[..., Any]) -> str:
-    """A readable name of a loss function or loss module (for caches and messages)."""
-    return getattr(loss_fn, "__qualname__", type(loss_fn).__name__)
-
-
 def forward_over_reverse(
     fun: Callable[[Any, Tensor], Tensor], primal: Any, tangent: Any, target: Tensor
 ) -> Any:
@@ -115,10 +126,15 @@ def forward_over_reverse(
 class CurvatureOperator(LinearOperator):
     """Base of the operators built from ``(model, loss_fn, data)``.
 
-    The loss is ``loss_fn(output, target)`` with mean reduction on the model's raw
+    The loss is ``loss_fn(output, target)`` with mean reduction on the model's
     output ``(n, *out)``. With several batches the operator is that of the whole
     dataset: batch ``b`` of ``n_b`` samples enters with weight ``n_b / N``, so an
     uneven last batch is weighted correctly (exact for per-sample mean losses).
+
+    Products are taken at the model's *current* parameters (read live), so one
+    operator serves a whole training run; :meth:`rebind` moves it to another batch
+    (or DataLoader) without probing the model again, and drops what the operator
+    keeps per batch (e.g. the Hessian's retained gradient graph).
 
     Subclasses implement :meth:`_batch_matmat` on one batch.
 
@@ -126,7 +142,7 @@ class CurvatureOperator(LinearOperator):
         fm: The functional view of the model over the selected parameters.
         loss_fn: The loss.
         data: The batch or iterable of batches.
-        out_shape: Trailing shape ``out`` of the model's raw output.
+        out_shape: Trailing shape ``out`` of the model's output.
     """
 
     kind = "curvature"
@@ -140,24 +156,54 @@ class CurvatureOperator(LinearOperator):
         params: ParamSelector = None,
         exclude: ParamSelector = None,
         mode: Mode = "eval",
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
+        output_fn: Callable[[object], Tensor] | None = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(
                 f"expected loss_fn to be a callable loss_fn(output, target), got "
                 f"{type(loss_fn).__name__}; pass e.g. torch.nn.functional.mse_loss"
             )
-        self.fm = functionalize(model, params, exclude=exclude, mode=mode, dtype=dtype)
+        self.fm = functionalize(
+            model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn
+        )
         self.loss_fn = loss_fn
-        self.data = data
         p = self.fm.num_params
         self.shape = (p, p)
         self.dtype = self.fm.param_dtype
         self.device = self.fm.device
+        self._bound: tuple | None = None
+        self.data = data
         self.out_shape = self._probe(*next(iter_batches(data)))
 
+    def rebind(self, data: Data | None = None) -> None:
+        """Take products on ``data`` from now on (default: the same data, fresh).
+
+        The model is probed again only if the new batches' per-sample shapes
+        differ from the bound ones. Cached per-batch state is dropped either way.
+
+        Args:
+            data: A batch ``(x, y)`` or an iterable of batches, or ``None``.
+
+        Raises:
+            TypeError, ValueError: As for the constructor.
+        """
+        self._invalidate()
+        if data is None:
+            return
+        x, y = next(iter_batches(data))
+        self.data = data
+        if self._signature(x, y) != self._bound:
+            self.out_shape = self._probe(x, y)
+
+    def _invalidate(self) -> None:
+        """Drop per-batch caches (subclasses that keep any override this)."""
+
+    def _signature(self, x: Inputs, y: Tensor) -> tuple:
+        return (trailing(x), tuple(y.shape[1:]), y.dtype)
+
     # ---- batches ------------------------------------------------------------------
-    def prepare(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def prepare(self, x: Inputs, y: Tensor) -> tuple[Inputs, Tensor]:
         """Move a batch to the parameters' device; floating tensors to their dtype."""
         x = self.fm.cast_input(x, "x")
         y = (
@@ -167,44 +213,22 @@ class CurvatureOperator(LinearOperator):
         )
         return x, y
 
-    def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
-        """The model's raw output ``(n, *out)`` on a prepared batch."""
-        out = self.fm(params, x)
-        return out.reshape(out.shape[0], *self.out_shape)
+    def outputs(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
+        """The model's output ``(n, *out)`` on a prepared batch."""
+        return self.fm.forward(params, x)
 
-    def batch_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+    def batch_loss(self, params: Mapping[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
         """``loss_fn(model(x), y)`` on a prepared batch (a scalar)."""
         return self.loss_fn(self.outputs(params, x), y)
 
-    def _probe(self, x: Tensor, y: Tensor) -> tuple[int, ...]:
-        """Check the model and loss on one batch; return the raw output's trailing shape."""
+    def _probe(self, x: Inputs, y: Tensor) -> tuple[int, ...]:
+        """Check the model and loss on one batch; return the output's trailing shape."""
+        self._bound = self._signature(x, y)
         x, y = self.prepare(x, y)
-        captured: list[Any] = []
-        handle = self.fm.module.register_forward_hook(
-            lambda m, i, o: captured.append(o)
-        )
-        params = {n: t.detach().requires_grad_() for n, t in self.fm.params.items()}
-        try:
-            with torch.enable_grad():
-                flat = self.fm(params, x)
-        finally:
-            handle.remove()
-        raw = (
-            captured[-1]
-            if self.fm.output_fn is None
-            else self.fm.output_fn(captured[-1])
-        )
-        if not flat.is_floating_point() or flat.grad_fn is None:
-            raise ValueError(
-                f"expected the model's output to be differentiable in the selected "
-                f"parameters, got a {flat.dtype} output "
-                f"{'without' if flat.grad_fn is None else 'with'} a gradient; remove "
-                "detach()/no_grad()/argmax from forward or select other parameters"
-            )
+        out = self.fm.probe(x)
         with torch.enable_grad():
-            loss = self.loss_fn(flat.reshape(raw.shape), y)
-        check_scalar_loss(loss)
-        return tuple(raw.shape[1:])
+            check_scalar_loss(self.loss_fn(out, y))
+        return tuple(out.shape[1:])
 
     def _matmat(self, matrix: Tensor) -> Tensor:
         total, acc = 0, torch.zeros_like(matrix)
@@ -227,9 +251,7 @@ class CurvatureOperator(LinearOperator):
         """
         if isinstance(v, Mapping):
             wrong = [
-                n
-                for n in self.fm.names
-                if n in v and v[n].shape != self.fm.params[n].shape
+                n for n in self.fm.names if n in v and v[n].shape != self.fm.shapes[n]
             ]
             if wrong or set(v) != set(self.fm.names):
                 raise ValueError(
