@@ -290,9 +290,13 @@ class KernelStats(KernelSums):
         c01 = centered(self.inner, r0, r1, c0, c1, self.sum0 * self.sum1)
         c00 = centered(self.sq_norm0, r0, r0, c0, c0, self.sum0**2)
         c11 = centered(self.sq_norm1, r1, r1, c1, c1, self.sum1**2)
-        if c00 <= 0.0 or c11 <= 0.0:
+        # The centered norms come from cancelling sums: below the round-off of the
+        # kernels' own entries they are noise, and so would the alignment be.
+        eps = 4 * torch.finfo(self.row0.dtype).eps
+        if c00 <= eps * self.sq_norm0 or c11 <= eps * self.sq_norm1:
             raise ValueError(
-                "centered alignment is undefined: a centered kernel is zero"
+                "centered alignment is undefined: a centered kernel is zero (to "
+                "round-off; e.g. identical probe inputs or a constant kernel)"
             )
         return c01 / math.sqrt(c00 * c11)
 

@@ -63,7 +63,6 @@ from torch import Tensor, nn
 from rdiag import metrics as M
 from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._checks import check_finite_positive, check_module, check_positive_int
-from rdiag._deprecation import UNSET, renamed_argument
 from rdiag._inputs import Inputs, batch_size, check_inputs
 from rdiag._optional import Notices
 from rdiag._typing import LossFn, Weights
@@ -180,7 +179,6 @@ class Monitor:
             as ``"ntk"`` and the sharpness eigenvectors ``(P,)`` as ``"sharpness"`` /
             ``"sharpness_precond"`` (checksummed ``.npy`` files).
         strict: Raise when a metric fails instead of recording it as missing.
-        weights: Deprecated name of ``lr_multipliers``.
 
     Attributes:
         history: One dict ``{(metric, layer): value}`` per check, with ``"step"``.
@@ -210,11 +208,7 @@ class Monitor:
         output_fn: Callable[[object], Tensor] | None = None,
         snapshots: bool = False,
         strict: bool = False,
-        weights: Any = UNSET,
     ) -> None:
-        lr_multipliers = renamed_argument(
-            "Monitor", "weights", "lr_multipliers", weights, lr_multipliers
-        )
         self.model = check_module(model)
         x, y = _split_probe(probe)
         self.x = check_inputs(x, "probe x")
@@ -523,13 +517,13 @@ class Monitor:
         with torch.no_grad():
             f = fm(params, x).double()
         f0 = self._ref.setdefault("f_lin0", f)
+        if self._jvp_mode is None:  # planned at the first check, like the handles
+            self._jvp_mode = probe_jvp_mode(fm, x)
         delta = {n: params[n] - theta0[n] for n in fm.names}
         moved = float((f - f0).norm())
         if moved == 0.0:
             rec["lin_error"] = 0.0
             return
-        if self._jvp_mode is None:
-            self._jvp_mode = probe_jvp_mode(fm, x)
         push = jvp(lambda p: fm(p, x), (theta0,), (delta,), self._jvp_mode)[1]
         rec["lin_error"] = float((f - f0 - push.detach().double()).norm()) / moved
 

@@ -72,10 +72,32 @@ def test_metrics_match_brute_force() -> None:
     k0 = _oracle_kernel(model, x, mults)
     h0 = model.readin(x).detach()
     w0 = {k: v.clone() for k, v in effective_weights(model).items()}
+    names = [n for n, _ in model.named_parameters()]
+    j0 = per_sample_jacobian(model, names, x)  # (N, O, P) at initialization
+    theta0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    f0 = model(x).detach()
     mon.step(0)
     _train(model, x, y, 3)
     rec = mon.step(3)
     k1 = _oracle_kernel(model, x, mults)
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    f = model(x).detach()
+    lin = f0 + j0 @ (theta - theta0)
+    assert_close(
+        "lin_error",
+        (f - lin).norm() / (f - f0).norm(),
+        _f64(rec["lin_error"]),
+        rtol=1e-8,
+        atol=1e-14,
+    )
+    grads = torch.autograd.grad(F.mse_loss(model(x), y), list(model.parameters()))
+    assert_close(
+        "grad_norm",
+        torch.sqrt(sum((g**2).sum() for g in grads)),
+        _f64(rec["grad_norm"]),
+        rtol=1e-10,
+        atol=0,
+    )
     assert_close(
         "ntk_rel_change",
         (k1 - k0).norm() / k0.norm(),
@@ -112,7 +134,6 @@ def test_metrics_match_brute_force() -> None:
         assert_close(
             f"dW_rel {name}", rel, _f64(rec[("dW_rel", name)]), rtol=1e-10, atol=1e-14
         )
-    names = [n for n, _ in model.named_parameters()]
     hess = dense_hessian(model, names, F.mse_loss, x, y)
     assert_close(
         "sharpness", dense_eigh(hess)[0][0], _f64(rec["sharpness"]), rtol=1e-7, atol=0
@@ -244,3 +265,60 @@ def test_centered_gamma_model_tracks_trained_layers_only() -> None:
     rec = mon.step(0)
     assert rec["f_norm"] == pytest.approx(0.0, abs=1e-12)  # centered: f0 = 0
     assert all("reference" not in str(k) for k in rec)
+
+
+class _MissingLog:
+    """A store double recording what the Monitor reports missing."""
+
+    def __init__(self) -> None:
+        self.logged: list = []
+        self.missing: list = []
+
+    def log(self, run_id, step, records) -> None:
+        self.logged.append((step, dict(records)))
+
+    def log_missing(self, run_id, step, missing) -> None:
+        self.missing.append((step, dict(missing)))
+
+
+def test_a_metric_that_cannot_be_computed_is_recorded_missing() -> None:
+    model, x, y = _setup()
+    same = x[:1].expand(5, -1)  # identical inputs: the centered kernel is zero
+    store = _MissingLog()
+    mon = Monitor(
+        model,
+        (same, y),
+        metrics=["ntk", "loss"],
+        loss_fn=F.mse_loss,
+        store=store,
+        run_id="r",
+    )
+    rec = mon.step(0)
+    assert "loss" in rec and ("ntk_cka", "") not in rec
+    assert set(mon.missing) == {"ntk"} and "centered alignment" in mon.missing["ntk"]
+    assert store.missing == [(0, mon.missing)]
+    assert mon.step(1) is not None and store.missing[-1][0] == 1
+    strict = Monitor(model, (same, y), metrics=["ntk"], strict=True)
+    with pytest.raises(ValueError, match="centered alignment is undefined"):
+        strict.step(0)
+
+
+def test_train_mode_measures_the_whole_batch_function() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 6),
+        torch.nn.BatchNorm1d(6),
+        torch.nn.Tanh(),
+        torch.nn.Linear(6, 2),
+    ).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    rec = Monitor(net, x, metrics=["ntk"], mode="train").step(0)
+    k = empirical_ntk(net, x, mode="train")
+    assert_close(
+        "train-mode trace", k.trace(), _f64(rec["ntk_trace"]), rtol=1e-12, atol=0
+    )
+    assert rec["ntk_trace"] != pytest.approx(float(empirical_ntk(net, x).trace()))
+    with pytest.raises(ValueError, match="mode"):
+        Monitor(net, x, metrics=["ntk"], mode="inference")
+    with pytest.raises(ValueError, match="num_eigs"):
+        Monitor(net, x, metrics=["ntk"], num_eigs=-1)

@@ -90,6 +90,18 @@ def test_relative_change_survives_near_equal_kernels():
     )
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_constant_kernel_has_no_centered_alignment_even_with_round_off(dtype):
+    """Centered norms at the kernels' round-off are zero: the alignment is undefined."""
+    k = torch.full((7, 7), 1.0 / 3.0, dtype=dtype)
+    noisy = k * (1 + torch.finfo(dtype).eps * randn(7, 7, dtype=dtype))
+    for k1 in (k, noisy):
+        with pytest.raises(ValueError, match="centered kernel is zero"):
+            kernels.kernel_stats(k, k1).centered_alignment()
+    far = k + 1e-2 * torch.eye(7, dtype=dtype)
+    assert kernels.kernel_stats(far, far).centered_alignment() == pytest.approx(1.0)
+
+
 def test_undefined_comparisons_and_bad_input_raise():
     zero = torch.zeros(3, 3)
     with pytest.raises(ValueError, match="all zeros"):
