@@ -16,7 +16,8 @@ from torch import nn
 from bench.baselines import tutorial_jacobian_ntk
 from rdiag import empirical_ntk, functionalize
 from rdiag._tiling import available_memory, format_bytes
-from rdiag.ntk.api import NTKImplementation, ntk_costs
+from rdiag.ntk import api
+from rdiag.ntk.api import NTKImplementation
 from rdiag.ntk.spec import NTKSpec
 
 #: Skip what the cost model says needs more FLOPs than this (about a minute on 2 cores).
@@ -38,14 +39,23 @@ def mlp(width: int) -> nn.Module:
     )
 
 
-def _skip_if_too_big(model: nn.Module, x: torch.Tensor, trace: bool, impl: str) -> None:
+def estimated_costs(
+    model: nn.Module, x: torch.Tensor, trace: bool
+) -> dict[NTKImplementation, api.Cost]:
+    """rdiag's cost model of the generic implementations for the symmetric K(x, x)."""
     fm = functionalize(model)
     spec = NTKSpec(trace, False, fm.param_weights(None), 1, 1e12, 10)
+    flops = api._forward_flops(fm, x)
+    return api._costs(fm, flops, len(x), len(x), spec, symmetric=True)
+
+
+def _skip_if_too_big(model: nn.Module, x: torch.Tensor, trace: bool, impl: str) -> None:
+    fm = functionalize(model)
     jac_bytes = len(x) * 10 * fm.num_params * 4
     if impl == "recipe" and jac_bytes > 0.5 * available_memory(fm.device):
         pytest.skip(f"recipe needs the whole Jacobian, {format_bytes(jac_bytes)}")
     if impl in ("recipe", "jacobian", "ntvp", "auto"):
-        costs = ntk_costs(fm, x, len(x), spec, symmetric=True)
+        costs = estimated_costs(model, x, trace)
         key = (
             NTKImplementation.JACOBIAN
             if impl == "recipe"

@@ -24,11 +24,10 @@ import pytest
 import torch
 
 from bench.baselines import tutorial_jacobian_ntk
-from bench.bench_ntk import SIZES, WIDTHS, mlp
+from bench.bench_ntk import SIZES, WIDTHS, estimated_costs, mlp
 from rdiag import empirical_ntk, functionalize
 from rdiag._tiling import format_bytes
-from rdiag.ntk.api import NTKImplementation, ntk_costs
-from rdiag.ntk.spec import NTKSpec
+from rdiag.ntk.api import NTKImplementation
 
 IMPLS = ["structured", "recipe", "jacobian", "ntvp"]
 #: The recipe holds both Jacobians; skip it above this many bytes.
@@ -62,11 +61,7 @@ def _skip(impl: str, model: torch.nn.Module, x: torch.Tensor, trace: bool) -> No
                 f"recipe: its two N*O*P Jacobians need {format_bytes(jac_bytes)} > 8 GiB"
             )
         return
-    fm = functionalize(model)
-    spec = NTKSpec(trace, False, fm.param_weights(None), 1, 1e12, 10)
-    flops = ntk_costs(fm, x, len(x), spec, symmetric=True)[
-        NTKImplementation(impl)
-    ].flops
+    flops = estimated_costs(model, x, trace)[NTKImplementation(impl)].flops
     if flops > GENERIC_FLOPS:
         pytest.skip(
             f"{impl}: cost model estimates {flops:.2g} FLOPs > {GENERIC_FLOPS:.0e}"

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence, Union
+from typing import Callable, Iterable, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
+from rdiag._inputs import Inputs
+
 Params = dict[str, Tensor]
-Buffers = dict[str, Tensor]
-ModelFn = Callable[[Params, Tensor], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[Inputs, Tensor]
 Data = Union[Batch, Iterable[Batch]]
 ParamSelector = Union[
     None,
@@ -22,5 +21,3 @@ ParamSelector = Union[
     Callable[[str, nn.Parameter], bool],
 ]
 Weights = Union[None, float, dict[str, float], Callable[[str], float]]
-Device = Union[str, torch.device]
-Any_ = Any

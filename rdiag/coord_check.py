@@ -63,6 +63,7 @@ from rdiag.functional import functionalize
 from rdiag.metrics import fit_exponent, matrix_norms, representation_movement
 from rdiag.models import FAMILIES, make_model
 from rdiag.ntk.api import empirical_ntk
+from rdiag.predictions import predicted_exponent
 from rdiag.parametrization import (
     OPTIMIZERS,
     Centered,
@@ -147,27 +148,6 @@ class CoordCheckResult:
                 return f
         have = sorted({(f["metric"], f["layer"]) for f in self.fits}, key=str)
         raise KeyError(f"no fit for metric={metric!r}, layer={layer!r}; have {have}")
-
-
-def predicted_exponent(
-    metric: str, role: str | None, param: Parametrization, steps: int
-) -> float | None:
-    """The SCIENCE.md section 2 exponent of ``metric`` for a layer role (see module doc)."""
-    if param.gauge == "standard":
-        return {"delta_f": 1.0, "f0": 0.0, "h0": 0.5}.get(metric)
-    r = 0.5 if param.r is None else param.r
-    kernel = (r - 1.0) if steps == 1 else (2 * r - 1.0)
-    table = {
-        "h0": 0.5,
-        "delta_h": r,
-        "f0": -r,
-        "delta_f": 0.0,
-        "dW_rel": r - 0.5,
-        "ntk_rel_change": kernel,
-        "lin_error": kernel,
-        "dW_op": {"readin": r, "hidden": r - 0.5, "readout": -0.5}.get(role or ""),
-    }
-    return table.get(metric)
 
 
 def coord_check(

@@ -36,7 +36,7 @@ from rdiag._optional import require
 from rdiag.metrics import fit_exponent
 from rdiag.store import Store
 
-#: Fitted metric -> the step it is read at (predictions: rdiag.coord_check.predicted_exponent).
+#: Fitted metric -> the step it is read at (predictions: rdiag.predictions).
 FITTED: dict[str, str] = {
     "delta_h": "last",
     "ntk_rel_change": "last",
@@ -56,7 +56,7 @@ def _r_of(param: str) -> float | None:
 
 
 def _predicted(metric: str, param: str, steps: int) -> float | None:
-    from rdiag.coord_check import predicted_exponent
+    from rdiag.predictions import predicted_exponent
     from rdiag.parametrization import parse_param
 
     try:

@@ -7,11 +7,7 @@ import json
 import pytest
 import torch
 
-from rdiag.coord_check import (
-    coord_check,
-    plot_coord_check,
-    predicted_exponent,
-)
+from rdiag.coord_check import coord_check, plot_coord_check
 from rdiag.models import MLP, Transformer
 from rdiag.parametrization import (
     apply_parametrization,
@@ -19,6 +15,7 @@ from rdiag.parametrization import (
     lr_multipliers,
     parse_param,
 )
+from rdiag.predictions import predicted_exponent
 from tests._assert import assert_close
 from tests.oracles import ntk_from_jacobians, per_sample_jacobian
 

@@ -16,10 +16,9 @@ from torch.func import jacrev, vmap
 
 from rdiag._inputs import Inputs, batch_size, concat, rows
 from rdiag._tiling import place, symmetric_tile, tiles
+from rdiag._typing import Params
 from rdiag.functional import FunctionalModel
 from rdiag.ntk.spec import NTKSpec, empty_kernels
-
-Params = dict[str, Tensor]
 
 
 def jacobians(fm: FunctionalModel, params: Params, x: Inputs) -> dict[str, Tensor]:

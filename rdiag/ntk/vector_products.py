@@ -17,10 +17,9 @@ from torch.func import vjp, vmap
 from rdiag._autodiff import JvpMode, jvp
 from rdiag._inputs import Inputs, batch_size, concat, rows
 from rdiag._tiling import place
+from rdiag._typing import Params
 from rdiag.functional import FunctionalModel
 from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype, kernel_itemsize
-
-Params = dict[str, Tensor]
 
 
 def _pull_rows(

@@ -1,0 +1,159 @@
+"""The predicted width exponents of SCIENCE.md section 2: one table, read by everyone.
+
+Each :class:`Prediction` names a width-scaling metric, the Monitor record it is
+read from (:mod:`rdiag.monitor`), the step it is read at (initialization or the
+last step), and its exponent of the width ``n`` as a function of the richness
+``r``, the layer role and the number of steps. The coordinate check, the
+report, ``summary.json`` and the HTML text all take their predictions and the
+formulas they print from here.
+
+Exponents (``r`` in ``[0, 1/2]``; muP and mean-field are ``r = 1/2``; the gamma
+family at a fixed ``gamma0`` scales like muP):
+
+=================  ================================  ============================
+metric             quantity                          exponent
+=================  ================================  ============================
+``h0``             ``||h_0||``, read-in/hidden       ``1/2``
+``delta_h``        ``||h_T - h_0||``, read-in/hidden ``r``
+``f0``             ``||f_0||``                       ``-r``
+``delta_f``        ``||f_T - f_0||``                 ``0``
+``dW_op``          ``||W_T - W_0||_op`` (effective)  ``r``, ``r - 1/2``, ``-1/2``
+                                                     (read-in, hidden, read-out)
+``dW_rel``         ``||dW||_op / ||W_0||_op``        ``r - 1/2``
+``ntk_rel_change`` ``||K_T - K_0||_F / ||K_0||_F``   ``2r - 1`` (``r - 1`` at T=1)
+``lin_error``      ``||f_T - f_lin|| / ||f_T-f_0||`` ``2r - 1`` (``r - 1`` at T=1)
+=================  ================================  ============================
+
+The kernel exponents hold after ``T >~ 10`` steps; after one step with a small
+learning rate a zero-mean fluctuation of order ``n^(r-1)`` dominates the coherent
+``n^(2r-1)`` term, hence ``r - 1`` for ``T = 1``. The standard parameterization
+is not on the scale: ``delta_f`` grows like ``n`` (exponent ``+1``), ``f0`` and
+``h0`` keep ``0`` and ``1/2``; nothing else is predicted for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from rdiag.parametrization import Parametrization, parse_param
+
+When = Literal["first", "last"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One predicted width exponent.
+
+    Attributes:
+        metric: Name of the fitted quantity (``"delta_h"``, ``"f0"``, ...).
+        source: The Monitor record it is read from (``"f_norm"`` for ``f0``).
+        when: ``"first"`` (initialization) or ``"last"`` (the last step).
+        quantity: What is measured, in words.
+        formula: The exponent as printed, e.g. ``"2r - 1"``.
+        exponent: ``(r, role, steps) -> exponent`` (``None`` where nothing is
+            predicted for that role).
+        per_layer: Whether the metric has one value per layer.
+    """
+
+    metric: str
+    source: str
+    when: When
+    quantity: str
+    formula: str
+    exponent: Callable[[float, str | None, int], float | None]
+    per_layer: bool = False
+
+
+def _kernel(r: float, role: str | None, steps: int) -> float:
+    return r - 1.0 if steps == 1 else 2.0 * r - 1.0
+
+
+def _weight_change(r: float, role: str | None, steps: int) -> float | None:
+    return {"readin": r, "hidden": r - 0.5, "readout": -0.5}.get(role or "")
+
+
+PREDICTIONS: dict[str, Prediction] = {
+    p.metric: p
+    for p in (
+        Prediction(
+            "h0", "h_norm", "first", "||h_0||, read-in/hidden outputs", "1/2",
+            lambda r, role, steps: 0.5, per_layer=True,
+        ),
+        Prediction(
+            "delta_h", "delta_h", "last", "||h_T - h_0||, read-in/hidden outputs",
+            "r", lambda r, role, steps: r, per_layer=True,
+        ),
+        Prediction(
+            "f0", "f_norm", "first", "||f_0|| (not for centered models)", "-r",
+            lambda r, role, steps: -r,
+        ),
+        Prediction(
+            "delta_f", "delta_f", "last", "||f_T - f_0||", "0",
+            lambda r, role, steps: 0.0,
+        ),
+        Prediction(
+            "dW_op", "dW_op", "last", "||W_T - W_0||_op of the effective weights",
+            "r / r - 1/2 / -1/2 (read-in / hidden / read-out)", _weight_change,
+            per_layer=True,
+        ),
+        Prediction(
+            "dW_rel", "dW_rel", "last", "||W_T - W_0||_op / ||W_0||_op", "r - 1/2",
+            lambda r, role, steps: r - 0.5, per_layer=True,
+        ),
+        Prediction(
+            "ntk_rel_change", "ntk_rel_change", "last",
+            "||K_T - K_0||_F / ||K_0||_F of K_M", "2r - 1 (r - 1 after one step)",
+            _kernel,
+        ),
+        Prediction(
+            "lin_error", "lin_error", "last", "||f_T - f_lin,T|| / ||f_T - f_0||",
+            "2r - 1 (r - 1 after one step)", _kernel,
+        ),
+    )
+}  # fmt: skip
+
+#: What the standard parameterization (off the scale) is predicted to do.
+STANDARD: dict[str, float] = {"delta_f": 1.0, "f0": 0.0, "h0": 0.5}
+
+
+def richness_of(parametrization: Parametrization | str) -> float | None:
+    """The richness ``r`` a parametrization realizes across widths (``None``: SP).
+
+    The gamma family at a fixed ``gamma0`` scales like muP (``r = 1/2``).
+    """
+    param = parse_param(parametrization)
+    if param.gauge == "standard":
+        return None
+    return 0.5 if param.r is None else param.r
+
+
+def predicted_exponent(
+    metric: str,
+    role: str | None,
+    parametrization: Parametrization | str,
+    steps: int,
+) -> float | None:
+    """The predicted width exponent of ``metric`` (see the module table).
+
+    Args:
+        metric: A key of :data:`PREDICTIONS`.
+        role: The layer's role (``"readin"``, ``"hidden"``, ``"readout"``), for
+            the role-dependent ``dW_op``; ``None`` for model-level metrics.
+        parametrization: A :class:`Parametrization` or its string.
+        steps: Training steps ``T`` (``T = 1`` changes the kernel exponents).
+
+    Returns:
+        The exponent, or ``None`` where nothing is predicted.
+    """
+    r = richness_of(parametrization)
+    if r is None:
+        return STANDARD.get(metric)
+    prediction = PREDICTIONS.get(metric)
+    return None if prediction is None else prediction.exponent(r, role, steps)
+
+
+def formulas() -> dict[str, str]:
+    """Metric -> the printed formula of its exponent (for summaries and reports)."""
+    return {m: p.formula for m, p in PREDICTIONS.items()}
