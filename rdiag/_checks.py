@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Callable
 from typing import Any
@@ -70,10 +71,10 @@ def check_finite_positive(value: Any, name: str) -> float:
 
 
 def check_nonnegative_int(value: Any, name: str) -> int:
-    """Return ``value`` if it is an int ``>= 0`` (not a bool); raise ``ValueError``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    """Return ``int(value)`` for an integer ``>= 0`` (not a bool); raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"expected {name} to be an int >= 0, got {value!r}")
-    return value
+    return int(value)
 
 
 def check_real(

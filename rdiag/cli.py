@@ -4,8 +4,11 @@ Every subcommand parses its flags and calls the public API (:func:`rdiag.harness
 :func:`rdiag.harness.sweep`, :func:`rdiag.coord_check.coord_check`,
 :func:`rdiag.report.build_report`, :func:`rdiag.empirical_ntk`,
 :func:`rdiag.curvature.sharpness`); it has no logic of its own beyond printing
-where results went. Errors in configs or paths exit with status 2 and a message
-naming the field and its allowed values.
+where results went. Every error exits with status 2 and one line
+``rdiag <command>: error: ...`` naming the field or flag and what it allows
+(``--debug`` shows the traceback instead); numeric and path flags are checked by
+argparse before anything runs. A sweep whose runs failed still exits 0 and lists
+the failed runs with their reasons.
 """
 
 from __future__ import annotations

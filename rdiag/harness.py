@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -363,15 +363,15 @@ def divergence_reason(
         step: The step (quoted in the reason).
 
     Returns:
-        The reason, e.g. ``"diverged at step 7: training loss 3.1e+29 > 1e+06 x its
-        initial value 0.42"``, or None.
+        The reason, e.g. ``"diverged at step 7: training loss 3.1e+29 > 4.2e+05 =
+        divergence_factor 1e+06 x the initial loss 0.42"``, or None.
     """
     if not math.isfinite(loss):
         return f"diverged at step {step}: training loss {loss}"
     if factor is not None and initial > 0 and loss > factor * initial:
         return (
-            f"diverged at step {step}: training loss {loss:.3g} > {factor:g} x its "
-            f"initial value {initial:.3g} (divergence_factor)"
+            f"diverged at step {step}: training loss {loss:.3g} > {factor * initial:.3g}"
+            f" = divergence_factor {factor:g} x the initial loss {initial:.3g}"
         )
     return None
 
@@ -486,8 +486,11 @@ def _execute(
         snapshots=cfg.snapshots,
     )
     mode = {"gd": "gd", "online": "online"}.get(cfg.optimizer, "sgd")
-    stream = batches(data, cfg.batch_size, cfg.steps, mode=mode, seed=cfg.seed)
-    loss_value, reason = _loop(cfg, stream, model, loss_fn, opt, monitor, device)
+    stream = (
+        (x.to(device), y.to(device))
+        for x, y in batches(data, cfg.batch_size, cfg.steps, mode=mode, seed=cfg.seed)
+    )
+    loss_value, reason = _loop(cfg, stream, model, loss_fn, opt, monitor, store, rid)
     status = "finished" if reason is None else "failed"
     if reason is not None:
         logger.warning("run %s failed: %s", rid, reason)
@@ -505,24 +508,23 @@ def _execute(
 
 def _loop(
     cfg: TrainConfig,
-    stream: Any,
+    stream: Iterator[tuple[Tensor, Tensor]],
     model: nn.Module,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     opt: torch.optim.Optimizer,
     monitor: Monitor,
-    device: torch.device,
+    store: Store,
+    rid: str,
 ) -> tuple[float, str | None]:
     """The training loop; returns the last training loss and why the run failed.
 
     Each state's loss is checked before the Monitor measures that state, so a
     diverged state never reaches the diagnostics.
     """
-    store, rid = monitor.store, monitor.run_id
     pending: list[tuple[int, str, str, float]] = []
     initial = loss_value = math.nan
     reason = None
     for step, (xb, yb) in enumerate(stream):
-        xb, yb = xb.to(device), yb.to(device)
         opt.zero_grad(set_to_none=True)
         loss = loss_fn(model(xb), yb)
         loss_value = float(loss.detach())

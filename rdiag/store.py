@@ -101,11 +101,15 @@ _MESSAGES = {
     "not a database": _NOTADB,
 }
 _OS_CODES = {
-    errno.ENOSPC: _FULL,
-    errno.EDQUOT: _FULL,
-    errno.EROFS: _READONLY,
-    errno.EACCES: _READONLY,
-    errno.EPERM: _READONLY,
+    getattr(errno, name): code
+    for name, code in (
+        ("ENOSPC", _FULL),
+        ("EDQUOT", _FULL),
+        ("EROFS", _READONLY),
+        ("EACCES", _READONLY),
+        ("EPERM", _READONLY),
+    )
+    if hasattr(errno, name)  # EDQUOT is not on every system
 }
 
 
@@ -255,12 +259,27 @@ class Store:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
             wait = min(self.timeout, 5.0)
-            conn = sqlite3.connect(self.db_path, timeout=wait, isolation_level=None)
+            conn = sqlite3.connect(
+                self._uri(), timeout=wait, isolation_level=None, uri=True
+            )
             conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._conn, self._pid = conn, os.getpid()
         return self._conn
+
+    def _uri(self) -> str:
+        """The database URI; read-only where the store cannot be written.
+
+        A read-only WAL database opens only if its ``-shm`` file exists or can be
+        made; without a ``-wal`` file (nothing left to read in it) it is opened
+        as immutable, so an archived store can still be read.
+        """
+        uri = self.db_path.resolve().as_uri()
+        if self._unwritable() is None:
+            return uri
+        wal = self.db_path.with_name(f"{DB_NAME}-wal").exists()
+        return f"{uri}?mode=ro" if wal else f"{uri}?mode=ro&immutable=1"
 
     def _migrate(self) -> None:
         """Add the ``runs.reason`` column to a store made by an older rdiag."""
@@ -756,7 +775,7 @@ class Store:
         """
         check_file_name(run_id, "run_id")
         check_file_name(name, "array name")
-        check_nonnegative_int(step, "step")
+        step = check_nonnegative_int(step, "step")
         if self.status(run_id) is None:
             raise self._no_run(run_id)
         arr = (

@@ -1,16 +1,9 @@
-"""Harness: train, config errors, sweeps (resume, kill + resume, executors)."""
+"""Harness: train, failed and diverged runs, config errors, sweeps (resume, claims,
+executors, progress); kill -9 and resume are in test_faults.py."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import pytest
 
@@ -157,64 +150,6 @@ def test_sweep_resumes_without_duplicates_and_takes_an_executor(tmp_path) -> Non
     rows = store.count()
     second = sweep(config, out=tmp_path)
     assert second.count("skipped") == 4 and store.count() == rows
-
-
-_KILLED_SWEEP = """
-import json, sys
-from rdiag.harness import sweep
-if __name__ == "__main__":
-    sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=1)
-"""
-
-
-def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
-    base = {**TINY, "steps": 12, "every": 4}
-    config = {
-        "base": base,
-        "grid": {"width": [8, 12, 16], "seed": [0, 1]},
-        "report": False,
-    }
-    script = tmp_path / "run_sweep.py"
-    script.write_text(textwrap.dedent(_KILLED_SWEEP))
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), json.dumps(config), str(out)],
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            if (out / "rdiag.sqlite").exists() and len(
-                Store(out).run_ids("finished")
-            ) >= 1:
-                break
-        assert proc.poll() is None, "the sweep finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
-    store = Store(out)
-    finished_before = store.run_ids("finished")
-    assert 1 <= len(finished_before) < 6
-    complete = store.count(
-        finished_before[0]
-    )  # rows of a run that was never interrupted
-    resumed = sweep(config, out=out, workers=2)  # also exercises the process pool
-    assert resumed.count("skipped") == len(finished_before)
-    assert resumed.count("finished") == 6 - len(finished_before)
-    ids = store.run_ids()
-    assert len(ids) == 6 and store.count() == 6 * complete
-    for rid in ids:
-        assert store.status(rid) == "finished" and store.count(rid) == complete
-        assert _steps(store, rid, "train_loss") == list(range(12))
-        assert _steps(store, rid, "ntk_rel_change") == [0, 4, 8, 12]
-        assert [s for s, _, _ in store.scalars(rid, "delta_h", "readin")] == [
-            0,
-            4,
-            8,
-            12,
-        ]
-    assert TrainConfig.from_dict(store.config(ids[0])).width in (8, 12, 16)
 
 
 def test_device_field(tmp_path) -> None:
