@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+_FILE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
 
 def check_module(model: Any) -> nn.Module:
@@ -63,6 +68,52 @@ def check_finite_positive(value: Any, name: str) -> float:
     if not math.isfinite(out) or out <= 0:
         raise ValueError(f"expected {name} to be a finite number > 0, got {value!r}")
     return out
+
+
+def check_nonnegative_int(value: Any, name: str) -> int:
+    """Return ``int(value)`` for an integer ``>= 0`` (not a bool); raise ``ValueError``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"expected {name} to be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def check_real(
+    value: Any, name: str, allowed: str, ok: Callable[[float], bool]
+) -> float:
+    """Return ``float(value)`` for a finite real number with ``ok(value)`` true.
+
+    Args:
+        value: The value to check (a bool, string or None is rejected).
+        name: What it is, for the message (``"config field 'momentum'"``).
+        allowed: The allowed range in words, e.g. ``"in [0, 1)"``.
+        ok: The range test.
+
+    Returns:
+        The value as a float.
+
+    Raises:
+        ValueError: Not a finite real number, or outside the range.
+    """
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and ok(value)):
+        raise ValueError(
+            f"expected {name} to be a finite number {allowed}, got {value!r}"
+        )
+    return float(value)
+
+
+def check_file_name(value: Any, name: str) -> str:
+    """Return ``value`` if it is safe as one path component (letters, digits, ``_.-``).
+
+    The first character must be a letter, digit or ``_``, so ``"."``, ``".."`` and
+    hidden names are rejected along with separators.
+    """
+    if not isinstance(value, str) or not _FILE_NAME.fullmatch(value):
+        raise ValueError(
+            f"expected {name} to be letters, digits and '_.-' (not starting with '.' "
+            f"or '-'), got {value!r}; it names a file or folder of the store"
+        )
+    return value
 
 
 def check_choice(value: Any, name: str, allowed: tuple[str, ...]) -> str:

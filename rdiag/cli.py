@@ -4,8 +4,11 @@ Every subcommand parses its flags and calls the public API (:func:`rdiag.harness
 :func:`rdiag.harness.sweep`, :func:`rdiag.coord_check.coord_check`,
 :func:`rdiag.report.build_report`, :func:`rdiag.empirical_ntk`,
 :func:`rdiag.curvature.sharpness`); it has no logic of its own beyond printing
-where results went. Errors in configs or paths exit with status 2 and a message
-naming the field and its allowed values.
+where results went. Every error exits with status 2 and one line
+``rdiag <command>: error: ...`` naming the field or flag and what it allows
+(``--debug`` shows the traceback instead); numeric and path flags are checked by
+argparse before anything runs. A sweep whose runs failed still exits 0 and lists
+the failed runs with their reasons.
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ import json
 import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rdiag.data import DATASETS
 from rdiag.harness import MODELS, OPTIMIZERS
+from rdiag.store import StoreError
 
 _EPILOG = {
     "run": """examples:
@@ -45,12 +49,87 @@ _EPILOG = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` and exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _integer(low: int) -> Callable[[str], int]:
+    """An argparse ``type=``: an integer ``>= low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(
+                f"expected an integer >= {low}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _number(positive: bool) -> Callable[[str], float]:
+    """An argparse ``type=``: a finite number (``> 0`` if ``positive``)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise argparse.ArgumentTypeError(
+                f"expected a finite number{' > 0' if positive else ''}, got {text!r}"
+            )
+        return value
+
+    return parse
+
+
+def _directory(text: str) -> str:
+    """An argparse ``type=``: a directory path (created later if missing)."""
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected a directory, got the file {text!r}; pass a directory path"
+        )
+    return text
+
+
+def _file(text: str) -> str:
+    """An argparse ``type=``: a file path to write (not a directory)."""
+    if Path(text).is_dir():
+        raise argparse.ArgumentTypeError(
+            f"expected a file path, got the directory {text!r}; pass e.g. "
+            f"{str(Path(text) / 'summary.json')!r}"
+        )
+    return text
+
+
+_COUNT, _POSITIVE, _RATE, _REAL = (
+    _integer(0),
+    _integer(1),
+    _number(True),
+    _number(False),
+)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rdiag",
         description="Kernel (eNTK) and Hessian diagnostics across the lazy-rich scale.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, show the traceback instead of one line",
+    )
 
     def add(name: str, help_: str) -> argparse.ArgumentParser:
         return sub.add_parser(
@@ -58,6 +137,7 @@ def _parser() -> argparse.ArgumentParser:
             help=help_,
             description=help_,
             epilog=_EPILOG[name],
+            parents=[common],
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
@@ -66,13 +146,13 @@ def _parser() -> argparse.ArgumentParser:
         "--config", help="YAML file with TrainConfig fields (flags override it)"
     )
     run.add_argument("--model", choices=MODELS)
-    run.add_argument("--width", type=int)
-    run.add_argument("--depth", type=int)
+    run.add_argument("--width", type=_POSITIVE)
+    run.add_argument("--depth", type=_POSITIVE)
     run.add_argument("--param", help="r=0.25 | ntk | mup | mf | sp | gamma=0.1")
     run.add_argument("--optimizer", choices=OPTIMIZERS)
-    run.add_argument("--lr", type=float)
-    run.add_argument("--steps", type=int)
-    run.add_argument("--batch-size", type=int)
+    run.add_argument("--lr", type=_RATE)
+    run.add_argument("--steps", type=_POSITIVE)
+    run.add_argument("--batch-size", type=_POSITIVE)
     run.add_argument("--data", choices=DATASETS)
     run.add_argument(
         "--data-option",
@@ -81,12 +161,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="data loader option, e.g. root=/data/cifar-10-batches-py",
     )
-    run.add_argument("--seed", type=int)
-    run.add_argument("--every", type=int)
+    run.add_argument("--seed", type=_COUNT)
+    run.add_argument("--every", type=_POSITIVE)
     run.add_argument("--metrics", nargs="+")
     run.add_argument("--dtype", choices=("float32", "float64"))
     run.add_argument("--device", choices=("cpu", "cuda", "auto"))
-    run.add_argument("--out", required=True, help="store directory")
+    run.add_argument("--out", required=True, type=_directory, help="store directory")
 
     sw = add(
         "sweep", "run an r x width x seed x lr grid in parallel; store, figures, report"
@@ -98,34 +178,43 @@ def _parser() -> argparse.ArgumentParser:
     )
     sw.add_argument("--model", choices=MODELS)
     group = sw.add_mutually_exclusive_group()
-    group.add_argument("--r", type=float, nargs="+", help="richness values (grid)")
+    group.add_argument("--r", type=_REAL, nargs="+", help="richness values (grid)")
     group.add_argument(
         "--param", nargs="+", help="parameterizations (grid), e.g. mup ntk sp"
     )
-    sw.add_argument("--widths", type=int, nargs="+")
-    sw.add_argument("--seeds", type=int, metavar="K", help="seeds 0..K-1")
-    sw.add_argument("--lr", type=float, nargs="+", help="base learning rates (grid)")
-    sw.add_argument("--steps", type=int)
-    sw.add_argument("--every", type=int)
-    sw.add_argument("--workers", type=int)
+    sw.add_argument("--widths", type=_POSITIVE, nargs="+")
+    sw.add_argument("--seeds", type=_POSITIVE, metavar="K", help="seeds 0..K-1")
+    sw.add_argument("--lr", type=_RATE, nargs="+", help="base learning rates (grid)")
+    sw.add_argument("--steps", type=_POSITIVE)
+    sw.add_argument("--every", type=_POSITIVE)
+    sw.add_argument("--workers", type=_POSITIVE)
     sw.add_argument("--no-report", action="store_true", help="skip figures and report")
     sw.add_argument(
-        "--out", required=True, help="output directory (store, figures, report)"
+        "--out",
+        required=True,
+        type=_directory,
+        help="output directory (store, figures, report)",
     )
 
     cc = add("coord-check", "coordinate check of a parameterization over widths")
     cc.add_argument("--model", choices=MODELS, default="mlp")
     cc.add_argument("--param", default="mup")
-    cc.add_argument("--widths", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
-    cc.add_argument("--steps", type=int, default=10)
-    cc.add_argument("--seeds", type=int, default=4, metavar="K")
-    cc.add_argument("--lr", type=float, default=0.1)
+    cc.add_argument(
+        "--widths", type=_POSITIVE, nargs="+", default=[64, 128, 256, 512, 1024]
+    )
+    cc.add_argument("--steps", type=_POSITIVE, default=10)
+    cc.add_argument("--seeds", type=_POSITIVE, default=4, metavar="K")
+    cc.add_argument("--lr", type=_RATE, default=0.1)
     cc.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    cc.add_argument("--out", required=True)
+    cc.add_argument("--out", required=True, type=_directory)
 
     rep = add("report", "figures, summary.json and report.html from a store")
-    rep.add_argument("--store", required=True, help="store directory")
-    rep.add_argument("--out", help="output directory (default: the store directory)")
+    rep.add_argument("--store", required=True, type=_directory, help="store directory")
+    rep.add_argument(
+        "--out",
+        type=_directory,
+        help="output directory (default: the store directory)",
+    )
 
     for name, help_ in (
         ("ntk", "eNTK of a built-in model and its spectrum"),
@@ -133,25 +222,27 @@ def _parser() -> argparse.ArgumentParser:
     ):
         p = add(name, help_)
         p.add_argument("--model", choices=MODELS, default="mlp")
-        p.add_argument("--width", type=int, default=128)
-        p.add_argument("--depth", type=int, default=3)
+        p.add_argument("--width", type=_POSITIVE, default=128)
+        p.add_argument("--depth", type=_POSITIVE, default=3)
         p.add_argument("--param", default="mup")
-        p.add_argument("--n", type=int, default=64, help="number of inputs")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", help="also write the summary as JSON here")
+        p.add_argument("--n", type=_POSITIVE, default=64, help="number of inputs")
+        p.add_argument("--seed", type=_COUNT, default=0)
+        p.add_argument("--out", type=_file, help="also write the summary as JSON here")
         if name == "ntk":
             p.add_argument(
                 "--implementation",
                 default="auto",
                 choices=("auto", "jacobian", "ntvp", "structured"),
             )
-            p.add_argument("--top", type=int, default=10, help="eigenvalues to print")
+            p.add_argument(
+                "--top", type=_POSITIVE, default=10, help="eigenvalues to print"
+            )
         else:
             p.add_argument(
-                "--lr", type=float, default=0.1, help="base rate of --steps of GD"
+                "--lr", type=_RATE, default=0.1, help="base rate of --steps of GD"
             )
             p.add_argument(
-                "--steps", type=int, default=0, help="GD steps before measuring"
+                "--steps", type=_COUNT, default=0, help="GD steps before measuring"
             )
     return parser
 
@@ -164,17 +255,9 @@ def _value(text: str) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rdiag.harness import train
+    from rdiag.harness import load_train_config, train
 
-    config: dict[str, Any] = {}
-    if args.config:
-        yaml = __import__("rdiag._optional", fromlist=["require"]).require(
-            "yaml", "--config"
-        )
-        path = Path(args.config)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        config = yaml.safe_load(path.read_text()) or {}
+    config = load_train_config(args.config) if args.config else {}
     flags = {
         k: getattr(args, k)
         for k in (
@@ -208,6 +291,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         f"run {result.run_id}: {result.status}, final loss {result.final_loss:.4g}, "
         f"{result.seconds:.1f} s ({result.monitor_seconds:.1f} s diagnostics)"
     )
+    if result.reason is not None:
+        print(f"reason: {result.reason}")
     print(f"store: {Path(result.store).resolve() / 'rdiag.sqlite'}")
     return 0
 
@@ -227,8 +312,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.widths is not None:
         grid["width"] = args.widths
     if args.seeds is not None:
-        if args.seeds <= 0:
-            raise ValueError(f"expected --seeds K >= 1, got {args.seeds}")
         grid["seed"] = list(range(args.seeds))
     if args.lr is not None:
         grid["lr"] = args.lr
@@ -244,9 +327,11 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     print(
         f"{len(result.results)} runs ({result.count('finished')} finished, "
-        f"{result.count('skipped')} already done, {result.count('failed')} failed) "
+        f"{result.count('skipped')} already done, {result.count('failed')} failed, "
+        f"{result.count('elsewhere')} running elsewhere) "
         f"in {time.perf_counter() - tic:.0f} s"
     )
+    _print_not_finished(result)
     print(f"store:   {out / 'rdiag.sqlite'}")
     if result.report:
         print(f"report:  {Path(result.report['html']).resolve()}")
@@ -254,6 +339,17 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"figures: {out / 'figures'}")
         _print_fits(json.loads(Path(result.report["summary"]).read_text())["fits"])
     return 0
+
+
+def _print_not_finished(result: Any) -> None:
+    from rdiag.report import run_label
+    from rdiag.store import Store
+
+    store = Store(result.store)
+    for r in result.results:
+        if r.status in ("failed", "elsewhere"):
+            label = run_label(store.config(r.run_id))
+            print(f"  {r.status:9s} {r.run_id} {label}: {r.reason}")
 
 
 def _print_fits(fits: list[dict]) -> None:
@@ -362,32 +458,53 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from rdiag.curvature import sharpness
-    from rdiag.parametrization import lr_multipliers, make_optimizer
+    from rdiag.parametrization import lr_multipliers
 
     model, x = _built_in(args)
     with torch.no_grad():
         y = torch.randn(
             model(x).shape, generator=torch.Generator().manual_seed(args.seed + 1)
         )
-    opt = make_optimizer(model, None, args.lr)
-    for _ in range(args.steps):
-        opt.zero_grad()
-        F.mse_loss(model(x), y).backward()
-        opt.step()
-    raw = sharpness(model, F.mse_loss, (x, y))
-    pre = sharpness(model, F.mse_loss, (x, y), preconditioner=lr_multipliers(model))
-    _emit(
-        {
-            "model": f"{args.model} width={args.width} depth={args.depth} param={args.param}",
-            "loss": "mse on Gaussian targets",
-            "steps_of_gd": args.steps,
-            "sharpness": raw,
-            "sharpness_preconditioned": pre,
-            "edge_of_stability_2_over_eta0": 2 / args.lr,
-        },
-        args.out,
-    )
+    steps, diverged = _gd(model, x, y, args.lr, args.steps)
+    summary: dict[str, Any] = {
+        "model": f"{args.model} width={args.width} depth={args.depth} param={args.param}",
+        "loss": "mse on Gaussian targets",
+        "steps_of_gd": steps,
+    }
+    if diverged is None:
+        summary["sharpness"] = sharpness(model, F.mse_loss, (x, y))
+        summary["sharpness_preconditioned"] = sharpness(
+            model, F.mse_loss, (x, y), preconditioner=lr_multipliers(model)
+        )
+    else:
+        summary["diverged"] = (
+            f"GD {diverged}; stopped there and measured no sharpness; lower --lr"
+        )
+    summary["edge_of_stability_2_over_eta0"] = 2 / args.lr
+    _emit(summary, args.out)
     return 0
+
+
+def _gd(model: Any, x: Any, y: Any, lr: float, steps: int) -> tuple[int, str | None]:
+    """Full-batch GD on MSE, stopped at divergence; ``(steps done, why it stopped)``."""
+    import torch.nn.functional as F
+
+    from rdiag.harness import DIVERGENCE_FACTOR, divergence_reason
+    from rdiag.parametrization import make_optimizer
+
+    opt = make_optimizer(model, None, lr)
+    step, initial = 0, math.nan
+    while True:
+        loss = F.mse_loss(model(x), y)
+        value = float(loss.detach())
+        initial = value if step == 0 else initial
+        reason = divergence_reason(value, initial, DIVERGENCE_FACTOR, step)
+        if reason is not None or step == steps:
+            return step, reason
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
 
 
 _COMMANDS = {
@@ -400,6 +517,16 @@ _COMMANDS = {
 }
 
 
+def _one_line(err: BaseException) -> str:
+    """An error as one line; unexpected kinds are named, with the --debug hint."""
+    text = err.args[0] if isinstance(err, KeyError) and err.args else err
+    text = " ".join(str(text).split())
+    expected = (ValueError, TypeError, OSError, ImportError, KeyError, MemoryError)
+    if isinstance(err, (*expected, StoreError)):
+        return text
+    return f"{type(err).__name__}: {text} (rerun with --debug for the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``rdiag`` console script.
 
@@ -407,14 +534,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: Arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status (0 on success; errors exit with 2 and a message).
+        The exit status: 0 on success (a sweep whose runs failed included: they
+        are listed with their reasons). An error exits with status 2 and one line
+        ``rdiag <command>: error: ...`` (``--debug``: the traceback instead); an
+        interrupt with 130.
     """
     parser = _parser()
     args = parser.parse_args(argv)
     try:
         return _COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
-        parser.exit(2, f"rdiag {args.command}: error: {err}\n")
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        parser.exit(130, f"rdiag {args.command}: interrupted\n")
+    except Exception as err:
+        if args.debug:
+            raise
+        parser.exit(2, f"rdiag {args.command}: error: {_one_line(err)}\n")
     return 1
 
 

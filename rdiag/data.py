@@ -53,6 +53,21 @@ class Dataset:
         """Shape of one input."""
         return tuple(self.x.shape[1:])
 
+    def probe(self, size: int) -> tuple[Tensor, Tensor]:
+        """The first ``size`` test samples, ``x (size, ...)`` and ``y (size, ...)``.
+
+        Raises:
+            ValueError: ``size`` is not a positive int or exceeds the test set.
+        """
+        check_positive_int(size, "probe_size")
+        if size > len(self.x_test):
+            raise ValueError(
+                f"expected probe_size <= the {len(self.x_test)} test samples, got "
+                f"{size}; lower probe_size or enlarge the test set (data_options "
+                "n_test, or limit for cifar10)"
+            )
+        return self.x_test[:size], self.y_test[:size]
+
     def to(self, dtype: torch.dtype) -> Dataset:
         """A copy with floating tensors cast to ``dtype``.
 

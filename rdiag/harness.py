@@ -14,13 +14,19 @@ re-does unfinished ones without duplicating records.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import ctypes
 import dataclasses
 import itertools
 import logging
 import math
 import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -29,11 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rdiag._checks import check_choice
+from rdiag._checks import (
+    check_choice,
+    check_nonnegative_int,
+    check_positive_int,
+    check_real,
+)
 from rdiag._optional import require
 from rdiag.data import DATASETS, Dataset, batches, load_data
 from rdiag.monitor import METRICS, Monitor
-from rdiag.store import Store
+from rdiag.store import Store, StoreError
 
 logger = logging.getLogger("rdiag")
 
@@ -42,6 +53,9 @@ OPTIMIZERS = ("sgd", "adam", "gd", "online")
 LOSSES = ("auto", "mse", "ce")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda", "auto")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+#: Default divergence limit: a loss above this multiple of its initial value.
+DIVERGENCE_FACTOR = 1e6
 
 
 @dataclass
@@ -74,6 +88,9 @@ class TrainConfig:
         budget_fraction: Monitor cost budget (fraction of training time) or None.
         snapshots: Save the probe eNTK and sharpness eigenvectors of each check as
             arrays (see :class:`~rdiag.monitor.Monitor`).
+        divergence_factor: The run fails as diverged when the training loss exceeds
+            this multiple (>= 1) of its initial value; None: only a non-finite loss
+            counts as divergence.
     """
 
     model: str = "mlp"
@@ -106,6 +123,7 @@ class TrainConfig:
     )
     budget_fraction: float | None = None
     snapshots: bool = False
+    divergence_factor: float | None = DIVERGENCE_FACTOR
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -118,8 +136,13 @@ class TrainConfig:
             The validated :class:`TrainConfig`.
 
         Raises:
+            TypeError: ``values`` is not a mapping.
             ValueError: Unknown field, or a value outside its allowed set / range.
         """
+        if not isinstance(values, Mapping):
+            raise TypeError(
+                f"expected a mapping of TrainConfig fields, got {type(values).__name__}"
+            )
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in names]
         if unknown:
@@ -137,7 +160,7 @@ class TrainConfig:
             ValueError: A value outside its allowed set or range.
             TypeError: ``data_options`` / ``model_options`` is not a mapping.
         """
-        from rdiag.parametrization import parse_param
+        from rdiag.models import ACTIVATIONS
 
         for name, allowed in (
             ("model", MODELS),
@@ -146,35 +169,60 @@ class TrainConfig:
             ("data", DATASETS),
             ("dtype", tuple(DTYPES)),
             ("device", DEVICES),
+            ("activation", tuple(ACTIVATIONS)),
         ):
             check_choice(getattr(self, name), name, allowed)
         for name in ("width", "depth", "steps", "batch_size", "probe_size", "every"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(
-                    f"expected config field {name!r} to be a positive int, got {v!r}"
-                )
-        if not (
-            isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0
-        ):
-            raise ValueError(
-                f"expected config field 'lr' to be a finite number > 0, got {self.lr!r}"
+            check_positive_int(getattr(self, name), f"config field {name!r}")
+        check_nonnegative_int(self.seed, "config field 'seed'")
+        check_real(self.lr, "config field 'lr'", "> 0", lambda v: v > 0)
+        check_real(
+            self.momentum, "config field 'momentum'", "in [0, 1)", lambda v: 0 <= v < 1
+        )
+        if self.budget_fraction is not None:
+            check_real(
+                self.budget_fraction,
+                "config field 'budget_fraction'",
+                "in (0, 1) or null",
+                lambda v: 0 < v < 1,
             )
-        try:
-            parse_param(self.param)
-        except ValueError as err:
-            raise ValueError(f"bad config field 'param': {err}") from err
-        bad = [m for m in self.metrics if m not in METRICS]
-        if bad:
-            raise ValueError(
-                f"bad config field 'metrics': {bad}; allowed values are {list(METRICS)}"
+        if self.divergence_factor is not None:
+            check_real(
+                self.divergence_factor,
+                "config field 'divergence_factor'",
+                ">= 1 or null (no limit)",
+                lambda v: v >= 1,
             )
+        if not isinstance(self.snapshots, bool):
+            raise ValueError(
+                f"expected config field 'snapshots' to be true or false, got "
+                f"{self.snapshots!r}"
+            )
+        self._validate_param_and_metrics()
         for name in ("data_options", "model_options"):
             if not isinstance(getattr(self, name), dict):
                 raise TypeError(
                     f"expected config field {name!r} to be a mapping (key: value), got "
                     f"{getattr(self, name)!r}"
                 )
+
+    def _validate_param_and_metrics(self) -> None:
+        from rdiag.parametrization import parse_param
+
+        try:
+            parse_param(self.param)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"bad config field 'param': {err}") from err
+        if not isinstance(self.metrics, (list, tuple)):
+            raise ValueError(
+                f"expected config field 'metrics' to be a list of names from "
+                f"{list(METRICS)}, got {self.metrics!r}"
+            )
+        bad = [m for m in self.metrics if m not in METRICS]
+        if bad:
+            raise ValueError(
+                f"bad config field 'metrics': {bad}; allowed values are {list(METRICS)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as a plain dict (what the store records and keys runs by)."""
@@ -188,9 +236,13 @@ class TrainResult:
     Attributes:
         run_id: The store's run id.
         store: Root directory of the store.
-        status: ``"finished"``, ``"failed"`` (diverged) or ``"skipped"`` (already finished).
-        final_loss: Last training-batch loss (``nan`` if skipped).
+        status: ``"finished"``, ``"failed"`` (diverged, a diagnostic failed or
+            the run raised), ``"skipped"`` (already finished) or ``"elsewhere"``
+            (another live process is executing it, see :meth:`Store.claim`).
+        final_loss: Last training-batch loss (``nan`` if not run).
         seconds: Wall time of the run; ``monitor_seconds``: of which diagnostics.
+        reason: Why it failed or ran elsewhere (None otherwise); a failure's reason
+            is also stored (:meth:`~rdiag.store.Store.reason`).
     """
 
     run_id: str
@@ -199,6 +251,7 @@ class TrainResult:
     final_loss: float
     seconds: float
     monitor_seconds: float
+    reason: str | None = None
 
 
 def _device(name: str) -> torch.device:
@@ -297,6 +350,54 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
     return model.to(DTYPES[cfg.dtype])
 
 
+def divergence_reason(
+    loss: float, initial: float, factor: float | None, step: int
+) -> str | None:
+    """Why a training loss means the run diverged, or None if it does not.
+
+    Args:
+        loss: The loss at ``step``.
+        initial: The loss at step 0.
+        factor: Divergence when ``loss > factor * initial`` (with ``initial > 0``);
+            None: only a non-finite loss counts.
+        step: The step (quoted in the reason).
+
+    Returns:
+        The reason, e.g. ``"diverged at step 7: training loss 3.1e+29 > 4.2e+05 =
+        divergence_factor 1e+06 x the initial loss 0.42"``, or None.
+    """
+    if not math.isfinite(loss):
+        return f"diverged at step {step}: training loss {loss}"
+    if factor is not None and initial > 0 and loss > factor * initial:
+        return (
+            f"diverged at step {step}: training loss {loss:.3g} > {factor * initial:.3g}"
+            f" = divergence_factor {factor:g} x the initial loss {initial:.3g}"
+        )
+    return None
+
+
+def _describe(err: BaseException) -> str:
+    """An exception as one line: ``"ValueError: message"``."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def _not_run(
+    rid: str, store: Store, status: str, reason: str | None = None
+) -> TrainResult:
+    return TrainResult(rid, str(store.root), status, math.nan, 0.0, 0.0, reason)
+
+
+def _elsewhere(store: Store, rid: str) -> TrainResult:
+    holder = store.claim_holder(rid)
+    where = (
+        ""
+        if holder is None
+        else f": claimed by pid {holder['pid']} on {holder['host']} since "
+        + time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder["started"]))
+    )
+    return _not_run(rid, store, "elsewhere", f"running elsewhere{where}")
+
+
 def train(
     config: TrainConfig | Mapping[str, Any] | None = None,
     *,
@@ -308,8 +409,11 @@ def train(
 
     The Monitor measures at step 0 (initialization), every ``every`` steps and at the
     last step, on the first ``probe_size`` test samples; the training-batch loss of
-    every step is recorded as ``train_loss``. A non-finite loss stops the run and
-    marks it ``failed``.
+    every step is recorded as ``train_loss``. The run ends ``failed``, with the
+    reason stored (:meth:`~rdiag.store.Store.reason`) and its records kept, when
+    the loss of a state diverges (:func:`divergence_reason`; checked before the
+    Monitor measures that state) or a diagnostic raises (a degenerate state). The
+    run is claimed in the store while it executes (:meth:`~rdiag.store.Store.claim`).
 
     Args:
         config: A :class:`TrainConfig` or a dict of its fields (default all defaults).
@@ -319,10 +423,14 @@ def train(
 
     Returns:
         A :class:`TrainResult`; ``status="skipped"`` if the store already holds the
-        finished run.
+        finished run, ``"elsewhere"`` if another live process is executing it.
 
     Raises:
-        ValueError: A bad config field (named, with its allowed values).
+        ValueError: A bad config field (named, with its allowed values), before
+            anything runs.
+        StoreError: The store cannot be written.
+        Exception: Whatever building the data or model or training raised (out of
+            memory, ...); the run is marked ``failed`` with it as the reason first.
     """
     base = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
     cfg = TrainConfig.from_dict({**base, **overrides})
@@ -332,25 +440,41 @@ def train(
         cfg.to_dict(), run_id=run_id, seed=cfg.seed, device=str(device)
     )
     if store.status(rid) == "finished":
-        return TrainResult(rid, str(store.root), "skipped", float("nan"), 0.0, 0.0)
+        return _not_run(rid, store, "skipped")
+    if not store.claim(rid):
+        return _elsewhere(store, rid)
+    try:
+        if store.status(rid) == "finished":  # by another process since the check
+            return _not_run(rid, store, "skipped")
+        return _execute(cfg, store, rid, device)
+    except StoreError:
+        raise
+    except Exception as err:
+        store.set_status(rid, "failed", _describe(err))
+        raise
+    finally:
+        store.release(rid)
+
+
+def _execute(
+    cfg: TrainConfig, store: Store, rid: str, device: torch.device
+) -> TrainResult:
+    """Build, train and measure a claimed run; set its final status."""
+    from rdiag.parametrization import lr_multipliers, make_optimizer
+
     tic = time.perf_counter()
     data_options = dict(cfg.data_options)
     if cfg.data != "cifar10":
         data_options.setdefault("seed", cfg.seed)
     data = load_data(cfg.data, **data_options).to(DTYPES[cfg.dtype])
+    x_probe, y_probe = data.probe(cfg.probe_size)
     model = build_model(cfg, data).to(device)
     loss_fn = _loss_fn(cfg, data)
-    from rdiag.parametrization import lr_multipliers, make_optimizer
-
     kind = "adam" if cfg.optimizer == "adam" else "sgd"
     opt = make_optimizer(model, None, cfg.lr, optimizer=kind, momentum=cfg.momentum)
-    probe = (
-        data.x_test[: cfg.probe_size].to(device),
-        data.y_test[: cfg.probe_size].to(device),
-    )
     monitor = Monitor(
         model,
-        probe,
+        (x_probe.to(device), y_probe.to(device)),
         every=cfg.every,
         metrics=cfg.metrics,
         loss_fn=loss_fn,
@@ -362,32 +486,15 @@ def train(
         snapshots=cfg.snapshots,
     )
     mode = {"gd": "gd", "online": "online"}.get(cfg.optimizer, "sgd")
-    pending: list[tuple[int, str, str, float]] = []
-    status, loss_value = "finished", float("nan")
-    for step, (xb, yb) in enumerate(
-        batches(data, cfg.batch_size, cfg.steps, mode=mode, seed=cfg.seed)
-    ):
-        if monitor.scheduled(step):
-            store.log_rows(rid, pending)
-            pending = []
-        monitor.step(step)
-        xb, yb = xb.to(device), yb.to(device)
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        opt.step()
-        loss_value = float(loss.detach())
-        pending.append((step, "train_loss", "", loss_value))
-        if not math.isfinite(loss_value):
-            status = "failed"
-            logger.warning(
-                "run %s diverged at step %d (loss %s)", rid, step, loss_value
-            )
-            break
-    store.log_rows(rid, pending)
-    if status == "finished":
-        monitor.step(cfg.steps, force=True)
-    store.set_status(rid, status)
+    stream = (
+        (x.to(device), y.to(device))
+        for x, y in batches(data, cfg.batch_size, cfg.steps, mode=mode, seed=cfg.seed)
+    )
+    loss_value, reason = _loop(cfg, stream, model, loss_fn, opt, monitor, store, rid)
+    status = "finished" if reason is None else "failed"
+    if reason is not None:
+        logger.warning("run %s failed: %s", rid, reason)
+    store.set_status(rid, status, reason)
     return TrainResult(
         rid,
         str(store.root),
@@ -395,7 +502,63 @@ def train(
         loss_value,
         time.perf_counter() - tic,
         monitor.seconds,
+        reason,
     )
+
+
+def _loop(
+    cfg: TrainConfig,
+    stream: Iterator[tuple[Tensor, Tensor]],
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    opt: torch.optim.Optimizer,
+    monitor: Monitor,
+    store: Store,
+    rid: str,
+) -> tuple[float, str | None]:
+    """The training loop; returns the last training loss and why the run failed.
+
+    Each state's loss is checked before the Monitor measures that state, so a
+    diverged state never reaches the diagnostics.
+    """
+    pending: list[tuple[int, str, str, float]] = []
+    initial = loss_value = math.nan
+    reason = None
+    for step, (xb, yb) in enumerate(stream):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        loss_value = float(loss.detach())
+        initial = loss_value if step == 0 else initial
+        pending.append((step, "train_loss", "", loss_value))
+        reason = divergence_reason(loss_value, initial, cfg.divergence_factor, step)
+        if reason is None and monitor.scheduled(step):
+            store.log_rows(rid, pending)
+            pending = []
+            store.claim(rid)  # refreshes the claim's heartbeat
+            reason = _diagnose(monitor, step)
+        if reason is not None:
+            break
+        loss.backward()
+        opt.step()
+    store.log_rows(rid, pending)
+    if reason is None:  # the state after the last update
+        with torch.no_grad():
+            final = float(loss_fn(model(xb), yb))
+        reason = divergence_reason(
+            final, initial, cfg.divergence_factor, cfg.steps
+        ) or _diagnose(monitor, cfg.steps, force=True)
+    return loss_value, reason
+
+
+def _diagnose(monitor: Monitor, step: int, *, force: bool = False) -> str | None:
+    """Run a Monitor check; return why it failed (a degenerate state), or None."""
+    try:
+        monitor.step(step, force=force)
+    except StoreError:
+        raise
+    except Exception as err:  # e.g. a zero centered kernel: the run fails, records stay
+        return f"diagnostics failed at step {step}: {_describe(err)}"
+    return None
 
 
 # ---- sweeps ----------------------------------------------------------------------
@@ -456,17 +619,89 @@ class RayExecutor:
         """Leave the Ray runtime to its owner (nothing to release per sweep)."""
 
 
-def _worker_init() -> None:
+def _worker_init(parent: int) -> None:
     torch.set_num_threads(1)
+    _die_with_parent(parent)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this worker process when the sweep process ``parent`` dies (kill -9 too).
+
+    On Linux the kernel kills the worker when its parent thread exits
+    (``prctl(PR_SET_PDEATHSIG, SIGKILL)``; the pool spawns workers from the thread
+    that submits, which lives until the sweep has shut the pool down); elsewhere a
+    daemon thread polls ``os.getppid()``.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            return
+    threading.Thread(
+        target=_watch_parent, args=(parent,), daemon=True, name="rdiag-watch-parent"
+    ).start()
+
+
+def _watch_parent(parent: int, interval: float = 0.5) -> None:
+    """Poll until the parent process is gone, then end this process."""
+    while os.getppid() == parent:
+        time.sleep(interval)
+    os._exit(1)
 
 
 def process_executor(workers: int) -> cf.ProcessPoolExecutor:
-    """A spawn-based process pool with one torch thread per worker."""
+    """A spawn-based process pool with one torch thread per worker.
+
+    The workers die with the calling process, even when it is killed with SIGKILL.
+    """
     return cf.ProcessPoolExecutor(
         max_workers=workers,
         mp_context=mp.get_context("spawn"),
         initializer=_worker_init,
+        initargs=(os.getpid(),),
     )
+
+
+def _yaml_mapping(text: str, source: object, what: str) -> dict[str, Any]:
+    """The top-level mapping of a YAML text (an empty text is ``{}``)."""
+    yaml = require("yaml", f"reading a {what}")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ValueError(
+            f"could not parse the {what} {source}: {' '.join(str(err).split())}"
+        ) from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"expected the {what} {source} to be a mapping (key: value lines), got a "
+            f"YAML {type(raw).__name__}"
+        )
+    return raw
+
+
+def _yaml_file(path: str | Path, what: str, hint: str) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{what} {path} does not exist or is not a file; pass a YAML file{hint}"
+        )
+    return _yaml_mapping(path.read_text(), path, what)
+
+
+def load_train_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file of :class:`TrainConfig` fields (validated by :func:`train`).
+
+    Returns:
+        The fields as a dict.
+
+    Raises:
+        FileNotFoundError: The path is not a file.
+        ValueError: Unparsable YAML, or not a mapping.
+    """
+    return _yaml_file(path, "run config", "")
 
 
 def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -489,43 +724,44 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: The path does not exist.
-        ValueError: Unknown top-level keys, a grid value that is not a list, or
-            unparsable YAML.
+        ValueError: Unparsable YAML, unknown top-level keys, or a key of the wrong
+            kind (``base``/``grid`` not mappings, a grid value that is not a list,
+            ``workers`` not a positive int, ``report`` not a boolean).
     """
     if isinstance(source, Mapping):
         raw = dict(source)
-    else:
-        yaml = require("yaml", "reading a sweep config")
-        if str(source) == "default":
-            from importlib import resources
+    elif str(source) == "default":
+        from importlib import resources
 
-            text = resources.files("rdiag").joinpath("configs/default.yaml").read_text()
-        else:
-            path = Path(source)
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"sweep config {path} does not exist; pass a YAML file or 'default'"
-                )
-            text = path.read_text()
-        try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise ValueError(
-                f"could not parse the sweep config {source}: {err}"
-            ) from err
+        text = resources.files("rdiag").joinpath("configs/default.yaml").read_text()
+        raw = _yaml_mapping(text, "default", "sweep config")
+    else:
+        raw = _yaml_file(source, "sweep config", " or 'default'")
     allowed = ("base", "grid", "workers", "report", "name")
     unknown = [k for k in raw if k not in allowed]
     if unknown:
         raise ValueError(
             f"unknown sweep config key(s) {unknown}; allowed keys are {list(allowed)}"
         )
-    raw.setdefault("base", {})
-    raw.setdefault("grid", {})
+    for key in ("base", "grid"):
+        raw[key] = {} if raw.get(key) is None else raw[key]
+        if not isinstance(raw[key], Mapping):
+            raise ValueError(
+                f"expected the sweep config's {key} to be a mapping (field: "
+                f"{'value' if key == 'base' else '[values]'}), got {raw[key]!r}"
+            )
     for key, values in raw["grid"].items():
         if not isinstance(values, list) or not values:
             raise ValueError(
                 f"expected grid.{key} to be a non-empty list, got {values!r}"
             )
+    if "workers" in raw:
+        check_positive_int(raw["workers"], "the sweep config's workers")
+    if not isinstance(raw.get("report", True), bool):
+        raise ValueError(
+            f"expected the sweep config's report to be true or false, got "
+            f"{raw['report']!r}"
+        )
     return raw
 
 
@@ -548,7 +784,11 @@ def expand_grid(sweep_config: Mapping[str, Any]) -> list[TrainConfig]:
     if "r" in grid:
         if "param" in grid:
             raise ValueError("grid sets both 'r' and 'param'; use one of them")
-        grid["param"] = [f"r={v:g}" for v in grid.pop("r")]
+        values = [
+            check_real(v, "grid.r values", "(the richness r)", lambda _: True)
+            for v in grid.pop("r")
+        ]
+        grid["param"] = [f"r={v:g}" for v in values]
     keys = list(grid)
     configs = []
     for combo in itertools.product(*(grid[k] for k in keys)):
@@ -591,6 +831,11 @@ def sweep(
 ) -> SweepResult:
     """Run a grid of configurations into ``out`` (store + optional report), resumably.
 
+    A run that fails (diverges, or raises: out of memory, a bad data option, a dead
+    worker) is recorded ``failed`` with its reason, and the sweep goes on with the
+    others; a rerun retries failed and unfinished runs and skips finished ones. A
+    run that another live sweep is executing is skipped (``"elsewhere"``).
+
     Args:
         config: Sweep config (see :func:`load_sweep_config`).
         out: Output directory: the store (``rdiag.sqlite``, ``arrays/``) and report.
@@ -598,16 +843,18 @@ def sweep(
             this process. Workers are spawned, so a script calling :func:`sweep`
             with ``workers > 1`` needs the ``if __name__ == "__main__":`` guard.
         executor: An :class:`Executor` overriding ``workers``.
-        progress: Show a tqdm progress bar (stderr).
-        report: Build the report at the end (default the config's ``report``, True).
+        progress: Show a tqdm progress bar (stderr), advanced as each run ends.
+        report: Build the report at the end (default the config's ``report``, True);
+            skipped when no run has finished.
         overrides: ``{"base": {...}, "grid": {...}}`` entries replacing the config's.
 
     Returns:
         A :class:`SweepResult`. Finished runs already in the store are skipped.
 
     Raises:
-        ValueError: A bad config (before anything runs). An exception inside a run
-            cancels the queued runs and is re-raised; re-running the sweep resumes.
+        ValueError: A bad config (before anything runs).
+        StoreError: The store cannot be written (queued runs are cancelled;
+            re-running the sweep resumes).
     """
     raw = load_sweep_config(config)
     for section in ("base", "grid"):
@@ -617,47 +864,76 @@ def sweep(
     if "r" in raw["grid"] and "param" in (overrides or {}).get("grid", {}):
         raw["grid"].pop("r")
     configs = expand_grid(raw)
+    workers = raw.get("workers", 1) if workers is None else workers
+    check_positive_int(workers, "workers")
     store = Store(out)
     todo = []
     results: list[TrainResult] = []
     for cfg in configs:
         rid = store.create_run(cfg.to_dict(), seed=cfg.seed, device=cfg.device)
         if store.status(rid) == "finished":
-            results.append(
-                TrainResult(rid, str(store.root), "skipped", float("nan"), 0.0, 0.0)
-            )
+            results.append(_not_run(rid, store, "skipped"))
         else:
-            todo.append(cfg.to_dict())
-    workers = workers or int(raw.get("workers", 1))
+            todo.append((rid, cfg.to_dict()))
     own = executor is None
     if own:
-        executor = SerialExecutor() if workers <= 1 else process_executor(workers)
+        executor = SerialExecutor() if workers == 1 else process_executor(workers)
     bar = None
     if progress:
         bar = require("tqdm", "sweep progress").tqdm(
             total=len(configs), initial=len(results), desc="rdiag sweep", unit="run"
         )
-    futures: list[cf.Future] = []
     try:
-        futures = [executor.submit(_run_config, cfg, str(store.root)) for cfg in todo]
-        for fut in cf.as_completed(futures):
-            results.append(fut.result())
-            if bar is not None:
-                bar.update(1)
-    except BaseException:
-        for (
-            fut
-        ) in futures:  # fail fast: drop queued runs (running ones finish, resumable)
-            fut.cancel()
-        raise
+        results += _run_all(executor, todo, store, bar)
     finally:
         if bar is not None:
             bar.close()
         if own:
             executor.shutdown(wait=True)
     paths: dict[str, str] = {}
-    if report if report is not None else raw.get("report", True):
+    wanted = report if report is not None else raw.get("report", True)
+    if wanted and store.run_ids("finished"):
         from rdiag.report import build_report
 
         paths = {k: str(v) for k, v in build_report(store, out).items()}
+    elif wanted:
+        logger.warning("no run of %s has finished: no report", store.root)
     return SweepResult(str(store.root), results, paths)
+
+
+def _run_all(
+    executor: Executor, todo: list[tuple[str, dict[str, Any]]], store: Store, bar: Any
+) -> list[TrainResult]:
+    """Run ``(run id, config)`` pairs through ``executor``, in completion order."""
+    # SerialExecutor runs at submit: one at a time, so that the bar moves per run.
+    window = 1 if isinstance(executor, SerialExecutor) else len(todo)
+    queue, running = deque(todo), {}
+    results = []
+    try:
+        while queue or running:
+            while queue and len(running) < window:
+                rid, cfg = queue.popleft()
+                running[executor.submit(_run_config, cfg, str(store.root))] = rid
+            done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                results.append(_outcome(fut, running.pop(fut), store))
+                if bar is not None:
+                    bar.update(1)
+    except BaseException:
+        for fut in running:  # drop queued runs (running ones finish; resumable)
+            fut.cancel()
+        raise
+    return results
+
+
+def _outcome(future: cf.Future, rid: str, store: Store) -> TrainResult:
+    """A finished future's result; a run that raised becomes a failed result."""
+    try:
+        return future.result()
+    except StoreError:
+        raise
+    except Exception as err:  # the run raised, or its worker died: say why, go on
+        reason = _describe(err)
+        store.set_status(rid, "failed", reason)
+        logger.warning("run %s failed: %s", rid, reason)
+        return _not_run(rid, store, "failed", reason)

@@ -414,8 +414,21 @@ def make_model(
 
     Raises:
         ValueError: Unknown family or bad constructor arguments.
+        MemoryError: The parameters would not fit in the free memory (checked on
+            the meta device before anything is allocated; the message gives the
+            size).
     """
+    from rdiag._checks import available_memory, check_fits
+
     check_choice(family, "family", tuple(FAMILIES))
+    with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
+        shell = FAMILIES[family](width, **kwargs)
+    check_fits(
+        sum(p.numel() * p.element_size() for p in shell.parameters()),
+        available_memory(torch.device("cpu")),
+        f"make_model({family!r}, {width})'s parameters",
+        "use a smaller width or depth",
+    )
     if seed is not None:
         torch.manual_seed(seed)
     model = FAMILIES[family](width, **kwargs)

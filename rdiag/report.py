@@ -72,6 +72,47 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
+#: Config fields that name a run in the lists of failed runs.
+LABEL_FIELDS = ("param", "width", "seed", "lr")
+
+
+def run_label(config: dict[str, Any]) -> str:
+    """A run's grid point in words, e.g. ``"param=r=0.5 width=64 seed=0 lr=4"``."""
+    return " ".join(f"{k}={config[k]}" for k in LABEL_FIELDS if k in config)
+
+
+def failed_runs(store: Store | str | Path) -> list[dict[str, Any]]:
+    """The store's failed runs and why they failed.
+
+    Returns:
+        One ``{"run", "reason", "config"}`` per failed run (``config`` holds the
+        :data:`LABEL_FIELDS` the run has; ``reason`` None if none was recorded).
+    """
+    store = store if isinstance(store, Store) else Store(store)
+    out = []
+    for rid in store.run_ids("failed"):
+        config = store.config(rid)
+        fields = {k: config[k] for k in LABEL_FIELDS if k in config}
+        out.append({"run": rid, "reason": store.reason(rid), "config": fields})
+    return out
+
+
+def _failed_table(failed: list[dict[str, Any]]) -> str:
+    if not failed:
+        return ""
+    rows = "".join(
+        f"<tr><td>{html.escape(f['run'])}</td>"
+        f"<td>{html.escape(run_label(f['config']))}</td>"
+        f"<td>{html.escape(f['reason'] or 'not recorded')}</td></tr>"
+        for f in failed
+    )
+    return (
+        f"<h2>Failed runs ({len(failed)})</h2><p>Not in the fits and figures.</p>"
+        "<table><tr><th>run</th><th>config</th><th>reason</th></tr>"
+        f"{rows}</table>"
+    )
+
+
 def _frame(store: Store) -> Any:
     frame = store.query()
     if len(frame) == 0:
@@ -403,6 +444,7 @@ def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Pa
     summary = {
         "fits": fit_list,
         "runs": {"total": len(run_ids), **statuses},
+        "failed": failed_runs(store),
         "figures": {k: str(v.relative_to(out)) for k, v in figures.items()},
         "predictions": {
             "delta_h": "r",
@@ -434,6 +476,7 @@ last step (f0: at initialization), with 95% t-intervals (seed scatter only; fini
 bias slopes by up to ~0.2, most at r = 0). Predictions: delta_h ~ r,
 ntk_rel_change ~ 2r - 1, dW_rel ~ r - 1/2, f0 ~ -r.</p>
 {_fit_table(fit_list)}
+{_failed_table(summary["failed"])}
 {"".join(images)}
 </body></html>
 """

@@ -2,47 +2,65 @@
 
 Layout of a store directory::
 
-    <root>/rdiag.sqlite          runs, scalars, arrays tables (WAL journal)
+    <root>/rdiag.sqlite          runs, scalars, arrays, missing, claims tables (WAL)
     <root>/arrays/<run>/<name>-<step>.npy
 
 Guarantees:
 
-* Every :meth:`Store.log` / :meth:`Store.save_array` call is one transaction, so a
-  process killed mid-run loses at most the record in flight.
+* Every write (:meth:`Store.log`, :meth:`Store.save_array`, ...) is one
+  transaction, so a process killed mid-run loses at most the record in flight.
 * ``scalars`` has ``UNIQUE(run, step, metric, layer)`` and arrays
   ``UNIQUE(run, step, name)``: writing a key again replaces the value (a resumed
-  run recomputes the same step), so rows are never duplicated.
+  run recomputes the same step), so rows are never duplicated. Records name an
+  existing run: a write to an unknown run raises ``KeyError`` and writes nothing.
+  NaN values read back as NaN (SQLite stores them as NULL).
 * Several processes may write at once: SQLite's ``busy_timeout`` plus a retry
   loop with back-off; after ``timeout`` seconds a :class:`StoreLockedError` names
-  the file. Nothing is deleted or overwritten on any error path; a corrupt
-  database or an array whose checksum does not match raises
-  :class:`StoreCorruptError` naming the file, and leaves it as it is.
+  the file.
+* Errors say their cause and its remedy, and no error path deletes or rewrites
+  data: :class:`StoreLockedError`, :class:`StoreFullError` (disk full; the write
+  in flight is rolled back), :class:`StoreReadOnlyError` (the directory or its
+  files cannot be written), :class:`StoreNotADatabaseError` (a directory or a
+  foreign file at the database path) and :class:`StoreCorruptError` (a damaged
+  database, or an array file missing or failing its checksum), all
+  :class:`StoreError`.
+* A run is claimed by the process executing it (:meth:`Store.claim`): a claim of
+  a live process is respected, a claim left by a dead one is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import io
 import json
+import math
 import os
 import platform
+import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
+from rdiag._checks import check_file_name, check_nonnegative_int
 from rdiag._optional import require
 
 DB_NAME = "rdiag.sqlite"
 STATUSES = ("running", "finished", "failed")
+#: A claim made on another host (whose process cannot be checked) counts until its
+#: heartbeat is this many seconds old.
+CLAIM_STALE_SECONDS = 600.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id TEXT PRIMARY KEY, config TEXT NOT NULL, versions TEXT NOT NULL,
-    device TEXT, seed INTEGER, status TEXT NOT NULL, created REAL, updated REAL);
+    device TEXT, seed INTEGER, status TEXT NOT NULL, created REAL, updated REAL,
+    reason TEXT);
 CREATE TABLE IF NOT EXISTS scalars (
     run TEXT NOT NULL, step INTEGER NOT NULL, metric TEXT NOT NULL,
     layer TEXT NOT NULL DEFAULT '', value REAL,
@@ -51,8 +69,48 @@ CREATE TABLE IF NOT EXISTS arrays (
     run TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, path TEXT NOT NULL,
     sha256 TEXT NOT NULL, shape TEXT NOT NULL, dtype TEXT NOT NULL,
     UNIQUE(run, step, name));
+CREATE TABLE IF NOT EXISTS missing (
+    run TEXT NOT NULL, step INTEGER NOT NULL, metric TEXT NOT NULL,
+    reason TEXT NOT NULL, UNIQUE(run, step, metric));
+CREATE TABLE IF NOT EXISTS claims (
+    run TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, pid_start TEXT,
+    started REAL NOT NULL, heartbeat REAL NOT NULL);
 """
 Records = Mapping[str | tuple[str, str], float]
+T = TypeVar("T")
+# Primary SQLite result codes (sqlite3.h) that the store tells apart.
+_BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = (
+    5,
+    6,
+    8,
+    10,
+    11,
+    13,
+    14,
+    26,
+)
+# Python 3.10's sqlite3 errors carry no code: read it from SQLite's message.
+_MESSAGES = {
+    "locked": _LOCKED,
+    "busy": _BUSY,
+    "readonly": _READONLY,
+    "disk i/o": _IOERR,
+    "malformed": _CORRUPT,
+    "is full": _FULL,
+    "unable to open": _CANTOPEN,
+    "not a database": _NOTADB,
+}
+_OS_CODES = {
+    getattr(errno, name): code
+    for name, code in (
+        ("ENOSPC", _FULL),
+        ("EDQUOT", _FULL),
+        ("EROFS", _READONLY),
+        ("EACCES", _READONLY),
+        ("EPERM", _READONLY),
+    )
+    if hasattr(errno, name)  # EDQUOT is not on every system
+}
 
 
 class StoreError(RuntimeError):
@@ -64,7 +122,59 @@ class StoreLockedError(StoreError):
 
 
 class StoreCorruptError(StoreError):
-    """The database file or an array file is unreadable or fails its checksum."""
+    """The database is damaged, or an array file is missing or fails its checksum."""
+
+
+class StoreFullError(StoreError):
+    """The disk holding the store is full (the write in flight was rolled back)."""
+
+
+class StoreReadOnlyError(StoreError):
+    """The store's directory or database files cannot be written."""
+
+
+class StoreNotADatabaseError(StoreError):
+    """The database path holds a directory or a file that is not SQLite."""
+
+
+def _sqlite_code(err: sqlite3.Error) -> int | None:
+    code = getattr(err, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF  # an extended code carries the primary one in its low byte
+    msg = str(err).lower()
+    return next((c for text, c in _MESSAGES.items() if text in msg), None)
+
+
+def _proc_start(pid: int) -> str | None:
+    """Start time (ticks after boot) of a live process, from ``/proc``.
+
+    None if the process is gone or a zombie, or there is no ``/proc``.
+    """
+    try:
+        state, *fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if state in ("Z", "X") else fields[18]
+
+
+def _this_process() -> tuple[int, str, str | None]:
+    """``(pid, host, start time)`` identifying this process in a claim."""
+    return os.getpid(), socket.gethostname(), _proc_start(os.getpid())
+
+
+def _live(pid: int, host: str, pid_start: str | None, heartbeat: float) -> bool:
+    """Whether the owner of a claim still runs (see :meth:`Store.claim`)."""
+    if host != socket.gethostname() or os.name != "posix":
+        return time.time() - heartbeat < CLAIM_STALE_SECONDS
+    if pid_start is not None:  # exact on Linux: a zombie or a reused pid does not count
+        return _proc_start(pid) == pid_start
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True
 
 
 def run_key(config: Mapping[str, Any]) -> str:
@@ -104,8 +214,10 @@ class Store:
         timeout: Seconds to keep retrying while another process holds the lock.
 
     Raises:
-        StoreCorruptError: ``root/rdiag.sqlite`` exists but is not a readable
-            SQLite database.
+        ValueError: ``root`` is a file.
+        StoreError: The database cannot be opened; the subclass says why
+            (:class:`StoreNotADatabaseError`, :class:`StoreReadOnlyError`,
+            :class:`StoreCorruptError`, ...).
 
     Example:
         >>> import tempfile
@@ -119,16 +231,20 @@ class Store:
     def __init__(self, root: str | os.PathLike, *, timeout: float = 60.0) -> None:
         self.root = Path(root)
         self.timeout = float(timeout)
+        self.db_path = self.root / DB_NAME
+        self._conn: sqlite3.Connection | None = None
+        self._pid: int | None = None
         if self.root.exists() and not self.root.is_dir():
             raise ValueError(
                 f"expected a directory for the store, got the file {self.root}; "
                 "pass a directory path (it is created if missing)"
             )
-        self.root.mkdir(parents=True, exist_ok=True)
-        self.db_path = self.root / DB_NAME
-        self._conn: sqlite3.Connection | None = None
-        self._pid: int | None = None
-        self._execute(_SCHEMA, script=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise self._error(err) from err
+        self._retry(lambda: self._connection().executescript(_SCHEMA))
+        self._migrate()
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": self.root, "timeout": self.timeout}
@@ -139,82 +255,176 @@ class Store:
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
 
-    # ---- connection and retries -----------------------------------------------
+    # ---- connection, transactions, errors ---------------------------------------
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None or self._pid != os.getpid():
-            try:
-                conn = sqlite3.connect(
-                    self.db_path, timeout=min(self.timeout, 5.0), isolation_level=None
-                )
-                conn.execute(
-                    f"PRAGMA busy_timeout={int(min(self.timeout, 5.0) * 1000)}"
-                )
-                conn.execute("PRAGMA journal_mode=WAL")
-                conn.execute("PRAGMA synchronous=NORMAL")
-            except sqlite3.DatabaseError as err:
-                self._raise(err)
+            wait = min(self.timeout, 5.0)
+            conn = sqlite3.connect(
+                self._uri(), timeout=wait, isolation_level=None, uri=True
+            )
+            conn.execute(f"PRAGMA busy_timeout={int(wait * 1000)}")
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
             self._conn, self._pid = conn, os.getpid()
         return self._conn
 
-    def _raise(self, err: sqlite3.Error) -> None:
-        msg = str(err).lower()
-        if "locked" in msg or "busy" in msg:
-            raise StoreLockedError(
-                f"the store database {self.db_path} stayed locked by another process for "
-                f"{self.timeout:.0f} s; wait for the other writer to finish or pass a "
-                "larger timeout (Store(root, timeout=...)); nothing was written for this "
-                "record and existing data is intact"
-            ) from err
-        if isinstance(err, sqlite3.DatabaseError) and not isinstance(
-            err, (sqlite3.IntegrityError, sqlite3.ProgrammingError)
-        ):
-            raise StoreCorruptError(
-                f"the store database {self.db_path} is unreadable ({err}); rdiag has not "
-                "modified it; restore it from a backup, inspect it with "
-                "`sqlite3 <file> 'PRAGMA integrity_check'`, or write to a new --out "
-                "directory"
-            ) from err
-        raise err
+    def _uri(self) -> str:
+        """The database URI; read-only where the store cannot be written.
 
-    def _execute(
-        self,
-        sql: str,
-        params: Iterable[Any] | Iterable[Iterable[Any]] = (),
-        *,
-        script: bool = False,
-        many: bool = False,
-        fetch: bool = False,
-    ) -> list[tuple]:
+        A read-only WAL database opens only if its ``-shm`` file exists or can be
+        made; without a ``-wal`` file (nothing left to read in it) it is opened
+        as immutable, so an archived store can still be read.
+        """
+        uri = self.db_path.resolve().as_uri()
+        if self._unwritable() is None:
+            return uri
+        wal = self.db_path.with_name(f"{DB_NAME}-wal").exists()
+        return f"{uri}?mode=ro" if wal else f"{uri}?mode=ro&immutable=1"
+
+    def _migrate(self) -> None:
+        """Add the ``runs.reason`` column to a store made by an older rdiag."""
+
+        def add(conn: sqlite3.Connection) -> None:
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+            if "reason" not in columns:  # checked again: another process may have won
+                conn.execute("ALTER TABLE runs ADD COLUMN reason TEXT")
+
+        if "reason" not in {row[1] for row in self._read("PRAGMA table_info(runs)")}:
+            self._write(add)
+
+    def _retry(self, call: Callable[[], T]) -> T:
+        """``call()``, retried with back-off while the database is locked."""
         deadline = time.monotonic() + self.timeout
         delay = 0.01
         while True:
             try:
-                conn = self._connection()
-                if script:
-                    conn.executescript(sql)
-                    return []
-                if fetch:
-                    return conn.execute(sql, tuple(params)).fetchall()
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    if many:
-                        conn.executemany(sql, params)
-                    else:
-                        conn.execute(sql, tuple(params))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-                return []
-            except sqlite3.OperationalError as err:
-                msg = str(err).lower()
-                if ("locked" in msg or "busy" in msg) and time.monotonic() < deadline:
+                return call()
+            except sqlite3.Error as err:
+                locked = _sqlite_code(err) in (_BUSY, _LOCKED)
+                if locked and time.monotonic() < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.5)
                     continue
-                self._raise(err)
-            except sqlite3.DatabaseError as err:
-                self._raise(err)
+                error = self._error(err)
+                if error is err:
+                    raise
+                raise error from err
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[tuple]:
+        return self._retry(
+            lambda: self._connection().execute(sql, tuple(params)).fetchall()
+        )
+
+    def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """``work(connection)`` as one ``BEGIN IMMEDIATE`` transaction."""
+
+        def transaction() -> T:
+            conn = self._connection()
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                out = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                # SQLite has already rolled back after some errors (SQLITE_FULL): a
+                # second ROLLBACK would fail and hide the cause.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            return out
+
+        return self._retry(transaction)
+
+    def _insert(self, run_id: str, sql: str, rows: list[tuple]) -> None:
+        """Insert rows of an existing run in one transaction."""
+
+        def work(conn: sqlite3.Connection) -> None:
+            self._require_run(conn, run_id)
+            conn.executemany(sql, rows)
+
+        self._write(work)
+
+    def _require_run(self, conn: sqlite3.Connection, run_id: str) -> None:
+        if not conn.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone():
+            raise self._no_run(run_id)
+
+    def _no_run(self, run_id: str) -> KeyError:
+        return KeyError(
+            f"no run {run_id!r} in the store {self.db_path}; create it first with "
+            "Store.create_run"
+        )
+
+    def _unwritable(self) -> str | None:
+        """Which part of the store cannot be written, or None."""
+        names = ("", "-wal", "-shm")
+        for path in (self.root, *(self.root / f"{DB_NAME}{n}" for n in names)):
+            if path.exists() and not os.access(path, os.W_OK):
+                return f"{path} is not writable"
+        return None
+
+    def _error(self, err: sqlite3.Error | OSError) -> Exception:
+        """The store error of a failed SQLite call or file write, by its cause."""
+        if isinstance(err, (sqlite3.IntegrityError, sqlite3.InterfaceError)) or (
+            isinstance(err, sqlite3.ProgrammingError)
+        ):
+            return err  # a misuse of SQLite (a bug), not a state of the store
+        code = (
+            _OS_CODES.get(err.errno) if isinstance(err, OSError) else _sqlite_code(err)
+        )
+        if code == _CANTOPEN and self.db_path.is_dir():
+            code = _NOTADB
+        elif code == _CANTOPEN and self._unwritable():
+            code = _READONLY
+        build = {
+            _BUSY: self._locked_error,
+            _LOCKED: self._locked_error,
+            _FULL: self._full_error,
+            _READONLY: self._read_only_error,
+            _NOTADB: self._not_a_database_error,
+            _CORRUPT: self._corrupt_error,
+        }.get(code)
+        if build is not None:
+            return build(err)
+        return StoreError(
+            f"the store {self.root} failed ({err}); if the disk is full, failing or a "
+            "network mount, fix that and rerun the same command to resume"
+        )
+
+    def _locked_error(self, err: Exception) -> StoreError:
+        return StoreLockedError(
+            f"the store database {self.db_path} stayed locked by another process for "
+            f"{self.timeout:.0f} s; wait for the other writer to finish or pass a "
+            "larger timeout (Store(root, timeout=...)); nothing was written for this "
+            "record and existing data is intact"
+        )
+
+    def _full_error(self, err: Exception) -> StoreError:
+        return StoreFullError(
+            f"the disk holding the store {self.root} is full ({err}); the write in "
+            "progress was rolled back and everything written before is intact; free "
+            "some space (or write to another --out directory) and rerun the same "
+            "command to resume"
+        )
+
+    def _read_only_error(self, err: Exception) -> StoreError:
+        return StoreReadOnlyError(
+            f"the store {self.root} cannot be written ({self._unwritable() or err}); "
+            f"its data is intact; make the directory and its {DB_NAME}* files "
+            "writable, or copy the store to a writable directory and use that"
+        )
+
+    def _not_a_database_error(self, err: Exception) -> StoreError:
+        what = "a directory" if self.db_path.is_dir() else "a file that is not SQLite"
+        return StoreNotADatabaseError(
+            f"expected {self.db_path} to be an rdiag store database, got {what}; "
+            "rdiag has not modified it; move it away or use another --out directory"
+        )
+
+    def _corrupt_error(self, err: Exception) -> StoreError:
+        return StoreCorruptError(
+            f"the store database {self.db_path} is damaged ({err}); rdiag has not "
+            "modified it; inspect it with `sqlite3 <file> 'PRAGMA integrity_check'`, "
+            "restore it from a backup, or write to a new --out directory"
+        )
 
     # ---- runs --------------------------------------------------------------------
     def create_run(
@@ -229,53 +439,81 @@ class Store:
 
         Args:
             config: JSON-serializable configuration of the run.
-            run_id: Explicit id; default :func:`run_key` of ``config``, so the same
-                configuration maps to the same run (what makes sweeps resumable).
+            run_id: Explicit id (letters, digits, ``_.-``); default :func:`run_key`
+                of ``config``, so the same configuration maps to the same run (what
+                makes sweeps resumable).
             seed: Seed, stored in its own column.
             device: Device description, e.g. ``"cpu"``.
 
         Returns:
             The run id. An existing run keeps its records; its status becomes
-            ``running`` again unless it had ``finished``.
+            ``running`` again (and its failure reason is cleared) unless it had
+            ``finished``.
+
+        Raises:
+            ValueError: A ``run_id`` that is not a safe file name (it names the
+                run's array folder).
         """
-        rid = run_id or run_key(config)
+        rid = run_key(config) if run_id is None else check_file_name(run_id, "run_id")
         now = time.time()
-        self._execute(
-            "INSERT INTO runs (id, config, versions, device, seed, status, created, updated) "
-            "VALUES (?, ?, ?, ?, ?, 'running', ?, ?) ON CONFLICT(id) DO UPDATE SET "
-            "status = CASE WHEN status = 'finished' THEN status ELSE 'running' END, "
-            "updated = excluded.updated",
-            (
-                rid,
-                json.dumps(dict(config), sort_keys=True, default=str),
-                json.dumps(versions()),
-                device,
-                seed,
-                now,
-                now,
-            ),
+        row = (
+            rid,
+            json.dumps(dict(config), sort_keys=True, default=str),
+            json.dumps(versions()),
+            device,
+            seed,
+            now,
+            now,
+        )
+        self._write(
+            lambda conn: conn.execute(
+                "INSERT INTO runs (id, config, versions, device, seed, status, created, "
+                "updated) VALUES (?, ?, ?, ?, ?, 'running', ?, ?) ON CONFLICT(id) DO "
+                "UPDATE SET reason = CASE WHEN status = 'finished' THEN reason END, "
+                "status = CASE WHEN status = 'finished' THEN status ELSE 'running' END, "
+                "updated = excluded.updated",
+                row,
+            )
         )
         return rid
 
-    def set_status(self, run_id: str, status: str) -> None:
+    def set_status(self, run_id: str, status: str, reason: str | None = None) -> None:
         """Set a run's status: ``"running"``, ``"finished"`` or ``"failed"``.
+
+        Args:
+            run_id: The run.
+            status: The new status.
+            reason: Why (e.g. why it failed), read back by :meth:`reason`; None
+                clears it.
 
         Raises:
             ValueError: Another status.
+            KeyError: No such run.
         """
         if status not in STATUSES:
             raise ValueError(f"expected status in {list(STATUSES)}, got {status!r}")
-        self._execute(
-            "UPDATE runs SET status = ?, updated = ? WHERE id = ?",
-            (status, time.time(), run_id),
-        )
+
+        def work(conn: sqlite3.Connection) -> None:
+            self._require_run(conn, run_id)
+            conn.execute(
+                "UPDATE runs SET status = ?, reason = ?, updated = ? WHERE id = ?",
+                (status, reason, time.time(), run_id),
+            )
+
+        self._write(work)
 
     def status(self, run_id: str) -> str | None:
         """The run's status, or ``None`` if the store has no such run."""
-        rows = self._execute(
-            "SELECT status FROM runs WHERE id = ?", (run_id,), fetch=True
-        )
+        rows = self._read("SELECT status FROM runs WHERE id = ?", (run_id,))
         return rows[0][0] if rows else None
+
+    def reason(self, run_id: str) -> str | None:
+        """Why the run has its status (e.g. why it failed), or None if not said.
+
+        Raises:
+            KeyError: No such run.
+        """
+        return self._run_field(run_id, "reason")
 
     def config(self, run_id: str) -> dict[str, Any]:
         """The configuration a run was created with.
@@ -286,24 +524,92 @@ class Store:
         Raises:
             KeyError: No such run.
         """
-        rows = self._execute(
-            "SELECT config FROM runs WHERE id = ?", (run_id,), fetch=True
-        )
+        return json.loads(self._run_field(run_id, "config"))
+
+    def _run_field(self, run_id: str, column: str) -> Any:
+        rows = self._read(f"SELECT {column} FROM runs WHERE id = ?", (run_id,))
         if not rows:
-            raise KeyError(f"no run {run_id!r} in the store {self.db_path}")
-        return json.loads(rows[0][0])
+            raise self._no_run(run_id)
+        return rows[0][0]
 
     def run_ids(self, status: str | None = None) -> list[str]:
         """Ids of the runs, optionally only those with ``status``, in creation order."""
         if status is None:
-            rows = self._execute("SELECT id FROM runs ORDER BY created, id", fetch=True)
+            rows = self._read("SELECT id FROM runs ORDER BY created, id")
         else:
-            rows = self._execute(
-                "SELECT id FROM runs WHERE status = ? ORDER BY created, id",
-                (status,),
-                fetch=True,
+            rows = self._read(
+                "SELECT id FROM runs WHERE status = ? ORDER BY created, id", (status,)
             )
         return [r[0] for r in rows]
+
+    # ---- claims ------------------------------------------------------------------
+    def claim(self, run_id: str) -> bool:
+        """Claim a run for this process, so that no other live process executes it.
+
+        A claim of another process on this host counts while that process lives
+        (checked by pid and, on Linux, start time, so neither a zombie nor a reused
+        pid counts); a claim from another host counts until its heartbeat is
+        :data:`CLAIM_STALE_SECONDS` old. A claim that no longer counts is taken
+        over. Claiming a run this process holds refreshes the heartbeat.
+
+        Args:
+            run_id: The run.
+
+        Returns:
+            True if this process holds the claim now; False if another live
+            process does (see :meth:`claim_holder`).
+
+        Raises:
+            KeyError: No such run.
+        """
+        me = _this_process()
+
+        def work(conn: sqlite3.Connection) -> bool:
+            self._require_run(conn, run_id)
+            row = conn.execute(
+                "SELECT pid, host, pid_start, heartbeat FROM claims WHERE run = ?",
+                (run_id,),
+            ).fetchone()
+            now = time.time()
+            if row is not None and tuple(row[:3]) == me:
+                conn.execute(
+                    "UPDATE claims SET heartbeat = ? WHERE run = ?", (now, run_id)
+                )
+            elif row is None or not _live(*row):
+                conn.execute(
+                    "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?)",
+                    (run_id, *me, now, now),
+                )
+            else:
+                return False
+            return True
+
+        return self._write(work)
+
+    def claim_holder(self, run_id: str) -> dict[str, Any] | None:
+        """Who holds a run's claim, or None if nobody does.
+
+        Returns:
+            ``{"pid", "host", "started", "heartbeat"}`` (times as Unix seconds).
+        """
+        rows = self._read(
+            "SELECT pid, host, started, heartbeat FROM claims WHERE run = ?", (run_id,)
+        )
+        return (
+            dict(zip(("pid", "host", "started", "heartbeat"), rows[0]))
+            if rows
+            else None
+        )
+
+    def release(self, run_id: str) -> None:
+        """Drop this process's claim of a run (a claim of another process stays)."""
+        self._write(
+            lambda conn: conn.execute(
+                "DELETE FROM claims WHERE run = ? AND pid = ? AND host = ? AND "
+                "pid_start IS ?",
+                (run_id, *_this_process()),
+            )
+        )
 
     # ---- scalars -----------------------------------------------------------------
     def log(self, run_id: str, step: int, records: Records) -> None:
@@ -314,6 +620,9 @@ class Store:
             step: Training step.
             records: ``metric -> value`` or ``(metric, layer) -> value``; an existing
                 ``(run, step, metric, layer)`` is replaced, never duplicated.
+
+        Raises:
+            KeyError: No such run (nothing is written).
         """
         rows = []
         for key, value in records.items():
@@ -329,15 +638,47 @@ class Store:
         Args:
             run_id: The run.
             rows: Rows; ``layer`` ``""`` or ``None`` for model-level metrics.
+
+        Raises:
+            KeyError: No such run (nothing is written).
         """
         rows = [(run_id, int(s), m, layer or "", float(v)) for s, m, layer, v in rows]
         if rows:
-            self._execute(
+            self._insert(
+                run_id,
                 "INSERT OR REPLACE INTO scalars (run, step, metric, layer, value) "
                 "VALUES (?, ?, ?, ?, ?)",
                 rows,
-                many=True,
             )
+
+    def log_missing(self, run_id: str, step: int, missing: Mapping[str, str]) -> None:
+        """Record metrics that could not be computed at a step, with the reasons.
+
+        Args:
+            run_id: The run.
+            step: Training step.
+            missing: ``metric -> reason``; an existing ``(run, step, metric)`` is
+                replaced, never duplicated.
+
+        Raises:
+            KeyError: No such run (nothing is written).
+        """
+        rows = [(run_id, int(step), str(m), str(r)) for m, r in missing.items()]
+        if rows:
+            self._insert(
+                run_id,
+                "INSERT OR REPLACE INTO missing (run, step, metric, reason) "
+                "VALUES (?, ?, ?, ?)",
+                rows,
+            )
+
+    def missing(self, run_id: str) -> list[tuple[int, str, str]]:
+        """``(step, metric, reason)`` of the metrics a run could not compute."""
+        return self._read(
+            "SELECT step, metric, reason FROM missing WHERE run = ? "
+            "ORDER BY step, metric",
+            (run_id,),
+        )
 
     def scalars(
         self, run_id: str, metric: str, layer: str | None = None
@@ -347,16 +688,16 @@ class Store:
         args: tuple = (run_id, metric)
         if layer is not None:
             sql, args = sql + " AND layer = ?", args + (layer,)
-        return self._execute(sql + " ORDER BY step, layer", args, fetch=True)
+        rows = self._read(sql + " ORDER BY step, layer", args)
+        return [(s, la, math.nan if v is None else v) for s, la, v in rows]
 
     def count(self, run_id: str | None = None) -> int:
         """Number of scalar rows in the store, or of one run."""
         if run_id is None:
-            return int(self._execute("SELECT COUNT(*) FROM scalars", fetch=True)[0][0])
-        rows = self._execute(
-            "SELECT COUNT(*) FROM scalars WHERE run = ?", (run_id,), fetch=True
+            return int(self._read("SELECT COUNT(*) FROM scalars")[0][0])
+        return int(
+            self._read("SELECT COUNT(*) FROM scalars WHERE run = ?", (run_id,))[0][0]
         )
-        return int(rows[0][0])
 
     def query(
         self,
@@ -389,13 +730,12 @@ class Store:
         )
         if where:
             sql += " WHERE " + " AND ".join(where)
-        rows = self._execute(
-            sql + " ORDER BY s.run, s.step, s.metric, s.layer", args, fetch=True
-        )
+        rows = self._read(sql + " ORDER BY s.run, s.step, s.metric, s.layer", args)
         frame = pd.DataFrame(
             rows,
             columns=["run", "step", "metric", "layer", "value", "config", "status"],
         )
+        frame["value"] = frame["value"].astype(float)  # NULL (a stored NaN) -> NaN
         if config and len(frame):
             cfg = pd.DataFrame(
                 [json.loads(c) for c in frame["config"]], index=frame.index
@@ -418,55 +758,70 @@ class Store:
 
         Args:
             run_id: The run.
-            step: Training step.
-            name: Snapshot name (``[A-Za-z0-9_.-]``), e.g. ``"ntk"``.
+            step: Training step (an int >= 0).
+            name: Snapshot name (``[A-Za-z0-9_.-]``, not starting with ``.``), e.g.
+                ``"ntk"``.
             array: Tensor or array-like.
 
         Returns:
             Path of the file.
 
         Raises:
-            ValueError: A name with other characters.
+            ValueError: A run id, name or step that could name a path outside the
+                store.
+            KeyError: No such run (nothing is written).
+            StoreFullError: The disk is full; StoreReadOnlyError: the store cannot
+                be written (the previous snapshot, if any, is kept).
         """
-        if not name or not all(c.isalnum() or c in "_.-" for c in name):
-            raise ValueError(
-                f"expected an array name of letters, digits, '_.-', got {name!r}"
-            )
+        check_file_name(run_id, "run_id")
+        check_file_name(name, "array name")
+        step = check_nonnegative_int(step, "step")
+        if self.status(run_id) is None:
+            raise self._no_run(run_id)
         arr = (
             array.detach().cpu().numpy()
             if isinstance(array, torch.Tensor)
             else np.asarray(array)
         )
-        folder = self.root / "arrays" / run_id
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}-{int(step)}.npy"
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(buf.getvalue())
-        os.replace(tmp, path)
-        digest = hashlib.sha256(buf.getvalue()).hexdigest()
-        self._execute(
+        path = self.root / "arrays" / run_id / f"{name}-{step}.npy"
+        self._write_file(path, buf.getvalue())
+        self._insert(
+            run_id,
             "INSERT OR REPLACE INTO arrays (run, step, name, path, sha256, shape, dtype) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (
-                run_id,
-                int(step),
-                name,
-                str(path.relative_to(self.root)),
-                digest,
-                json.dumps(list(arr.shape)),
-                str(arr.dtype),
-            ),
+            [
+                (
+                    run_id,
+                    step,
+                    name,
+                    str(path.relative_to(self.root)),
+                    hashlib.sha256(buf.getvalue()).hexdigest(),
+                    json.dumps(list(arr.shape)),
+                    str(arr.dtype),
+                )
+            ],
         )
         return path
 
+    def _write_file(self, path: Path, data: bytes) -> None:
+        """Write ``path`` atomically (a temporary file renamed into place)."""
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise self._error(err) from err
+
     def array_steps(self, run_id: str, name: str) -> list[int]:
         """Steps at which snapshot ``name`` of the run was saved."""
-        rows = self._execute(
+        rows = self._read(
             "SELECT step FROM arrays WHERE run = ? AND name = ? ORDER BY step",
             (run_id, name),
-            fetch=True,
         )
         return [r[0] for r in rows]
 
@@ -480,10 +835,9 @@ class Store:
             KeyError: No such snapshot.
             StoreCorruptError: The file is missing or its checksum does not match.
         """
-        rows = self._execute(
+        rows = self._read(
             "SELECT path, sha256 FROM arrays WHERE run = ? AND step = ? AND name = ?",
             (run_id, int(step), name),
-            fetch=True,
         )
         if not rows:
             raise KeyError(

@@ -175,7 +175,10 @@ def test_coord_check_command(tmp_path, capsys) -> None:
             ["sweep", "--config", "{tmp}/missing.yaml", "--out", "{tmp}"],
             "does not exist",
         ),
-        (["sweep", "--seeds", "0", "--out", "{tmp}"], "--seeds K >= 1"),
+        (
+            ["sweep", "--seeds", "0", "--out", "{tmp}"],
+            "argument --seeds: expected an integer >= 1, got '0'",
+        ),
         (["report", "--store", "{tmp}/nothing"], "no store at"),
         (["run", "--model", "resnet", "--out", "{tmp}"], "invalid choice: 'resnet'"),
     ],
@@ -192,7 +195,7 @@ def test_run_from_a_yaml_config_with_flag_overrides(tmp_path, capsys) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(
         "width: 8\nsteps: 2\nevery: 2\nbatch_size: 8\nmetrics: [loss]\n"
-        "data_options: {n_train: 16, n_test: 8, dim: 3}\nparam: ntk\n"
+        "data_options: {n_train: 16, n_test: 8, dim: 3}\nparam: ntk\nprobe_size: 4\n"
     )
     out = tmp_path / "store"
     assert (
@@ -206,3 +209,91 @@ def test_run_from_a_yaml_config_with_flag_overrides(tmp_path, capsys) -> None:
     config.write_text("widht: 8\n")
     assert _exit_code(["run", "--config", str(config), "--out", str(out)]) == 2
     assert "unknown config field(s) ['widht']" in capsys.readouterr().err
+
+
+def _one_error_line(capsys, command: str) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"rdiag {command}: error: "), err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["ntk", "--n", "0"], "argument --n: expected an integer >= 1, got '0'"),
+        (["ntk", "--top", "-1"], "argument --top: expected an integer >= 1"),
+        (["ntk", "--width", "abc"], "argument --width: expected an integer >= 1"),
+        (["ntk", "--out", "{tmp}"], "argument --out: expected a file path"),
+        (["sharpness", "--steps", "-1"], "argument --steps: expected an integer >= 0"),
+        (["sharpness", "--lr", "nan"], "argument --lr: expected a finite number > 0"),
+        (["sweep", "--workers", "0", "--out", "{tmp}"], "argument --workers"),
+        (["sweep", "--r", "inf", "--out", "{tmp}"], "argument --r: expected a finite"),
+        (["sweep", "--widths", "8", "-4", "--out", "{tmp}"], "argument --widths"),
+        (["run", "--seed", "-1", "--out", "{tmp}"], "argument --seed"),
+        (["sweep", "--out", "{tmp}/file"], "argument --out: expected a directory"),
+        (["run", "--out", "{tmp}/file"], "argument --out: expected a directory"),
+        (["coord-check", "--out", "{tmp}/file"], "argument --out: expected a direc"),
+        (
+            ["sweep", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/o"],
+            "could not parse",
+        ),
+        (
+            ["sweep", "--config", "{tmp}/list.yaml", "--out", "{tmp}/o"],
+            "got a YAML list",
+        ),
+        (["run", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/o"], "could not parse"),
+        (["run", "--config", "{tmp}/list.yaml", "--out", "{tmp}/o"], "got a YAML list"),
+        (["report", "--store", "{tmp}/junk"], "not SQLite; rdiag has not modified it"),
+    ],
+)
+def test_every_error_is_one_line_with_exit_2(
+    tmp_path, capsys, argv: list, message: str
+) -> None:
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "bad.yaml").write_text("base: [unclosed\n  grid: {")
+    (tmp_path / "list.yaml").write_text("- width: 8\n")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "rdiag.sqlite").write_bytes(b"junk" * 500)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    assert _exit_code(argv) == 2
+    assert message in _one_error_line(capsys, argv[0])
+
+
+def test_out_of_memory_is_one_line_and_debug_shows_the_traceback(
+    capsys, monkeypatch
+) -> None:
+    import rdiag.ntk.api
+
+    def no_memory(*_args, **_kwargs):
+        raise MemoryError("cannot allocate 40.0 GB for the (100000, 100000) eNTK")
+
+    monkeypatch.setattr(rdiag.ntk.api, "empirical_ntk", no_memory)
+    assert _exit_code(["ntk", "--n", "100000", "--width", "8"]) == 2
+    line = _one_error_line(capsys, "ntk")
+    assert line.endswith(
+        "error: cannot allocate 40.0 GB for the (100000, 100000) eNTK\n"
+    )
+    with pytest.raises(MemoryError):
+        main(["ntk", "--n", "100000", "--width", "8", "--debug"])
+
+
+def test_sweep_lists_its_failed_runs_and_exits_0(tmp_path, capsys) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(TINY_SWEEP)
+    argv = ["sweep", "--config", str(config), "--lr", "0.1", "1e4", "--steps", "8"]
+    assert main([*argv, "--no-report", "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs (1 finished, 0 already done, 1 failed" in out
+    (line,) = [x for x in out.splitlines() if x.strip().startswith("failed")]
+    assert "lr=10000.0" in line and ": diverged at step " in line
+
+
+def test_sharpness_stops_gd_at_divergence(tmp_path, capsys) -> None:
+    path = tmp_path / "s.json"
+    argv = ["sharpness", "--lr", "1e6", "--steps", "5", "--width", "16", "--n", "8"]
+    assert main([*argv, "--out", str(path)]) == 0
+    summary = json.loads(path.read_text())
+    assert summary["diverged"].startswith("GD diverged at step ")
+    assert "sharpness" not in summary and summary["steps_of_gd"] <= 5
+    assert "diverged" in capsys.readouterr().out

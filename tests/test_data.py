@@ -119,3 +119,13 @@ def test_sequences_previous_token_task() -> None:
     ds = D.load_data("sequences", n_train=5, n_test=3, vocab=7, seq_len=4)
     assert ds.x.shape == (5, 4) and ds.y.shape == (5, 4) and ds.num_outputs == 7
     assert torch.equal(ds.y[:, 1:], ds.x[:, :-1]) and bool((ds.y[:, 0] == 0).all())
+
+
+def test_probe_is_the_first_test_samples_and_never_truncated() -> None:
+    data = D.load_data("teacher", n_train=8, n_test=5, dim=3)
+    x, y = data.probe(3)
+    assert torch.equal(x, data.x_test[:3]) and torch.equal(y, data.y_test[:3])
+    with pytest.raises(ValueError, match="probe_size <= the 5 test samples, got 6"):
+        data.probe(6)
+    with pytest.raises(ValueError, match="probe_size to be a positive int"):
+        data.probe(0)

@@ -1,16 +1,9 @@
-"""Harness: train, config errors, sweeps (resume, kill + resume, executors)."""
+"""Harness: train, failed and diverged runs, config errors, sweeps (resume, claims,
+executors, progress); kill -9 and resume are in test_faults.py."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
-import json
-import os
-import signal
-import subprocess
-import sys
-import textwrap
-import time
-from pathlib import Path
 
 import pytest
 
@@ -159,64 +152,6 @@ def test_sweep_resumes_without_duplicates_and_takes_an_executor(tmp_path) -> Non
     assert second.count("skipped") == 4 and store.count() == rows
 
 
-_KILLED_SWEEP = """
-import json, sys
-from rdiag.harness import sweep
-if __name__ == "__main__":
-    sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=1)
-"""
-
-
-def test_killed_sweep_resumes_with_no_lost_or_duplicated_rows(tmp_path) -> None:
-    base = {**TINY, "steps": 12, "every": 4}
-    config = {
-        "base": base,
-        "grid": {"width": [8, 12, 16], "seed": [0, 1]},
-        "report": False,
-    }
-    script = tmp_path / "run_sweep.py"
-    script.write_text(textwrap.dedent(_KILLED_SWEEP))
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, str(script), json.dumps(config), str(out)],
-        cwd=Path(__file__).resolve().parents[1],
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            time.sleep(0.1)
-            if (out / "rdiag.sqlite").exists() and len(
-                Store(out).run_ids("finished")
-            ) >= 1:
-                break
-        assert proc.poll() is None, "the sweep finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait(30)
-    store = Store(out)
-    finished_before = store.run_ids("finished")
-    assert 1 <= len(finished_before) < 6
-    complete = store.count(
-        finished_before[0]
-    )  # rows of a run that was never interrupted
-    resumed = sweep(config, out=out, workers=2)  # also exercises the process pool
-    assert resumed.count("skipped") == len(finished_before)
-    assert resumed.count("finished") == 6 - len(finished_before)
-    ids = store.run_ids()
-    assert len(ids) == 6 and store.count() == 6 * complete
-    for rid in ids:
-        assert store.status(rid) == "finished" and store.count(rid) == complete
-        assert _steps(store, rid, "train_loss") == list(range(12))
-        assert _steps(store, rid, "ntk_rel_change") == [0, 4, 8, 12]
-        assert [s for s, _, _ in store.scalars(rid, "delta_h", "readin")] == [
-            0,
-            4,
-            8,
-            12,
-        ]
-    assert TrainConfig.from_dict(store.config(ids[0])).width in (8, 12, 16)
-
-
 def test_device_field(tmp_path) -> None:
     import torch
 
@@ -229,15 +164,22 @@ def test_device_field(tmp_path) -> None:
         train({**TINY, "device": "tpu"}, store=tmp_path)
 
 
-def test_sweep_fails_fast_on_a_run_error(tmp_path) -> None:
+def test_a_run_that_raises_fails_with_its_reason_and_the_sweep_goes_on(
+    tmp_path,
+) -> None:
     config = {
-        "base": {**TINY, "model": "cnn"},
-        "grid": {"seed": [0, 1, 2]},
+        "base": {**TINY, "metrics": ["loss"]},
+        "grid": {"model": ["cnn", "mlp"], "seed": [0, 1]},
         "report": False,
     }
-    with pytest.raises(ValueError, match="model 'cnn' needs square images"):
-        sweep(config, out=tmp_path)
-    assert Store(tmp_path).run_ids("finished") == []
+    result = sweep(config, out=tmp_path)
+    store = Store(tmp_path)
+    assert result.count("failed") == 2 and result.count("finished") == 2
+    for r in result.results:
+        if r.status == "failed":
+            assert "ValueError: model 'cnn' needs square images" in r.reason
+            assert store.reason(r.run_id) == r.reason
+            assert store.status(r.run_id) == "failed"
 
 
 def test_ray_executor(tmp_path) -> None:
@@ -268,3 +210,168 @@ def test_sweep_overrides_replace_r_with_param(tmp_path) -> None:
     params = sorted(store.config(r.run_id)["param"] for r in result.results)
     assert params == ["mup", "ntk"]
     assert {store.config(r.run_id)["width"] for r in result.results} == {12}
+
+
+def test_a_diverging_run_fails_with_its_reason_and_keeps_its_records(tmp_path) -> None:
+    result = train({**TINY, "lr": 1e4, "steps": 8}, store=tmp_path)
+    store = Store(tmp_path)
+    assert result.status == "failed" == store.status(result.run_id)
+    assert result.reason.startswith("diverged at step ")
+    assert store.reason(result.run_id) == result.reason
+    step = int(result.reason.split()[3].rstrip(":"))
+    assert _steps(store, result.run_id, "train_loss") == list(range(step + 1))
+    # The diverged state was not measured: no Monitor record after the last check.
+    assert max(_steps(store, result.run_id, "loss")) < step
+
+
+def test_divergence_factor_bounds_the_loss_and_is_validated(tmp_path) -> None:
+    cfg = {**TINY, "lr": 30.0, "steps": 6, "metrics": ["loss"]}
+    assert train({**cfg, "divergence_factor": None}, store=tmp_path).status == (
+        "finished"
+    )
+    failed = train({**cfg, "divergence_factor": 1.0}, store=tmp_path)
+    assert failed.status == "failed" and "divergence_factor" in failed.reason
+    with pytest.raises(ValueError, match="'divergence_factor' to be a finite number"):
+        TrainConfig.from_dict({"divergence_factor": 0.5})
+
+
+def test_a_diagnostic_that_raises_fails_the_run_not_the_process(
+    tmp_path, monkeypatch
+) -> None:
+    from rdiag.monitor import Monitor
+
+    original = Monitor.step
+
+    def step(self, step, *, force=False):
+        if step == 2:
+            raise ValueError("centered alignment is undefined: a centered kernel is 0")
+        return original(self, step, force=force)
+
+    monkeypatch.setattr(Monitor, "step", step)
+    result = train(TINY, store=tmp_path)
+    store = Store(tmp_path)
+    assert result.status == "failed" == store.status(result.run_id)
+    assert result.reason == (
+        "diagnostics failed at step 2: ValueError: centered alignment is undefined: "
+        "a centered kernel is 0"
+    )
+    assert _steps(store, result.run_id, "train_loss") == [0, 1, 2]
+    assert _steps(store, result.run_id, "ntk_rel_change") == [0]
+
+
+@pytest.mark.parametrize(
+    ("cfg", "match"),
+    [
+        ({"momentum": -1}, "'momentum' to be a finite number in \\[0, 1\\)"),
+        ({"seed": "a"}, "'seed' to be an int >= 0, got 'a'"),
+        ({"lr": True}, "'lr' to be a finite number > 0"),
+        ({"budget_fraction": 2}, "'budget_fraction' to be a finite number in"),
+        ({"snapshots": "yes"}, "'snapshots' to be true or false"),
+        ({"metrics": "loss"}, "'metrics' to be a list of names"),
+        ({"activation": "swish"}, "activation to be one of"),
+        ({"param": 5}, "bad config field 'param'"),
+    ],
+)
+def test_bad_fields_are_refused_before_anything_runs(
+    tmp_path, cfg: dict, match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict({**TINY, **cfg})
+    key, value = next(iter(cfg.items()))
+    with pytest.raises(ValueError, match=match):
+        sweep({"base": TINY, "grid": {key: [value]}}, out=tmp_path)
+    assert Store(tmp_path).run_ids() == []
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"grid": [8, 16]}, "grid to be a mapping"),
+        ({"base": ["width"]}, "base to be a mapping"),
+        ({"workers": "2"}, "workers to be a positive int, got '2'"),
+        ({"report": "yes"}, "report to be true or false"),
+        ({"grid": {"r": ["a"]}}, "grid.r values to be a finite number"),
+    ],
+)
+def test_bad_sweep_configs_name_the_key(tmp_path, config: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        sweep({"base": TINY, **config}, out=tmp_path)
+    with pytest.raises(ValueError, match="workers to be a positive int"):
+        sweep({"base": TINY}, out=tmp_path, workers=0)
+
+
+def test_yaml_configs_that_are_not_mappings(tmp_path) -> None:
+    from rdiag.harness import load_train_config
+
+    path = tmp_path / "list.yaml"
+    path.write_text("- width: 8\n- width: 16\n")
+    for load in (load_sweep_config, load_train_config):
+        with pytest.raises(ValueError, match="to be a mapping .*got a YAML list"):
+            load(path)
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        load_train_config(tmp_path)
+
+
+def test_probe_larger_than_the_test_set_is_an_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match="probe_size <= the 8 test samples, got 9"):
+        train({**TINY, "probe_size": 9}, store=tmp_path)
+    (rid,) = Store(tmp_path).run_ids()
+    assert Store(tmp_path).reason(rid).startswith("ValueError: expected probe_size")
+
+
+def test_absurd_width_is_refused_before_allocating(tmp_path) -> None:
+    from rdiag.models import make_model
+
+    with pytest.raises(MemoryError, match=r"needs about 36\d\.\d TiB"):
+        make_model("mlp", 10**7)
+    failed = sweep(
+        {"base": {**TINY, "width": 10**7}, "report": False}, out=tmp_path
+    ).results
+    assert failed[0].status == "failed" and "MemoryError" in failed[0].reason
+
+
+def _claim_and_wait(root: str, rid: str, ready, done) -> None:
+    Store(root).claim(rid)
+    ready.set()
+    done.wait(30)
+
+
+def test_a_run_another_live_process_executes_is_not_run_here(tmp_path) -> None:
+    import multiprocessing as mp
+
+    store = Store(tmp_path)
+    rid = store.create_run(TrainConfig.from_dict(TINY).to_dict(), seed=0)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ready, done = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=_claim_and_wait, args=(str(tmp_path), rid, ready, done))
+    proc.start()
+    try:
+        assert ready.wait(30)
+        result = train(TINY, store=tmp_path)
+        assert result.status == "elsewhere" and f"pid {proc.pid}" in result.reason
+        assert store.count(rid) == 0
+    finally:
+        done.set()
+        proc.join(30)
+    assert train(TINY, store=tmp_path).status == "finished"  # its claim died with it
+    assert store.claim_holder(rid) is None
+
+
+def test_serial_sweep_progress_moves_per_run(tmp_path, monkeypatch) -> None:
+    tqdm = pytest.importorskip("tqdm")
+    seen = []
+
+    class Bar:
+        def __init__(self, **_kwargs) -> None:
+            pass
+
+        def update(self, n: int) -> None:
+            seen.append(len(Store(tmp_path).run_ids("finished")))
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    config = {"base": {**TINY, "metrics": ["loss"]}, "grid": {"seed": [0, 1, 2]}}
+    sweep({**config, "report": False}, out=tmp_path, progress=True)
+    assert seen == [1, 2, 3]

@@ -169,3 +169,24 @@ def test_two_width_fit_has_no_interval_and_strict_json(tmp_path) -> None:
     (fit,) = json.loads(text)["fits"]
     assert fit["ci"] == [None, None] and fit["slope"] == pytest.approx(0.5)
     assert "n/a (2 points)" in paths["html"].read_text()
+
+
+def test_report_lists_failed_runs_and_why(tmp_path) -> None:
+    store = _synthetic_store(tmp_path / "store")
+    cfg = {"param": "r=0.5", "width": 64, "seed": 0, "lr": 8.0, "steps": 10}
+    rid = store.create_run(cfg, seed=0)
+    store.log(rid, 0, {"train_loss": 1.0, "f_norm": float("nan")})
+    store.set_status(rid, "failed", "diverged at step 7: training loss <b>inf</b>")
+    paths = build_report(store, tmp_path / "out")
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["runs"]["failed"] == 1
+    assert summary["failed"] == [
+        {
+            "run": rid,
+            "reason": "diverged at step 7: training loss <b>inf</b>",
+            "config": {"param": "r=0.5", "width": 64, "seed": 0, "lr": 8.0},
+        }
+    ]
+    page = paths["html"].read_text()
+    assert "Failed runs (1)" in page and "param=r=0.5 width=64 seed=0 lr=8.0" in page
+    assert "training loss &lt;b&gt;inf&lt;/b&gt;" in page

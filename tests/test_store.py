@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+import socket
 import sqlite3
+import time
 
 import numpy as np
 import pytest
 
-from rdiag.store import Store, StoreCorruptError, StoreLockedError, run_key
+from rdiag.store import (
+    Store,
+    StoreCorruptError,
+    StoreFullError,
+    StoreLockedError,
+    StoreNotADatabaseError,
+    run_key,
+)
 
 
 def test_runs_scalars_and_replace_not_duplicate(tmp_path) -> None:
@@ -67,15 +78,192 @@ def test_array_checksum_roundtrip_and_mismatch(tmp_path) -> None:
         store.save_array(rid, 0, "a/b", arr)
 
 
-def test_corrupt_database_names_file_and_keeps_it(tmp_path) -> None:
+def test_not_a_database_names_the_file_and_keeps_it(tmp_path) -> None:
     db = tmp_path / "rdiag.sqlite"
     junk = b"this is not a sqlite database" * 100
     db.write_bytes(junk)
-    with pytest.raises(StoreCorruptError, match="rdiag.sqlite"):
+    with pytest.raises(StoreNotADatabaseError, match="rdiag.sqlite.*not SQLite"):
         Store(tmp_path)
     assert db.read_bytes() == junk
     with pytest.raises(ValueError, match="directory"):
         Store(db)
+    other = tmp_path / "other"
+    (other / "rdiag.sqlite").mkdir(parents=True)
+    with pytest.raises(StoreNotADatabaseError, match="got a directory"):
+        Store(other)
+
+
+def test_damaged_database_is_corrupt_and_kept(tmp_path) -> None:
+    store = Store(tmp_path)
+    rid = store.create_run({"a": 1})
+    store.log_rows(rid, [(s, "loss", "", float(s)) for s in range(3000)])
+    store.close()
+    db = tmp_path / "rdiag.sqlite"
+    data = bytearray(db.read_bytes())
+    data[8192:] = bytes([0x55]) * (len(data) - 8192)  # pages 3.. overwritten
+    db.write_bytes(bytes(data))
+    with pytest.raises(StoreCorruptError, match="damaged.*integrity_check"):
+        Store(tmp_path).scalars(rid, "loss")
+    assert db.read_bytes() == bytes(data)
+
+
+def test_disk_full_is_said_and_loses_nothing(tmp_path) -> None:
+    store = Store(tmp_path)
+    rid = store.create_run({"a": 1})
+    store.log(rid, 0, {"loss": 1.0})
+    conn = store._connection()
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")  # SQLite's own SQLITE_FULL
+    rows = [(s, "x" * 500, "", 1.0) for s in range(200)]
+    with pytest.raises(StoreFullError, match="is full.*rolled back.*free some space"):
+        store.log_rows(rid, rows)
+    assert store.scalars(rid, "loss") == [(0, "", 1.0)] and store.count() == 1
+    conn.execute("PRAGMA max_page_count = 1000000")
+    store.log_rows(rid, rows)
+    assert store.count() == 201
+
+
+def test_writes_to_an_unknown_run_raise_and_write_nothing(tmp_path) -> None:
+    store = Store(tmp_path)
+    for write in (
+        lambda: store.log("nope", 0, {"loss": 1.0}),
+        lambda: store.log_rows("nope", [(0, "loss", "", 1.0)]),
+        lambda: store.log_missing("nope", 0, {"ntk": "failed"}),
+        lambda: store.set_status("nope", "finished"),
+        lambda: store.save_array("nope", 0, "ntk", np.zeros(2)),
+        lambda: store.claim("nope"),
+    ):
+        with pytest.raises(KeyError, match="no run 'nope'.*create_run"):
+            write()
+    assert store.count() == 0 and store.run_ids() == []
+    assert not (tmp_path / "arrays").exists()
+
+
+@pytest.mark.parametrize(
+    ("run_id", "name", "step"),
+    [
+        ("../../escape", "ntk", 0),
+        ("..", "ntk", 0),
+        ("ok", "../ntk", 0),
+        ("ok", ".hidden", 0),
+        ("ok", "ntk", -1),
+        ("ok", "ntk", "../1"),
+    ],
+)
+def test_array_paths_cannot_leave_the_store(tmp_path, run_id, name, step) -> None:
+    store = Store(tmp_path / "store")
+    store.create_run({"a": 1}, run_id="ok")
+    with pytest.raises(ValueError, match="expected (run_id|array name|step)"):
+        store.save_array(run_id, step, name, np.zeros(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+    assert not (tmp_path / "store" / "arrays").exists()
+    with pytest.raises(ValueError, match="expected run_id"):
+        store.create_run({"a": 2}, run_id="../../escape")
+
+
+def test_nan_and_infinities_read_back(tmp_path) -> None:
+    pd = pytest.importorskip("pandas")
+    store = Store(tmp_path)
+    rid = store.create_run({"a": 1})
+    values = {"nan": float("nan"), "inf": float("inf"), "minf": float("-inf")}
+    store.log(rid, 0, values)
+    for metric, value in values.items():
+        ((_, _, got),) = store.scalars(rid, metric)
+        assert isinstance(got, float) and np.array_equal(got, value, equal_nan=True)
+    frame = store.query()
+    assert frame["value"].dtype == float and int(frame["value"].isna().sum()) == 1
+    assert pd.isna(store.query("nan")["value"]).all()
+
+
+def test_status_reason_and_missing_metrics(tmp_path) -> None:
+    store = Store(tmp_path)
+    rid = store.create_run({"a": 1})
+    assert store.reason(rid) is None
+    store.set_status(rid, "failed", "diverged at step 3: training loss nan")
+    assert store.status(rid) == "failed"
+    assert store.reason(rid) == "diverged at step 3: training loss nan"
+    assert store.create_run({"a": 1}) == rid and store.reason(rid) is None  # retried
+    store.log_missing(rid, 10, {"ntk": "ValueError: x", "sharpness": "eigh failed"})
+    store.log_missing(rid, 10, {"ntk": "ValueError: y"})  # replaced, not duplicated
+    store.log_missing(rid, 0, {})
+    assert store.missing(rid) == [
+        (10, "ntk", "ValueError: y"),
+        (10, "sharpness", "eigh failed"),
+    ]
+    with pytest.raises(KeyError):
+        store.reason("nope")
+
+
+def test_old_store_gains_the_reason_column_keeping_every_row(tmp_path) -> None:
+    db = sqlite3.connect(tmp_path / "rdiag.sqlite")
+    db.executescript(
+        """
+        CREATE TABLE runs (id TEXT PRIMARY KEY, config TEXT NOT NULL,
+            versions TEXT NOT NULL, device TEXT, seed INTEGER, status TEXT NOT NULL,
+            created REAL, updated REAL);
+        CREATE TABLE scalars (run TEXT NOT NULL, step INTEGER NOT NULL,
+            metric TEXT NOT NULL, layer TEXT NOT NULL DEFAULT '', value REAL,
+            UNIQUE(run, step, metric, layer));
+        INSERT INTO runs VALUES ('r1', '{"a": 1}', '{}', 'cpu', 0, 'finished', 1, 1);
+        INSERT INTO scalars VALUES ('r1', 0, 'loss', '', 0.5);
+        """
+    )
+    db.close()
+    store = Store(tmp_path)
+    assert store.run_ids("finished") == ["r1"] and store.config("r1") == {"a": 1}
+    assert store.scalars("r1", "loss") == [(0, "", 0.5)] and store.reason("r1") is None
+    store.set_status("r1", "failed", "why")
+    assert Store(tmp_path).reason("r1") == "why"
+
+
+def _hold_claim(root: str, rid: str, ready, done) -> None:
+    ready.put(Store(root).claim(rid))
+    done.wait(30)
+
+
+def test_claims_respect_live_owners_and_take_over_dead_ones(tmp_path) -> None:
+    store = Store(tmp_path)
+    rid = store.create_run({"a": 1})
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ready, done = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_hold_claim, args=(str(tmp_path), rid, ready, done))
+    proc.start()
+    try:
+        assert ready.get(timeout=30) is True
+        assert store.claim(rid) is False
+        assert store.claim_holder(rid)["pid"] == proc.pid
+        store.release(rid)  # not ours: stays
+        assert store.claim_holder(rid)["pid"] == proc.pid
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join(30)
+    assert store.claim(rid) is True and store.claim_holder(rid)["pid"] == os.getpid()
+    assert store.claim(rid) is True  # ours: a heartbeat
+    store.release(rid)
+    assert store.claim_holder(rid) is None
+
+
+def test_claims_of_reused_pids_and_other_hosts(tmp_path) -> None:
+    from rdiag import store as store_module
+
+    store = Store(tmp_path)
+    rid = store.create_run({"a": 1})
+    conn = store._connection()
+
+    def plant(pid: int, host: str, pid_start: str | None, age: float) -> None:
+        now = time.time()
+        conn.execute(
+            "INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?)",
+            (rid, pid, host, pid_start, now - age, now - age),
+        )
+
+    if store_module._proc_start(os.getpid()) is not None:  # Linux: exact identity
+        plant(os.getpid(), socket.gethostname(), "1", 0.0)  # our pid, another start
+        assert store.claim(rid) is True
+    plant(1, "elsewhere.example", None, 10.0)
+    assert store.claim(rid) is False
+    plant(1, "elsewhere.example", None, store_module.CLAIM_STALE_SECONDS + 1)
+    assert store.claim(rid) is True
 
 
 def test_locked_store_times_out_with_clear_error_and_loses_nothing(tmp_path) -> None:

@@ -1,0 +1,358 @@
+"""Fault injection: kill -9 and resume, orphans, disk full, read-only and concurrent
+stores, damaged array files. Every comparison is record for record against an
+uninterrupted run of the same sweep (timing records aside)."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rdiag.harness import sweep
+from rdiag.store import Store, StoreCorruptError, StoreFullError, StoreReadOnlyError
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {
+    "width": 8,
+    "depth": 3,
+    "steps": 20,
+    "every": 5,
+    "lr": 0.1,
+    "optimizer": "gd",
+    "data_options": {"n_train": 16, "n_test": 8, "dim": 3},
+    "probe_size": 4,
+    "metrics": ["representations", "loss"],
+}
+CONFIG = {
+    "base": BASE,
+    "grid": {"width": [8, 12, 16], "seed": [0, 1, 2, 3]},
+    "report": False,
+}
+RUNS = 12
+TIMING = ("monitor_seconds", "train_seconds")
+_SWEEP = """
+import json, sys
+import torch
+from rdiag.harness import sweep
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    result = sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=int(sys.argv[3]))
+    print(json.dumps({r.run_id: r.status for r in result.results}))
+"""
+
+
+def _records(root: Path) -> dict[tuple, float]:
+    rows = Store(root).query(config=False)
+    rows = rows[~rows["metric"].isin(TIMING)]
+    return {
+        (r.run, r.step, r.metric, r.layer): r.value
+        for r in rows.itertuples(index=False)
+    }
+
+
+def _same(expected: dict[tuple, float], actual: dict[tuple, float]) -> None:
+    assert actual.keys() == expected.keys()
+    diff = [k for k, v in expected.items() if not np.array_equal(v, actual[k], True)]
+    assert not diff, f"{len(diff)} records differ, e.g. {diff[:3]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[tuple, float]:
+    """The records of the uninterrupted sweep."""
+    pytest.importorskip("pandas")
+    out = tmp_path_factory.mktemp("reference")
+    assert sweep(CONFIG, out=out).count("finished") == RUNS
+    return _records(out)
+
+
+def _start(out: Path, workers: int, config: dict = CONFIG) -> subprocess.Popen:
+    script = out.parent / f"{out.name}_sweep.py"
+    script.write_text(textwrap.dedent(_SWEEP))
+    return subprocess.Popen(
+        [sys.executable, str(script), json.dumps(config), str(out), str(workers)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _rows(out: Path) -> int:
+    db = out / "rdiag.sqlite"
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        try:
+            return conn.execute("SELECT COUNT(*) FROM scalars").fetchone()[0]
+        except sqlite3.OperationalError:  # the schema is being created
+            return 0
+
+
+def _wait(ready: Callable[[], bool], proc: subprocess.Popen, limit: float = 60) -> None:
+    deadline = time.monotonic() + limit
+    while not ready():
+        assert proc.poll() is None, "the sweep ended before the fault was injected"
+        assert time.monotonic() < deadline, "timed out waiting for the sweep"
+        time.sleep(0.005)
+
+
+def _descendants(pid: int) -> list[int]:
+    kids = []
+    for path in Path(f"/proc/{pid}/task").glob("*/children"):
+        kids += [int(k) for k in path.read_text().split()]
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")  # a zombie waits for init, it runs nothing
+
+
+@contextlib.contextmanager
+def _killed_at(proc: subprocess.Popen, out: Path, rows: int) -> Iterator[list[int]]:
+    """Kill -9 the sweep once ``rows`` records are stored; yield its children's
+    pids, and kill any of them still running afterwards (an orphan)."""
+    children: list[int] = []
+    try:
+        _wait(lambda: _rows(out) >= rows, proc)
+        children = _descendants(proc.pid) if Path("/proc/self/task").is_dir() else []
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(30)
+    try:
+        yield children
+    finally:
+        for pid in children:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize(("workers", "seed"), [(1, 0), (1, 1), (2, 2)])
+def test_kill_9_at_a_random_point_then_resume_loses_nothing(
+    tmp_path, reference, workers: int, seed: int
+) -> None:
+    out = tmp_path / "store"
+    rows = random.Random(seed).randint(1, int(0.8 * len(reference)))
+    with _killed_at(_start(out, workers), out, rows):
+        store = Store(out)
+        done = store.run_ids("finished")
+        assert len(done) < RUNS and store.count() >= rows
+        resumed = sweep(CONFIG, out=out)
+    assert resumed.count("skipped") == len(done)
+    assert resumed.count("finished") == RUNS - len(done)
+    _same(reference, _records(out))
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_workers_die_with_a_killed_sweep_and_write_nothing_after(tmp_path) -> None:
+    out = tmp_path / "store"
+    config = {**CONFIG, "grid": {"width": [8, 12, 16], "seed": list(range(40))}}
+    with _killed_at(_start(out, 2, config), out, 300) as workers:  # both training
+        assert workers
+        deadline = time.monotonic() + 1.0  # the queue holds seconds of work
+        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        alive = [p for p in workers if not _gone(p)]
+        assert not alive, f"orphaned workers {alive} outlived the killed sweep"
+    rows = _rows(out)
+    time.sleep(0.5)
+    assert _rows(out) == rows and len(Store(out).run_ids("finished")) < 120
+
+
+_CHILD = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+_GRANDCHILD = """
+import os, sys, time
+from rdiag import harness
+sys.platform = sys.argv[1]  # "darwin": the portable getppid watcher
+harness._die_with_parent(os.getppid())
+print("watching", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_a_worker_dies_with_its_parent(platform: str) -> None:
+    if platform == "linux" and not sys.platform.startswith("linux"):
+        pytest.skip("prctl(PR_SET_PDEATHSIG) is Linux only")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, _GRANDCHILD, platform],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    with parent.stdout:
+        try:
+            worker = int(parent.stdout.readline())
+            assert parent.stdout.readline() == "watching\n"
+        finally:
+            os.kill(parent.pid, signal.SIGKILL)
+            parent.wait(30)
+        deadline = time.monotonic() + 3
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not _gone(worker):
+            os.kill(worker, signal.SIGKILL)
+            pytest.fail("the worker outlived its parent")
+
+
+def test_two_concurrent_sweeps_never_run_the_same_run(tmp_path, reference) -> None:
+    out = tmp_path / "store"
+    first = _start(out, 1)
+    try:
+        _wait(lambda: len(Store(out).run_ids("finished")) >= 1, first)
+        second = {r.run_id: r.status for r in sweep(CONFIG, out=out).results}
+        stdout, _ = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(30)
+    first_statuses = json.loads(stdout)
+    for rid in first_statuses:
+        ran = [s[rid] for s in (first_statuses, second)].count("finished")
+        assert ran == 1, (rid, first_statuses[rid], second[rid])
+    statuses = list(first_statuses.values()) + list(second.values())
+    assert "elsewhere" in statuses and statuses.count("finished") == RUNS
+    _same(reference, _records(out))
+
+
+def _tmpfs(path: Path, size: str) -> bool:
+    path.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)]
+    return subprocess.run(cmd, capture_output=True).returncode == 0
+
+
+def _umount(path: Path) -> None:
+    subprocess.run(["umount", "-l", str(path)], capture_output=True, check=True)
+
+
+@pytest.fixture(params=["tmpfs", "max_page_count"])
+def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable]]:
+    """A store directory whose disk fills up, and a function that frees it."""
+    out = tmp_path / "disk"
+    if request.param == "tmpfs":
+        if not _tmpfs(out, "8m"):
+            pytest.skip("cannot mount a tmpfs here (needs root); see max_page_count")
+        Store(out)
+        filler = out / "filler"
+        free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
+        filler.write_bytes(b"\0" * (free - 300 * 1024))
+        yield out, filler.unlink
+        _umount(out)
+        return
+    Store(out)
+    limit = _pages(out) + 12
+    connect = Store._connection
+
+    def limited(self):
+        conn = connect(self)
+        conn.execute(f"PRAGMA max_page_count = {limit}")
+        return conn
+
+    monkeypatch.setattr(Store, "_connection", limited)
+    yield out, monkeypatch.undo
+
+
+def _pages(out: Path) -> int:
+    with contextlib.closing(sqlite3.connect(out / "rdiag.sqlite")) as conn:
+        return conn.execute("PRAGMA page_count").fetchone()[0]
+
+
+def test_disk_full_stops_the_sweep_keeps_every_record_and_resumes(
+    full_disk, reference
+) -> None:
+    out, free_space = full_disk
+    with pytest.raises(StoreFullError, match="is full.*rerun the same command"):
+        sweep(CONFIG, out=out)
+    kept = _records(out)
+    assert kept and all(np.array_equal(reference[k], v, True) for k, v in kept.items())
+    free_space()
+    assert sweep(CONFIG, out=out).count("failed") == 0
+    _same(reference, _records(out))
+
+
+@contextlib.contextmanager
+def _read_only(path: Path) -> Iterator[None]:
+    """Make a store read-only: file modes, or (for root) a read-only remount."""
+    if os.geteuid() != 0:
+        files = [path, *path.rglob("*")]
+        modes = {p: p.stat().st_mode for p in files}
+        for p in files:
+            p.chmod(modes[p] & ~0o222)
+        try:
+            yield
+        finally:
+            for p in files:
+                p.chmod(modes[p])
+        return
+    gc.collect()  # close the connections of dropped Store objects (open for writing)
+    subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    try:
+        yield
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(path)], check=True)
+
+
+def test_a_read_only_store_is_read_and_refuses_writes(tmp_path, reference) -> None:
+    out = tmp_path / "ro"
+    if os.geteuid() == 0 and not _tmpfs(out, "8m"):
+        pytest.skip("root ignores file modes, and no tmpfs can be mounted here")
+    try:
+        sweep(CONFIG, out=out)
+        with _read_only(out):
+            _same(reference, _records(out))
+            with pytest.raises(StoreReadOnlyError, match="cannot be written"):
+                sweep({**CONFIG, "grid": {"seed": [9]}}, out=out)
+            with pytest.raises(StoreReadOnlyError, match="cannot be written"):
+                Store(out).set_status(Store(out).run_ids()[0], "failed")
+        _same(reference, _records(out))
+        assert len(Store(out).run_ids("finished")) == RUNS
+    finally:
+        if os.geteuid() == 0:
+            _umount(out)
+
+
+def test_damaged_or_missing_array_files_are_named_and_left_alone(tmp_path) -> None:
+    config = {
+        **CONFIG,
+        "base": {**BASE, "steps": 4, "every": 2, "metrics": ["ntk", "loss"]},
+        "grid": {"seed": [0, 1]},
+    }
+    config["base"]["snapshots"] = True
+    out = tmp_path / "store"
+    sweep(config, out=out)
+    store = Store(out)
+    rid, other = store.run_ids()
+    damaged = out / "arrays" / rid / "ntk-2.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-8])
+    (out / "arrays" / rid / "ntk-4.npy").unlink()
+    with pytest.raises(StoreCorruptError, match="ntk-2.npy fails its checksum"):
+        store.load_array(rid, 2, "ntk")
+    with pytest.raises(StoreCorruptError, match="ntk-4.npy.* is missing"):
+        store.load_array(rid, 4, "ntk")
+    assert store.load_array(rid, 0, "ntk").shape == (4, 4)
+    for step in (0, 2, 4):
+        assert np.isfinite(store.load_array(other, step, "ntk")).all()
+    before = damaged.read_bytes()
+    assert sweep(config, out=out).count("skipped") == 2  # resuming reads no array
+    assert damaged.read_bytes() == before
