@@ -66,7 +66,15 @@ from rdiag.parametrization import (
     rescale,
     richness,
 )
-from rdiag.store import Store, StoreCorruptError, StoreError, StoreLockedError
+from rdiag.store import (
+    Store,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreLockedError,
+    StoreNotADatabaseError,
+    StoreReadOnlyError,
+)
 
 __all__ = [
     "__version__",
@@ -146,6 +154,9 @@ __all__ = [
     "StoreError",
     "StoreLockedError",
     "StoreCorruptError",
+    "StoreFullError",
+    "StoreReadOnlyError",
+    "StoreNotADatabaseError",
     "Dataset",
     "load_data",
     "TrainConfig",

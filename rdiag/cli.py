@@ -370,7 +370,7 @@ def _print_fits(fits: list[dict]) -> None:
 
 
 def _cmd_coord_check(args: argparse.Namespace) -> int:
-    from rdiag.coord_check import coord_check, plot_coord_check, write_summary
+    from rdiag.coord_check import coord_check, plot_coord_check
 
     result = coord_check(
         args.model,
@@ -382,7 +382,7 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
         optimizer=args.optimizer,
     )
     out = Path(args.out)
-    summary = write_summary(result, out)
+    summary = result.save(out)
     figure = plot_coord_check(result, out / "coord_check.png")
     print(f"summary: {summary.resolve()}")
     print(f"figure:  {Path(figure).resolve()}")
@@ -435,7 +435,7 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
     model, x = _built_in(args)
     tic = time.perf_counter()
     k = empirical_ntk(
-        model, x, implementation=args.implementation, weights=lr_multipliers(model)
+        model, x, implementation=args.implementation, lr_multipliers=lr_multipliers(model)
     )
     seconds = time.perf_counter() - tic
     eigs = metrics.eigenvalues(k.double())
@@ -474,7 +474,7 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     if diverged is None:
         summary["sharpness"] = sharpness(model, F.mse_loss, (x, y))
         summary["sharpness_preconditioned"] = sharpness(
-            model, F.mse_loss, (x, y), preconditioner=lr_multipliers(model)
+            model, F.mse_loss, (x, y), lr_multipliers=lr_multipliers(model)
         )
     else:
         summary["diverged"] = (

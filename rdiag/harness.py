@@ -484,6 +484,7 @@ def _execute(
         optimizer=opt if kind == "adam" else None,
         budget_fraction=cfg.budget_fraction,
         snapshots=cfg.snapshots,
+        strict=False,
     )
     mode = {"gd": "gd", "online": "online"}.get(cfg.optimizer, "sgd")
     stream = (

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
+from rdiag._tiling import available_memory, check_fits
 from rdiag.parametrization import Parametrization, apply_parametrization
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -418,8 +419,6 @@ def make_model(
             the meta device before anything is allocated; the message gives the
             size).
     """
-    from rdiag._checks import available_memory, check_fits
-
     check_choice(family, "family", tuple(FAMILIES))
     with torch.device("meta"):  # shapes only: no memory, no random numbers drawn
         shell = FAMILIES[family](width, **kwargs)
