@@ -60,6 +60,31 @@ def jvp(
     return out, push(tangents)[0]
 
 
+def probe_vmap(fm: FunctionalModel, x: Inputs) -> str | None:
+    """Why ``fm``'s forward does not run under ``vmap`` over samples, or ``None``.
+
+    Some models branch in Python on tensor values (Hugging Face BERT checks its
+    attention mask), which ``torch.func.vmap`` over samples cannot trace; the
+    whole-batch function can still be differentiated.
+
+    Args:
+        fm: Functional view of the model.
+        x: A prepared batch; its first two samples are used.
+
+    Returns:
+        The first line of vmap's error, or ``None`` if vmap works.
+    """
+    from torch.func import vmap
+
+    sample = rows(x, slice(0, 2))
+    try:
+        with torch.no_grad():
+            vmap(fm.single, (None, 0))(fm.params, sample)
+    except RuntimeError as err:
+        return str(err).strip().splitlines()[0][:200]
+    return None
+
+
 def probe_jvp_mode(fm: FunctionalModel, x: Inputs) -> JvpMode:
     """The first mode in which a small jvp of ``fm`` runs on (a slice of) ``x``.
 

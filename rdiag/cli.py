@@ -435,7 +435,10 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
     model, x = _built_in(args)
     tic = time.perf_counter()
     k = empirical_ntk(
-        model, x, implementation=args.implementation, lr_multipliers=lr_multipliers(model)
+        model,
+        x,
+        implementation=args.implementation,
+        lr_multipliers=lr_multipliers(model),
     )
     seconds = time.perf_counter() - tic
     eigs = metrics.eigenvalues(k.double())

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rdiag._autodiff import JvpMode, probe_jvp_mode
+from rdiag._autodiff import JvpMode, probe_jvp_mode, probe_vmap
 from rdiag._checks import check_positive_int
 from rdiag._deprecation import UNSET, renamed_argument
 from rdiag._inputs import Inputs, batch_size, describe, rows, signature, trailing
@@ -263,6 +263,7 @@ class NTKFunction:
         self.weights = self.fm.param_weights(lr_multipliers)
         self._plans: dict[tuple, NTKPlan] = {}
         self._jvp_mode: JvpMode | None = None
+        self._vmap_error: str | None | bool = False  # False: not probed yet
         self.notices = Notices()
         self.last_plan: NTKPlan | None = None
 
@@ -379,6 +380,7 @@ class NTKFunction:
             budget=resolve_budget(self.memory_budget, fm.device),
             num_outputs=num_outputs,
             per_layer=self.per_layer,
+            whole_batch=fm.batch_coupled,
         )
         shape = kernel_shape(spec, n1, n2)
         copies = len(fm.groups) if self.per_layer else 1
@@ -408,6 +410,8 @@ class NTKFunction:
                     f"{fm.num_params:,} parameters after the autograd check"
                 )
                 block = self.block_size or max(n1, n2)
+                if structured.rest_view is not None:  # the rest runs 'jacobian'
+                    spec = replace(spec, whole_batch=self._whole_batch(x1))
                 return NTKPlan(
                     NTKImplementation.STRUCTURED,
                     reason
@@ -463,7 +467,23 @@ class NTKFunction:
         )
         if impl is NTKImplementation.NTVP:
             self.jvp_mode(x1)
-        return NTKPlan(impl, reason, replace(spec, block_size=block), shape)
+        spec = replace(spec, block_size=block, whole_batch=self._whole_batch(x1))
+        return NTKPlan(impl, reason, spec, shape)
+
+    def _whole_batch(self, x: Inputs) -> bool:
+        """Whether the generic paths must differentiate the whole batch (probed once)."""
+        if self.fm.batch_coupled:
+            return True
+        if self._vmap_error is False:
+            self._vmap_error = probe_vmap(self.fm, x)
+            if self._vmap_error is not None:
+                self.notices.say(
+                    "vmap",
+                    f"{type(self.fm.module).__name__}'s forward does not run under vmap "
+                    f"over samples ({self._vmap_error}); rdiag differentiates the whole "
+                    "batch instead (exact, about N times the cost)",
+                )
+        return self._vmap_error is not None
 
     def jvp_mode(self, x: Inputs) -> JvpMode:
         """The forward-mode strategy for this model, probed once per handle."""

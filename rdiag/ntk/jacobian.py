@@ -21,19 +21,22 @@ from rdiag.functional import FunctionalModel
 from rdiag.ntk.spec import NTKSpec, empty_kernels
 
 
-def jacobians(fm: FunctionalModel, params: Params, x: Inputs) -> dict[str, Tensor]:
+def jacobians(
+    fm: FunctionalModel, params: Params, x: Inputs, whole_batch: bool = False
+) -> dict[str, Tensor]:
     """Jacobians of the outputs w.r.t. each selected parameter.
 
     Args:
         fm: Functional model.
         params: The selected parameters (``fm.params``).
         x: Batch ``(B, ...)``.
+        whole_batch: Differentiate the whole-batch function (see ``NTKSpec``).
 
     Returns:
         Name -> ``(B, O, p)`` with ``p`` the parameter's size, in at least float32.
-        For a batch-coupled model these are rows of the whole-batch Jacobian.
+        With ``whole_batch`` these are rows of the whole-batch Jacobian.
     """
-    if fm.batch_coupled:
+    if whole_batch:
         jac = jacrev(lambda p: fm(p, x))(params)
     else:
         jac = vmap(jacrev(fm.single), (None, 0))(params, x)
@@ -101,9 +104,9 @@ def jacobian_ntk(
     """
     params = fm.params
     n1 = batch_size(x1)
-    if fm.batch_coupled:
+    if spec.whole_batch:
         both = x1 if x2 is None else concat(x1, x2)
-        jac = jacobians(fm, params, both)
+        jac = jacobians(fm, params, both, whole_batch=True)
         j2 = jac if x2 is None else {n: j[n1:] for n, j in jac.items()}
         return contract(fm, {n: j[:n1] for n, j in jac.items()}, j2, spec)
     if spec.diagonal:

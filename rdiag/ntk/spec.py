@@ -24,6 +24,10 @@ class NTKSpec:
         num_outputs: ``O``, the flattened output size per sample.
         per_layer: Whether the caller wants per-layer kernels; implementations for
             which they cost extra may return ``{"all": total}`` when it is false.
+        whole_batch: Differentiate the whole-batch function instead of vmapping
+            over samples: a batch-coupled model (train-mode batch norm), or one
+            whose ``forward`` cannot run under ``vmap`` (data-dependent Python
+            control flow); exact either way, about ``N`` times the cost.
     """
 
     trace_outputs: bool
@@ -33,6 +37,7 @@ class NTKSpec:
     budget: float
     num_outputs: int
     per_layer: bool = True
+    whole_batch: bool = False
 
 
 def kernel_shape(spec: NTKSpec, n1: int, n2: int) -> tuple[int, ...]:

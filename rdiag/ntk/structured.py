@@ -38,14 +38,8 @@ from rdiag._optional import notice
 from rdiag._tiling import block_size, check_fits, place, symmetric_tile, tiles
 from rdiag.functional import FunctionalModel, layer_of
 from rdiag.kernels import gram_hadamard_many, gram_hadamard_shared
-from rdiag.ntk._capture import (
-    Factor,
-    Site,
-    capture,
-    cotangent_floats,
-    sites_of,
-    verify_sites,
-)
+from rdiag.ntk._capture import Factors, Site, capture, sites_of, verify_sites
+from rdiag.ntk.rules import Factor
 from rdiag.ntk.jacobian import jacobian_ntk
 from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype, kernel_itemsize
 
@@ -63,7 +57,7 @@ class StructuredPlan:
         rest_view: The functional view of the ``rest`` parameters with a non-zero
             weight (``None`` if there are none), built once.
         cotangent_floats: Floats of the captured cotangents per sample and output
-            unit (:func:`~rdiag.ntk._capture.cotangent_floats`).
+            unit (measured by the autograd check).
     """
 
     sites: list[Site]
@@ -73,8 +67,8 @@ class StructuredPlan:
 
     def coverage(self, fm: FunctionalModel) -> float:
         """Fraction of the selected scalar parameters that run structured."""
-        covered = sum(fm.sizes[n] for s in self.sites for n in s.params.values())
-        return covered / fm.num_params
+        names = {n for s in self.sites for n in s.params.values()}
+        return sum(fm.sizes[n] for n in names) / fm.num_params
 
 
 def plan_structured(
@@ -93,14 +87,13 @@ def plan_structured(
     """
     sites, rest = sites_of(fm)
     sites = [s for s in sites if any(weights[n] != 0.0 for n in s.params.values())]
-    failed = verify_sites(fm, sites, x, num_outputs) if sites else {}
+    failed, floats = verify_sites(fm, sites, x, num_outputs) if sites else ({}, 0)
     rest.update(failed)
     kept = []
     for site in sites:
         params = {k: n for k, n in site.params.items() if n not in failed}
         if params:
             kept.append(replace(site, params=params))
-    floats = cotangent_floats(fm, kept, x) if kept else 0
     view = _sub_view(fm, [n for n in rest if weights[n]])
     return StructuredPlan(kept, rest, view, floats)
 
@@ -119,17 +112,18 @@ def _sub_view(fm: FunctionalModel, names: list[str]) -> FunctionalModel | None:
     )
 
 
-def structured_coverage(fm: FunctionalModel) -> float:
+def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
     """Fraction of the selected scalar parameters that the static rules cover.
 
-    Counts parameters of supported modules (Linear, Conv1d/2d with ``groups=1``,
-    Embedding, LayerNorm, RMSNorm, GroupNorm, eval-mode BatchNorm), excluding tied
-    ones. A batch-coupled model gives 0.0. What really runs structured on a batch
-    (after the one-time autograd check) is
-    ``rdiag.ntk_fn(model).plan(x).structured.coverage(fm)``.
+    Without ``x`` this counts the parameters the rules of
+    :mod:`rdiag.ntk.rules` claim (static: a rule may still fail on a batch). With
+    ``x`` it is what really runs structured on batches like ``x``: the plan's
+    coverage after its one-time capture and autograd check, the number the
+    structured path itself uses. A batch-coupled model gives 0.0.
 
     Args:
         fm: Functional model.
+        x: A batch of the model's inputs, or ``None`` for the static count.
 
     Returns:
         A number in ``[0, 1]``.
@@ -143,21 +137,41 @@ def structured_coverage(fm: FunctionalModel) -> float:
     """
     if fm.batch_coupled:
         return 0.0
+    if x is not None:
+        from rdiag.ntk.api import ntk_fn
+
+        plan = ntk_fn(fm, implementation="structured").plan(x)
+        return 0.0 if plan.structured is None else plan.structured.coverage(fm)
     sites, rest = sites_of(fm)
     return StructuredPlan(sites, rest).coverage(fm)
 
 
 @dataclass
 class _Term:
-    """One Gram-Hadamard term of a layer: factors on both batches and a scale."""
+    """One term of a layer's kernel: factors on both batches and a scale.
+
+    ``kind="gram"`` pairs factors of one orientation (``(x . x')(g . g')``);
+    ``"cross"`` pairs the two uses of a tied parameter stored in opposite
+    orientations (``(g . x')(x . g')``). ``single``: the parameter has one use, so
+    its per-sample gradient may be materialized instead.
+    """
 
     f1: Factor
     f2: Factor
     scale: float
     vocab: int = 0
+    kind: str = "gram"
+    single: bool = True
 
     def rows(self, r: slice, c: slice) -> _Term:
-        return _Term(self.f1.rows(r), self.f2.rows(c), self.scale, self.vocab)
+        return _Term(
+            self.f1.rows(r),
+            self.f2.rows(c),
+            self.scale,
+            self.vocab,
+            self.kind,
+            self.single,
+        )
 
 
 def structured_ntk(
@@ -223,9 +237,7 @@ def structured_ntk(
                 "must not change with the output cotangent (use implementation='jacobian')"
             )
         failed.update(bad)
-        layers = _layer_terms(
-            sites, f1, f2, spec.weights, set(failed), kernel_dtype(fm)
-        )
+        layers = _layer_terms(f1, f2, spec.weights, set(failed), kernel_dtype(fm))
         if not spec.per_layer and layers:
             layers = {"all": [t for ts in layers.values() for t in ts]}
         if spec.diagonal:
@@ -278,51 +290,68 @@ def _output_chunks(
 
 
 def _layer_terms(
-    sites: list[Site],
-    f1: dict[str, Factor],
-    f2: dict[str, Factor],
+    f1: Factors,
+    f2: Factors,
     weights: dict[str, float],
     skip: set[str],
     dtype: torch.dtype,
 ) -> dict[str, list[_Term]]:
-    """Layer -> its terms; a bias is folded into its weight as a constant column of x."""
+    """Layer -> its terms; a bias is folded into its weight as a constant column of x.
+
+    A parameter with one use gives one term; a tied parameter with uses ``s``
+    gives one term per pair of uses (``gram`` or ``cross`` by orientation).
+    """
     layers: dict[str, list[_Term]] = {}
-    for site in sites:
-        names = {
-            k: n for k, n in site.params.items() if n not in skip and weights[n] != 0.0
-        }
-        w, b = names.get("weight"), names.get("bias")
-        fold = (
-            w is not None
-            and b is not None
-            and layer_of(w) == layer_of(b)
-            and f1[w].g is f1[b].g
-            and f1[w].x is not None
-            and not f1[w].tokens
-            and f1[b].x is None
-        )
-        for local, name in names.items():
-            if fold and local == "bias":
-                continue
-            a = _cast(f1[name], dtype)
-            scale = weights[name]
-            if fold and local == "weight":
-                a, scale = _with_bias(a, weights[w], weights[b]), 1.0
+    names = [n for n in f1 if n not in skip and weights[n] != 0.0]
+    folded = {b: w for w, b in _foldable(names, f1).items()}
+    for name in names:
+        if name in folded:
+            continue
+        layer = layers.setdefault(layer_of(name), [])
+        uses1, uses2 = f1[name], f2[name]
+        if len(uses1) > 1:
+            for a in uses1:
+                for c in uses2:
+                    a, c = _cast(a, dtype), _cast(c, dtype)
+                    if a.transposed == c.transposed:
+                        term = _compact(a, c, weights[name])
+                    else:
+                        term = _Term(a, c, weights[name], kind="cross")
+                    term.single = False
+                    layer.append(term)
+            continue
+        a, c = _cast(uses1[0], dtype), _cast(uses2[0], dtype)
+        scale = weights[name]
+        bias = next((b for b, w in folded.items() if w == name), None)
+        if bias is not None:
+            a = _with_bias(a, weights[name], weights[bias])
+            c = a if f2 is f1 else _with_bias(c, weights[name], weights[bias])
+            scale = 1.0
+        elif f2 is f1:
             c = a
-            if f2 is not f1:
-                c = _cast(f2[name], dtype)
-                c = (
-                    _with_bias(c, weights[w], weights[b])
-                    if fold and local == "weight"
-                    else c
-                )
-            layers.setdefault(layer_of(name), []).append(_compact(a, c, scale))
+        layer.append(_compact(a, c, scale))
     return layers
+
+
+def _foldable(names: list[str], factors: Factors) -> dict[str, str]:
+    """Weight -> bias pairs of one module that share one cotangent (one use each)."""
+    out = {}
+    for w in names:
+        if not w.endswith(".weight") and w != "weight":
+            continue
+        b = w[: -len("weight")] + "bias"
+        if b not in names or len(factors[w]) != 1 or len(factors[b]) != 1:
+            continue
+        fw, fb = factors[w][0], factors[b][0]
+        if fw.g is fb.g and fw.x is not None and not fw.tokens and fb.x is None:
+            if fw.groups == 1:
+                out[w] = b
+    return out
 
 
 def _cast(f: Factor, dtype: torch.dtype) -> Factor:
     x = f.x.to(dtype) if f.x is not None and f.x.is_floating_point() else f.x
-    return Factor(f.g.to(dtype), x)
+    return Factor(f.g.to(dtype), x, f.transposed, f.groups)
 
 
 def _with_bias(f: Factor, w_weight: float, w_bias: float) -> Factor:
@@ -330,7 +359,8 @@ def _with_bias(f: Factor, w_weight: float, w_bias: float) -> Factor:
     ones = torch.full(
         (*f.x.shape[:2], 1), math.sqrt(w_bias), dtype=f.x.dtype, device=f.x.device
     )
-    return Factor(f.g, torch.cat([math.sqrt(w_weight) * f.x, ones], dim=2))
+    x = torch.cat([math.sqrt(w_weight) * f.x, ones], dim=2)
+    return Factor(f.g, x, f.transposed, f.groups)
 
 
 def _compact(a: Factor, c: Factor, scale: float) -> _Term:
@@ -349,9 +379,16 @@ def _dx(f: Factor, vocab: int) -> int:
 
 
 def _use_gram(term: _Term, n1: int, n2: int, spec: NTKSpec) -> bool:
-    """Whether the Gram route is cheaper than materializing per-sample gradients."""
+    """Whether the Gram route is cheaper than materializing per-sample gradients.
+
+    Tied parameters always take the Gram route (their uses pair up); grouped
+    convolutions always take the per-sample route (their gradient is block
+    diagonal, cheap to materialize).
+    """
     f = term.f1
-    if f.x is None:
+    if not term.single:
+        return True
+    if f.x is None or f.groups > 1:
         return False
     _, o, t1, dg = f.g.shape
     t2, dx = term.f2.g.shape[2], _dx(f, term.vocab)
@@ -365,6 +402,9 @@ def _use_gram(term: _Term, n1: int, n2: int, spec: NTKSpec) -> bool:
 
 
 def _dense_x(f: Factor, vocab: int) -> Tensor:
+    """``x`` as ``(N, T, Dx)`` floats: one-hot rows for tokens, ones for ``x=None``."""
+    if f.x is None:
+        return f.g.new_ones(f.g.shape[0], f.g.shape[2], 1)
     return F.one_hot(f.x, vocab).to(f.g.dtype) if f.tokens else f.x
 
 
@@ -382,7 +422,10 @@ def _per_sample(f: Factor, vocab: int) -> Tensor:
         return (
             table.reshape(n, vocab, o, dg).permute(0, 2, 1, 3).reshape(n, o, vocab * dg)
         )
-    return torch.einsum("natg,ntx->nagx", f.g, f.x).reshape(n, o, -1)
+    k = f.groups
+    g = f.g.reshape(n, o, t, k, dg // k)
+    x = f.x.reshape(n, t, k, -1)
+    return torch.einsum("natkg,ntkx->nakgx", g, x).reshape(n, o, -1)
 
 
 def _traced_g(g: Tensor) -> Tensor:
@@ -398,6 +441,25 @@ def _gram_factors(term: _Term, traced: bool) -> tuple[Tensor, Tensor, Tensor, Te
     if traced:
         g1, g2 = _traced_g(g1), _traced_g(g2)
     return x1, x2, g1, g2
+
+
+def _cross(term: _Term, traced: bool) -> Tensor:
+    """``(n1, n2, R, R)`` cross term of a tied parameter's two opposite uses.
+
+    ``K[i, j, a, b] = sum_{t, s} (g1[i, a, t] . x2[j, s]) (x1[i, t] . g2[j, b, s])``:
+    the use on the left stores the gradient as ``(Dg, Dx)``, the one on the right
+    as its transpose (an embedding table reused as a read-out).
+    """
+    f1, f2 = term.f1, term.f2
+    x1 = _dense_x(f1, f2.g.shape[-1])
+    x2 = _dense_x(f2, f1.g.shape[-1])
+    left = torch.einsum("iatd,jsd->ijats", f1.g, x2)
+    right = torch.einsum("itd,jbsd->ijbts", x1, f2.g)
+    if traced:
+        k = torch.einsum("ijats,ijats->ij", left, right)[:, :, None, None]
+    else:
+        k = torch.einsum("ijats,ijbts->ijab", left, right)
+    return term.scale * k
 
 
 def _gemm(j1: Tensor, j2: Tensor, traced: bool) -> Tensor:
@@ -420,7 +482,10 @@ def _tile(terms: list[_Term], routes: list[bool], traced: bool, same: bool) -> T
     flat: list[tuple[Tensor, Tensor, Tensor, Tensor, float]] = []
     jac1, jac2 = [], []
     for term, gram in zip(terms, routes):
-        if gram:
+        if term.kind == "cross":
+            k = _cross(term, traced)
+            acc = k if acc is None else acc.add_(k)
+        elif gram:
             x1, x2, g1, g2 = _gram_factors(term, traced)
             if x1.shape[1] == 1 and x2.shape[1] == 1:
                 flat.append((x1[:, 0], x2[:, 0], g1[:, :, 0], g2[:, :, 0], term.scale))
@@ -492,28 +557,41 @@ def _diagonal(
         rows = slice(start, min(start + block, n))
         for layer, ts in layers.items():
             for term, gram in zip(ts, routes[layer]):
-                f = term.f1.rows(rows)
-                out[layer][rows] += term.scale * (
-                    _gram_diag(f, term.vocab, spec.trace_outputs)
-                    if gram
-                    else _jac_diag(_per_sample(f, term.vocab), spec.trace_outputs)
-                )
+                f1, f2 = term.f1.rows(rows), term.f2.rows(rows)
+                if term.kind == "cross":
+                    k = _cross_diag(f1, f2, spec.trace_outputs)
+                elif gram:
+                    k = _gram_diag(f1, f2, term.vocab, spec.trace_outputs)
+                else:
+                    k = _jac_diag(_per_sample(f1, term.vocab), spec.trace_outputs)
+                out[layer][rows] += term.scale * k
 
 
 def _jac_diag(j: Tensor, traced: bool) -> Tensor:
     return (j * j).sum((1, 2)) if traced else torch.bmm(j, j.transpose(1, 2))
 
 
-def _gram_diag(f: Factor, vocab: int, traced: bool) -> Tensor:
-    """``sum_{t,t'} (x_t . x_t') (g_{a,t} . g_{b,t'})`` per sample: ``(N,)`` or ``(N, O, O)``."""
-    if f.tokens:
-        kx = (f.x[:, :, None] == f.x[:, None, :]).to(f.g.dtype)
+def _gram_diag(f1: Factor, f2: Factor, vocab: int, traced: bool) -> Tensor:
+    """``sum_{t,t'} (x1_t . x2_t') (g1_{a,t} . g2_{b,t'})`` per sample: ``(N,)`` or ``(N, O, O)``."""
+    if f1.tokens:
+        kx = (f1.x[:, :, None] == f2.x[:, None, :]).to(f1.g.dtype)
     else:
-        kx = torch.bmm(f.x, f.x.transpose(1, 2))
-    y = torch.einsum("its,iasg->iatg", kx, f.g)
+        kx = torch.bmm(_dense_x(f1, vocab), _dense_x(f2, vocab).transpose(1, 2))
+    y = torch.einsum("its,iasg->iatg", kx, f2.g)
     return (
-        (f.g * y).sum((1, 2, 3)) if traced else torch.einsum("iatg,ibtg->iab", f.g, y)
+        (f1.g * y).sum((1, 2, 3)) if traced else torch.einsum("iatg,ibtg->iab", f1.g, y)
     )
+
+
+def _cross_diag(f1: Factor, f2: Factor, traced: bool) -> Tensor:
+    """The diagonal ``i = j`` of :func:`_cross`: ``(N,)`` or ``(N, O, O)``."""
+    x1 = _dense_x(f1, f2.g.shape[-1])
+    x2 = _dense_x(f2, f1.g.shape[-1])
+    left = torch.einsum("iatd,isd->iats", f1.g, x2)
+    right = torch.einsum("itd,ibsd->ibts", x1, f2.g)
+    if traced:
+        return (left * right).sum((1, 2, 3))
+    return torch.einsum("iats,ibts->iab", left, right)
 
 
 def _block(

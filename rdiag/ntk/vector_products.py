@@ -104,7 +104,7 @@ def ntvp_ntk(
     params = fm.params
     o = spec.num_outputs
     groups = _groups(fm, spec)
-    if fm.batch_coupled:
+    if spec.whole_batch:
         return _coupled(fm, params, x1, x2, spec, groups, mode)
     symmetric = x2 is None
     x2 = x1 if symmetric else x2
@@ -164,7 +164,7 @@ def _coupled(
     groups: dict[str, list[str]],
     mode: JvpMode,
 ) -> dict[str, Tensor]:
-    """Batch-coupled model: products of the whole-batch function on ``[x1; x2]``."""
+    """Whole-batch products on ``[x1; x2]`` (batch-coupled or vmap-hostile models)."""
     both = x1 if x2 is None else concat(x1, x2)
     n, n1, o = batch_size(both), batch_size(x1), spec.num_outputs
     cols = range(n) if x2 is None else range(n1, n)
