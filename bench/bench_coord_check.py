@@ -24,7 +24,7 @@ from bench.baselines import plain_width_sweep
 from rdiag.coord_check import coord_check
 
 WIDTHS = [32, 64, 128, 256, 512, 1024]
-SEEDS, STEPS, LR = 2, 10, 0.1
+SEEDS, STEPS, LR = 2, 10, 0.2
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ from rdiag.parametrization import (
     layer_scales,
     lr_multipliers,
     make_optimizer,
-    parse_param,
+    parse_parametrization,
     rescale,
     richness,
 )
@@ -131,7 +131,7 @@ __all__ = [
     "Parametrization",
     "richness",
     "gamma_family",
-    "parse_param",
+    "parse_parametrization",
     "apply_parametrization",
     "applied_parametrization",
     "LayerScale",
@@ -176,6 +176,11 @@ _MOVED = {
         "rdiag.curvature",
         "multiplier_diagonal",
         "rdiag.multiplier_diagonal",
+    ),
+    "parse_param": (
+        "rdiag.parametrization",
+        "parse_parametrization",
+        "rdiag.parse_parametrization",
     ),
 }
 

@@ -28,24 +28,24 @@ from rdiag.store import StoreError
 
 _EPILOG = {
     "run": """examples:
-  rdiag run --model mlp --width 256 --param mup --lr 0.3 --steps 40 --out runs/
+  rdiag run --model mlp --width 256 --parametrization mup --lr 0.3 --steps 40 --out runs/
   rdiag run --model cnn --data digits --data-option flatten=false --width 32 --out runs/""",
     "sweep": """examples:
   rdiag sweep --config default --out results/          # the main job (CPU, minutes)
   rdiag sweep --config default --r 0 0.5 --widths 64 256 1024 --seeds 2 --steps 20 --out quick/
   rdiag sweep --config my_sweep.yaml --workers 4 --out results/""",
     "coord-check": """examples:
-  rdiag coord-check --model mlp --param r=0.25 --widths 64 128 256 512 1024 --steps 10 \\
+  rdiag coord-check --model mlp --parametrization r=0.25 --widths 64 128 256 512 1024 --steps 10 \\
       --seeds 4 --out coord/
-  rdiag coord-check --model transformer --param mup --widths 32 64 128 256 --out coord_tf/""",
+  rdiag coord-check --model transformer --parametrization mup --widths 32 64 128 256 --out coord_tf/""",
     "report": """examples:
   rdiag report --store results/ --out results/""",
     "ntk": """examples:
-  rdiag ntk --model mlp --width 512 --param mup --n 64
+  rdiag ntk --model mlp --width 512 --parametrization mup --n 64
   rdiag ntk --model cnn --width 32 --n 32 --implementation jacobian --out ntk.json""",
     "sharpness": """examples:
-  rdiag sharpness --model mlp --width 256 --param mup --n 64
-  rdiag sharpness --model mlp --width 256 --param ntk --lr 0.3 --steps 20""",
+  rdiag sharpness --model mlp --width 256 --parametrization mup --n 64
+  rdiag sharpness --model mlp --width 256 --parametrization ntk --lr 0.3 --steps 20""",
 }
 
 
@@ -148,7 +148,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--model", choices=MODELS)
     run.add_argument("--width", type=_POSITIVE)
     run.add_argument("--depth", type=_POSITIVE)
-    run.add_argument("--param", help="r=0.25 | ntk | mup | mf | sp | gamma=0.1")
+    run.add_argument(
+        "--parametrization",
+        "--param",
+        dest="parametrization",
+        help="r=0.25 | ntk | mup | mf | sp | gamma=0.1 (--parametrization is its old name)",
+    )
     run.add_argument("--optimizer", choices=OPTIMIZERS)
     run.add_argument("--lr", type=_RATE)
     run.add_argument("--steps", type=_POSITIVE)
@@ -180,7 +185,11 @@ def _parser() -> argparse.ArgumentParser:
     group = sw.add_mutually_exclusive_group()
     group.add_argument("--r", type=_REAL, nargs="+", help="richness values (grid)")
     group.add_argument(
-        "--param", nargs="+", help="parameterizations (grid), e.g. mup ntk sp"
+        "--parametrization",
+        "--param",
+        dest="parametrization",
+        nargs="+",
+        help="parametrizations (grid), e.g. mup ntk sp (--parametrization is its old name)",
     )
     sw.add_argument("--widths", type=_POSITIVE, nargs="+")
     sw.add_argument("--seeds", type=_POSITIVE, metavar="K", help="seeds 0..K-1")
@@ -198,7 +207,9 @@ def _parser() -> argparse.ArgumentParser:
 
     cc = add("coord-check", "coordinate check of a parameterization over widths")
     cc.add_argument("--model", choices=MODELS, default="mlp")
-    cc.add_argument("--param", default="mup")
+    cc.add_argument(
+        "--parametrization", "--param", dest="parametrization", default="mup"
+    )
     cc.add_argument(
         "--widths", type=_POSITIVE, nargs="+", default=[64, 128, 256, 512, 1024]
     )
@@ -224,7 +235,9 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--model", choices=MODELS, default="mlp")
         p.add_argument("--width", type=_POSITIVE, default=128)
         p.add_argument("--depth", type=_POSITIVE, default=3)
-        p.add_argument("--param", default="mup")
+        p.add_argument(
+            "--parametrization", "--param", dest="parametrization", default="mup"
+        )
         p.add_argument("--n", type=_POSITIVE, default=64, help="number of inputs")
         p.add_argument("--seed", type=_COUNT, default=0)
         p.add_argument("--out", type=_file, help="also write the summary as JSON here")
@@ -264,7 +277,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             "model",
             "width",
             "depth",
-            "param",
+            "parametrization",
             "optimizer",
             "lr",
             "steps",
@@ -307,8 +320,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
             base[key] = getattr(args, key)
     if args.r is not None:
         grid["r"] = args.r
-    if args.param is not None:
-        grid["param"] = args.param
+    if args.parametrization is not None:
+        grid["parametrization"] = args.parametrization
     if args.widths is not None:
         grid["width"] = args.widths
     if args.seeds is not None:
@@ -364,7 +377,7 @@ def _print_fits(fits: list[dict]) -> None:
             else f"[{lo:+.3f}, {hi:+.3f}]"
         )
         print(
-            f"  {f['metric']:15s} {f['layer'] or '':9s} {f['param']:8s} slope "
+            f"  {f['metric']:15s} {f['layer'] or '':9s} {f['parametrization'] or '':8s} slope "
             f"{f['slope']:+.3f} {ci}  predicted {pred}"
         )
 
@@ -374,7 +387,7 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
 
     result = coord_check(
         args.model,
-        args.param,
+        args.parametrization,
         args.widths,
         steps=args.steps,
         seeds=args.seeds,
@@ -412,7 +425,11 @@ def _built_in(args: argparse.Namespace) -> tuple[Any, Any]:
 
     opts: dict[str, Any] = {"depth": args.depth}
     model = make_model(
-        args.model, args.width, parametrization=args.param, seed=args.seed, **opts
+        args.model,
+        args.width,
+        parametrization=args.parametrization,
+        seed=args.seed,
+        **opts,
     )
     inner = getattr(model, "model", model)
     x = inner.sample_inputs(args.n, torch.Generator().manual_seed(args.seed))
@@ -444,7 +461,7 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
     eigs = metrics.eigenvalues(k.double())
     _emit(
         {
-            "model": f"{args.model} width={args.width} depth={args.depth} param={args.param}",
+            "model": f"{args.model} width={args.width} depth={args.depth} parametrization={args.parametrization}",
             "kernel": f"learning-rate-weighted eNTK K_M, shape {tuple(k.shape)}, traced over outputs",
             "seconds": round(seconds, 4),
             "trace": float(k.trace()),
@@ -470,7 +487,7 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
         )
     steps, diverged = _gd(model, x, y, args.lr, args.steps)
     summary: dict[str, Any] = {
-        "model": f"{args.model} width={args.width} depth={args.depth} param={args.param}",
+        "model": f"{args.model} width={args.width} depth={args.depth} parametrization={args.parametrization}",
         "loss": "mse on Gaussian targets",
         "steps_of_gd": steps,
     }
@@ -492,7 +509,7 @@ def _gd(model: Any, x: Any, y: Any, lr: float, steps: int) -> tuple[int, str | N
     """Full-batch GD on MSE, stopped at divergence; ``(steps done, why it stopped)``."""
     import torch.nn.functional as F
 
-    from rdiag.harness import DIVERGENCE_FACTOR, divergence_reason
+    from rdiag.loop import DIVERGENCE_FACTOR, divergence_reason
     from rdiag.parametrization import make_optimizer
 
     opt = make_optimizer(model, None, lr)

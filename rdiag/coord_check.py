@@ -1,51 +1,29 @@
 """Coordinate check: train a family across widths and fit the width exponents.
 
-For each width and seed the model is built, parametrized, trained for ``steps``
-full-batch steps on a fixed batch, and these are measured (``probe`` inputs,
-per-input Euclidean norms averaged over the probe):
+The check is the width experiment of the harness on one fixed batch: for each
+width and seed the model is built and parametrized, trained for ``steps``
+full-batch steps by :func:`rdiag.loop.fit` with the loss ``F.mse_loss`` (the
+mean over all ``N * O`` output entries, the harness's regression loss), and a
+:class:`~rdiag.monitor.Monitor` measures it on the ``probe`` inputs at
+initialization and after the last step (``representations``, ``weights`` and,
+optionally, ``ntk`` and ``linearization``). The metrics and their predicted
+exponents are those of :mod:`rdiag.predictions` (SCIENCE.md section 2), read
+from the Monitor's records by :func:`rdiag.predictions.records_from_checks` and
+fitted by :func:`rdiag.predictions.fit_records`, the same functions the report
+uses on a sweep's store.
 
-=================  ==========================================  ====================
-metric             quantity                                    predicted exponent
-=================  ==========================================  ====================
-``h0``             ``||h||`` at init, read-in/hidden outputs   ``1/2``
-``delta_h``        ``||h_T - h_0||``, read-in/hidden outputs   ``r``
-``f0``             ``||f_0||`` (not for centered models)       ``-r``
-``delta_f``        ``||f_T - f_0||``                           ``0``
-``dW_op``          ``||W_T - W_0||_op``, effective weights     ``r``, ``r-1/2``,
-                                                               ``-1/2`` (in/hid/out)
-``dW_fro``         ``||W_T - W_0||_F``                         (recorded, not fitted)
-``dW_rel``         ``||W_T - W_0||_op / ||W_0||_op``           ``r - 1/2``
-``ntk_rel_change`` ``||K_T - K_0||_F / ||K_0||_F``, ``K_M``    ``2r - 1``
-``lin_error``      ``||f_T - f_lin,T|| / ||f_T - f_0||``       ``2r - 1``
-=================  ==========================================  ====================
-
-``h`` is the output of a layer module (after its forward multiplier: a
-pre-activation). ``K_M`` is the learning-rate-weighted eNTK
-``rdiag.empirical_ntk(model, probe, weights=lr_multipliers(...))`` (traced over
-outputs) and ``f_lin,T = f_0 + J_0 (theta_T - theta_0)`` is computed with
-``torch.func.jvp`` on the functional view. The last two predictions hold after
-``T >~ 10`` steps; after one step with a small ``lr`` the measured slope is near
-``r - 1`` (a zero-mean first-step fluctuation dominates), and that is what is
-reported as the prediction for ``steps == 1``. Predictions exist for the richness
-family (and NTK, muP, mean-field); the gamma family at a fixed ``gamma0`` scales
-like muP (``r = 1/2``); for SP only ``delta_f`` (``+1``: SP is not on the scale)
-and ``f0``, ``h0`` (``0``, ``1/2``) are predicted.
-
-Fits (:func:`rdiag.metrics.fit_exponent`): ordinary least squares of
-``log(value)`` on ``log(width)`` over every ``(width, seed)`` point; the interval
-is the t-interval on the slope
-(``slope +- t_{df, (1+confidence)/2} * se``, ``df = points - 2``). Seeds are
-treated as independent draws at each width. Finite widths bias slopes (up to
-~0.2 at ``r = 0`` for the kernel exponents), so compare with a tolerance.
-
-Norms come from :mod:`rdiag.metrics` (``representation_movement``,
-``matrix_norms``: Lanczos on the Gram for wide layers). The loss is ``0.5 * sum_outputs (f - y)**2`` averaged over the batch (outputs
-flattened to ``(N, O)``). The model must act on each sample separately (no
-batch-coupled layers) for the eNTK and linearization metrics.
+The kernel and linearization predictions hold after ``T >~ 10`` steps; after one
+step with a small ``lr`` the measured slope is near ``r - 1`` (a zero-mean
+first-step fluctuation dominates), and that is what is reported as the
+prediction for ``steps == 1``. Finite widths bias slopes (up to ~0.2 at ``r = 0``
+for the kernel exponents), so compare with a tolerance. The model must act on
+each sample separately (no batch-coupled layers). A run that diverges (a
+non-finite loss) is listed in ``CoordCheckResult.failed`` and left out of the fits.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -56,38 +34,28 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from rdiag._autodiff import jvp, probe_jvp_mode
+import torch.nn.functional as F
+
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
 from rdiag._optional import require
 from rdiag.functional import functionalize
-from rdiag.metrics import fit_exponent, matrix_norms, representation_movement
+from rdiag import loop
 from rdiag.models import FAMILIES, make_model
-from rdiag.ntk.api import empirical_ntk
-from rdiag.predictions import predicted_exponent
+from rdiag.monitor import Monitor
 from rdiag.parametrization import (
     OPTIMIZERS,
     Centered,
     Parametrization,
     apply_parametrization,
-    effective_weights,
     layer_scales,
     lr_multipliers,
     make_optimizer,
-    parse_param,
+    parse_parametrization,
 )
+from rdiag.predictions import PREDICTIONS, fit_records, records_from_checks
 
-METRICS: tuple[str, ...] = (
-    "h0",
-    "delta_h",
-    "f0",
-    "delta_f",
-    "dW_op",
-    "dW_fro",
-    "dW_rel",
-    "ntk_rel_change",
-    "lin_error",
-)
-_FITTED = tuple(m for m in METRICS if m != "dW_fro")
+#: The recorded metrics (:data:`rdiag.predictions.PREDICTIONS`).
+METRICS: tuple[str, ...] = tuple(PREDICTIONS)
 Family = str | Callable[[int], nn.Module]
 
 
@@ -96,7 +64,7 @@ class CoordCheckResult:
     """Raw measurements and fitted exponents of a coordinate check.
 
     Attributes:
-        param: The parameterization label (``"r=0.25"``, ``"mup"``, ...).
+        parametrization: The parametrization's label (``"r=0.25"``, ``"mup"``, ...).
         r: Its richness, or ``None``.
         optimizer: ``"sgd"`` or ``"adam"``.
         steps: Training steps.
@@ -104,11 +72,12 @@ class CoordCheckResult:
         seeds: The seeds.
         records: One dict per measurement: ``{"width", "seed", "metric", "layer",
             "role", "value"}`` (``layer``/``role`` ``None`` for model-level metrics).
-        fits: One dict per fitted series: ``{"metric", "layer", "param", "r",
-            "slope", "ci": [lo, hi], "predicted"}``.
+        fits: One dict per fitted series: ``{"metric", "layer", "parametrization",
+            "r", "slope", "ci": [lo, hi], "predicted"}``.
+        failed: The runs that diverged: ``{"width", "seed", "reason"}``.
     """
 
-    param: str
+    parametrization: str
     r: float | None
     optimizer: str
     steps: int
@@ -116,6 +85,16 @@ class CoordCheckResult:
     seeds: tuple[int, ...]
     records: list[dict] = field(repr=False)
     fits: list[dict] = field(repr=False)
+    failed: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def param(self) -> str:
+        """Deprecated name of :attr:`parametrization`."""
+        from rdiag._deprecation import renamed_name
+
+        return renamed_name(
+            "CoordCheckResult.param", "parametrization", self.parametrization
+        )
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/summary.json``: the fits, the raw records and the settings.
@@ -128,7 +107,7 @@ class CoordCheckResult:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         payload = {
-            "param": self.param,
+            "parametrization": self.parametrization,
             "r": self.r,
             "optimizer": self.optimizer,
             "steps": self.steps,
@@ -136,6 +115,7 @@ class CoordCheckResult:
             "seeds": list(self.seeds),
             "fits": self.fits,
             "records": self.records,
+            "failed": self.failed,
         }
         path = out / "summary.json"
         path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
@@ -157,7 +137,7 @@ def coord_check(
     *,
     steps: int = 10,
     seeds: int | Sequence[int] = 4,
-    lr: float = 0.1,
+    lr: float = 0.05,
     optimizer: str = "sgd",
     data: tuple[Tensor, Tensor] | None = None,
     probe: Tensor | None = None,
@@ -176,11 +156,12 @@ def coord_check(
     Args:
         model_family: A built-in family name (``"mlp"``, ``"cnn"``,
             ``"transformer"``) or ``width -> nn.Module`` (then ``data`` is needed).
-        parametrization: A :class:`Parametrization` or a :func:`parse_param` string.
+        parametrization: A :class:`Parametrization` or a :func:`parse_parametrization` string.
         widths: At least two widths (span >= 16x recommended).
         steps: Full-batch training steps ``T``.
         seeds: Number of seeds (``0..K-1``) or the seeds; a seed fixes the init.
-        lr: Base learning rate ``eta_0``.
+        lr: Base learning rate ``eta_0`` (of ``F.mse_loss``: with ``O`` outputs this
+            is ``O / 2`` times the rate of the ``0.5 * sum_o (f - y)^2`` convention).
         optimizer: ``"sgd"`` or ``"adam"``.
         data: Training batch ``(x (N, ...), y (N, O))``; default ``batch_size``
             Gaussian (or random-token) inputs and standard normal targets drawn
@@ -207,10 +188,10 @@ def coord_check(
     Example:
         >>> res = coord_check("mlp", "mup", [16, 32], steps=2, seeds=2, ntk=False)
         >>> fit = res.fit("delta_h", "hidden.0")
-        >>> sorted(fit), fit["predicted"], fit["param"]
-        (['ci', 'layer', 'metric', 'param', 'predicted', 'r', 'slope'], 0.5, 'mup')
+        >>> sorted(fit), fit["predicted"], fit["parametrization"]
+        (['ci', 'layer', 'metric', 'parametrization', 'predicted', 'r', 'slope'], 0.5, 'mup')
     """
-    param = parse_param(parametrization)
+    param = parse_parametrization(parametrization)
     widths, seeds = _check_args(
         model_family, widths, steps, seeds, lr, optimizer, data, confidence
     )
@@ -225,16 +206,20 @@ def coord_check(
     x, y = (cast(t) for t in data)
     probe = x if probe is None else cast(probe)
     records: list[dict] = []
+    failed: list[dict] = []
+    metrics = ["representations", "weights"]
+    metrics += ["ntk"] * ntk + ["linearization"] * linearization
     for width in widths:
         for seed in seeds:
             torch.manual_seed(seed)
             model = apply_parametrization(build(width).to(dtype), param, roles=roles)
             model = model.to(device)
-            measured = _run(
-                model, param, x, y, probe, steps, lr, optimizer, ntk, linearization
-            )
+            measured = _run(model, param, x, y, probe, steps, lr, optimizer, metrics)
+            if isinstance(measured, str):
+                failed.append({"width": width, "seed": seed, "reason": measured})
+                continue
             records += [dict(width=width, seed=seed, **rec) for rec in measured]
-    fits = _fit_all(records, param, steps, confidence)
+    fits = fit_records(records, param, steps, confidence=confidence)
     return CoordCheckResult(
         param.name,
         param.r,
@@ -244,6 +229,7 @@ def coord_check(
         tuple(seeds),
         records,
         fits,
+        failed,
     )
 
 
@@ -298,33 +284,23 @@ def _default_data(model: nn.Module, n: int, seed: int) -> tuple[Tensor, Tensor]:
     return x, torch.randn(n, model.output_dim, generator=gen)
 
 
-def _capture(model: nn.Module, probe: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """Model output ``(P, O)`` and every read-in/hidden layer's output on the probe."""
-    layers = {
-        n: model.get_submodule(n)
-        for n, s in layer_scales(model).items()
-        if s.role in ("readin", "hidden")
-    }
-    seen: dict[str, Tensor] = {}
-    handles = [
-        m.register_forward_hook(
-            lambda mod, i, o, name=n: seen.__setitem__(name, o.detach())
-        )
-        for n, m in layers.items()
-    ]
-    try:
-        with torch.no_grad():
-            out = model(probe)
-    finally:
-        for h in handles:
-            h.remove()
-    return out.reshape(out.shape[0], -1), seen
+def _mse(out: Tensor, y: Tensor) -> Tensor:
+    """``F.mse_loss`` on outputs flattened to ``(N, O)`` (a transformer's ``(N, T, V)``)."""
+    return F.mse_loss(out.reshape(out.shape[0], -1), y.reshape(y.shape[0], -1))
 
 
 def _run(
-    model, param, x, y, probe, steps, lr, optimizer, ntk, linearization
-) -> list[dict]:
-    weights = lr_multipliers(model, param, optimizer)
+    model: nn.Module,
+    param: Parametrization,
+    x: Tensor,
+    y: Tensor,
+    probe: Tensor,
+    steps: int,
+    lr: float,
+    optimizer: str,
+    metrics: list[str],
+) -> list[dict] | str:
+    """Train one model with a Monitor; its predicted records, or why it diverged."""
     if functionalize(model, mode="train").batch_coupled:
         raise ValueError(
             f"expected a model that acts on each sample separately, got "
@@ -333,103 +309,24 @@ def _run(
             "batch-coupled network does not have; remove those layers or study it "
             "with rdiag.empirical_ntk(..., mode='train') on a fixed batch"
         )
-    fm = functionalize(model)
-    theta0 = {n: p.clone() for n, p in fm.params.items()}
-    f0, h0 = _capture(model, probe)
-    w0 = {n: w.clone() for n, w in effective_weights(model).items()}
-    k0 = empirical_ntk(model, probe, lr_multipliers=weights) if ntk else None
+    monitor = Monitor(
+        model,
+        probe,
+        every=[0],
+        metrics=metrics,
+        lr_multipliers=lr_multipliers(model, param, optimizer),
+        strict=True,
+    )
     opt = make_optimizer(model, param, lr, optimizer=optimizer)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        out = model(x)
-        loss = 0.5 * (out.reshape(out.shape[0], -1) - y).pow(2).sum(1).mean()
-        loss.backward()
-        opt.step()
-    ft, ht = _capture(model, probe)
+    batches = itertools.repeat((x, y), steps)
+    result = loop.fit(
+        model, opt, batches, _mse, steps=steps, monitor=monitor, divergence_factor=None
+    )
+    if result.failed:
+        return result.reason
     roles = {n: s.role for n, s in layer_scales(model).items()}
-    recs = [_rec("delta_f", None, None, representation_movement(ft, f0))]
-    if not isinstance(model, Centered):
-        recs.append(
-            _rec("f0", None, None, representation_movement(f0, torch.zeros_like(f0)))
-        )
-    for n in h0:
-        recs.append(
-            _rec(
-                "h0",
-                n,
-                roles[n],
-                representation_movement(h0[n], torch.zeros_like(h0[n])),
-            )
-        )
-        recs.append(_rec("delta_h", n, roles[n], representation_movement(ht[n], h0[n])))
-    for n, wt in effective_weights(model).items():
-        dw = wt - w0[n]
-        op, fro = matrix_norms(dw)
-        recs.append(_rec("dW_op", n, roles[n], op))
-        recs.append(_rec("dW_fro", n, roles[n], fro))
-        recs.append(_rec("dW_rel", n, roles[n], op / matrix_norms(w0[n])[0]))
-    if ntk:
-        kt = empirical_ntk(model, probe, lr_multipliers=weights)
-        recs.append(
-            _rec("ntk_rel_change", None, None, float((kt - k0).norm() / k0.norm()))
-        )
-    if linearization:
-        delta = {
-            n: p.detach() - theta0[n] for n, p in functionalize(model).params.items()
-        }
-        lin = f0 + _jvp_at(fm, probe, theta0, delta).detach()
-        recs.append(
-            _rec("lin_error", None, None, float((ft - lin).norm() / (ft - f0).norm()))
-        )
-    return recs
-
-
-def _jvp_at(fm, probe: Tensor, theta0: dict, delta: dict) -> Tensor:
-    """``J_0 delta`` on the probe, with the forward-mode fallbacks of rdiag._autodiff.
-
-    Ops without forward-mode AD (fused attention on CPU) fall back to the math
-    attention backend, then to the double-vjp trick.
-    """
-    mode = probe_jvp_mode(fm, probe)
-    return jvp(lambda p: fm(p, probe), (theta0,), (delta,), mode)[1]
-
-
-def _rec(metric: str, layer: str | None, role: str | None, value: float) -> dict:
-    return {"metric": metric, "layer": layer, "role": role, "value": value}
-
-
-# ---- fits --------------------------------------------------------------------------
-def _fit_all(
-    records: list[dict], param: Parametrization, steps: int, confidence: float
-) -> list[dict]:
-    series: dict[tuple, list[dict]] = {}
-    for rec in records:
-        if rec["metric"] in _FITTED:
-            series.setdefault((rec["metric"], rec["layer"], rec["role"]), []).append(
-                rec
-            )
-    fits = []
-    for (metric, layer, role), recs in series.items():
-        values = [r["value"] for r in recs]
-        if not all(math.isfinite(v) and v > 0 for v in values):
-            slope, ci = float("nan"), [float("nan"), float("nan")]
-        else:
-            slope, interval = fit_exponent(
-                [r["width"] for r in recs], values, confidence
-            )
-            ci = list(interval)
-        fits.append(
-            {
-                "metric": metric,
-                "layer": layer,
-                "param": param.name,
-                "r": param.r,
-                "slope": slope,
-                "ci": ci,
-                "predicted": predicted_exponent(metric, role, param, steps),
-            }
-        )
-    return fits
+    first, last = monitor.history[0], monitor.history[-1]
+    return records_from_checks(first, last, roles, centered=isinstance(model, Centered))
 
 
 # ---- output ------------------------------------------------------------------------
@@ -461,18 +358,18 @@ def plot_coord_check(result: CoordCheckResult, path: str | Path) -> Path:
         The path of the written image.
     """
     Figure = require("matplotlib.figure", "plot_coord_check").Figure
-    metrics = [m for m in _FITTED if any(f["metric"] == m for f in result.fits)]
+    metrics = [m for m in METRICS if any(f["metric"] == m for f in result.fits)]
     cols = 3
     rows = math.ceil(len(metrics) / cols)
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows))
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(rows, cols, i + 1)
-        for fit in (f for f in result.fits if f["metric"] == metric):
-            _plot_series(ax, result, fit)
+        for series in (f for f in result.fits if f["metric"] == metric):
+            _plot_series(ax, result, series)
         ax.set(xscale="log", yscale="log", xlabel="width", title=metric)
         ax.legend(fontsize=6)
     fig.suptitle(
-        f"coordinate check: {result.param}, {result.optimizer}, T={result.steps}"
+        f"coordinate check: {result.parametrization}, {result.optimizer}, T={result.steps}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)

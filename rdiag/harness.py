@@ -2,7 +2,7 @@
 
 :func:`train` runs one configuration (a :class:`TrainConfig`, a dict, or keyword
 arguments) and writes everything into a :class:`~rdiag.store.Store`. :func:`sweep`
-expands a grid over any config fields (``param``/``r``, ``width``, ``seed``, ``lr``,
+expands a grid over any config fields (``parametrization``/``r``, ``width``, ``seed``, ``lr``,
 ...) and runs the configurations through an :class:`Executor`: by default a
 ``concurrent.futures.ProcessPoolExecutor`` (spawned workers, one torch thread
 each), or anything with ``submit``/``shutdown`` (a Ray-backed one can take over
@@ -26,7 +26,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,20 +42,29 @@ from rdiag._checks import (
     check_real,
 )
 from rdiag._optional import require
-from rdiag.data import DATASETS, Dataset, batches, load_data
+from rdiag.data import BATCH_MODES, DATASETS, Dataset, batches, load_data
+from rdiag.loop import DIVERGENCE_FACTOR, describe_error, fit
+from rdiag.models import FAMILIES
 from rdiag.monitor import METRICS, Monitor
+from rdiag.operators.ggn import LOSS_KINDS
+from rdiag.parametrization import OPTIMIZERS as PARAM_OPTIMIZERS
 from rdiag.store import Store, StoreError
 
 logger = logging.getLogger("rdiag")
 
-MODELS = ("mlp", "cnn", "transformer")
-OPTIMIZERS = ("sgd", "adam", "gd", "online")
-LOSSES = ("auto", "mse", "ce")
+#: Model families (owned by :mod:`rdiag.models`).
+MODELS = tuple(FAMILIES)
+#: Optimizers (:mod:`rdiag.parametrization`) and the batch streams of SGD
+#: (:data:`rdiag.data.BATCH_MODES`: full-batch ``"gd"``, one-pass ``"online"``).
+OPTIMIZERS = (*PARAM_OPTIMIZERS, *(m for m in BATCH_MODES if m not in PARAM_OPTIMIZERS))
+#: Losses: the loss kinds of :mod:`rdiag.operators.ggn` a config can name, or auto.
+LOSSES = ("auto", *(k for k in LOSS_KINDS if k != "autodiff"))
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda", "auto")
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-#: Default divergence limit: a loss above this multiple of its initial value.
-DIVERGENCE_FACTOR = 1e6
+#: Renamed config fields and values: old -> new (accepted with a DeprecationWarning).
+_RENAMED_FIELDS = {"param": "parametrization"}
+_RENAMED_LOSSES = {"ce": "cross_entropy"}
 
 
 @dataclass
@@ -63,22 +72,26 @@ class TrainConfig:
     """One training run. Every field can be set from YAML / the CLI.
 
     Attributes:
-        model: ``"mlp"``, ``"cnn"`` or ``"transformer"``.
+        model: A family of :data:`rdiag.models.FAMILIES` (``"mlp"``, ``"cnn"``,
+            ``"transformer"``, ``"bn_mlp"``).
         width: The width knob (hidden units, channels, ``d_model``).
         depth: Weight layers (MLP), conv layers (CNN) or blocks (transformer).
         activation: Activation of the MLP / CNN.
-        param: Parameterization string (``"r=0.25"``, ``"ntk"``, ``"mup"``, ``"sp"``,
-            ``"mf"``, ``"gamma=0.1"``), see :func:`rdiag.parametrization.parse_param`.
+        parametrization: Parametrization string (``"r=0.25"``, ``"ntk"``, ``"mup"``,
+            ``"sp"``, ``"mf"``, ``"gamma=0.1"``), see
+            :func:`rdiag.parametrization.parse_parametrization` (``param`` is its
+            deprecated name).
         optimizer: ``"sgd"`` (minibatch), ``"adam"``, ``"gd"`` (full batch) or
             ``"online"`` (every sample used once).
-        lr: Base learning rate ``eta0`` (per-layer rates follow ``param``).
+        lr: Base learning rate ``eta0`` (per-layer rates follow ``parametrization``).
         steps: Optimizer steps.
         batch_size: Minibatch size (ignored by ``"gd"``).
         momentum: SGD momentum.
         data: ``"teacher"``, ``"digits"``, ``"cifar10"`` or ``"sequences"``.
         data_options: Keyword arguments of the data loader (e.g. ``root`` for CIFAR-10).
         model_options: Extra keyword arguments of the model family.
-        loss: ``"mse"``, ``"ce"`` or ``"auto"`` (MSE for regression, CE otherwise).
+        loss: ``"mse"``, ``"cross_entropy"`` (``"ce"`` is deprecated) or ``"auto"``
+            (MSE for regression, cross-entropy otherwise).
         seed: Seed of initialization, data order and data generation.
         dtype: ``"float32"`` or ``"float64"``.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (CUDA when available).
@@ -97,7 +110,7 @@ class TrainConfig:
     width: int = 128
     depth: int = 3
     activation: str = "tanh"
-    param: str = "mup"
+    parametrization: str = "mup"
     optimizer: str = "sgd"
     lr: float = 0.1
     steps: int = 100
@@ -143,6 +156,7 @@ class TrainConfig:
             raise TypeError(
                 f"expected a mapping of TrainConfig fields, got {type(values).__name__}"
             )
+        values = _renamed(dict(values))
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in names]
         if unknown:
@@ -207,12 +221,12 @@ class TrainConfig:
                 )
 
     def _validate_param_and_metrics(self) -> None:
-        from rdiag.parametrization import parse_param
+        from rdiag.parametrization import parse_parametrization
 
         try:
-            parse_param(self.param)
+            parse_parametrization(self.parametrization)
         except (ValueError, TypeError) as err:
-            raise ValueError(f"bad config field 'param': {err}") from err
+            raise ValueError(f"bad config field 'parametrization': {err}") from err
         if not isinstance(self.metrics, (list, tuple)):
             raise ValueError(
                 f"expected config field 'metrics' to be a list of names from "
@@ -227,6 +241,34 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """The config as a plain dict (what the store records and keys runs by)."""
         return dataclasses.asdict(self)
+
+
+def _renamed(values: dict[str, Any]) -> dict[str, Any]:
+    """Map deprecated field names and loss names to the current ones."""
+    import warnings
+
+    for old, new in _RENAMED_FIELDS.items():
+        if old in values:
+            if new in values:
+                raise ValueError(
+                    f"config sets both {old!r} and {new!r}; use {new!r} ({old!r} is its "
+                    "deprecated name)"
+                )
+            warnings.warn(
+                f"config field {old!r} is deprecated; use {new!r}",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+            values[new] = values.pop(old)
+    loss = values.get("loss")
+    if isinstance(loss, str) and loss in _RENAMED_LOSSES:
+        warnings.warn(
+            f"loss {loss!r} is deprecated; use {_RENAMED_LOSSES[loss]!r}",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        values["loss"] = _RENAMED_LOSSES[loss]
+    return values
 
 
 @dataclass(frozen=True)
@@ -269,7 +311,7 @@ def _loss_fn(cfg: TrainConfig, data: Dataset) -> Callable[[Tensor, Tensor], Tens
     kind = (
         cfg.loss
         if cfg.loss != "auto"
-        else ("mse" if data.task == "regression" else "ce")
+        else ("mse" if data.task == "regression" else "cross_entropy")
     )
     if kind == "mse" and data.task == "classification":
         classes = data.num_outputs
@@ -282,7 +324,7 @@ def _loss_fn(cfg: TrainConfig, data: Dataset) -> Callable[[Tensor, Tensor], Tens
         return F.mse_loss
     if data.task == "regression":
         raise ValueError(
-            "bad config field 'loss': 'ce' needs classification data; use 'mse'"
+            "bad config field 'loss': 'cross_entropy' needs classification data; use 'mse'"
         )
     if cfg.model == "transformer":
         return _token_cross_entropy
@@ -302,7 +344,7 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
         data: The dataset (fixes input shape and number of outputs).
 
     Returns:
-        The model, parametrized by ``cfg.param``, in ``cfg.dtype``.
+        The model, parametrized by ``cfg.parametrization``, in ``cfg.dtype``.
 
     Raises:
         ValueError: The family does not fit the data's input shape.
@@ -310,11 +352,12 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
     from rdiag.models import make_model
 
     opts: dict[str, Any] = {"depth": cfg.depth}
-    if cfg.model == "mlp":
+    if cfg.model in ("mlp", "bn_mlp"):
         if len(data.in_shape) != 1:
             raise ValueError(
-                f"model 'mlp' needs flat inputs, got input shape {data.in_shape}; use "
-                "model 'cnn' for images or data_options flatten: true"
+                f"model {cfg.model!r} needs flat inputs, got input shape "
+                f"{data.in_shape}; use model 'cnn' for images or data_options "
+                "flatten: true"
             )
         opts.update(
             d_in=data.in_shape[0], d_out=data.num_outputs, activation=cfg.activation
@@ -345,40 +388,9 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
         opts["vocab"] = max(opts["vocab"], data.num_outputs)
     opts.update(cfg.model_options)
     model = make_model(
-        cfg.model, cfg.width, parametrization=cfg.param, seed=cfg.seed, **opts
+        cfg.model, cfg.width, parametrization=cfg.parametrization, seed=cfg.seed, **opts
     )
     return model.to(DTYPES[cfg.dtype])
-
-
-def divergence_reason(
-    loss: float, initial: float, factor: float | None, step: int
-) -> str | None:
-    """Why a training loss means the run diverged, or None if it does not.
-
-    Args:
-        loss: The loss at ``step``.
-        initial: The loss at step 0.
-        factor: Divergence when ``loss > factor * initial`` (with ``initial > 0``);
-            None: only a non-finite loss counts.
-        step: The step (quoted in the reason).
-
-    Returns:
-        The reason, e.g. ``"diverged at step 7: training loss 3.1e+29 > 4.2e+05 =
-        divergence_factor 1e+06 x the initial loss 0.42"``, or None.
-    """
-    if not math.isfinite(loss):
-        return f"diverged at step {step}: training loss {loss}"
-    if factor is not None and initial > 0 and loss > factor * initial:
-        return (
-            f"diverged at step {step}: training loss {loss:.3g} > {factor * initial:.3g}"
-            f" = divergence_factor {factor:g} x the initial loss {initial:.3g}"
-        )
-    return None
-
-
-def _describe(err: BaseException) -> str:
-    """An exception as one line: ``"ValueError: message"``."""
-    return f"{type(err).__name__}: {' '.join(str(err).split())}"
 
 
 def _not_run(
@@ -411,7 +423,7 @@ def train(
     last step, on the first ``probe_size`` test samples; the training-batch loss of
     every step is recorded as ``train_loss``. The run ends ``failed``, with the
     reason stored (:meth:`~rdiag.store.Store.reason`) and its records kept, when
-    the loss of a state diverges (:func:`divergence_reason`; checked before the
+    the loss of a state diverges (:func:`rdiag.loop.divergence_reason`; checked before the
     Monitor measures that state) or a diagnostic raises (a degenerate state). The
     run is claimed in the store while it executes (:meth:`~rdiag.store.Store.claim`).
 
@@ -450,7 +462,7 @@ def train(
     except StoreError:
         raise
     except Exception as err:
-        store.set_status(rid, "failed", _describe(err))
+        store.set_status(rid, "failed", describe_error(err))
         raise
     finally:
         store.release(rid)
@@ -491,7 +503,26 @@ def _execute(
         (x.to(device), y.to(device))
         for x, y in batches(data, cfg.batch_size, cfg.steps, mode=mode, seed=cfg.seed)
     )
-    loss_value, reason = _loop(cfg, stream, model, loss_fn, opt, monitor, store, rid)
+    pending: list[tuple[int, str, str, float]] = []
+
+    def flush(step: int) -> None:
+        store.log_rows(rid, pending)
+        pending.clear()
+        store.claim(rid)  # refreshes the claim's heartbeat
+
+    result = fit(
+        model,
+        opt,
+        stream,
+        loss_fn,
+        steps=cfg.steps,
+        monitor=monitor,
+        divergence_factor=cfg.divergence_factor,
+        on_loss=lambda step, value: pending.append((step, "train_loss", "", value)),
+        before_check=flush,
+    )
+    store.log_rows(rid, pending)
+    loss_value, reason = result.final_loss, result.reason
     status = "finished" if reason is None else "failed"
     if reason is not None:
         logger.warning("run %s failed: %s", rid, reason)
@@ -505,61 +536,6 @@ def _execute(
         monitor.seconds,
         reason,
     )
-
-
-def _loop(
-    cfg: TrainConfig,
-    stream: Iterator[tuple[Tensor, Tensor]],
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    opt: torch.optim.Optimizer,
-    monitor: Monitor,
-    store: Store,
-    rid: str,
-) -> tuple[float, str | None]:
-    """The training loop; returns the last training loss and why the run failed.
-
-    Each state's loss is checked before the Monitor measures that state, so a
-    diverged state never reaches the diagnostics.
-    """
-    pending: list[tuple[int, str, str, float]] = []
-    initial = loss_value = math.nan
-    reason = None
-    for step, (xb, yb) in enumerate(stream):
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
-        loss_value = float(loss.detach())
-        initial = loss_value if step == 0 else initial
-        pending.append((step, "train_loss", "", loss_value))
-        reason = divergence_reason(loss_value, initial, cfg.divergence_factor, step)
-        if reason is None and monitor.scheduled(step):
-            store.log_rows(rid, pending)
-            pending = []
-            store.claim(rid)  # refreshes the claim's heartbeat
-            reason = _diagnose(monitor, step)
-        if reason is not None:
-            break
-        loss.backward()
-        opt.step()
-    store.log_rows(rid, pending)
-    if reason is None:  # the state after the last update
-        with torch.no_grad():
-            final = float(loss_fn(model(xb), yb))
-        reason = divergence_reason(
-            final, initial, cfg.divergence_factor, cfg.steps
-        ) or _diagnose(monitor, cfg.steps, force=True)
-    return loss_value, reason
-
-
-def _diagnose(monitor: Monitor, step: int, *, force: bool = False) -> str | None:
-    """Run a Monitor check; return why it failed (a degenerate state), or None."""
-    try:
-        monitor.step(step, force=force)
-    except StoreError:
-        raise
-    except Exception as err:  # e.g. a zero centered kernel: the run fails, records stay
-        return f"diagnostics failed at step {step}: {_describe(err)}"
-    return None
 
 
 # ---- sweeps ----------------------------------------------------------------------
@@ -702,7 +678,7 @@ def load_train_config(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: The path is not a file.
         ValueError: Unparsable YAML, or not a mapping.
     """
-    return _yaml_file(path, "run config", "")
+    return _renamed(_yaml_file(path, "run config", ""))
 
 
 def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -714,7 +690,7 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
           model: mlp
           steps: 20
         grid:            # lists; the sweep is their Cartesian product
-          r: [0, 0.25, 0.5]      # shorthand for param: ["r=0", ...]
+          r: [0, 0.25, 0.5]      # shorthand for parametrization: ["r=0", ...]
           width: [64, 128, 256]
           seed: [0, 1]
         workers: 2       # optional
@@ -769,7 +745,7 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
 def expand_grid(sweep_config: Mapping[str, Any]) -> list[TrainConfig]:
     """All configurations of a sweep (Cartesian product of the grid over the base).
 
-    A grid key ``r`` sets ``param`` to ``"r=<value>"``.
+    A grid key ``r`` sets ``parametrization`` to ``"r=<value>"``.
 
     Args:
         sweep_config: ``{"base": {...}, "grid": {...}}``.
@@ -780,16 +756,18 @@ def expand_grid(sweep_config: Mapping[str, Any]) -> list[TrainConfig]:
     Raises:
         ValueError: A field is unknown or invalid (named, with allowed values).
     """
-    base = dict(sweep_config.get("base", {}))
-    grid = dict(sweep_config.get("grid", {}))
+    base = _renamed(dict(sweep_config.get("base", {})))
+    grid = _renamed(dict(sweep_config.get("grid", {})))
     if "r" in grid:
-        if "param" in grid:
-            raise ValueError("grid sets both 'r' and 'param'; use one of them")
+        if "parametrization" in grid:
+            raise ValueError(
+                "grid sets both 'r' and 'parametrization'; use one of them"
+            )
         values = [
             check_real(v, "grid.r values", "(the richness r)", lambda _: True)
             for v in grid.pop("r")
         ]
-        grid["param"] = [f"r={v:g}" for v in values]
+        grid["parametrization"] = [f"r={v:g}" for v in values]
     keys = list(grid)
     configs = []
     for combo in itertools.product(*(grid[k] for k in keys)):
@@ -858,12 +836,14 @@ def sweep(
             re-running the sweep resumes).
     """
     raw = load_sweep_config(config)
+    given = {k: _renamed(dict(v)) for k, v in (overrides or {}).items()}
     for section in ("base", "grid"):
-        raw[section] = {**raw[section], **dict((overrides or {}).get(section, {}))}
-    if "param" in raw["grid"] and "r" in (overrides or {}).get("grid", {}):
-        raw["grid"].pop("param")
-    if "r" in raw["grid"] and "param" in (overrides or {}).get("grid", {}):
-        raw["grid"].pop("r")
+        raw[section] = {**_renamed(raw[section]), **given.get(section, {})}
+    # An override of the parametrization axis replaces the config's, in either form.
+    axis = ("r", "parametrization")
+    for key in axis:
+        if key in given.get("grid", {}):
+            raw["grid"].pop(axis[1 - axis.index(key)], None)
     configs = expand_grid(raw)
     workers = raw.get("workers", 1) if workers is None else workers
     check_positive_int(workers, "workers")
@@ -934,7 +914,7 @@ def _outcome(future: cf.Future, rid: str, store: Store) -> TrainResult:
     except StoreError:
         raise
     except Exception as err:  # the run raised, or its worker died: say why, go on
-        reason = _describe(err)
+        reason = describe_error(err)
         store.set_status(rid, "failed", reason)
         logger.warning("run %s failed: %s", rid, reason)
         return _not_run(rid, store, "failed", reason)

@@ -307,7 +307,7 @@ _PRESETS = {"ntk": ntk, "mup": mup, "mf": mean_field, "sp": standard}
 _SPEC = re.compile(r"^\s*(r|gamma)\s*=\s*(\S+)\s*$")
 
 
-def parse_param(spec: str | Parametrization) -> Parametrization:
+def parse_parametrization(spec: str | Parametrization) -> Parametrization:
     """Parse a CLI string: ``"r=0.25"``, ``"ntk"``, ``"mup"``, ``"sp"``, ``"mf"``, ``"gamma=0.1"``.
 
     Args:
@@ -342,6 +342,15 @@ def parse_param(spec: str | Parametrization) -> Parametrization:
             f"expected a number after '{kind}=', got {value!r} in {spec!r}"
         ) from None
     return richness(number) if kind == "r" else gamma_family(number)
+
+
+def parse_param(spec: str | Parametrization) -> Parametrization:
+    """Deprecated name of :func:`parse_parametrization`."""
+    from rdiag._deprecation import renamed_name
+
+    return renamed_name("parse_param", "parse_parametrization", parse_parametrization)(
+        spec
+    )
 
 
 # ---- layers, roles and multipliers -----------------------------------------------
@@ -526,7 +535,7 @@ def apply_parametrization(
         model: Any module built from ``nn.Linear``/``nn.Conv*``/``nn.Embedding``
             layers (plus parameter-free modules and norm layers, whose gains are
             kept and follow the hidden rule).
-        parametrization: A :class:`Parametrization` or a string for :func:`parse_param`.
+        parametrization: A :class:`Parametrization` or a string for :func:`parse_parametrization`.
         width: The width ``n``; default :func:`model_width`.
         roles: Module name -> role, overriding the inferred ones.
         init: Re-initialize the weights (uses the global torch RNG, in
@@ -553,7 +562,7 @@ def apply_parametrization(
         >>> torch.allclose(net.readin(x), x @ w.T / 2 + net.readin.bias)
         True
     """
-    param = parse_param(parametrization)
+    param = parse_parametrization(parametrization)
     check_module(model)
     roles = infer_roles(model, roles)
     width = model_width(model, roles) if width is None else width
@@ -689,7 +698,7 @@ def lr_multipliers(
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     scales = _check_parametrized(model)
     applied = next(iter(scales.values())).applied
-    param = parse_param(parametrization or applied.parametrization)
+    param = parse_parametrization(parametrization or applied.parametrization)
     m = param.width_ratio(applied.width)
     owner = {}
     for name, scale in scales.items():

@@ -33,11 +33,13 @@ is not on the scale: ``delta_f`` grows like ``n`` (exponent ``+1``), ``f0`` and
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from rdiag.parametrization import Parametrization, parse_param
+from rdiag.metrics import fit_exponent
+from rdiag.parametrization import Parametrization, parse_parametrization
 
 When = Literal["first", "last"]
 
@@ -55,6 +57,8 @@ class Prediction:
         exponent: ``(r, role, steps) -> exponent`` (``None`` where nothing is
             predicted for that role).
         per_layer: Whether the metric has one value per layer.
+        fitted: Whether width exponents are fitted for it (``dW_fro`` is only
+            recorded: Frobenius norms give other exponents than operator norms).
     """
 
     metric: str
@@ -64,6 +68,7 @@ class Prediction:
     formula: str
     exponent: Callable[[float, str | None, int], float | None]
     per_layer: bool = False
+    fitted: bool = True
 
 
 def _kernel(r: float, role: str | None, steps: int) -> float:
@@ -99,6 +104,10 @@ PREDICTIONS: dict[str, Prediction] = {
             per_layer=True,
         ),
         Prediction(
+            "dW_fro", "dW_fro", "last", "||W_T - W_0||_F of the effective weights",
+            "not predicted", lambda r, role, steps: None, per_layer=True, fitted=False,
+        ),
+        Prediction(
             "dW_rel", "dW_rel", "last", "||W_T - W_0||_op / ||W_0||_op", "r - 1/2",
             lambda r, role, steps: r - 0.5, per_layer=True,
         ),
@@ -123,7 +132,7 @@ def richness_of(parametrization: Parametrization | str) -> float | None:
 
     The gamma family at a fixed ``gamma0`` scales like muP (``r = 1/2``).
     """
-    param = parse_param(parametrization)
+    param = parse_parametrization(parametrization)
     if param.gauge == "standard":
         return None
     return 0.5 if param.r is None else param.r
@@ -157,3 +166,99 @@ def predicted_exponent(
 def formulas() -> dict[str, str]:
     """Metric -> the printed formula of its exponent (for summaries and reports)."""
     return {m: p.formula for m, p in PREDICTIONS.items()}
+
+
+def records_from_checks(
+    first: Mapping[Any, float],
+    last: Mapping[Any, float],
+    roles: Mapping[str, str],
+    *,
+    centered: bool = False,
+) -> list[dict]:
+    """The predicted metrics read from a Monitor's first and last check.
+
+    Args:
+        first: The records of the check at initialization (``Monitor.history[0]``).
+        last: The records of the last check.
+        roles: Layer name -> role (``"readin"``, ``"hidden"``, ``"readout"``).
+        centered: A centered model (``f0 = 0``): ``f0`` is left out.
+
+    Returns:
+        ``{"metric", "layer", "role", "value"}`` dicts (``layer``/``role`` None for
+        model-level metrics), in :data:`PREDICTIONS` order.
+    """
+    out = []
+    for p in PREDICTIONS.values():
+        if centered and p.metric == "f0":
+            continue
+        checked = first if p.when == "first" else last
+        if p.per_layer:
+            for key, value in checked.items():
+                if isinstance(key, tuple) and key[0] == p.source:
+                    layer = key[1]
+                    out.append(_record(p.metric, layer, roles.get(layer), value))
+        else:  # model-level records: plain names, or (name, "") pairs
+            value = checked.get(p.source, checked.get((p.source, "")))
+            if value is not None:
+                out.append(_record(p.metric, None, None, value))
+    return out
+
+
+def _record(metric: str, layer: str | None, role: str | None, value: float) -> dict:
+    return {"metric": metric, "layer": layer, "role": role, "value": float(value)}
+
+
+def fit_records(
+    records: Iterable[Mapping[str, Any]],
+    parametrization: Parametrization | str | None,
+    steps: int,
+    *,
+    confidence: float = 0.95,
+) -> list[dict]:
+    """Width exponents of measured records, each next to its prediction.
+
+    Args:
+        records: ``{"width", "metric", "layer", "role", "value"}`` mappings (one
+            per width, seed, metric and layer), e.g. from :func:`records_from_checks`.
+        parametrization: The parametrization the records were measured under
+            (``None``: an unknown one, no predictions).
+        steps: Training steps ``T``.
+        confidence: Level of the slope intervals.
+
+    Returns:
+        One ``{"metric", "layer", "parametrization", "r", "slope", "ci": [lo, hi],
+        "predicted"}`` dict per fitted series (metric, layer, role), in first-seen
+        order. Least squares of ``log(value)`` on ``log(width)`` over the finite
+        positive values (:func:`rdiag.metrics.fit_exponent`); ``slope`` and ``ci``
+        are ``nan`` when fewer than two widths remain.
+    """
+    param = None if parametrization is None else parse_parametrization(parametrization)
+    series: dict[tuple, list[Mapping[str, Any]]] = {}
+    for rec in records:
+        prediction = PREDICTIONS.get(rec["metric"])
+        if prediction is not None and prediction.fitted:
+            key = (rec["metric"], rec.get("layer"), rec.get("role"))
+            series.setdefault(key, []).append(rec)
+    fits = []
+    for (metric, layer, role), recs in series.items():
+        kept = [r for r in recs if math.isfinite(r["value"]) and r["value"] > 0]
+        slope, ci = math.nan, [math.nan, math.nan]
+        if len({r["width"] for r in kept}) >= 2:
+            slope, interval = fit_exponent(
+                [r["width"] for r in kept], [r["value"] for r in kept], confidence
+            )
+            ci = list(interval)
+        fits.append(
+            {
+                "metric": metric,
+                "layer": layer,
+                "parametrization": None if param is None else param.name,
+                "r": None if param is None else param.r,
+                "slope": slope,
+                "ci": ci,
+                "predicted": None
+                if param is None
+                else predicted_exponent(metric, role, param, steps),
+            }
+        )
+    return fits

@@ -1,20 +1,13 @@
 """Figures, ``summary.json`` and one self-contained HTML report from a run store.
 
 :func:`build_report` reads the finished runs of a :class:`~rdiag.store.Store`
-(typically an r x width x seed sweep), fits width exponents on a log-log scale
-(:func:`rdiag.metrics.fit_exponent`, t-interval over all (width, seed) points) and
-puts each next to its prediction (SCIENCE.md section 2):
-
-=================  =====================================  =============
-metric             measured at                            predicted
-=================  =====================================  =============
-``delta_h``        ``||h_T - h_0||`` per hidden layer     ``r``
-``ntk_rel_change`` ``||K_T - K_0||_F / ||K_0||_F``        ``2r - 1``
-``dW_rel``         ``||dW||_op / ||W_0||_op`` per layer   ``r - 1/2``
-``f0``             ``||f_0||`` at initialization          ``-r``
-=================  =====================================  =============
-
-(``T`` is each run's last step; ``K`` the learning-rate-weighted eNTK on the probe.)
+(typically an r x width x seed sweep), fits the width exponent of every metric
+of :data:`rdiag.predictions.PREDICTIONS` the runs recorded (``h0``, ``delta_h``,
+``f0``, ``delta_f``, ``dW_op``, ``dW_rel``, ``ntk_rel_change``, ``lin_error``),
+read at initialization or at each run's last step, and puts each next to its
+prediction (SCIENCE.md section 2) with :func:`rdiag.predictions.fit_records`,
+the function the coordinate check uses. Layer roles (for ``dW_op``) come from the
+built-in family a run names.
 Figures: kernel movement vs width, the coordinate check (``delta_h`` vs width),
 preconditioned sharpness vs step for muP and NTK with the ``2/eta0`` line, the top
 eNTK eigenvalue over time and loss curves. matplotlib and pandas are imported
@@ -33,36 +26,21 @@ from typing import Any
 import numpy as np
 
 from rdiag._optional import require
-from rdiag.metrics import fit_exponent
+from rdiag.parametrization import Parametrization, parse_parametrization
+from rdiag.predictions import PREDICTIONS, fit_records, formulas
 from rdiag.store import Store
 
-#: Fitted metric -> the step it is read at (predictions: rdiag.predictions).
-FITTED: dict[str, str] = {
-    "delta_h": "last",
-    "ntk_rel_change": "last",
-    "dW_rel": "last",
-    "f0": "first",
-}
-_SOURCE = {"f0": "f_norm"}
 
-
-def _r_of(param: str) -> float | None:
-    from rdiag.parametrization import parse_param
-
+def _parsed(label: str) -> Parametrization | None:
     try:
-        return parse_param(param).r
-    except ValueError:  # a run not made by the harness (no parameterization string)
+        return parse_parametrization(label)
+    except (ValueError, TypeError):  # a run not made by the harness
         return None
 
 
-def _predicted(metric: str, param: str, steps: int) -> float | None:
-    from rdiag.predictions import predicted_exponent
-    from rdiag.parametrization import parse_param
-
-    try:
-        return predicted_exponent(metric, None, parse_param(param), steps)
-    except ValueError:
-        return None
+def _r_of(label: str) -> float | None:
+    param = _parsed(label)
+    return None if param is None else param.r
 
 
 def _plain(value: Any) -> Any:
@@ -72,12 +50,12 @@ def _plain(value: Any) -> Any:
     return value.item() if hasattr(value, "item") else value
 
 
-#: Config fields that name a run in the lists of failed runs.
-LABEL_FIELDS = ("param", "width", "seed", "lr")
+#: Config fields that name a run in the lists of failed runs (``param`` in old stores).
+LABEL_FIELDS = ("parametrization", "param", "width", "seed", "lr")
 
 
 def run_label(config: dict[str, Any]) -> str:
-    """A run's grid point in words, e.g. ``"param=r=0.5 width=64 seed=0 lr=4"``."""
+    """A run's grid point in words, e.g. ``"parametrization=r=0.5 width=64 seed=0 lr=4"``."""
     return " ".join(f"{k}={config[k]}" for k in LABEL_FIELDS if k in config)
 
 
@@ -122,83 +100,106 @@ def _frame(store: Store) -> Any:
     frame = frame[frame["status"] == "finished"]
     if len(frame) == 0:
         raise ValueError(f"the store {store.root} has no finished runs yet")
+    if "param" in frame.columns and "parametrization" not in frame.columns:
+        frame = frame.rename(columns={"param": "parametrization"})  # an older store
     # Runs written by a bare Monitor may lack the harness's config fields.
-    defaults = {"param": "custom", "width": 0, "seed": 0, "lr": float("nan")}
+    defaults = {"parametrization": "custom", "width": 0, "seed": 0, "lr": float("nan")}
     return frame.assign(**{k: v for k, v in defaults.items() if k not in frame.columns})
+
+
+def _roles(info: dict[str, Any]) -> dict[str, str]:
+    """Layer name -> role of the built-in family a run group names (else empty)."""
+    import torch
+
+    from rdiag.models import FAMILIES
+
+    family = FAMILIES.get(info.get("model"))
+    if family is None:
+        return {}
+    depth = info.get("depth")
+    try:
+        with torch.device("meta"):
+            model = family(8) if depth is None else family(8, depth=int(depth))
+    except (TypeError, ValueError):
+        return {}
+    return dict(model.roles)
 
 
 def fits(store: Store | str | Path) -> list[dict[str, Any]]:
     """Width exponents of every run group of the store, next to their predictions.
 
     Runs are grouped by every config field except ``width`` and ``seed``; a group
-    with at least two widths gives one fit per metric and layer.
+    with at least two widths gives one fit per metric and layer (see
+    :func:`rdiag.predictions.fit_records`).
 
     Args:
         store: The store (or its directory).
 
     Returns:
-        A list of ``{"metric", "layer", "param", "r", "slope", "ci": [lo, hi],
-        "predicted", "widths", "seeds", "group"}`` (``layer`` None for model-level
-        metrics; ``r``/``predicted`` None where the parameterization has no r;
-        ``ci`` ``[None, None]`` for a fit through two points).
+        A list of ``{"metric", "layer", "parametrization", "r", "slope", "ci":
+        [lo, hi], "predicted", "widths", "seeds", "group"}`` (``layer`` None for
+        model-level metrics; ``r``/``predicted`` None where the parametrization
+        has no r; ``ci`` ``[None, None]`` for a fit through two points).
     """
     store = store if isinstance(store, Store) else Store(store)
     frame = _frame(store)
-    frame = frame[
-        frame["metric"].isin(["delta_h", "ntk_rel_change", "dW_rel", "f_norm"])
-    ]
+    fitted = [p for p in PREDICTIONS.values() if p.fitted]
+    frame = frame[frame["metric"].isin({p.source for p in fitted})]
     group_cols = [
         c
         for c in frame.columns
         if c
         not in ("run", "step", "metric", "layer", "value", "status", "width", "seed")
     ]
-    first = frame.groupby("run")["step"].transform("min") == frame["step"]
-    last = frame.groupby("run")["step"].transform("max") == frame["step"]
+    at = {
+        "first": frame.groupby("run")["step"].transform("min") == frame["step"],
+        "last": frame.groupby("run")["step"].transform("max") == frame["step"],
+    }
     out = []
-    for metric, when in FITTED.items():
-        rows = frame[
-            (frame["metric"] == _SOURCE.get(metric, metric))
-            & (first if when == "first" else last)
+    for key, g in frame.groupby(group_cols, dropna=False, sort=True):
+        if g["width"].nunique() < 2:
+            continue
+        info = dict(zip(group_cols, key))
+        roles = _roles(info)
+        records = [
+            {
+                "width": int(row.width),
+                "seed": row.seed,
+                "metric": p.metric,
+                "layer": row.layer or None,
+                "role": roles.get(row.layer),
+                "value": float(row.value),
+            }
+            for p in fitted
+            for row in g[(g["metric"] == p.source) & at[p.when][g.index]].itertuples()
         ]
-        for key, g in rows.groupby(group_cols + ["layer"], dropna=False, sort=True):
-            if g["width"].nunique() < 2:
+        param = _parsed(info["parametrization"])
+        for f in fit_records(records, param, int(g["step"].max())):
+            if math.isnan(f["slope"]):
                 continue
-            values = g["value"].to_numpy(dtype=float)
-            keep = values > 0
-            if keep.sum() < 2 or g["width"][keep].nunique() < 2:
-                continue
-            slope, (lo, hi) = fit_exponent(
-                g["width"].to_numpy(dtype=float)[keep], values[keep]
+            series = [
+                r
+                for r in records
+                if (r["metric"], r["layer"]) == (f["metric"], f["layer"])
+                and r["value"] > 0
+            ]
+            lo, hi = f["ci"]
+            f.update(
+                parametrization=info["parametrization"],
+                ci=[lo, hi] if math.isfinite(lo) else [None, None],
+                widths=sorted({r["width"] for r in series}),
+                seeds=len({r["seed"] for r in series}),
+                group={k: _plain(v) for k, v in info.items() if k != "parametrization"},
             )
-            info = dict(zip(group_cols + ["layer"], key))
-            r = _r_of(info["param"])
-            out.append(
-                {
-                    "metric": metric,
-                    "layer": info["layer"] or None,
-                    "param": info["param"],
-                    "r": r,
-                    "slope": slope,
-                    "ci": [lo, hi] if math.isfinite(lo) else [None, None],
-                    "predicted": _predicted(
-                        metric, info["param"], int(g["step"].max())
-                    ),
-                    "widths": sorted(int(w) for w in g["width"].unique()),
-                    "seeds": int(g["seed"].nunique()),
-                    "group": {
-                        k: _plain(v)
-                        for k, v in info.items()
-                        if k not in ("layer", "param")
-                    },
-                }
-            )
+            out.append(f)
     return out
 
 
 def _mean_curves(frame: Any, metric: str, layer: str = "") -> Any:
     rows = frame[(frame["metric"] == metric) & (frame["layer"] == layer)]
-    return rows.groupby(["param", "width", "step"])["value"].mean().reset_index()
+    return (
+        rows.groupby(["parametrization", "width", "step"])["value"].mean().reset_index()
+    )
 
 
 def _sorted_params(params: Any) -> list[str]:
@@ -233,8 +234,8 @@ def _fig_width_scaling(
         1, len(layers), figsize=(5 * len(layers), 4), squeeze=False
     )
     for ax, layer in zip(axes[0], layers):
-        for param in _sorted_params(rows["param"]):
-            g = rows[(rows["layer"] == layer) & (rows["param"] == param)]
+        for param in _sorted_params(rows["parametrization"]):
+            g = rows[(rows["layer"] == layer) & (rows["parametrization"] == param)]
             line = ax.plot(g["width"], g["value"], "o", alpha=0.35)[0]
             mean = g.groupby("width")["value"].mean()
             fit = next(
@@ -242,7 +243,7 @@ def _fig_width_scaling(
                     f
                     for f in fit_list
                     if f["metric"] == metric
-                    and f["param"] == param
+                    and f["parametrization"] == param
                     and (f["layer"] or "") == layer
                 ),
                 None,
@@ -288,8 +289,8 @@ def _fig_over_steps(
         return None
     params = [
         p
-        for p in (params or _sorted_params(curves["param"]))
-        if p in set(curves["param"])
+        for p in (params or _sorted_params(curves["parametrization"]))
+        if p in set(curves["parametrization"])
     ]
     if not params:
         return None
@@ -297,11 +298,13 @@ def _fig_over_steps(
         1, len(params), figsize=(5 * len(params), 4), squeeze=False
     )
     for ax, param in zip(axes[0], params):
-        g = curves[curves["param"] == param]
+        g = curves[curves["parametrization"] == param]
         for width, gw in g.groupby("width"):
             ax.plot(gw["step"], gw["value"], marker=".", label=f"n={width}")
         if eos:
-            for lr in sorted(frame[frame["param"] == param]["lr"].dropna().unique()):
+            for lr in sorted(
+                frame[frame["parametrization"] == param]["lr"].dropna().unique()
+            ):
                 ax.axhline(
                     2 / lr, color="k", ls="--", lw=1, label=f"2/eta0 = {2 / lr:.3g}"
                 )
@@ -334,7 +337,9 @@ def plot_figures(
     fit_list = fits(store) if fit_list is None else fit_list
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    mu_ntk = [p for p in _sorted_params(frame["param"]) if _r_of(p) in (0.0, 0.5)]
+    mu_ntk = [
+        p for p in _sorted_params(frame["parametrization"]) if _r_of(p) in (0.0, 0.5)
+    ]
     made = {
         "kernel_movement": _fig_width_scaling(
             plt,
@@ -390,7 +395,7 @@ def _fit_table(fit_list: list[dict]) -> str:
         cells = [
             f["metric"],
             f["layer"] or "",
-            f["param"],
+            f["parametrization"],
             f"{f['slope']:+.3f}",
             ci,
             pred,
@@ -404,7 +409,7 @@ def _fit_table(fit_list: list[dict]) -> str:
     head = [
         "metric",
         "layer",
-        "param",
+        "parametrization",
         "fitted slope",
         "95% CI",
         "predicted",
@@ -418,6 +423,12 @@ def _fit_table(fit_list: list[dict]) -> str:
         + "</tr>"
         + "".join(rows)
         + "</table>"
+    )
+
+
+def _prediction_text() -> str:
+    return "; ".join(
+        f"{metric} ~ n^({formula})" for metric, formula in formulas().items()
     )
 
 
@@ -446,12 +457,7 @@ def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Pa
         "runs": {"total": len(run_ids), **statuses},
         "failed": failed_runs(store),
         "figures": {k: str(v.relative_to(out)) for k, v in figures.items()},
-        "predictions": {
-            "delta_h": "r",
-            "ntk_rel_change": "2r - 1 (r - 1 after one step)",
-            "dW_rel": "r - 1/2",
-            "f0": "-r",
-        },
+        "predictions": formulas(),
         "store": str(store.db_path),
     }
     summary_path = out / "summary.json"
@@ -472,9 +478,9 @@ img{{max-width:100%}}</style></head><body>
 <p>Store: {html.escape(str(store.db_path))}. Runs: {html.escape(json.dumps(summary["runs"]))}.</p>
 <h2>Fitted width exponents</h2>
 <p>Least-squares slopes of log(metric) on log(width) over every (width, seed) point at the
-last step (f0: at initialization), with 95% t-intervals (seed scatter only; finite widths
-bias slopes by up to ~0.2, most at r = 0). Predictions: delta_h ~ r,
-ntk_rel_change ~ 2r - 1, dW_rel ~ r - 1/2, f0 ~ -r.</p>
+last step (h0, f0: at initialization), with 95% t-intervals (seed scatter only; finite
+widths bias slopes by up to ~0.2, most at r = 0). Predicted exponents of the width:
+{html.escape(_prediction_text())}.</p>
 {_fit_table(fit_list)}
 {_failed_table(summary["failed"])}
 {"".join(images)}

@@ -71,7 +71,7 @@ def test_sweep_then_report_end_to_end(tmp_path, capsys) -> None:
     printed = capsys.readouterr().out
     assert "8 runs (8 finished" in printed and str(out / "report.html") in printed
     summary = json.loads((out / "summary.json").read_text())
-    metrics = {(f["metric"], f["param"]) for f in summary["fits"]}
+    metrics = {(f["metric"], f["parametrization"]) for f in summary["fits"]}
     assert {("delta_h", "r=0"), ("ntk_rel_change", "r=0.5")} <= metrics
     assert summary["runs"]["finished"] == 8
     assert main(argv) == 0  # resumed: nothing to redo
@@ -157,7 +157,10 @@ def test_coord_check_command(tmp_path, capsys) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["run", "--param", "r=0.9", "--out", "{tmp}"], "bad config field 'param'"),
+        (
+            ["run", "--param", "r=0.9", "--out", "{tmp}"],
+            "bad config field 'parametrization'",
+        ),
         (
             [
                 "run",
@@ -205,7 +208,8 @@ def test_run_from_a_yaml_config_with_flag_overrides(tmp_path, capsys) -> None:
 
     store = Store(out)
     (rid,) = store.run_ids("finished")
-    assert store.config(rid)["param"] == "mup" and store.config(rid)["width"] == 8
+    assert store.config(rid)["parametrization"] == "mup"
+    assert store.config(rid)["width"] == 8
     config.write_text("widht: 8\n")
     assert _exit_code(["run", "--config", str(config), "--out", str(out)]) == 2
     assert "unknown config field(s) ['widht']" in capsys.readouterr().err

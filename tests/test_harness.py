@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures as cf
 
 import pytest
+import torch
 
 from rdiag.harness import TrainConfig, expand_grid, load_sweep_config, sweep, train
 from rdiag.store import Store
@@ -34,7 +35,7 @@ def test_train_writes_monitor_and_losses(tmp_path) -> None:
     assert result.status == "finished" and store.status(result.run_id) == "finished"
     assert _steps(store, result.run_id, "train_loss") == [0, 1, 2, 3]
     assert _steps(store, result.run_id, "ntk_rel_change") == [0, 2, 4]
-    assert store.config(result.run_id)["param"] == "r=0.5"
+    assert store.config(result.run_id)["parametrization"] == "r=0.5"
     again = train(TINY, store=tmp_path, param="r=0.5")
     assert again.status == "skipped" and again.run_id == result.run_id
 
@@ -93,14 +94,20 @@ def test_cnn_on_images(tmp_path) -> None:
     ("cfg", "match"),
     [
         ({"widht": 3}, "unknown config field.*'widht'.*allowed fields"),
-        ({"model": "resnet"}, "model to be one of \\['mlp', 'cnn', 'transformer'\\]"),
+        (
+            {"model": "resnet"},
+            "model to be one of \\['mlp', 'cnn', 'transformer', 'bn_mlp'\\]",
+        ),
         ({"optimizer": "lbfgs"}, "optimizer to be one of"),
-        ({"param": "r=0.7"}, "bad config field 'param'.*r in \\[0, 1/2\\]"),
+        (
+            {"parametrization": "r=0.7"},
+            "bad config field 'parametrization'.*r in \\[0, 1/2\\]",
+        ),
         ({"width": 0}, "'width' to be a positive int"),
         ({"lr": -1}, "'lr' to be a finite number > 0"),
         ({"metrics": ["ntk", "magic"]}, "bad config field 'metrics'"),
         ({"model": "cnn"}, "model 'cnn' needs square images"),
-        ({"loss": "ce"}, "'ce' needs classification data"),
+        ({"loss": "cross_entropy"}, "'cross_entropy' needs classification data"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path, cfg: dict, match: str) -> None:
@@ -124,7 +131,7 @@ def test_sweep_grid_and_config_errors(tmp_path) -> None:
     cfgs = expand_grid(
         {"base": TINY, "grid": {"r": [0, 0.5], "width": [8, 16], "seed": [0, 1]}}
     )
-    assert len(cfgs) == 8 and {c.param for c in cfgs} == {"r=0", "r=0.5"}
+    assert len(cfgs) == 8 and {c.parametrization for c in cfgs} == {"r=0", "r=0.5"}
     default = load_sweep_config("default")
     assert len(expand_grid(default)) >= 3 * 4 * 2
     widths = default["grid"]["width"]
@@ -204,10 +211,10 @@ def test_sweep_overrides_replace_r_with_param(tmp_path) -> None:
     result = sweep(
         config,
         out=tmp_path,
-        overrides={"grid": {"param": ["mup", "ntk"]}, "base": {"width": 12}},
+        overrides={"grid": {"parametrization": ["mup", "ntk"]}, "base": {"width": 12}},
     )
     store = Store(tmp_path)
-    params = sorted(store.config(r.run_id)["param"] for r in result.results)
+    params = sorted(store.config(r.run_id)["parametrization"] for r in result.results)
     assert params == ["mup", "ntk"]
     assert {store.config(r.run_id)["width"] for r in result.results} == {12}
 
@@ -269,7 +276,7 @@ def test_a_diagnostic_that_raises_fails_the_run_not_the_process(
         ({"snapshots": "yes"}, "'snapshots' to be true or false"),
         ({"metrics": "loss"}, "'metrics' to be a list of names"),
         ({"activation": "swish"}, "activation to be one of"),
-        ({"param": 5}, "bad config field 'param'"),
+        ({"parametrization": 5}, "bad config field 'parametrization'"),
     ],
 )
 def test_bad_fields_are_refused_before_anything_runs(
@@ -375,3 +382,49 @@ def test_serial_sweep_progress_moves_per_run(tmp_path, monkeypatch) -> None:
     config = {"base": {**TINY, "metrics": ["loss"]}, "grid": {"seed": [0, 1, 2]}}
     sweep({**config, "report": False}, out=tmp_path, progress=True)
     assert seen == [1, 2, 3]
+
+
+def test_deprecated_field_and_loss_names_still_work() -> None:
+    with pytest.warns(DeprecationWarning, match="'param' is deprecated"):
+        cfg = TrainConfig.from_dict({"param": "ntk"})
+    assert cfg.parametrization == "ntk"
+    with pytest.warns(DeprecationWarning, match="'ce' is deprecated"):
+        assert TrainConfig.from_dict({"loss": "ce"}).loss == "cross_entropy"
+    with pytest.raises(ValueError, match="both 'param' and 'parametrization'"):
+        TrainConfig.from_dict({"param": "ntk", "parametrization": "mup"})
+    with pytest.warns(DeprecationWarning):
+        grid = expand_grid({"grid": {"param": ["ntk", "mup"]}})
+    assert [c.parametrization for c in grid] == ["ntk", "mup"]
+
+
+def test_the_families_are_those_of_rdiag_models_and_bn_mlp_trains(tmp_path) -> None:
+    from rdiag.models import FAMILIES
+    from rdiag.harness import MODELS
+
+    assert MODELS == tuple(FAMILIES)
+    result = train({**TINY, "model": "bn_mlp", "depth": 2}, store=tmp_path)
+    assert result.status == "finished", result.reason
+
+
+def test_the_harness_and_the_coord_check_run_one_loop(tmp_path, monkeypatch) -> None:
+    """Both width experiments train through rdiag.loop.fit with F.mse_loss."""
+    import torch.nn.functional as F
+
+    from rdiag import loop
+    from rdiag.coord_check import coord_check
+
+    seen = []
+    original = loop.fit
+
+    def spy(model, optimizer, batches, loss_fn, **kwargs):
+        out, y = torch.zeros(3, 2), torch.ones(3, 2)
+        seen.append(float(loss_fn(out, y)) == float(F.mse_loss(out, y)))
+        return original(model, optimizer, batches, loss_fn, **kwargs)
+
+    monkeypatch.setattr(loop, "fit", spy)
+    import rdiag.harness as harness
+
+    monkeypatch.setattr(harness, "fit", spy)
+    train(TINY, store=tmp_path)
+    coord_check("mlp", "mup", [4, 8], steps=2, seeds=1, ntk=False, linearization=False)
+    assert seen == [True, True, True]

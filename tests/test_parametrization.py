@@ -24,7 +24,7 @@ from rdiag.parametrization import (
     mean_field,
     mup,
     ntk,
-    parse_param,
+    parse_parametrization,
     rescale,
     richness,
     standard,
@@ -73,9 +73,9 @@ def _batch(n: int = 6, seed: int = 1):
     ],
 )
 def test_parse_param(spec, name, r, gamma):
-    p = parse_param(spec)
+    p = parse_parametrization(spec)
     assert (p.name, p.r, p.gamma) == (name, r, gamma)
-    assert parse_param(p) is p
+    assert parse_parametrization(p) is p
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_parse_param(spec, name, r, gamma):
 )
 def test_parse_param_errors(spec, message):
     with pytest.raises(ValueError, match=message):
-        parse_param(spec)
+        parse_parametrization(spec)
 
 
 def test_bad_values_raise():
@@ -108,7 +108,7 @@ def test_bad_values_raise():
     with pytest.raises(ValueError, match="positive int"):
         mup().with_base_width(0)
     with pytest.raises(TypeError, match="parameterization string"):
-        parse_param(0.25)
+        parse_parametrization(0.25)
 
 
 def test_roles_inferred_and_explicit():

@@ -17,15 +17,18 @@ pytest.importorskip("pandas")
 WIDTHS = (16, 32, 64, 128, 256)
 
 
-def _synthetic_store(root, noise: float = 0.0) -> Store:
-    """Records that follow the predicted power laws exactly (times a seed factor)."""
+def _synthetic_store(root, noise: float = 0.0, key: str = "parametrization") -> Store:
+    """Records that follow the predicted power laws exactly (times a seed factor).
+
+    ``key="param"`` writes the configs as the previous release did.
+    """
     store = Store(root)
     for param, r in (("r=0", 0.0), ("r=0.5", 0.5)):
         for width in WIDTHS:
             for seed in (0, 1):
                 cfg = {
                     "model": "mlp",
-                    "param": param,
+                    key: param,
                     "width": width,
                     "seed": seed,
                     "lr": 0.25,
@@ -62,9 +65,10 @@ def _synthetic_store(root, noise: float = 0.0) -> Store:
     return store
 
 
-def test_fits_recover_exponents_and_predictions(tmp_path) -> None:
-    store = _synthetic_store(tmp_path)
-    found = {(f["metric"], f["layer"], f["param"]): f for f in fits(store)}
+@pytest.mark.parametrize("key", ["parametrization", "param"])
+def test_fits_recover_exponents_and_predictions(tmp_path, key: str) -> None:
+    store = _synthetic_store(tmp_path, key=key)
+    found = {(f["metric"], f["layer"], f["parametrization"]): f for f in fits(store)}
     expected = {
         "delta_h": lambda r: r,
         "ntk_rel_change": lambda r: 2 * r - 1,
@@ -80,7 +84,15 @@ def test_fits_recover_exponents_and_predictions(tmp_path) -> None:
         )
         assert f["predicted"] == pytest.approx(expected[metric](r), abs=1e-12)
         assert f["widths"] == list(WIDTHS) and f["seeds"] == 2
-        assert set(f) >= {"metric", "layer", "param", "r", "slope", "ci", "predicted"}
+        assert set(f) >= {
+            "metric",
+            "layer",
+            "parametrization",
+            "r",
+            "slope",
+            "ci",
+            "predicted",
+        }
     assert ("delta_h", "h2", "r=0.5") in found and (
         "ntk_rel_change",
         None,

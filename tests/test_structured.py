@@ -58,6 +58,7 @@ def _fallback_notices(record: list[warnings.WarningMessage]) -> list[str]:
 def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Force every term onto one route (terms without inputs have only one)."""
     gram = request.param == "gram"
+
     def use_gram(t, n1, n2, spec) -> bool:
         # Tied parameters only have the Gram route, grouped convs only per-sample.
         if not t.single:
@@ -431,7 +432,9 @@ class _MHA(nn.Module):
         causal = torch.ones(t, t, dtype=torch.bool).triu(1)
         pad = torch.zeros(x.shape[0], t, dtype=torch.bool)
         pad[:, -1] = True
-        h = self.attn(x, x, x, attn_mask=causal, key_padding_mask=pad, need_weights=False)[0]
+        h = self.attn(
+            x, x, x, attn_mask=causal, key_padding_mask=pad, need_weights=False
+        )[0]
         mem = torch.tanh(self.memory(x[:, :2]))
         out, weights = self.cross(h, mem, mem)
         return self.readout(out + weights.sum(-1, keepdim=True))
@@ -521,9 +524,9 @@ def test_traced_kernel_is_accumulated_over_chunks_of_outputs(
 def test_parameterization_multipliers_stay_structured(family: str, param: str) -> None:
     """Forward multipliers of rdiag.parametrization hooks scale the captured factors."""
     from rdiag.models import make_model
-    from rdiag.parametrization import parse_param
+    from rdiag.parametrization import parse_parametrization
 
-    model = make_model(family, 16, parametrization=parse_param(param), seed=0)
+    model = make_model(family, 16, parametrization=parse_parametrization(param), seed=0)
     x = model.sample_inputs(5, torch.Generator().manual_seed(1))
     names = [n for n, _ in model.named_parameters()]
     j = oracles.per_sample_jacobian(model, names, x)

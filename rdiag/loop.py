@@ -1,0 +1,152 @@
+"""The one training loop of every width experiment: harness runs, coordinate checks.
+
+:func:`fit` takes optimizer steps on a stream of batches with a
+:class:`~rdiag.monitor.Monitor` attached. At every step the loss of the current
+state is computed first; a non-finite loss, or one above ``divergence_factor``
+times the initial loss, ends the run as diverged before the Monitor measures
+that state. The Monitor measures the state at step 0 (initialization), at its
+scheduled steps and, forced, after the last update. The loss is the caller's
+(the harness and the coordinate check both use ``F.mse_loss`` for regression,
+the mean over all ``N * O`` entries).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from rdiag._inputs import Inputs
+from rdiag.monitor import Monitor
+from rdiag.store import StoreError
+
+#: Default of ``divergence_factor``: a loss above this multiple of the initial one.
+DIVERGENCE_FACTOR = 1e6
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of :func:`fit`.
+
+    Attributes:
+        final_loss: The training loss of the last state measured.
+        reason: Why the run failed (diverged, or a diagnostic raised), or ``None``.
+        steps: Optimizer steps taken.
+    """
+
+    final_loss: float
+    reason: str | None
+    steps: int
+
+    @property
+    def failed(self) -> bool:
+        """Whether the run ended early."""
+        return self.reason is not None
+
+
+def divergence_reason(
+    loss: float, initial: float, factor: float | None, step: int
+) -> str | None:
+    """Why a training loss means the run diverged, or None if it does not.
+
+    Args:
+        loss: The loss at ``step``.
+        initial: The loss at step 0.
+        factor: Divergence when ``loss > factor * initial`` (with ``initial > 0``);
+            None: only a non-finite loss counts.
+        step: The step (quoted in the reason).
+
+    Returns:
+        The reason, e.g. ``"diverged at step 7: training loss 3.1e+29 > 4.2e+05 =
+        divergence_factor 1e+06 x the initial loss 0.42"``, or None.
+    """
+    if not math.isfinite(loss):
+        return f"diverged at step {step}: training loss {loss}"
+    if factor is not None and initial > 0 and loss > factor * initial:
+        return (
+            f"diverged at step {step}: training loss {loss:.3g} > {factor * initial:.3g}"
+            f" = divergence_factor {factor:g} x the initial loss {initial:.3g}"
+        )
+    return None
+
+
+def describe_error(err: BaseException) -> str:
+    """An exception as one line: ``"ValueError: message"``."""
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Inputs, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    steps: int,
+    monitor: Monitor | None = None,
+    divergence_factor: float | None = DIVERGENCE_FACTOR,
+    on_loss: Callable[[int, float], None] | None = None,
+    before_check: Callable[[int], None] | None = None,
+) -> FitResult:
+    """Train ``model`` for ``steps`` optimizer steps with ``monitor`` attached.
+
+    Args:
+        model: The network.
+        optimizer: Its optimizer.
+        batches: ``steps`` batches ``(x, y)`` (on the model's device).
+        loss_fn: ``loss_fn(model(x), y)``, a scalar.
+        steps: Number of optimizer steps.
+        monitor: Measures at step 0, its scheduled steps and after the last update.
+        divergence_factor: See :func:`divergence_reason`.
+        on_loss: Called with ``(step, loss)`` for every state's training loss.
+        before_check: Called with the step before each scheduled Monitor check
+            (a store flushes the losses so far).
+
+    Returns:
+        A :class:`FitResult`; a diverged state is never measured.
+
+    Raises:
+        StoreError: The Monitor's store cannot be written.
+    """
+    initial = value = math.nan
+    last: tuple[Inputs, Tensor] | None = None
+    taken = 0
+    for step, (xb, yb) in enumerate(batches):
+        last = (xb, yb)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(xb), yb)
+        value = float(loss.detach())
+        initial = value if step == 0 else initial
+        if on_loss is not None:
+            on_loss(step, value)
+        reason = divergence_reason(value, initial, divergence_factor, step)
+        if reason is None and monitor is not None and monitor.scheduled(step):
+            if before_check is not None:
+                before_check(step)
+            reason = _diagnose(monitor, step)
+        if reason is not None:
+            return FitResult(value, reason, taken)
+        loss.backward()
+        optimizer.step()
+        taken += 1
+    if last is None:
+        return FitResult(value, None, 0)
+    with torch.no_grad():  # the state after the last update
+        value = float(loss_fn(model(last[0]), last[1]))
+    reason = divergence_reason(value, initial, divergence_factor, steps)
+    if reason is None and monitor is not None:
+        reason = _diagnose(monitor, steps, force=True)
+    return FitResult(value, reason, taken)
+
+
+def _diagnose(monitor: Monitor, step: int, *, force: bool = False) -> str | None:
+    """Run a Monitor check; return why it failed (a degenerate state), or None."""
+    try:
+        monitor.step(step, force=force)
+    except StoreError:
+        raise
+    except Exception as err:  # e.g. a zero centered kernel: the run fails, records stay
+        return f"diagnostics failed at step {step}: {describe_error(err)}"
+    return None
