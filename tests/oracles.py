@@ -26,25 +26,44 @@ def flat_function(
     rest = {n: p.detach() for n, p in params.items() if n not in names}
     rest.update({n: b for n, b in model.named_buffers()})
 
-    def f(theta: Tensor, x: Tensor) -> Tensor:
+    def f(theta: Tensor, x) -> Tensor:
         chunks = torch.split(theta, [s.numel() for s in shapes])
         ps = {n: c.reshape(s) for n, c, s in zip(names, chunks, shapes)}
-        out = functional_call(model, (ps, rest), (x,))
+        if isinstance(x, dict):
+            out = functional_call(model, (ps, rest), (), x)
+        else:
+            out = functional_call(model, (ps, rest), (x,))
+        out = getattr(out, "logits", out)  # a Hugging Face ModelOutput
         return out.reshape(out.shape[0], -1)
 
     return theta0, f
 
 
-def _cast(x: Tensor) -> Tensor:
+def _cast(x):
+    if isinstance(x, dict):
+        return {k: _cast(v) for k, v in x.items()}
     return x.double() if x.is_floating_point() else x
 
 
-def per_sample_jacobian(model: nn.Module, names: list[str], x: Tensor) -> Tensor:
-    """Per-sample Jacobians ``(N, O, P)``, one autograd call per sample (eval mode)."""
+def _sample(x, i: int):
+    if isinstance(x, dict):
+        return {k: v[i : i + 1] for k, v in x.items()}
+    return x[i : i + 1]
+
+
+def _length(x) -> int:
+    return len(next(iter(x.values()))) if isinstance(x, dict) else len(x)
+
+
+def per_sample_jacobian(model: nn.Module, names: list[str], x) -> Tensor:
+    """Per-sample Jacobians ``(N, O, P)``, one autograd call per sample (eval mode).
+
+    ``x`` is a tensor or a dict of tensors (keyword inputs, e.g. ``input_ids``).
+    """
     theta0, f = flat_function(model, names)
     x = _cast(x)
     return torch.stack(
-        [jacobian(lambda t: f(t, x[i : i + 1])[0], theta0) for i in range(len(x))]
+        [jacobian(lambda t: f(t, _sample(x, i))[0], theta0) for i in range(_length(x))]
     )
 
 

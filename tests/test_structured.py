@@ -255,8 +255,9 @@ class _Reused(nn.Module):
         return self.out(torch.tanh(F.linear(h, self.lin.weight)))
 
 
-def _tokens(n: int, seed: int) -> Tensor:
-    return torch.randint(0, 7, (n, 3), generator=torch.Generator().manual_seed(seed))
+def _tokens(n: int, seed: int, vocab: int = 7, t: int = 3) -> Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, t), generator=gen)
 
 
 def _normal(n: int, seed: int, *shape: int) -> Tensor:
