@@ -36,3 +36,23 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture(params=["gram", "per_sample"])
+def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Force every structured eNTK term onto one route (terms without inputs have one).
+
+    Tied parameters only have the Gram route, grouped convolutions only the
+    per-sample one.
+    """
+    from rdiag.ntk import structured
+
+    gram = request.param == "gram"
+
+    def use_gram(t, n1, n2, spec) -> bool:
+        if not t.single:
+            return True
+        return gram and t.f1.x is not None and t.f1.groups == 1
+
+    monkeypatch.setattr(structured, "_use_gram", use_gram)
+    return request.param

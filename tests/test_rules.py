@@ -27,7 +27,6 @@ from tests.test_structured import (
     _check_against_oracle,
     _normal,
     _tokens,
-    route,  # noqa: F401 - the route fixture
 )
 
 

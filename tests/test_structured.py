@@ -54,21 +54,6 @@ def _fallback_notices(record: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in record if "structured eNTK" in str(w.message)]
 
 
-@pytest.fixture(params=["gram", "per_sample"])
-def route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Force every term onto one route (terms without inputs have only one)."""
-    gram = request.param == "gram"
-
-    def use_gram(t, n1, n2, spec) -> bool:
-        # Tied parameters only have the Gram route, grouped convs only per-sample.
-        if not t.single:
-            return True
-        return gram and t.f1.x is not None and t.f1.groups == 1
-
-    monkeypatch.setattr(structured, "_use_gram", use_gram)
-    return request.param
-
-
 @functools.cache
 def _zoo_case(name: str) -> tuple[nn.Module, Tensor, Tensor, Tensor, Tensor]:
     """A zoo model, two batches and their oracle Jacobians (shared by the route tests)."""
