@@ -267,3 +267,37 @@ def test_bad_inputs_give_clear_errors() -> None:
     with pytest.raises(ValueError, match="tol"):
         power_iteration(op, tol=-1.0)
     assert isinstance(lanczos(op, 1), EigResult)
+
+
+def test_kernel_moments_within_their_error_bars() -> None:
+    """Trace, Frobenius norm, effective rank and movement of a kernel from products."""
+    from rdiag import NTKOperator
+    from rdiag.linalg import kernel_moments
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)
+    ).double()
+    x = torch.randn(40, 3, dtype=torch.float64)
+    op = NTKOperator(net, x)
+    k0 = op.to_dense()
+    m0 = kernel_moments(op, 400, seed=1)
+    with torch.no_grad():
+        net[0].weight.add_(0.2 * torch.randn_like(net[0].weight))
+    k1 = op.to_dense()  # the operator reads the moved parameters
+    m1 = kernel_moments(op, reference=m0)
+    fro = float(k1.norm())
+    exact = {
+        "trace": float(k1.trace()),
+        "frobenius": fro,
+        "effective_rank": float(k1.trace()) ** 2 / fro**2,
+        "rel_change": float((k1 - k0).norm() / k0.norm()),
+    }
+    for name, value in exact.items():
+        est = getattr(m1, name)
+        assert abs(est.value - value) <= 4 * est.std_err, (name, est, value)
+        assert est.std_err < 0.2 * abs(value), (name, est)  # informative, not vacuous
+    assert torch.equal(m1.probes, m0.probes) and m1.num_matvecs == 400
+    assert m0.rel_change is None
+    with pytest.raises(ValueError, match="same size"):
+        kernel_moments(NTKOperator(net, x[:10]), reference=m0)

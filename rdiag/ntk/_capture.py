@@ -190,9 +190,47 @@ def capture(
     return factors, failed
 
 
+@dataclass(frozen=True)
+class TermShape:
+    """The per-sample shape of one use of a parameter, as the cost model sees it.
+
+    Attributes:
+        t: Positions ``T`` of the use.
+        dx: Input side ``Dx`` (the vocabulary for token ids; 1 for ``x=None``).
+        dg: Cotangent side ``Dg``.
+        tokens: ``x`` holds token ids.
+        bare: ``x`` is the constant 1 (a bias, a norm gain).
+        groups: Block-diagonal groups (grouped convolutions).
+        uses: How many uses the parameter has (tied weights: more than one).
+    """
+
+    t: int
+    dx: int
+    dg: int
+    tokens: bool
+    bare: bool
+    groups: int
+    uses: int
+
+
+@dataclass(frozen=True)
+class CaptureCheck:
+    """What the one-time capture and autograd check of a plan found.
+
+    Attributes:
+        failed: Selected names that could not be captured or failed the check -> why.
+        cotangent_floats: Floats of the cotangents per sample and output unit.
+        shapes: Captured name -> the :class:`TermShape` of each of its uses.
+    """
+
+    failed: dict[str, str]
+    cotangent_floats: int
+    shapes: dict[str, list[TermShape]]
+
+
 def verify_sites(
     fm: FunctionalModel, sites: list[Site], x: Inputs, num_outputs: int
-) -> tuple[dict[str, str], int]:
+) -> CaptureCheck:
     """Capture on a few samples and check the factors against autograd (once per plan).
 
     Args:
@@ -202,10 +240,7 @@ def verify_sites(
         num_outputs: ``O``; at most ``CHECK_OUTPUTS`` output units are checked.
 
     Returns:
-        Selected names whose factors could not be captured or do not reproduce
-        autograd's ``J^T v`` -> reason; and the floats of the captured cotangents
-        per sample and output unit (what a capture of ``N`` samples and ``O``
-        units holds, divided by ``N * O``).
+        The :class:`CaptureCheck`.
     """
     first = rows(x, slice(0, min(CHECK_SAMPLES, batch_size(x))))
     outputs = slice(0, min(num_outputs, CHECK_OUTPUTS))
@@ -216,16 +251,34 @@ def verify_sites(
         substituted = [s for s in sites if s.module is None]
         if not substituted:
             why = f"capture failed ({str(err).splitlines()[0][:120]})"
-            return {n: why for s in sites for n in s.params.values()}, 0
+            return CaptureCheck(
+                {n: why for s in sites for n in s.params.values()}, 0, {}
+            )
         kept = [s for s in sites if s.module is not None]
-        failed, floats = verify_sites(fm, kept, x, num_outputs)
+        check = verify_sites(fm, kept, x, num_outputs)
         why = "used in a way a tapped parameter does not fit"
-        failed.update({s.name: why for s in substituted})
-        return failed, floats
+        check.failed.update({s.name: why for s in substituted})
+        return check
     failed.update(_verify(fm, params, factors, first, outputs))
     seen = {id(f.g): f.g.numel() for fs in factors.values() for f in fs}
     units = batch_size(first) * (outputs.stop - outputs.start)
-    return failed, math.ceil(sum(seen.values()) / units)
+    shapes = {
+        name: [_shape(f, fm.shapes[name], len(fs)) for f in fs]
+        for name, fs in factors.items()
+        if name not in failed
+    }
+    return CaptureCheck(failed, math.ceil(sum(seen.values()) / units), shapes)
+
+
+def _shape(f: Factor, param_shape: torch.Size, uses: int) -> TermShape:
+    t, dg = f.g.shape[2], f.g.shape[3]
+    if f.x is None:
+        dx = 1
+    elif f.tokens:
+        dx = param_shape[0]
+    else:
+        dx = f.x.shape[2]
+    return TermShape(t, dx, dg, f.tokens, f.x is None, f.groups, uses)
 
 
 def _join(parts: list[Factor], g_dim: int, memo: dict) -> Factor:

@@ -30,6 +30,17 @@ from rdiag._tiling import block_size, check_fits, format_bytes, resolve_budget
 from rdiag._typing import ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.ntk.jacobian import jacobian_ntk
+from rdiag.ntk.outputs import (
+    KernelEstimate,
+    Projection,
+    Readout,
+    ReadoutView,
+    find_readout,
+    probe_estimate,
+    projected_view,
+    readout_features,
+    readout_kernels,
+)
 from rdiag.ntk.spec import NTKSpec, kernel_dtype, kernel_itemsize, kernel_shape
 from rdiag.ntk.structured import StructuredPlan, plan_structured, structured_ntk
 from rdiag.ntk.vector_products import ntvp_ntk
@@ -92,6 +103,10 @@ class NTKPlan:
         shape: Shape of the returned kernel (of each per-layer kernel).
         structured: The checked capture sites, for ``STRUCTURED``.
         costs: The cost model's estimates, when ``"auto"`` consulted it.
+        readout: The read-out of the read-out identity (traced kernels of large
+            output spaces): the rest runs on :attr:`inner`, the handle of the
+            reduced view.
+        inner: The handle of the reduced view, with ``readout``.
     """
 
     implementation: NTKImplementation
@@ -100,6 +115,8 @@ class NTKPlan:
     shape: tuple[int, ...]
     structured: StructuredPlan | None = None
     costs: dict[NTKImplementation, Cost] | None = None
+    readout: Readout | None = None
+    inner: NTKFunction | None = None
 
 
 def _forward_flops(fm: FunctionalModel, x: Inputs) -> float:
@@ -203,6 +220,17 @@ class NTKFunction:
         memory_budget: Bytes the computation may use; default half the free memory
             (read when a plan is made).
         output_fn: Picks the output tensor from a non-tensor model output.
+        projection: The kernel of projected outputs ``K_P = (PJ)(PJ)^T``: a
+            ``(k, O)`` tensor (``(k, V)`` with ``per_token``), or an int ``k`` for a
+            seeded Rademacher matrix (see :mod:`rdiag.ntk.outputs`).
+        per_token: Project each position's last axis of a ``(N, T, V)`` output.
+        output_probes: Estimate the traced kernel from this many Rademacher output
+            probes instead of every output unit: calls return a
+            :class:`~rdiag.ntk.outputs.KernelEstimate` with its error bar.
+        seed: Seed of a random projection or of the probes.
+        readout_identity: For traced kernels, reduce the ``V`` outputs of a linear
+            read-out to its ``D`` inputs when ``D < V`` (exact; see
+            :mod:`rdiag.ntk.outputs`).
         weights: Deprecated name of ``lr_multipliers``.
 
     Raises:
@@ -243,6 +271,11 @@ class NTKFunction:
         block_size: int | None = None,
         memory_budget: float | None = None,
         output_fn: Callable[[object], Tensor] | None = None,
+        projection: Tensor | int | None = None,
+        per_token: bool = False,
+        output_probes: int | None = None,
+        seed: int = 0,
+        readout_identity: bool = True,
         weights: Any = UNSET,
     ) -> None:
         lr_multipliers = renamed_argument(
@@ -252,6 +285,20 @@ class NTKFunction:
         self.fm = functionalize(
             model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn
         )
+        self.estimate = output_probes is not None
+        if self.estimate:
+            check_positive_int(output_probes, "output_probes")
+            if projection is not None or not trace_outputs:
+                raise ValueError(
+                    "expected output_probes with trace_outputs=True and no projection: "
+                    "the probes estimate the traced kernel; drop one of them"
+                )
+            projection, trace_outputs = output_probes, False
+        if projection is not None:
+            self.fm = projected_view(
+                self.fm, Projection(projection, per_token=per_token, seed=seed)
+            )
+        self.readout_identity = readout_identity and projection is None
         check_positive_int(block_size, "block_size", allow_none=True)
         if memory_budget is not None:
             resolve_budget(memory_budget, self.fm.device)
@@ -270,7 +317,7 @@ class NTKFunction:
     # ---- public surface ---------------------------------------------------------
     def __call__(
         self, x1: Inputs, x2: Inputs | None = None
-    ) -> Tensor | dict[str, Tensor]:
+    ) -> Tensor | dict[str, Tensor] | KernelEstimate:
         """The kernel of ``x1`` against ``x2`` (``x1`` itself when ``None``).
 
         Args:
@@ -292,6 +339,8 @@ class NTKFunction:
         x1, x2 = self._prepare(x1, x2)
         plan = self._plan(x1, x2)
         self.last_plan = plan
+        if plan.readout is not None:
+            return self._finish(self._run_readout(plan, x1, x2), plan)
         try:
             kernels = _RUNNERS[plan.implementation](self, plan, x1, x2)
         except MemoryError as err:
@@ -391,6 +440,10 @@ class NTKFunction:
             "use trace_outputs=True, diagonal=True, fewer samples, or rdiag.NTKOperator "
             "(products K @ v without the kernel)",
         )
+        if self.readout_identity and self.trace_outputs:
+            readout = find_readout(fm, x1)
+            if readout is not None:
+                return self._readout_plan(readout, spec, shape, x1, x2)
         requested = self.requested
         if requested in (NTKImplementation.STRUCTURED, NTKImplementation.AUTO):
             if fm.batch_coupled:
@@ -424,6 +477,37 @@ class NTKFunction:
             why = f"structured covers only {coverage:.1%} of the parameters"
             return self._generic_plan(spec, x1, x2, why)
         return self._sized(requested, "asked for", spec, x1, x2)
+
+    def _readout_plan(
+        self,
+        readout: Readout,
+        spec: NTKSpec,
+        shape: tuple[int, ...],
+        x1: Inputs,
+        x2: Inputs | None,
+    ) -> NTKPlan:
+        """Plan the reduced view (the outputs ``h L`` of the read-out's input)."""
+        view = ReadoutView(self.fm, readout)
+        view.basis = readout.factor(self.fm)
+        inner = NTKFunction(
+            view,
+            implementation=self.requested,
+            diagonal=self.diagonal,
+            per_layer=self.per_layer,
+            lr_multipliers={n: self.weights[n] for n in view.names},
+            block_size=self.block_size,
+            memory_budget=self.memory_budget,
+            readout_identity=False,
+        )
+        inner_plan = inner.plan(x1, x2)
+        r = view.basis.shape[1]
+        reason = (
+            f"read-out identity: the {readout.module.out_features} outputs per position "
+            f"of {readout.name!r} reduced to {r} (its input's rank); {inner_plan.reason}"
+        )
+        return NTKPlan(
+            inner_plan.implementation, reason, spec, shape, readout=readout, inner=inner
+        )
 
     def _generic_plan(
         self, spec: NTKSpec, x1: Inputs, x2: Inputs | None, why: str
@@ -501,16 +585,36 @@ class NTKFunction:
                 "'jacobian' implementation; the result is exact but slower",
             )
 
+    def _run_readout(
+        self, plan: NTKPlan, x1: Inputs, x2: Inputs | None
+    ) -> dict[str, Tensor]:
+        """The read-out identity: the reduced view's kernel plus the read-out's own."""
+        view = plan.inner.fm
+        view.basis = plan.readout.factor(self.fm)
+        inner = plan.inner(x1, x2)
+        kernels = dict(inner) if self.per_layer else {"all": inner}
+        h1 = readout_features(view, x1)
+        h2 = None if x2 is None else readout_features(view, x2)
+        own = readout_kernels(plan.readout, h1, h2, self.weights, self.diagonal)
+        for layer, k in own.items():
+            key = layer if self.per_layer else "all"
+            kernels[key] = kernels[key] + k if key in kernels else k
+        return kernels
+
     def _finish(
         self, kernels: dict[str, Tensor], plan: NTKPlan
-    ) -> Tensor | dict[str, Tensor]:
+    ) -> Tensor | dict[str, Tensor] | KernelEstimate:
         if self.per_layer:
+            if self.estimate:
+                return {k: probe_estimate(v) for k, v in kernels.items()}
             return kernels
         if kernels:
-            return sum(kernels.values())
-        return torch.zeros(
-            plan.shape, dtype=kernel_dtype(self.fm), device=self.fm.device
-        )
+            total = sum(kernels.values())
+        else:
+            total = torch.zeros(
+                plan.shape, dtype=kernel_dtype(self.fm), device=self.fm.device
+            )
+        return probe_estimate(total) if self.estimate else total
 
 
 def _run_jacobian(

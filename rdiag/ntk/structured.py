@@ -27,7 +27,7 @@ budget.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ from rdiag._optional import notice
 from rdiag._tiling import block_size, check_fits, place, symmetric_tile, tiles
 from rdiag.functional import FunctionalModel, layer_of
 from rdiag.kernels import gram_hadamard_many, gram_hadamard_shared
-from rdiag.ntk._capture import Factors, Site, capture, sites_of, verify_sites
+from rdiag.ntk._capture import Factors, Site, TermShape, capture, sites_of, verify_sites
 from rdiag.ntk.rules import Factor
 from rdiag.ntk.jacobian import jacobian_ntk
 from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype, kernel_itemsize
@@ -58,12 +58,14 @@ class StructuredPlan:
             weight (``None`` if there are none), built once.
         cotangent_floats: Floats of the captured cotangents per sample and output
             unit (measured by the autograd check).
+        shapes: Captured name -> the shapes of its uses (for the cost model).
     """
 
     sites: list[Site]
     rest: dict[str, str]
     rest_view: FunctionalModel | None = None
     cotangent_floats: int = 0
+    shapes: dict[str, list[TermShape]] = field(default_factory=dict)
 
     def coverage(self, fm: FunctionalModel) -> float:
         """Fraction of the selected scalar parameters that run structured."""
@@ -87,7 +89,8 @@ def plan_structured(
     """
     sites, rest = sites_of(fm)
     sites = [s for s in sites if any(weights[n] != 0.0 for n in s.params.values())]
-    failed, floats = verify_sites(fm, sites, x, num_outputs) if sites else ({}, 0)
+    check = verify_sites(fm, sites, x, num_outputs) if sites else None
+    failed = {} if check is None else check.failed
     rest.update(failed)
     kept = []
     for site in sites:
@@ -95,7 +98,9 @@ def plan_structured(
         if params:
             kept.append(replace(site, params=params))
     view = _sub_view(fm, [n for n in rest if weights[n]])
-    return StructuredPlan(kept, rest, view, floats)
+    if check is None:
+        return StructuredPlan(kept, rest, view)
+    return StructuredPlan(kept, rest, view, check.cotangent_floats, check.shapes)
 
 
 def _sub_view(fm: FunctionalModel, names: list[str]) -> FunctionalModel | None:
@@ -378,27 +383,86 @@ def _dx(f: Factor, vocab: int) -> int:
     return 1 if f.x is None else vocab if f.tokens else f.x.shape[2]
 
 
-def _use_gram(term: _Term, n1: int, n2: int, spec: NTKSpec) -> bool:
-    """Whether the Gram route is cheaper than materializing per-sample gradients.
+def route_flops(
+    shape: TermShape, n1: int, n2: int, o: int, spec: NTKSpec
+) -> tuple[float | None, float | None]:
+    """Multiply-adds of one term by the Gram route and by per-sample gradients.
 
-    Tied parameters always take the Gram route (their uses pair up); grouped
-    convolutions always take the per-sample route (their gradient is block
-    diagonal, cheap to materialize).
+    ``None`` marks a route the term cannot take: tied parameters only pair their
+    uses by Grams; grouped convolutions and ``x = 1`` factors only materialize
+    their (cheap) per-sample gradients.
+
+    Args:
+        shape: The term's per-sample shape.
+        n1: Samples of the first batch.
+        n2: Samples of the second batch (ignored for the diagonal).
+        o: Output units ``O``.
+        spec: The request (traced, diagonal).
+
+    Returns:
+        ``(gram, per_sample)``.
     """
-    f = term.f1
-    if not term.single:
-        return True
-    if f.x is None or f.groups > 1:
-        return False
-    _, o, t1, dg = f.g.shape
-    t2, dx = term.f2.g.shape[2], _dx(f, term.vocab)
+    t, dx, dg = shape.t, shape.dx, shape.dg
     outs = o if spec.trace_outputs else o * o
-    build = o * t1 * dg * (1 if f.tokens else dx)
+    build = o * t * dg * (1 if shape.tokens else dx)
     if spec.diagonal:
-        gram = n1 * t1 * t1 * (dx + o * dg) + n1 * outs * t1 * dg
-        return gram < n1 * build + n1 * outs * dg * dx
-    gram = n1 * n2 * t1 * t2 * (dx + outs * dg)
-    return gram < (n1 + n2) * build + n1 * n2 * outs * dg * dx
+        gram = n1 * t * t * (dx + o * dg) + n1 * outs * t * dg
+        per_sample = n1 * build + n1 * outs * dg * dx
+    else:
+        gram = n1 * n2 * t * t * (dx + outs * dg)
+        per_sample = (n1 + n2) * build + n1 * n2 * outs * dg * dx
+    if shape.uses > 1:
+        return gram * shape.uses, None
+    if shape.bare or shape.groups > 1:
+        return None, per_sample / max(shape.groups, 1)
+    return gram, per_sample
+
+
+def _use_gram(term: _Term, n1: int, n2: int, spec: NTKSpec) -> bool:
+    """Whether the Gram route is cheaper than materializing per-sample gradients."""
+    f = term.f1
+    shape = TermShape(
+        f.g.shape[2],
+        _dx(f, term.vocab),
+        f.g.shape[3],
+        f.tokens,
+        f.x is None,
+        f.groups,
+        1 if term.single else 2,
+    )
+    gram, per_sample = route_flops(shape, n1, n2, f.g.shape[1], spec)
+    return per_sample is None or (gram is not None and gram < per_sample)
+
+
+def structured_flops(
+    plan: StructuredPlan, n1: int, n2: int, spec: NTKSpec, symmetric: bool
+) -> float:
+    """Multiply-adds of the structured eNTK's contractions (the cheaper route per term).
+
+    The capture (one forward and a backward batched over the ``O`` output units)
+    is costed by the caller from the forward cost.
+    """
+    total = 0.0
+    pairs = 0.5 if symmetric and not spec.diagonal else 1.0
+    for name, uses in plan.shapes.items():
+        if spec.weights.get(name, 1.0) == 0.0:
+            continue
+        for shape in uses:
+            if shape.tokens:  # token ids are renumbered over the ids present
+                shape = replace(shape, dx=min(shape.dx, (n1 + n2) * shape.t))
+            costs = [c for c in route_flops(shape, n1, n2, spec.num_outputs, spec) if c]
+            total += pairs * min(costs) * shape.uses
+    return total
+
+
+def forward_flops(plan: StructuredPlan) -> float:
+    """Forward multiply-adds of one sample through the captured layers: ``sum T Dx Dg``."""
+    return sum(
+        s.t * s.dx * s.dg / s.groups
+        for uses in plan.shapes.values()
+        for s in uses[:1]
+        if not (s.bare or s.tokens)
+    )
 
 
 def _dense_x(f: Factor, vocab: int) -> Tensor:

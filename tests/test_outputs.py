@@ -1,0 +1,140 @@
+"""Large output spaces (rdiag/ntk/outputs.py): projections, the read-out identity, probes.
+
+Projected kernels against a dense ``P J`` from the float64 oracle Jacobian; the
+read-out identity against the direct traced kernel (rtol 1e-9, every
+implementation, with parametrization multipliers and learning-rate weights);
+output-probe estimates within 4 standard errors of the exact traced kernel,
+seeded.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor, nn
+
+from rdiag import empirical_ntk, ntk_fn
+from rdiag.ntk.outputs import KernelEstimate, find_readout
+from tests import oracles
+from tests._assert import assert_close
+
+F64 = {"rtol": 1e-9, "atol": 1e-10}
+
+
+class _LM(nn.Module):
+    """A tiny language model: embedding, one mixing layer, LayerNorm, untied read-out."""
+
+    def __init__(self, vocab: int = 11, d: int = 4, tied: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, vocab)
+        if tied:
+            self.head.weight = self.embed.weight
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.embed(tokens)
+        h = h + torch.tanh(self.mix(h)).cumsum(1)  # later positions see earlier ones
+        return self.head(self.norm(h))
+
+
+def _tokens(n: int, seed: int, t: int = 3, vocab: int = 11) -> Tensor:
+    return torch.randint(
+        0, vocab, (n, t), generator=torch.Generator().manual_seed(seed)
+    )
+
+
+def _jac(model: nn.Module, x: Tensor) -> Tensor:
+    return oracles.per_sample_jacobian(
+        model, [n for n, _ in model.named_parameters()], x
+    )
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_projected_kernel_is_the_kernel_of_projected_outputs(per_token: bool) -> None:
+    torch.manual_seed(0)
+    model = _LM()
+    x1, x2 = _tokens(4, 1), _tokens(3, 2)
+    j1, j2 = _jac(model, x1), _jac(model, x2)  # (N, T*V, P)
+    gen = torch.Generator().manual_seed(5)
+    if per_token:
+        p = torch.randn(2, 11, generator=gen, dtype=torch.float64)
+        dense = torch.block_diag(*[p] * 3)  # (T k, T V)
+    else:
+        p = torch.randn(5, 33, generator=gen, dtype=torch.float64)
+        dense = p
+    pj1, pj2 = dense @ j1, dense @ j2
+    expected = oracles.ntk_from_jacobians(pj1, pj2)
+    for impl in ("structured", "jacobian", "ntvp"):
+        got = empirical_ntk(
+            model,
+            x1,
+            x2,
+            projection=p,
+            per_token=per_token,
+            trace_outputs=False,
+            implementation=impl,
+            dtype=torch.float64,
+        )
+        assert_close(f"K_P {impl}", expected, got, **F64)
+    with pytest.raises(ValueError, match="columns"):
+        ntk_fn(model, projection=torch.ones(2, 7))(x1)
+    with pytest.raises(ValueError, match="projection size k >= 1"):
+        ntk_fn(model, projection=0)
+
+
+@pytest.mark.parametrize("impl", ["structured", "jacobian", "ntvp"])
+def test_readout_identity_is_exact(impl: str) -> None:
+    from rdiag.parametrization import apply_parametrization
+
+    torch.manual_seed(0)
+    model = apply_parametrization(_LM(), "r=0.25", width=4, init=False)
+    x1, x2 = _tokens(4, 1), _tokens(3, 2)
+    weights = {"head": 0.5, "mix": 2.0}
+    kw = dict(implementation=impl, dtype=torch.float64, lr_multipliers=weights)
+    direct = ntk_fn(model, readout_identity=False, **kw)
+    reduced = ntk_fn(model, **kw)
+    for a, b in ((x1, x2), (x1, None)):
+        assert_close("traced", direct(a, b), reduced(a, b), **F64)
+    assert reduced.last_plan.readout is not None
+    assert (
+        "read-out identity" in reduced.explain() and "reduced to 4" in reduced.explain()
+    )
+    layers = ntk_fn(model, per_layer=True, **kw)(x1, x2)
+    assert_close(
+        "per layer",
+        ntk_fn(model, per_layer=True, readout_identity=False, **kw)(x1, x2)["head"],
+        layers["head"],
+        **F64,
+    )
+    diag = ntk_fn(model, diagonal=True, **kw)(x1)
+    assert_close("diagonal", direct(x1).diagonal(), diag, **F64)
+
+
+def test_readout_identity_needs_an_untied_widening_readout() -> None:
+    x = _tokens(2, 1)
+    tied = ntk_fn(_LM(tied=True))
+    tied(x)
+    assert tied.last_plan.readout is None
+    from rdiag.functional import functionalize
+
+    narrow = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    fm = functionalize(narrow)
+    assert find_readout(fm, fm.cast_input(torch.randn(2, 5))) is None
+
+
+def test_output_probes_estimate_the_traced_kernel_within_their_error_bars() -> None:
+    torch.manual_seed(0)
+    model = _LM()
+    x = _tokens(5, 1)
+    exact = empirical_ntk(model, x, dtype=torch.float64, readout_identity=False)
+    est = ntk_fn(model, output_probes=64, seed=3, dtype=torch.float64)(x)
+    assert isinstance(est, KernelEstimate) and est.num_probes == 64
+    assert est.kernel.shape == exact.shape == est.std_err.shape
+    z = (est.kernel - exact).abs() / est.std_err
+    assert float(z.max()) < 4.5, float(z.max())
+    again = ntk_fn(model, output_probes=64, seed=3, dtype=torch.float64)(x)
+    assert torch.equal(est.kernel, again.kernel)  # seeded
+    with pytest.raises(ValueError, match="output_probes with trace_outputs=True"):
+        ntk_fn(model, output_probes=4, trace_outputs=False)
