@@ -16,7 +16,7 @@ from torch import nn
 from bench.baselines import tutorial_jacobian_ntk
 from rdiag import empirical_ntk, functionalize
 from rdiag._tiling import available_memory, format_bytes
-from rdiag.ntk import api
+from rdiag.ntk import costs
 from rdiag.ntk.api import NTKImplementation
 from rdiag.ntk.spec import NTKSpec
 
@@ -41,12 +41,16 @@ def mlp(width: int) -> nn.Module:
 
 def estimated_costs(
     model: nn.Module, x: torch.Tensor, trace: bool
-) -> dict[NTKImplementation, api.Cost]:
+) -> dict[NTKImplementation, costs.Cost]:
     """rdiag's cost model of the generic implementations for the symmetric K(x, x)."""
     fm = functionalize(model)
     spec = NTKSpec(trace, False, fm.param_weights(None), 1, 1e12, 10)
-    flops = api._forward_flops(fm, x)
-    return api._costs(fm, flops, len(x), len(x), spec, symmetric=True)
+    flops = costs.sample_forward_flops(fm, x)
+    problem = costs.Problem(flops, len(x), len(x), True, spec, 1)
+    return {
+        NTKImplementation.JACOBIAN: costs.jacobian_cost(fm, problem),
+        NTKImplementation.NTVP: costs.ntvp_cost(fm, problem),
+    }
 
 
 def _skip_if_too_big(model: nn.Module, x: torch.Tensor, trace: bool, impl: str) -> None:

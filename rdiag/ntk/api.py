@@ -3,8 +3,9 @@
 Planning (what :class:`NTKFunction` does once per input signature, i.e. the
 shapes and dtypes of ``x1`` and ``x2``): one probe forward pass (output size,
 differentiability, a clear error if the model does not take the inputs), the
-memory budget, the implementation (``"auto"``: by the rules and cost model
-below), the block size, the structured path's capture sites and its one-time
+memory budget, the implementation (``"auto"``: the fastest by the cost model of
+:mod:`rdiag.ntk.costs` among those that fit, close calls timed on the first two
+calls), the block size, the structured path's capture sites and its one-time
 check against autograd, and the forward-mode strategy. Every later call with the
 same signature only computes. Parameter values are read live from the model, so
 one handle serves a whole training run.
@@ -13,6 +14,7 @@ one handle serves a whole training run.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -41,21 +43,34 @@ from rdiag.ntk.outputs import (
     readout_features,
     readout_kernels,
 )
+from rdiag.ntk.costs import (
+    RACE_RATIO,
+    RACE_SECONDS,
+    Cost,
+    Problem,
+    jacobian_cost,
+    ntvp_cost,
+    sample_forward_flops,
+    structured_cost,
+)
 from rdiag.ntk.spec import NTKSpec, kernel_dtype, kernel_itemsize, kernel_shape
-from rdiag.ntk.structured import StructuredPlan, plan_structured, structured_ntk
+from rdiag.ntk.structured import (
+    StructuredPlan,
+    output_chunks,
+    plan_structured,
+    structured_ntk,
+)
 from rdiag.ntk.vector_products import ntvp_ntk
 
 __all__ = ["NTKFunction", "NTKImplementation", "NTKPlan", "empirical_ntk", "ntk_fn"]
-
-#: ``"auto"`` picks ``"structured"`` when it covers at least this share of parameters.
-STRUCTURED_COVERAGE = 0.9
 
 
 class NTKImplementation(str, Enum):
     """How the eNTK is computed (``implementation=``; plain strings are accepted)."""
 
     AUTO = "auto"
-    """Pick by the rules and cost model of :class:`NTKFunction` (once per plan)."""
+    """The fastest that fits by :mod:`rdiag.ntk.costs` (once per plan; estimates
+    within ``RACE_RATIO`` of each other are timed on the first two calls)."""
     JACOBIAN = "jacobian"
     """Per-sample Jacobians, then a GEMM. Wins for small ``O`` and output-traced
     kernels; needs ``B * O * P`` floats per block of ``B`` samples."""
@@ -80,19 +95,6 @@ class NTKImplementation(str, Enum):
 
 
 @dataclass(frozen=True)
-class Cost:
-    """Estimated cost of one implementation.
-
-    Attributes:
-        flops: Floating-point operations.
-        workspace: Bytes of working memory at the smallest block (1 sample).
-    """
-
-    flops: float
-    workspace: float
-
-
-@dataclass(frozen=True)
 class NTKPlan:
     """Everything decided for one input signature.
 
@@ -101,8 +103,13 @@ class NTKPlan:
         reason: Why it was chosen, in words.
         spec: The request with the block size, budget and output size filled in.
         shape: Shape of the returned kernel (of each per-layer kernel).
+        memory: Estimated peak bytes of the computation (kernel included).
         structured: The checked capture sites, for ``STRUCTURED``.
-        costs: The cost model's estimates, when ``"auto"`` consulted it.
+        costs: The cost model's estimates (:mod:`rdiag.ntk.costs`), when
+            ``"auto"`` consulted it.
+        alternative: A runner-up whose estimate is too close to call: the handle's
+            first two calls time both and keep the faster (then ``None``).
+        timings: Seconds each raced implementation took, once settled.
         readout: The read-out of the read-out identity (traced kernels of large
             output spaces): the rest runs on :attr:`inner`, the handle of the
             reduced view.
@@ -113,53 +120,13 @@ class NTKPlan:
     reason: str
     spec: NTKSpec
     shape: tuple[int, ...]
+    memory: float = 0.0
     structured: StructuredPlan | None = None
     costs: dict[NTKImplementation, Cost] | None = None
+    alternative: NTKPlan | None = None
+    timings: dict[NTKImplementation, float] | None = None
     readout: Readout | None = None
     inner: NTKFunction | None = None
-
-
-def _forward_flops(fm: FunctionalModel, x: Inputs) -> float:
-    """FLOPs of one forward pass per sample (torch's flop counter on two samples)."""
-    # Imported here: torch's flop counter imports Triton when it is installed.
-    from torch.utils.flop_counter import FlopCounterMode
-
-    probe = rows(x, slice(0, 2))
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        fm(fm.params, probe)
-    # Elementwise ops are not counted; 2 FLOPs per parameter is the floor.
-    return max(counter.get_total_flops() / batch_size(probe), 2.0 * fm.num_params)
-
-
-def _costs(
-    fm: FunctionalModel, flops: float, n1: int, n2: int, spec: NTKSpec, symmetric: bool
-) -> dict[NTKImplementation, Cost]:
-    """The cost model of the generic implementations.
-
-    With ``F`` the forward FLOPs of one sample, ``P`` parameters and ``O`` outputs:
-
-    - jacobian: ``3 F O (N1 + N2)`` for the Jacobians (a reverse pass costs about
-      twice a forward one) plus ``2 N1 N2 P O^k`` for the contraction, ``k = 1``
-      when output-traced, 2 otherwise (halved when symmetric); workspace ``O P``
-      floats per sample. Per-layer kernels come free with the Jacobian.
-    - ntvp: ``3 F O N2`` for the rows plus ``3 F O N2 N1`` for the jvps (halved
-      when symmetric), once per layer for per-layer kernels; workspace ``O P``
-      floats per sample.
-    """
-    o, p = spec.num_outputs, fm.num_params
-    half = 0.5 if symmetric else 1.0
-    pairs = n1 if spec.diagonal else n1 * n2 * half
-    item = kernel_itemsize(fm)
-    contract = 2.0 * pairs * p * (o if spec.trace_outputs else o * o)
-    jac_rows = 3.0 * flops * o * (n1 if symmetric else n1 + n2)
-    layers = len(fm.groups) if spec.per_layer else 1
-    return {
-        NTKImplementation.JACOBIAN: Cost(jac_rows + contract, o * p * item),
-        NTKImplementation.NTVP: Cost(
-            3.0 * flops * o * (n2 + pairs) * layers, o * p * item
-        ),
-    }
 
 
 class NTKFunction:
@@ -309,6 +276,8 @@ class NTKFunction:
         self.memory_budget = memory_budget
         self.weights = self.fm.param_weights(lr_multipliers)
         self._plans: dict[tuple, NTKPlan] = {}
+        # Signature -> seconds per implementation of a race in progress.
+        self._races: dict[tuple, dict[NTKImplementation, float]] = {}
         self._jvp_mode: JvpMode | None = None
         self._vmap_error: str | None | bool = False  # False: not probed yet
         self.notices = Notices()
@@ -337,12 +306,20 @@ class NTKFunction:
                 the message gives the size and a block size or alternative that fits.
         """
         x1, x2 = self._prepare(x1, x2)
+        key = self._key(x1, x2)
         plan = self._plan(x1, x2)
-        self.last_plan = plan
         if plan.readout is not None:
+            self.last_plan = plan
             return self._finish(self._run_readout(plan, x1, x2), plan)
+        run = plan
+        if plan.alternative is not None and plan.implementation in self._races.get(
+            key, {}
+        ):
+            run = plan.alternative
+        self.last_plan = run
+        start = time.perf_counter()
         try:
-            kernels = _RUNNERS[plan.implementation](self, plan, x1, x2)
+            kernels = _RUNNERS[run.implementation](self, run, x1, x2)
         except MemoryError as err:
             if self.requested is not NTKImplementation.AUTO:
                 raise
@@ -351,10 +328,13 @@ class NTKFunction:
                 f"structured eNTK does not fit the memory budget ({err}); using the "
                 "cheapest generic implementation instead",
             )
-            plan = self._generic_plan(plan.spec, x1, x2, "structured did not fit")
-            self._plans[self._key(x1, x2)] = self.last_plan = plan
-            kernels = _RUNNERS[plan.implementation](self, plan, x1, x2)
-        return self._finish(kernels, plan)
+            self._races.pop(key, None)
+            run = self._auto(plan.spec, x1, x2, None, "structured did not fit")
+            self._plans[key] = self.last_plan = replace(run, alternative=None)
+            return self._finish(_RUNNERS[run.implementation](self, run, x1, x2), run)
+        if plan.alternative is not None:
+            self._settle(key, plan, run, start)
+        return self._finish(kernels, run)
 
     def plan(self, x1: Inputs, x2: Inputs | None = None) -> NTKPlan:
         """The plan for inputs like ``x1`` (and ``x2``): made once, then reused.
@@ -367,7 +347,10 @@ class NTKFunction:
     @property
     def implementation(self) -> NTKImplementation | None:
         """What ran in the last call (``None`` before the first)."""
-        return None if self.last_plan is None else self.last_plan.implementation
+        plan = self.last_plan
+        if plan is not None and plan.inner is not None:
+            return plan.inner.implementation
+        return None if plan is None else plan.implementation
 
     @property
     def num_plans(self) -> int:
@@ -379,10 +362,13 @@ class NTKFunction:
         plan = self.last_plan
         if plan is None:
             return f"no call yet; implementation={self.requested.value!r} was asked for"
+        if plan.inner is not None:
+            return f"{plan.reason}; {plan.inner.explain()}"
         spec = plan.spec
         return (
             f"{plan.implementation.value}: {plan.reason}; kernel {plan.shape}, "
-            f"block {spec.block_size} samples, memory budget {format_bytes(spec.budget)}"
+            f"block {spec.block_size} samples, about {format_bytes(plan.memory)} of "
+            f"the memory budget {format_bytes(spec.budget)}"
         )
 
     # ---- planning -----------------------------------------------------------------
@@ -432,9 +418,8 @@ class NTKFunction:
             whole_batch=fm.batch_coupled,
         )
         shape = kernel_shape(spec, n1, n2)
-        copies = len(fm.groups) if self.per_layer else 1
         check_fits(
-            math.prod(shape) * kernel_itemsize(fm) * copies,
+            self._kernel_bytes(shape),
             spec.budget,
             f"the kernel {shape}{' per layer' if self.per_layer else ''}",
             "use trace_outputs=True, diagonal=True, fewer samples, or rdiag.NTKOperator "
@@ -445,38 +430,24 @@ class NTKFunction:
             if readout is not None:
                 return self._readout_plan(readout, spec, shape, x1, x2)
         requested = self.requested
-        if requested in (NTKImplementation.STRUCTURED, NTKImplementation.AUTO):
-            if fm.batch_coupled:
-                reason = "the model is batch-coupled (no per-sample factors)"
-                if requested is NTKImplementation.STRUCTURED:
-                    return self._sized(NTKImplementation.JACOBIAN, reason, spec, x1, x2)
-                return self._generic_plan(spec, x1, x2, reason)
-            structured = plan_structured(fm, x1, num_outputs, self.weights)
-            coverage = structured.coverage(fm)
-            if (
-                requested is NTKImplementation.STRUCTURED
-                or coverage >= STRUCTURED_COVERAGE
-            ):
-                self._notice_rest(structured)
-                reason = (
-                    f"the structured rules cover {coverage:.1%} of "
-                    f"{fm.num_params:,} parameters after the autograd check"
-                )
-                block = self.block_size or max(n1, n2)
-                if structured.rest_view is not None:  # the rest runs 'jacobian'
-                    spec = replace(spec, whole_batch=self._whole_batch(x1))
-                return NTKPlan(
-                    NTKImplementation.STRUCTURED,
-                    reason
-                    if requested is NTKImplementation.STRUCTURED
-                    else f"auto: {reason}",
-                    replace(spec, block_size=block),
-                    shape,
-                    structured=structured,
-                )
-            why = f"structured covers only {coverage:.1%} of the parameters"
-            return self._generic_plan(spec, x1, x2, why)
-        return self._sized(requested, "asked for", spec, x1, x2)
+        if requested in (NTKImplementation.JACOBIAN, NTKImplementation.NTVP):
+            return self._sized(requested, "asked for", spec, x1, x2)
+        if fm.batch_coupled:
+            reason = "the model is batch-coupled (no per-sample factors)"
+            if requested is NTKImplementation.STRUCTURED:
+                return self._sized(NTKImplementation.JACOBIAN, reason, spec, x1, x2)
+            return self._auto(spec, x1, x2, None, reason)
+        structured = plan_structured(fm, x1, num_outputs, self.weights)
+        if requested is NTKImplementation.AUTO:
+            return self._auto(spec, x1, x2, structured, "")
+        self._notice_rest(structured)
+        coverage = structured.coverage(fm)
+        reason = (
+            f"asked for; the structured rules cover {coverage:.1%} of "
+            f"{fm.num_params:,} "
+            "parameters after the autograd check"
+        )
+        return self._structured_plan(structured, reason, spec, x1, x2)[0]
 
     def _readout_plan(
         self,
@@ -503,32 +474,141 @@ class NTKFunction:
         r = view.basis.shape[1]
         reason = (
             f"read-out identity: the {readout.module.out_features} outputs per position "
-            f"of {readout.name!r} reduced to {r} (its input's rank); {inner_plan.reason}"
+            f"of {readout.name!r} reduced to {r} (its input's rank)"
         )
         return NTKPlan(
-            inner_plan.implementation, reason, spec, shape, readout=readout, inner=inner
+            inner_plan.implementation,
+            reason,
+            spec,
+            shape,
+            inner_plan.memory,
+            readout=readout,
+            inner=inner,
         )
 
-    def _generic_plan(
-        self, spec: NTKSpec, x1: Inputs, x2: Inputs | None, why: str
+    def _auto(
+        self,
+        spec: NTKSpec,
+        x1: Inputs,
+        x2: Inputs | None,
+        structured: StructuredPlan | None,
+        why: str,
     ) -> NTKPlan:
-        """The cheaper of jacobian and ntvp among those whose workspace fits."""
+        """The implementation the cost model (:mod:`rdiag.ntk.costs`) estimates fastest.
+
+        Candidates that do not fit the budget are left out; a runner-up within
+        :data:`~rdiag.ntk.costs.RACE_RATIO` becomes the plan's ``alternative``.
+        """
+        fm = self.fm
         n1 = batch_size(x1)
         n2 = n1 if x2 is None else batch_size(x2)
-        costs = _costs(self.fm, _forward_flops(self.fm, x1), n1, n2, spec, x2 is None)
-        fits = {k: c for k, c in costs.items() if c.workspace <= spec.budget}
-        if not fits:
-            check_fits(
-                min(c.workspace for c in costs.values()),
-                spec.budget,
-                "the eNTK of one sample (O*P floats)",
-                "select fewer parameters (params=...), trace fewer outputs, or use "
-                "rdiag.NTKOperator for products without the kernel",
+        flops = sample_forward_flops(fm, x1)
+        plans: dict[NTKImplementation, NTKPlan] = {}
+        costs: dict[NTKImplementation, Cost] = {}
+        misfits: list[str] = []
+
+        def problem(plan: NTKPlan) -> Problem:
+            block, whole = plan.spec.block_size, plan.spec.whole_batch
+            samples = n1 if x2 is None else n1 + n2
+            passes = samples if whole else math.ceil(n1 / block)
+            if x2 is not None and not whole:
+                passes += math.ceil(n2 / block)
+            return Problem(flops, n1, n2, x2 is None, plan.spec, passes)
+
+        notes = [why] if why else []
+        if structured is not None and structured.sites:
+            notes.append(
+                f"the structured rules cover {structured.coverage(fm):.1%} of "
+                f"{fm.num_params:,} parameters after the autograd check"
             )
-        choice = min(fits, key=lambda k: fits[k].flops)
-        reason = f"auto: {why}; {choice.value} is the cheapest by the cost model"
-        plan = self._sized(choice, reason, spec, x1, x2)
-        return replace(plan, costs=costs)
+            try:
+                plan, chunks = self._structured_plan(structured, "", spec, x1, x2)
+            except MemoryError as err:
+                misfits.append(f"structured: {err}")
+            else:
+                plans[NTKImplementation.STRUCTURED] = plan
+                costs[NTKImplementation.STRUCTURED] = structured_cost(
+                    fm, structured, problem(plan), chunks
+                )
+        for impl, cost_of in (
+            (NTKImplementation.JACOBIAN, jacobian_cost),
+            (NTKImplementation.NTVP, ntvp_cost),
+        ):
+            try:
+                plans[impl] = self._sized(impl, "", spec, x1, x2, probe_jvp=False)
+            except MemoryError as err:
+                misfits.append(f"{impl.value}: {err}")
+                continue
+            costs[impl] = cost_of(fm, problem(plans[impl]))
+        if not plans:
+            raise MemoryError(
+                "no eNTK implementation fits the memory budget: "
+                + "; ".join(misfits)
+                + "; select fewer parameters (params=...), trace the outputs, or use "
+                "rdiag.NTKOperator for products without the kernel"
+            )
+        ranked = sorted(costs, key=lambda k: costs[k].seconds)
+        choice = ranked[0]
+        estimates = ", ".join(f"{k.value} {costs[k].seconds:.3g} s" for k in ranked)
+        reason = "auto: " + "; ".join([*notes, f"estimated {estimates}"])
+        alternative = None
+        if len(ranked) > 1:
+            second, best = costs[ranked[1]].seconds, costs[choice].seconds
+            low, high = RACE_SECONDS
+            if second <= RACE_RATIO * best and low <= best and second <= high:
+                alternative = plans[ranked[1]]
+                reason += "; too close to call, so the first two calls time both"
+        for plan in (plans[choice], alternative):
+            if plan is None:
+                continue
+            if plan.implementation is NTKImplementation.NTVP:
+                self.jvp_mode(x1)
+            if plan.implementation is NTKImplementation.STRUCTURED:
+                self._notice_rest(structured)
+        return replace(
+            plans[choice], reason=reason, costs=costs, alternative=alternative
+        )
+
+    def _structured_plan(
+        self,
+        structured: StructuredPlan,
+        reason: str,
+        spec: NTKSpec,
+        x1: Inputs,
+        x2: Inputs | None,
+    ) -> tuple[NTKPlan, int]:
+        """A structured plan and its number of output chunks.
+
+        Raises:
+            MemoryError: The cotangents of one output unit (all units for a full
+                kernel) do not fit in half the budget.
+        """
+        n1 = batch_size(x1)
+        n2 = n1 if x2 is None else batch_size(x2)
+        shape = kernel_shape(spec, n1, n2)
+        item = kernel_itemsize(self.fm)
+        samples = n1 if x2 is None else n1 + n2
+        chunks = output_chunks(structured, samples, spec, item)
+        units = (
+            spec.num_outputs
+            if chunks[0] is None
+            else len(range(spec.num_outputs)[chunks[0]])
+        )
+        memory = (
+            self._kernel_bytes(shape)
+            + structured.cotangent_floats * item * samples * units
+        )
+        if structured.rest_view is not None:  # the rest runs 'jacobian'
+            spec = replace(spec, whole_batch=self._whole_batch(x1))
+        spec = replace(spec, block_size=self.block_size or max(n1, n2))
+        plan = NTKPlan(
+            NTKImplementation.STRUCTURED, reason, spec, shape, memory, structured
+        )
+        return plan, len(chunks)
+
+    def _kernel_bytes(self, shape: tuple[int, ...]) -> float:
+        copies = len(self.fm.groups) if self.per_layer else 1
+        return math.prod(shape) * kernel_itemsize(self.fm) * copies
 
     def _sized(
         self,
@@ -537,22 +617,42 @@ class NTKFunction:
         spec: NTKSpec,
         x1: Inputs,
         x2: Inputs | None,
+        probe_jvp: bool = True,
     ) -> NTKPlan:
         """A jacobian/ntvp plan with the largest block that fits beside the kernel."""
         n1 = batch_size(x1)
         n2 = n1 if x2 is None else batch_size(x2)
         shape = kernel_shape(spec, n1, n2)
-        copies = len(self.fm.groups) if self.per_layer else 1
-        item = kernel_itemsize(self.fm)
-        out_bytes = math.prod(shape) * item * copies
-        row_bytes = spec.num_outputs * self.fm.num_params * item
+        out_bytes = self._kernel_bytes(shape)
+        row_bytes = spec.num_outputs * self.fm.num_params * kernel_itemsize(self.fm)
         block = block_size(
             row_bytes, spec.budget - out_bytes, max(n1, n2), self.block_size
         )
-        if impl is NTKImplementation.NTVP:
+        if probe_jvp and impl is NTKImplementation.NTVP:
             self.jvp_mode(x1)
         spec = replace(spec, block_size=block, whole_batch=self._whole_batch(x1))
-        return NTKPlan(impl, reason, spec, shape)
+        memory = out_bytes + 2 * block * row_bytes
+        return NTKPlan(impl, reason, spec, shape, memory)
+
+    def _settle(self, key: tuple, plan: NTKPlan, run: NTKPlan, start: float) -> None:
+        """Time a raced call; after both, keep the faster plan for this signature."""
+        if self.fm.device.type == "cuda":
+            torch.cuda.synchronize(self.fm.device)
+        timings = self._races.setdefault(key, {})
+        timings[run.implementation] = time.perf_counter() - start
+        if len(timings) < 2:
+            return
+        del self._races[key]
+        winner = min(timings, key=timings.get)
+        kept = plan if winner is plan.implementation else plan.alternative
+        measured = " and ".join(f"{k.value} {t:.3g} s" for k, t in timings.items())
+        self._plans[key] = replace(
+            kept,
+            reason=f"auto: timed {measured} on the first two calls ({plan.reason})",
+            costs=plan.costs,
+            alternative=None,
+            timings=timings,
+        )
 
     def _whole_batch(self, x: Inputs) -> bool:
         """Whether the generic paths must differentiate the whole batch (probed once)."""
@@ -699,5 +799,10 @@ def ntk_costs(
     from rdiag._deprecation import renamed_name
 
     renamed_name("rdiag.ntk_costs", "ntk_fn(model).plan(x1, x2).costs", None)
-    n1 = batch_size(x1)
-    return _costs(fm, _forward_flops(fm, x1), n1, n2, spec, symmetric)
+    problem = Problem(
+        sample_forward_flops(fm, x1), batch_size(x1), n2, symmetric, spec, 1
+    )
+    return {
+        NTKImplementation.JACOBIAN: jacobian_cost(fm, problem),
+        NTKImplementation.NTVP: ntvp_cost(fm, problem),
+    }

@@ -200,11 +200,12 @@ def find_readout(fm: FunctionalModel, x: Inputs) -> Readout | None:
     Returns:
         The :class:`Readout`, or ``None``.
     """
-    seen: dict[int, tuple[str, nn.Module]] = {}
+    # The outputs are kept alive: ids of freed tensors are reused.
+    seen: list[tuple[Tensor, str, nn.Module]] = []
 
     def hook(name: str) -> Callable:
         def record(module: nn.Module, args: tuple, output: Any) -> None:
-            seen[id(output)] = (name, module)
+            seen.append((output, name, module))
 
         return record
 
@@ -216,14 +217,14 @@ def find_readout(fm: FunctionalModel, x: Inputs) -> Readout | None:
     handles = [m.register_forward_hook(hook(n)) for n, m in linears]
     try:
         with torch.no_grad():
-            out = fm.forward(fm.params, rows(x, slice(0, 1)))
+            out = fm.forward(fm.params, x if fm.batch_coupled else rows(x, slice(0, 1)))
     finally:
         for h in handles:
             h.remove()
-    found = seen.get(id(out))
-    if found is None:
+    found = [(n, m) for o, n, m in seen if o is out]
+    if not found:
         return None
-    name, module = found
+    name, module = found[-1]
     canonical = {id(p): n for n, p in fm.module.named_parameters()}
     uses = sum(
         1

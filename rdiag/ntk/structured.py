@@ -228,7 +228,7 @@ def structured_ntk(
     chunk = max(1, min(spec.block_size, n1))
     failed: dict[str, str] = {}
     samples = n1 + (0 if x2 is None else n2)
-    chunks = _output_chunks(plan, samples, spec, kernel_itemsize(fm))
+    chunks = output_chunks(plan, samples, spec, kernel_itemsize(fm))
     for k, outputs in enumerate(chunks):
         f1, bad = capture(fm, sites, x1, chunk, outputs=outputs)
         f2 = f1
@@ -265,7 +265,7 @@ def structured_ntk(
     return out
 
 
-def _output_chunks(
+def output_chunks(
     plan: StructuredPlan, samples: int, spec: NTKSpec, item: int
 ) -> list[slice | None]:
     """Output units per capture: all at once, or chunks when the cotangents do not fit.

@@ -1,0 +1,216 @@
+"""The cost model behind ``implementation="auto"``: FLOPs, working memory, seconds.
+
+With ``F`` the forward FLOPs of one sample (torch's flop counter), ``P`` selected
+parameters, ``O`` output units, ``S`` the samples differentiated (``N1`` for the
+symmetric kernel, ``N1 + N2`` otherwise) and ``pairs`` the kernel entries
+computed (``N1 N2``, halved when symmetric; ``N1`` on the diagonal):
+
+- jacobian: ``3 F O S`` for the rows (a reverse pass costs about twice a forward
+  one) plus ``2 pairs P O^k`` for the contraction, ``k = 1`` traced and 2 full;
+  the rows cost ``S`` times more when the whole batch is differentiated.
+- ntvp: ``3 F O N2`` for the vjp rows plus ``3 F O pairs`` for the jvps, once per
+  layer for per-layer kernels.
+- structured: the capture, a forward and a backward batched over the output units
+  (``F S (1 + O / 2)``; the backward only forms activation cotangents), plus
+  twice :func:`~rdiag.ntk.structured.structured_flops`, plus the jacobian rows
+  and contraction of the parameters no rule covers.
+
+Seconds are FLOPs over a throughput plus fixed costs per captured site (per chunk
+of output units) and per parameter tensor (per differentiation pass), which
+dominate small models. The CPU constants were fitted on the CI machine class
+(2 cores) to the timings of five Hugging Face models and MLPs (bench/README.md);
+the CUDA constants are assumed, not measured. ``auto`` only trusts the ranking
+when it is clear: estimates within :data:`RACE_RATIO` (and within
+:data:`RACE_SECONDS`) are settled by timing both implementations on the handle's
+first two calls.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from rdiag._inputs import Inputs, batch_size, rows
+from rdiag.functional import FunctionalModel
+from rdiag.ntk.spec import NTKSpec, kernel_itemsize
+from rdiag.ntk.structured import StructuredPlan, structured_flops
+
+__all__ = [
+    "RACE_RATIO",
+    "RACE_SECONDS",
+    "SPEEDS",
+    "Cost",
+    "Problem",
+    "Speed",
+    "jacobian_cost",
+    "ntvp_cost",
+    "sample_forward_flops",
+    "speed_of",
+    "structured_cost",
+]
+
+#: Estimates closer than this factor are settled by timing the first two calls.
+RACE_RATIO = 1.5
+#: Races are run only when the faster estimate is between these seconds: below,
+#: the difference does not matter and timings are noise; above, a wrong
+#: runner-up costs too much.
+RACE_SECONDS = (0.01, 30.0)
+
+
+@dataclass(frozen=True)
+class Speed:
+    """How fast a device runs the eNTK's work.
+
+    Attributes:
+        flops_per_second: Sustained throughput of autodiff passes and contractions.
+        seconds_per_site: Fixed cost of one captured layer for one output chunk.
+        seconds_per_tensor: Fixed cost of one parameter tensor in one pass.
+    """
+
+    flops_per_second: float
+    seconds_per_site: float
+    seconds_per_tensor: float
+
+
+#: Per device type; other types use the CPU figures.
+SPEEDS = {
+    "cpu": Speed(4e10, 4e-4, 2e-4),
+    "cuda": Speed(1e13, 5e-5, 2e-5),
+}
+
+
+def speed_of(device: torch.device) -> Speed:
+    """The :class:`Speed` assumed for ``device``."""
+    return SPEEDS.get(device.type, SPEEDS["cpu"])
+
+
+@dataclass(frozen=True)
+class Cost:
+    """Estimated cost of one implementation.
+
+    Attributes:
+        flops: Floating-point operations.
+        workspace: Bytes of working memory at the smallest block (1 sample).
+        seconds: Estimated wall time on the plan's device.
+    """
+
+    flops: float
+    workspace: float
+    seconds: float
+
+
+def sample_forward_flops(fm: FunctionalModel, x: Inputs) -> float:
+    """FLOPs of one forward pass per sample (torch's flop counter on two samples)."""
+    # Imported here: torch's flop counter imports Triton when it is installed.
+    from torch.utils.flop_counter import FlopCounterMode
+
+    probe = rows(x, slice(0, 2))
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fm(fm.params, probe)
+    # Elementwise ops are not counted; 2 FLOPs per parameter is the floor.
+    return max(counter.get_total_flops() / batch_size(probe), 2.0 * fm.num_params)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The sizes every estimate needs (see the module docstring for the symbols).
+
+    Attributes:
+        flops: ``F``, forward FLOPs of one sample.
+        n1: Samples of the first batch.
+        n2: Samples of the second (``n1`` when symmetric).
+        symmetric: ``K(x1, x1)``: only one batch is differentiated, half the pairs.
+        spec: The request.
+        passes: Differentiation passes of the generic paths (blocks of samples,
+            or ``S`` when the whole batch is differentiated).
+    """
+
+    flops: float
+    n1: int
+    n2: int
+    symmetric: bool
+    spec: NTKSpec
+    passes: int
+
+    @property
+    def samples(self) -> int:
+        """``S``: the samples differentiated."""
+        return self.n1 if self.symmetric else self.n1 + self.n2
+
+    @property
+    def pairs(self) -> float:
+        """Kernel entries (pairs of samples) computed."""
+        if self.spec.diagonal:
+            return float(self.n1)
+        return self.n1 * self.n2 * (0.5 if self.symmetric else 1.0)
+
+    def rows(self) -> float:
+        """FLOPs of the Jacobian rows ``3 F O S`` (times ``S`` for the whole batch)."""
+        whole = self.samples if self.spec.whole_batch else 1
+        return 3.0 * self.flops * self.spec.num_outputs * self.samples * whole
+
+    def contraction(self, params: int) -> float:
+        """FLOPs of ``2 pairs P O^k`` for ``params`` parameters."""
+        o = self.spec.num_outputs
+        return 2.0 * self.pairs * params * (o if self.spec.trace_outputs else o * o)
+
+
+def _seconds(flops: float, fixed: float, speed: Speed) -> float:
+    return flops / speed.flops_per_second + fixed
+
+
+def jacobian_cost(fm: FunctionalModel, problem: Problem) -> Cost:
+    """Per-sample Jacobians and a GEMM (per-layer kernels come with it)."""
+    speed = speed_of(fm.device)
+    flops = problem.rows() + problem.contraction(fm.num_params)
+    fixed = speed.seconds_per_tensor * len(fm.names) * problem.passes
+    row = problem.spec.num_outputs * fm.num_params * kernel_itemsize(fm)
+    return Cost(flops, row, _seconds(flops, fixed, speed))
+
+
+def ntvp_cost(fm: FunctionalModel, problem: Problem) -> Cost:
+    """The ``vjp`` rows then ``jvp``s, never forming ``J``; once per layer if per-layer."""
+    speed = speed_of(fm.device)
+    spec = problem.spec
+    layers = len(fm.groups) if spec.per_layer else 1
+    jvps = 3.0 * problem.flops * spec.num_outputs * (problem.n2 + problem.pairs)
+    flops = jvps * layers
+    fixed = speed.seconds_per_tensor * len(fm.names) * problem.samples * layers
+    row = spec.num_outputs * fm.num_params * kernel_itemsize(fm)
+    return Cost(flops, row, _seconds(flops, fixed, speed))
+
+
+def structured_cost(
+    fm: FunctionalModel, plan: StructuredPlan, problem: Problem, chunks: int
+) -> Cost:
+    """Capture, Gram-Hadamard contractions, and the rest through jacobian.
+
+    Args:
+        fm: The functional view.
+        plan: The checked capture sites and term shapes.
+        problem: The sizes.
+        chunks: Chunks of output units the capture runs in.
+    """
+    speed = speed_of(fm.device)
+    spec = problem.spec
+    capture = problem.flops * problem.samples * (chunks + spec.num_outputs / 2)
+    contract = 2.0 * structured_flops(
+        plan, problem.n1, problem.n2, spec, problem.symmetric
+    )
+    fixed = speed.seconds_per_site * len(plan.sites) * chunks
+    rest = [n for n in plan.rest if spec.weights.get(n, 0.0) != 0.0]
+    rest_flops = 0.0
+    if rest:
+        rest_params = sum(fm.params[n].numel() for n in rest)
+        rest_flops = problem.rows() + problem.contraction(rest_params)
+        fixed += speed.seconds_per_tensor * len(rest) * problem.passes
+    flops = capture + contract + rest_flops
+    unit = (
+        plan.cotangent_floats
+        * kernel_itemsize(fm)
+        * math.ceil(spec.num_outputs / chunks)
+    )
+    return Cost(flops, unit, _seconds(flops, fixed, speed))

@@ -1,0 +1,100 @@
+"""The cost model of ``implementation="auto"`` and the race that settles close calls.
+
+Kernels are compared with the float64 autograd oracle (rtol=1e-9, atol=1e-10).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from rdiag import ntk_fn
+from rdiag.ntk import api
+from rdiag.ntk.api import NTKImplementation
+from tests import oracles
+from tests._assert import assert_close
+from tests.models import ZOO
+
+F64 = dict(rtol=1e-9, atol=1e-10)
+S, J, V = (
+    NTKImplementation.STRUCTURED,
+    NTKImplementation.JACOBIAN,
+    NTKImplementation.NTVP,
+)
+
+
+def _oracle(model: nn.Module, x1, x2=None) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    j1 = oracles.per_sample_jacobian(model, names, x1)
+    j2 = j1 if x2 is None else oracles.per_sample_jacobian(model, names, x2)
+    full = oracles.ntk_from_jacobians(j1, j2)
+    return full.diagonal(dim1=-2, dim2=-1).sum(-1)
+
+
+def test_auto_estimates_every_candidate_and_says_so() -> None:
+    torch.manual_seed(0)
+    wide = nn.Sequential(nn.Linear(8, 256), nn.Tanh(), nn.Linear(256, 10))
+    kernel = ntk_fn(wide, trace_outputs=False)
+    plan = kernel.plan(torch.randn(64, 8))
+    assert set(plan.costs) == {S, J, V}
+    assert all(c.seconds > 0 and c.flops > 0 for c in plan.costs.values())
+    # A GEMM over (N*O)^2 pairs of 2.6k parameters against Grams of widths <= 256.
+    assert plan.costs[J].seconds > 5 * plan.costs[S].seconds
+    assert plan.implementation is S and plan.alternative is None
+    assert "estimated structured" in plan.reason and "cover 100.0%" in plan.reason
+    kernel(torch.randn(64, 8))
+    assert "estimated structured" in kernel.explain()
+
+
+def test_full_kernel_of_many_outputs_favours_ntvp_among_generic() -> None:
+    wide = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 50)).double()
+    kernel = ntk_fn(wide, trace_outputs=False)
+    x = torch.randn(64, 4, dtype=torch.float64)
+    spec = kernel.plan(x).spec
+    generic = kernel._auto(spec, x, None, None, "no structured rules")
+    assert set(generic.costs) == {J, V}
+    assert generic.costs[V].flops < generic.costs[J].flops
+    assert generic.implementation is V
+    assert generic.reason.startswith("auto: no structured rules; estimated ntvp")
+
+
+def test_a_close_call_is_timed_on_the_first_two_calls(monkeypatch) -> None:
+    monkeypatch.setattr(api, "RACE_RATIO", float("inf"))
+    monkeypatch.setattr(api, "RACE_SECONDS", (0.0, float("inf")))
+    model, make = ZOO["cnn"](0)
+    x1, x2 = make(5, 1), make(3, 2)
+    expected = _oracle(model, x1, x2)
+    kernel = ntk_fn(model, dtype=torch.float64)
+    plan = kernel.plan(x1, x2)
+    assert plan.alternative is not None and "too close to call" in plan.reason
+    ran = []
+    for _ in range(3):
+        assert_close("raced", expected, kernel(x1, x2), **F64)
+        ran.append(kernel.implementation)
+    assert ran[0] is plan.implementation and ran[1] is plan.alternative.implementation
+    settled = kernel.plan(x1, x2)
+    assert settled.alternative is None and kernel.num_plans == 1
+    assert set(settled.timings) == {ran[0], ran[1]}
+    assert ran[2] is min(settled.timings, key=settled.timings.get)
+    assert settled.implementation is ran[2] and "timed" in settled.reason
+    # The race is per signature: another batch size races again.
+    assert kernel.plan(make(4, 3)).alternative is not None
+
+
+def test_memory_is_checked_when_planning() -> None:
+    model, make = ZOO["mlp_tanh"](0)
+    x1, x2 = make(200, 1), make(1, 2)
+    # Cotangents of one output unit: 201 samples x 16 widths x 8 bytes > 20 kB.
+    tight = dict(memory_budget=4e4, dtype=torch.float64)
+    with pytest.raises(MemoryError, match="cotangents of one output unit"):
+        ntk_fn(model, implementation="structured", **tight).plan(x1, x2)
+    kernel = ntk_fn(model, **tight)
+    plan = kernel.plan(x1, x2)
+    assert S not in plan.costs and plan.implementation in (J, V)
+    assert plan.memory <= 4e4
+    assert_close("fits", _oracle(model, x1, x2), kernel(x1, x2), **F64)
+    roomy = ntk_fn(model, dtype=torch.float64).plan(x1, x2)
+    assert roomy.memory >= 200 * 8  # the kernel itself
+    with pytest.raises(MemoryError, match="no eNTK implementation fits"):
+        ntk_fn(model, memory_budget=3e3, dtype=torch.float64).plan(x1, x2)
