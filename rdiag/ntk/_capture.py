@@ -32,6 +32,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
+from rdiag._autodiff import math_attention
 from rdiag._inputs import Inputs, batch_size, rows
 from rdiag.functional import FunctionalModel
 from rdiag.ntk.rules import Factor, StructuredRule, covered_names, rule_for
@@ -367,7 +368,9 @@ def _capture_chunk(
             substituted[s.name] = (p.expand(n, *p.shape[1:]) + eps, eps)
             calls[s.name].append((None, [eps]))
     try:
-        with torch.enable_grad():
+        # Math attention: its backward is batched over output units by vmap (the
+        # fused kernels' backwards have no batching rule and would loop).
+        with torch.enable_grad(), math_attention():
             out = fm({**params, **{k: v for k, (v, _) in substituted.items()}}, x)
     finally:
         for h in handles:
@@ -429,13 +432,13 @@ def _cotangents(out: Tensor, eps: list[Tensor], outputs: slice | None) -> list[T
     if not out.requires_grad:
         return [torch.zeros(o, *e.shape, dtype=e.dtype, device=e.device) for e in eps]
     basis = basis[:, None, :].expand(o, n, width)
-    grads = torch.autograd.grad(
-        out, eps, basis, is_grads_batched=True, allow_unused=True
-    )
-    return [
-        torch.zeros(o, *e.shape, dtype=e.dtype, device=e.device) if g is None else g
-        for g, e in zip(grads, eps)
-    ]
+
+    def pullback(v: Tensor) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(
+            out, eps, v, retain_graph=True, allow_unused=True, materialize_grads=True
+        )
+
+    return list(torch.func.vmap(pullback)(basis))
 
 
 def _verify(

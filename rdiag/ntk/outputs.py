@@ -179,12 +179,21 @@ class Readout:
         return (1.0, 1.0) if scale is None else (scale.weight, scale.bias)
 
     def factor(self, fm: FunctionalModel) -> Tensor:
-        """``L (D, r)`` with ``L L^T = c^2 W^T W`` from the current weight."""
+        """``L (D, r)`` with ``L L^T = c^2 W^T W`` from the current weight.
+
+        A Cholesky factor (``r = D``) when ``W^T W`` is positive definite, else the
+        eigenvectors of its non-zero eigenvalues (``r`` its rank); factorized in
+        float64, returned in the view's dtype.
+        """
         c, _ = self.scales()
         w = self.module.weight.detach().to(fm.param_dtype)
-        vals, vecs = torch.linalg.eigh((c * c) * (w.T @ w))
+        gram = ((c * c) * (w.T @ w)).double()
+        chol, info = torch.linalg.cholesky_ex(gram)
+        if int(info) == 0:
+            return chol.to(fm.param_dtype)
+        vals, vecs = torch.linalg.eigh(gram)
         keep = vals > vals.max().clamp_min(0) * 1e-12 * w.shape[1]
-        return vecs[:, keep] * vals[keep].sqrt()
+        return (vecs[:, keep] * vals[keep].sqrt()).to(fm.param_dtype)
 
 
 def find_readout(fm: FunctionalModel, x: Inputs) -> Readout | None:
