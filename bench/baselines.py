@@ -12,13 +12,24 @@ from torch.func import functional_call, jacrev, vmap
 
 
 def tutorial_jacobian_ntk(
-    model: nn.Module, x1: Tensor, x2: Tensor, trace: bool
+    model: nn.Module,
+    x1: Tensor | dict[str, Tensor],
+    x2: Tensor | dict[str, Tensor],
+    trace: bool,
 ) -> Tensor:
-    """The tutorial's ``empirical_ntk_jacobian_contraction``: vmap(jacrev) + einsum."""
+    """The tutorial's ``empirical_ntk_jacobian_contraction``: vmap(jacrev) + einsum.
+
+    Keyword inputs (a dict of ``(N, ...)`` tensors, as Hugging Face models take)
+    are vmapped together; a model output with ``.logits`` is read there, flattened.
+    """
     params = {k: v.detach() for k, v in model.named_parameters()}
 
-    def f(p: dict, x: Tensor) -> Tensor:
-        return functional_call(model, p, (x.unsqueeze(0),)).squeeze(0)
+    def f(p: dict, x: Tensor | dict[str, Tensor]) -> Tensor:
+        if isinstance(x, dict):
+            out = functional_call(model, p, (), {k: v[None] for k, v in x.items()})
+        else:
+            out = functional_call(model, p, (x.unsqueeze(0),))
+        return getattr(out, "logits", out).reshape(-1)
 
     jac1 = vmap(jacrev(f), (None, 0))(params, x1)
     jac2 = vmap(jacrev(f), (None, 0))(params, x2)

@@ -14,17 +14,15 @@ fresh process per case: ``python -m bench.bench_structured [structured,recipe]``
 from __future__ import annotations
 
 import json
-import os
-import resource
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 from bench.baselines import tutorial_jacobian_ntk
 from bench.bench_ntk import SIZES, WIDTHS, estimated_costs, mlp
+from bench.rss import measure
 from rdiag import empirical_ntk, functionalize
 from rdiag._tiling import format_bytes
 from rdiag.ntk.api import NTKImplementation
@@ -82,25 +80,9 @@ def test_structured(benchmark, impl: str, width: int, n: int, trace: bool) -> No
         benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm", encoding="ascii") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def _measure(impl: str, width: int, n: int, trace: bool) -> dict:
     """Seconds (best of 2 to 7 after a warm-up) and peak resident memory above the start."""
-    _, _, run = _case(impl, width, n, trace)
-    start = _rss_bytes()
-    t0 = time.perf_counter()
-    run()
-    warm = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
-    times = []
-    for _ in range(7 if warm < 0.5 else 2):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"seconds": min(times), "peak_bytes": max(peak, 0)}
+    return measure(_case(impl, width, n, trace)[2])
 
 
 def _table(impls: tuple[str, ...] = ("structured", "recipe")) -> None:

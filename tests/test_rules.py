@@ -21,12 +21,12 @@ from rdiag import empirical_ntk, functionalize, ntk_fn, structured_coverage
 from rdiag.ntk.rules import Factor, layer_rule, register_structured_rule, rule_for
 from tests import oracles
 from tests._assert import assert_close
+from tests.hf_models import NAMES, hf_model
 from tests.test_structured import (
     F64,
     KW,
     _check_against_oracle,
     _normal,
-    _tokens,
 )
 
 
@@ -193,98 +193,9 @@ def test_a_registered_user_rule_is_used_and_checked() -> None:
 transformers = pytest.importorskip("transformers")
 
 
-def _gpt2():
-    cfg = transformers.GPT2Config(
-        vocab_size=13,
-        n_positions=8,
-        n_embd=8,
-        n_layer=1,
-        n_head=2,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.GPT2LMHeadModel(cfg), {
-        "input_ids": _tokens(3, 1, vocab=13, t=4)
-    }
-
-
-def _bert():
-    cfg = transformers.BertConfig(
-        vocab_size=13,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        max_position_embeddings=8,
-        num_labels=3,
-    )
-    mask = torch.ones(3, 4, dtype=torch.long)
-    mask[0, -1] = 0
-    ids = _tokens(3, 1, vocab=13, t=4)
-    return transformers.BertForSequenceClassification(cfg), {
-        "input_ids": ids,
-        "attention_mask": mask,
-    }
-
-
-def _vit():
-    cfg = transformers.ViTConfig(
-        image_size=8,
-        patch_size=4,
-        num_channels=2,
-        hidden_size=8,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=16,
-        num_labels=3,
-    )
-    return transformers.ViTForImageClassification(cfg), {
-        "pixel_values": _normal(3, 1, 2, 8, 8)
-    }
-
-
-def _resnet():
-    cfg = transformers.ResNetConfig(
-        num_channels=2,
-        embedding_size=4,
-        hidden_sizes=[4, 6],
-        depths=[1, 1],
-        num_labels=3,
-        layer_type="basic",
-    )
-    return transformers.ResNetForImageClassification(cfg), {
-        "pixel_values": _normal(3, 1, 2, 12, 12)
-    }
-
-
-def _mobilenet():
-    cfg = transformers.MobileNetV2Config(
-        num_channels=2,
-        image_size=12,
-        depth_multiplier=0.25,
-        num_labels=3,
-        min_depth=4,
-        layer_norm_eps=1e-3,
-    )
-    return transformers.MobileNetV2ForImageClassification(cfg), {
-        "pixel_values": _normal(3, 1, 2, 12, 12)
-    }
-
-
-HF = {
-    "gpt2": _gpt2,
-    "bert": _bert,
-    "vit": _vit,
-    "resnet": _resnet,
-    "mobilenet_v2": _mobilenet,
-}
-
-
-@pytest.mark.parametrize("name", list(HF))
+@pytest.mark.parametrize("name", NAMES)
 def test_hugging_face_models_run_fully_structured_and_exact(name: str) -> None:
-    torch.manual_seed(0)
-    model, x = HF[name]()
-    model.eval()
+    model, x = hf_model(name, 3)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     kernel = ntk_fn(model, trace_outputs=False, **KW)
     with warnings.catch_warnings(record=True) as record:

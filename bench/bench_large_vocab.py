@@ -1,0 +1,105 @@
+"""The traced eNTK of a block shaped like GPT-2 small (V = 50257) at N * T = 64.
+
+One transformer block of GPT-2 small's shape (D = 768, 12 heads, V = 50257;
+``tests/hf_models.py``), float32, eval mode, traced symmetric kernel over all
+``T * V`` outputs:
+
+- untied read-out: exact, by the read-out identity (``auto``: the ``V`` outputs per
+  position reduced to the read-out input's rank 768);
+- tied read-out (GPT-2's own): the identity does not apply; estimated from 64
+  output probes, with the estimator's error bar.
+
+Without the identity the exact traced kernel backpropagates every one of the
+``T * V`` output units; its cost model estimate (seconds and memory) is recorded
+as the baseline, since it is beyond this machine (the torch.func recipe would
+hold ``N * T * V * P`` floats, petabytes).
+
+Run: ``pytest bench/bench_large_vocab.py --benchmark-only``. Time and peak
+memory, one fresh process per case: ``python -m bench.bench_large_vocab``
+(prints a markdown table).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.hf_models import gpt2_small_block
+from bench.rss import measure
+from rdiag import ntk_fn
+from rdiag._tiling import format_bytes
+
+pytest.importorskip("transformers")
+
+#: ``(N, T)`` with ``N * T = 64``.
+SHAPES = ((64, 1), (16, 4))
+PROBES = 64
+
+
+def _case(kind: str, n: int, t: int):
+    """The handle's plan summary and a zero-argument callable computing the kernel."""
+    model, x = gpt2_small_block(n, t, tied=kind == "probes")
+    options = {"output_probes": PROBES} if kind == "probes" else {}
+    kernel = ntk_fn(model, **options)
+    plan = kernel.plan(x)
+    summary = {"explain_plan": plan.reason, "memory_bytes": plan.memory}
+    if kind == "exact":
+        baseline = ntk_fn(model, readout_identity=False).plan(x)
+        summary["without_identity"] = {
+            "implementation": baseline.implementation.value,
+            "estimated_seconds": baseline.costs[baseline.implementation].seconds,
+            "memory_bytes": baseline.memory,
+        }
+    return summary, lambda: kernel(x)
+
+
+@pytest.mark.parametrize("kind", ["exact", "probes"])
+@pytest.mark.parametrize(("n", "t"), SHAPES)
+def test_large_vocab(benchmark, kind: str, n: int, t: int) -> None:
+    summary, run = _case(kind, n, t)
+    benchmark.group = f"GPT-2-small block V=50257 N={n} T={t}"
+    benchmark.extra_info.update(summary)
+    result = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
+    if kind == "probes":
+        rel = float(result.std_err.norm() / result.kernel.norm())
+        benchmark.extra_info["relative_error_bar"] = rel
+
+
+def _table() -> None:
+    print("| N | T | kernel | seconds | peak RSS above start | plan's estimate |")
+    print("|---|---|---|---|---|---|")
+    for n, t in SHAPES:
+        for kind in ("exact", "probes"):
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.bench_large_vocab", kind, str(n), str(t)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            res = json.loads(out.strip().splitlines()[-1])
+            print(
+                f"| {n} | {t} | {kind} | {res['seconds']:.1f} | "
+                f"{format_bytes(res['peak_bytes'])} | "
+                f"{format_bytes(res['memory_bytes'])} |",
+                flush=True,
+            )
+            if kind == "exact":
+                base = res["without_identity"]
+                print(
+                    f"| {n} | {t} | exact without the identity (estimate) | "
+                    f"{base['estimated_seconds']:.0f} | - | "
+                    f"{format_bytes(base['memory_bytes'])} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4:
+        kind, n, t = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+        summary, run = _case(kind, n, t)
+        print(json.dumps({**measure(run, repeats=0), **summary}))
+    else:
+        _table()
