@@ -56,8 +56,10 @@ check always run.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -105,7 +107,7 @@ _NEEDS_TARGETS = {
 _FORWARD = {"representations", "features", "loss", "accuracy"}
 #: Sharpness kinds -> record names of the eigenvalue and of its solver's products.
 _SHARPNESS = {
-    "sharpness": ("sharpness", "sharpness/matvecs"),
+    "sharpness": ("sharpness/raw", "sharpness/raw_matvecs"),
     "sharpness_precond": ("sharpness/precond", "sharpness/precond_matvecs"),
 }
 DEFAULT_METRICS = ("ntk", "features", "representations", "weights", "sharpness", "loss")
@@ -305,6 +307,8 @@ class Monitor:
         self.checks = 0
         self.skipped = 0
         self._start: float | None = None
+        # Training and diagnostics seconds of the run before a restored state.
+        self._before = (0.0, 0.0)
         self._ref: dict[str, Any] = {}
         self._prev: dict[str, Any] = {}
         self._warm: dict[str, Any] = {}
@@ -312,11 +316,24 @@ class Monitor:
     # ---- schedule and budget ----------------------------------------------------
     @property
     def train_seconds(self) -> float:
-        """Wall time since the first :meth:`step` call, minus diagnostics time."""
-        return (
-            0.0
-            if self._start is None
-            else time.perf_counter() - self._start - self.seconds
+        """Wall time since the first :meth:`step` call, minus diagnostics time.
+
+        After :meth:`load_state_dict`, the training time of the run before it
+        plus the time since the first call after it.
+        """
+        train, seconds = self._before
+        if self._start is None:
+            return train
+        return train + time.perf_counter() - self._start - (self.seconds - seconds)
+
+    def cost(self) -> CostReport:
+        """What the diagnostics cost so far: checks run and skipped, seconds spent."""
+        return CostReport(
+            self.checks,
+            self.skipped,
+            self.seconds,
+            self.train_seconds,
+            self.budget_fraction,
         )
 
     def due(self, step: int) -> bool:
@@ -400,21 +417,32 @@ class Monitor:
                 checked_loss(self.loss_fn, out, self._target(out))
 
     def state_dict(self) -> dict[str, Any]:
-        """Counters and references, for checkpointing (Lightning / HF adapters)."""
+        """Counters, times, history and references, for checkpointing.
+
+        Plain containers of tensors and numbers (``torch.load(...,
+        weights_only=True)`` reads them back); the references (initial kernel,
+        representations, weights, ...) make a resumed run measure movement from
+        the original initialization.
+        """
         return {
             "seconds": self.seconds,
+            "train_seconds": self.train_seconds,
             "checks": self.checks,
             "skipped": self.skipped,
+            "history": [dict(h) for h in self.history],
             "ref": self._ref,
             "prev": self._prev,
             "warm": self._warm,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (of this release or the last)."""
         self.seconds, self.checks = state["seconds"], state["checks"]
         self.skipped = state["skipped"]
         self._ref, self._prev, self._warm = state["ref"], state["prev"], state["warm"]
+        self.history = [R.Records(R.flatten(h)) for h in state.get("history", [])]
+        self._before = (state.get("train_seconds", 0.0), self.seconds)
+        self._start = None
 
     # ---- measurements -----------------------------------------------------------
     def _measure(self, step: int) -> dict[Any, float]:
@@ -635,7 +663,7 @@ class Monitor:
         for key, target in todo:
             name, matvecs = _SHARPNESS[key]
             if target is None:  # no preconditioner: the same eigenvalue
-                rec[name] = rec["sharpness"]
+                rec[name] = rec["sharpness/raw"]
                 continue
             res = lanczos(
                 target,
@@ -651,7 +679,43 @@ class Monitor:
             rec[matvecs] = float(res.num_matvecs)
         if "trace" in self.metrics:
             est = hutch_plus_plus(op, 30, seed=step)
-            rec["trace"], rec["trace/std_err"] = est.estimate, est.std_err
+            rec["trace/estimate"], rec["trace/std_err"] = est.estimate, est.std_err
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """What a Monitor's diagnostics cost (:meth:`Monitor.cost`).
+
+    Attributes:
+        checks: Checks run.
+        skipped: Scheduled checks skipped by the budget.
+        seconds: Seconds spent in diagnostics.
+        train_seconds: Training seconds they are compared with.
+        budget_fraction: The budget (a fraction of training time), or ``None``.
+    """
+
+    checks: int
+    skipped: int
+    seconds: float
+    train_seconds: float
+    budget_fraction: float | None
+
+    @property
+    def fraction(self) -> float:
+        """Diagnostics time over training time (``nan`` before any training time)."""
+        return self.seconds / self.train_seconds if self.train_seconds > 0 else math.nan
+
+    def __str__(self) -> str:
+        budget = (
+            "no budget"
+            if self.budget_fraction is None
+            else f"budget {self.budget_fraction:.0%} of training time"
+        )
+        return (
+            f"rdiag: {self.checks} checks run, {self.skipped} skipped ({budget}); "
+            f"{self.seconds:.2f} s spent, {self.fraction:.1%} of {self.train_seconds:.2f} s "
+            "of training"
+        )
 
 
 def _shapes(batch: Any) -> str:

@@ -17,7 +17,10 @@ name                       metric                     layer
 Metrics are grouped by a ``/``-separated prefix (``ntk/``, ``ck/`` for the
 conjugate kernel, ``ntk_layers/``, ``sharpness/``, ``trace/``, ``monitor/``,
 ``train/``), which TensorBoard, Weights & Biases and MLflow show as sections.
-Which metrics take a layer is fixed by :data:`PER_LAYER`: :func:`split` reads a
+No name is both a record and the group of others (``sharpness/raw`` and
+``sharpness/precond``, not ``sharpness`` and ``sharpness/precond``): trackers that
+store a metric as a file under its group's directory (MLflow's file store) could
+not hold both. Which metrics take a layer is fixed by :data:`PER_LAYER`: :func:`split` reads a
 name back into its ``(metric, layer)`` pair, the store's two columns. A new
 per-layer metric is added to :data:`PER_LAYER` and its names are built with
 :func:`name`; a model-level one needs nothing here.
@@ -61,7 +64,7 @@ MONITOR_SECONDS = "monitor/seconds"
 TRAIN_SECONDS = "monitor/train_seconds"
 
 #: Metric names of the release before this one -> current metric names. Names not
-#: listed (``delta_h``, ``f_norm``, ``sharpness``, ``loss``, ...) did not change.
+#: listed (``delta_h``, ``f_norm``, ``loss``, ...) did not change.
 LEGACY: dict[str, str] = {
     **{
         f"{kernel}_{stat}": f"{kernel}/{stat}"
@@ -74,9 +77,11 @@ LEGACY: dict[str, str] = {
     "ntk_kta": "ntk/kta",
     "ntk_layer_rel_change": "ntk_layers/rel_change",
     "ntk_layer_trace": "ntk_layers/trace",
-    "sharpness_matvecs": "sharpness/matvecs",
+    "sharpness": "sharpness/raw",
+    "sharpness_matvecs": "sharpness/raw_matvecs",
     "sharpness_precond": "sharpness/precond",
     "sharpness_precond_matvecs": "sharpness/precond_matvecs",
+    "trace": "trace/estimate",
     "trace_std_err": "trace/std_err",
     "monitor_seconds": MONITOR_SECONDS,
     "train_seconds": TRAIN_SECONDS,

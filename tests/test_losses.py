@@ -103,7 +103,7 @@ def test_monitor_loss_and_sharpness_on_a_sequence_model() -> None:
     assert_close(
         "sharpness",
         top,
-        torch.tensor(rec["sharpness"], dtype=torch.float64),
+        torch.tensor(rec["sharpness/raw"], dtype=torch.float64),
         rtol=1e-7,
         atol=0,
     )

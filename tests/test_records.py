@@ -37,6 +37,9 @@ def test_every_monitor_record_is_a_flat_name_that_splits_back() -> None:
         "ntk_layers/trace/readout",
         R.MONITOR_SECONDS,
     } <= set(rec)
+    parts = [key.split("/") for key in rec]
+    groups = {"/".join(p[:i]) for p in parts for i in range(1, len(p))}
+    assert not groups & set(rec), "a record name is also the group of others"
     assert R.split("ntk/eig/0") == ("ntk/eig", "0")
     assert R.split("dW_op/blocks.0.attn") == ("dW_op", "blocks.0.attn")
     assert R.split("my/own/metric") == ("my/own/metric", "")
