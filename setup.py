@@ -17,7 +17,7 @@ EXTRAS = {
     "scipy": ["scipy>=1.10"],
     "ray": ["ray>=2.9"],
     "lightning": ["lightning>=2.1"],
-    "hf": ["transformers>=4.40"],
+    "hf": ["transformers>=4.40", "accelerate>=1.1"],
     "tensorboard": ["tensorboard>=2.10"],
     "wandb": ["wandb>=0.16"],
     "mlflow": ["mlflow>=2.10"],

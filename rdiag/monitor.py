@@ -517,6 +517,15 @@ class Monitor:
             rec["delta_f"] = M.representation_movement(f, f0)
             for name in self.layers:
                 h = acts[name].double()
+                if h.dim() == 0 or h.shape[0] != n:
+                    self.notices.say(
+                        f"no-sample-axis-{name}",
+                        f"Monitor: the output of layer {name!r} has shape "
+                        f"{tuple(h.shape)}, without the probe's {n} samples first (e.g. "
+                        "position embeddings broadcast over the batch); its "
+                        "representation is not tracked",
+                    )
+                    continue
                 h0 = self._ref.setdefault(f"h:{name}", h)
                 rec[R.name("h_norm", name)] = float(h.reshape(n, -1).norm(dim=1).mean())
                 rec[R.name("delta_h", name)] = M.representation_movement(h, h0)
