@@ -329,3 +329,37 @@ def test_train_mode_measures_the_whole_batch_function() -> None:
         Monitor(net, x, metrics=["ntk"], mode="inference")
     with pytest.raises(ValueError, match="num_eigs"):
         Monitor(net, x, metrics=["ntk"], num_eigs=-1)
+
+
+def test_check_probe_names_the_probe_and_the_training_batch() -> None:
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)
+    )
+    mon = Monitor(net, torch.randn(3, 5), metrics=["ntk"])
+    with pytest.raises(ValueError, match=r"\(3, 5\).*training batches are \(8, 4\)"):
+        mon.check_probe(torch.randn(8, 4))
+    fits = Monitor(net, (torch.randn(3, 4), torch.randn(3, 2)), loss_fn=F.mse_loss)
+    fits.check_probe()
+    wrong = Monitor(net, (torch.randn(3, 4), torch.randn(3, 7)), loss_fn=F.mse_loss)
+    with pytest.raises(ValueError, match=r"outputs \(3, 2\) and targets \(3, 7\)"):
+        wrong.check_probe()
+
+
+def test_cost_report_and_a_restored_state_keep_time_and_history() -> None:
+    model, x, y = _setup()
+    mon = Monitor(model, (x, y), metrics=["ntk"], budget_fraction=0.5)
+    mon.step(0)
+    mon.step(1)
+    cost = mon.cost()
+    assert cost.checks + cost.skipped == 2 and cost.seconds == mon.seconds
+    assert str(cost).startswith(f"rdiag: {cost.checks} checks run")
+    state = mon.state_dict()
+    again = Monitor(model, (x, y), metrics=["ntk"], budget_fraction=0.5)
+    again.load_state_dict(state)
+    assert again.train_seconds == state["train_seconds"] > 0
+    assert again.history == mon.history and again.checks == mon.checks
+    again.step(2, force=True)
+    assert again.train_seconds > state["train_seconds"]
+    assert again.history[-1]["ntk/rel_change"] == pytest.approx(
+        mon.step(2, force=True)["ntk/rel_change"]
+    )
