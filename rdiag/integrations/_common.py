@@ -68,6 +68,22 @@ def check_monitor_options(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+class MonitorAccess:
+    """The ``monitor`` and ``history`` of a callback that holds an :class:`Adapter`."""
+
+    _core: Adapter
+
+    @property
+    def monitor(self) -> Monitor | None:
+        """The :class:`rdiag.Monitor` (``None`` until the trainer hands over the model)."""
+        return self._core.monitor
+
+    @property
+    def history(self) -> list:
+        """The Monitor's records, one dict per check (``Monitor.history``)."""
+        return self._core.history
+
+
 class Adapter:
     """A Monitor attached to someone else's training loop (shared by the callbacks).
 

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rdiag._optional import require
-from rdiag.integrations._common import BUDGET_FRACTION, Adapter, Gather
+from rdiag.integrations._common import BUDGET_FRACTION, Adapter, Gather, MonitorAccess
 from rdiag.losses import IGNORE_INDEX, shift_labels
 from rdiag.monitor import DEFAULT_METRICS, CostReport, Schedule
 from rdiag.sinks import Sink
@@ -90,7 +90,9 @@ def is_causal_lm(model: nn.Module) -> bool:
     return any(c.__name__ in names for c in type(model).__mro__)
 
 
-class RdiagCallback(_callbacks.TrainerCallback, _callbacks.ExportableState):
+class RdiagCallback(
+    MonitorAccess, _callbacks.TrainerCallback, _callbacks.ExportableState
+):
     """Diagnostics of a model during ``Trainer.train`` (see the module).
 
     Args:
@@ -144,16 +146,6 @@ class RdiagCallback(_callbacks.TrainerCallback, _callbacks.ExportableState):
         self._state: Any = None
         self._prepared = False
         self.cost: CostReport | None = None
-
-    @property
-    def monitor(self) -> Any:
-        """The :class:`rdiag.Monitor` (``None`` before training begins)."""
-        return self._core.monitor
-
-    @property
-    def history(self) -> list:
-        """The Monitor's records, one dict per check (``Monitor.history``)."""
-        return self._core.history
 
     # ---- Trainer events -------------------------------------------------------------
     def on_train_begin(

@@ -41,7 +41,7 @@ from typing import Any
 from torch import nn
 
 from rdiag._optional import require
-from rdiag.integrations._common import BUDGET_FRACTION, Adapter, Gather
+from rdiag.integrations._common import BUDGET_FRACTION, Adapter, Gather, MonitorAccess
 from rdiag.monitor import CostReport, Schedule
 from rdiag.sinks import Sink
 
@@ -68,7 +68,7 @@ class LoggersSink(Sink):
             lg.log_metrics(dict(records), step=step)
 
 
-class RdiagMonitor(_pl.Callback):
+class RdiagMonitor(MonitorAccess, _pl.Callback):
     """Diagnostics of a LightningModule during ``Trainer.fit`` (see the module).
 
     Args:
@@ -111,16 +111,6 @@ class RdiagMonitor(_pl.Callback):
         )
         self._last_step: int | None = None
         self.cost: CostReport | None = None
-
-    @property
-    def monitor(self) -> Any:
-        """The :class:`rdiag.Monitor` (``None`` before the first training batch)."""
-        return self._core.monitor
-
-    @property
-    def history(self) -> list:
-        """The Monitor's records, one dict per check (``Monitor.history``)."""
-        return self._core.history
 
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
         """Check the model and whether the records have somewhere to go."""

@@ -11,9 +11,9 @@ transformers = pytest.importorskip("transformers")
 from rdiag.integrations.hf import STATE_FILE, RdiagCallback  # noqa: E402
 from rdiag.losses import shift_labels  # noqa: E402
 from rdiag.monitor import Monitor  # noqa: E402
+from tests._assert import assert_same_records  # noqa: E402
 
 VOCAB, T, N = 48, 8, 16
-TIMING = ("monitor/seconds", "monitor/train_seconds")
 METRICS = ["ntk", "representations", "weights", "sharpness", "loss"]
 
 
@@ -99,12 +99,7 @@ class DirectMonitor(transformers.TrainerCallback):
 
 
 def _same(expected: list[dict], actual: list[dict]) -> None:
-    assert [h["step"] for h in actual] == [h["step"] for h in expected]
-    for want, got in zip(expected, actual):
-        assert set(got) == set(want)
-        for key, value in want.items():
-            if key not in TIMING:
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert_same_records(expected, actual, rtol=1e-5, atol=1e-6)
 
 
 def _train(model, examples, callbacks, args):

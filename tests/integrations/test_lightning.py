@@ -24,9 +24,9 @@ L = pytest.importorskip("lightning.pytorch")
 from rdiag.integrations.lightning import RdiagMonitor  # noqa: E402
 from rdiag.monitor import Monitor  # noqa: E402
 from rdiag.store import Store  # noqa: E402
+from tests._assert import assert_same_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-TIMING = ("monitor/seconds", "monitor/train_seconds")
 OPTIONS = {
     "loss_fn": F.mse_loss,
     "metrics": ["ntk", "representations", "sharpness", "loss"],
@@ -89,12 +89,7 @@ def _direct(steps: int, every: int) -> list[dict]:
 
 
 def _same(expected: list[dict], actual: list[dict]) -> None:
-    assert [h["step"] for h in actual] == [h["step"] for h in expected]
-    for want, got in zip(expected, actual):
-        assert set(got) == set(want)
-        for key, value in want.items():
-            if key not in TIMING:
-                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    assert_same_records(expected, actual, rtol=1e-5, atol=1e-7)
 
 
 def test_fit_records_equal_a_direct_monitor_and_reach_the_logger(tmp_path) -> None:
