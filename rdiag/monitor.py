@@ -51,7 +51,11 @@ the wall time since the first call to :meth:`step` minus the Monitor's own time.
 With ``budget_fraction=b``, a scheduled check is skipped while
 ``seconds > b * training_time`` (the schedule is thinned, never shifted;
 ``Monitor.skipped`` counts the skips). The first check and any ``force=True``
-check always run.
+check always run. :meth:`Monitor.cost` reports checks run, checks skipped and
+seconds spent. :meth:`Monitor.state_dict` carries the references, counters,
+training time and history, so a resumed run measures movement from the original
+initialization (the Lightning and Hugging Face callbacks of
+:mod:`rdiag.integrations` save it with their checkpoints).
 """
 
 from __future__ import annotations
