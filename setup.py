@@ -17,17 +17,26 @@ EXTRAS = {
     "scipy": ["scipy>=1.10"],
     "ray": ["ray>=2.9"],
     "lightning": ["lightning>=2.1"],
-    "hf": ["transformers>=4.40"],
+    "hf": ["transformers>=4.40", "accelerate>=1.1"],
+    "tensorboard": ["tensorboard>=2.10"],
+    "wandb": ["wandb>=0.16"],
+    "mlflow": ["mlflow>=2.10"],
 }
+# Trainers and experiment trackers: not in "all" (heavy); the tests install them.
+INTEGRATIONS = ("lightning", "hf", "tensorboard", "wandb", "mlflow")
 EXTRAS["all"] = sorted(
     {
         req
         for name, reqs in EXTRAS.items()
-        if name not in ("ray", "lightning", "hf")
+        if name not in ("ray", *INTEGRATIONS)
         for req in reqs
     }
 )
-EXTRAS["test"] = EXTRAS["all"] + ["pytest>=7", "pytest-xdist>=3", "ruff>=0.5"]
+EXTRAS["test"] = (
+    EXTRAS["all"]
+    + [req for name in INTEGRATIONS for req in EXTRAS[name]]
+    + ["pytest>=7", "pytest-xdist>=3", "ruff>=0.5"]
+)
 EXTRAS["bench"] = EXTRAS["test"] + ["pytest-benchmark>=4"]
 
 setup(
@@ -44,6 +53,7 @@ setup(
         "rdiag.ntk",
         "rdiag.linalg",
         "rdiag.kernels",
+        "rdiag.integrations",
     ],
     package_dir={"rdiag.kernels": "kernels"},
     package_data={"rdiag": ["py.typed", "configs/*.yaml"]},

@@ -21,6 +21,9 @@ _EXTRA_OF = {
     "ray": "ray",
     "lightning": "lightning",
     "transformers": "hf",
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
 }
 _WARNED: set[str] = set()
 

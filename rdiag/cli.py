@@ -42,7 +42,8 @@ _EPILOG = {
   rdiag report --store results/ --out results/""",
     "ntk": """examples:
   rdiag ntk --model mlp --width 512 --parametrization mup --n 64
-  rdiag ntk --model cnn --width 32 --n 32 --implementation jacobian --out ntk.json""",
+  rdiag ntk --model cnn --width 32 --n 32 --implementation jacobian --out ntk.json
+  rdiag ntk --model bn_mlp --width 64 --n 32 --mode train   # batch statistics""",
     "sharpness": """examples:
   rdiag sharpness --model mlp --width 256 --parametrization mup --n 64
   rdiag sharpness --model mlp --width 256 --parametrization ntk --lr 0.3 --steps 20""",
@@ -241,6 +242,13 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--n", type=_POSITIVE, default=64, help="number of inputs")
         p.add_argument("--seed", type=_COUNT, default=0)
         p.add_argument("--out", type=_file, help="also write the summary as JSON here")
+        p.add_argument(
+            "--mode",
+            choices=("eval", "train"),
+            default="eval",
+            help="eval: dropout off, batch norm running statistics; train: batch "
+            "statistics, fixed-seed dropout (the same everywhere in rdiag)",
+        )
         if name == "ntk":
             p.add_argument(
                 "--implementation",
@@ -456,6 +464,7 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
         x,
         implementation=args.implementation,
         lr_multipliers=lr_multipliers(model),
+        mode=args.mode,
     )
     seconds = time.perf_counter() - tic
     eigs = metrics.eigenvalues(k.double())
@@ -492,9 +501,13 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
         "steps_of_gd": steps,
     }
     if diverged is None:
-        summary["sharpness"] = sharpness(model, F.mse_loss, (x, y))
+        summary["sharpness"] = sharpness(model, F.mse_loss, (x, y), mode=args.mode)
         summary["sharpness_preconditioned"] = sharpness(
-            model, F.mse_loss, (x, y), lr_multipliers=lr_multipliers(model)
+            model,
+            F.mse_loss,
+            (x, y),
+            lr_multipliers=lr_multipliers(model),
+            mode=args.mode,
         )
     else:
         summary["diverged"] = (

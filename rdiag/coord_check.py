@@ -37,8 +37,9 @@ from torch import Tensor, nn
 import torch.nn.functional as F
 
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
+from rdiag._inputs import Inputs, tree_map
 from rdiag._optional import require
-from rdiag.functional import functionalize
+from rdiag.functional import MODES, Mode, functionalize
 from rdiag import loop
 from rdiag.models import FAMILIES, make_model
 from rdiag.monitor import Monitor
@@ -139,8 +140,8 @@ def coord_check(
     seeds: int | Sequence[int] = 4,
     lr: float = 0.05,
     optimizer: str = "sgd",
-    data: tuple[Tensor, Tensor] | None = None,
-    probe: Tensor | None = None,
+    data: tuple[Inputs, Tensor] | None = None,
+    probe: Inputs | None = None,
     batch_size: int = 16,
     family_kwargs: Mapping[str, object] | None = None,
     roles: Mapping[str, str] | None = None,
@@ -150,6 +151,8 @@ def coord_check(
     confidence: float = 0.95,
     data_seed: int = 1234,
     device: str | torch.device | None = None,
+    mode: Mode = "eval",
+    output_fn: Callable[[object], Tensor] | None = None,
 ) -> CoordCheckResult:
     """Train ``model_family`` at each width and fit every metric's width exponent.
 
@@ -163,7 +166,8 @@ def coord_check(
         lr: Base learning rate ``eta_0`` (of ``F.mse_loss``: with ``O`` outputs this
             is ``O / 2`` times the rate of the ``0.5 * sum_o (f - y)^2`` convention).
         optimizer: ``"sgd"`` or ``"adam"``.
-        data: Training batch ``(x (N, ...), y (N, O))``; default ``batch_size``
+        data: Training batch ``(x (N, ...), y (N, O))`` (``x`` a tensor, tuple or
+            dict of tensors); default ``batch_size``
             Gaussian (or random-token) inputs and standard normal targets drawn
             with ``data_seed``, the same for every width and seed.
         probe: Inputs ``(P, ...)`` for the measurements; default the training inputs.
@@ -177,12 +181,17 @@ def coord_check(
         data_seed: Seed of the default data.
         device: Where to train and measure (default CPU). Weights are initialized
             on the CPU and moved, so a seed gives the same init on every device.
+        mode: ``"eval"`` or ``"train"``: the mode the Monitor measures in (the
+            same semantics as everywhere, :class:`~rdiag.functional.FunctionalModel`).
+        output_fn: Picks the output tensor of a user family whose models return
+            something else (default: a tensor as is, a ``ModelOutput``'s logits),
+            for training and measuring alike.
 
     Returns:
         The :class:`CoordCheckResult`.
 
     Raises:
-        ValueError: Bad widths/steps/seeds/lr/optimizer, a user family without
+        ValueError: Bad widths/steps/seeds/lr/optimizer/mode, a user family without
             ``data``, or a width below the parameterization's base width.
 
     Example:
@@ -192,6 +201,7 @@ def coord_check(
         (['ci', 'layer', 'metric', 'parametrization', 'predicted', 'r', 'slope'], 0.5, 'mup')
     """
     param = parse_parametrization(parametrization)
+    check_choice(mode, "mode", MODES)
     widths, seeds = _check_args(
         model_family, widths, steps, seeds, lr, optimizer, data, confidence
     )
@@ -203,18 +213,19 @@ def coord_check(
     def cast(t: Tensor) -> Tensor:
         return t.to(device, dtype) if t.is_floating_point() else t.to(device)
 
-    x, y = (cast(t) for t in data)
-    probe = x if probe is None else cast(probe)
+    x, y = tree_map(cast, data[0]), cast(data[1])
+    probe = x if probe is None else tree_map(cast, probe)
     records: list[dict] = []
     failed: list[dict] = []
     metrics = ["representations", "weights"]
     metrics += ["ntk"] * ntk + ["linearization"] * linearization
+    options = {"metrics": metrics, "mode": mode, "output_fn": output_fn}
     for width in widths:
         for seed in seeds:
             torch.manual_seed(seed)
             model = apply_parametrization(build(width).to(dtype), param, roles=roles)
             model = model.to(device)
-            measured = _run(model, param, x, y, probe, steps, lr, optimizer, metrics)
+            measured = _run(model, param, x, y, probe, steps, lr, optimizer, options)
             if isinstance(measured, str):
                 failed.append({"width": width, "seed": seed, "reason": measured})
                 continue
@@ -292,13 +303,13 @@ def _mse(out: Tensor, y: Tensor) -> Tensor:
 def _run(
     model: nn.Module,
     param: Parametrization,
-    x: Tensor,
+    x: Inputs,
     y: Tensor,
-    probe: Tensor,
+    probe: Inputs,
     steps: int,
     lr: float,
     optimizer: str,
-    metrics: list[str],
+    options: dict,
 ) -> list[dict] | str:
     """Train one model with a Monitor; its predicted records, or why it diverged."""
     if functionalize(model, mode="train").batch_coupled:
@@ -313,14 +324,21 @@ def _run(
         model,
         probe,
         every=[0],
-        metrics=metrics,
         lr_multipliers=lr_multipliers(model, param, optimizer),
         strict=True,
+        **options,
     )
     opt = make_optimizer(model, param, lr, optimizer=optimizer)
     batches = itertools.repeat((x, y), steps)
     result = loop.fit(
-        model, opt, batches, _mse, steps=steps, monitor=monitor, divergence_factor=None
+        model,
+        opt,
+        batches,
+        _mse,
+        steps=steps,
+        monitor=monitor,
+        divergence_factor=None,
+        output_fn=options["output_fn"],
     )
     if result.failed:
         return result.reason

@@ -349,36 +349,12 @@ class FunctionalModel:
                 out = functional_call(self.module, state, (), dict(x))
             else:
                 out = functional_call(self.module, state, tuple(x))
-        return self._output_tensor(out)
+        return output_tensor(out, self.output_fn, self.notices)
 
     def __call__(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """Evaluate the model on a batch; returns outputs flattened to ``(N, O)``."""
         out = self.forward(params, x)
         return out.reshape(out.shape[0], -1)
-
-    def _output_tensor(self, out: object) -> Tensor:
-        if self.output_fn is not None:
-            out = self.output_fn(out)
-        elif not isinstance(out, Tensor):
-            logits = _logits(out)
-            if logits is not None:
-                self.notices.say(
-                    "logits",
-                    f"rdiag: the model returns {type(out).__name__}; its 'logits' are "
-                    "measured (pass output_fn= to pick another tensor)",
-                )
-                out = logits
-        if not isinstance(out, Tensor):
-            raise TypeError(
-                f"expected the model to return a tensor, got {type(out).__name__}; pass "
-                "output_fn= to pick the tensor (e.g. lambda out: out.logits)"
-            )
-        if out.dim() == 0:
-            raise ValueError(
-                "expected the model output to have a leading sample axis, got a "
-                "scalar; return one row per sample (or pick it with output_fn=)"
-            )
-        return out
 
     def single(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """Evaluate on one sample ``x`` (no batch axis); returns ``(O,)``."""
@@ -440,6 +416,50 @@ class FunctionalModel:
 
 def _weight_key_matches(key: str, name: str) -> bool:
     return key in (name, layer_of(name)) or fnmatch.fnmatchcase(name, key)
+
+
+def output_tensor(
+    out: object,
+    output_fn: Callable[[object], Tensor] | None = None,
+    notices: Notices | None = None,
+) -> Tensor:
+    """The output tensor ``(N, *out)`` of a model's raw output (the output adapter).
+
+    Args:
+        out: What the model returned.
+        output_fn: Maps it to a tensor; without it a tensor is taken as is and a
+            mapping or Hugging Face ``ModelOutput`` with ``logits`` gives its logits.
+        notices: Owner of the one-time notice that the logits were picked.
+
+    Returns:
+        The tensor.
+
+    Raises:
+        TypeError: No tensor could be picked.
+        ValueError: A scalar output (no sample axis).
+    """
+    if output_fn is not None:
+        out = output_fn(out)
+    elif not isinstance(out, Tensor):
+        logits = _logits(out)
+        if logits is not None:
+            (notices or Notices()).say(
+                "logits",
+                f"rdiag: the model returns {type(out).__name__}; its 'logits' are "
+                "measured (pass output_fn= to pick another tensor)",
+            )
+            out = logits
+    if not isinstance(out, Tensor):
+        raise TypeError(
+            f"expected the model to return a tensor, got {type(out).__name__}; pass "
+            "output_fn= to pick the tensor (e.g. lambda out: out.logits)"
+        )
+    if out.dim() == 0:
+        raise ValueError(
+            "expected the model output to have a leading sample axis, got a "
+            "scalar; return one row per sample (or pick it with output_fn=)"
+        )
+    return out
 
 
 def _logits(out: object) -> Tensor | None:

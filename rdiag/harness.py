@@ -46,8 +46,9 @@ from rdiag.data import BATCH_MODES, DATASETS, Dataset, batches, load_data
 from rdiag.loop import DIVERGENCE_FACTOR, describe_error, fit
 from rdiag.models import FAMILIES
 from rdiag.monitor import METRICS, Monitor
-from rdiag.operators.ggn import LOSS_KINDS
+from rdiag.losses import LOSS_KINDS
 from rdiag.parametrization import OPTIMIZERS as PARAM_OPTIMIZERS
+from rdiag.records import TRAIN_LOSS
 from rdiag.store import Store, StoreError
 
 logger = logging.getLogger("rdiag")
@@ -326,14 +327,9 @@ def _loss_fn(cfg: TrainConfig, data: Dataset) -> Callable[[Tensor, Tensor], Tens
         raise ValueError(
             "bad config field 'loss': 'cross_entropy' needs classification data; use 'mse'"
         )
-    if cfg.model == "transformer":
-        return _token_cross_entropy
+    # A transformer's (N, T, V) outputs with (N, T) targets: over every position
+    # (rdiag.losses.apply_loss, used by the loop and the Monitor).
     return F.cross_entropy
-
-
-def _token_cross_entropy(out: Tensor, y: Tensor) -> Tensor:
-    """Cross-entropy over every position: ``out (N, T, V)``, ``y (N, T)``."""
-    return F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
 
 
 def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
@@ -421,7 +417,7 @@ def train(
 
     The Monitor measures at step 0 (initialization), every ``every`` steps and at the
     last step, on the first ``probe_size`` test samples; the training-batch loss of
-    every step is recorded as ``train_loss``. The run ends ``failed``, with the
+    every step is recorded as ``train/loss`` (:data:`rdiag.records.TRAIN_LOSS`). The run ends ``failed``, with the
     reason stored (:meth:`~rdiag.store.Store.reason`) and its records kept, when
     the loss of a state diverges (:func:`rdiag.loop.divergence_reason`; checked before the
     Monitor measures that state) or a diagnostic raises (a degenerate state). The
@@ -518,7 +514,7 @@ def _execute(
         steps=cfg.steps,
         monitor=monitor,
         divergence_factor=cfg.divergence_factor,
-        on_loss=lambda step, value: pending.append((step, "train_loss", "", value)),
+        on_loss=lambda step, value: pending.append((step, TRAIN_LOSS, "", value)),
         before_check=flush,
     )
     store.log_rows(rid, pending)

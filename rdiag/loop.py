@@ -19,7 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from rdiag._inputs import Inputs
+from rdiag._inputs import Inputs, call
+from rdiag._optional import Notices
+from rdiag.functional import output_tensor
+from rdiag.losses import apply_loss
 from rdiag.monitor import Monitor
 from rdiag.store import StoreError
 
@@ -89,20 +92,26 @@ def fit(
     divergence_factor: float | None = DIVERGENCE_FACTOR,
     on_loss: Callable[[int, float], None] | None = None,
     before_check: Callable[[int], None] | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
 ) -> FitResult:
     """Train ``model`` for ``steps`` optimizer steps with ``monitor`` attached.
 
     Args:
         model: The network.
         optimizer: Its optimizer.
-        batches: ``steps`` batches ``(x, y)`` (on the model's device).
-        loss_fn: ``loss_fn(model(x), y)``, a scalar.
+        batches: ``steps`` batches ``(x, y)`` (on the model's device); ``x`` a
+            tensor, tuple or dict of tensors (``model(x)``, ``model(*x)``,
+            ``model(**x)``).
+        loss_fn: ``loss_fn(model(x), y)``, a scalar (:func:`rdiag.losses.apply_loss`:
+            sequence outputs with ``F.cross_entropy`` need no wrapper).
         steps: Number of optimizer steps.
         monitor: Measures at step 0, its scheduled steps and after the last update.
         divergence_factor: See :func:`divergence_reason`.
         on_loss: Called with ``(step, loss)`` for every state's training loss.
         before_check: Called with the step before each scheduled Monitor check
             (a store flushes the losses so far).
+        output_fn: Picks the output tensor of a model that returns something else
+            (default: a tensor as is, a ``ModelOutput``'s logits), as the Monitor's.
 
     Returns:
         A :class:`FitResult`; a diverged state is never measured.
@@ -110,13 +119,19 @@ def fit(
     Raises:
         StoreError: The Monitor's store cannot be written.
     """
+    notices = Notices()
+
+    def loss_of(xb: Inputs, yb: Tensor) -> Tensor:
+        out = output_tensor(call(model, xb), output_fn, notices)
+        return apply_loss(loss_fn, out, yb)
+
     initial = value = math.nan
     last: tuple[Inputs, Tensor] | None = None
     taken = 0
     for step, (xb, yb) in enumerate(batches):
         last = (xb, yb)
         optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(xb), yb)
+        loss = loss_of(xb, yb)
         value = float(loss.detach())
         initial = value if step == 0 else initial
         if on_loss is not None:
@@ -134,7 +149,7 @@ def fit(
     if last is None:
         return FitResult(value, None, 0)
     with torch.no_grad():  # the state after the last update
-        value = float(loss_fn(model(last[0]), last[1]))
+        value = float(loss_of(*last))
     reason = divergence_reason(value, initial, divergence_factor, steps)
     if reason is None and monitor is not None:
         reason = _diagnose(monitor, steps, force=True)

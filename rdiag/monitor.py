@@ -29,8 +29,11 @@ scheduled steps the Monitor measures, on a fixed probe batch:
   parameters, which the Monitor keeps);
 * ``"trace"`` (Hutch++), ``"grad_norm"``, ``"loss"``, ``"accuracy"``.
 
-Records go to a :class:`~rdiag.store.Store` (one transaction per check) and to
-``Monitor.history``. A metric that cannot be computed at a check (a degenerate
+Records are keyed by flat names (:mod:`rdiag.records`: ``"ntk/rel_change"``,
+``"ntk/eig/0"``, ``"delta_h/hidden.0"``, ``"sharpness/precond"``) and go to a
+:class:`~rdiag.store.Store` (one transaction per check), to ``Monitor.history``
+and to any sinks (:mod:`rdiag.sinks`: TensorBoard, Weights & Biases, MLflow, CSV,
+a callable ``(name, value, step)``). A metric that cannot be computed at a check (a degenerate
 state: a zero kernel, a solver that does not converge) is left out of that check
 and recorded as missing with its reason (``Monitor.missing``, and the store's
 missing records); ``strict=True`` raises instead.
@@ -48,31 +51,40 @@ the wall time since the first call to :meth:`step` minus the Monitor's own time.
 With ``budget_fraction=b``, a scheduled check is skipped while
 ``seconds > b * training_time`` (the schedule is thinned, never shifted;
 ``Monitor.skipped`` counts the skips). The first check and any ``force=True``
-check always run.
+check always run. :meth:`Monitor.cost` reports checks run, checks skipped and
+seconds spent. :meth:`Monitor.state_dict` carries the references, counters,
+training time and history, so a resumed run measures movement from the original
+initialization (the Lightning and Hugging Face callbacks of
+:mod:`rdiag.integrations` save it with their checkpoints).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from rdiag import metrics as M
+from rdiag import records as R
 from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._checks import check_finite_positive, check_module, check_positive_int
-from rdiag._inputs import Inputs, batch_size, check_inputs
+from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
 from rdiag._typing import LossFn, Weights
 from rdiag.functional import MODES, Mode, functionalize
 from rdiag.kernels import kernel_stats
 from rdiag.linalg.lanczos import lanczos
+from rdiag.losses import apply_loss, checked_loss
 from rdiag.linalg.trace import hutch_plus_plus
 from rdiag.ntk.api import ntk_fn
 from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
+from rdiag.sinks import Sink, as_sinks
 
 METRICS = (
     "ntk",
@@ -97,6 +109,11 @@ _NEEDS_TARGETS = {
     "accuracy",
 }
 _FORWARD = {"representations", "features", "loss", "accuracy"}
+#: Sharpness kinds -> record names of the eigenvalue and of its solver's products.
+_SHARPNESS = {
+    "sharpness": ("sharpness/raw", "sharpness/raw_matvecs"),
+    "sharpness_precond": ("sharpness/precond", "sharpness/precond_matvecs"),
+}
 DEFAULT_METRICS = ("ntk", "features", "representations", "weights", "sharpness", "loss")
 #: What a metric may raise on a degenerate state; recorded as missing unless strict.
 MEASUREMENT_ERRORS = (ValueError, RuntimeError, ArithmeticError, MemoryError)
@@ -157,7 +174,9 @@ class Monitor:
             callable ``step -> bool`` is true.
         metrics: Subset of :data:`METRICS`.
         loss_fn: ``loss_fn(output, target)`` with mean reduction (sharpness, trace,
-            gradient norm, loss).
+            gradient norm, loss); ``F.cross_entropy`` on sequence outputs
+            ``(N, T, V)`` with ``(N, T)`` targets is the mean over every position
+            (:mod:`rdiag.losses`; a causal LM's targets are shifted by the caller).
         store: A :class:`~rdiag.store.Store` to write records to.
         run_id: The store's run id (required with ``store``).
         lr_multipliers: Per-layer ``eta_l / eta0`` (:func:`rdiag.lr_multipliers`),
@@ -179,9 +198,12 @@ class Monitor:
             as ``"ntk"`` and the sharpness eigenvectors ``(P,)`` as ``"sharpness"`` /
             ``"sharpness_precond"`` (checksummed ``.npy`` files).
         strict: Raise when a metric fails instead of recording it as missing.
+        sinks: Where records go besides the store (:mod:`rdiag.sinks`):
+            :class:`~rdiag.sinks.Sink` objects or callables ``(name, value, step)``.
 
     Attributes:
-        history: One dict ``{(metric, layer): value}`` per check, with ``"step"``.
+        history: One :class:`~rdiag.records.Records` ``{name: value}`` per check,
+            with ``"step"``.
         missing: Metric -> reason, for the metrics the last check could not compute.
         seconds: Seconds spent in diagnostics.
         checks: Number of checks run; ``skipped``: checks skipped by the budget.
@@ -208,8 +230,10 @@ class Monitor:
         output_fn: Callable[[object], Tensor] | None = None,
         snapshots: bool = False,
         strict: bool = False,
+        sinks: Sequence[Sink | Callable[[str, float, int], None]] = (),
     ) -> None:
         self.model = check_module(model)
+        self.sinks = as_sinks(sinks)
         x, y = _split_probe(probe)
         self.x = check_inputs(x, "probe x")
         if y is not None and (
@@ -280,13 +304,15 @@ class Monitor:
         self._hessian: HessianOperator | None = None
         self._lr_diagonal: Tensor | None = None
         self._jvp_mode: JvpMode | None = None
-        self.history: list[dict[Any, float]] = []
+        self.history: list[R.Records] = []
         self.missing: dict[str, str] = {}
         self.notices = Notices()
         self.seconds = 0.0
         self.checks = 0
         self.skipped = 0
         self._start: float | None = None
+        # Training and diagnostics seconds of the run before a restored state.
+        self._before = (0.0, 0.0)
         self._ref: dict[str, Any] = {}
         self._prev: dict[str, Any] = {}
         self._warm: dict[str, Any] = {}
@@ -294,11 +320,24 @@ class Monitor:
     # ---- schedule and budget ----------------------------------------------------
     @property
     def train_seconds(self) -> float:
-        """Wall time since the first :meth:`step` call, minus diagnostics time."""
-        return (
-            0.0
-            if self._start is None
-            else time.perf_counter() - self._start - self.seconds
+        """Wall time since the first :meth:`step` call, minus diagnostics time.
+
+        After :meth:`load_state_dict`, the training time of the run before it
+        plus the time since the first call after it.
+        """
+        train, seconds = self._before
+        if self._start is None:
+            return train
+        return train + time.perf_counter() - self._start - (self.seconds - seconds)
+
+    def cost(self) -> CostReport:
+        """What the diagnostics cost so far: checks run and skipped, seconds spent."""
+        return CostReport(
+            self.checks,
+            self.skipped,
+            self.seconds,
+            self.train_seconds,
+            self.budget_fraction,
         )
 
     def due(self, step: int) -> bool:
@@ -309,7 +348,7 @@ class Monitor:
             return True
         return self.seconds <= self.budget_fraction * self.train_seconds
 
-    def step(self, step: int, *, force: bool = False) -> dict[Any, float] | None:
+    def step(self, step: int, *, force: bool = False) -> R.Records | None:
         """Run the diagnostics if ``step`` is scheduled (and within budget).
 
         Args:
@@ -317,7 +356,7 @@ class Monitor:
             force: Run regardless of schedule and budget (e.g. the final step).
 
         Returns:
-            The records ``{metric or (metric, layer): value}`` of this check, or
+            The records ``{name: value}`` of this check (:mod:`rdiag.records`), or
             ``None`` when no check ran.
 
         Raises:
@@ -330,34 +369,84 @@ class Monitor:
                 self.skipped += 1
             return None
         tic = time.perf_counter()
-        records = self._measure(step)
+        records = R.Records(self._measure(step))
         self.checks += 1
         self.seconds += time.perf_counter() - tic
-        records["monitor_seconds"] = self.seconds
-        records["train_seconds"] = self.train_seconds
+        records[R.MONITOR_SECONDS] = self.seconds
+        records[R.TRAIN_SECONDS] = self.train_seconds
         if self.store is not None:
             self.store.log(self.run_id, step, records)
             if self.missing:
                 self.store.log_missing(self.run_id, step, self.missing)
-        self.history.append({"step": step, **records})
+        for sink in self.sinks:
+            sink.log_records(records, step)
+        self.history.append(R.Records({"step": step, **records}))
         return records
 
+    def close(self) -> None:
+        """Close the sinks (what they opened themselves); the store stays usable."""
+        for sink in self.sinks:
+            sink.close()
+
+    def check_probe(self, batch: Any = None) -> None:
+        """Run the model once on the probe, and the loss on its targets; raise if they fail.
+
+        A check records a metric that fails as missing (unless ``strict``), so a
+        probe that does not fit the model would only leave gaps; callers that
+        attach the Monitor to someone else's training (the trainer callbacks) call
+        this first.
+
+        Args:
+            batch: A training batch of the same model, named in the error (any
+                form; tensors, tuples and dicts of tensors are described by shape).
+
+        Raises:
+            ValueError: The model fails on the probe inputs (the message names the
+                probe's shapes and the training batch's), its output does not
+                depend on the parameters, or the loss fails on the probe targets.
+        """
+        x = self.fm.cast_input(self.x, "probe x")
+        try:
+            out = self.fm.probe(x)
+        except ValueError as err:
+            seen = (
+                "" if batch is None else f" (the training batches are {_shapes(batch)})"
+            )
+            raise ValueError(
+                f"the probe does not fit the model: {err}{seen}; pass a probe batch "
+                "in the form the model's forward takes"
+            ) from err
+        if self.y is not None and self.loss_fn is not None:
+            with torch.enable_grad():
+                checked_loss(self.loss_fn, out, self._target(out))
+
     def state_dict(self) -> dict[str, Any]:
-        """Counters and references, for checkpointing (Lightning / HF adapters)."""
+        """Counters, times, history and references, for checkpointing.
+
+        Plain containers of tensors and numbers (``torch.load(...,
+        weights_only=True)`` reads them back); the references (initial kernel,
+        representations, weights, ...) make a resumed run measure movement from
+        the original initialization.
+        """
         return {
             "seconds": self.seconds,
+            "train_seconds": self.train_seconds,
             "checks": self.checks,
             "skipped": self.skipped,
+            "history": [dict(h) for h in self.history],
             "ref": self._ref,
             "prev": self._prev,
             "warm": self._warm,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (of this release or the last)."""
         self.seconds, self.checks = state["seconds"], state["checks"]
         self.skipped = state["skipped"]
         self._ref, self._prev, self._warm = state["ref"], state["prev"], state["warm"]
+        self.history = [R.Records(R.flatten(h)) for h in state.get("history", [])]
+        self._before = (state.get("train_seconds", 0.0), self.seconds)
+        self._start = None
 
     # ---- measurements -----------------------------------------------------------
     def _measure(self, step: int) -> dict[Any, float]:
@@ -394,18 +483,16 @@ class Monitor:
                 )
         return rec
 
-    def _movement(self, key: str, k: Tensor, rec: dict, layer: str = "") -> None:
+    def _movement(self, key: str, k: Tensor, rec: dict) -> None:
         ref = self._ref.setdefault(key, k)
         stats = kernel_stats(ref, k)
-        rec[(f"{key}_rel_change", layer)] = stats.relative_change()
-        rec[(f"{key}_distance", layer)] = stats.distance()
+        rec[f"{key}/rel_change"] = stats.relative_change()
+        rec[f"{key}/distance"] = stats.distance()
         if k.shape[0] > 1:
-            rec[(f"{key}_cka", layer)] = stats.centered_alignment()
+            rec[f"{key}/cka"] = stats.centered_alignment()
         prev = self._prev.get(key)
         if prev is not None:
-            rec[(f"{key}_rel_change_prev", layer)] = kernel_stats(
-                prev, k
-            ).relative_change()
+            rec[f"{key}/rel_change_prev"] = kernel_stats(prev, k).relative_change()
         self._prev[key] = k
 
     def _forward_metrics(self, x: Inputs, rec: dict) -> None:
@@ -434,14 +521,23 @@ class Monitor:
             rec["delta_f"] = M.representation_movement(f, f0)
             for name in self.layers:
                 h = acts[name].double()
+                if h.dim() == 0 or h.shape[0] != n:
+                    self.notices.say(
+                        f"no-sample-axis-{name}",
+                        f"Monitor: the output of layer {name!r} has shape "
+                        f"{tuple(h.shape)}, without the probe's {n} samples first (e.g. "
+                        "position embeddings broadcast over the batch); its "
+                        "representation is not tracked",
+                    )
+                    continue
                 h0 = self._ref.setdefault(f"h:{name}", h)
-                rec[("h_norm", name)] = float(h.reshape(n, -1).norm(dim=1).mean())
-                rec[("delta_h", name)] = M.representation_movement(h, h0)
+                rec[R.name("h_norm", name)] = float(h.reshape(n, -1).norm(dim=1).mean())
+                rec[R.name("delta_h", name)] = M.representation_movement(h, h0)
         if "features" in self.metrics and "__features__" in acts:
             phi = acts["__features__"].reshape(n, -1).double()
             self._movement("ck", phi @ phi.T / phi.shape[1], rec)
         if self.y is not None and "loss" in self.metrics:
-            rec["loss"] = float(self.loss_fn(out, self._target(out)))
+            rec["loss"] = float(apply_loss(self.loss_fn, out, self._target(out)))
         if (
             self.y is not None
             and "accuracy" in self.metrics
@@ -466,22 +562,22 @@ class Monitor:
             self._movement("ntk", k, rec)
             eigs = M.eigenvalues(k)
             for i, lam in enumerate(eigs[: self.num_eigs].tolist()):
-                rec[("ntk_eig", str(i))] = lam
-            rec["ntk_eff_rank"] = M.effective_rank(eigs)
-            rec["ntk_trace"] = float(k.trace())
+                rec[R.name("ntk/eig", str(i))] = lam
+            rec["ntk/eff_rank"] = M.effective_rank(eigs)
+            rec["ntk/trace"] = float(k.trace())
             # Alignment needs one label (or target vector) per probe input.
             per_input = self.y is not None and (
                 self.y.dim() == 1 or self.y.is_floating_point()
             )
             if per_input and len(k) > 1:
-                rec["ntk_kta"] = M.kernel_target_alignment(k, self.y)
+                rec["ntk/kta"] = M.kernel_target_alignment(k, self.y)
         for name, kl in layers.items():
             kl = kl.double()
             ref = self._ref.setdefault(f"ntk:{name}", kl)
-            rec[("ntk_layer_rel_change", name)] = kernel_stats(
+            rec[R.name("ntk_layers/rel_change", name)] = kernel_stats(
                 ref, kl
             ).relative_change()
-            rec[("ntk_layer_trace", name)] = float(kl.trace())
+            rec[R.name("ntk_layers/trace", name)] = float(kl.trace())
         if self.snapshots and self.store is not None:
             self.store.save_array(self.run_id, step, "ntk", k)
 
@@ -503,9 +599,9 @@ class Monitor:
             op, fro = M.matrix_norms(w)
             w0, op0 = self._ref.setdefault(f"W:{name}", (w.clone(), op))
             dop, dfro = M.matrix_norms(w - w0)
-            rec[("W_op", name)], rec[("W_fro", name)] = op, fro
-            rec[("dW_op", name)], rec[("dW_fro", name)] = dop, dfro
-            rec[("dW_rel", name)] = dop / max(op0, 1e-300)
+            rec[R.name("W_op", name)], rec[R.name("W_fro", name)] = op, fro
+            rec[R.name("dW_op", name)], rec[R.name("dW_fro", name)] = dop, dfro
+            rec[R.name("dW_rel", name)] = dop / max(op0, 1e-300)
 
     def _linearization(self, x: Inputs, rec: dict) -> None:
         """``||f_t - f_lin,t|| / ||f_t - f_0||`` on the probe (0 at the first check)."""
@@ -536,7 +632,7 @@ class Monitor:
         with torch.enable_grad():
             out = self.fm.forward(leaves, x)
             grads = torch.autograd.grad(
-                self.loss_fn(out, self._target(out)), list(leaves.values())
+                apply_loss(self.loss_fn, out, self._target(out)), list(leaves.values())
             )
         rec["grad_norm"] = float(
             torch.sqrt(sum((g.double() ** 2).sum() for g in grads))
@@ -578,8 +674,9 @@ class Monitor:
             elif pre is not None:
                 todo.append(("sharpness_precond", pre))
         for key, target in todo:
+            name, matvecs = _SHARPNESS[key]
             if target is None:  # no preconditioner: the same eigenvalue
-                rec[key] = rec["sharpness"]
+                rec[name] = rec["sharpness/raw"]
                 continue
             res = lanczos(
                 target,
@@ -591,11 +688,58 @@ class Monitor:
             self._warm[key] = res.eigenvectors
             if self.snapshots and self.store is not None:
                 self.store.save_array(self.run_id, step, key, res.eigenvectors[:, 0])
-            rec[key] = float(res.eigenvalues[0])
-            rec[f"{key}_matvecs"] = float(res.num_matvecs)
+            rec[name] = float(res.eigenvalues[0])
+            rec[matvecs] = float(res.num_matvecs)
         if "trace" in self.metrics:
             est = hutch_plus_plus(op, 30, seed=step)
-            rec["trace"], rec["trace_std_err"] = est.estimate, est.std_err
+            rec["trace/estimate"], rec["trace/std_err"] = est.estimate, est.std_err
+
+
+@dataclass(frozen=True)
+class CostReport:
+    """What a Monitor's diagnostics cost (:meth:`Monitor.cost`).
+
+    Attributes:
+        checks: Checks run.
+        skipped: Scheduled checks skipped by the budget.
+        seconds: Seconds spent in diagnostics.
+        train_seconds: Training seconds they are compared with.
+        budget_fraction: The budget (a fraction of training time), or ``None``.
+    """
+
+    checks: int
+    skipped: int
+    seconds: float
+    train_seconds: float
+    budget_fraction: float | None
+
+    @property
+    def fraction(self) -> float:
+        """Diagnostics time over training time (``nan`` before any training time)."""
+        return self.seconds / self.train_seconds if self.train_seconds > 0 else math.nan
+
+    def __str__(self) -> str:
+        budget = (
+            "no budget"
+            if self.budget_fraction is None
+            else f"budget {self.budget_fraction:.0%} of training time"
+        )
+        return (
+            f"rdiag: {self.checks} checks run, {self.skipped} skipped ({budget}); "
+            f"{self.seconds:.2f} s spent, {self.fraction:.1%} of {self.train_seconds:.2f} s "
+            "of training"
+        )
+
+
+def _shapes(batch: Any) -> str:
+    """A training batch's shapes for messages (any form a DataLoader yields)."""
+    if isinstance(batch, Tensor):
+        return describe(batch)
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k!r}: {_shapes(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_shapes(v) for v in batch) + ")"
+    return type(batch).__name__
 
 
 def _split_probe(probe: Any) -> tuple[Any, Any]:

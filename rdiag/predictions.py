@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from rdiag.metrics import fit_exponent
+from rdiag.records import flatten, split
 from rdiag.parametrization import Parametrization, parse_parametrization
 
 When = Literal["first", "last"]
@@ -50,7 +51,8 @@ class Prediction:
 
     Attributes:
         metric: Name of the fitted quantity (``"delta_h"``, ``"f0"``, ...).
-        source: The Monitor record it is read from (``"f_norm"`` for ``f0``).
+        source: The metric of the Monitor records it is read from
+            (:mod:`rdiag.records`: ``"f_norm"`` for ``f0``, ``"ntk/rel_change"``).
         when: ``"first"`` (initialization) or ``"last"`` (the last step).
         quantity: What is measured, in words.
         formula: The exponent as printed, e.g. ``"2r - 1"``.
@@ -112,7 +114,7 @@ PREDICTIONS: dict[str, Prediction] = {
             lambda r, role, steps: r - 0.5, per_layer=True,
         ),
         Prediction(
-            "ntk_rel_change", "ntk_rel_change", "last",
+            "ntk_rel_change", "ntk/rel_change", "last",
             "||K_T - K_0||_F / ||K_0||_F of K_M", "2r - 1 (r - 1 after one step)",
             _kernel,
         ),
@@ -178,7 +180,8 @@ def records_from_checks(
     """The predicted metrics read from a Monitor's first and last check.
 
     Args:
-        first: The records of the check at initialization (``Monitor.history[0]``).
+        first: The records of the check at initialization (``Monitor.history[0]``);
+            keys of either release (:func:`rdiag.records.flatten`).
         last: The records of the last check.
         roles: Layer name -> role (``"readin"``, ``"hidden"``, ``"readout"``).
         centered: A centered model (``f0 = 0``): ``f0`` is left out.
@@ -187,20 +190,16 @@ def records_from_checks(
         ``{"metric", "layer", "role", "value"}`` dicts (``layer``/``role`` None for
         model-level metrics), in :data:`PREDICTIONS` order.
     """
+    checks = {"first": flatten(first), "last": flatten(last)}
     out = []
     for p in PREDICTIONS.values():
         if centered and p.metric == "f0":
             continue
-        checked = first if p.when == "first" else last
-        if p.per_layer:
-            for key, value in checked.items():
-                if isinstance(key, tuple) and key[0] == p.source:
-                    layer = key[1]
-                    out.append(_record(p.metric, layer, roles.get(layer), value))
-        else:  # model-level records: plain names, or (name, "") pairs
-            value = checked.get(p.source, checked.get((p.source, "")))
-            if value is not None:
-                out.append(_record(p.metric, None, None, value))
+        for key, value in checks[p.when].items():
+            metric, layer = split(key)
+            if metric == p.source:
+                role = roles.get(layer) if layer else None
+                out.append(_record(p.metric, layer or None, role, value))
     return out
 
 

@@ -6,7 +6,9 @@ of :data:`rdiag.predictions.PREDICTIONS` the runs recorded (``h0``, ``delta_h``,
 ``f0``, ``delta_f``, ``dW_op``, ``dW_rel``, ``ntk_rel_change``, ``lin_error``),
 read at initialization or at each run's last step, and puts each next to its
 prediction (SCIENCE.md section 2) with :func:`rdiag.predictions.fit_records`,
-the function the coordinate check uses. Layer roles (for ``dW_op``) come from the
+the function the coordinate check uses. Stores written by the release before
+this one (other metric names) are reported the same: the store reads them back
+under the current names (:mod:`rdiag.records`). Layer roles (for ``dW_op``) come from the
 built-in family a run names.
 Figures: kernel movement vs width, the coordinate check (``delta_h`` vs width),
 preconditioned sharpness vs step for muP and NTK with the ``2/eta0`` line, the top
@@ -28,6 +30,7 @@ import numpy as np
 from rdiag._optional import require
 from rdiag.parametrization import Parametrization, parse_parametrization
 from rdiag.predictions import PREDICTIONS, fit_records, formulas
+from rdiag.records import TRAIN_LOSS
 from rdiag.store import Store
 
 
@@ -346,7 +349,7 @@ def plot_figures(
             frame,
             fit_list,
             "ntk_rel_change",
-            "ntk_rel_change",
+            PREDICTIONS["ntk_rel_change"].source,
             "||K_T - K_0||_F / ||K_0||_F",
             out / "kernel_movement.png",
         ),
@@ -355,14 +358,14 @@ def plot_figures(
             frame,
             fit_list,
             "delta_h",
-            "delta_h",
+            PREDICTIONS["delta_h"].source,
             "||h_T - h_0|| (mean over probe)",
             out / "coord_check.png",
         ),
         "sharpness": _fig_over_steps(
             plt,
             frame,
-            "sharpness_precond",
+            "sharpness/precond",
             "",
             "lambda_max(M^1/2 H M^1/2)",
             out / "sharpness.png",
@@ -372,14 +375,14 @@ def plot_figures(
         "ntk_eigenvalues": _fig_over_steps(
             plt,
             frame,
-            "ntk_eig",
+            "ntk/eig",
             "0",
             "top eigenvalue of K_M",
             out / "ntk_eigenvalues.png",
             logy=True,
         ),
         "loss": _fig_over_steps(
-            plt, frame, "train_loss", "", "training loss", out / "loss.png", logy=True
+            plt, frame, TRAIN_LOSS, "", "training loss", out / "loss.png", logy=True
         ),
     }
     return {k: v for k, v in made.items() if v is not None}

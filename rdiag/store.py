@@ -9,6 +9,11 @@ Guarantees:
 
 * Every write (:meth:`Store.log`, :meth:`Store.save_array`, ...) is one
   transaction, so a process killed mid-run loses at most the record in flight.
+* A record name (:mod:`rdiag.records`, e.g. ``"delta_h/hidden.0"``) is stored as
+  its ``(metric, layer)`` columns (``("delta_h", "hidden.0")``), so both stay
+  queryable. Stores written by the release before this one, whose metrics had
+  other names (``ntk_rel_change``, ``train_loss``, ...), read back under the
+  current names (:data:`rdiag.records.LEGACY`); nothing on disk is rewritten.
 * ``scalars`` has ``UNIQUE(run, step, metric, layer)`` and arrays
   ``UNIQUE(run, step, name)``: writing a key again replaces the value (a resumed
   run recomputes the same step), so rows are never duplicated. Records name an
@@ -48,6 +53,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from rdiag import records as R
 from rdiag._checks import check_file_name, check_nonnegative_int
 from rdiag._optional import require
 
@@ -223,9 +229,9 @@ class Store:
         >>> import tempfile
         >>> store = Store(tempfile.mkdtemp())
         >>> rid = store.create_run({"width": 64}, seed=0)
-        >>> store.log(rid, 0, {"loss": 1.5, ("delta_h", "layer1"): 0.1})
-        >>> store.scalars(rid, "loss")
-        [(0, '', 1.5)]
+        >>> store.log(rid, 0, {"loss": 1.5, "delta_h/layer1": 0.1})
+        >>> store.scalars(rid, "delta_h")
+        [(0, 'layer1', 0.1)]
     """
 
     def __init__(self, root: str | os.PathLike, *, timeout: float = 60.0) -> None:
@@ -618,16 +624,15 @@ class Store:
         Args:
             run_id: The run.
             step: Training step.
-            records: ``metric -> value`` or ``(metric, layer) -> value``; an existing
+            records: ``name -> value`` (:mod:`rdiag.records`; stored as its
+                ``(metric, layer)`` columns) or ``(metric, layer) -> value``; old
+                metric names are stored under their current names. An existing
                 ``(run, step, metric, layer)`` is replaced, never duplicated.
 
         Raises:
             KeyError: No such run (nothing is written).
         """
-        rows = []
-        for key, value in records.items():
-            metric, layer = (key, "") if isinstance(key, str) else key
-            rows.append((int(step), metric, layer, value))
+        rows = [(int(step), *R.columns(key), value) for key, value in records.items()]
         self.log_rows(run_id, rows)
 
     def log_rows(
@@ -635,21 +640,42 @@ class Store:
     ) -> None:
         """Write ``(step, metric, layer, value)`` rows of several steps in one transaction.
 
+        A row replaces the same ``(run, step, metric, layer)``, also where it was
+        stored under the metric's old name (a run of an old store executed again).
+
         Args:
             run_id: The run.
-            rows: Rows; ``layer`` ``""`` or ``None`` for model-level metrics.
+            rows: Rows; ``layer`` ``""`` or ``None`` for model-level metrics; old
+                metric names are stored under their current names.
 
         Raises:
             KeyError: No such run (nothing is written).
         """
-        rows = [(run_id, int(s), m, layer or "", float(v)) for s, m, layer, v in rows]
-        if rows:
-            self._insert(
-                run_id,
+        rows = [
+            (run_id, int(s), R.current_metric(m), layer or "", float(v))
+            for s, m, layer, v in rows
+        ]
+        old = [
+            (run_id, s, layer, alias)
+            for _, s, m, layer, _ in rows
+            for alias in R.stored_metrics(m)[1:]
+        ]
+
+        def work(conn: sqlite3.Connection) -> None:
+            self._require_run(conn, run_id)
+            conn.executemany(
+                "DELETE FROM scalars WHERE run = ? AND step = ? AND layer = ? AND "
+                "metric = ?",
+                old,
+            )
+            conn.executemany(
                 "INSERT OR REPLACE INTO scalars (run, step, metric, layer, value) "
                 "VALUES (?, ?, ?, ?, ?)",
                 rows,
             )
+
+        if rows:
+            self._write(work)
 
     def log_missing(self, run_id: str, step: int, missing: Mapping[str, str]) -> None:
         """Record metrics that could not be computed at a step, with the reasons.
@@ -683,9 +709,26 @@ class Store:
     def scalars(
         self, run_id: str, metric: str, layer: str | None = None
     ) -> list[tuple[int, str, float]]:
-        """``(step, layer, value)`` rows of one run and metric, by step then layer."""
-        sql = "SELECT step, layer, value FROM scalars WHERE run = ? AND metric = ?"
-        args: tuple = (run_id, metric)
+        """``(step, layer, value)`` rows of one run and metric, by step then layer.
+
+        Args:
+            run_id: The run.
+            metric: A metric (``"delta_h"``, ``"ntk/rel_change"``) or a per-layer
+                record name (``"delta_h/hidden.0"``: that layer only); rows stored
+                under the metric's old name are included.
+            layer: Only this layer.
+
+        Returns:
+            The rows.
+        """
+        metric, named = R.columns(metric)
+        layer = named or layer
+        stored = R.stored_metrics(metric)
+        sql = (
+            "SELECT step, layer, value FROM scalars WHERE run = ? AND metric IN "
+            f"({','.join('?' * len(stored))})"
+        )
+        args: tuple = (run_id, *stored)
         if layer is not None:
             sql, args = sql + " AND layer = ?", args + (layer,)
         rows = self._read(sql + " ORDER BY step, layer", args)
@@ -709,15 +752,20 @@ class Store:
         """Scalar records as a pandas DataFrame (pandas is imported lazily).
 
         Args:
-            metric: A metric name or several (default all).
+            metric: A metric name or several (default all); rows stored under a
+                metric's old name are included.
             run: A run id or several (default all).
             config: Add one column per top-level config key (and ``seed``, ``status``).
 
         Returns:
-            ``DataFrame`` with columns ``run, step, metric, layer, value`` (+ config).
+            ``DataFrame`` with columns ``run, step, metric, layer, value`` (+ config),
+            metrics under their current names (:mod:`rdiag.records`).
         """
         pd = require("pandas", "Store.query")
         where, args = [], []
+        if metric is not None:
+            metric = [metric] if isinstance(metric, str) else list(metric)
+            metric = [old for m in metric for old in R.stored_metrics(R.columns(m)[0])]
         for col, val in (("metric", metric), ("run", run)):
             if val is None:
                 continue
@@ -736,6 +784,7 @@ class Store:
             columns=["run", "step", "metric", "layer", "value", "config", "status"],
         )
         frame["value"] = frame["value"].astype(float)  # NULL (a stored NaN) -> NaN
+        frame["metric"] = frame["metric"].map(R.current_metric)
         if config and len(frame):
             cfg = pd.DataFrame(
                 [json.loads(c) for c in frame["config"]], index=frame.index

@@ -21,5 +21,10 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   # A bare 'torch' requirement would download a multi-GB CUDA build.
   "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 fi
-"$VENV/bin/python" -m pip install -q -e ".[test]"
+# Extras that depend on torch (lightning, transformers) must never replace it (a CUDA
+# build from PyPI on a CPU machine): pin it to the version installed above. The
+# extras include no torchvision (transformers imports it when present).
+TORCH=$("$VENV/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])')
+echo "torch==$TORCH" > "$VENV/constraints.txt"
+"$VENV/bin/python" -m pip install -q -c "$VENV/constraints.txt" -e ".[test]"
 touch "$STAMP"

@@ -35,3 +35,25 @@ def assert_close(
         f"{float(actual[idx]):.6g}; max abs err {float(err.max()):.3g}, rel Frobenius "
         f"err {rel:.3g}"
     )
+
+
+#: Records that time the run, not the model (they differ between runs).
+TIMING = ("monitor/seconds", "monitor/train_seconds")
+
+
+def assert_same_records(
+    expected: list[dict], actual: list[dict], *, rtol: float, atol: float
+) -> None:
+    """Assert two Monitor histories hold the same checks, names and values.
+
+    Raises:
+        AssertionError: Naming the step and record that differ.
+    """
+    assert [h["step"] for h in actual] == [h["step"] for h in expected]
+    for want, got in zip(expected, actual):
+        assert set(got) == set(want), (want["step"], set(got) ^ set(want))
+        for key, value in want.items():
+            if key not in TIMING:
+                assert abs(got[key] - value) <= atol + rtol * abs(value), (
+                    f"step {want['step']}, {key}: expected {value}, got {got[key]}"
+                )

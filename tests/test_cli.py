@@ -126,6 +126,24 @@ def test_run_ntk_and_sharpness(tmp_path, capsys) -> None:
     assert "sharpness_preconditioned" in capsys.readouterr().out
 
 
+def test_ntk_command_measures_in_the_mode_asked_for(tmp_path) -> None:
+    from rdiag import empirical_ntk
+    from rdiag.models import make_model
+    from rdiag.parametrization import lr_multipliers
+
+    model = make_model("bn_mlp", 8, parametrization="mup", seed=0, depth=3)
+    x = model.sample_inputs(6, torch.Generator().manual_seed(0))
+    traces = {}
+    for mode in ("eval", "train"):
+        path = tmp_path / f"{mode}.json"
+        argv = ["ntk", "--model", "bn_mlp", "--width", "8", "--n", "6", "--mode", mode]
+        assert main([*argv, "--out", str(path)]) == 0
+        traces[mode] = json.loads(path.read_text())["trace"]
+        k = empirical_ntk(model, x, lr_multipliers=lr_multipliers(model), mode=mode)
+        assert traces[mode] == pytest.approx(float(k.trace()), rel=1e-5)
+    assert traces["train"] != pytest.approx(traces["eval"], rel=1e-3)
+
+
 def test_coord_check_command(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib")
     assert (

@@ -311,3 +311,38 @@ def test_user_module_roles_inferred():
         -0.25,
         -0.5,
     ]
+
+
+class _DictModel(torch.nn.Module):
+    """Keyword inputs and a mapping output, as Hugging Face models have."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, width), torch.nn.Tanh(), torch.nn.Linear(width, 2)
+        )
+
+    def forward(self, features: torch.Tensor) -> dict:
+        return {"prediction": self.net(features)}
+
+
+def test_dict_inputs_and_output_fn_give_the_plain_models_records():
+    x, y = _data()
+    x, y = x.float(), y.float()
+    kw = dict(steps=2, seeds=1, ntk=False, mode="eval")
+    plain = coord_check(
+        lambda w: _DictModel(w).net, "r=0.25", [8, 16], data=(x, y), **kw
+    )
+    wrapped = coord_check(
+        _DictModel,
+        "r=0.25",
+        [8, 16],
+        data=({"features": x}, y),
+        output_fn=lambda out: out["prediction"],
+        roles={"net.0": "readin", "net.2": "readout"},
+        **kw,
+    )
+    values = [r["value"] for r in wrapped.records]
+    assert values == pytest.approx([r["value"] for r in plain.records], rel=1e-6)
+    with pytest.raises(ValueError, match="mode"):
+        coord_check("mlp", "mup", [8, 16], mode="both")

@@ -42,7 +42,7 @@ CONFIG = {
     "report": False,
 }
 RUNS = 12
-TIMING = ("monitor_seconds", "train_seconds")
+TIMING = ("monitor/seconds", "monitor/train_seconds")
 _SWEEP = """
 import json, sys
 import torch
@@ -123,6 +123,14 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")  # a zombie waits for init, it runs nothing
 
 
+def _wait_gone(pids: list[int], seconds: float) -> list[int]:
+    """Wait up to ``seconds`` for the processes to end; return those still running."""
+    deadline = time.monotonic() + seconds
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [p for p in pids if not _gone(p)]
+
+
 @contextlib.contextmanager
 def _killed_at(proc: subprocess.Popen, out: Path, rows: int) -> Iterator[list[int]]:
     """Kill -9 the sweep once ``rows`` records are stored; yield its children's
@@ -148,7 +156,9 @@ def test_kill_9_at_a_random_point_then_resume_loses_nothing(
 ) -> None:
     out = tmp_path / "store"
     rows = random.Random(seed).randint(1, int(0.8 * len(reference)))
-    with _killed_at(_start(out, workers), out, rows):
+    with _killed_at(_start(out, workers), out, rows) as children:
+        # A dying worker's claim still counts: resume once the workers are gone.
+        assert not _wait_gone(children, 10.0)
         store = Store(out)
         done = store.run_ids("finished")
         assert len(done) < RUNS and store.count() >= rows
@@ -164,10 +174,7 @@ def test_workers_die_with_a_killed_sweep_and_write_nothing_after(tmp_path) -> No
     config = {**CONFIG, "grid": {"width": [8, 12, 16], "seed": list(range(40))}}
     with _killed_at(_start(out, 2, config), out, 300) as workers:  # both training
         assert workers
-        deadline = time.monotonic() + 1.0  # the queue holds seconds of work
-        while not all(_gone(p) for p in workers) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        alive = [p for p in workers if not _gone(p)]
+        alive = _wait_gone(workers, 1.0)  # the queue holds seconds of work
         assert not alive, f"orphaned workers {alive} outlived the killed sweep"
     rows = _rows(out)
     time.sleep(0.5)

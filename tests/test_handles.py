@@ -240,7 +240,7 @@ def test_monitor_checks_after_the_first_do_no_planning() -> None:
     readout = mon._ntk.last_plan.inner is not None
     assert after_first["plan"] == 1 + readout and after_first["hessian probe"] == 1
     assert mon.missing == {}
-    assert {("ntk_rel_change", ""), "sharpness", "lin_error"} <= set(mon.history[-1])
+    assert {"ntk/rel_change", "sharpness/raw", "lin_error"} <= set(mon.history[-1])
 
 
 def test_a_check_computes_each_kernel_comparison_once(monkeypatch) -> None:

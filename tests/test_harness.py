@@ -33,8 +33,8 @@ def test_train_writes_monitor_and_losses(tmp_path) -> None:
     result = train(TINY, store=tmp_path, param="r=0.5")
     store = Store(tmp_path)
     assert result.status == "finished" and store.status(result.run_id) == "finished"
-    assert _steps(store, result.run_id, "train_loss") == [0, 1, 2, 3]
-    assert _steps(store, result.run_id, "ntk_rel_change") == [0, 2, 4]
+    assert _steps(store, result.run_id, "train/loss") == [0, 1, 2, 3]
+    assert _steps(store, result.run_id, "ntk/rel_change") == [0, 2, 4]
     assert store.config(result.run_id)["parametrization"] == "r=0.5"
     again = train(TINY, store=tmp_path, param="r=0.5")
     assert again.status == "skipped" and again.run_id == result.run_id
@@ -226,7 +226,7 @@ def test_a_diverging_run_fails_with_its_reason_and_keeps_its_records(tmp_path) -
     assert result.reason.startswith("diverged at step ")
     assert store.reason(result.run_id) == result.reason
     step = int(result.reason.split()[3].rstrip(":"))
-    assert _steps(store, result.run_id, "train_loss") == list(range(step + 1))
+    assert _steps(store, result.run_id, "train/loss") == list(range(step + 1))
     # The diverged state was not measured: no Monitor record after the last check.
     assert max(_steps(store, result.run_id, "loss")) < step
 
@@ -262,8 +262,8 @@ def test_a_diagnostic_that_raises_fails_the_run_not_the_process(
         "diagnostics failed at step 2: ValueError: centered alignment is undefined: "
         "a centered kernel is 0"
     )
-    assert _steps(store, result.run_id, "train_loss") == [0, 1, 2]
-    assert _steps(store, result.run_id, "ntk_rel_change") == [0]
+    assert _steps(store, result.run_id, "train/loss") == [0, 1, 2]
+    assert _steps(store, result.run_id, "ntk/rel_change") == [0]
 
 
 @pytest.mark.parametrize(

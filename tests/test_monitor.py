@@ -101,42 +101,46 @@ def test_metrics_match_brute_force() -> None:
     assert_close(
         "ntk_rel_change",
         (k1 - k0).norm() / k0.norm(),
-        _f64(rec[("ntk_rel_change", "")]),
+        _f64(rec["ntk/rel_change"]),
         rtol=1e-8,
         atol=0,
     )
     assert_close(
         "ntk_eig0",
         torch.linalg.eigvalsh(k1)[-1],
-        _f64(rec[("ntk_eig", "0")]),
+        _f64(rec["ntk/eig/0"]),
         rtol=1e-8,
         atol=0,
     )
     assert_close(
         "kta",
         _f64(metrics.kernel_target_alignment(k1, y)),
-        _f64(rec["ntk_kta"]),
+        _f64(rec["ntk/kta"]),
         rtol=1e-8,
         atol=0,
     )
     layer_sum = sum(
-        rec[("ntk_layer_trace", n)] for n in ("readin", "hidden.0", "readout")
+        rec[f"ntk_layers/trace/{n}"] for n in ("readin", "hidden.0", "readout")
     )
     assert_close("layer traces", k1.trace(), _f64(layer_sum), rtol=1e-8, atol=0)
     dh = (model.readin(x).detach() - h0).norm(dim=1).mean()
-    assert_close("delta_h", dh, _f64(rec[("delta_h", "readin")]), rtol=1e-10, atol=0)
+    assert_close("delta_h", dh, _f64(rec["delta_h/readin"]), rtol=1e-10, atol=0)
     for name, w in effective_weights(model).items():
         d = torch.linalg.svdvals(w - w0[name])[0]
         assert_close(
-            f"dW_op {name}", d, _f64(rec[("dW_op", name)]), rtol=1e-10, atol=1e-14
+            f"dW_op {name}", d, _f64(rec[f"dW_op/{name}"]), rtol=1e-10, atol=1e-14
         )
         rel = d / torch.linalg.svdvals(w0[name])[0]
         assert_close(
-            f"dW_rel {name}", rel, _f64(rec[("dW_rel", name)]), rtol=1e-10, atol=1e-14
+            f"dW_rel {name}", rel, _f64(rec[f"dW_rel/{name}"]), rtol=1e-10, atol=1e-14
         )
     hess = dense_hessian(model, names, F.mse_loss, x, y)
     assert_close(
-        "sharpness", dense_eigh(hess)[0][0], _f64(rec["sharpness"]), rtol=1e-7, atol=0
+        "sharpness",
+        dense_eigh(hess)[0][0],
+        _f64(rec["sharpness/raw"]),
+        rtol=1e-7,
+        atol=0,
     )
     m = torch.cat(
         [
@@ -146,11 +150,14 @@ def test_metrics_match_brute_force() -> None:
     ).sqrt()
     pre = dense_eigh(m[:, None] * hess * m[None, :])[0][0]
     assert_close(
-        "sharpness_precond", pre, _f64(rec["sharpness_precond"]), rtol=1e-7, atol=0
+        "sharpness_precond", pre, _f64(rec["sharpness/precond"]), rtol=1e-7, atol=0
     )
     assert_close("loss", F.mse_loss(model(x), y), _f64(rec["loss"]), rtol=1e-12, atol=0)
-    assert abs(rec["trace"] - float(hess.trace())) <= 4 * rec["trace_std_err"] + 1e-8
-    assert rec[("ck_rel_change", "")] > 0 and rec["monitor_seconds"] > 0
+    assert (
+        abs(rec["trace/estimate"] - float(hess.trace()))
+        <= 4 * rec["trace/std_err"] + 1e-8
+    )
+    assert rec["ck/rel_change"] > 0 and rec["monitor/seconds"] > 0
 
 
 def test_schedules_and_force() -> None:
@@ -190,8 +197,8 @@ def test_sharpness_warm_start_saves_matvecs() -> None:
     _train(model, x, y, 1, lr=0.05)
     hot = warm.step(1)
     cold = Monitor(model, (x, y), **kw).step(1)
-    assert hot["sharpness"] == pytest.approx(cold["sharpness"], rel=1e-8)
-    assert hot["sharpness_matvecs"] < cold["sharpness_matvecs"]
+    assert hot["sharpness/raw"] == pytest.approx(cold["sharpness/raw"], rel=1e-8)
+    assert hot["sharpness/raw_matvecs"] < cold["sharpness/raw_matvecs"]
 
 
 def test_store_records_and_bad_arguments(tmp_path) -> None:
@@ -213,7 +220,7 @@ def test_store_records_and_bad_arguments(tmp_path) -> None:
         rec = mon.step(step)
         if rec is not None:
             k_now = empirical_ntk(model, x, lr_multipliers=lr_multipliers(model))
-    assert [s for s, _, _ in store.scalars(rid, "ntk_rel_change")] == [0, 2, 4]
+    assert [s for s, _, _ in store.scalars(rid, "ntk/rel_change")] == [0, 2, 4]
     assert_close(
         "ntk snapshot",
         k_now,
@@ -251,8 +258,8 @@ def test_plain_module_uses_raw_weights() -> None:
         net[0].weight.add_(0.1)
     rec = mon.step(1)
     expected = torch.linalg.svdvals(net[0].weight.detach() - w0)[0]
-    assert_close("dW_op raw", expected, _f64(rec[("dW_op", "0")]), rtol=1e-10, atol=0)
-    assert ("delta_h", "0") in rec and ("delta_h", "2") not in rec  # read-out excluded
+    assert_close("dW_op raw", expected, _f64(rec["dW_op/0"]), rtol=1e-10, atol=0)
+    assert "delta_h/0" in rec and "delta_h/2" not in rec  # read-out excluded
 
 
 def test_centered_gamma_model_tracks_trained_layers_only() -> None:
@@ -294,7 +301,7 @@ def test_a_metric_that_cannot_be_computed_is_recorded_missing() -> None:
         run_id="r",
     )
     rec = mon.step(0)
-    assert "loss" in rec and ("ntk_cka", "") not in rec
+    assert "loss" in rec and "ntk/cka" not in rec
     assert set(mon.missing) == {"ntk"} and "centered alignment" in mon.missing["ntk"]
     assert store.missing == [(0, mon.missing)]
     assert mon.step(1) is not None and store.missing[-1][0] == 1
@@ -315,10 +322,44 @@ def test_train_mode_measures_the_whole_batch_function() -> None:
     rec = Monitor(net, x, metrics=["ntk"], mode="train").step(0)
     k = empirical_ntk(net, x, mode="train")
     assert_close(
-        "train-mode trace", k.trace(), _f64(rec["ntk_trace"]), rtol=1e-12, atol=0
+        "train-mode trace", k.trace(), _f64(rec["ntk/trace"]), rtol=1e-12, atol=0
     )
-    assert rec["ntk_trace"] != pytest.approx(float(empirical_ntk(net, x).trace()))
+    assert rec["ntk/trace"] != pytest.approx(float(empirical_ntk(net, x).trace()))
     with pytest.raises(ValueError, match="mode"):
         Monitor(net, x, metrics=["ntk"], mode="inference")
     with pytest.raises(ValueError, match="num_eigs"):
         Monitor(net, x, metrics=["ntk"], num_eigs=-1)
+
+
+def test_check_probe_names_the_probe_and_the_training_batch() -> None:
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)
+    )
+    mon = Monitor(net, torch.randn(3, 5), metrics=["ntk"])
+    with pytest.raises(ValueError, match=r"\(3, 5\).*training batches are \(8, 4\)"):
+        mon.check_probe(torch.randn(8, 4))
+    fits = Monitor(net, (torch.randn(3, 4), torch.randn(3, 2)), loss_fn=F.mse_loss)
+    fits.check_probe()
+    wrong = Monitor(net, (torch.randn(3, 4), torch.randn(3, 7)), loss_fn=F.mse_loss)
+    with pytest.raises(ValueError, match=r"outputs \(3, 2\) and targets \(3, 7\)"):
+        wrong.check_probe()
+
+
+def test_cost_report_and_a_restored_state_keep_time_and_history() -> None:
+    model, x, y = _setup()
+    mon = Monitor(model, (x, y), metrics=["ntk"], budget_fraction=0.5)
+    mon.step(0)
+    mon.step(1)
+    cost = mon.cost()
+    assert cost.checks + cost.skipped == 2 and cost.seconds == mon.seconds
+    assert str(cost).startswith(f"rdiag: {cost.checks} checks run")
+    state = mon.state_dict()
+    again = Monitor(model, (x, y), metrics=["ntk"], budget_fraction=0.5)
+    again.load_state_dict(state)
+    assert again.train_seconds == state["train_seconds"] > 0
+    assert again.history == mon.history and again.checks == mon.checks
+    again.step(2, force=True)
+    assert again.train_seconds > state["train_seconds"]
+    assert again.history[-1]["ntk/rel_change"] == pytest.approx(
+        mon.step(2, force=True)["ntk/rel_change"]
+    )

@@ -8,7 +8,22 @@ from pathlib import Path
 
 import rdiag
 
-OPTIONAL = ("triton", "matplotlib", "pandas", "yaml", "sklearn", "scipy", "ray", "tqdm")
+OPTIONAL = (
+    "triton",
+    "matplotlib",
+    "pandas",
+    "yaml",
+    "sklearn",
+    "scipy",
+    "ray",
+    "tqdm",
+    "lightning",
+    "pytorch_lightning",
+    "transformers",
+    "tensorboard",
+    "wandb",
+    "mlflow",
+)
 
 
 def test_public_names_resolve_and_version() -> None:
@@ -20,7 +35,7 @@ def test_public_names_resolve_and_version() -> None:
 
 def test_import_loads_no_optional_package() -> None:
     code = (
-        "import sys, torch; before = set(sys.modules); import rdiag, rdiag.kernels; "
+        "import sys, torch; before = set(sys.modules); import rdiag, rdiag.kernels, rdiag.integrations, rdiag.sinks; "
         f"print(sorted({{m.split('.')[0] for m in set(sys.modules) - before}} & set({OPTIONAL!r})))"
     )
     out = subprocess.run(

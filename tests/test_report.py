@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import sqlite3
 
 import pytest
 
@@ -17,12 +18,27 @@ pytest.importorskip("pandas")
 WIDTHS = (16, 32, 64, 128, 256)
 
 
-def _synthetic_store(root, noise: float = 0.0, key: str = "parametrization") -> Store:
+def _previous_release_log(store: Store, run_id: str, step: int, records) -> None:
+    """Write records as the release before this one did: its metric names, verbatim."""
+    rows = [
+        (run_id, step, *((key, "") if isinstance(key, str) else key), value)
+        for key, value in records.items()
+    ]
+    with sqlite3.connect(store.db_path) as conn:
+        conn.executemany("INSERT INTO scalars VALUES (?, ?, ?, ?, ?)", rows)
+
+
+def _synthetic_store(
+    root, noise: float = 0.0, key: str = "parametrization", previous: bool = False
+) -> Store:
     """Records that follow the predicted power laws exactly (times a seed factor).
 
-    ``key="param"`` writes the configs as the previous release did.
+    The records are keyed as the release before this one keyed them; ``key="param"``
+    writes the configs as it did, and ``previous=True`` writes the records into the
+    database as it did (its metric names), instead of through ``Store.log``.
     """
     store = Store(root)
+    log = (lambda *a: _previous_release_log(store, *a)) if previous else store.log
     for param, r in (("r=0", 0.0), ("r=0.5", 0.5)):
         for width in WIDTHS:
             for seed in (0, 1):
@@ -36,7 +52,7 @@ def _synthetic_store(root, noise: float = 0.0, key: str = "parametrization") -> 
                 }
                 rid = store.create_run(cfg, seed=seed)
                 wobble = 1 + noise * (1 if (seed + width // 16) % 2 else -1)
-                store.log(
+                log(
                     rid,
                     0,
                     {
@@ -48,7 +64,7 @@ def _synthetic_store(root, noise: float = 0.0, key: str = "parametrization") -> 
                         "ntk_rel_change": 0.0,
                     },
                 )
-                store.log(
+                log(
                     rid,
                     10,
                     {
@@ -99,6 +115,41 @@ def test_fits_recover_exponents_and_predictions(tmp_path, key: str) -> None:
         "r=0",
     ) in found
     assert ("f0", None, "r=0.5") in found and len(found) == 10
+
+
+def test_a_store_of_the_previous_release_reads_and_reports_the_same(tmp_path) -> None:
+    old = _synthetic_store(tmp_path / "old", noise=0.05, key="param", previous=True)
+    new = _synthetic_store(tmp_path / "new", noise=0.05, key="param")
+    assert {m for (m,) in old._read("SELECT DISTINCT metric FROM scalars")} >= {
+        "ntk_rel_change",
+        "ntk_eig",
+        "train_loss",
+    }
+    rid = old.run_ids()[0]
+    assert old.scalars(rid, "ntk/rel_change") == new.scalars(
+        new.run_ids()[0], "ntk/rel_change"
+    )
+    assert [la for _, la, _ in old.scalars(rid, "ntk/eig/0")] == ["0", "0"]
+    assert (
+        set(old.query(config=False)["metric"])
+        == set(new.query(config=False)["metric"])
+        >= {"ntk/rel_change", "ntk/eig", "sharpness/precond", "train/loss", "delta_h"}
+    )
+    assert len(old.query("train/loss")) == 40
+    old_paths = build_report(old, tmp_path / "old_out")
+    new_paths = build_report(new, tmp_path / "new_out")
+    summary = json.loads(old_paths["summary"].read_text())
+    assert summary["fits"] == json.loads(new_paths["summary"].read_text())["fits"]
+    assert len(summary["fits"]) == 10 and set(old_paths) == set(new_paths)
+
+
+def test_rerunning_a_run_of_an_old_store_replaces_its_old_rows(tmp_path) -> None:
+    store = Store(tmp_path)
+    rid = store.create_run({"width": 8})
+    _previous_release_log(store, rid, 0, {"ntk_rel_change": 0.5, ("delta_h", "h"): 1.0})
+    store.log(rid, 0, {"ntk/rel_change": 0.25, "delta_h/h": 2.0})
+    assert store.count(rid) == 2
+    assert store.scalars(rid, "ntk/rel_change") == [(0, "", 0.25)]
 
 
 def test_build_report_writes_self_contained_html(tmp_path) -> None:

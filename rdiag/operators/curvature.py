@@ -16,10 +16,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 
-from rdiag._checks import check_scalar_loss, check_vector
+from rdiag._checks import check_vector
 from rdiag._inputs import Inputs, batch_size, describe, leaves, trailing
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode, functionalize
+from rdiag.losses import apply_loss, checked_loss
 from rdiag.operators.base import LinearOperator
 
 
@@ -127,7 +128,8 @@ class CurvatureOperator(LinearOperator):
     """Base of the operators built from ``(model, loss_fn, data)``.
 
     The loss is ``loss_fn(output, target)`` with mean reduction on the model's
-    output ``(n, *out)``. With several batches the operator is that of the whole
+    output ``(n, *out)`` (sequence outputs ``(n, T, V)`` with ``(n, T)`` targets:
+    cross-entropy over every position, :mod:`rdiag.losses`). With several batches the operator is that of the whole
     dataset: batch ``b`` of ``n_b`` samples enters with weight ``n_b / N``, so an
     uneven last batch is weighted correctly (exact for per-sample mean losses).
 
@@ -218,8 +220,8 @@ class CurvatureOperator(LinearOperator):
         return self.fm.forward(params, x)
 
     def batch_loss(self, params: Mapping[str, Tensor], x: Inputs, y: Tensor) -> Tensor:
-        """``loss_fn(model(x), y)`` on a prepared batch (a scalar)."""
-        return self.loss_fn(self.outputs(params, x), y)
+        """``loss_fn(model(x), y)`` on a prepared batch (a scalar; see :mod:`rdiag.losses`)."""
+        return apply_loss(self.loss_fn, self.outputs(params, x), y)
 
     def _probe(self, x: Inputs, y: Tensor) -> tuple[int, ...]:
         """Check the model and loss on one batch; return the output's trailing shape."""
@@ -227,7 +229,7 @@ class CurvatureOperator(LinearOperator):
         x, y = self.prepare(x, y)
         out = self.fm.probe(x)
         with torch.enable_grad():
-            check_scalar_loss(self.loss_fn(out, y))
+            checked_loss(self.loss_fn, out, y)
         return tuple(out.shape[1:])
 
     def _matmat(self, matrix: Tensor) -> Tensor:

@@ -12,7 +12,6 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
@@ -20,42 +19,19 @@ from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._checks import check_choice
 from rdiag._typing import Data, LossFn, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
+from rdiag.losses import (
+    LOSS_KINDS,
+    LossKind,
+    apply_loss,
+    class_axis,
+    ignore_index,
+    infer_loss_kind,
+)
 from rdiag.operators.curvature import (
     CurvatureOperator,
     forward_over_reverse,
     map_columns,
 )
-
-LossKind = Literal["mse", "cross_entropy", "autodiff"]
-LOSS_KINDS = ("mse", "cross_entropy", "autodiff")
-
-
-def infer_loss_kind(loss_fn: LossFn) -> LossKind:
-    """Recognize ``mse_loss`` / ``cross_entropy`` (function or module, mean reduction).
-
-    Args:
-        loss_fn: The loss.
-
-    Returns:
-        ``"mse"``, ``"cross_entropy"``, or ``"autodiff"`` for anything else
-        (including modules with class weights or label smoothing).
-    """
-    if loss_fn is F.mse_loss or (
-        isinstance(loss_fn, nn.MSELoss) and loss_fn.reduction == "mean"
-    ):
-        return "mse"
-    if loss_fn is F.cross_entropy or (
-        isinstance(loss_fn, nn.CrossEntropyLoss)
-        and loss_fn.reduction == "mean"
-        and loss_fn.weight is None
-        and loss_fn.label_smoothing == 0.0
-    ):
-        return "cross_entropy"
-    return "autodiff"
-
-
-def _ignore_index(loss_fn: LossFn) -> int:
-    return loss_fn.ignore_index if isinstance(loss_fn, nn.CrossEntropyLoss) else -100
 
 
 def loss_hessian_product(
@@ -66,7 +42,9 @@ def loss_hessian_product(
     Args:
         kind: ``"mse"``: ``2 u / numel(out)`` (``mse_loss``'s mean over all
             entries). ``"cross_entropy"``: :math:`(\mathrm{diag}(p) - p p^\top) u`
-            per position with ``p = softmax(out, dim=1)``, divided by the number of
+            per position with ``p = softmax(out)`` over the class axis (axis 1, or
+            the last one for sequence outputs: :func:`rdiag.losses.class_axis`),
+            divided by the number of
             non-ignored targets (class-index targets) or by ``n`` times each row's
             target mass (probability targets). ``"autodiff"``: forward-over-reverse
             of ``loss_fn`` in ``out``.
@@ -81,14 +59,15 @@ def loss_hessian_product(
     if kind == "mse":
         return u * (2.0 / out.numel())
     if kind == "cross_entropy":
-        p = out.softmax(1)
+        axis = class_axis(loss_fn, out, target)
+        p = out.softmax(axis)
         pu = p * u
-        hu = pu - p * pu.sum(1, keepdim=True)
+        hu = pu - p * pu.sum(axis, keepdim=True)
         if target.is_floating_point():
-            return hu * target.sum(1, keepdim=True) / out.shape[0]
-        valid = (target != _ignore_index(loss_fn)).to(out.dtype)
-        return hu * valid.unsqueeze(1) / valid.sum()
-    return forward_over_reverse(loss_fn, out, u, target)
+            return hu * target.sum(axis, keepdim=True) / out.shape[0]
+        valid = (target != ignore_index(loss_fn)).to(out.dtype)
+        return hu * valid.unsqueeze(axis) / valid.sum()
+    return forward_over_reverse(lambda o, t: apply_loss(loss_fn, o, t), out, u, target)
 
 
 def dense_loss_hessian(
@@ -266,7 +245,7 @@ class FisherOperator(GGNOperator):
         n = out.shape[0]
         with torch.enable_grad():
             o = out.detach().requires_grad_()
-            (r,) = torch.autograd.grad(self.loss_fn(o, y), o)
+            (r,) = torch.autograd.grad(apply_loss(self.loss_fn, o, y), o)
         r = (r * n).reshape(n, -1)
 
         def product(u: Tensor) -> Tensor:
