@@ -80,15 +80,18 @@ from rdiag.functional import MODES, Mode, functionalize
 from rdiag.kernels import kernel_stats
 from rdiag.linalg.lanczos import lanczos
 from rdiag.losses import apply_loss, checked_loss
+from rdiag.linalg.moments import kernel_moments
 from rdiag.linalg.trace import hutch_plus_plus
 from rdiag.ntk.api import ntk_fn
 from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
+from rdiag.operators.ntk import NTKOperator
 from rdiag.sinks import Sink, as_sinks
 
 METRICS = (
     "ntk",
     "ntk_layers",
+    "ntk_moments",
     "features",
     "representations",
     "weights",
@@ -200,6 +203,13 @@ class Monitor:
         strict: Raise when a metric fails instead of recording it as missing.
         sinks: Where records go besides the store (:mod:`rdiag.sinks`):
             :class:`~rdiag.sinks.Sink` objects or callables ``(name, value, step)``.
+        moments_probe: Inputs ``(N', ...)`` of the ``"ntk_moments"`` metric: a large
+            set (``10^4 - 10^5`` points) whose ``(N' O)^2`` eNTK is never formed;
+            default the probe's ``x``.
+        moments_vectors: Rademacher vectors (= eNTK products) per check of
+            ``"ntk_moments"``; the first check keeps them and its products (``2 N'
+            O`` floats each) as the reference of the relative change.
+        moments_block: Samples per forward pass of those products (default all).
 
     Attributes:
         history: One :class:`~rdiag.records.Records` ``{name: value}`` per check,
@@ -231,6 +241,9 @@ class Monitor:
         snapshots: bool = False,
         strict: bool = False,
         sinks: Sequence[Sink | Callable[[str, float, int], None]] = (),
+        moments_probe: Inputs | None = None,
+        moments_vectors: int = 30,
+        moments_block: int | None = None,
     ) -> None:
         self.model = check_module(model)
         self.sinks = as_sinks(sinks)
@@ -300,6 +313,16 @@ class Monitor:
                 self.fm,
                 lr_multipliers=lr_multipliers,
                 per_layer="ntk_layers" in self.metrics,
+            )
+        check_positive_int(moments_vectors, "moments_vectors")
+        self.moments_vectors = moments_vectors
+        self._moments: NTKOperator | None = None
+        if "ntk_moments" in self.metrics:
+            self._moments = NTKOperator(
+                self.fm,
+                self.x if moments_probe is None else moments_probe,
+                lr_multipliers=lr_multipliers,
+                sample_block=moments_block,
             )
         self._hessian: HessianOperator | None = None
         self._lr_diagonal: Tensor | None = None
@@ -460,6 +483,8 @@ class Monitor:
             groups.append(("forward", lambda: self._forward_metrics(x, rec)))
         if {"ntk", "ntk_layers"} & wanted:
             groups.append(("ntk", lambda: self._ntk_metrics(step, x, rec)))
+        if "ntk_moments" in wanted:
+            groups.append(("ntk_moments", lambda: self._moment_metrics(rec)))
         if "weights" in wanted:
             groups.append(("weights", lambda: self._weight_metrics(rec)))
         if "linearization" in wanted:
@@ -580,6 +605,23 @@ class Monitor:
             rec[R.name("ntk_layers/trace", name)] = float(kl.trace())
         if self.snapshots and self.store is not None:
             self.store.save_array(self.run_id, step, "ntk", k)
+
+    def _moment_metrics(self, rec: dict) -> None:
+        """Statistics of the eNTK from operator products (:func:`~rdiag.linalg.kernel_moments`)."""
+        ref = self._ref.get("ntk_moments")
+        m = kernel_moments(self._moments, self.moments_vectors, reference=ref)
+        if ref is None:
+            self._ref["ntk_moments"] = (m.probes, m.products)
+        stats = {
+            "trace": m.trace,
+            "frobenius": m.frobenius,
+            "eff_rank": m.effective_rank,
+            "rel_change": m.rel_change,
+        }
+        for stat, est in stats.items():
+            if est is not None:
+                rec[f"ntk_moments/{stat}"] = est.value
+                rec[f"ntk_moments/{stat}_se"] = est.std_err
 
     def _weights(self) -> dict[str, Tensor]:
         from rdiag.parametrization import effective_weights, layer_scales

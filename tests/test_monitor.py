@@ -363,3 +363,64 @@ def test_cost_report_and_a_restored_state_keep_time_and_history() -> None:
     assert again.history[-1]["ntk/rel_change"] == pytest.approx(
         mon.step(2, force=True)["ntk/rel_change"]
     )
+
+
+def _dense_full(model, x, mults: dict[str, float]) -> torch.Tensor:
+    names = [n for n, _ in model.named_parameters()]
+    jac = per_sample_jacobian(model, names, x)
+    w = torch.cat(
+        [
+            torch.full((p.numel(),), mults[n], dtype=torch.float64)
+            for n, p in model.named_parameters()
+        ]
+    )
+    full = ntk_from_jacobians(jac, jac, w)
+    n, _, o, _ = full.shape
+    return full.permute(0, 2, 1, 3).reshape(n * o, n * o)
+
+
+def test_ntk_moments_on_a_large_probe_are_within_their_error_bars() -> None:
+    model, x, y = _setup(width=16)
+    big = torch.randn(40, 3, generator=torch.Generator().manual_seed(3)).double()
+    mults = lr_multipliers(model)
+    kw = dict(
+        metrics=["ntk_moments"],
+        lr_multipliers=mults,
+        moments_probe=big,
+        moments_vectors=400,
+        strict=True,
+    )
+    mon = Monitor(model, (x, y), **kw)
+    blocked = Monitor(model, (x, y), moments_block=7, **kw)
+    k0 = _dense_full(model, big, mults)
+    first = mon.step(0)
+    assert "ntk_moments/rel_change" not in first
+    assert_close(
+        "blocked products",
+        _f64(first["ntk_moments/trace"]),
+        _f64(blocked.step(0)["ntk_moments/trace"]),
+        rtol=1e-10,
+        atol=0,
+    )
+    _train(model, x, y, steps=5, lr=2.0)
+    k1 = _dense_full(model, big, mults)
+    later = mon.step(5)
+    exact = {
+        "trace": float(k1.trace()),
+        "frobenius": float(k1.norm()),
+        "eff_rank": float(k1.trace() ** 2 / k1.pow(2).sum()),
+        "rel_change": float((k1 - k0).norm() / k0.norm()),
+    }
+    for stat, value in exact.items():
+        est, se = later[f"ntk_moments/{stat}"], later[f"ntk_moments/{stat}_se"]
+        assert 0 < se < 0.2 * abs(value), (stat, est, se, value)
+        assert abs(est - value) < 4 * se, (stat, est, se, value)
+    # A resumed Monitor measures the change from the same reference.
+    resumed = Monitor(model, (x, y), **kw)
+    resumed.load_state_dict(mon.state_dict())
+    again = resumed.step(5)
+    assert again["ntk_moments/rel_change"] == pytest.approx(
+        later["ntk_moments/rel_change"], rel=1e-12
+    )
+    with pytest.raises(ValueError, match="moments_vectors"):
+        Monitor(model, (x, y), metrics=["ntk_moments"], moments_vectors=0)

@@ -21,3 +21,19 @@ def test_quick_start_runs() -> None:
     assert abs(scope["lam"] - float(scope["res"].eigenvalues[0])) <= 1e-3 * abs(
         scope["lam"]
     )
+
+
+def test_large_output_block_runs() -> None:
+    import pytest
+
+    pytest.importorskip("transformers")
+    text = README.read_text()
+    block = re.search(
+        r"## Large models and output spaces.*?```python\n(.*?)```", text, re.S
+    )
+    assert block, "README has no large-output block"
+    scope: dict = {}
+    exec(compile(block.group(1), "README large outputs", "exec"), scope)
+    assert scope["k_lm"].shape == (8, 8) and scope["k_p"].shape == (8, 8)
+    assert scope["est"].kernel.shape == scope["est"].std_err.shape == (8, 8)
+    assert scope["kernel"].last_plan.readout is not None

@@ -92,7 +92,7 @@ def kernel_moments(
     num_probes: int = 30,
     *,
     seed: int = 0,
-    reference: KernelMoments | None = None,
+    reference: KernelMoments | tuple[Tensor, Tensor] | None = None,
     block_size: int = 8,
 ) -> KernelMoments:
     """Trace, Frobenius norm, effective rank (and movement) of ``op`` from ``s`` products.
@@ -101,8 +101,9 @@ def kernel_moments(
         op: A symmetric ``(D, D)`` operator (e.g. ``rdiag.NTKOperator(model, x)``).
         num_probes: Rademacher probes ``s`` (= products).
         seed: Seed of the probes (ignored with ``reference``: its probes are reused).
-        reference: The moments of a reference checkpoint (same operator size):
-            their probes are reused and ``rel_change`` is measured against them.
+        reference: The moments of a reference checkpoint (same operator size), or
+            their ``(probes, products)``: the probes are reused and ``rel_change``
+            is measured against the products.
         block_size: Probes per ``matmat`` call.
 
     Returns:
@@ -122,11 +123,15 @@ def kernel_moments(
     """
     check_operator(op)
     check_positive_int(block_size, "block_size")
+    ref_products = None
     if reference is None:
         check_positive_int(num_probes, "num_probes")
         z = random_vectors(op, num_probes, seed, "rademacher")
     else:
-        z = reference.probes.to(device=op.device, dtype=op.dtype)
+        if isinstance(reference, KernelMoments):
+            reference = (reference.probes, reference.products)
+        z, ref_products = reference
+        z = z.to(device=op.device, dtype=op.dtype)
         if z.shape[0] != op.shape[0]:
             raise ValueError(
                 f"expected a reference of the same size ({op.shape[0]}), got "
@@ -140,8 +145,8 @@ def kernel_moments(
     frobenius = Estimate(frob, frob_sq[1] / (2 * frob) if frob > 0 else math.inf)
     rank, rank_se = _rank(quad, sq)
     rel = None
-    if reference is not None:
-        ref = reference.products.to(device=kz.device, dtype=torch.float64)
+    if ref_products is not None:
+        ref = ref_products.to(device=kz.device, dtype=torch.float64)
         ratio, se = _ratio((kz.double() - ref).pow(2).sum(0), ref.pow(2).sum(0))
         root = math.sqrt(max(ratio, 0.0))
         rel = Estimate(root, se / (2 * root) if root > 0 else math.inf)

@@ -12,7 +12,8 @@ from torch.func import vjp, vmap
 
 from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._deprecation import UNSET, renamed_argument
-from rdiag._inputs import Inputs, batch_size, describe, trailing
+from rdiag._checks import check_positive_int
+from rdiag._inputs import Inputs, batch_size, describe, rows, trailing
 from rdiag._typing import ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.operators.base import LinearOperator
@@ -30,6 +31,9 @@ class NTKOperator(LinearOperator):
     Works for batch-coupled models (train-mode batch norm) as the kernel of the
     whole-batch function. Products are taken at the model's current parameters
     (read live); :meth:`rebind` swaps the batch without probing the model again.
+    With ``sample_block`` a product runs over blocks of samples (``J^T v``
+    accumulated over blocks, then ``J`` block by block): large probe sets
+    (``10^4 - 10^5`` points) whose activations do not fit at once.
 
     Args:
         model: Network or :class:`~rdiag.functional.FunctionalModel`.
@@ -40,7 +44,12 @@ class NTKOperator(LinearOperator):
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype (default the model's).
         output_fn: Picks the output tensor from a non-tensor model output.
+        sample_block: Samples per forward pass (default all ``N``); not for
+            batch-coupled models.
         weights: Deprecated name of ``lr_multipliers``.
+
+    Raises:
+        ValueError: ``sample_block`` below 1, or given for a batch-coupled model.
 
     Example:
         >>> import torch
@@ -64,6 +73,7 @@ class NTKOperator(LinearOperator):
         mode: Mode = "eval",
         dtype: torch.dtype | str | None = None,
         output_fn: Callable[[object], Tensor] | None = None,
+        sample_block: int | None = None,
         weights: Any = UNSET,
     ) -> None:
         lr_multipliers = renamed_argument(
@@ -82,6 +92,13 @@ class NTKOperator(LinearOperator):
         self.shape = (size, size)
         self.dtype = self.fm.param_dtype
         self.device = self.fm.device
+        check_positive_int(sample_block, "sample_block", allow_none=True)
+        if sample_block is not None and self.fm.batch_coupled:
+            raise ValueError(
+                "expected no sample_block for a batch-coupled model (train-mode batch "
+                "norm couples the samples); use mode='eval' or the whole batch"
+            )
+        self.sample_block = sample_block
         self._mode: JvpMode = probe_jvp_mode(self.fm, self.x)
 
     def rebind(self, x: Inputs) -> None:
@@ -98,15 +115,26 @@ class NTKOperator(LinearOperator):
             )
         self.x = x
 
+    def _blocks(self) -> list[slice]:
+        n = self.out_shape[0]
+        step = self.sample_block or n
+        return [slice(a, min(a + step, n)) for a in range(0, n, step)]
+
     def _matmat(self, matrix: Tensor) -> Tensor:
-        fm, x = self.fm, self.x
-        params = fm.params
-        _, pull = vjp(lambda p: fm(p, x), params)
-        cot = matrix.T.reshape(-1, *self.out_shape)
-        rows = vmap(pull)(cot)[0]
-        tangents = {n: self.weights[n] * rows[n] for n in fm.names}
+        fm, params, k = self.fm, self.fm.params, matrix.shape[1]
+        cot = matrix.T.reshape(k, *self.out_shape)
+        blocks = [(b, rows(self.x, b)) for b in self._blocks()]
+        pulled: dict[str, Tensor] = {}
+        for b, xb in blocks:
+            _, pull = vjp(lambda p, xb=xb: fm(p, xb), params)
+            for n, r in vmap(pull)(cot[:, b])[0].items():
+                pulled[n] = pulled[n] + r if n in pulled else r
+        tangents = {n: self.weights[n] * pulled[n] for n in fm.names}
+        out = []
+        for _, xb in blocks:
 
-        def push(t: dict[str, Tensor]) -> Tensor:
-            return jvp(lambda p: fm(p, x), (params,), (t,), self._mode)[1]
+            def push(t: dict[str, Tensor], xb: Inputs = xb) -> Tensor:
+                return jvp(lambda p: fm(p, xb), (params,), (t,), self._mode)[1]
 
-        return vmap(push, randomness="same")(tangents).reshape(matrix.shape[1], -1).T
+            out.append(vmap(push, randomness="same")(tangents).reshape(k, -1))
+        return torch.cat(out, 1).T
