@@ -9,6 +9,7 @@ reverse-over-reverse (the "double-vjp" trick, two backward passes per product).
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -26,13 +27,48 @@ JvpMode = Literal["forward", "math_attention", "reverse"]
 _MODES: tuple[JvpMode, ...] = ("forward", "math_attention", "reverse")
 
 
+class _MathAttention:
+    """The process-wide attention backend switch, safe for overlapping threads.
+
+    torch's backend choice is one global setting; nested ``sdpa_kernel`` blocks
+    that overlap across threads (a thread-pool sweep) would restore each other's
+    state out of order and leave the math backend on for good. Here the first of
+    the overlapping users switches and the last one restores.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._context: contextlib.AbstractContextManager | None = None
+
+    def enter(self) -> None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with self._lock:
+            if self._users == 0:
+                self._context = sdpa_kernel(SDPBackend.MATH)
+                self._context.__enter__()
+            self._users += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._context.__exit__(None, None, None)
+                self._context = None
+
+
+_MATH = _MathAttention()
+
+
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
     """Route ``scaled_dot_product_attention`` to its math backend (has forward-mode AD)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    with sdpa_kernel(SDPBackend.MATH):
+    _MATH.enter()
+    try:
         yield
+    finally:
+        _MATH.exit()
 
 
 def jvp(

@@ -36,3 +36,35 @@ def test_fused_attention_picks_math_backend_once() -> None:
     with pytest.warns(UserWarning, match="math attention"):
         assert probe_jvp_mode(fm, x) == "math_attention"
     assert probe_jvp_mode(fm, x) == "math_attention"
+
+
+def test_math_attention_is_restored_after_threads_that_overlap() -> None:
+    import threading
+
+    from rdiag._autodiff import math_attention
+
+    before = torch.backends.cuda.flash_sdp_enabled()
+    a_inside, b_inside, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def first() -> None:
+        with math_attention():
+            a_inside.set()
+            b_inside.wait(5)
+            seen.append(torch.backends.cuda.flash_sdp_enabled())
+        a_left.set()
+
+    def second() -> None:
+        a_inside.wait(5)
+        with math_attention():
+            b_inside.set()
+            a_left.wait(5)  # leaves after the first: not nested
+            seen.append(torch.backends.cuda.flash_sdp_enabled())
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == [False, False], "the math backend holds while either is inside"
+    assert torch.backends.cuda.flash_sdp_enabled() == before
