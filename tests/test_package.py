@@ -51,3 +51,25 @@ def test_kernels_live_under_rdiag_only() -> None:
 
     assert rdiag.kernels.__name__ == "rdiag.kernels"
     assert callable(rdiag.kernels.gram_hadamard)
+
+
+def test_names_that_left_the_top_level_still_work_with_a_warning() -> None:
+    import pytest
+    import torch
+
+    import rdiag
+
+    with pytest.warns(DeprecationWarning, match="rdiag.parse_parametrization"):
+        parse = rdiag.parse_param
+    assert parse("r=0.5") == rdiag.parse_parametrization("r=0.5")
+    with pytest.warns(DeprecationWarning, match="rdiag.multiplier_diagonal"):
+        diagonal = rdiag.preconditioner_diagonal
+    fm = rdiag.functionalize(torch.nn.Linear(3, 2))
+    expected = rdiag.multiplier_diagonal(fm, {"weight": 2.0})
+    assert torch.equal(diagonal(fm, {"weight": 2.0}), expected)
+    with pytest.warns(DeprecationWarning, match="CoordCheckResult.save"):
+        assert callable(rdiag.write_summary)
+    with pytest.warns(DeprecationWarning, match=r"plan\(x1, x2\).costs"):
+        assert callable(rdiag.ntk_costs)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        rdiag.nope  # noqa: B018
