@@ -9,6 +9,8 @@ seeded.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -138,3 +140,24 @@ def test_output_probes_estimate_the_traced_kernel_within_their_error_bars() -> N
     assert torch.equal(est.kernel, again.kernel)  # seeded
     with pytest.raises(ValueError, match="output_probes with trace_outputs=True"):
         ntk_fn(model, output_probes=4, trace_outputs=False)
+
+
+def test_a_large_output_space_without_the_identity_is_said_once() -> None:
+    torch.manual_seed(0)
+    embed = nn.Embedding(5000, 4)
+    head = nn.Linear(4, 5000, bias=False)
+    head.weight = embed.weight  # tied: no read-out identity
+
+    class Tied(nn.Module):
+        def forward(self, tokens: Tensor) -> Tensor:
+            return head(torch.tanh(embed(tokens)))
+
+    model = Tied()
+    model.embed, model.head = embed, head
+    kernel = ntk_fn(model, params="embed.*")
+    x = torch.randint(0, 5000, (2, 1))
+    with pytest.warns(UserWarning, match="output_probes=k"):
+        kernel.plan(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kernel.plan(torch.randint(0, 5000, (3, 1)))  # said once per handle

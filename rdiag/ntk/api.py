@@ -65,6 +65,11 @@ from rdiag.ntk.vector_products import ntvp_ntk
 __all__ = ["NTKFunction", "NTKImplementation", "NTKPlan", "empirical_ntk", "ntk_fn"]
 
 
+#: Output units per sample from which a traced kernel without the read-out
+#: identity is worth a notice (its cost grows with them).
+LARGE_OUTPUTS = 4096
+
+
 class NTKImplementation(str, Enum):
     """How the eNTK is computed (``implementation=``; plain strings are accepted)."""
 
@@ -429,6 +434,15 @@ class NTKFunction:
             readout = find_readout(fm, x1)
             if readout is not None:
                 return self._readout_plan(readout, spec, shape, x1, x2)
+        if self.trace_outputs and num_outputs >= LARGE_OUTPUTS:
+            self.notices.say(
+                "large-outputs",
+                f"the traced eNTK sums over {num_outputs:,} output units per sample "
+                "(a backward pass each) and the read-out identity does not apply (no "
+                "untied linear read-out wider than its input); output_probes=k "
+                "estimates it with an error bar, projection=k gives the kernel of k "
+                "projected outputs",
+            )
         requested = self.requested
         if requested in (NTKImplementation.JACOBIAN, NTKImplementation.NTVP):
             return self._sized(requested, "asked for", spec, x1, x2)
