@@ -434,15 +434,8 @@ class NTKFunction:
             readout = find_readout(fm, x1)
             if readout is not None:
                 return self._readout_plan(readout, spec, shape, x1, x2)
-        if self.trace_outputs and num_outputs >= LARGE_OUTPUTS:
-            self.notices.say(
-                "large-outputs",
-                f"the traced eNTK sums over {num_outputs:,} output units per sample "
-                "(a backward pass each) and the read-out identity does not apply (no "
-                "untied linear read-out wider than its input); output_probes=k "
-                "estimates it with an error bar, projection=k gives the kernel of k "
-                "projected outputs",
-            )
+            if num_outputs >= LARGE_OUTPUTS:
+                self._notice_large_outputs(num_outputs)
         requested = self.requested
         if requested in (NTKImplementation.JACOBIAN, NTKImplementation.NTVP):
             return self._sized(requested, "asked for", spec, x1, x2)
@@ -688,6 +681,16 @@ class NTKFunction:
         if self._jvp_mode is None:
             self._jvp_mode = probe_jvp_mode(self.fm, x)
         return self._jvp_mode
+
+    def _notice_large_outputs(self, num_outputs: int) -> None:
+        self.notices.say(
+            "large-outputs",
+            f"the traced eNTK sums over {num_outputs:,} output units per sample "
+            "(a backward pass each) and the read-out identity does not apply (no "
+            "untied linear read-out wider than its input); output_probes=k "
+            "estimates it with an error bar, projection=k gives the kernel of k "
+            "projected outputs",
+        )
 
     def _notice_rest(self, structured: StructuredPlan) -> None:
         rest = {n: why for n, why in structured.rest.items() if self.weights[n]}
