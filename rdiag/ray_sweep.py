@@ -113,7 +113,9 @@ class RayExecutor:
                     num_cpus=0,
                     max_restarts=3,
                     max_task_retries=3,
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False),
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(
+                        here, soft=False
+                    ),
                 )
                 .remote(key)
             )
