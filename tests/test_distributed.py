@@ -109,7 +109,55 @@ def _on_ranks(rank: int, world: int, out: str) -> None:
     res["bad/probes"] = _error(
         lambda: ntk_fn(model, output_probes=4, process_group=group)
     )
+    res["monitor/sharded"], res["monitor/sunk"], res["monitor/rows"] = _monitored(rank)
+    res["monitor/rank0"], _, _ = _monitored(rank, shard_probe=False)
     torch.save(res, Path(out) / f"rank{rank}.pt")
+
+
+MONITORED = ["ntk", "ntk_layers", "representations", "sharpness", "trace", "loss"]
+
+
+def _probe() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(4, 3, generator=g).double(), torch.randn(
+        4, 2, generator=g
+    ).double()
+
+
+def _monitored(rank: int | None, shard_probe: bool = True) -> tuple[list, list, int]:
+    """Three SGD steps with a Monitor: DDP on two equal shards (rank), or one process
+    on the whole batch (rank None): the same parameters at every step."""
+    from rdiag.monitor import Monitor
+
+    x, y, _, _ = _data()
+    model = _model()
+    if rank is not None:
+        model = nn.parallel.DistributedDataParallel(model)
+        x, y = x[5 * rank : 5 * rank + 5], y[5 * rank : 5 * rank + 5]
+    sunk: list = []
+    options = {}
+    if rank is not None:
+        # Rank 1's budget alone would skip every later check: rank 0 decides for both.
+        options = {"process_group": dist.group.WORLD, "shard_probe": shard_probe}
+        options["budget_fraction"] = 1e-9 if rank == 1 else None
+    monitor = Monitor(
+        model,
+        _probe(),
+        every=1,
+        metrics=MONITORED,
+        loss_fn=F.mse_loss,
+        sinks=[lambda name, value, step: sunk.append(name)],
+        **options,
+    )
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(3):
+        monitor.step(step)
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+    op = monitor._hessian  # the probe rows this rank's curvature products take
+    rows = 0 if op is None else len(op.data[0])
+    return [dict(h) for h in monitor.history], sunk, rows
 
 
 @pytest.fixture(scope="module")
@@ -226,6 +274,19 @@ def test_ranks_that_differ_are_named_on_every_rank(ranks) -> None:
         )
         assert "ranks [1] differing from rank 0" in ranks[r]["bad/solver"]
         assert "output_probes=None with process_group=" in ranks[r]["bad/probes"]
+
+
+def test_a_monitor_under_ddp_measures_across_ranks_or_on_rank_zero(ranks) -> None:
+    from tests._assert import assert_same_records
+
+    reference, _, _ = _monitored(None)
+    assert [ranks[r]["monitor/rows"] for r in range(WORLD)] == [2, 2]  # shards of 4
+    sharded = [ranks[r]["monitor/sharded"] for r in range(WORLD)]
+    for history in sharded:  # rank 1's own budget was overruled by rank 0's
+        assert_same_records(reference, history, rtol=1e-9, atol=1e-12)
+    assert len(ranks[0]["monitor/sunk"]) > 0 and ranks[1]["monitor/sunk"] == []
+    assert_same_records(reference, ranks[0]["monitor/rank0"], rtol=1e-9, atol=1e-12)
+    assert ranks[1]["monitor/rank0"] == []
 
 
 def test_process_group_without_torch_distributed_says_what_to_do() -> None:
