@@ -131,6 +131,22 @@ def test_the_generic_submit_still_runs_calls(cluster, tmp_path) -> None:
     assert sweep(config, out=tmp_path, executor=executor).count("finished") == 2
 
 
+def test_the_command_line_runs_a_sweep_on_ray(cluster, tmp_path, capsys) -> None:
+    from rdiag.cli import main
+
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "sweep.yaml"
+    config = {"base": {**BASE, "steps": 2}, "grid": {"seed": [0, 1]}}
+    path.write_text(yaml.safe_dump(config))
+    argv = ["sweep", "--config", str(path), "--executor", "ray", "--no-report"]
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 0
+    assert "2 runs (2 finished" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        main(["sweep", "--config", str(path), "--address", "auto", "--out", "x"])
+    assert exit_.value.code == 2
+    assert "pass executor='ray' with it" in capsys.readouterr().err
+
+
 def test_a_remote_store_writes_what_a_local_one_does(tmp_path) -> None:
     """The proxy without Ray: train through a writer in this process."""
     writer = StoreWriter(str(tmp_path / "remote"))
