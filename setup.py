@@ -32,9 +32,10 @@ EXTRAS["all"] = sorted(
         for req in reqs
     }
 )
+# The tests start a local Ray cluster (tests/test_ray.py): Ray is in "test".
 EXTRAS["test"] = (
     EXTRAS["all"]
-    + [req for name in INTEGRATIONS for req in EXTRAS[name]]
+    + [req for name in ("ray", *INTEGRATIONS) for req in EXTRAS[name]]
     + ["pytest>=7", "pytest-xdist>=3", "ruff>=0.5"]
 )
 EXTRAS["bench"] = EXTRAS["test"] + ["pytest-benchmark>=4"]

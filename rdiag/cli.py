@@ -1,4 +1,4 @@
-"""``rdiag`` command line: run, sweep, coord-check, report, ntk, sharpness.
+"""``rdiag`` command line: run, sweep, merge, coord-check, report, ntk, sharpness.
 
 Every subcommand parses its flags and calls the public API (:func:`rdiag.harness.train`,
 :func:`rdiag.harness.sweep`, :func:`rdiag.coord_check.coord_check`,
@@ -8,7 +8,8 @@ where results went. Every error exits with status 2 and one line
 ``rdiag <command>: error: ...`` naming the field or flag and what it allows
 (``--debug`` shows the traceback instead); numeric and path flags are checked by
 argparse before anything runs. A sweep whose runs failed still exits 0 and lists
-the failed runs with their reasons.
+the failed runs with their reasons; a merge that found conflicting records lists
+them and exits 1.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from rdiag.data import DATASETS
-from rdiag.harness import MODELS, OPTIMIZERS
+from rdiag.harness import MODELS, OPTIMIZERS, parse_shard
 from rdiag.store import StoreError
 
 _EPILOG = {
@@ -33,7 +34,13 @@ _EPILOG = {
     "sweep": """examples:
   rdiag sweep --config default --out results/          # the main job (CPU, minutes)
   rdiag sweep --config default --r 0 0.5 --widths 64 256 1024 --seeds 2 --steps 20 --out quick/
-  rdiag sweep --config my_sweep.yaml --workers 4 --out results/""",
+  rdiag sweep --config my_sweep.yaml --workers 4 --out results/
+  rdiag sweep --config my_sweep.yaml --executor ray --address auto --out results/
+  rdiag sweep --config my_sweep.yaml --shard $SLURM_ARRAY_TASK_ID/4 --out results/
+      # -> results/shard-<i>-of-4; then: rdiag merge results/merged results/shard-*-of-4""",
+    "merge": """examples:
+  rdiag merge results/merged results/shard-*-of-4
+  rdiag report --store results/merged --out results/merged""",
     "coord-check": """examples:
   rdiag coord-check --model mlp --parametrization r=0.25 --widths 64 128 256 512 1024 --steps 10 \\
       --seeds 4 --out coord/
@@ -99,6 +106,14 @@ def _directory(text: str) -> str:
             f"expected a directory, got the file {text!r}; pass a directory path"
         )
     return text
+
+
+def _shard(text: str) -> tuple[int, int]:
+    """An argparse ``type=``: a shard ``i/n`` with ``0 <= i < n``."""
+    try:
+        return parse_shard(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _file(text: str) -> str:
@@ -198,12 +213,41 @@ def _parser() -> argparse.ArgumentParser:
     sw.add_argument("--steps", type=_POSITIVE)
     sw.add_argument("--every", type=_POSITIVE)
     sw.add_argument("--workers", type=_POSITIVE)
+    sw.add_argument(
+        "--executor",
+        choices=("process", "ray"),
+        default="process",
+        help="process: a local pool of --workers; ray: one Ray task per run, "
+        "records written on this machine (pip install 'rdiag[ray]')",
+    )
+    sw.add_argument(
+        "--address",
+        help="the Ray cluster with --executor ray (e.g. auto, or HOST:PORT)",
+    )
+    sw.add_argument(
+        "--shard",
+        type=_shard,
+        metavar="I/N",
+        help="run only slice I (from 0) of N of the grid into OUT/shard-I-of-N "
+        "(a Slurm array task); join the shards with rdiag merge",
+    )
     sw.add_argument("--no-report", action="store_true", help="skip figures and report")
     sw.add_argument(
         "--out",
         required=True,
         type=_directory,
         help="output directory (store, figures, report)",
+    )
+
+    mg = add("merge", "merge the shard stores of a sweep into one store")
+    mg.add_argument(
+        "out", type=_directory, help="the merged store (created if missing)"
+    )
+    mg.add_argument(
+        "shards",
+        nargs="+",
+        type=_directory,
+        help="shard directories (OUT/shard-I-of-N)",
     )
 
     cc = add("coord-check", "coordinate check of a parameterization over widths")
@@ -341,11 +385,14 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         args.config,
         out=args.out,
         workers=args.workers,
+        executor=args.executor,
+        address=args.address,
+        shard=args.shard,
         progress=True,
         report=False if args.no_report else None,
         overrides={"base": base, "grid": grid},
     )
-    out = Path(args.out).resolve()
+    out = Path(result.store).resolve()
     print(
         f"{len(result.results)} runs ({result.count('finished')} finished, "
         f"{result.count('skipped')} already done, {result.count('failed')} failed, "
@@ -359,6 +406,31 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"summary: {Path(result.report['summary']).resolve()}")
         print(f"figures: {out / 'figures'}")
         _print_fits(json.loads(Path(result.report["summary"]).read_text())["fits"])
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from rdiag.merge import merge_stores
+
+    result = merge_stores(args.out, args.shards)
+    print(
+        f"merged {len(args.shards)} shard(s) of sweep {result.sweep} into "
+        f"{Path(result.out).resolve() / 'rdiag.sqlite'}: {result.added_runs} runs "
+        f"added, {result.completed_runs} completed, {result.rows} rows written"
+        + ("" if result.changed else " (nothing new)")
+    )
+    print(
+        f"{result.present_runs} of the sweep's {result.sweep_runs} runs present, "
+        f"{result.finished_runs} finished"
+    )
+    if result.missing_shards:
+        print(f"shards not merged yet: {' '.join(result.missing_shards)}")
+    for conflict in result.conflicts:
+        print(f"  conflict: {conflict}")
+    if result.conflicts:
+        runs = len({c.run for c in result.conflicts})
+        print(f"{len(result.conflicts)} conflicting records in {runs} run(s)")
+        return 1
     return 0
 
 
@@ -543,6 +615,7 @@ def _gd(model: Any, x: Any, y: Any, lr: float, steps: int) -> tuple[int, str | N
 _COMMANDS = {
     "run": _cmd_run,
     "sweep": _cmd_sweep,
+    "merge": _cmd_merge,
     "coord-check": _cmd_coord_check,
     "report": _cmd_report,
     "ntk": _cmd_ntk,
@@ -568,7 +641,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success (a sweep whose runs failed included: they
-        are listed with their reasons). An error exits with status 2 and one line
+        are listed with their reasons), 1 for a merge that found conflicting
+        records (listed). An error exits with status 2 and one line
         ``rdiag <command>: error: ...`` (``--debug``: the traceback instead); an
         interrupt with 130.
     """

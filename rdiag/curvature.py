@@ -52,6 +52,7 @@ def curvature_operator(
     output_fn: Callable[[object], Tensor] | None = None,
     loss: LossKind | None = None,
     compile: bool = False,
+    process_group: Any = None,
 ) -> CurvatureOperator:
     """Build the Hessian, GGN or (empirical) Fisher operator of a model's loss.
 
@@ -67,6 +68,9 @@ def curvature_operator(
         output_fn: Picks the output tensor from a non-tensor model output.
         loss: Loss kind for the GGN/Fisher (default: inferred).
         compile: ``torch.compile`` the Hessian product.
+        process_group: A ``torch.distributed`` process group: ``data`` is this
+            rank's shard and products are summed over the ranks (see
+            :class:`~rdiag.operators.curvature.CurvatureOperator`).
 
     Returns:
         A ``(P, P)`` :class:`~rdiag.operators.curvature.CurvatureOperator`; keep it
@@ -82,6 +86,7 @@ def curvature_operator(
         "mode": mode,
         "dtype": dtype,
         "output_fn": output_fn,
+        "process_group": process_group,
     }
     if operator == "hessian":
         return HessianOperator(model, loss_fn, data, compile=compile, **common)

@@ -470,6 +470,18 @@ def _logits(out: object) -> Tensor | None:
     return logits if isinstance(logits, Tensor) else None
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The module a ``DistributedDataParallel`` or ``DataParallel`` wrapper holds.
+
+    Diagnostics run on the replica itself: through the wrapper, a forward pass
+    would enter DDP's collectives (buffer broadcasts) and its gradient hooks.
+    Any other module is returned as is.
+    """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        return model.module
+    return model
+
+
 def functionalize(
     model: nn.Module | FunctionalModel,
     params: ParamSelector = None,
@@ -483,7 +495,8 @@ def functionalize(
     """Build the functional view of ``model`` over the selected parameters.
 
     Args:
-        model: An ``nn.Module`` (or a ``FunctionalModel``, returned unchanged).
+        model: An ``nn.Module`` (or a ``FunctionalModel``, returned unchanged); a
+            ``DistributedDataParallel`` model is viewed through its ``module``.
         params: Parameter selector (see :func:`select_parameters`); default every
             parameter with ``requires_grad=True``.
         exclude: Selector of parameters to leave out.
@@ -508,6 +521,7 @@ def functionalize(
     """
     if isinstance(model, FunctionalModel):
         return model
+    model = unwrap_parallel(model)
     names = select_parameters(model, params, exclude)
     return FunctionalModel(
         model,

@@ -5,10 +5,13 @@ arguments) and writes everything into a :class:`~rdiag.store.Store`. :func:`swee
 expands a grid over any config fields (``parametrization``/``r``, ``width``, ``seed``, ``lr``,
 ...) and runs the configurations through an :class:`Executor`: by default a
 ``concurrent.futures.ProcessPoolExecutor`` (spawned workers, one torch thread
-each), or anything with ``submit``/``shutdown`` (a Ray-backed one can take over
-without changing this module). Runs are keyed by their configuration
+each), ``executor="ray"`` (:class:`rdiag.ray_sweep.RayExecutor`: one task per run,
+records streamed to one writer on the driver), or anything with
+``submit``/``shutdown``. Runs are keyed by their configuration
 (:func:`rdiag.store.run_key`), so re-running a sweep skips finished runs and
-re-does unfinished ones without duplicating records.
+re-does unfinished ones without duplicating records. ``shard="i/n"`` runs one
+deterministic slice of the grid into its own store (a Slurm array task), and
+:func:`rdiag.merge.merge_stores` joins the shards.
 """
 
 from __future__ import annotations
@@ -48,8 +51,10 @@ from rdiag.models import FAMILIES
 from rdiag.monitor import METRICS, Monitor
 from rdiag.losses import LOSS_KINDS
 from rdiag.parametrization import OPTIMIZERS as PARAM_OPTIMIZERS
+from rdiag.ray_sweep import RayExecutor as RayExecutor  # re-exported (its old home)
 from rdiag.records import TRAIN_LOSS
-from rdiag.store import Store, StoreError
+from rdiag.store import Store, StoreError, run_key
+from rdiag.writer import RemoteStore
 
 logger = logging.getLogger("rdiag")
 
@@ -409,7 +414,7 @@ def _elsewhere(store: Store, rid: str) -> TrainResult:
 def train(
     config: TrainConfig | Mapping[str, Any] | None = None,
     *,
-    store: Store | str | Path,
+    store: Store | RemoteStore | str | Path,
     run_id: str | None = None,
     **overrides: Any,
 ) -> TrainResult:
@@ -425,7 +430,9 @@ def train(
 
     Args:
         config: A :class:`TrainConfig` or a dict of its fields (default all defaults).
-        store: A :class:`~rdiag.store.Store` or a directory (created if missing).
+        store: A :class:`~rdiag.store.Store` or a directory (created if missing), or
+            a :class:`~rdiag.writer.RemoteStore` (the store's writer on another
+            machine).
         run_id: Explicit run id (default the config's :func:`~rdiag.store.run_key`).
         **overrides: Config fields overriding ``config``.
 
@@ -442,7 +449,7 @@ def train(
     """
     base = config.to_dict() if isinstance(config, TrainConfig) else dict(config or {})
     cfg = TrainConfig.from_dict({**base, **overrides})
-    store = store if isinstance(store, Store) else Store(store)
+    store = Store(store) if isinstance(store, (str, os.PathLike)) else store
     device = _device(cfg.device)
     rid = store.create_run(
         cfg.to_dict(), run_id=run_id, seed=cfg.seed, device=str(device)
@@ -539,7 +546,10 @@ class Executor(Protocol):
     """What :func:`sweep` needs from an executor (``concurrent.futures`` style).
 
     ``ProcessPoolExecutor``, ``ThreadPoolExecutor``, :class:`SerialExecutor` and
-    :class:`RayExecutor` (futures from ``ObjectRef.future()``) qualify.
+    :class:`~rdiag.ray_sweep.RayExecutor` (futures from ``ObjectRef.future()``)
+    qualify. An executor that also has ``submit_run(config, root)`` is given each
+    run that way, and decides itself how the run reaches the store (the Ray one:
+    through a writer on the driver).
     """
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
@@ -565,31 +575,6 @@ class SerialExecutor:
 
     def shutdown(self, wait: bool = True) -> None:
         """Nothing to release."""
-
-
-class RayExecutor:
-    """Runs each call as a Ray task (``pip install 'rdiag[ray]'``; Ray imported here only).
-
-    Args:
-        **options: ``ray.remote`` options per task, e.g. ``num_cpus=1``.
-
-    Raises:
-        ImportError: Ray is not installed.
-    """
-
-    def __init__(self, **options: Any) -> None:
-        self._ray = require("ray", "RayExecutor")
-        if not self._ray.is_initialized():
-            self._ray.init()
-        self._options = options or {"num_cpus": 1}
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> cf.Future:
-        """Launch ``fn`` as a Ray task; return a ``concurrent.futures`` future of it."""
-        remote = self._ray.remote(**self._options)(fn)
-        return remote.remote(*args, **kwargs).future()
-
-    def shutdown(self, wait: bool = True) -> None:
-        """Leave the Ray runtime to its owner (nothing to release per sweep)."""
 
 
 def _worker_init(parent: int) -> None:
@@ -691,6 +676,9 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
           seed: [0, 1]
         workers: 2       # optional
         report: true     # optional
+        resources:       # optional, per run on Ray: CPUs (and torch threads), GPUs
+          cpus: 1        # (default 1)
+          gpus: 0        # (default 1 for device: cuda, else 0)
 
     Returns:
         The config dict with ``base`` and ``grid`` present.
@@ -699,7 +687,8 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         FileNotFoundError: The path does not exist.
         ValueError: Unparsable YAML, unknown top-level keys, or a key of the wrong
             kind (``base``/``grid`` not mappings, a grid value that is not a list,
-            ``workers`` not a positive int, ``report`` not a boolean).
+            ``workers`` not a positive int, ``report`` not a boolean,
+            ``resources`` not ``cpus``/``gpus`` counts).
     """
     if isinstance(source, Mapping):
         raw = dict(source)
@@ -710,7 +699,7 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
         raw = _yaml_mapping(text, "default", "sweep config")
     else:
         raw = _yaml_file(source, "sweep config", " or 'default'")
-    allowed = ("base", "grid", "workers", "report", "name")
+    allowed = ("base", "grid", "workers", "report", "name", "resources")
     unknown = [k for k in raw if k not in allowed]
     if unknown:
         raise ValueError(
@@ -735,7 +724,75 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
             f"expected the sweep config's report to be true or false, got "
             f"{raw['report']!r}"
         )
+    _check_resources(raw.get("resources"))
     return raw
+
+
+def _check_resources(resources: Any) -> None:
+    """``resources: {cpus: > 0, gpus: >= 0}`` of a sweep config, or absent."""
+    if resources is None:
+        return
+    bad = (
+        not isinstance(resources, Mapping)
+        or set(resources) - {"cpus", "gpus"}
+        or any(
+            isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0
+            for v in resources.values()
+        )
+        or resources.get("cpus", 1) <= 0
+    )
+    if bad:
+        raise ValueError(
+            "expected the sweep config's resources to be a mapping of cpus (> 0) "
+            f"and gpus (>= 0) per run, got {resources!r}"
+        )
+
+
+def parse_shard(spec: str | tuple[int, int]) -> tuple[int, int]:
+    """``(i, n)`` of a shard spec ``"i/n"``: slice ``i`` (from 0) of ``n``.
+
+    Raises:
+        ValueError: Not of the form ``i/n`` with ``0 <= i < n``.
+    """
+    text = spec if isinstance(spec, str) else "/".join(map(str, spec))
+    index, sep, count = text.strip().partition("/")
+    if not (sep and index.isdigit() and count.isdigit()) or not (
+        0 <= int(index) < int(count)
+    ):
+        raise ValueError(
+            f"expected a shard as i/n with 0 <= i < n (slice i, counted from 0, of "
+            f"n: 0/4 ... 3/4 for 4 shards; $SLURM_ARRAY_TASK_ID/4 under "
+            f"--array=0-3), got {text!r}"
+        )
+    return int(index), int(count)
+
+
+def sweep_id(configs: list[TrainConfig]) -> str:
+    """The identity of a sweep: a 16-hex sha256 of its sorted run keys.
+
+    The same grid (after overrides) gives the same id, whatever the order, the
+    executor or the shard; every shard of a sweep records it.
+    """
+    keys = sorted(run_key(cfg.to_dict()) for cfg in configs)
+    return run_key({"runs": keys})
+
+
+def _mark_shard(store: Store, facts: dict[str, Any]) -> None:
+    """Record which sweep and shard a shard's store holds; refuse another one's."""
+    held = {k: store.meta().get(k) for k in facts}
+    if all(v is None for v in held.values()) and not store.run_ids():
+        store.set_meta(facts)
+    elif held != facts:
+        raise ValueError(
+            f"the store {store.root} holds {_describe(held)}, not {_describe(facts)}; "
+            "run each shard of each sweep into its own --out directory"
+        )
+
+
+def _describe(facts: Mapping[str, Any]) -> str:
+    if facts.get("sweep") is None:
+        return "runs of no sharded sweep"
+    return f"shard {facts['shard']} of sweep {facts['sweep']}"
 
 
 def expand_grid(sweep_config: Mapping[str, Any]) -> list[TrainConfig]:
@@ -799,10 +856,12 @@ def sweep(
     *,
     out: str | Path,
     workers: int | None = None,
-    executor: Executor | None = None,
+    executor: Executor | str | None = None,
     progress: bool = False,
     report: bool | None = None,
     overrides: Mapping[str, Any] | None = None,
+    shard: str | tuple[int, int] | None = None,
+    address: str | None = None,
 ) -> SweepResult:
     """Run a grid of configurations into ``out`` (store + optional report), resumably.
 
@@ -817,20 +876,36 @@ def sweep(
         workers: Worker processes (default the config's ``workers`` or 1); 1 runs in
             this process. Workers are spawned, so a script calling :func:`sweep`
             with ``workers > 1`` needs the ``if __name__ == "__main__":`` guard.
-        executor: An :class:`Executor` overriding ``workers``.
+        executor: An :class:`Executor` overriding ``workers``, ``"process"`` (the
+            default pool) or ``"ray"``: a :class:`~rdiag.ray_sweep.RayExecutor`
+            (one task per run with the config's ``resources``; records go to one
+            writer on this machine), shut down at the end.
         progress: Show a tqdm progress bar (stderr), advanced as each run ends.
         report: Build the report at the end (default the config's ``report``, True);
-            skipped when no run has finished.
+            skipped when no run has finished (and always for a shard).
         overrides: ``{"base": {...}, "grid": {...}}`` entries replacing the config's.
+        shard: ``"i/n"``: run only slice ``i`` of ``n`` of the grid (every
+            ``n``-th configuration from the ``i``-th, in grid order: the same
+            slice on every machine) into its own store ``out/shard-i-of-n``,
+            which records the sweep and the shard for :func:`rdiag.merge.merge_stores`.
+        address: The Ray cluster for ``executor="ray"`` (see
+            :class:`~rdiag.ray_sweep.RayExecutor`).
 
     Returns:
         A :class:`SweepResult`. Finished runs already in the store are skipped.
 
     Raises:
-        ValueError: A bad config (before anything runs).
+        ValueError: A bad config, shard or executor (before anything runs), or a
+            shard's store that holds another shard.
         StoreError: The store cannot be written (queued runs are cancelled;
             re-running the sweep resumes).
     """
+    if executor is not None and isinstance(executor, str):
+        check_choice(executor, "executor", ("process", "ray"))
+    if address is not None and executor != "ray":
+        raise ValueError(
+            f"address={address!r} is the Ray cluster's; pass executor='ray' with it"
+        )
     raw = load_sweep_config(config)
     given = {k: _renamed(dict(v)) for k, v in (overrides or {}).items()}
     for section in ("base", "grid"):
@@ -843,7 +918,19 @@ def sweep(
     configs = expand_grid(raw)
     workers = raw.get("workers", 1) if workers is None else workers
     check_positive_int(workers, "workers")
+    facts = None
+    if shard is not None:
+        index, count = parse_shard(shard)
+        facts = {
+            "sweep": sweep_id(configs),
+            "sweep_runs": len(configs),
+            "shard": f"{index}/{count}",
+        }
+        configs = configs[index::count]
+        out = Path(out) / f"shard-{index}-of-{count}"
     store = Store(out)
+    if facts is not None:
+        _mark_shard(store, facts)
     todo = []
     results: list[TrainResult] = []
     for cfg in configs:
@@ -852,8 +939,15 @@ def sweep(
             results.append(_not_run(rid, store, "skipped"))
         else:
             todo.append((rid, cfg.to_dict()))
-    own = executor is None
-    if own:
+    own = executor is None or isinstance(executor, str)
+    if executor == "ray":
+        resources = raw.get("resources") or {}
+        executor = RayExecutor(
+            address=address,
+            num_cpus=resources.get("cpus", 1),
+            num_gpus=resources.get("gpus"),
+        )
+    elif own:
         executor = SerialExecutor() if workers == 1 else process_executor(workers)
     bar = None
     if progress:
@@ -869,6 +963,8 @@ def sweep(
             executor.shutdown(wait=True)
     paths: dict[str, str] = {}
     wanted = report if report is not None else raw.get("report", True)
+    if shard is not None:
+        wanted = False  # a slice: the report comes after the merge
     if wanted and store.run_ids("finished"):
         from rdiag.report import build_report
 
@@ -886,11 +982,17 @@ def _run_all(
     window = 1 if isinstance(executor, SerialExecutor) else len(todo)
     queue, running = deque(todo), {}
     results = []
+    by_run = getattr(executor, "submit_run", None)
     try:
         while queue or running:
             while queue and len(running) < window:
                 rid, cfg = queue.popleft()
-                running[executor.submit(_run_config, cfg, str(store.root))] = rid
+                future = (
+                    by_run(cfg, store.root)
+                    if by_run is not None
+                    else executor.submit(_run_config, cfg, str(store.root))
+                )
+                running[future] = rid
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
             for fut in done:
                 results.append(_outcome(fut, running.pop(fut), store))

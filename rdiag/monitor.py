@@ -76,7 +76,8 @@ from rdiag._checks import check_finite_positive, check_module, check_positive_in
 from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
 from rdiag._typing import LossFn, Weights
-from rdiag.functional import MODES, Mode, functionalize
+from rdiag.distributed import Group, shard_of
+from rdiag.functional import MODES, Mode, functionalize, unwrap_parallel
 from rdiag.kernels import kernel_stats
 from rdiag.linalg.lanczos import lanczos
 from rdiag.losses import apply_loss, checked_loss
@@ -210,6 +211,17 @@ class Monitor:
             ``"ntk_moments"``; the first check keeps them and its products (``2 N'
             O`` floats each) as the reference of the relative change.
         moments_block: Samples per forward pass of those products (default all).
+        process_group: Under data-parallel training (a ``torch.distributed``
+            process group; ``model`` may be the DDP wrapper): every rank calls
+            :meth:`step` at the same steps with the same whole probe. With
+            ``shard_probe=True`` the eNTK and the curvature metrics are computed
+            across the ranks, each on its share of the probe
+            (:mod:`rdiag.distributed`), the records come out the same on every
+            rank (the budget's skips too: rank 0 decides), and only rank 0 writes
+            to the store and the sinks. With ``shard_probe=False`` rank 0
+            measures the whole probe alone; :meth:`step` returns ``None`` on the
+            other ranks.
+        shard_probe: See ``process_group``.
 
     Attributes:
         history: One :class:`~rdiag.records.Records` ``{name: value}`` per check,
@@ -244,8 +256,14 @@ class Monitor:
         moments_probe: Inputs | None = None,
         moments_vectors: int = 30,
         moments_block: int | None = None,
+        process_group: Any = None,
+        shard_probe: bool = True,
     ) -> None:
-        self.model = check_module(model)
+        self.model = model = unwrap_parallel(check_module(model))
+        self.group = None if process_group is None else Group(process_group)
+        # Across the ranks (the sharded probe), or on rank 0 alone.
+        self._sharded = self.group is not None and bool(shard_probe)
+        self._main = self.group is None or self.group.rank == 0
         self.sinks = as_sinks(sinks)
         x, y = _split_probe(probe)
         self.x = check_inputs(x, "probe x")
@@ -313,6 +331,7 @@ class Monitor:
                 self.fm,
                 lr_multipliers=lr_multipliers,
                 per_layer="ntk_layers" in self.metrics,
+                process_group=process_group if self._sharded else None,
             )
         check_positive_int(moments_vectors, "moments_vectors")
         self.moments_vectors = moments_vectors
@@ -371,6 +390,13 @@ class Monitor:
             return True
         return self.seconds <= self.budget_fraction * self.train_seconds
 
+    def _due_everywhere(self, step: int) -> bool:
+        """:meth:`due`, decided by rank 0 for every rank of a sharded probe."""
+        due = self.due(step)
+        if self._sharded and self.scheduled(step):
+            due = self.group.agree(due)
+        return due
+
     def step(self, step: int, *, force: bool = False) -> R.Records | None:
         """Run the diagnostics if ``step`` is scheduled (and within budget).
 
@@ -385,9 +411,11 @@ class Monitor:
         Raises:
             Exception: With ``strict=True``, what a failing metric raised.
         """
+        if not (self._sharded or self._main):
+            return None  # shard_probe=False: rank 0 measures
         if self._start is None:
             self._start = time.perf_counter()
-        if not force and not self.due(step):
+        if not force and not self._due_everywhere(step):
             if self.scheduled(step):
                 self.skipped += 1
             return None
@@ -397,11 +425,11 @@ class Monitor:
         self.seconds += time.perf_counter() - tic
         records[R.MONITOR_SECONDS] = self.seconds
         records[R.TRAIN_SECONDS] = self.train_seconds
-        if self.store is not None:
+        if self.store is not None and self._main:
             self.store.log(self.run_id, step, records)
             if self.missing:
                 self.store.log_missing(self.run_id, step, self.missing)
-        for sink in self.sinks:
+        for sink in self.sinks if self._main else ():
             sink.log_records(records, step)
         self.history.append(R.Records({"step": step, **records}))
         return records
@@ -579,7 +607,7 @@ class Monitor:
         return hook
 
     def _ntk_metrics(self, step: int, x: Inputs, rec: dict) -> None:
-        out = self._ntk(x)
+        out = self._ntk(shard_of(x, self.group) if self._sharded else x)
         per_layer = "ntk_layers" in self.metrics
         layers = out if per_layer else {}
         k = (sum(layers.values()) if per_layer else out).double()
@@ -683,14 +711,25 @@ class Monitor:
     def _operator(self, x: Inputs, y: Tensor) -> HessianOperator:
         """The Hessian operator of the probe loss, built once and rebound per check."""
         if self._hessian is None:
-            self._hessian = HessianOperator(self.fm, self.loss_fn, (x, y))
+            self._hessian = HessianOperator(
+                self.fm,
+                self.loss_fn,
+                self._shard(x, y),
+                process_group=self.group.group if self._sharded else None,
+            )
             if self.optimizer is None and self.lr_multipliers is not None:
                 from rdiag.curvature import multiplier_diagonal
 
                 self._lr_diagonal = multiplier_diagonal(self.fm, self.lr_multipliers)
         else:
-            self._hessian.rebind((x, y))
+            self._hessian.rebind(self._shard(x, y))
         return self._hessian
+
+    def _shard(self, x: Inputs, y: Tensor) -> tuple[Inputs, Tensor]:
+        """This rank's share of the probe batch (all of it without a sharded probe)."""
+        if not self._sharded:
+            return x, y
+        return shard_of(x, self.group), shard_of(y, self.group)
 
     def _preconditioned(self, op: HessianOperator) -> LinearOperator | None:
         """``M^1/2 H M^1/2`` (Adam: from its state; ``None`` before its first step)."""

@@ -2,7 +2,7 @@
 
 Layout of a store directory::
 
-    <root>/rdiag.sqlite          runs, scalars, arrays, missing, claims tables (WAL)
+    <root>/rdiag.sqlite          runs, scalars, arrays, missing, claims, meta tables (WAL)
     <root>/arrays/<run>/<name>-<step>.npy
 
 Guarantees:
@@ -31,6 +31,8 @@ Guarantees:
   :class:`StoreError`.
 * A run is claimed by the process executing it (:meth:`Store.claim`): a claim of
   a live process is respected, a claim left by a dead one is taken over.
+* ``meta`` holds facts about the store as a whole (:meth:`Store.meta`), e.g. which
+  sweep, and which shard of it, wrote it (:mod:`rdiag.merge` checks them).
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ CREATE TABLE IF NOT EXISTS claims (
     run TEXT PRIMARY KEY, pid INTEGER NOT NULL, host TEXT NOT NULL, pid_start TEXT,
     started REAL NOT NULL, heartbeat REAL NOT NULL);
 """
+# Made by the first write of a fact, so that stores of older releases (read-only
+# archives too) open without a schema change.
+_META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 Records = Mapping[str | tuple[str, str], float]
 T = TypeVar("T")
 # Primary SQLite result codes (sqlite3.h) that the store tells apart.
@@ -547,6 +552,29 @@ class Store:
                 "SELECT id FROM runs WHERE status = ? ORDER BY created, id", (status,)
             )
         return [r[0] for r in rows]
+
+    # ---- store facts -------------------------------------------------------------
+    def meta(self) -> dict[str, Any]:
+        """The store's facts ``{key: value}`` (JSON values), e.g. ``{"sweep": ...}``.
+
+        ``{}`` for a store that has none (or was written by an older release).
+        """
+        tables = self._read("SELECT 1 FROM sqlite_master WHERE name = 'meta'")
+        if not tables:
+            return {}
+        return {k: json.loads(v) for k, v in self._read("SELECT key, value FROM meta")}
+
+    def set_meta(self, values: Mapping[str, Any]) -> None:
+        """Set facts about the store (JSON-serializable values), in one transaction."""
+        rows = [(k, json.dumps(v, sort_keys=True)) for k, v in values.items()]
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(_META)
+            conn.executemany(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", rows
+            )
+
+        self._write(work)
 
     # ---- claims ------------------------------------------------------------------
     def claim(self, run_id: str) -> bool:

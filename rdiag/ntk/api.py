@@ -30,6 +30,7 @@ from rdiag._inputs import Inputs, batch_size, describe, rows, signature, trailin
 from rdiag._optional import Notices
 from rdiag._tiling import block_size, check_fits, format_bytes, resolve_budget
 from rdiag._typing import ParamSelector, Weights
+from rdiag.distributed import Group, sharded_kernel
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.ntk.jacobian import jacobian_ntk
 from rdiag.ntk.outputs import (
@@ -204,10 +205,15 @@ class NTKFunction:
             read-out to its ``D`` inputs when ``D < V`` (exact; see
             :mod:`rdiag.ntk.outputs`).
         weights: Deprecated name of ``lr_multipliers``.
+        process_group: A ``torch.distributed`` process group: each rank passes its
+            shard of the inputs, the kernel's tiles are split across the ranks
+            and all-gathered (see :meth:`__call__`); a ``DistributedDataParallel``
+            model is viewed through its ``module``.
 
     Raises:
         ValueError: Bad options (an unknown implementation, ``block_size < 1``, a
-            non-positive ``memory_budget``, nothing selected).
+            non-positive ``memory_budget``, nothing selected, ``output_probes``
+            with ``process_group``, ranks whose parameters differ).
         TypeError: ``model`` is not a module.
 
     Example:
@@ -249,6 +255,7 @@ class NTKFunction:
         seed: int = 0,
         readout_identity: bool = True,
         weights: Any = UNSET,
+        process_group: Any = None,
     ) -> None:
         lr_multipliers = renamed_argument(
             "ntk_fn", "weights", "lr_multipliers", weights, lr_multipliers
@@ -287,12 +294,25 @@ class NTKFunction:
         self._vmap_error: str | None | bool = False  # False: not probed yet
         self.notices = Notices()
         self.last_plan: NTKPlan | None = None
+        self.group = None if process_group is None else Group(process_group)
+        if self.group is not None:
+            if self.estimate:
+                raise ValueError(
+                    "expected output_probes=None with process_group=: the probe "
+                    "estimate's error bar is not split across ranks; drop one of them"
+                )
+            self.group.check_replicas(self.fm.module, self.fm.names)
 
     # ---- public surface ---------------------------------------------------------
     def __call__(
         self, x1: Inputs, x2: Inputs | None = None
     ) -> Tensor | dict[str, Tensor] | KernelEstimate:
         """The kernel of ``x1`` against ``x2`` (``x1`` itself when ``None``).
+
+        With ``process_group``, ``x1`` and ``x2`` are this rank's shards and the
+        kernel is that of the ranks' batches joined in rank order, its tiles split
+        across the ranks (:func:`rdiag.distributed.sharded_kernel`); every rank
+        returns the same whole kernel.
 
         Args:
             x1: ``(N1, ...)`` inputs (a tensor, tuple or dict of tensors).
@@ -310,6 +330,17 @@ class NTKFunction:
             MemoryError: The kernel or the smallest block does not fit the budget;
                 the message gives the size and a block size or alternative that fits.
         """
+        if self.group is not None:
+            self._prepare(x1, x2)  # bad inputs raise here, before any collective
+            return sharded_kernel(
+                self.group, self._local, x1, x2, diagonal=self.diagonal
+            )
+        return self._local(x1, x2)
+
+    def _local(
+        self, x1: Inputs, x2: Inputs | None
+    ) -> Tensor | dict[str, Tensor] | KernelEstimate:
+        """The kernel of this process's inputs (what ``__call__`` computes alone)."""
         x1, x2 = self._prepare(x1, x2)
         key = self._key(x1, x2)
         plan = self._plan(x1, x2)

@@ -3,7 +3,9 @@
 :class:`CurvatureOperator` is what the Hessian, GGN and Fisher operators share:
 batches and DataLoaders, the validated link ``model -> functional view -> loss``,
 products at the model's current parameters, and :meth:`CurvatureOperator.rebind`
-to a new batch without probing the model again.
+to a new batch without probing the model again. With ``process_group=`` each rank
+passes its own shard of the data and products are summed over the ranks
+(:mod:`rdiag.distributed`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch.func import grad, jvp, vmap
 from rdiag._checks import check_vector
 from rdiag._inputs import Inputs, batch_size, describe, leaves, trailing
 from rdiag._typing import Data, LossFn, Params, ParamSelector
+from rdiag.distributed import Group
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.losses import apply_loss, checked_loss
 from rdiag.operators.base import LinearOperator
@@ -138,6 +141,16 @@ class CurvatureOperator(LinearOperator):
     (or DataLoader) without probing the model again, and drops what the operator
     keeps per batch (e.g. the Hessian's retained gradient graph).
 
+    Data-parallel (``process_group=``): every rank passes its own shard of the
+    batch or dataset; a product is the weighted sum over every rank's batches,
+    the operator of the joined data, and it comes out bitwise identical on every
+    rank, so that solvers (Lanczos, traces, densities) run replicated and take the
+    same steps everywhere. The ranks' parameters are compared at construction and
+    at :meth:`rebind`, and every product checks that all ranks multiply the same
+    vectors (one small collective). A ``DistributedDataParallel`` model is
+    measured through its ``module``: the products differentiate fresh copies of
+    the parameters, so DDP's gradient all-reduce is never triggered.
+
     Subclasses implement :meth:`_batch_matmat` on one batch.
 
     Attributes:
@@ -145,6 +158,7 @@ class CurvatureOperator(LinearOperator):
         loss_fn: The loss.
         data: The batch or iterable of batches.
         out_shape: Trailing shape ``out`` of the model's output.
+        group: The ranks (:class:`rdiag.distributed.Group`), or ``None``.
     """
 
     kind = "curvature"
@@ -160,6 +174,7 @@ class CurvatureOperator(LinearOperator):
         mode: Mode = "eval",
         dtype: torch.dtype | str | None = None,
         output_fn: Callable[[object], Tensor] | None = None,
+        process_group: Any = None,
     ) -> None:
         if not callable(loss_fn):
             raise TypeError(
@@ -177,6 +192,9 @@ class CurvatureOperator(LinearOperator):
         self._bound: tuple | None = None
         self.data = data
         self.out_shape = self._probe(*next(iter_batches(data)))
+        self.group = None if process_group is None else Group(process_group)
+        if self.group is not None:
+            self.group.check_replicas(self.fm.module, self.fm.names)
 
     def rebind(self, data: Data | None = None) -> None:
         """Take products on ``data`` from now on (default: the same data, fresh).
@@ -191,6 +209,8 @@ class CurvatureOperator(LinearOperator):
             TypeError, ValueError: As for the constructor.
         """
         self._invalidate()
+        if self.group is not None:
+            self.group.check_replicas(self.fm.module, self.fm.names)
         if data is None:
             return
         x, y = next(iter_batches(data))
@@ -233,11 +253,15 @@ class CurvatureOperator(LinearOperator):
         return tuple(out.shape[1:])
 
     def _matmat(self, matrix: Tensor) -> Tensor:
+        if self.group is not None:
+            self.group.check_replicated(matrix, f"the {self.kind} operator's input")
         total, acc = 0, torch.zeros_like(matrix)
         for x, y in iter_batches(self.data):
-            n = len(x)
+            n = batch_size(x)
             acc += n * self._batch_matmat(*self.prepare(x, y), matrix)
             total += n
+        if self.group is not None:
+            acc, total = self.group.sum(acc), self.group.total(total)
         return acc / total
 
     @abstractmethod

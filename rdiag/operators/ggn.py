@@ -9,7 +9,7 @@ loss uses forward-over-reverse autodiff in the (small) output space, also exact.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -116,6 +116,9 @@ class GGNOperator(CurvatureOperator):
         output_fn: Picks the output tensor from a non-tensor model output.
         loss: ``"mse"``, ``"cross_entropy"``, ``"autodiff"``, or ``None`` to infer
             from ``loss_fn`` (:func:`infer_loss_kind`). An explicit value is trusted.
+        process_group: A ``torch.distributed`` process group: ``data`` is this
+            rank's shard, products are summed over the ranks (see
+            :class:`~rdiag.operators.curvature.CurvatureOperator`).
 
     Raises:
         ValueError: An unknown ``loss``, or see
@@ -136,6 +139,7 @@ class GGNOperator(CurvatureOperator):
         dtype: torch.dtype | str | None = None,
         output_fn: Callable[[object], Tensor] | None = None,
         loss: LossKind | None = None,
+        process_group: Any = None,
     ) -> None:
         if loss is not None:
             check_choice(loss, "loss", LOSS_KINDS)
@@ -148,6 +152,7 @@ class GGNOperator(CurvatureOperator):
             mode=mode,
             dtype=dtype,
             output_fn=output_fn,
+            process_group=process_group,
         )
         self.loss = loss or infer_loss_kind(loss_fn)
         self._jvp_mode: JvpMode | None = None
@@ -194,8 +199,8 @@ class FisherOperator(GGNOperator):
     batch function.
 
     Args:
-        model, loss_fn, data, params, exclude, mode, dtype, output_fn, loss: As
-            :class:`GGNOperator`.
+        model, loss_fn, data, params, exclude, mode, dtype, output_fn, loss,
+            process_group: As :class:`GGNOperator`.
         kind: ``"empirical"`` or ``"true"``.
 
     Raises:
@@ -218,6 +223,7 @@ class FisherOperator(GGNOperator):
         output_fn: Callable[[object], Tensor] | None = None,
         loss: LossKind | None = None,
         kind: Literal["empirical", "true"] = "empirical",
+        process_group: Any = None,
     ) -> None:
         check_choice(kind, "kind", ("empirical", "true"))
         super().__init__(
@@ -230,6 +236,7 @@ class FisherOperator(GGNOperator):
             dtype=dtype,
             output_fn=output_fn,
             loss=loss,
+            process_group=process_group,
         )
         if kind == "true" and self.loss == "autodiff":
             raise ValueError(

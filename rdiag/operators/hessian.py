@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -48,10 +49,14 @@ class HessianOperator(CurvatureOperator):
         output_fn: Picks the output tensor from a non-tensor model output (a
             ``ModelOutput``'s ``logits`` are picked without it).
         compile: ``torch.compile`` the per-batch product.
+        process_group: A ``torch.distributed`` process group: ``data`` is this
+            rank's shard and products are summed over the ranks, identical on
+            every rank (see :class:`~rdiag.operators.curvature.CurvatureOperator`).
 
     Raises:
         ValueError: No trainable parameter selected, a loss that is not a scalar,
-            or an output not differentiable in the parameters.
+            an output not differentiable in the parameters, or (with
+            ``process_group``) ranks whose parameters differ (named).
         TypeError: ``data`` or ``loss_fn`` of the wrong kind.
 
     Example:
@@ -81,6 +86,7 @@ class HessianOperator(CurvatureOperator):
         dtype: torch.dtype | str | None = None,
         output_fn: Callable[[object], Tensor] | None = None,
         compile: bool = False,
+        process_group: Any = None,
     ) -> None:
         super().__init__(
             model,
@@ -91,6 +97,7 @@ class HessianOperator(CurvatureOperator):
             mode=mode,
             dtype=dtype,
             output_fn=output_fn,
+            process_group=process_group,
         )
         self.compile = compile
         self._compiled: dict[str, Callable[..., Tensor]] = {}
