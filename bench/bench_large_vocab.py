@@ -4,10 +4,12 @@ One transformer block of GPT-2 small's shape (D = 768, 12 heads, V = 50257;
 ``tests/hf_models.py``), float32, eval mode, traced symmetric kernel over all
 ``T * V`` outputs:
 
-- untied read-out: exact, by the read-out identity (``auto``: the ``V`` outputs per
-  position reduced to the read-out input's rank 768);
-- tied read-out (GPT-2's own): the identity does not apply; estimated from 64
-  output probes, with the estimator's error bar.
+- ``untied`` read-out: exact, by the read-out identity (``auto``: the ``V``
+  outputs per position reduced to the read-out input's rank 768);
+- ``tied`` read-out (GPT-2's own): exact, the identity plus the cross terms of the
+  weight's two uses (``T^2`` products per sample);
+- ``probes``: the tied model's kernel estimated from 64 output probes, with the
+  estimator's error bar.
 
 Without the identity the exact traced kernel backpropagates every one of the
 ``T * V`` output units; its cost model estimate (seconds and memory) is recorded
@@ -36,17 +38,18 @@ pytest.importorskip("transformers")
 
 #: ``(N, T)`` with ``N * T = 64``.
 SHAPES = ((64, 1), (16, 4))
+KINDS = ("untied", "tied", "probes")
 PROBES = 64
 
 
 def _case(kind: str, n: int, t: int):
     """The handle's plan summary and a zero-argument callable computing the kernel."""
-    model, x = gpt2_small_block(n, t, tied=kind == "probes")
+    model, x = gpt2_small_block(n, t, tied=kind != "untied")
     options = {"output_probes": PROBES} if kind == "probes" else {}
     kernel = ntk_fn(model, **options)
     plan = kernel.plan(x)
     summary = {"explain_plan": plan.reason, "memory_bytes": plan.memory}
-    if kind == "exact":
+    if kind == "untied":
         baseline = ntk_fn(model, readout_identity=False).plan(x)
         summary["without_identity"] = {
             "implementation": baseline.implementation.value,
@@ -56,7 +59,7 @@ def _case(kind: str, n: int, t: int):
     return summary, lambda: kernel(x)
 
 
-@pytest.mark.parametrize("kind", ["exact", "probes"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(("n", "t"), SHAPES)
 def test_large_vocab(benchmark, kind: str, n: int, t: int) -> None:
     summary, run = _case(kind, n, t)
@@ -72,7 +75,7 @@ def _table() -> None:
     print("| N | T | kernel | seconds | peak RSS above start | plan's estimate |")
     print("|---|---|---|---|---|---|")
     for n, t in SHAPES:
-        for kind in ("exact", "probes"):
+        for kind in KINDS:
             out = subprocess.run(
                 [sys.executable, "-m", "bench.bench_large_vocab", kind, str(n), str(t)],
                 capture_output=True,
@@ -86,7 +89,7 @@ def _table() -> None:
                 f"{format_bytes(res['memory_bytes'])} |",
                 flush=True,
             )
-            if kind == "exact":
+            if kind == "untied":
                 base = res["without_identity"]
                 print(
                     f"| {n} | {t} | exact without the identity (estimate) | "

@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 
 from rdiag import empirical_ntk, ntk_fn
-from rdiag.ntk.outputs import KernelEstimate, find_readout
+from rdiag.ntk.outputs import KernelEstimate
+from rdiag.ntk.readout import find_readout
 from tests import oracles
 from tests._assert import assert_close
 
@@ -86,39 +87,64 @@ def test_projected_kernel_is_the_kernel_of_projected_outputs(per_token: bool) ->
         ntk_fn(model, projection=0)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("impl", ["structured", "jacobian", "ntvp"])
-def test_readout_identity_is_exact(impl: str) -> None:
+def test_readout_identity_is_exact(impl: str, tied: bool) -> None:
     from rdiag.parametrization import apply_parametrization
 
     torch.manual_seed(0)
-    model = apply_parametrization(_LM(), "r=0.25", width=4, init=False)
+    # Parametrizations refuse tied weights (one role per weight).
+    model = (
+        _LM(tied=True)
+        if tied
+        else apply_parametrization(_LM(), "r=0.25", width=4, init=False)
+    )
     x1, x2 = _tokens(4, 1), _tokens(3, 2)
-    weights = {"head": 0.5, "mix": 2.0}
+    weights = {"head": 0.5, "mix": 2.0, "embed": 3.0}
     kw = dict(implementation=impl, dtype=torch.float64, lr_multipliers=weights)
     direct = ntk_fn(model, readout_identity=False, **kw)
     reduced = ntk_fn(model, **kw)
     for a, b in ((x1, x2), (x1, None)):
         assert_close("traced", direct(a, b), reduced(a, b), **F64)
-    assert reduced.last_plan.readout is not None
+    plan = reduced.last_plan
+    assert plan.readout is not None and (plan.readout.embedding is not None) == tied
     assert (
         "read-out identity" in reduced.explain() and "reduced to 4" in reduced.explain()
     )
     layers = ntk_fn(model, per_layer=True, **kw)(x1, x2)
-    assert_close(
-        "per layer",
-        ntk_fn(model, per_layer=True, readout_identity=False, **kw)(x1, x2)["head"],
-        layers["head"],
-        **F64,
-    )
+    expected = ntk_fn(model, per_layer=True, readout_identity=False, **kw)(x1, x2)
+    assert set(layers) == set(expected)
+    for layer, k in expected.items():
+        assert_close(f"layer {layer}", k, layers[layer], **F64)
     diag = ntk_fn(model, diagonal=True, **kw)(x1)
     assert_close("diagonal", direct(x1).diagonal(), diag, **F64)
 
 
-def test_readout_identity_needs_an_untied_widening_readout() -> None:
+def test_tied_readout_identity_against_the_oracle() -> None:
+    torch.manual_seed(0)
+    model = _LM(tied=True)
+    model.embed.padding_idx = 0  # its row gets no gradient from the embedding
+    x1, x2 = _tokens(4, 1), _tokens(3, 2)
+    x1[0, 1] = 0
+    oracle = oracles.ntk_from_jacobians(_jac(model, x1), _jac(model, x2))
+    got = ntk_fn(model, dtype=torch.float64)(x1, x2)
+    assert_close("tied, padded", oracle.diagonal(dim1=2, dim2=3).sum(-1), got, **F64)
+
+
+def test_readout_identity_needs_a_widening_readout_tied_to_an_embedding_at_most() -> (
+    None
+):
     x = _tokens(2, 1)
     tied = ntk_fn(_LM(tied=True))
     tied(x)
-    assert tied.last_plan.readout is None
+    assert tied.last_plan.readout.embedding is tied.fm.module.embed
+    shared = _LM()
+    shared.mix.weight = nn.Parameter(torch.randn(4, 4))
+    other = nn.Linear(4, 11)
+    other.weight = shared.head.weight  # shared with a module that is no embedding
+    shared.other = other
+    fm_shared = ntk_fn(shared).fm
+    assert find_readout(fm_shared, fm_shared.cast_input(x)) is None
     from rdiag.functional import functionalize
 
     narrow = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
@@ -144,17 +170,19 @@ def test_output_probes_estimate_the_traced_kernel_within_their_error_bars() -> N
 
 def test_a_large_output_space_without_the_identity_is_said_once() -> None:
     torch.manual_seed(0)
-    embed = nn.Embedding(5000, 4)
-    head = nn.Linear(4, 5000, bias=False)
-    head.weight = embed.weight  # tied: no read-out identity
 
-    class Tied(nn.Module):
+    class Scaled(nn.Module):
+        """A wide read-out whose output is not the model's: no read-out identity."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Embedding(5000, 4)
+            self.head = nn.Linear(4, 5000, bias=False)
+
         def forward(self, tokens: Tensor) -> Tensor:
-            return head(torch.tanh(embed(tokens)))
+            return 2 * self.head(torch.tanh(self.embed(tokens)))
 
-    model = Tied()
-    model.embed, model.head = embed, head
-    kernel = ntk_fn(model, params="embed.*")
+    kernel = ntk_fn(Scaled(), params="embed.*")
     x = torch.randint(0, 5000, (2, 1))
     with pytest.warns(UserWarning, match="output_probes=k"):
         kernel.plan(x)

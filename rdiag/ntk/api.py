@@ -36,13 +36,16 @@ from rdiag.ntk.jacobian import jacobian_ntk
 from rdiag.ntk.outputs import (
     KernelEstimate,
     Projection,
+    probe_estimate,
+    projected_view,
+)
+from rdiag.ntk.readout import (
     Readout,
     ReadoutView,
     find_readout,
-    probe_estimate,
-    projected_view,
     readout_features,
     readout_kernels,
+    tied_kernels,
 )
 from rdiag.ntk.costs import (
     RACE_RATIO,
@@ -202,8 +205,8 @@ class NTKFunction:
             :class:`~rdiag.ntk.outputs.KernelEstimate` with its error bar.
         seed: Seed of a random projection or of the probes.
         readout_identity: For traced kernels, reduce the ``V`` outputs of a linear
-            read-out to its ``D`` inputs when ``D < V`` (exact; see
-            :mod:`rdiag.ntk.outputs`).
+            read-out to its ``D`` inputs when ``D < V``, tied or not (exact; see
+            :mod:`rdiag.ntk.readout`).
         weights: Deprecated name of ``lr_multipliers``.
         process_group: A ``torch.distributed`` process group: each rank passes its
             shard of the inputs, the kernel's tiles are split across the ranks
@@ -514,6 +517,11 @@ class NTKFunction:
             f"read-out identity: the {readout.module.out_features} outputs per position "
             f"of {readout.name!r} reduced to {r} (its input's rank)"
         )
+        if readout.embedding is not None:
+            reason += (
+                "; its weight is tied to the token embedding, whose cross terms take "
+                "one product per pair of positions"
+            )
         return NTKPlan(
             inner_plan.implementation,
             reason,
@@ -718,7 +726,8 @@ class NTKFunction:
             "large-outputs",
             f"the traced eNTK sums over {num_outputs:,} output units per sample "
             "(a backward pass each) and the read-out identity does not apply (no "
-            "untied linear read-out wider than its input); output_probes=k "
+            "linear read-out wider than its input, owning its weight or sharing it "
+            "with the token embedding); output_probes=k "
             "estimates it with an error bar, projection=k gives the kernel of k "
             "projected outputs",
         )
@@ -736,7 +745,7 @@ class NTKFunction:
     def _run_readout(
         self, plan: NTKPlan, x1: Inputs, x2: Inputs | None
     ) -> dict[str, Tensor]:
-        """The read-out identity: the reduced view's kernel plus the read-out's own."""
+        """The read-out identity: the reduced view's kernel, the read-out's own, ties."""
         view = plan.inner.fm
         view.basis = plan.readout.factor(self.fm)
         inner = plan.inner(x1, x2)
@@ -744,6 +753,10 @@ class NTKFunction:
         h1 = readout_features(view, x1)
         h2 = None if x2 is None else readout_features(view, x2)
         own = readout_kernels(plan.readout, h1, h2, self.weights, self.diagonal)
+        if plan.readout.embedding is not None:
+            cross = tied_kernels(view, x1, x2, self.weights, self.diagonal)
+            for layer, k in cross.items():
+                own[layer] = own[layer] + k if layer in own else k
         for layer, k in own.items():
             key = layer if self.per_layer else "all"
             kernels[key] = kernels[key] + k if key in kernels else k

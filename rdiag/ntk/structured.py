@@ -145,7 +145,7 @@ def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
     if x is not None:
         from rdiag.ntk.api import ntk_fn
 
-        plan = ntk_fn(fm, implementation="structured").plan(x)
+        plan = ntk_fn(fm, implementation="structured", readout_identity=False).plan(x)
         return 0.0 if plan.structured is None else plan.structured.coverage(fm)
     sites, rest = sites_of(fm)
     return StructuredPlan(sites, rest).coverage(fm)
