@@ -17,6 +17,7 @@ metric             quantity                          exponent
 ``delta_h``        ``||h_T - h_0||``, read-in/hidden ``r``
 ``f0``             ``||f_0||``                       ``-r``
 ``delta_f``        ``||f_T - f_0||``                 ``0``
+``delta_f1``       ``||f_1 - f_0||`` (one step)      ``0``
 ``dW_op``          ``||W_T - W_0||_op`` (effective)  ``r``, ``r - 1/2``, ``-1/2``
                                                      (read-in, hidden, read-out)
 ``dW_rel``         ``||dW||_op / ||W_0||_op``        ``r - 1/2``
@@ -42,7 +43,7 @@ from rdiag.metrics import fit_exponent
 from rdiag.records import flatten, split
 from rdiag.parametrization import Parametrization, parse_parametrization
 
-When = Literal["first", "last"]
+When = Literal["first", "step1", "last"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class Prediction:
         metric: Name of the fitted quantity (``"delta_h"``, ``"f0"``, ...).
         source: The metric of the Monitor records it is read from
             (:mod:`rdiag.records`: ``"f_norm"`` for ``f0``, ``"ntk/rel_change"``).
-        when: ``"first"`` (initialization) or ``"last"`` (the last step).
+        when: ``"first"`` (initialization), ``"step1"`` (after the first step) or
+            ``"last"`` (the last step).
         quantity: What is measured, in words.
         formula: The exponent as printed, e.g. ``"2r - 1"``.
         exponent: ``(r, role, steps) -> exponent`` (``None`` where nothing is
@@ -101,6 +103,10 @@ PREDICTIONS: dict[str, Prediction] = {
             lambda r, role, steps: 0.0,
         ),
         Prediction(
+            "delta_f1", "delta_f", "step1", "||f_1 - f_0||, after one step", "0",
+            lambda r, role, steps: 0.0,
+        ),
+        Prediction(
             "dW_op", "dW_op", "last", "||W_T - W_0||_op of the effective weights",
             "r / r - 1/2 / -1/2 (read-in / hidden / read-out)", _weight_change,
             per_layer=True,
@@ -126,7 +132,7 @@ PREDICTIONS: dict[str, Prediction] = {
 }  # fmt: skip
 
 #: What the standard parameterization (off the scale) is predicted to do.
-STANDARD: dict[str, float] = {"delta_f": 1.0, "f0": 0.0, "h0": 0.5}
+STANDARD: dict[str, float] = {"delta_f": 1.0, "delta_f1": 1.0, "f0": 0.0, "h0": 0.5}
 
 
 def richness_of(parametrization: Parametrization | str) -> float | None:
@@ -176,6 +182,7 @@ def records_from_checks(
     roles: Mapping[str, str],
     *,
     centered: bool = False,
+    step1: Mapping[Any, float] | None = None,
 ) -> list[dict]:
     """The predicted metrics read from a Monitor's first and last check.
 
@@ -185,12 +192,15 @@ def records_from_checks(
         last: The records of the last check.
         roles: Layer name -> role (``"readin"``, ``"hidden"``, ``"readout"``).
         centered: A centered model (``f0 = 0``): ``f0`` is left out.
+        step1: The records of a check after the first step, if there was one
+            (``delta_f1`` is read from it).
 
     Returns:
         ``{"metric", "layer", "role", "value"}`` dicts (``layer``/``role`` None for
         model-level metrics), in :data:`PREDICTIONS` order.
     """
     checks = {"first": flatten(first), "last": flatten(last)}
+    checks["step1"] = {} if step1 is None else flatten(step1)
     out = []
     for p in PREDICTIONS.values():
         if centered and p.metric == "f0":
@@ -225,11 +235,13 @@ def fit_records(
         confidence: Level of the slope intervals.
 
     Returns:
-        One ``{"metric", "layer", "parametrization", "r", "slope", "ci": [lo, hi],
-        "predicted"}`` dict per fitted series (metric, layer, role), in first-seen
-        order. Least squares of ``log(value)`` on ``log(width)`` over the finite
-        positive values (:func:`rdiag.metrics.fit_exponent`); ``slope`` and ``ci``
-        are ``nan`` when fewer than two widths remain.
+        One ``{"metric", "layer", "role", "parametrization", "r", "slope", "ci":
+        [lo, hi], "predicted", "widths", "seeds"}`` dict per fitted series (metric,
+        layer, role), in first-seen order. Least squares of ``log(value)`` on
+        ``log(width)`` over the finite positive values
+        (:func:`rdiag.metrics.fit_exponent`); ``widths`` (sorted) and ``seeds`` (a
+        count) are those of these values; ``slope`` and ``ci`` are ``nan`` when
+        fewer than two widths remain.
     """
     param = None if parametrization is None else parse_parametrization(parametrization)
     series: dict[tuple, list[Mapping[str, Any]]] = {}
@@ -251,6 +263,7 @@ def fit_records(
             {
                 "metric": metric,
                 "layer": layer,
+                "role": role,
                 "parametrization": None if param is None else param.name,
                 "r": None if param is None else param.r,
                 "slope": slope,
@@ -258,6 +271,8 @@ def fit_records(
                 "predicted": None
                 if param is None
                 else predicted_exponent(metric, role, param, steps),
+                "widths": sorted({r["width"] for r in kept}),
+                "seeds": len({r.get("seed") for r in kept}),
             }
         )
     return fits
