@@ -69,7 +69,7 @@ Family = str | Callable[[int], nn.Module]
 #: over widths 64..1024 (bench/calibrate_verdicts.py): large enough that the
 #: coherent kernel term dominates at r = 1/2, small enough for the edge of
 #: stability at every width.
-DEFAULT_LR: dict[str, float] = {"sgd": 0.3, "adam": 0.01}
+DEFAULT_LR: dict[str, float] = {"sgd": 0.3, "adam": 0.1}
 
 
 class Checked:
@@ -232,8 +232,10 @@ def coord_check(
     Example:
         >>> res = coord_check("mlp", "mup", [16, 32], steps=2, seeds=2, ntk=False)
         >>> fit = res.fit("delta_h", "hidden.0")
-        >>> sorted(fit), fit["predicted"], fit["parametrization"]
-        (['ci', 'layer', 'metric', 'parametrization', 'predicted', 'r', 'slope'], 0.5, 'mup')
+        >>> fit["predicted"], fit["parametrization"], fit["passed"] in (True, False)
+        (0.5, 'mup', True)
+        >>> fit["reason"].startswith(("slope", "inconclusive"))
+        True
     """
     param = parse_parametrization(parametrization)
     check_choice(mode, "mode", MODES)

@@ -21,6 +21,7 @@ metric             quantity                          exponent
 ``dW_op``          ``||W_T - W_0||_op`` (effective)  ``r``, ``r - 1/2``, ``-1/2``
                                                      (read-in, hidden, read-out)
 ``dW_rel``         ``||dW||_op / ||W_0||_op``        ``r - 1/2``
+``dW_rel1``        the same after one step           ``r - 1/2``
 ``ntk_rel_change`` ``||K_T - K_0||_F / ||K_0||_F``   ``2r - 1`` (``r - 1`` at T=1)
 ``lin_error``      ``||f_T - f_lin|| / ||f_T-f_0||`` ``2r - 1`` (``r - 1`` at T=1)
 =================  ================================  ============================
@@ -117,6 +118,11 @@ PREDICTIONS: dict[str, Prediction] = {
         ),
         Prediction(
             "dW_rel", "dW_rel", "last", "||W_T - W_0||_op / ||W_0||_op", "r - 1/2",
+            lambda r, role, steps: r - 0.5, per_layer=True,
+        ),
+        Prediction(
+            "dW_rel1", "dW_rel", "step1",
+            "||W_1 - W_0||_op / ||W_0||_op, after one step", "r - 1/2",
             lambda r, role, steps: r - 0.5, per_layer=True,
         ),
         Prediction(

@@ -22,13 +22,16 @@ slope short of ``2r - 1`` towards ``r - 1`` fails with that diagnosis and the
 remedy (a larger ``lr`` or more steps).
 
 **Richness.** :func:`estimate_richness` fits one ``r`` to every
-richness-dependent, gauge-independent exponent at once (``delta_h`` per
-read-in/hidden layer, ``f0``, ``dW_rel`` per layer and, after ``T >= 10`` steps,
-the kernel exponents): each predicted exponent is affine in ``r``
+richness-dependent, gauge-independent exponent of the dynamics at once
+(``delta_h`` per read-in/hidden layer, ``dW_rel`` per layer and, after
+``T >= 10`` steps, the kernel exponents): each predicted exponent is affine in ``r``
 (``a r + b``, from :data:`rdiag.predictions.PREDICTIONS`), the fit is weighted
 least squares with variance ``scatter**2 + allowance**2`` per series and Huber
 weights against outlying series (a mis-scaled layer), and its interval comes from
-resampling the seeds of every width. :func:`diagnose` turns the fits into a
+resampling the seeds of every width. ``f0 ~ n^-r`` is the initialization's
+alone and only bounds ``r`` from above (a smaller read-out init, zero or
+``1/n`` as in mup, trains the same to leading order; a larger one does not), so
+it is checked, not fitted. :func:`diagnose` turns the fits into a
 verdict: on the scale (lazy, intermediate, muP) or off it (outputs growing with
 width, an unstable layer, a layer frozen in the limit, exponents inconsistent
 with any one ``r``), and per layer the violated exponents with the change of
@@ -62,6 +65,7 @@ ALLOWANCE: dict[str, float] = {
     "delta_f1": 0.1,
     "dW_op": 0.1,
     "dW_rel": 0.15,
+    "dW_rel1": 0.15,
     "ntk_rel_change": 0.2,
     "lin_error": 0.2,
 }
@@ -136,39 +140,54 @@ def judge(
         axis: ``"width"`` or ``"depth"``.
 
     Returns:
-        ``{"passed": bool | None, "tolerance": float | None, "reason": str}``
-        (``passed`` None where nothing is predicted).
+        ``{"passed": bool | None, "tolerance": float | None, "reason": str,
+        "inconclusive": bool}`` (``passed`` None where nothing is predicted; an
+        inconclusive fit has ``passed`` False but claims no violation). A fit
+        with ``"bound": "upper"`` passes anywhere below its prediction too.
     """
     predicted, slope = fit["predicted"], fit["slope"]
     if predicted is None:
-        return {"passed": None, "tolerance": None, "reason": "no prediction"}
+        return {
+            "passed": None,
+            "tolerance": None,
+            "reason": "no prediction",
+            "inconclusive": False,
+        }
     metric = fit["metric"]
     sizes = fit["widths" if axis == "width" else "depths"]
     if not math.isfinite(slope):
         return _verdict(False, None, "fewer than two sizes with positive values")
     allow = allowance(metric, sizes, axis=axis)
     lo, hi = fit["ci"]
-    scatter = (hi - lo) / 2 if lo is not None and math.isfinite(lo) else 0.0
+    if lo is None or not math.isfinite(lo):
+        return _verdict(
+            None,
+            None,
+            f"inconclusive: slope {slope:+.2f} through two points has no interval; "
+            "add seeds or sizes",
+        )
+    scatter = (hi - lo) / 2
     tol = math.hypot(allow, scatter)
-    low, high = predicted, predicted
+    low = -math.inf if fit.get("bound") == "upper" else predicted
+    high = predicted
     first_step = metric in KERNEL and r is not None and 1 < steps < COHERENT_STEPS
     if first_step:  # between the first-step and the coherent exponent
         low, high = sorted((r - 1.0, 2.0 * r - 1.0))
     a = abs(sensitivity(metric, "hidden", steps)[0]) if axis == "width" else 0.0
     if tol >= (RESOLUTION * a if a > 0 else UNSCALED_RESOLUTION):
         return _verdict(
-            False,
+            None,
             tol,
             f"inconclusive: the tolerance {tol:.2f} (finite-size allowance {allow:.2f}, "
             f"seed scatter +-{scatter:.2f}) cannot tell the prediction from its "
             "neighbours; add seeds, or sizes over a wider range",
         )
-    target = (
-        f"{low:+.2f}..{high:+.2f} (T = {steps} < {COHERENT_STEPS}: between the "
-        "first-step exponent r - 1 and 2r - 1)"
-        if first_step
-        else f"{predicted:+.2f}"
-    )
+    target = f"{predicted:+.2f}" if low == high else f"at most {high:+.2f}"
+    if first_step:
+        target = (
+            f"{low:+.2f}..{high:+.2f} (T = {steps} < {COHERENT_STEPS}: between the "
+            "first-step exponent r - 1 and 2r - 1)"
+        )
     if low - tol <= slope <= high + tol:
         return _verdict(
             True,
@@ -193,8 +212,14 @@ def judge(
     return _verdict(False, tol, reason)
 
 
-def _verdict(passed: bool, tol: float | None, reason: str) -> dict[str, Any]:
-    return {"passed": passed, "tolerance": tol, "reason": reason}
+def _verdict(passed: bool | None, tol: float | None, reason: str) -> dict[str, Any]:
+    """``passed=None``: inconclusive (a failure that claims no violation)."""
+    return {
+        "passed": passed is True,
+        "tolerance": tol,
+        "reason": reason,
+        "inconclusive": passed is None,
+    }
 
 
 def judge_fits(
@@ -234,7 +259,7 @@ class Richness:
 
 
 def _informative(metric: str, role: str | None, steps: int) -> bool:
-    if metric not in ("delta_h", "f0", "dW_rel", *KERNEL):
+    if metric not in ("delta_h", "dW_rel", *KERNEL):
         return False
     if metric in KERNEL and steps < COHERENT_STEPS:
         return False
@@ -369,9 +394,9 @@ class LayerDiagnosis:
     Attributes:
         name: The module name.
         role: ``"readin"``, ``"hidden"`` or ``"readout"``.
-        exponents: Metric -> ``{"slope", "ci", "predicted", "passed", "reason"}``
-            (``h0``, ``delta_h``, ``dW_rel``; ``f0`` on the read-out), the
-            predictions at the diagnosed richness.
+        exponents: Metric -> ``{"slope", "ci", "predicted", "passed", "reason",
+            "inconclusive"}`` (``h0``, ``delta_h``, ``dW_rel``, ``dW_rel1``; ``f0``
+            on the read-out), the predictions at the diagnosed richness.
         lr_exponent: The width exponent of the layer's learning rate, if measured.
         problem: ``None``, ``"unstable"``, ``"frozen"``, ``"learning rate"`` or
             ``"initialization"``.
@@ -412,8 +437,12 @@ def _layer(name, role, fits, target, lr_exponent, n0) -> LayerDiagnosis:
     exps = {f["metric"]: f for f in fits}
     problem, violations, fixes = None, [], []
     rel = exps.get("dW_rel")
-    if rel is not None and rel["passed"] is False and math.isfinite(rel["slope"]):
-        delta = rel["slope"] - rel["predicted"]
+    if rel is not None and _violated(rel):
+        # The first step's update is exactly linear in the layer's rate: its
+        # exponent's error is the rate's (later steps saturate or compound).
+        first = exps.get("dW_rel1")
+        fitted = first if first is not None and _violated(first) else rel
+        delta = fitted["slope"] - fitted["predicted"]
         tol = rel["tolerance"] or 0.0
         problem = (
             "unstable"
@@ -438,13 +467,13 @@ def _layer(name, role, fits, target, lr_exponent, n0) -> LayerDiagnosis:
                 f"||dh|| ~ n^{dh['slope']:+.2f}: its coordinates grow with width "
                 "(at most n^+0.50 on the scale)"
             )
-        elif dh["passed"] is False:
+        elif _violated(dh):
             violations.append(
                 f"||dh|| ~ n^{dh['slope']:+.2f}, predicted n^{dh['predicted']:+.2f}"
             )
     for metric, what in (("h0", "init std (or forward multiplier)"), ("f0", "")):
         fit = exps.get(metric)
-        if fit is None or fit["passed"] is not False or not math.isfinite(fit["slope"]):
+        if fit is None or not _violated(fit):
             continue
         delta = fit["slope"] - fit["predicted"]
         norm = "||h_0||" if metric == "h0" else "||f_0||"
@@ -461,7 +490,18 @@ def _layer(name, role, fits, target, lr_exponent, n0) -> LayerDiagnosis:
     )
 
 
-_EXPONENT_KEYS = ("slope", "ci", "predicted", "passed", "reason")
+#: The per-layer exponents a layer's diagnosis reads.
+_PER_LAYER = ("h0", "delta_h", "dW_rel", "dW_rel1")
+_EXPONENT_KEYS = ("slope", "ci", "predicted", "passed", "reason", "inconclusive")
+
+
+def _violated(fit: Mapping[str, Any]) -> bool:
+    """A conclusive failure: the exponent is off its prediction."""
+    return (
+        fit["passed"] is False
+        and not fit.get("inconclusive")
+        and math.isfinite(fit["slope"])
+    )
 
 
 def diagnose(
@@ -493,7 +533,7 @@ def diagnose(
     model = {f["metric"]: f for f in fits if f["layer"] is None}
     per_layer: dict[str, list] = {}
     for f in fits:
-        if f["layer"] is not None and f["metric"] in ("h0", "delta_h", "dW_rel"):
+        if f["layer"] is not None and f["metric"] in _PER_LAYER:
             per_layer.setdefault(f["layer"], []).append(f)
     readouts = [n for n, role in roles.items() if role == "readout"]
     layers = []
@@ -535,7 +575,7 @@ def _verdict_of(model, layers, richness, failed) -> tuple[str, str]:
                 )
     for d in layers:
         h0 = d.exponents.get("h0")
-        if h0 is not None and h0["passed"] is False and math.isfinite(h0["slope"]):
+        if h0 is not None and _violated(h0):
             grows = h0["slope"] > h0["predicted"]
             return "growing" if grows else "inconsistent", (
                 f"off the scale: activations {'grow' if grows else 'vanish'} with "
@@ -552,7 +592,7 @@ def _verdict_of(model, layers, richness, failed) -> tuple[str, str]:
         )
         return "unstable", f"off the scale: unstable, {what}"
     df = model.get("delta_f")
-    if df is not None and df["passed"] is False and df["slope"] < df["predicted"]:
+    if df is not None and _violated(df) and df["slope"] < df["predicted"]:
         return "frozen", (
             f"off the scale: frozen in the limit, the output change vanishes with "
             f"width (||f_T - f_0|| ~ n^{df['slope']:+.2f})"

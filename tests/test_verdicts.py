@@ -47,7 +47,8 @@ def test_judge_passes_within_and_fails_beyond_the_tolerance():
 def test_judge_calls_a_noisy_fit_inconclusive():
     # tolerance hypot(0.1, 0.25) = 0.27 >= 0.25: cannot tell r from r +- 1/4
     noisy = judge(_fit("delta_h", 0.5, 0.5, half=0.25), r=0.5, steps=10)
-    assert noisy["passed"] is False and noisy["reason"].startswith("inconclusive")
+    assert noisy["passed"] is False and noisy["inconclusive"]
+    assert noisy["reason"].startswith("inconclusive")
     # the kernel exponent moves by 2 per unit r: 0.27 still resolves 1/4 of r
     kernel = judge(_fit("ntk_rel_change", 0.0, 0.0, half=0.25), r=0.5, steps=10)
     assert kernel["passed"]
