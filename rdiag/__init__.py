@@ -23,6 +23,7 @@ from rdiag.data import Dataset, load_data
 from rdiag.functional import FunctionalModel, functionalize, select_parameters
 from rdiag.harness import TrainConfig, TrainResult, sweep, train
 from rdiag.kernels import KernelStats, kernel_stats
+from rdiag.meter import LRRule, MeterResult, richness_meter
 from rdiag.linalg import (
     EigResult,
     SpectralDensity,
@@ -148,6 +149,9 @@ __all__ = [
     "CoordCheckResult",
     "coord_check",
     "plot_coord_check",
+    "MeterResult",
+    "LRRule",
+    "richness_meter",
     # harness
     "Monitor",
     "Store",

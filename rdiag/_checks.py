@@ -57,6 +57,40 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> No
         raise ValueError(f"expected {name} to be a positive int, got {value!r}")
 
 
+def check_sizes(sizes: Any, what: str = "width") -> list[int]:
+    """Sorted distinct positive ints, at least two (widths or depths of a fit).
+
+    Raises:
+        ValueError: A size that is not a positive int, or fewer than two distinct.
+    """
+    sizes = list(sizes)
+    for s in sizes:
+        check_positive_int(s, f"every {what}")
+    if len(set(sizes)) < 2:
+        raise ValueError(
+            f"expected at least two distinct {what}s to fit a slope, got {sizes}"
+        )
+    return sorted(set(sizes))
+
+
+def check_seeds(seeds: Any) -> list[int]:
+    """``range(seeds)`` for an int, else the list of int seeds.
+
+    Raises:
+        ValueError: Not a positive int or a non-empty list of ints.
+    """
+    if isinstance(seeds, int) and not isinstance(seeds, bool) and seeds > 0:
+        return list(range(seeds))
+    given = [] if isinstance(seeds, (int, str)) else list(seeds)
+    if not given or not all(
+        isinstance(s, int) and not isinstance(s, bool) for s in given
+    ):
+        raise ValueError(
+            f"expected seeds as a positive int or a list of ints, got {seeds!r}"
+        )
+    return given
+
+
 def check_finite_positive(value: Any, name: str) -> float:
     """Return ``float(value)`` if finite and > 0; raise ``ValueError`` otherwise."""
     try:

@@ -260,7 +260,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     cc.add_argument("--steps", type=_POSITIVE, default=10)
     cc.add_argument("--seeds", type=_POSITIVE, default=4, metavar="K")
-    cc.add_argument("--lr", type=_RATE, default=0.1)
+    cc.add_argument(
+        "--lr",
+        type=_RATE,
+        help="base learning rate (default: 0.3 for SGD, 0.1 for Adam, calibrated "
+        "with 10 steps)",
+    )
     cc.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     cc.add_argument("--out", required=True, type=_directory)
 
@@ -479,8 +484,20 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
     figure = plot_coord_check(result, out / "coord_check.png")
     print(f"summary: {summary.resolve()}")
     print(f"figure:  {Path(figure).resolve()}")
-    _print_fits(result.fits)
+    _print_verdicts(result)
     return 0
+
+
+def _print_verdicts(result: Any) -> None:
+    """Every judged fit with its verdict, then the overall one (coord and depth checks)."""
+    for f in result.fits:
+        if f["passed"] is None:
+            continue
+        mark = "pass" if f["passed"] else "FAIL"
+        print(f"  {mark} {f['metric']:15s} {f['layer'] or '':14s} {f['reason']}")
+    for run in result.failed:
+        print(f"  diverged: {run}")
+    print(f"verdict: {'pass' if result.passed else 'FAIL'}")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:

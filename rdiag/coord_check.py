@@ -23,6 +23,7 @@ non-finite loss) is listed in ``CoordCheckResult.failed`` and left out of the fi
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -36,13 +37,18 @@ from torch import Tensor, nn
 
 import torch.nn.functional as F
 
-from rdiag._checks import check_choice, check_finite_positive, check_positive_int
+from rdiag._checks import (
+    check_choice,
+    check_finite_positive,
+    check_positive_int,
+    check_seeds,
+    check_sizes,
+)
 from rdiag._inputs import Inputs, tree_map
 from rdiag._optional import require
-from rdiag.functional import MODES, Mode, functionalize
+from rdiag.functional import MODES, Mode, check_per_sample
 from rdiag import loop
 from rdiag.models import FAMILIES, make_model
-from rdiag.monitor import Monitor
 from rdiag.parametrization import (
     OPTIMIZERS,
     Centered,
@@ -53,16 +59,70 @@ from rdiag.parametrization import (
     make_optimizer,
     parse_parametrization,
 )
-from rdiag.predictions import PREDICTIONS, fit_records, records_from_checks
+from rdiag.predictions import PREDICTIONS, fit_records, richness_of
+from rdiag.verdicts import judge_fits
 
 #: The recorded metrics (:data:`rdiag.predictions.PREDICTIONS`).
 METRICS: tuple[str, ...] = tuple(PREDICTIONS)
 Family = str | Callable[[int], nn.Module]
+#: Default base learning rates, calibrated with ``steps=10`` on the built-in MLP
+#: over widths 64..1024 (bench/calibrate_verdicts.py): large enough that the
+#: coherent kernel term dominates at r = 1/2, small enough for the edge of
+#: stability at every width.
+DEFAULT_LR: dict[str, float] = {"sgd": 0.3, "adam": 0.1}
+
+
+class Checked:
+    """What coordinate and depth checks share: fits with verdicts, lookup, saving.
+
+    Each fit carries :func:`rdiag.verdicts.judge`'s ``"passed"`` (``None`` where
+    nothing is predicted), ``"tolerance"`` and ``"reason"``.
+    """
+
+    fits: list[dict]
+    failed: list[dict]
+
+    @property
+    def passed(self) -> bool:
+        """Whether no run diverged and every predicted exponent passed."""
+        return not self.failed and all(f["passed"] is not False for f in self.fits)
+
+    @property
+    def failures(self) -> list[dict]:
+        """The fits that failed their prediction."""
+        return [f for f in self.fits if f["passed"] is False]
+
+    def fit(self, metric: str, layer: str | None = None) -> dict:
+        """The fit of ``metric`` (for ``layer``); raises ``KeyError`` if absent."""
+        for f in self.fits:
+            if f["metric"] == metric and f["layer"] == layer:
+                return f
+        have = sorted({(f["metric"], f["layer"]) for f in self.fits}, key=str)
+        raise KeyError(f"no fit for metric={metric!r}, layer={layer!r}; have {have}")
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``out_dir/summary.json``: the settings, fits, records and failed runs.
+
+        Non-finite numbers are written as ``null``.
+
+        Returns:
+            The path of the written file.
+        """
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        payload = {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(self).items()
+        }
+        payload["passed"] = self.passed
+        path = out / "summary.json"
+        path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
+        return path
 
 
 @dataclass(frozen=True)
-class CoordCheckResult:
-    """Raw measurements and fitted exponents of a coordinate check.
+class CoordCheckResult(Checked):
+    """Raw measurements, fitted exponents and their verdicts of a coordinate check.
 
     Attributes:
         parametrization: The parametrization's label (``"r=0.25"``, ``"mup"``, ...).
@@ -73,9 +133,11 @@ class CoordCheckResult:
         seeds: The seeds.
         records: One dict per measurement: ``{"width", "seed", "metric", "layer",
             "role", "value"}`` (``layer``/``role`` ``None`` for model-level metrics).
-        fits: One dict per fitted series: ``{"metric", "layer", "parametrization",
-            "r", "slope", "ci": [lo, hi], "predicted"}``.
+        fits: One dict per fitted series: ``{"metric", "layer", "role",
+            "parametrization", "r", "slope", "ci": [lo, hi], "predicted",
+            "widths", "seeds", "passed", "tolerance", "reason"}``.
         failed: The runs that diverged: ``{"width", "seed", "reason"}``.
+        lr: The base learning rate ``eta_0``.
     """
 
     parametrization: str
@@ -87,6 +149,7 @@ class CoordCheckResult:
     records: list[dict] = field(repr=False)
     fits: list[dict] = field(repr=False)
     failed: list[dict] = field(default_factory=list, repr=False)
+    lr: float = math.nan
 
     @property
     def param(self) -> str:
@@ -97,39 +160,6 @@ class CoordCheckResult:
             "CoordCheckResult.param", "parametrization", self.parametrization
         )
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``out_dir/summary.json``: the fits, the raw records and the settings.
-
-        Non-finite numbers are written as ``null``.
-
-        Returns:
-            The path of the written file.
-        """
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        payload = {
-            "parametrization": self.parametrization,
-            "r": self.r,
-            "optimizer": self.optimizer,
-            "steps": self.steps,
-            "widths": list(self.widths),
-            "seeds": list(self.seeds),
-            "fits": self.fits,
-            "records": self.records,
-            "failed": self.failed,
-        }
-        path = out / "summary.json"
-        path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
-        return path
-
-    def fit(self, metric: str, layer: str | None = None) -> dict:
-        """The fit of ``metric`` (for ``layer``); raises ``KeyError`` if absent."""
-        for f in self.fits:
-            if f["metric"] == metric and f["layer"] == layer:
-                return f
-        have = sorted({(f["metric"], f["layer"]) for f in self.fits}, key=str)
-        raise KeyError(f"no fit for metric={metric!r}, layer={layer!r}; have {have}")
-
 
 def coord_check(
     model_family: Family,
@@ -138,7 +168,7 @@ def coord_check(
     *,
     steps: int = 10,
     seeds: int | Sequence[int] = 4,
-    lr: float = 0.05,
+    lr: float | None = None,
     optimizer: str = "sgd",
     data: tuple[Inputs, Tensor] | None = None,
     probe: Inputs | None = None,
@@ -164,7 +194,9 @@ def coord_check(
         steps: Full-batch training steps ``T``.
         seeds: Number of seeds (``0..K-1``) or the seeds; a seed fixes the init.
         lr: Base learning rate ``eta_0`` (of ``F.mse_loss``: with ``O`` outputs this
-            is ``O / 2`` times the rate of the ``0.5 * sum_o (f - y)^2`` convention).
+            is ``O / 2`` times the rate of the ``0.5 * sum_o (f - y)^2`` convention);
+            default :data:`DEFAULT_LR` of the optimizer, with ``steps=10``
+            calibrated so that the built-in MLP's checks pass at r = 0, 1/4, 1/2.
         optimizer: ``"sgd"`` or ``"adam"``.
         data: Training batch ``(x (N, ...), y (N, O))`` (``x`` a tensor, tuple or
             dict of tensors); default ``batch_size``
@@ -188,7 +220,10 @@ def coord_check(
             for training and measuring alike.
 
     Returns:
-        The :class:`CoordCheckResult`.
+        The :class:`CoordCheckResult`; every fit carries its verdict
+        (:func:`rdiag.verdicts.judge`: pass or fail under a tolerance for
+        finite-width bias, seed scatter and the first-step regime, with the
+        reason) and ``.passed`` says whether all passed.
 
     Raises:
         ValueError: Bad widths/steps/seeds/lr/optimizer/mode, a user family without
@@ -197,11 +232,18 @@ def coord_check(
     Example:
         >>> res = coord_check("mlp", "mup", [16, 32], steps=2, seeds=2, ntk=False)
         >>> fit = res.fit("delta_h", "hidden.0")
-        >>> sorted(fit), fit["predicted"], fit["parametrization"]
-        (['ci', 'layer', 'metric', 'parametrization', 'predicted', 'r', 'slope'], 0.5, 'mup')
+        >>> fit["predicted"], fit["parametrization"], fit["passed"] in (True, False)
+        (0.5, 'mup', True)
+        >>> fit["reason"].startswith(("slope", "inconclusive"))
+        True
     """
     param = parse_parametrization(parametrization)
     check_choice(mode, "mode", MODES)
+    lr = (
+        DEFAULT_LR[check_choice(optimizer, "optimizer", OPTIMIZERS)]
+        if lr is None
+        else lr
+    )
     widths, seeds = _check_args(
         model_family, widths, steps, seeds, lr, optimizer, data, confidence
     )
@@ -230,7 +272,12 @@ def coord_check(
                 failed.append({"width": width, "seed": seed, "reason": measured})
                 continue
             records += [dict(width=width, seed=seed, **rec) for rec in measured]
-    fits = fit_records(records, param, steps, confidence=confidence)
+    fits = judge_fits(
+        fit_records(records, param, steps, confidence=confidence),
+        r=richness_of(param),
+        steps=steps,
+        lr=lr,
+    )
     return CoordCheckResult(
         param.name,
         param.r,
@@ -241,6 +288,7 @@ def coord_check(
         records,
         fits,
         failed,
+        lr,
     )
 
 
@@ -257,28 +305,14 @@ def _check_args(family, widths, steps, seeds, lr, optimizer, data, confidence):
             "expected data=(x, y) for a user model family (it has no sample_inputs); "
             "pass a fixed training batch"
         )
-    widths = list(widths)
-    for w in widths:
-        check_positive_int(w, "every width")
-    if len(set(widths)) < 2:
-        raise ValueError(
-            f"expected at least two distinct widths to fit a slope, got {widths}"
-        )
+    widths = check_sizes(widths, "width")
     check_positive_int(steps, "steps")
-    seeds = (
-        list(range(seeds))
-        if isinstance(seeds, int) and not isinstance(seeds, bool)
-        else list(seeds)
-    )
-    if not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ValueError(
-            f"expected seeds as a positive int or a list of ints, got {seeds!r}"
-        )
+    seeds = check_seeds(seeds)
     check_finite_positive(lr, "lr")
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     if not 0 < confidence < 1:
         raise ValueError(f"expected confidence in (0, 1), got {confidence!r}")
-    return sorted(widths), seeds
+    return widths, seeds
 
 
 def _builder(
@@ -312,39 +346,21 @@ def _run(
     options: dict,
 ) -> list[dict] | str:
     """Train one model with a Monitor; its predicted records, or why it diverged."""
-    if functionalize(model, mode="train").batch_coupled:
-        raise ValueError(
-            f"expected a model that acts on each sample separately, got "
-            f"{type(model).__name__} with batch norm or dropout; a coordinate check "
-            "compares per-input representations and per-sample kernels, which a "
-            "batch-coupled network does not have; remove those layers or study it "
-            "with rdiag.empirical_ntk(..., mode='train') on a fixed batch"
-        )
-    monitor = Monitor(
+    check_per_sample(model, "train")
+    roles = {n: s.role for n, s in layer_scales(model).items()}
+    return loop.measured_fit(
         model,
+        make_optimizer(model, param, lr, optimizer=optimizer),
+        itertools.repeat((x, y), steps),
+        _mse,
         probe,
-        every=[0],
+        roles,
+        steps=steps,
         lr_multipliers=lr_multipliers(model, param, optimizer),
-        strict=True,
+        divergence_factor=None,
+        centered=isinstance(model, Centered),
         **options,
     )
-    opt = make_optimizer(model, param, lr, optimizer=optimizer)
-    batches = itertools.repeat((x, y), steps)
-    result = loop.fit(
-        model,
-        opt,
-        batches,
-        _mse,
-        steps=steps,
-        monitor=monitor,
-        divergence_factor=None,
-        output_fn=options["output_fn"],
-    )
-    if result.failed:
-        return result.reason
-    roles = {n: s.role for n, s in layer_scales(model).items()}
-    first, last = monitor.history[0], monitor.history[-1]
-    return records_from_checks(first, last, roles, centered=isinstance(model, Centered))
 
 
 # ---- output ------------------------------------------------------------------------

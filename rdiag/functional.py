@@ -531,3 +531,23 @@ def functionalize(
         dropout_seed=dropout_seed,
         output_fn=output_fn,
     )
+
+
+def check_per_sample(model: nn.Module, mode: Mode) -> None:
+    """Refuse a model whose outputs couple the samples of a batch in ``mode``.
+
+    Width experiments compare per-input representations and per-sample kernels,
+    which a batch-coupled network (batch norm, or dropout in ``"train"`` mode) does
+    not have.
+
+    Raises:
+        ValueError: The model is batch-coupled in ``mode``.
+    """
+    if functionalize(model, mode=mode).batch_coupled:
+        raise ValueError(
+            f"expected a model that acts on each sample separately, got "
+            f"{type(model).__name__} with batch norm or dropout; a coordinate check "
+            "compares per-input representations and per-sample kernels, which a "
+            "batch-coupled network does not have; remove those layers or study it "
+            "with rdiag.empirical_ntk(..., mode='train') on a fixed batch"
+        )

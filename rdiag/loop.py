@@ -24,6 +24,7 @@ from rdiag._optional import Notices
 from rdiag.functional import output_tensor
 from rdiag.losses import apply_loss
 from rdiag.monitor import Monitor
+from rdiag.predictions import records_from_checks
 from rdiag.store import StoreError
 
 #: Default of ``divergence_factor``: a loss above this multiple of the initial one.
@@ -154,6 +155,75 @@ def fit(
     if reason is None and monitor is not None:
         reason = _diagnose(monitor, steps, force=True)
     return FitResult(value, reason, taken)
+
+
+def measured_fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterable[tuple[Inputs, Tensor]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    probe: Inputs,
+    roles: dict[str, str],
+    *,
+    steps: int,
+    metrics: list[str],
+    lr_multipliers: dict[str, float] | None = None,
+    layers: list[str] | None = None,
+    divergence_factor: float | None = DIVERGENCE_FACTOR,
+    centered: bool = False,
+    mode: str = "eval",
+    output_fn: Callable[[object], Tensor] | None = None,
+) -> list[dict] | str:
+    """One run of a width experiment: :func:`fit` with a Monitor at init and at the end.
+
+    The Monitor (``strict=True``) measures ``metrics`` on ``probe`` at step 0,
+    after the first update and after the last; the predicted quantities are read
+    from those checks by :func:`rdiag.predictions.records_from_checks`.
+
+    Args:
+        model: The network.
+        optimizer: Its optimizer.
+        batches: ``steps`` batches ``(x, y)``, as for :func:`fit`.
+        loss_fn: ``loss_fn(model(x), y)``.
+        probe: Inputs ``(P, ...)`` of the measurements.
+        roles: Layer name -> role, attached to the per-layer records.
+        steps: Number of optimizer steps.
+        metrics: Monitor metrics (``"representations"``, ``"weights"``, ...).
+        lr_multipliers: The diagonal ``M`` of the eNTK ``K_M``.
+        layers: The layers whose outputs are tracked (default the Monitor's).
+        divergence_factor: See :func:`divergence_reason`.
+        centered: A centered model (no ``f0``).
+        mode: The Monitor's ``mode``.
+        output_fn: Picks the output tensor, as for :func:`fit`.
+
+    Returns:
+        The records ``{"metric", "layer", "role", "value"}``, or why the run failed.
+    """
+    monitor = Monitor(
+        model,
+        probe,
+        every=[0, 1],
+        metrics=metrics,
+        lr_multipliers=lr_multipliers,
+        layers=layers,
+        mode=mode,
+        output_fn=output_fn,
+        strict=True,
+    )
+    result = fit(
+        model,
+        optimizer,
+        batches,
+        loss_fn,
+        steps=steps,
+        monitor=monitor,
+        divergence_factor=divergence_factor,
+        output_fn=output_fn,
+    )
+    if result.failed:
+        return result.reason
+    first, step1, last = monitor.history[0], monitor.history[1], monitor.history[-1]
+    return records_from_checks(first, last, roles, centered=centered, step1=step1)
 
 
 def _diagnose(monitor: Monitor, step: int, *, force: bool = False) -> str | None:

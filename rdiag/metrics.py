@@ -339,13 +339,24 @@ def fit_exponent(
         raise ValueError(
             f"expected at least two distinct widths, got {np.unique(x).tolist()}"
         )
-    lx, ly = np.log(x), np.log(y)
-    sxx = float(((lx - lx.mean()) ** 2).sum())
-    slope = float(((lx - lx.mean()) * (ly - ly.mean())).sum() / sxx)
+    slope, se = log_slope(np.log(x), np.log(y))
+    if len(x) <= 2:
+        return slope, (float("nan"), float("nan"))
+    half = _t_quantile((1 + confidence) / 2, len(x) - 2) * se
+    return slope, (slope - half, slope + half)
+
+
+def log_slope(lx: np.ndarray, ly: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of ``ly`` on ``lx`` (1-D, already logarithms) and its standard error.
+
+    The unchecked core of :func:`fit_exponent`, for resampling loops. The standard
+    error is ``sqrt(RSS / (n - 2) / Sxx)`` (``nan`` with two points).
+    """
+    dx, dy = lx - lx.mean(), ly - ly.mean()
+    sxx = float((dx**2).sum())
+    slope = float((dx * dy).sum() / sxx)
     n = len(lx)
     if n <= 2:
-        return slope, (float("nan"), float("nan"))
-    resid = ly - ly.mean() - slope * (lx - lx.mean())
-    se = math.sqrt(float((resid**2).sum()) / (n - 2) / sxx)
-    half = _t_quantile((1 + confidence) / 2, n - 2) * se
-    return slope, (slope - half, slope + half)
+        return slope, float("nan")
+    resid = dy - slope * dx
+    return slope, math.sqrt(float((resid**2).sum()) / (n - 2) / sxx)

@@ -17,9 +17,11 @@ metric             quantity                          exponent
 ``delta_h``        ``||h_T - h_0||``, read-in/hidden ``r``
 ``f0``             ``||f_0||``                       ``-r``
 ``delta_f``        ``||f_T - f_0||``                 ``0``
+``delta_f1``       ``||f_1 - f_0||`` (one step)      ``0``
 ``dW_op``          ``||W_T - W_0||_op`` (effective)  ``r``, ``r - 1/2``, ``-1/2``
                                                      (read-in, hidden, read-out)
 ``dW_rel``         ``||dW||_op / ||W_0||_op``        ``r - 1/2``
+``dW_rel1``        the same after one step           ``r - 1/2``
 ``ntk_rel_change`` ``||K_T - K_0||_F / ||K_0||_F``   ``2r - 1`` (``r - 1`` at T=1)
 ``lin_error``      ``||f_T - f_lin|| / ||f_T-f_0||`` ``2r - 1`` (``r - 1`` at T=1)
 =================  ================================  ============================
@@ -42,7 +44,7 @@ from rdiag.metrics import fit_exponent
 from rdiag.records import flatten, split
 from rdiag.parametrization import Parametrization, parse_parametrization
 
-When = Literal["first", "last"]
+When = Literal["first", "step1", "last"]
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ class Prediction:
         metric: Name of the fitted quantity (``"delta_h"``, ``"f0"``, ...).
         source: The metric of the Monitor records it is read from
             (:mod:`rdiag.records`: ``"f_norm"`` for ``f0``, ``"ntk/rel_change"``).
-        when: ``"first"`` (initialization) or ``"last"`` (the last step).
+        when: ``"first"`` (initialization), ``"step1"`` (after the first step) or
+            ``"last"`` (the last step).
         quantity: What is measured, in words.
         formula: The exponent as printed, e.g. ``"2r - 1"``.
         exponent: ``(r, role, steps) -> exponent`` (``None`` where nothing is
@@ -101,6 +104,10 @@ PREDICTIONS: dict[str, Prediction] = {
             lambda r, role, steps: 0.0,
         ),
         Prediction(
+            "delta_f1", "delta_f", "step1", "||f_1 - f_0||, after one step", "0",
+            lambda r, role, steps: 0.0,
+        ),
+        Prediction(
             "dW_op", "dW_op", "last", "||W_T - W_0||_op of the effective weights",
             "r / r - 1/2 / -1/2 (read-in / hidden / read-out)", _weight_change,
             per_layer=True,
@@ -111,6 +118,11 @@ PREDICTIONS: dict[str, Prediction] = {
         ),
         Prediction(
             "dW_rel", "dW_rel", "last", "||W_T - W_0||_op / ||W_0||_op", "r - 1/2",
+            lambda r, role, steps: r - 0.5, per_layer=True,
+        ),
+        Prediction(
+            "dW_rel1", "dW_rel", "step1",
+            "||W_1 - W_0||_op / ||W_0||_op, after one step", "r - 1/2",
             lambda r, role, steps: r - 0.5, per_layer=True,
         ),
         Prediction(
@@ -126,7 +138,7 @@ PREDICTIONS: dict[str, Prediction] = {
 }  # fmt: skip
 
 #: What the standard parameterization (off the scale) is predicted to do.
-STANDARD: dict[str, float] = {"delta_f": 1.0, "f0": 0.0, "h0": 0.5}
+STANDARD: dict[str, float] = {"delta_f": 1.0, "delta_f1": 1.0, "f0": 0.0, "h0": 0.5}
 
 
 def richness_of(parametrization: Parametrization | str) -> float | None:
@@ -176,6 +188,7 @@ def records_from_checks(
     roles: Mapping[str, str],
     *,
     centered: bool = False,
+    step1: Mapping[Any, float] | None = None,
 ) -> list[dict]:
     """The predicted metrics read from a Monitor's first and last check.
 
@@ -185,12 +198,15 @@ def records_from_checks(
         last: The records of the last check.
         roles: Layer name -> role (``"readin"``, ``"hidden"``, ``"readout"``).
         centered: A centered model (``f0 = 0``): ``f0`` is left out.
+        step1: The records of a check after the first step, if there was one
+            (``delta_f1`` is read from it).
 
     Returns:
         ``{"metric", "layer", "role", "value"}`` dicts (``layer``/``role`` None for
         model-level metrics), in :data:`PREDICTIONS` order.
     """
     checks = {"first": flatten(first), "last": flatten(last)}
+    checks["step1"] = {} if step1 is None else flatten(step1)
     out = []
     for p in PREDICTIONS.values():
         if centered and p.metric == "f0":
@@ -225,11 +241,13 @@ def fit_records(
         confidence: Level of the slope intervals.
 
     Returns:
-        One ``{"metric", "layer", "parametrization", "r", "slope", "ci": [lo, hi],
-        "predicted"}`` dict per fitted series (metric, layer, role), in first-seen
-        order. Least squares of ``log(value)`` on ``log(width)`` over the finite
-        positive values (:func:`rdiag.metrics.fit_exponent`); ``slope`` and ``ci``
-        are ``nan`` when fewer than two widths remain.
+        One ``{"metric", "layer", "role", "parametrization", "r", "slope", "ci":
+        [lo, hi], "predicted", "widths", "seeds"}`` dict per fitted series (metric,
+        layer, role), in first-seen order. Least squares of ``log(value)`` on
+        ``log(width)`` over the finite positive values
+        (:func:`rdiag.metrics.fit_exponent`); ``widths`` (sorted) and ``seeds`` (a
+        count) are those of these values; ``slope`` and ``ci`` are ``nan`` when
+        fewer than two widths remain.
     """
     param = None if parametrization is None else parse_parametrization(parametrization)
     series: dict[tuple, list[Mapping[str, Any]]] = {}
@@ -251,6 +269,7 @@ def fit_records(
             {
                 "metric": metric,
                 "layer": layer,
+                "role": role,
                 "parametrization": None if param is None else param.name,
                 "r": None if param is None else param.r,
                 "slope": slope,
@@ -258,6 +277,8 @@ def fit_records(
                 "predicted": None
                 if param is None
                 else predicted_exponent(metric, role, param, steps),
+                "widths": sorted({r["width"] for r in kept}),
+                "seeds": len({r.get("seed") for r in kept}),
             }
         )
     return fits

@@ -156,6 +156,7 @@ def fits(store: Store | str | Path) -> list[dict[str, Any]]:
     ]
     at = {
         "first": frame.groupby("run")["step"].transform("min") == frame["step"],
+        "step1": frame["step"] == 1,
         "last": frame.groupby("run")["step"].transform("max") == frame["step"],
     }
     out = []
@@ -180,18 +181,10 @@ def fits(store: Store | str | Path) -> list[dict[str, Any]]:
         for f in fit_records(records, param, int(g["step"].max())):
             if math.isnan(f["slope"]):
                 continue
-            series = [
-                r
-                for r in records
-                if (r["metric"], r["layer"]) == (f["metric"], f["layer"])
-                and r["value"] > 0
-            ]
             lo, hi = f["ci"]
             f.update(
                 parametrization=info["parametrization"],
                 ci=[lo, hi] if math.isfinite(lo) else [None, None],
-                widths=sorted({r["width"] for r in series}),
-                seeds=len({r["seed"] for r in series}),
                 group={k: _plain(v) for k, v in info.items() if k != "parametrization"},
             )
             out.append(f)

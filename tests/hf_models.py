@@ -8,7 +8,7 @@ size of the cost model's calibration and the benches.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -157,3 +157,16 @@ def gpt2_small_block(n: int, t: int, tied: bool = False) -> tuple[nn.Module, Inp
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 50257, (n, t), generator=gen)
     return transformers.GPT2LMHeadModel(cfg).eval(), {"input_ids": ids}
+
+
+def gpt2_at_width(width: int, size: Size = TINY, **config: object) -> nn.Module:
+    """GPT-2 (language-model head) of :data:`TINY` shape with ``n_embd = width``.
+
+    Its own initialization (weights N(0, 0.02^2) at every width: the standard
+    parametrization); ``config`` overrides fields of ``GPT2Config`` (dropout...).
+    """
+    import transformers
+
+    _, _, kwargs = _configs(replace(size, width=width))["gpt2"]
+    cfg = transformers.GPT2Config(**{**kwargs, **config})
+    return transformers.GPT2LMHeadModel(cfg)

@@ -130,3 +130,76 @@ ZOO: dict[str, Builder] = {
     "attention": attention,
     "embedding": embedding,
 }
+
+
+class MuTransformer(nn.Module):
+    """A causal transformer written in muP by hand, the way the mup package reads.
+
+    No rdiag parametrization: embeddings N(0, 1) (width-independent), hidden
+    matrices N(0, 1/width), the read-out N(0, 1/width^2) (the table gauge's
+    ``1/(n sqrt(n))`` at r = 1/2), attention logits scaled by ``1/d_head``, pre-norm
+    blocks with ``1/sqrt(depth)`` branches. Train it with :func:`mu_adam`.
+    Input token ids ``(N, T)``, output logits ``(N, T, vocab)``.
+    """
+
+    def __init__(
+        self, width: int, *, vocab: int = 16, seq_len: int = 6, depth: int = 2
+    ) -> None:
+        super().__init__()
+        self.heads, self.branch = 2, depth**-0.5
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Embedding(seq_len, width)
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "norm1": nn.LayerNorm(width),
+                    "qkv": nn.Linear(width, 3 * width),
+                    "proj": nn.Linear(width, width),
+                    "norm2": nn.LayerNorm(width),
+                    "fc1": nn.Linear(width, 2 * width),
+                    "fc2": nn.Linear(2 * width, width),
+                }
+            )
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(width)
+        self.unembed = nn.Linear(width, vocab)
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, nn.Linear):
+                    module.weight.normal_(0.0, module.in_features**-0.5)
+                    module.bias.zero_()
+                elif isinstance(module, nn.Embedding):
+                    module.weight.normal_(0.0, 1.0)
+            self.unembed.weight.normal_(0.0, 1.0 / width)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """``(N, T) -> (N, T, vocab)``."""
+        n, t = tokens.shape
+        positions = torch.arange(t, device=tokens.device).expand_as(tokens)
+        x = self.embed(tokens) + self.pos(positions)
+        d = x.shape[-1]
+        for b in self.blocks:
+            q, k, v = b["qkv"](b["norm1"](x)).view(n, t, 3, self.heads, -1).unbind(2)
+            a = F.scaled_dot_product_attention(
+                *(z.transpose(1, 2) for z in (q, k, v)),
+                is_causal=True,
+                scale=self.heads / d,  # 1 / d_head
+            )
+            x = x + self.branch * b["proj"](a.transpose(1, 2).reshape(n, t, d))
+            x = x + self.branch * b["fc2"](F.gelu(b["fc1"](b["norm2"](x))))
+        return self.unembed(self.norm(x))
+
+
+def mu_adam(model: MuTransformer, lr: float, base: int = 16) -> torch.optim.Adam:
+    """muP Adam: hidden and read-out matrices at ``lr * base / width``, the rest ``lr``."""
+    width = model.embed.embedding_dim
+    scaled = [
+        m.weight
+        for m in model.modules()
+        if isinstance(m, nn.Linear)  # every matrix with a width-sized fan-in
+    ]
+    rest = [p for p in model.parameters() if all(p is not q for q in scaled)]
+    return torch.optim.Adam(
+        [{"params": scaled, "lr": lr * base / width}, {"params": rest, "lr": lr}]
+    )

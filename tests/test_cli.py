@@ -170,6 +170,11 @@ def test_coord_check_command(tmp_path, capsys) -> None:
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert any(f["metric"] == "delta_h" for f in summary["fits"])
     assert (tmp_path / "coord_check.png").is_file()
+    out = capsys.readouterr().out
+    verdict = "pass" if summary["passed"] else "FAIL"
+    assert out.rstrip().endswith(f"verdict: {verdict}")
+    reasons = [f["reason"] for f in summary["fits"] if f["passed"] is not None]
+    assert reasons and all(reason in out for reason in reasons)
 
 
 @pytest.mark.parametrize(

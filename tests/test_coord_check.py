@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,6 +14,8 @@ from rdiag.parametrization import (
     apply_parametrization,
     effective_weights,
     lr_multipliers,
+    make_optimizer,
+    Scale,
     parse_parametrization,
 )
 from rdiag.predictions import predicted_exponent
@@ -65,10 +68,21 @@ def test_records_match_brute_force(param, optimizer):
         h0, ht = init.readin(probe), trained.readin(probe)
         g0, gt = init.hidden[0](torch.tanh(h0)), trained.hidden[0](torch.tanh(ht))
     want["f0", None], want["delta_f", None] = _norm(f0), _norm(ft - f0)
+    torch.manual_seed(2)
+    once = apply_parametrization(MLP(6, d_in=3, d_out=2, depth=3).double(), param)
+    opt = make_optimizer(once, param, 0.2, optimizer=optimizer)
+    torch.nn.functional.mse_loss(once(x), y).backward()
+    opt.step()
+    with torch.no_grad():
+        want["delta_f1", None] = _norm(once(probe) - f0)
     want["h0", "readin"], want["delta_h", "readin"] = _norm(h0), _norm(ht - h0)
     want["h0", "hidden.0"], want["delta_h", "hidden.0"] = _norm(g0), _norm(gt - g0)
     w0, wt = effective_weights(init), effective_weights(trained)
+    w1 = effective_weights(once)
     for name in w0:
+        op0 = float(torch.linalg.matrix_norm(w0[name], ord=2))
+        dw1 = float(torch.linalg.matrix_norm(w1[name] - w0[name], ord=2))
+        want["dW_rel1", name] = dw1 / op0
         dw = wt[name] - w0[name]
         want["dW_op", name] = float(torch.linalg.matrix_norm(dw, ord=2))
         want["dW_fro", name] = float(dw.norm())
@@ -126,16 +140,21 @@ def test_result_fits_summary_and_plot(tmp_path):
     assert len(result.records) == 3 * 2 * len(
         {(r["metric"], r["layer"]) for r in result.records}
     )
-    keys = {"metric", "layer", "parametrization", "r", "slope", "ci", "predicted"}
+    keys = {"metric", "layer", "role", "parametrization", "r", "slope", "ci"}
+    keys |= {"predicted", "widths", "seeds", "passed", "tolerance", "reason"}
+    keys |= {"inconclusive"}
     assert all(set(f) == keys for f in result.fits)
+    assert all(f["widths"] == [8, 16, 32] and f["seeds"] == 2 for f in result.fits)
     metrics = {f["metric"] for f in result.fits}
     assert metrics == {
         "h0",
         "delta_h",
         "f0",
         "delta_f",
+        "delta_f1",
         "dW_op",
         "dW_rel",
+        "dW_rel1",
         "ntk_rel_change",
         "lin_error",
     }
@@ -346,3 +365,46 @@ def test_dict_inputs_and_output_fn_give_the_plain_models_records():
     assert values == pytest.approx([r["value"] for r in plain.records], rel=1e-6)
     with pytest.raises(ValueError, match="mode"):
         coord_check("mlp", "mup", [8, 16], mode="both")
+
+
+WIDTHS = [64, 128, 256, 512, 1024]
+
+
+@pytest.mark.parametrize(
+    ("r", "optimizer", "lr"), [(0.0, "sgd", 0.3), (0.25, "sgd", 0.3), (0.5, "sgd", 0.3),
+                               (0.5, "adam", 0.1)]
+)  # fmt: skip
+def test_default_check_of_the_mlp_passes_with_reasons(r, optimizer, lr):
+    """The calibrated defaults (SGD lr 0.3, Adam 0.1, 10 steps, 4 seeds) pass."""
+    result = coord_check("mlp", f"r={r}", WIDTHS, optimizer=optimizer)
+    assert (result.lr, result.steps, result.seeds) == (lr, 10, (0, 1, 2, 3))
+    assert result.passed, [
+        (f["metric"], f["layer"], f["reason"]) for f in result.failures
+    ]
+    fit = result.fit("ntk_rel_change")
+    assert fit["predicted"] == pytest.approx(2 * r - 1) and "within" in fit["reason"]
+    assert result.fit("dW_op", "hidden.0")["predicted"] == pytest.approx(r - 0.5)
+
+
+def test_small_learning_rate_fails_in_the_first_step_regime():
+    """The issue's case: lr 0.05, 10 steps at r = 1/2 reads lin_error ~ n^-0.36."""
+    result = coord_check("mlp", "r=0.5", WIDTHS, lr=0.05)
+    assert not result.passed
+    fit = result.fit("lin_error")
+    assert fit["passed"] is False and fit["predicted"] == 0.0
+    assert -0.5 < fit["slope"] < -0.2
+    assert "first-step exponent r - 1 = -0.50" in fit["reason"]
+    assert "raise lr or steps" in fit["reason"]
+
+
+def test_a_mis_scaled_hidden_learning_rate_fails_at_that_layer():
+    """muP but the hidden SGD rate without its n^(2r) = n factor: dW_rel ~ n^-1 there."""
+    p = parse_parametrization("r=0.5")
+    wrong = replace(
+        p, name="r=0.5-bad-hidden", hidden=replace(p.hidden, lr_sgd=Scale(-1.0, 0.0))
+    )
+    result = coord_check("mlp", wrong, WIDTHS, ntk=False, linearization=False)
+    rel = result.fit("dW_rel", "hidden.0")
+    assert rel["passed"] is False and "below the predicted +0.00" in rel["reason"]
+    assert rel["slope"] == pytest.approx(-1.0, abs=0.15)
+    assert result.fit("dW_rel", "readin")["passed"]
