@@ -9,6 +9,7 @@ from rdiag._version import __version__
 from typing import Any
 
 from rdiag.coord_check import CoordCheckResult, coord_check, plot_coord_check
+from rdiag.depth_check import DepthCheckResult, depth_check
 from rdiag.curvature import (
     curvature_operator,
     ggn_eigenvalues_from_ntk,
@@ -44,7 +45,7 @@ from rdiag.metrics import (
     kernel_target_alignment,
     relative_change,
 )
-from rdiag.models import BNMLP, CNN, MLP, Transformer, make_model
+from rdiag.models import BNMLP, CNN, MLP, ResMLP, Transformer, make_model
 from rdiag.monitor import Monitor
 from rdiag.ntk.api import NTKFunction, NTKImplementation, empirical_ntk, ntk_fn
 from rdiag.ntk.structured import structured_coverage
@@ -55,6 +56,8 @@ from rdiag.operators.hessian import HessianOperator, hvp
 from rdiag.operators.ntk import NTKOperator
 from rdiag.parametrization import (
     LayerScale,
+    Branches,
+    DepthRule,
     Parametrization,
     applied_parametrization,
     apply_parametrization,
@@ -130,6 +133,8 @@ __all__ = [
     "fit_exponent",
     # parameterizations and models
     "Parametrization",
+    "DepthRule",
+    "Branches",
     "richness",
     "gamma_family",
     "parse_parametrization",
@@ -142,6 +147,7 @@ __all__ = [
     "make_optimizer",
     "rescale",
     "MLP",
+    "ResMLP",
     "CNN",
     "Transformer",
     "BNMLP",
@@ -149,6 +155,8 @@ __all__ = [
     "CoordCheckResult",
     "coord_check",
     "plot_coord_check",
+    "DepthCheckResult",
+    "depth_check",
     "MeterResult",
     "LRRule",
     "richness_meter",

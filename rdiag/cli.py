@@ -1,4 +1,4 @@
-"""``rdiag`` command line: run, sweep, merge, coord-check, report, ntk, sharpness.
+"""``rdiag`` command line: run, sweep, merge, coord-check, depth-check, report, ntk, sharpness.
 
 Every subcommand parses its flags and calls the public API (:func:`rdiag.harness.train`,
 :func:`rdiag.harness.sweep`, :func:`rdiag.coord_check.coord_check`,
@@ -45,6 +45,12 @@ _EPILOG = {
   rdiag coord-check --model mlp --parametrization r=0.25 --widths 64 128 256 512 1024 --steps 10 \\
       --seeds 4 --out coord/
   rdiag coord-check --model transformer --parametrization mup --widths 32 64 128 256 --out coord_tf/""",
+    "depth-check": """examples:
+  rdiag depth-check --model resmlp --parametrization mup,depth=completep --depths 2 4 8 16 32 \
+      --width 64 --out depth/
+  rdiag depth-check --model transformer --parametrization mup --optimizer adam --out depth_tf/
+depth rules (the ,depth= suffix): depth-mup (branches x 1/sqrt(L), the default), completep
+(x 1/L), none, or a branch exponent alpha (e.g. mup,depth=0.75)""",
     "report": """examples:
   rdiag report --store results/ --out results/""",
     "ntk": """examples:
@@ -269,6 +275,23 @@ def _parser() -> argparse.ArgumentParser:
     cc.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     cc.add_argument("--out", required=True, type=_directory)
 
+    dc = add("depth-check", "depth check of a parameterization's residual branches")
+    dc.add_argument("--model", choices=("resmlp", "transformer"), default="resmlp")
+    dc.add_argument(
+        "--parametrization",
+        "--param",
+        dest="parametrization",
+        default="mup",
+        help="a parametrization with an optional ,depth=RULE suffix",
+    )
+    dc.add_argument("--depths", type=_POSITIVE, nargs="+", default=[2, 4, 8, 16, 32])
+    dc.add_argument("--width", type=_POSITIVE, default=64)
+    dc.add_argument("--steps", type=_POSITIVE, default=10)
+    dc.add_argument("--seeds", type=_POSITIVE, default=3, metavar="K")
+    dc.add_argument("--lr", type=_RATE, help="base learning rate (as coord-check)")
+    dc.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    dc.add_argument("--out", required=True, type=_directory)
+
     rep = add("report", "figures, summary.json and report.html from a store")
     rep.add_argument("--store", required=True, type=_directory, help="store directory")
     rep.add_argument(
@@ -468,7 +491,7 @@ def _print_fits(fits: list[dict]) -> None:
 
 
 def _cmd_coord_check(args: argparse.Namespace) -> int:
-    from rdiag.coord_check import coord_check, plot_coord_check
+    from rdiag.coord_check import coord_check
 
     result = coord_check(
         args.model,
@@ -479,9 +502,31 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
         lr=args.lr,
         optimizer=args.optimizer,
     )
-    out = Path(args.out)
+    return _write_check(result, Path(args.out), "coord_check.png")
+
+
+def _cmd_depth_check(args: argparse.Namespace) -> int:
+    from rdiag.depth_check import depth_check
+
+    result = depth_check(
+        args.model,
+        args.parametrization,
+        args.depths,
+        width=args.width,
+        steps=args.steps,
+        seeds=args.seeds,
+        lr=args.lr,
+        optimizer=args.optimizer,
+    )
+    return _write_check(result, Path(args.out), "depth_check.png")
+
+
+def _write_check(result: Any, out: Path, figure_name: str) -> int:
+    """Save a coordinate or depth check's summary and figure; print its verdicts."""
+    from rdiag.coord_check import plot_coord_check
+
     summary = result.save(out)
-    figure = plot_coord_check(result, out / "coord_check.png")
+    figure = plot_coord_check(result, out / figure_name)
     print(f"summary: {summary.resolve()}")
     print(f"figure:  {Path(figure).resolve()}")
     _print_verdicts(result)
@@ -634,6 +679,7 @@ _COMMANDS = {
     "sweep": _cmd_sweep,
     "merge": _cmd_merge,
     "coord-check": _cmd_coord_check,
+    "depth-check": _cmd_depth_check,
     "report": _cmd_report,
     "ntk": _cmd_ntk,
     "sharpness": _cmd_sharpness,

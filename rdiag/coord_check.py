@@ -29,6 +29,7 @@ import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,8 @@ class Checked:
 
     fits: list[dict]
     failed: list[dict]
+    #: The record key the fits are over: ``"width"`` or ``"depth"``.
+    axis: ClassVar[str] = "width"
 
     @property
     def passed(self) -> bool:
@@ -381,11 +384,12 @@ def write_summary(result: CoordCheckResult, out_dir: str | Path) -> Path:
     return renamed_name("write_summary", "CoordCheckResult.save", result.save)(out_dir)
 
 
-def plot_coord_check(result: CoordCheckResult, path: str | Path) -> Path:
-    """Plot every fitted metric against width on log-log axes, one panel per metric.
+def plot_coord_check(result: Checked, path: str | Path) -> Path:
+    """Plot every fitted metric against width (or depth) on log-log axes, a panel each.
 
-    Each series shows the per-width mean over seeds (points: every seed), its fitted
+    Each series shows the per-size mean over seeds (points: every seed), its fitted
     slope with interval, and the predicted slope as a dashed line through the mean.
+    ``result`` is a :class:`CoordCheckResult` or a depth check's result.
     Needs matplotlib (``pip install 'rdiag[plots]'``).
 
     Returns:
@@ -400,31 +404,33 @@ def plot_coord_check(result: CoordCheckResult, path: str | Path) -> Path:
         ax = fig.add_subplot(rows, cols, i + 1)
         for series in (f for f in result.fits if f["metric"] == metric):
             _plot_series(ax, result, series)
-        ax.set(xscale="log", yscale="log", xlabel="width", title=metric)
+        ax.set(xscale="log", yscale="log", xlabel=result.axis, title=metric)
         ax.legend(fontsize=6)
+    kind = "coordinate" if result.axis == "width" else "depth"
     fig.suptitle(
-        f"coordinate check: {result.parametrization}, {result.optimizer}, T={result.steps}"
+        f"{kind} check: {result.parametrization}, {result.optimizer}, T={result.steps}"
     )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return Path(path)
 
 
-def _plot_series(ax, result: CoordCheckResult, fit: dict) -> None:
+def _plot_series(ax, result: Checked, fit: dict) -> None:
+    axis = result.axis
     recs = [
         r
         for r in result.records
         if r["metric"] == fit["metric"] and r["layer"] == fit["layer"]
     ]
-    widths = np.array(sorted({r["width"] for r in recs}), float)
+    widths = np.array(sorted({r[axis] for r in recs}), float)
     means = np.array(
-        [np.mean([r["value"] for r in recs if r["width"] == w]) for w in widths]
+        [np.mean([r["value"] for r in recs if r[axis] == w]) for w in widths]
     )
     lo, hi = fit["ci"]
     label = f"{fit['layer'] or 'model'}: {fit['slope']:.2f} [{lo:.2f}, {hi:.2f}]"
     line = ax.plot(widths, means, "o-", ms=3, label=label)[0]
     ax.scatter(
-        [r["width"] for r in recs],
+        [r[axis] for r in recs],
         [r["value"] for r in recs],
         s=4,
         color=line.get_color(),

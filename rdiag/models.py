@@ -5,10 +5,14 @@ Every family is an ``nn.Module`` with
 * ``width``: the width ``n`` (hidden units, channels, ``d_model``),
 * ``roles``: module name -> ``"readin"`` | ``"hidden"`` | ``"readout"``,
 * ``sample_inputs(n, generator) -> Tensor`` and ``output_dim``,
+* residual families (``resmlp``, ``transformer``): ``branches``, the
+  :class:`~rdiag.parametrization.Branches` the depth rule scales,
 
 and is built with plain ``nn.Linear``/``nn.Conv2d``/``nn.Embedding`` layers, so
 :func:`rdiag.parametrization.apply_parametrization` gives each layer its forward
-multiplier (``layer.rdiag_weight_multiplier``) and role (``layer.rdiag_role``).
+multiplier and role (one :class:`~rdiag.parametrization.LayerScale` hook per
+layer). Residual branches are unscaled in the bare model: the branch multiplier
+is the parametrization's depth rule.
 Pass ``parametrization=`` to :func:`make_model` to build and parametrize in
 one call; the return value is then what ``apply_parametrization``
 returns (a :class:`~rdiag.parametrization.Centered` wrapper for centered ones).
@@ -25,7 +29,7 @@ from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
 from rdiag._tiling import available_memory, check_fits
-from rdiag.parametrization import Parametrization, apply_parametrization
+from rdiag.parametrization import Branches, Parametrization, apply_parametrization
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "tanh": torch.tanh,
@@ -49,6 +53,16 @@ def _gaussian(
     n: int, shape: tuple[int, ...], generator: torch.Generator | None
 ) -> Tensor:
     return torch.randn(n, *shape, generator=generator)
+
+
+def _dense_readin(
+    model: nn.Module, width: int, d_in: int, d_out: int, activation: str, bias: bool
+) -> None:
+    """Sizes, activation and read-in ``d_in -> width`` of a dense family (its first module)."""
+    model.width, model.d_in, model.output_dim = width, d_in, d_out
+    model.act = _activation(activation)
+    model.readin = nn.Linear(d_in, width, bias=bias)
+    model.roles = {"readin": "readin", "readout": "readout"}
 
 
 class MLP(nn.Module):
@@ -80,14 +94,11 @@ class MLP(nn.Module):
         _check_sizes(width=width, d_in=d_in, d_out=d_out, depth=depth)
         if depth < 2:
             raise ValueError(f"expected depth >= 2 (read-in and read-out), got {depth}")
-        self.width, self.d_in, self.output_dim = width, d_in, d_out
-        self.act = _activation(activation)
-        self.readin = nn.Linear(d_in, width, bias=bias)
+        _dense_readin(self, width, d_in, d_out, activation, bias)
         self.hidden = nn.ModuleList(
             nn.Linear(width, width, bias=bias) for _ in range(depth - 2)
         )
         self.readout = nn.Linear(width, d_out, bias=bias)
-        self.roles = {"readin": "readin", "readout": "readout"}
         self.roles.update({f"hidden.{i}": "hidden" for i in range(depth - 2)})
 
     def forward(self, x: Tensor) -> Tensor:
@@ -95,6 +106,70 @@ class MLP(nn.Module):
         h = self.readin(x)
         for layer in self.hidden:
             h = layer(self.act(h))
+        return self.readout(self.act(h))
+
+    def sample_inputs(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` standard Gaussian inputs ``(n, d_in)``."""
+        return _gaussian(n, (self.d_in,), generator)
+
+
+class ResidualBlock(nn.Module):
+    """One residual block ``h + linear(act(h))`` of :class:`ResMLP` (``(N, n) -> (N, n)``)."""
+
+    def __init__(self, width: int, act: Callable[[Tensor], Tensor], bias: bool) -> None:
+        super().__init__()
+        self.act = act
+        self.linear = nn.Linear(width, width, bias=bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """``(N, n) -> (N, n)``."""
+        return h + self.linear(self.act(h))
+
+
+class ResMLP(nn.Module):
+    """Residual MLP ``h_0 = readin(x)``, ``h_l = h_(l-1) + W_l act(h_(l-1))``, ``readout(act(h_L))``.
+
+    The depth axis of the depth check: ``depth`` residual blocks ``blocks.0 ...
+    blocks.{depth-1}``, each one hidden layer ``blocks.{l}.linear`` that ends its
+    branch (``branches``: the depth rule puts its multiplier ``L**-alpha`` there).
+    The block modules' outputs are the residual stream. Input ``(N, d_in)``,
+    output ``(N, d_out)``.
+
+    Args:
+        width: Stream width ``n``.
+        d_in: Input dimension.
+        d_out: Output dimension.
+        depth: Number of residual blocks ``L`` (>= 1).
+        activation: One of :data:`ACTIVATIONS`.
+        bias: Whether layers have biases.
+    """
+
+    def __init__(
+        self,
+        width: int,
+        *,
+        d_in: int = 8,
+        d_out: int = 1,
+        depth: int = 4,
+        activation: str = "tanh",
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_sizes(width=width, d_in=d_in, d_out=d_out, depth=depth)
+        _dense_readin(self, width, d_in, d_out, activation, bias)
+        self.blocks = nn.ModuleList(
+            ResidualBlock(width, self.act, bias) for _ in range(depth)
+        )
+        self.readout = nn.Linear(width, d_out, bias=bias)
+        self.roles.update({f"blocks.{i}.linear": "hidden" for i in range(depth)})
+        names = tuple(f"blocks.{i}.linear" for i in range(depth))
+        self.branches = Branches(depth, outputs=names, layers=names)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(N, d_in) -> (N, d_out)``."""
+        h = self.readin(x)
+        for block in self.blocks:
+            h = block(h)
         return self.readout(self.act(h))
 
     def sample_inputs(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -166,13 +241,11 @@ class CNN(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; branches scaled by ``branch_scale`` (1/sqrt(L))."""
+    """Pre-norm transformer block ``x + proj(attn(norm1 x))``, then ``+ fc2(gelu(fc1(norm2 x)))``."""
 
-    def __init__(
-        self, width: int, heads: int, mlp_ratio: int, branch_scale: float
-    ) -> None:
+    def __init__(self, width: int, heads: int, mlp_ratio: int) -> None:
         super().__init__()
-        self.heads, self.branch_scale = heads, branch_scale
+        self.heads = heads
         self.norm1 = nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -186,8 +259,8 @@ class Block(nn.Module):
         qkv = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, d // self.heads)
         q, k, v = (z.transpose(1, 2) for z in qkv.unbind(2))
         a = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        x = x + self.branch_scale * self.proj(a.transpose(1, 2).reshape(n, t, d))
-        return x + self.branch_scale * self.fc2(F.gelu(self.fc1(self.norm2(x))))
+        x = x + self.proj(a.transpose(1, 2).reshape(n, t, d))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
 
 
 class Transformer(nn.Module):
@@ -197,8 +270,9 @@ class Transformer(nn.Module):
     ``proj``, ``fc1``, ``fc2`` (hidden), ``unembed`` (read-out, fan-in ``d_model``).
     ``d_head = width / heads`` grows with width; logits are scaled by
     ``d_head**-attention_exponent`` (set by the parameterization: 1/2 standard, 1
-    for muP) through ``F.scaled_dot_product_attention(scale=...)``; residual branches
-    are scaled by ``1/sqrt(depth)``. Input token ids ``(N, seq_len)``, output
+    for muP) through ``F.scaled_dot_product_attention(scale=...)``; the two
+    branches of every block end in ``proj`` and ``fc2`` (``branches``: the depth
+    rule's multiplier, ``1/sqrt(depth)`` by default). Input token ids ``(N, seq_len)``, output
     ``(N, seq_len, d_out)`` (``d_out`` defaults to ``vocab``).
 
     Args:
@@ -240,9 +314,8 @@ class Transformer(nn.Module):
         self.heads, self.attention_exponent = heads, 0.5
         self.embed = nn.Embedding(vocab, width)
         self.pos = nn.Embedding(seq_len, width)
-        scale = 1.0 / math.sqrt(depth)
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_ratio, scale) for _ in range(depth)
+            Block(width, heads, mlp_ratio) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width)
         self.unembed = nn.Linear(width, d_out or vocab)
@@ -251,6 +324,17 @@ class Transformer(nn.Module):
             self.roles.update(
                 {f"blocks.{i}.{n}": "hidden" for n in ("qkv", "proj", "fc1", "fc2")}
             )
+        self.branches = Branches(
+            depth,
+            outputs=tuple(
+                f"blocks.{i}.{n}" for i in range(depth) for n in ("proj", "fc2")
+            ),
+            layers=tuple(
+                f"blocks.{i}.{n}"
+                for i in range(depth)
+                for n in ("norm1", "qkv", "proj", "norm2", "fc1", "fc2")
+            ),
+        )
 
     def forward(self, tokens: Tensor) -> Tensor:
         """``(N, T) -> (N, T, d_out)``."""
@@ -387,6 +471,7 @@ class BNMLP(nn.Module):
 
 FAMILIES: dict[str, type[nn.Module]] = {
     "mlp": MLP,
+    "resmlp": ResMLP,
     "cnn": CNN,
     "transformer": Transformer,
     "bn_mlp": BNMLP,
@@ -404,7 +489,8 @@ def make_model(
     """Build a built-in family at a width, optionally parametrized.
 
     Args:
-        family: ``"mlp"``, ``"cnn"``, ``"transformer"`` or ``"bn_mlp"``.
+        family: A key of :data:`FAMILIES` (``"mlp"``, ``"resmlp"``, ``"cnn"``,
+            ``"transformer"``, ``"bn_mlp"``).
         width: The width knob.
         parametrization: Applied with :func:`apply_parametrization` if given.
         seed: Seeds the global torch RNG before building (reproducible init).

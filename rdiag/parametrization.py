@@ -30,6 +30,19 @@ size ``eta`` per entry); in the multiplier gauge a multiplier ``c`` maps them as
 (tests/test_science.py: hidden ``||dh|| ~ n^(1/2)`` at muP, and ``~ n^(3/2)`` with
 the SGD rates under Adam). Embeddings have fan-in 1 (one row per token).
 
+**Depth.** A :class:`DepthRule` says how residual branches scale with the
+depth ``L`` (the number of residual blocks), as powers of ``L / base_depth``:
+the branch multiplier ``L**-alpha`` on the output of the last layer of every
+residual branch (``h + L**-alpha F(h)``) and the learning-rate scale of every
+layer inside a branch, ``L**lr_sgd`` or ``L**lr_adam``. A branch's gradient
+carries its multiplier, so SGD needs ``L**(2 alpha - 1)`` and Adam (per-coordinate
+updates) ``L**(alpha - 1)`` for each block to move the residual stream by
+``Theta(1/L)`` (:data:`DEPTH_RULES`: ``"depth-mup"``, ``alpha = 1/2``, the
+default, and ``"completep"``, ``alpha = 1``, arXiv 2505.01618; ``"none"``
+leaves branches unscaled). Which layers form the branches is the model's
+:class:`Branches` (its ``branches`` attribute, or ``branches=`` to
+:func:`apply_parametrization`); a model without branches ignores the rule.
+
 Presets: :func:`ntk` (multiplier gauge, r = 0), :func:`mup` (table gauge, r = 1/2),
 :func:`mean_field` (multiplier gauge, r = 1/2), :func:`standard` (PyTorch default
 init, one rate), :func:`richness` (any r, either gauge) and :func:`gamma_family`.
@@ -62,7 +75,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from rdiag._checks import check_choice, check_finite_positive, check_module
+from rdiag._checks import (
+    check_choice,
+    check_finite_positive,
+    check_module,
+    check_positive_int,
+)
 
 Role = Literal["readin", "hidden", "readout"]
 Gauge = Literal["table", "multiplier", "standard", "gamma"]
@@ -102,6 +120,102 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class DepthRule:
+    """Residual-branch scaling in the depth ``L``: exponents of ``L / base_depth``.
+
+    Attributes:
+        name: Label (``"depth-mup"``, ``"completep"``, ``"none"``).
+        alpha: Branch multiplier ``(L / base_depth)**-alpha``.
+        lr_sgd: Learning-rate exponent of the layers inside branches under SGD.
+        lr_adam: The same under Adam.
+        base_depth: Depth at which every factor is 1.
+    """
+
+    name: str
+    alpha: float
+    lr_sgd: float
+    lr_adam: float
+    base_depth: int = 1
+
+    def multiplier(self, depth: int) -> float:
+        """The branch multiplier at ``depth``."""
+        return self._ratio(depth) ** -self.alpha
+
+    def lr(self, optimizer: str, depth: int) -> float:
+        """The learning-rate scale of a layer inside a branch at ``depth``."""
+        exponent = self.lr_sgd if optimizer == "sgd" else self.lr_adam
+        return self._ratio(depth) ** exponent
+
+    def _ratio(self, depth: int) -> float:
+        check_positive_int(depth, "depth")
+        if depth < self.base_depth:
+            raise ValueError(
+                f"expected depth >= base_depth={self.base_depth}, got {depth}; lower "
+                "base_depth or use a deeper model"
+            )
+        return depth / self.base_depth
+
+
+def depth_rule(alpha: float, *, name: str | None = None) -> DepthRule:
+    """The consistent rule of branch exponent ``alpha`` (SGD ``2 alpha - 1``, Adam ``alpha - 1``).
+
+    Raises:
+        ValueError: ``alpha`` not a finite number >= 0.
+    """
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        a = math.nan
+    if not (math.isfinite(a) and a >= 0):
+        raise ValueError(
+            f"expected a branch exponent alpha >= 0, got {alpha!r}; 1/2 is depth-muP "
+            "(branches x 1/sqrt(L)), 1 is CompleteP (x 1/L)"
+        )
+    return DepthRule(name or f"alpha={a:g}", a, 2 * a - 1, a - 1)
+
+
+#: The named depth rules: depth-muP (``1/sqrt(L)``), CompleteP (``1/L``) and
+#: unscaled branches (one learning rate at every depth).
+DEPTH_RULES: dict[str, DepthRule] = {
+    "depth-mup": depth_rule(0.5, name="depth-mup"),
+    "completep": depth_rule(1.0, name="completep"),
+    "none": DepthRule("none", 0.0, 0.0, 0.0),
+}
+
+
+def parse_depth_rule(spec: str | float | DepthRule) -> DepthRule:
+    """A :class:`DepthRule` from a name of :data:`DEPTH_RULES` or a branch exponent."""
+    if isinstance(spec, DepthRule):
+        return spec
+    if isinstance(spec, str) and spec.strip().lower() in DEPTH_RULES:
+        return DEPTH_RULES[spec.strip().lower()]
+    try:
+        return depth_rule(float(spec))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"expected a depth rule {sorted(DEPTH_RULES)} or a branch exponent alpha >= 0, "
+            f"got {spec!r}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Branches:
+    """The residual structure of a model: which layers form its residual branches.
+
+    Attributes:
+        depth: The depth ``L``: the number of residual blocks.
+        outputs: Names of the layers whose outputs end a branch (they get the
+            branch multiplier).
+        layers: Names of every module inside a branch (layers and norms; they get
+            the depth learning-rate scale); includes ``outputs``.
+    """
+
+    depth: int
+    outputs: tuple[str, ...]
+    layers: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Parametrization:
     """A parameterization as data (see the module docstring for the formulas).
 
@@ -115,6 +229,7 @@ class Parametrization:
         centered: Whether the model is trained as ``F_theta - F_theta0``.
         attention_exponent: Attention logits are scaled by ``d_head**-exponent``.
         bias_init: ``"zeros"`` or ``"default"`` (keep PyTorch's bias init).
+        depth: The :class:`DepthRule` of residual branches.
     """
 
     name: str
@@ -128,6 +243,7 @@ class Parametrization:
     centered: bool = False
     attention_exponent: float = 0.5
     bias_init: str = "zeros"
+    depth: DepthRule = DEPTH_RULES["depth-mup"]
 
     def rule(self, role: str) -> Rule:
         """The :class:`Rule` of ``role``."""
@@ -158,6 +274,13 @@ class Parametrization:
                 f"expected base_width to be a positive int, got {base_width!r}"
             )
         return replace(self, base_width=base_width)
+
+    def with_depth(self, rule: str | float | DepthRule) -> Parametrization:
+        """A copy with another depth rule (a name, a branch exponent or a rule)."""
+        rule = parse_depth_rule(rule)
+        base = self.name.split(",depth=")[0]
+        name = base if rule == DEPTH_RULES["depth-mup"] else f"{base},depth={rule.name}"
+        return replace(self, depth=rule, name=name)
 
 
 # ---- presets ---------------------------------------------------------------------
@@ -310,6 +433,9 @@ _SPEC = re.compile(r"^\s*(r|gamma)\s*=\s*(\S+)\s*$")
 def parse_parametrization(spec: str | Parametrization) -> Parametrization:
     """Parse a CLI string: ``"r=0.25"``, ``"ntk"``, ``"mup"``, ``"sp"``, ``"mf"``, ``"gamma=0.1"``.
 
+    A suffix ``",depth=<rule>"`` sets the depth rule (:func:`parse_depth_rule`: a
+    name of :data:`DEPTH_RULES` or a branch exponent), e.g. ``"mup,depth=completep"``.
+
     Args:
         spec: The string (a :class:`Parametrization` is returned unchanged).
 
@@ -325,7 +451,9 @@ def parse_parametrization(spec: str | Parametrization) -> Parametrization:
         raise TypeError(
             f"expected a parameterization string like 'r=0.25', got {type(spec).__name__}"
         )
-    key = spec.strip().lower()
+    key, _, depth = spec.strip().lower().partition(",depth=")
+    if depth:
+        return parse_parametrization(key).with_depth(depth)
     if key in _PRESETS:
         return _PRESETS[key]()
     match = _SPEC.match(key)
@@ -416,10 +544,12 @@ class Applied:
     Attributes:
         parametrization: The :class:`Parametrization`.
         width: The width ``n`` it was applied at.
+        branches: The model's residual :class:`Branches`, or ``None``.
     """
 
     parametrization: Parametrization
     width: int
+    branches: Branches | None = None
 
 
 @dataclass(frozen=True)
@@ -527,6 +657,7 @@ def apply_parametrization(
     *,
     width: int | None = None,
     roles: Mapping[str, str] | None = None,
+    branches: Branches | None = None,
     init: bool = True,
 ) -> nn.Module:
     """Apply a parameterization to a model in place: multipliers, roles and init.
@@ -538,6 +669,8 @@ def apply_parametrization(
         parametrization: A :class:`Parametrization` or a string for :func:`parse_parametrization`.
         width: The width ``n``; default :func:`model_width`.
         roles: Module name -> role, overriding the inferred ones.
+        branches: The residual :class:`Branches` the depth rule acts on; default
+            the model's ``branches`` attribute (none: no depth scaling).
         init: Re-initialize the weights (uses the global torch RNG, in
             ``named_modules()`` order; seed it for reproducibility).
 
@@ -546,8 +679,9 @@ def apply_parametrization(
         it if the parameterization is centered (gamma family).
 
     Raises:
-        ValueError: Bad roles or width (see :func:`infer_roles`), or a module owning
-            parameters that is neither a layer nor a norm layer.
+        ValueError: Bad roles or width (see :func:`infer_roles`), branches that
+            name no module of the model, or a module owning parameters that is
+            neither a layer nor a norm layer.
 
     Example:
         >>> import torch
@@ -568,12 +702,16 @@ def apply_parametrization(
     width = model_width(model, roles) if width is None else width
     m = param.width_ratio(width)
     _check_supported(model)
-    applied = Applied(param, width)
+    branches = _check_branches(model, branches or getattr(model, "branches", None))
+    applied = Applied(param, width, branches)
     for name, role in roles.items():
         module = model.get_submodule(name)
         rule, fi = param.rule(role), fan_in(module)
+        c = 1.0
+        if branches is not None and name in branches.outputs:
+            c = param.depth.multiplier(branches.depth)
         scale = LayerScale(
-            role, fi, rule.multiplier(fi, m), rule.multiplier(1, m), applied
+            role, fi, c * rule.multiplier(fi, m), c * rule.multiplier(1, m), applied
         )
         _replace_hook(module, scale)
         if init:
@@ -581,6 +719,30 @@ def apply_parametrization(
     if hasattr(model, "attention_exponent"):
         model.attention_exponent = param.attention_exponent
     return Centered(model) if param.centered else model
+
+
+def _check_branches(model: nn.Module, branches: Branches | None) -> Branches | None:
+    if branches is None:
+        return None
+    if not isinstance(branches, Branches):
+        raise TypeError(
+            f"expected branches to be an rdiag.parametrization.Branches, got "
+            f"{type(branches).__name__}"
+        )
+    check_positive_int(branches.depth, "branches.depth")
+    names = dict(model.named_modules())
+    unknown = [
+        n
+        for n in dict.fromkeys((*branches.outputs, *branches.layers))
+        if n not in names
+    ]
+    outside = [n for n in branches.outputs if n not in branches.layers]
+    if unknown or outside:
+        raise ValueError(
+            f"expected branches to name modules of the model, outputs among layers; got "
+            f"unknown {unknown[:5]}, outputs not in layers {outside[:5]}"
+        )
+    return branches
 
 
 def _check_supported(model: nn.Module) -> None:
@@ -693,7 +855,8 @@ def lr_multipliers(
     Returns:
         Parameter name (as in ``model.named_parameters()``) -> scale, for every
         trainable parameter (norm gains and other parameters get the hidden rule
-        at fan-in 1).
+        at fan-in 1); parameters of modules inside the model's residual
+        :class:`Branches` carry the depth rule's scale too.
     """
     check_choice(optimizer, "optimizer", OPTIMIZERS)
     scales = _check_parametrized(model)
@@ -709,12 +872,19 @@ def lr_multipliers(
                 scale.fan_in,
                 pname,
             )
+    branches = applied.branches
+    in_branch = set() if branches is None else set(branches.layers)
+    depth_scale = 1.0 if branches is None else param.depth.lr(optimizer, branches.depth)
     result = {}
     for pname, p in model.named_parameters():
         if not p.requires_grad:
             continue
         role, fi, kind = owner.get(pname, ("hidden", 1, "bias"))
-        result[pname] = param.rule(role).lr(optimizer)(fi if kind == "weight" else 1, m)
+        rate = param.rule(role).lr(optimizer)(fi if kind == "weight" else 1, m)
+        module_name = pname.rpartition(".")[0]
+        if isinstance(model, Centered):
+            module_name = module_name.removeprefix("model.")
+        result[pname] = rate * (depth_scale if module_name in in_branch else 1.0)
     return result
 
 

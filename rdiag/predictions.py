@@ -31,6 +31,14 @@ learning rate a zero-mean fluctuation of order ``n^(r-1)`` dominates the coheren
 ``n^(2r-1)`` term, hence ``r - 1`` for ``T = 1``. The standard parameterization
 is not on the scale: ``delta_f`` grows like ``n`` (exponent ``+1``), ``f0`` and
 ``h0`` keep ``0`` and ``1/2``; nothing else is predicted for it.
+
+The depth axis (:data:`DEPTH_PREDICTIONS`, the depth check): exponents of the
+depth ``L`` from the parametrization's depth rule (branch multiplier
+``L**-alpha``, block learning rates ``L**beta``): ``f0`` and the last residual
+stream's ``h0`` ``0``; the stream's and the output's change ``max(0, 1 + beta -
+2 alpha)`` (SGD; Adam ``1 + beta - alpha``); the read-in's ``delta_h`` and the
+read-in's and read-out's ``dW_rel`` ``0``; the blocks' mean ``dW_rel`` ``beta -
+alpha`` (SGD; Adam ``beta``), i.e. ``alpha - 1`` for a consistent rule.
 """
 
 from __future__ import annotations
@@ -250,19 +258,35 @@ def fit_records(
         fewer than two widths remain.
     """
     param = None if parametrization is None else parse_parametrization(parametrization)
+
+    def predict(metric: str, layer: str | None, role: str | None) -> float | None:
+        return None if param is None else predicted_exponent(metric, role, param, steps)
+
+    fitted = {p.metric for p in PREDICTIONS.values() if p.fitted}
+    return _fit_series(records, fitted, predict, param, "width", confidence)
+
+
+def _fit_series(
+    records: Iterable[Mapping[str, Any]],
+    fitted: set[str],
+    predict: Callable[[str, str | None, str | None], float | None],
+    param: Parametrization | None,
+    axis: str,
+    confidence: float,
+) -> list[dict]:
+    """Fits of ``log(value)`` on ``log(record[axis])`` per (metric, layer, role)."""
     series: dict[tuple, list[Mapping[str, Any]]] = {}
     for rec in records:
-        prediction = PREDICTIONS.get(rec["metric"])
-        if prediction is not None and prediction.fitted:
+        if rec["metric"] in fitted:
             key = (rec["metric"], rec.get("layer"), rec.get("role"))
             series.setdefault(key, []).append(rec)
     fits = []
     for (metric, layer, role), recs in series.items():
         kept = [r for r in recs if math.isfinite(r["value"]) and r["value"] > 0]
         slope, ci = math.nan, [math.nan, math.nan]
-        if len({r["width"] for r in kept}) >= 2:
+        if len({r[axis] for r in kept}) >= 2:
             slope, interval = fit_exponent(
-                [r["width"] for r in kept], [r["value"] for r in kept], confidence
+                [r[axis] for r in kept], [r["value"] for r in kept], confidence
             )
             ci = list(interval)
         fits.append(
@@ -274,11 +298,120 @@ def fit_records(
                 "r": None if param is None else param.r,
                 "slope": slope,
                 "ci": ci,
-                "predicted": None
-                if param is None
-                else predicted_exponent(metric, role, param, steps),
-                "widths": sorted({r["width"] for r in kept}),
+                "predicted": predict(metric, layer, role),
+                f"{axis}s": sorted({r[axis] for r in kept}),
                 "seeds": len({r.get("seed") for r in kept}),
             }
         )
     return fits
+
+
+# ---- the depth axis -------------------------------------------------------------
+@dataclass(frozen=True)
+class DepthPrediction:
+    """One predicted depth exponent (the depth check, :mod:`rdiag.depth_check`).
+
+    Attributes:
+        metric: The fitted quantity (a :data:`PREDICTIONS` metric read at depth).
+        layer: Where: ``None`` (model level), ``"stream"`` (the last residual
+            stream), ``"blocks"`` (the mean over the layers inside residual
+            branches) or a role (``"readin"``, ``"readout"``: every layer of that
+            role outside the branches).
+        formula: The exponent as printed.
+        exponent: ``(alpha, lr_exponent, optimizer) -> exponent`` of ``L``.
+    """
+
+    metric: str
+    layer: str | None
+    formula: str
+    exponent: Callable[[float, float, str], float]
+
+
+def _stream_change(alpha: float, beta: float, optimizer: str) -> float:
+    # L blocks, each moving the stream by L^-alpha dW with dW ~ L^(beta - alpha)
+    # (SGD: the gradient carries the multiplier) or L^beta (Adam), on top of the
+    # read-in's L^0 change, which the stream carries; below alpha = 1/2 the stream
+    # grows at init and the depth-stable 0 is the target
+    if alpha < 0.5:
+        return 0.0
+    return max(0.0, 1.0 + beta - (2.0 * alpha if optimizer == "sgd" else alpha))
+
+
+def _block_change(alpha: float, beta: float, optimizer: str) -> float:
+    return beta - alpha if optimizer == "sgd" else beta
+
+
+#: The depth exponents of a residual network whose stream stays bounded at
+#: initialization (branch exponent ``alpha >= 1/2``), with block learning rates
+#: ``L**beta`` (``beta`` the depth rule's exponent for the optimizer). Below
+#: ``alpha = 1/2`` the stream grows with ``L`` at initialization (``L**(1/2 -
+#: alpha)`` with a bounded activation, exponentially with ReLU): no power law is
+#: predicted and the stream is held to the depth-stable ``0``, which it fails.
+DEPTH_PREDICTIONS: dict[tuple[str, str | None], DepthPrediction] = {
+    (p.metric, p.layer): p
+    for p in (
+        DepthPrediction("f0", None, "0", lambda a, b, o: 0.0),
+        DepthPrediction("h0", "stream", "0", lambda a, b, o: 0.0),
+        DepthPrediction(
+            "delta_h", "stream", "max(0, 1 + beta - 2 alpha) (SGD; Adam: 1 + beta - alpha)",
+            _stream_change,
+        ),
+        DepthPrediction("delta_h", "readin", "0", lambda a, b, o: 0.0),
+        DepthPrediction(
+            "delta_f", None, "max(0, 1 + beta - 2 alpha) (SGD; Adam: 1 + beta - alpha)",
+            _stream_change,
+        ),
+        DepthPrediction(
+            "dW_rel", "blocks", "beta - alpha (SGD), beta (Adam)", _block_change
+        ),
+        DepthPrediction("dW_rel", "readin", "0", lambda a, b, o: 0.0),
+        DepthPrediction("dW_rel", "readout", "0", lambda a, b, o: 0.0),
+    )
+}  # fmt: skip
+
+
+def predicted_depth_exponent(
+    metric: str,
+    layer: str | None,
+    parametrization: Parametrization | str,
+    optimizer: str,
+    role: str | None = None,
+) -> float | None:
+    """The predicted depth exponent of ``metric`` at ``layer`` (``None``: none).
+
+    ``layer`` is ``None``, ``"stream"``, ``"blocks"``, or a layer outside the
+    branches, predicted by its ``role``.
+
+    The exponents of :data:`DEPTH_PREDICTIONS` for the parametrization's depth
+    rule (consistent rules, depth-muP and CompleteP, give ``0`` for the stream and
+    the output and ``alpha - 1`` for the blocks' relative weight change).
+    """
+    rule = parse_parametrization(parametrization).depth
+    place = layer if layer in (None, "stream", "blocks") else role
+    prediction = DEPTH_PREDICTIONS.get((metric, place))
+    if prediction is None:
+        return None
+    beta = rule.lr_sgd if optimizer == "sgd" else rule.lr_adam
+    return prediction.exponent(rule.alpha, beta, optimizer)
+
+
+def fit_depth_records(
+    records: Iterable[Mapping[str, Any]],
+    parametrization: Parametrization | str,
+    optimizer: str,
+    *,
+    confidence: float = 0.95,
+) -> list[dict]:
+    """Depth exponents of ``{"depth", "metric", "layer", "role", "value"}`` records.
+
+    Returns:
+        The :func:`fit_records` dicts, with ``"depths"`` for ``"widths"`` and
+        the predictions of :func:`predicted_depth_exponent`.
+    """
+    param = parse_parametrization(parametrization)
+
+    def predict(metric: str, layer: str | None, role: str | None) -> float | None:
+        return predicted_depth_exponent(metric, layer, param, optimizer, role)
+
+    fitted = {m for m, _ in DEPTH_PREDICTIONS}
+    return _fit_series(records, fitted, predict, param, "depth", confidence)

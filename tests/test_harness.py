@@ -96,7 +96,7 @@ def test_cnn_on_images(tmp_path) -> None:
         ({"widht": 3}, "unknown config field.*'widht'.*allowed fields"),
         (
             {"model": "resnet"},
-            "model to be one of \\['mlp', 'cnn', 'transformer', 'bn_mlp'\\]",
+            "model to be one of \\['mlp', 'resmlp', 'cnn', 'transformer', 'bn_mlp'\\]",
         ),
         ({"optimizer": "lbfgs"}, "optimizer to be one of"),
         (

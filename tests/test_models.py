@@ -11,9 +11,11 @@ import torch.nn.functional as F
 from rdiag.models import BNMLP, CNN, MLP, RMSBatchNorm, Transformer, make_model
 from rdiag.parametrization import (
     applied_parametrization,
+    apply_parametrization,
     fan_in,
     infer_roles,
     layer_scale,
+    layer_scales,
 )
 from tests._assert import assert_close
 
@@ -79,8 +81,12 @@ def test_transformer_block_attention_scale(exponent):
 
 
 def test_transformer_residual_branches_scaled():
-    tr = Transformer(8, depth=4)
-    assert all(b.branch_scale == pytest.approx(0.5) for b in tr.blocks)
+    tr = apply_parametrization(Transformer(8, depth=4), "mup")
+    scales = layer_scales(tr)
+    # depth-muP by default: the branch outputs x 4**-1/2, the rest unscaled
+    assert scales["blocks.3.fc2"].weight == pytest.approx(0.5)
+    assert scales["blocks.0.proj"].bias == pytest.approx(0.5)
+    assert scales["blocks.0.qkv"].weight == 1.0
     assert set(tr.roles.values()) == {"readin", "hidden", "readout"}
     assert tr.roles["embed"] == "readin" and tr.roles["blocks.3.fc2"] == "hidden"
 
