@@ -328,6 +328,7 @@ def test_sharpness_stops_gd_at_divergence(tmp_path, capsys) -> None:
 
 # ---- rdiag meter -----------------------------------------------------------------
 TINY_METER = ["--widths", "16", "32", "--steps", "2", "--seeds", "2", "--no-ntk"]
+TINY = {"widths": [16, 32], "steps": 2, "seeds": 2, "ntk": False}  # the same
 
 
 def test_meter_command_runs_the_meter_on_named_factories(tmp_path, capsys) -> None:
@@ -337,30 +338,13 @@ def test_meter_command_runs_the_meter_on_named_factories(tmp_path, capsys) -> No
     from rdiag.meter import richness_meter
     from tests.models import METER_RULE, meter_batch, meter_mlp
 
-    argv = [
-        "meter",
-        "--factory",
-        "tests.models:meter_mlp",
-        "--data-factory",
-        "tests.models:meter_batch",
-        "--optimizer-factory",
-        "tests.models:METER_RULE",
-        *TINY_METER,
-        "--out",
-        str(tmp_path),
-    ]
-    assert main(argv) == 0
-    out = capsys.readouterr().out
-    expected = richness_meter(
-        meter_mlp,
-        METER_RULE,
-        meter_batch(),
-        F.mse_loss,
-        widths=[16, 32],
-        steps=2,
-        seeds=2,
-        ntk=False,
+    names = (
+        "--factory meter_mlp --data-factory meter_batch --optimizer-factory METER_RULE"
     )
+    argv = [f"tests.models:{a}" if a[0] != "-" else a for a in names.split()]
+    assert main(["meter", *argv, *TINY_METER, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    expected = richness_meter(meter_mlp, METER_RULE, meter_batch(), F.mse_loss, **TINY)
     assert out.startswith(expected.report() + "\n")
     saved = json.loads((tmp_path / "meter.json").read_text())
     assert saved["r"] == pytest.approx(expected.r, rel=1e-6)
@@ -399,10 +383,7 @@ def test_meter_command_on_a_file_with_default_data_and_optimizer(
         lambda m: rdiag.make_optimizer(m, None, 0.2),
         (x, y),
         F.cross_entropy,
-        widths=[16, 32],
-        steps=2,
-        seeds=2,
-        ntk=False,
+        **TINY,
     )
     assert printed.startswith(expected.report() + "\n")
     (out / "meter.html").unlink()
