@@ -306,10 +306,25 @@ def _parser() -> argparse.ArgumentParser:
         "directory importable) or a file (path/to/models.py:make_model)",
     )
     mt.add_argument(
-        "--widths", type=_POSITIVE, nargs="+", default=[64, 128, 256, 512, 1024]
+        "--widths",
+        type=_POSITIVE,
+        nargs="+",
+        default=[64, 128, 256, 512, 1024],
+        help="at least two, a 16x span recommended (default 64 128 256 512 1024)",
     )
-    mt.add_argument("--steps", type=_POSITIVE, default=10)
-    mt.add_argument("--seeds", type=_POSITIVE, default=4, metavar="K", help="0..K-1")
+    mt.add_argument(
+        "--steps",
+        type=_POSITIVE,
+        default=10,
+        help="optimizer steps per run; >= 10 lets the kernel exponents in (default 10)",
+    )
+    mt.add_argument(
+        "--seeds",
+        type=_POSITIVE,
+        default=4,
+        metavar="K",
+        help="seeds 0..K-1; three or more give an interval (default 4)",
+    )
     how = mt.add_mutually_exclusive_group()
     how.add_argument(
         "--optimizer",
@@ -611,11 +626,15 @@ def _load(spec: str, flag: str, what: str) -> Any:
                 f"no file {source!r} (from {flag} {spec}); pass an existing "
                 f"path/to/file.py:{name}"
             )
-        module_name = f"_rdiag_user_{path.stem}"
+        # One module per file, executed once however many flags name it.
+        module_name = "_rdiag_user_" + "".join(
+            c if c.isalnum() else "_" for c in str(path.resolve())
+        )
+        loaded = sys.modules.get(module_name)
         loader = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(loader)
+        module = loaded or importlib.util.module_from_spec(loader)
         sys.modules[module_name] = module  # dataclasses and pickling look it up
-        run = lambda: loader.loader.exec_module(module)  # noqa: E731
+        run = (lambda: None) if loaded else (lambda: loader.loader.exec_module(module))
     else:
         if os.getcwd() not in sys.path and "" not in sys.path:
             sys.path.insert(0, os.getcwd())  # as `python -m`: the user's own modules

@@ -391,6 +391,30 @@ def test_meter_command_on_a_file_with_default_data_and_optimizer(
     assert expected.verdict in (out / "meter.html").read_text()
 
 
+_ONE_FILE = """
+from pathlib import Path
+
+from rdiag import LRRule
+from tests.models import meter_batch as batch, meter_mlp as build
+
+with open(Path(__file__).with_suffix(".log"), "a") as log:
+    log.write("loaded\\n")
+RULE = LRRule(0.1, {"readout": -1.0}, base_width=16)
+"""
+
+
+def test_one_file_named_by_every_flag_is_loaded_once(tmp_path, capsys) -> None:
+    source = tmp_path / "mine.py"
+    source.write_text(_ONE_FILE)
+    flags = ["--factory", "build", "--data-factory", "batch"]
+    flags += ["--optimizer-factory", "RULE"]
+    argv = [f"{source}:{a}" if a[0] != "-" else a for a in flags]
+    assert main(["meter", *argv, *TINY_METER, "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "mine.log").read_text() == "loaded\n"
+    saved = json.loads((tmp_path / "o" / "meter.json").read_text())
+    assert [d["name"] for d in saved["layers"]] == ["0", "2", "4"]
+
+
 _BROKEN = "import not_installed_package_xyz\n\n\ndef build(n):\n    return None\n"
 
 
