@@ -33,19 +33,28 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 8, generator=gen), torch.randn(16, 4, generator=gen)
 
 
-def _rdiag(data, full: bool):
+#: The MLP 8 -> n -> n -> 4 (also bench_meter.py's).
+FAMILY = {"d_in": 8, "d_out": 4, "depth": 3}
+
+
+def mlp_coord_check(data, widths, seeds: int, steps: int, lr: float, full: bool):
+    """The muP MLP's coordinate check (``full``: with the kernel metrics)."""
     return coord_check(
         "mlp",
         "mup",
-        WIDTHS,
-        steps=STEPS,
-        seeds=SEEDS,
-        lr=LR,
+        widths,
+        steps=steps,
+        seeds=seeds,
+        lr=lr,
         data=data,
-        family_kwargs={"d_in": 8, "d_out": 4, "depth": 3},
+        family_kwargs=FAMILY,
         ntk=full,
         linearization=full,
     )
+
+
+def _rdiag(data, full: bool):
+    return mlp_coord_check(data, WIDTHS, SEEDS, STEPS, LR, full)
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,25 @@
-"""``rdiag`` command line: run, sweep, merge, coord-check, depth-check, report, ntk, sharpness.
+"""``rdiag`` command line: the subcommands of the README, each a call of the public API.
+
+run, sweep, merge, coord-check, depth-check, meter, report, ntk, sharpness.
 
 Every subcommand parses its flags and calls the public API (:func:`rdiag.harness.train`,
 :func:`rdiag.harness.sweep`, :func:`rdiag.coord_check.coord_check`,
-:func:`rdiag.report.build_report`, :func:`rdiag.empirical_ntk`,
-:func:`rdiag.curvature.sharpness`); it has no logic of its own beyond printing
-where results went. Every error exits with status 2 and one line
+:func:`rdiag.depth_check`, :func:`rdiag.richness_meter`, :func:`rdiag.report.build_report`,
+:func:`rdiag.empirical_ntk`, :func:`rdiag.curvature.sharpness`); it has no logic of
+its own beyond loading the user's factories (``MODULE:NAME``) and printing where
+results went.
+
+``rdiag meter`` takes the user's code by name: ``--factory MODULE:FUNCTION``
+(``width -> nn.Module``), optionally ``--optimizer-factory`` (``model ->
+torch.optim.Optimizer``, or an :class:`rdiag.LRRule` object) and ``--data-factory``
+(``() -> (x, y)`` or a list of such batches). ``MODULE`` is a dotted module path,
+imported with the current directory on ``sys.path`` (as ``python -m`` would), or
+a file ``path/to/file.py``. Without ``--optimizer-factory`` it trains with
+:func:`rdiag.meter.optimizer_factory` (``--optimizer``, ``--lr``: a model prepared
+by :func:`rdiag.apply_parametrization` gets its per-layer rates, any other one
+plain SGD / Adam over all its parameters); without ``--data-factory`` on
+:func:`rdiag.meter.default_data` (the model's ``sample_inputs``, targets shaped
+like its output). Every error exits with status 2 and one line
 ``rdiag <command>: error: ...`` naming the field or flag and what it allows
 (``--debug`` shows the traceback instead); numeric and path flags are checked by
 argparse before anything runs. A sweep whose runs failed still exits 0 and lists
@@ -46,13 +61,21 @@ _EPILOG = {
       --seeds 4 --out coord/
   rdiag coord-check --model transformer --parametrization mup --widths 32 64 128 256 --out coord_tf/""",
     "depth-check": """examples:
-  rdiag depth-check --model resmlp --parametrization mup,depth=completep --depths 2 4 8 16 32 \
+  rdiag depth-check --model resmlp --parametrization mup,depth=completep --depths 2 4 8 16 32 \\
       --width 64 --out depth/
   rdiag depth-check --model transformer --parametrization mup --optimizer adam --out depth_tf/
 depth rules (the ,depth= suffix): depth-mup (branches x 1/sqrt(L), the default), completep
 (x 1/L), none, or a branch exponent alpha (e.g. mup,depth=0.75)""",
+    "meter": """examples:
+  rdiag meter --factory mypkg.models:make_model --out meter/
+  rdiag meter --factory path/to/models.py:make_model --data-factory path/to/models.py:batch \\
+      --loss cross_entropy --optimizer adam --lr 1e-3 --widths 32 64 128 256 --no-ntk --out meter/
+  rdiag meter --factory models.py:make_model --optimizer-factory models.py:make_optimizer --out meter/
+      # make_model(width) -> nn.Module; make_optimizer(model) -> torch.optim.Optimizer
+      # (or an rdiag.LRRule object); batch() -> (x, y). Writes meter.json, meter.html, meter.png""",
     "report": """examples:
-  rdiag report --store results/ --out results/""",
+  rdiag report --store results/ --out results/    # + the meter's section if results/meter.json
+  rdiag report --store meter/                     # a meter alone: meter/meter.html""",
     "ntk": """examples:
   rdiag ntk --model mlp --width 512 --parametrization mup --n 64
   rdiag ntk --model cnn --width 32 --n 32 --implementation jacobian --out ntk.json
@@ -130,6 +153,10 @@ def _file(text: str) -> str:
             f"{str(Path(text) / 'summary.json')!r}"
         )
     return text
+
+
+#: ``rdiag meter --loss``: name -> the ``torch.nn.functional`` loss.
+_LOSSES = {"mse": "mse_loss", "cross_entropy": "cross_entropy"}
 
 
 _COUNT, _POSITIVE, _RATE, _REAL = (
@@ -291,9 +318,89 @@ def _parser() -> argparse.ArgumentParser:
     dc.add_argument("--lr", type=_RATE, help="base learning rate (as coord-check)")
     dc.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
     dc.add_argument("--out", required=True, type=_directory)
+    mt = add(
+        "meter",
+        "richness meter: where your model and optimizer sit on the lazy-rich scale",
+    )
+    mt.add_argument(
+        "--factory",
+        required=True,
+        metavar="MODULE:FUNCTION",
+        help="width -> nn.Module: a module path (mypkg.models:make_model, the current "
+        "directory importable) or a file (path/to/models.py:make_model)",
+    )
+    mt.add_argument(
+        "--widths",
+        type=_POSITIVE,
+        nargs="+",
+        default=[64, 128, 256, 512, 1024],
+        help="at least two, a 16x span recommended (default 64 128 256 512 1024)",
+    )
+    mt.add_argument(
+        "--steps",
+        type=_POSITIVE,
+        default=10,
+        help="optimizer steps per run; >= 10 lets the kernel exponents in (default 10)",
+    )
+    mt.add_argument(
+        "--seeds",
+        type=_POSITIVE,
+        default=4,
+        metavar="K",
+        help="seeds 0..K-1; three or more give an interval (default 4)",
+    )
+    how = mt.add_mutually_exclusive_group()
+    how.add_argument(
+        "--optimizer",
+        choices=("sgd", "adam"),
+        help="default sgd: rdiag-parametrized models get their per-layer rates "
+        "(base rate --lr), others one rate --lr for all parameters",
+    )
+    how.add_argument(
+        "--optimizer-factory",
+        metavar="MODULE:NAME",
+        help="model -> torch.optim.Optimizer, or an rdiag.LRRule object (its own rates)",
+    )
+    mt.add_argument(
+        "--lr",
+        type=_RATE,
+        help="learning rate of --optimizer (default: 0.3 for SGD, 0.1 for Adam)",
+    )
+    mt.add_argument(
+        "--data-factory",
+        metavar="MODULE:FUNCTION",
+        help="() -> (x, y) or a list of batches; default: --batch-size inputs from "
+        "the model's sample_inputs, Gaussian targets (class indices for "
+        "cross_entropy) shaped like its output",
+    )
+    mt.add_argument("--batch-size", type=_POSITIVE, default=16)
+    mt.add_argument("--data-seed", type=_COUNT, default=1234)
+    mt.add_argument("--loss", choices=tuple(_LOSSES), default="mse")
+    mt.add_argument(
+        "--target",
+        type=_REAL,
+        help="the richness in [0, 1/2] the per-layer predictions and fixes are for "
+        "(default: the estimate, clipped)",
+    )
+    mt.add_argument(
+        "--no-ntk",
+        action="store_true",
+        help="skip the kernel metrics (two eNTKs and a jvp per run)",
+    )
+    mt.add_argument(
+        "--out",
+        required=True,
+        type=_directory,
+        help="output directory (meter.json, meter.html, meter.png)",
+    )
 
     rep = add("report", "figures, summary.json and report.html from a store")
-    rep.add_argument("--store", required=True, type=_directory, help="store directory")
+    rep.add_argument(
+        "--store",
+        required=True,
+        type=_directory,
+        help="store directory (its meter.json, if any, is reported too)",
+    )
     rep.add_argument(
         "--out",
         type=_directory,
@@ -545,16 +652,194 @@ def _print_verdicts(result: Any) -> None:
     print(f"verdict: {'pass' if result.passed else 'FAIL'}")
 
 
+def _load(spec: str, flag: str, what: str) -> Any:
+    """The object ``MODULE:NAME`` (or ``path/to/file.py:NAME``) names, for ``flag``."""
+    import importlib
+    import importlib.util
+    import os
+
+    source, sep, name = spec.rpartition(":")
+    usage = (
+        f"pass {flag} MODULE:NAME naming {what}, e.g. mypkg.models:make_model or "
+        "path/to/models.py:make_model"
+    )
+    if not sep or not source or not all(p.isidentifier() for p in name.split(".")):
+        raise ValueError(f"expected {flag} MODULE:NAME, got {spec!r}; {usage}")
+    if source.endswith(".py") or os.sep in source:
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no file {source!r} (from {flag} {spec}); pass an existing "
+                f"path/to/file.py:{name}"
+            )
+        # One module per file, executed once however many flags name it.
+        module_name = "_rdiag_user_" + "".join(
+            c if c.isalnum() else "_" for c in str(path.resolve())
+        )
+        loaded = sys.modules.get(module_name)
+        loader = importlib.util.spec_from_file_location(module_name, path)
+        module = loaded or importlib.util.module_from_spec(loader)
+        sys.modules[module_name] = module  # dataclasses and pickling look it up
+        run = (lambda: None) if loaded else (lambda: loader.loader.exec_module(module))
+    else:
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m`: the user's own modules
+        module = None
+
+        def run() -> None:
+            nonlocal module
+            module = importlib.import_module(source)
+
+    try:
+        run()
+    except ModuleNotFoundError as err:
+        parts = source.split(".")
+        prefixes = {".".join(parts[: i + 1]) for i in range(len(parts))}
+        if err.name in prefixes:
+            raise ImportError(
+                f"cannot import module {source!r} (from {flag} {spec}): no module "
+                f"named {err.name!r} in the current directory or the installed "
+                f"packages; run from the directory that holds it, add that to "
+                f"PYTHONPATH, or pass a file: path/to/{parts[-1]}.py:{name}"
+            ) from err
+        raise ImportError(
+            f"importing {source!r} (from {flag} {spec}) failed: it imports "
+            f"{err.name!r}, which is not installed; install it"
+        ) from err
+    except Exception as err:
+        raise ImportError(
+            f"importing {source!r} (from {flag} {spec}) failed: "
+            f"{type(err).__name__}: {err}"
+        ) from err
+    obj: Any = module
+    for part in name.split("."):
+        if not hasattr(obj, part):
+            defined = sorted(
+                k
+                for k, v in vars(module).items()
+                if callable(v)
+                and not k.startswith("_")
+                and getattr(v, "__module__", None) == module.__name__
+            )
+            listed = ", ".join(defined[:10]) + (", ..." if len(defined) > 10 else "")
+            raise AttributeError(
+                f"module {source!r} has no attribute {name!r} (from {flag} {spec}); "
+                f"it defines {listed or 'no functions or classes'}"
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _function(spec: str, flag: str, what: str, *args: str) -> Callable:
+    """A function by ``MODULE:NAME`` that takes the arguments named by ``args``."""
+    import inspect
+
+    obj = _load(spec, flag, what)
+    if not callable(obj):
+        raise TypeError(
+            f"expected {flag} {spec} to name {what}, got a {type(obj).__name__}; "
+            "name a function"
+        )
+    try:
+        signature = inspect.signature(obj)
+    except ValueError:  # no signature to read (a builtin): let the call tell
+        return obj
+    try:
+        signature.bind(*args)
+    except TypeError:
+        shown = signature.replace(return_annotation=inspect.Signature.empty)
+        name = getattr(obj, "__name__", type(obj).__name__)
+        raise TypeError(
+            f"expected {flag} {spec} to name {what}, got {name}{shown}, which "
+            f"cannot be called as {name}({', '.join(args)})"
+        ) from None
+    return obj
+
+
+def _cmd_meter(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
+    from rdiag.coord_check import DEFAULT_LR
+    from rdiag.meter import (
+        LRRule,
+        default_data,
+        optimizer_factory,
+        richness_meter,
+    )
+    from rdiag.report import build_meter_report
+
+    make_model = _function(
+        args.factory, "--factory", "a function width -> nn.Module", "width"
+    )
+    loss = getattr(F, _LOSSES[args.loss])
+    if args.optimizer_factory is not None:
+        if args.lr is not None:
+            raise ValueError(
+                "expected --lr with --optimizer only; an --optimizer-factory sets its "
+                "own rates (drop --lr, or use --optimizer sgd|adam --lr LR)"
+            )
+        what = "a function model -> torch.optim.Optimizer or an rdiag.LRRule"
+        optimizer = _load(args.optimizer_factory, "--optimizer-factory", what)
+        if not isinstance(optimizer, LRRule):
+            optimizer = _function(
+                args.optimizer_factory, "--optimizer-factory", what, "model"
+            )
+    else:
+        kind = args.optimizer or "sgd"
+        optimizer = optimizer_factory(kind, args.lr or DEFAULT_LR[kind])
+    if args.data_factory is not None:
+        make_data = _function(
+            args.data_factory, "--data-factory", "a function () -> (x, y)"
+        )
+        data = make_data()
+    else:
+        data = default_data(
+            make_model,
+            loss,
+            width=min(args.widths),
+            n=args.batch_size,
+            seed=args.data_seed,
+        )
+    result = richness_meter(
+        make_model,
+        optimizer,
+        data,
+        loss,
+        widths=args.widths,
+        steps=args.steps,
+        seeds=args.seeds,
+        target=args.target,
+        ntk=not args.no_ntk,
+    )
+    saved = result.save(args.out)
+    paths = build_meter_report(result, args.out)
+    print(result.report())
+    print(f"meter:   {saved.resolve()}")
+    print(f"report:  {paths['html'].resolve()}")
+    if "figure" in paths:
+        print(f"figure:  {paths['figure'].resolve()}")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from rdiag.report import build_report
     from rdiag.store import DB_NAME, Store
 
-    if not (Path(args.store) / DB_NAME).is_file():
+    from rdiag.meter import METER_JSON
+    from rdiag.report import build_meter_report
+
+    store = Path(args.store)
+    if not (store / DB_NAME).is_file():
+        if (store / METER_JSON).is_file():  # a meter alone
+            paths = build_meter_report(store, args.out or store)
+            print(f"report:  {paths['html'].resolve()}")
+            return 0
         raise FileNotFoundError(
-            f"no store at {args.store} (expected {Path(args.store) / DB_NAME}); pass the --out "
-            "directory of `rdiag sweep` or `rdiag run`"
+            f"no store at {args.store} (expected {store / DB_NAME}) and no "
+            f"{METER_JSON}; pass the --out directory of `rdiag sweep`, `rdiag run` "
+            "or `rdiag meter`"
         )
-    paths = build_report(Store(args.store), args.out or args.store)
+    paths = build_report(Store(store), args.out or store)
     print(f"report:  {Path(paths['html']).resolve()}")
     print(f"summary: {Path(paths['summary']).resolve()}")
     return 0
@@ -680,6 +965,7 @@ _COMMANDS = {
     "merge": _cmd_merge,
     "coord-check": _cmd_coord_check,
     "depth-check": _cmd_depth_check,
+    "meter": _cmd_meter,
     "report": _cmd_report,
     "ntk": _cmd_ntk,
     "sharpness": _cmd_sharpness,
@@ -690,7 +976,15 @@ def _one_line(err: BaseException) -> str:
     """An error as one line; unexpected kinds are named, with the --debug hint."""
     text = err.args[0] if isinstance(err, KeyError) and err.args else err
     text = " ".join(str(text).split())
-    expected = (ValueError, TypeError, OSError, ImportError, KeyError, MemoryError)
+    expected = (
+        ValueError,
+        TypeError,
+        OSError,
+        ImportError,
+        KeyError,
+        AttributeError,
+        MemoryError,
+    )
     if isinstance(err, (*expected, StoreError)):
         return text
     return f"{type(err).__name__}: {text} (rerun with --debug for the traceback)"

@@ -403,7 +403,7 @@ def plot_coord_check(result: Checked, path: str | Path) -> Path:
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(rows, cols, i + 1)
         for series in (f for f in result.fits if f["metric"] == metric):
-            _plot_series(ax, result, series)
+            plot_series(ax, result.records, series, result.axis)
         ax.set(xscale="log", yscale="log", xlabel=result.axis, title=metric)
         ax.legend(fontsize=6)
     kind = "coordinate" if result.axis == "width" else "depth"
@@ -415,11 +415,19 @@ def plot_coord_check(result: Checked, path: str | Path) -> Path:
     return Path(path)
 
 
-def _plot_series(ax, result: Checked, fit: dict) -> None:
-    axis = result.axis
+def plot_series(ax, records: list[dict], fit: dict, axis: str = "width") -> None:
+    """One fitted series on a matplotlib ``ax``: per-size means, every seed, the prediction.
+
+    Args:
+        ax: The axes.
+        records: The measurements ``{axis, "metric", "layer", "value"}``.
+        fit: The series' fit (``"metric"``, ``"layer"``, ``"slope"``, ``"ci"``,
+            ``"predicted"``).
+        axis: The record key of the size: ``"width"`` or ``"depth"``.
+    """
     recs = [
         r
-        for r in result.records
+        for r in records
         if r["metric"] == fit["metric"] and r["layer"] == fit["layer"]
     ]
     widths = np.array(sorted({r[axis] for r in recs}), float)

@@ -42,8 +42,14 @@ from rdiag._checks import (
 from rdiag._inputs import Inputs, batch_size, check_inputs, rows
 from rdiag.functional import MODES, Mode, check_per_sample
 from rdiag.loop import measured_fit
+from rdiag.losses import infer_loss_kind
 from rdiag.metrics import fit_exponent
-from rdiag.parametrization import ROLES
+from rdiag.parametrization import (
+    ROLES,
+    Centered,
+    applied_parametrization,
+    make_optimizer as parametrized_optimizer,
+)
 from rdiag.predictions import fit_records
 from rdiag.verdicts import (
     COHERENT_STEPS,
@@ -56,6 +62,8 @@ from rdiag.verdicts import (
     predicted_at,
 )
 
+#: The file :meth:`MeterResult.save` writes (and :mod:`rdiag.report` looks for).
+METER_JSON = "meter.json"
 #: The Monitor metrics the meter measures.
 METRICS = ("representations", "weights", "ntk", "linearization")
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
@@ -179,15 +187,18 @@ class MeterResult:
             lines += [f"    fix: {f}" for f in d.fixes]
         return "\n".join(lines)
 
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``out_dir/meter.json`` (non-finite numbers as ``null``)."""
+    def to_dict(self) -> dict[str, Any]:
+        """The result as plain JSON data (non-finite numbers as ``None``), as saved."""
         from rdiag.coord_check import _jsonable
 
+        return _jsonable(asdict(self))
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write ``out_dir/meter.json`` (:meth:`to_dict`)."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / "meter.json"
-        payload = _jsonable(asdict(self))
-        path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+        path = out / METER_JSON
+        path.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
         return path
 
 
@@ -272,6 +283,87 @@ def _build(make_model: Callable[[int], nn.Module], width: int, seed: int) -> nn.
             f"{type(model).__name__}; pass a function width -> nn.Module"
         )
     return model
+
+
+def default_data(
+    make_model: Callable[[int], nn.Module],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    width: int,
+    n: int = 16,
+    seed: int = 1234,
+) -> tuple[Inputs, Tensor]:
+    """A training batch for a model that can draw its own inputs, as rdiag's built-in ones.
+
+    The inputs are ``model.sample_inputs(n, generator)`` (Gaussian, or random
+    tokens for the transformer; a :class:`~rdiag.parametrization.Centered`
+    wrapper's inner model is asked); the targets are shaped like the model's
+    output on them: standard normal for a regression loss, uniform class
+    indices over the last output axis for cross-entropy (``(N,)`` for ``(N, C)``
+    outputs, ``(N, T)`` for ``(N, T, V)``). One ``seed`` draws both, the same
+    batch at every width.
+
+    Args:
+        make_model: ``width -> nn.Module`` with ``sample_inputs(n, generator)``.
+        loss_fn: The training loss (:func:`rdiag.losses.infer_loss_kind` decides
+            the targets).
+        width: The width the batch's shapes are read at.
+        n: Batch size ``N``.
+        seed: Seed of the inputs and targets.
+
+    Returns:
+        ``(x (N, ...), y)``.
+
+    Raises:
+        TypeError: ``make_model`` does not return a module, or one without
+            ``sample_inputs``.
+    """
+    check_positive_int(n, "n")
+    model = _build(make_model, width, seed)
+    inner = model.model if isinstance(model, Centered) else model
+    if not callable(getattr(inner, "sample_inputs", None)):
+        raise TypeError(
+            f"expected a model with sample_inputs(n, generator) for the default "
+            f"data (as rdiag's built-in models), got {type(inner).__name__} without "
+            "it; pass data=(x, y) (rdiag meter: --data-factory MODULE:FUNCTION "
+            "returning (x, y))"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    x = inner.sample_inputs(n, gen)
+    with torch.no_grad():
+        out = model(x)
+    if infer_loss_kind(loss_fn) != "cross_entropy":
+        return x, torch.randn(out.shape, generator=gen)
+    shape = out.shape[:-1] if out.dim() >= 3 else out.shape[:1]
+    return x, torch.randint(0, out.shape[-1], shape, generator=gen)
+
+
+def optimizer_factory(kind: str, lr: float) -> OptimizerFactory:
+    """``model -> optimizer`` with one base rate: what ``rdiag meter --lr`` trains with.
+
+    A model prepared by :func:`rdiag.apply_parametrization` (rdiag's built-in
+    families with ``parametrization=``) gets its parametrization's per-layer
+    rates (:func:`rdiag.make_optimizer`, ``lr`` the base rate ``eta_0``); any
+    other model a plain ``torch.optim.SGD`` / ``Adam`` over all its trainable
+    parameters at ``lr``.
+
+    Args:
+        kind: ``"sgd"`` or ``"adam"``.
+        lr: The (base) learning rate, ``> 0``.
+
+    Returns:
+        The factory, for :func:`richness_meter`'s ``make_optimizer``.
+    """
+    check_choice(kind, "optimizer", ("sgd", "adam"))
+    check_finite_positive(lr, "lr")
+
+    def build(model: nn.Module) -> torch.optim.Optimizer:
+        if applied_parametrization(model) is not None:
+            return parametrized_optimizer(model, None, lr, optimizer=kind)
+        params = [p for p in model.parameters() if p.requires_grad]
+        return (torch.optim.SGD if kind == "sgd" else torch.optim.Adam)(params, lr=lr)
+
+    return build
 
 
 def _optimizer(make_optimizer, model, roles, width) -> torch.optim.Optimizer:

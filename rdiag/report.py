@@ -14,6 +14,20 @@ Figures: kernel movement vs width, the coordinate check (``delta_h`` vs width),
 preconditioned sharpness vs step for muP and NTK with the ``2/eta0`` line, the top
 eNTK eigenvalue over time and loss curves. matplotlib and pandas are imported
 inside the functions.
+
+**The richness meter's section.** :func:`meter_section` renders a
+:class:`~rdiag.meter.MeterResult` (or its ``meter.json``): the verdict,
+``r_hat`` with its interval, one row per layer (role, problem, violated
+exponents, fixes), every judged exponent and :func:`plot_meter`'s figure (the
+fitted exponents against their predictions at the target ``r``; ``||dh||``,
+``||dW||_op / ||W_0||_op`` and kernel movement against the width). The contract
+is one file in one place: a ``meter.json`` in the *store's directory* is part of
+that store's report. :func:`build_report` includes it (``report.html``,
+``figures/meter.png``, ``summary["meter"]``); :func:`build_meter_report` writes
+a meter alone as ``meter.html`` and ``meter.png`` (what ``rdiag meter --out
+DIR`` does, and ``rdiag report --store DIR`` for a directory holding only a
+``meter.json``). A meter is never looked up anywhere else (not in ``out_dir``,
+not in parent directories).
 """
 
 from __future__ import annotations
@@ -22,12 +36,14 @@ import base64
 import html
 import json
 import math
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rdiag._optional import require
+from rdiag.meter import METER_JSON
 from rdiag.parametrization import Parametrization, parse_parametrization
 from rdiag.predictions import PREDICTIONS, fit_records, formulas
 from rdiag.records import TRAIN_LOSS
@@ -81,16 +97,13 @@ def failed_runs(store: Store | str | Path) -> list[dict[str, Any]]:
 def _failed_table(failed: list[dict[str, Any]]) -> str:
     if not failed:
         return ""
-    rows = "".join(
-        f"<tr><td>{html.escape(f['run'])}</td>"
-        f"<td>{html.escape(run_label(f['config']))}</td>"
-        f"<td>{html.escape(f['reason'] or 'not recorded')}</td></tr>"
+    rows = [
+        [f["run"], run_label(f["config"]), f["reason"] or "not recorded"]
         for f in failed
-    )
+    ]
     return (
         f"<h2>Failed runs ({len(failed)})</h2><p>Not in the fits and figures.</p>"
-        "<table><tr><th>run</th><th>config</th><th>reason</th></tr>"
-        f"{rows}</table>"
+        + _table(["run", "config", "reason"], rows)
     )
 
 
@@ -388,19 +401,18 @@ def _fit_table(fit_list: list[dict]) -> str:
         diff = "" if f["predicted"] is None else f"{f['slope'] - f['predicted']:+.3f}"
         lo, hi = f["ci"]
         ci = "n/a (2 points)" if lo is None else f"[{lo:+.3f}, {hi:+.3f}]"
-        cells = [
-            f["metric"],
-            f["layer"] or "",
-            f["parametrization"],
-            f"{f['slope']:+.3f}",
-            ci,
-            pred,
-            diff,
-            f"{f['widths'][0]}..{f['widths'][-1]} ({len(f['widths'])})",
-            str(f["seeds"]),
-        ]
         rows.append(
-            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+            [
+                f["metric"],
+                f["layer"] or "",
+                f["parametrization"],
+                f"{f['slope']:+.3f}",
+                ci,
+                pred,
+                diff,
+                f"{f['widths'][0]}..{f['widths'][-1]} ({len(f['widths'])})",
+                str(f["seeds"]),
+            ]
         )
     head = [
         "metric",
@@ -413,13 +425,7 @@ def _fit_table(fit_list: list[dict]) -> str:
         "widths",
         "seeds",
     ]
-    return (
-        "<table><tr>"
-        + "".join(f"<th>{h}</th>" for h in head)
-        + "</tr>"
-        + "".join(rows)
-        + "</table>"
-    )
+    return _table(head, rows)
 
 
 def _prediction_text() -> str:
@@ -428,50 +434,305 @@ def _prediction_text() -> str:
     )
 
 
+def _image(key: str, path: Path, level: str = "h2") -> str:
+    """A PNG embedded in the page under a heading."""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (
+        f"<{level}>{html.escape(key.replace('_', ' '))}</{level}>"
+        f'<img alt="{key}" src="data:image/png;base64,{data}">'
+    )
+
+
+def _page(title: str, body: str) -> str:
+    return f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1400px;margin:auto}}
+table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px}}
+img{{max-width:100%}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+{body}
+</body></html>
+"""
+
+
+def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
+    """An HTML table of escaped cells (a cell's lines joined by ``<br>``)."""
+    attr = f' class="{cls}"' if cls else ""
+    cells = "".join(
+        "<tr>"
+        + "".join(
+            "<td>" + "<br>".join(html.escape(x) for x in c.split("\n")) + "</td>"
+            for c in row
+        )
+        + "</tr>"
+        for row in rows
+    )
+    return (
+        f"<table{attr}><tr>"
+        + "".join(f"<th>{html.escape(h)}</th>" for h in head)
+        + f"</tr>{cells}</table>"
+    )
+
+
+# ---- the richness meter ------------------------------------------------------------
+def load_meter(source: Any) -> dict[str, Any]:
+    """A richness meter's result as the data of ``meter.json``.
+
+    Args:
+        source: A :class:`~rdiag.meter.MeterResult`, the data of its
+            ``meter.json``, the file, or the directory holding it.
+
+    Returns:
+        The :meth:`~rdiag.meter.MeterResult.to_dict` data.
+
+    Raises:
+        FileNotFoundError: No ``meter.json`` there.
+        ValueError: The file is not a meter's result.
+    """
+    if hasattr(source, "to_dict"):
+        return source.to_dict()
+    if isinstance(source, dict):
+        return source
+    path = Path(source)
+    path = path / METER_JSON if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no richness meter result at {path}; write one with `rdiag meter --out "
+            "DIR` or MeterResult.save(DIR)"
+        )
+    payload = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(payload, dict) or not {"verdict", "layers", "fits"} <= set(
+        payload
+    ):
+        raise ValueError(
+            f"expected {path} to be a meter.json (MeterResult.save), got other JSON"
+        )
+    return payload
+
+
+def _num(value: float | None, fmt: str = "+.2f") -> str:
+    return "n/a" if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def _interval_text(interval: Any) -> str:
+    lo, hi = interval
+    if lo is None or not math.isfinite(lo):
+        return "no interval (fewer than three seeds at every width)"
+    return f"95% interval [{lo:.2f}, {hi:.2f}] from resampling seeds"
+
+
+def _exponent_label(fit: dict[str, Any]) -> str:
+    return f"{fit['metric']}[{fit['layer']}]" if fit["layer"] else fit["metric"]
+
+
+def _judged(fit: dict[str, Any]) -> str:
+    if fit.get("inconclusive"):
+        return "inconclusive"
+    return {True: "pass", False: "FAIL", None: ""}[fit.get("passed")]
+
+
+def plot_meter(meter: Any, path: str | Path) -> Path:
+    """The meter's figure: fitted exponents against their predictions, and the series.
+
+    The first panel has every fitted exponent with its interval next to its
+    prediction at the target richness (green: passes, red: violated, grey:
+    inconclusive); the others the measured ``||dh||``, ``||dW||_op / ||W_0||_op``
+    and (if measured) kernel movement against the width, per layer, with the
+    predicted slopes dashed (as :func:`rdiag.coord_check.plot_coord_check`).
+    Needs matplotlib (``pip install 'rdiag[plots]'``).
+
+    Args:
+        meter: A :class:`~rdiag.meter.MeterResult` or what :func:`load_meter` takes.
+        path: The PNG to write.
+
+    Returns:
+        ``path``.
+    """
+    from rdiag.coord_check import plot_series
+
+    Figure = require("matplotlib.figure", "rdiag meter figures").Figure
+    payload = load_meter(meter)
+    fits = [
+        {**f, "ci": [math.nan if c is None else c for c in f["ci"]]}
+        for f in payload["fits"]
+        if f["slope"] is not None
+    ]
+    shown = [f for f in fits if f["predicted"] is not None]
+    series = [m for m in _METER_SERIES if any(f["metric"] == m for f in fits)]
+    fig = Figure(figsize=(5.5 + 4.2 * len(series), 4.2))
+    ax = fig.add_subplot(1, 1 + len(series), 1)
+    colors = {"pass": "tab:green", "FAIL": "tab:red"}
+    for i, f in enumerate(shown):
+        lo, hi = f["ci"]
+        err = None if math.isnan(lo) else [[f["slope"] - lo], [hi - f["slope"]]]
+        color = colors.get(_judged(f), "tab:gray")
+        ax.errorbar(i, f["slope"], yerr=err, fmt="o", ms=4, color=color, capsize=2)
+        ax.plot(i, f["predicted"], "kx", ms=7)
+    ax.plot([], [], "kx", label=f"predicted at r = {_num(payload['target'], '.2f')}")
+    ax.plot([], [], "o", color="tab:gray", label="fitted (95% CI)")
+    ax.set_xticks(range(len(shown)), [_exponent_label(f) for f in shown])
+    ax.tick_params(axis="x", labelrotation=80, labelsize=6)
+    ax.set(ylabel="width exponent", title="fitted vs predicted exponents")
+    ax.legend(fontsize=7)
+    for j, metric in enumerate(series):
+        ax = fig.add_subplot(1, 1 + len(series), j + 2)
+        for f in (f for f in fits if f["metric"] == metric):
+            plot_series(ax, payload["records"], f)
+        ax.set(xscale="log", yscale="log", xlabel="width", title=metric)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"richness meter: {payload['verdict']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return Path(path)
+
+
+#: The measured series the meter's figure draws against the width.
+_METER_SERIES = ("delta_h", "dW_rel", "ntk_rel_change")
+
+
+def meter_section(meter: Any, figure: str | Path | None = None) -> str:
+    """The HTML section of a richness meter's result (a heading, no page around it).
+
+    Args:
+        meter: A :class:`~rdiag.meter.MeterResult` or what :func:`load_meter` takes.
+        figure: A PNG to embed (:func:`plot_meter`), or None.
+
+    Returns:
+        The verdict, ``r_hat`` with its interval, the notes, one row per layer
+        (role, problem, violated exponents, fixes), every judged exponent, the
+        diverged runs and the figure.
+    """
+    payload = load_meter(meter)
+    widths = payload["widths"]
+    layers = _table(
+        ["layer", "role", "problem", "violated exponents", "fixes"],
+        [
+            [
+                d["name"],
+                d["role"],
+                d["problem"] or "ok",
+                "\n".join(d["violations"]),
+                "\n".join(d["fixes"]),
+            ]
+            for d in payload["layers"]
+        ],
+        "meter-layers",
+    )
+    exponents = _table(
+        ["exponent", "fitted slope", "95% CI", "predicted", "verdict", "reason"],
+        [
+            [
+                _exponent_label(f),
+                _num(f["slope"], "+.3f"),
+                "n/a"
+                if f["ci"][0] is None
+                else f"[{f['ci'][0]:+.3f}, {f['ci'][1]:+.3f}]",
+                _num(f["predicted"], "+.3f"),
+                _judged(f),
+                f.get("reason", ""),
+            ]
+            for f in payload["fits"]
+            if f["predicted"] is not None
+        ],
+    )
+    notes = "".join(f"<li>{html.escape(n)}</li>" for n in payload["notes"])
+    failed = "".join(
+        f"<li>width {f['width']} seed {f['seed']}: {html.escape(f['reason'])}</li>"
+        for f in payload["failed"]
+    )
+    image = "" if figure is None else _image("meter exponents", Path(figure), "h3")
+    span = f"{widths[0]}..{widths[-1]} ({len(widths)})" if widths else "none"
+    return f"""<h2>Richness meter</h2>
+<p class="meter-verdict"><b>Verdict:</b> {html.escape(payload["verdict"])}</p>
+<p>r_hat = {_num(payload["r"], ".3f")}, {_interval_text(payload["interval"])}
+(finite-width bias bound +-{_num(payload["systematic"], ".2f")}); predictions and fixes
+at r = {_num(payload["target"], ".2f")}. Widths {span}, {len(payload["seeds"])} seed(s),
+{payload["steps"]} steps.</p>
+{f"<ul>{notes}</ul>" if notes else ""}
+<h3>Layers</h3>
+{layers}
+{f"<h3>Diverged runs</h3><ul>{failed}</ul>" if failed else ""}
+<h3>Exponents</h3>
+{exponents}
+{image}
+"""
+
+
+def build_meter_report(meter: Any, out_dir: str | Path) -> dict[str, Path]:
+    """Write ``meter.html`` (and ``meter.png``) for a richness meter's result.
+
+    Args:
+        meter: A :class:`~rdiag.meter.MeterResult` or what :func:`load_meter` takes.
+        out_dir: Output directory (created if missing).
+
+    Returns:
+        ``{"html": path, "figure": path}`` (no figure without matplotlib).
+    """
+    payload = load_meter(meter)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    if find_spec("matplotlib") is not None:
+        paths["figure"] = plot_meter(payload, out / "meter.png")
+    body = meter_section(payload, paths.get("figure"))
+    if "figure" not in paths:
+        body += "<p>No figure: matplotlib is missing (pip install 'rdiag[plots]').</p>"
+    page = _page("rdiag richness meter", body)
+    (out / "meter.html").write_text(page, encoding="utf-8")
+    return {"html": out / "meter.html", **paths}
+
+
 def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Path]:
     """Write figures, ``summary.json`` and a self-contained ``report.html``.
+
+    A ``meter.json`` in the store's directory (``rdiag meter --out`` the same
+    directory, or :meth:`~rdiag.meter.MeterResult.save`) adds the richness
+    meter's section (:func:`meter_section`), its figure ``figures/meter.png``
+    and ``summary["meter"]`` (verdict, kind, r, interval, target).
 
     Args:
         store: The store (or its directory) holding finished runs.
         out_dir: Output directory (created if missing); figures go to ``out_dir/figures``.
 
     Returns:
-        ``{"html": path, "summary": path, <figure key>: path, ...}``.
+        ``{"html": path, "summary": path, <figure key>: path, ...}`` (``"meter"``:
+        the meter's figure).
 
     Raises:
-        ValueError: The store has no finished runs.
+        ValueError: The store has no finished runs, or its ``meter.json`` is not
+            a meter's result.
     """
     store = store if isinstance(store, Store) else Store(store)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fit_list = fits(store)
     figures = plot_figures(store, out / "figures", fit_list)
+    meter_path = Path(store.root) / METER_JSON
+    meter = load_meter(meter_path) if meter_path.is_file() else None
+    extra = {}
+    if meter is not None:
+        extra["meter"] = plot_meter(meter, out / "figures" / "meter.png")
     run_ids = store.run_ids()
     statuses = {s: len(store.run_ids(s)) for s in ("finished", "running", "failed")}
     summary = {
         "fits": fit_list,
         "runs": {"total": len(run_ids), **statuses},
         "failed": failed_runs(store),
-        "figures": {k: str(v.relative_to(out)) for k, v in figures.items()},
+        "figures": {
+            k: str(v.relative_to(out)) for k, v in {**figures, **extra}.items()
+        },
         "predictions": formulas(),
         "store": str(store.db_path),
     }
+    if meter is not None:
+        keys = ("verdict", "kind", "r", "interval", "target")
+        summary["meter"] = {k: meter[k] for k in keys}
     summary_path = out / "summary.json"
     summary_path.write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
-    images = []
-    for key, path in figures.items():
-        data = base64.b64encode(path.read_bytes()).decode("ascii")
-        images.append(
-            f"<h2>{html.escape(key.replace('_', ' '))}</h2>"
-            f'<img alt="{key}" src="data:image/png;base64,{data}">'
-        )
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>rdiag report</title>
-<style>body{{font-family:sans-serif;max-width:1400px;margin:auto}}
-table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px}}
-img{{max-width:100%}}</style></head><body>
-<h1>rdiag report</h1>
-<p>Store: {html.escape(str(store.db_path))}. Runs: {html.escape(json.dumps(summary["runs"]))}.</p>
+    images = "".join(_image(key, path) for key, path in figures.items())
+    section = "" if meter is None else meter_section(meter, extra["meter"])
+    body = f"""<p>Store: {html.escape(str(store.db_path))}. Runs: {html.escape(json.dumps(summary["runs"]))}.</p>
+{section}
 <h2>Fitted width exponents</h2>
 <p>Least-squares slopes of log(metric) on log(width) over every (width, seed) point at the
 last step (h0, f0: at initialization), with 95% t-intervals (seed scatter only; finite
@@ -479,9 +740,7 @@ widths bias slopes by up to ~0.2, most at r = 0). Predicted exponents of the wid
 {html.escape(_prediction_text())}.</p>
 {_fit_table(fit_list)}
 {_failed_table(summary["failed"])}
-{"".join(images)}
-</body></html>
-"""
+{images}"""
     html_path = out / "report.html"
-    html_path.write_text(page, encoding="utf-8")
-    return {"html": html_path, "summary": summary_path, **figures}
+    html_path.write_text(_page("rdiag report", body), encoding="utf-8")
+    return {"html": html_path, "summary": summary_path, **figures, **extra}

@@ -1,7 +1,9 @@
 """The test model zoo: small architectures with the layers rdiag must handle.
 
 Each builder takes a seed and returns ``(model, make_input)``, where
-``make_input(n, seed)`` draws a batch of ``n`` inputs for that model.
+``make_input(n, seed)`` draws a batch of ``n`` inputs for that model. The
+factories at the end take a width, as the richness meter's ``make_model`` (named
+on the command line in tests/test_cli.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from rdiag.meter import LRRule
 
 Builder = Callable[[int], tuple[nn.Module, Callable[[int, int], Tensor]]]
 
@@ -203,3 +207,25 @@ def mu_adam(model: MuTransformer, lr: float, base: int = 16) -> torch.optim.Adam
     return torch.optim.Adam(
         [{"params": scaled, "lr": lr * base / width}, {"params": rest, "lr": lr}]
     )
+
+
+# ---- factories by name, for `rdiag meter --factory tests.models:...` ----------------
+def meter_mlp(width: int) -> nn.Sequential:
+    """``3 -> width -> width -> 2`` tanh MLP in PyTorch's init (no ``sample_inputs``)."""
+    return nn.Sequential(
+        nn.Linear(3, width),
+        nn.Tanh(),
+        nn.Linear(width, width),
+        nn.Tanh(),
+        nn.Linear(width, 2),
+    )
+
+
+def meter_batch() -> tuple[Tensor, Tensor]:
+    """The fixed training batch of :func:`meter_mlp`: 8 inputs, 2 targets each."""
+    gen = torch.Generator().manual_seed(7)
+    return torch.randn(8, 3, generator=gen), torch.randn(8, 2, generator=gen)
+
+
+#: One SGD rate per role of :func:`meter_mlp` (muP-like: read-out rate ~ 1/n).
+METER_RULE = LRRule(0.1, {"readout": -1.0}, base_width=16)

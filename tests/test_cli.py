@@ -33,8 +33,10 @@ def _exit_code(argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize(
-    "command", ["run", "sweep", "coord-check", "report", "ntk", "sharpness"]
-)
+    "command",
+    ["run", "sweep", "merge", "coord-check", "depth-check", "meter", "report", "ntk",
+     "sharpness"],
+)  # fmt: skip
 def test_help_has_examples(command: str, capsys) -> None:
     assert _exit_code([command, "--help"]) == 0
     out = capsys.readouterr().out
@@ -261,6 +263,8 @@ def _one_error_line(capsys, command: str) -> str:
         (["sweep", "--out", "{tmp}/file"], "argument --out: expected a directory"),
         (["run", "--out", "{tmp}/file"], "argument --out: expected a directory"),
         (["coord-check", "--out", "{tmp}/file"], "argument --out: expected a direc"),
+        (["depth-check", "--depths", "0", "--out", "{tmp}/d"], "argument --depths"),
+        (["depth-check", "--model", "mlp", "--out", "{tmp}/d"], "argument --model"),
         (
             ["sweep", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/o"],
             "could not parse",
@@ -324,3 +328,159 @@ def test_sharpness_stops_gd_at_divergence(tmp_path, capsys) -> None:
     assert summary["diverged"].startswith("GD diverged at step ")
     assert "sharpness" not in summary and summary["steps_of_gd"] <= 5
     assert "diverged" in capsys.readouterr().out
+
+
+# ---- rdiag meter -----------------------------------------------------------------
+TINY_METER = ["--widths", "16", "32", "--steps", "2", "--seeds", "2", "--no-ntk"]
+TINY = {"widths": [16, 32], "steps": 2, "seeds": 2, "ntk": False}  # the same
+
+
+def test_meter_command_runs_the_meter_on_named_factories(tmp_path, capsys) -> None:
+    pytest.importorskip("matplotlib")
+    import torch.nn.functional as F
+
+    from rdiag.meter import richness_meter
+    from tests.models import METER_RULE, meter_batch, meter_mlp
+
+    names = (
+        "--factory meter_mlp --data-factory meter_batch --optimizer-factory METER_RULE"
+    )
+    argv = [f"tests.models:{a}" if a[0] != "-" else a for a in names.split()]
+    assert main(["meter", *argv, *TINY_METER, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    expected = richness_meter(meter_mlp, METER_RULE, meter_batch(), F.mse_loss, **TINY)
+    assert out.startswith(expected.report() + "\n")
+    saved = json.loads((tmp_path / "meter.json").read_text())
+    assert saved["r"] == pytest.approx(expected.r, rel=1e-6)
+    assert [d["name"] for d in saved["layers"]] == ["0", "2", "4"]
+    page = (tmp_path / "meter.html").read_text()
+    assert expected.verdict in page and "<td>4</td><td>readout</td>" in page
+    assert (tmp_path / "meter.png").is_file() and str(tmp_path / "meter.png") in out
+
+
+def test_meter_command_on_a_file_with_default_data_and_optimizer(
+    tmp_path, capsys
+) -> None:
+    """A built-in family named by file: its sample_inputs and muP rates are used."""
+    pytest.importorskip("matplotlib")
+    import torch.nn.functional as F
+
+    import rdiag
+
+    source = tmp_path / "my_models.py"
+    source.write_text(
+        "import rdiag\n\n\ndef build(n):\n"
+        "    return rdiag.make_model('mlp', n, d_out=3, parametrization='mup')\n"
+    )
+    argv = ["meter", "--factory", f"{source}:build", "--loss", "cross_entropy"]
+    out = tmp_path / "out"
+    assert main([*argv, "--lr", "0.2", *TINY_METER, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    x, y = rdiag.meter.default_data(
+        lambda n: rdiag.make_model("mlp", n, d_out=3, parametrization="mup"),
+        F.cross_entropy,
+        width=16,
+    )
+    assert x.shape == (16, 8) and y.shape == (16,) and y.max() < 3
+    expected = rdiag.richness_meter(
+        lambda n: rdiag.make_model("mlp", n, d_out=3, parametrization="mup"),
+        lambda m: rdiag.make_optimizer(m, None, 0.2),
+        (x, y),
+        F.cross_entropy,
+        **TINY,
+    )
+    assert printed.startswith(expected.report() + "\n")
+    (out / "meter.html").unlink()
+    assert main(["report", "--store", str(out)]) == 0  # a meter alone
+    assert expected.verdict in (out / "meter.html").read_text()
+
+
+_ONE_FILE = """
+from pathlib import Path
+
+from rdiag import LRRule
+from tests.models import meter_batch as batch, meter_mlp as build
+
+with open(Path(__file__).with_suffix(".log"), "a") as log:
+    log.write("loaded\\n")
+RULE = LRRule(0.1, {"readout": -1.0}, base_width=16)
+"""
+
+
+def test_one_file_named_by_every_flag_is_loaded_once(tmp_path, capsys) -> None:
+    source = tmp_path / "mine.py"
+    source.write_text(_ONE_FILE)
+    flags = ["--factory", "build", "--data-factory", "batch"]
+    flags += ["--optimizer-factory", "RULE"]
+    argv = [f"{source}:{a}" if a[0] != "-" else a for a in flags]
+    assert main(["meter", *argv, *TINY_METER, "--out", str(tmp_path / "o")]) == 0
+    assert (tmp_path / "mine.log").read_text() == "loaded\n"
+    saved = json.loads((tmp_path / "o" / "meter.json").read_text())
+    assert [d["name"] for d in saved["layers"]] == ["0", "2", "4"]
+
+
+_BROKEN = "import not_installed_package_xyz\n\n\ndef build(n):\n    return None\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--factory", "tests.models"], "expected --factory MODULE:NAME, got"),
+        (["--factory", "tests.models:"], "expected --factory MODULE:NAME"),
+        (
+            ["--factory", "no_such_module_xyz:build"],
+            "cannot import module 'no_such_module_xyz'",
+        ),
+        (["--factory", "{tmp}/none.py:build"], "no file "),
+        (["--factory", "{tmp}/broken.py:build"], "'not_installed_package_xyz', which"),
+        (["--factory", "tests.models:nope"], "has no attribute 'nope'"),
+        (["--factory", "tests.models:nope"], "it defines Attention, EmbedLinear, MuTransformer, attention"),
+        (["--factory", "tests.models:__doc__"], "got a str; name a function"),
+        (
+            ["--factory", "tests.models:mlp"],
+            "expected make_model(16) to return a torch.nn.Module, got function",
+        ),
+        (
+            ["--factory", "tests.models:meter_batch"],
+            "got meter_batch(), which cannot be called as meter_batch(width)",
+        ),
+        (
+            ["--factory", "tests.models:meter_mlp", "--data-factory",
+             "tests.models:meter_mlp"],
+            "which cannot be called as meter_mlp()",
+        ),
+        (["--factory", "tests.models:meter_mlp"], "--data-factory MODULE:FUNCTION"),
+        (
+            ["--factory", "tests.models:meter_mlp", "--data-factory", "tests.models:x"],
+            "has no attribute 'x' (from --data-factory tests.models:x)",
+        ),
+        (
+            ["--factory", "tests.models:meter_mlp", "--optimizer-factory", "m:f"],
+            "expected --lr with --optimizer only",
+        ),
+        (
+            ["--factory", "tests.models:meter_mlp", "--optimizer-factory",
+             "tests.models:__doc__"],
+            "or an rdiag.LRRule, got a str; name a function",
+        ),
+        (
+            ["--factory", "f:g", "--optimizer", "sgd", "--optimizer-factory", "m:f"],
+            "not allowed with argument --optimizer",
+        ),
+        (
+            ["--factory", "tests.models:meter_mlp", "--data-factory",
+             "tests.models:meter_batch", "--widths", "16"],
+            "two distinct widths",
+        ),
+        (["--factory", "f:g", "--loss", "hinge"], "invalid choice: 'hinge'"),
+    ],
+)  # fmt: skip
+def test_meter_errors_say_what_to_do(tmp_path, capsys, flags, message) -> None:
+    (tmp_path / "broken.py").write_text(_BROKEN)
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    argv = ["meter", *flags, "--steps", "2", "--seeds", "1", "--no-ntk"]
+    if "--lr" not in flags and "expected --lr" in message:
+        argv += ["--lr", "0.1"]
+    argv += [] if "--widths" in flags else ["--widths", "16", "32"]
+    assert _exit_code([*argv, "--out", str(tmp_path)]) == 2
+    assert message in _one_error_line(capsys, "meter")

@@ -249,3 +249,38 @@ def test_bad_input_is_named(kwargs, error, message):
             args.pop("make_model"), args.pop("make_optimizer"), args.pop("data"),
             F.mse_loss, steps=2, **args,
         )  # fmt: skip
+
+
+def test_default_data_is_shaped_like_the_model_output():
+    from rdiag.meter import default_data
+
+    mlp = _family("mup")
+    x, y = default_data(mlp, F.mse_loss, width=16, n=5)
+    assert x.shape == (5, 8) and y.shape == (5, 4) and y.is_floating_point()
+    assert torch.equal(default_data(mlp, F.mse_loss, width=64, n=5)[0], x)
+    tf = lambda n: rdiag.make_model("transformer", n, vocab=11, seq_len=6)  # noqa: E731
+    tokens, labels = default_data(tf, F.cross_entropy, width=16, n=3)
+    assert tokens.shape == labels.shape == (3, 6) and int(labels.max()) < 11
+    _, classes = default_data(mlp, nn.CrossEntropyLoss(), width=16, n=7)
+    assert classes.shape == (7,) and classes.dtype == torch.int64
+    centered = lambda n: rdiag.make_model("mlp", n, parametrization="gamma=0.5")  # noqa: E731
+    assert default_data(centered, F.mse_loss, width=16)[1].shape == (16, 1)
+    with pytest.raises(TypeError, match="sample_inputs.*--data-factory"):
+        default_data(lambda n: nn.Linear(3, n), F.mse_loss, width=4)
+
+
+def test_optimizer_factory_uses_a_parametrization_s_rates_else_one_rate():
+    from rdiag.meter import optimizer_factory
+
+    model = _family("mup")(32)
+    opt = optimizer_factory("sgd", 0.3)(model)
+    expected = rdiag.make_optimizer(model, None, 0.3)
+    assert [g["lr"] for g in opt.param_groups] == [
+        g["lr"] for g in expected.param_groups
+    ]
+    assert len({g["lr"] for g in opt.param_groups}) > 1
+    plain = optimizer_factory("adam", 0.01)(nn.Linear(3, 4))
+    assert isinstance(plain, torch.optim.Adam) and len(plain.param_groups) == 1
+    assert plain.param_groups[0]["lr"] == 0.01
+    with pytest.raises(ValueError, match="optimizer"):
+        optimizer_factory("lbfgs", 0.1)

@@ -37,3 +37,17 @@ def test_large_output_block_runs() -> None:
     assert scope["k_lm"].shape == (8, 8) and scope["k_p"].shape == (8, 8)
     assert scope["est"].kernel.shape == scope["est"].std_err.shape == (8, 8)
     assert scope["kernel"].last_plan.readout is not None
+
+
+def test_richness_meter_block_runs(tmp_path, monkeypatch) -> None:
+    block = re.search(
+        r"## Richness meter.*?```python\n(.*?)```", README.read_text(), re.S
+    )
+    assert block, "README has no richness meter block"
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(compile(block.group(1), "README richness meter", "exec"), scope)
+    meter = scope["meter"]
+    assert meter.kind == "growing" and meter.verdict.startswith("off the scale: outp")
+    assert [d.role for d in meter.layers] == ["readin", "hidden", "readout"]
+    assert (tmp_path / "meter" / "meter.json").is_file()

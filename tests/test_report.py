@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import html
 import json
 import math
 import sqlite3
@@ -253,3 +254,66 @@ def test_report_lists_failed_runs_and_why(tmp_path) -> None:
     page = paths["html"].read_text()
     assert "Failed runs (1)" in page and "param=r=0.5 width=64 seed=0 lr=8.0" in page
     assert "training loss &lt;b&gt;inf&lt;/b&gt;" in page
+
+
+# ---- the richness meter's section ----------------------------------------------------
+def _tiny_meter():
+    import torch.nn.functional as F
+
+    from rdiag.meter import richness_meter
+    from tests.models import METER_RULE, meter_batch, meter_mlp
+
+    return richness_meter(
+        meter_mlp,
+        METER_RULE,
+        meter_batch(),
+        F.mse_loss,
+        widths=[16, 32, 64],
+        steps=2,
+        seeds=3,
+        ntk=False,
+    )
+
+
+def test_a_meter_beside_the_store_is_in_its_report(tmp_path) -> None:
+    store = _synthetic_store(tmp_path / "store")
+    meter = _tiny_meter()
+    meter.save(tmp_path / "store")
+    paths = build_report(store, tmp_path / "out")
+    page = paths["html"].read_text()
+    assert page.count('src="data:image/png;base64,') == 6 and paths["meter"].is_file()
+    section = page[page.index("<h2>Richness meter</h2>") :]
+    assert html.escape(meter.verdict) in section
+    lo, hi = meter.interval
+    assert f"r_hat = {meter.r:.3f}, 95% interval [{lo:.2f}, {hi:.2f}]" in section
+    for d in meter.layers:
+        assert f"<tr><td>{d.name}</td><td>{d.role}</td><td>" in section
+    summary = json.loads(paths["summary"].read_text())
+    assert summary["meter"]["verdict"] == meter.verdict
+    assert summary["figures"]["meter"] == "figures/meter.png"
+
+
+def test_meter_section_rows_name_problems_violations_and_fixes(tmp_path) -> None:
+    from rdiag.report import build_meter_report, load_meter
+
+    payload = _tiny_meter().to_dict()
+    violation = "||dW||_op/||W_0||_op ~ n^+1.00, the scale at r = 0.50 needs n^+0.00"
+    fixes = ["learning rate x (n/16)^-1.00 (its rate ~ n^+1.00 -> n^+0.00)", "b < c"]
+    payload["layers"][1].update(problem="unstable", violations=[violation], fixes=fixes)
+    payload["verdict"] = "off the scale: unstable, layer 2 (<b>)"
+    (tmp_path / "meter.json").write_text(json.dumps(payload))
+    paths = build_meter_report(tmp_path, tmp_path)
+    page = paths["html"].read_text()
+    assert "off the scale: unstable, layer 2 (&lt;b&gt;)" in page
+    row = (
+        f"<tr><td>2</td><td>hidden</td><td>unstable</td><td>{html.escape(violation)}"
+        f"</td><td>{html.escape(fixes[0])}<br>b &lt; c</td></tr>"
+    )
+    assert row in page
+    assert "<tr><td>0</td><td>readin</td><td>ok</td><td></td><td></td></tr>" in page
+    assert paths["figure"].read_bytes().startswith(b"\x89PNG")
+    with pytest.raises(ValueError, match="to be a meter.json"):
+        (tmp_path / "other.json").write_text("[1, 2]")
+        load_meter(tmp_path / "other.json")
+    with pytest.raises(FileNotFoundError, match="no richness meter result"):
+        load_meter(tmp_path / "none")
