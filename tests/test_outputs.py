@@ -120,6 +120,15 @@ def test_readout_identity_is_exact(impl: str, tied: bool) -> None:
     assert_close("diagonal", direct(x1).diagonal(), diag, **F64)
 
 
+def test_readout_identity_plan_carries_the_reduced_views_costs() -> None:
+    torch.manual_seed(0)
+    x = _tokens(4, 2)
+    plan = ntk_fn(_LM(tied=True), dtype=torch.float64).plan(x)
+    assert plan.readout is not None and plan.costs is not None
+    inner = plan.inner.plan(x)
+    assert plan.costs == inner.costs and plan.implementation == inner.implementation
+
+
 def test_tied_readout_identity_against_the_oracle() -> None:
     torch.manual_seed(0)
     model = _LM(tied=True)

@@ -48,6 +48,7 @@ from rdiag.ntk.readout import (
     tied_kernels,
 )
 from rdiag.ntk.costs import (
+    RACE_CALLS,
     RACE_RATIO,
     RACE_SECONDS,
     Cost,
@@ -79,7 +80,7 @@ class NTKImplementation(str, Enum):
 
     AUTO = "auto"
     """The fastest that fits by :mod:`rdiag.ntk.costs` (once per plan; estimates
-    within ``RACE_RATIO`` of each other are timed on the first two calls)."""
+    within ``RACE_RATIO`` of each other are raced on the first calls)."""
     JACOBIAN = "jacobian"
     """Per-sample Jacobians, then a GEMM. Wins for small ``O`` and output-traced
     kernels; needs ``B * O * P`` floats per block of ``B`` samples."""
@@ -115,9 +116,11 @@ class NTKPlan:
         memory: Estimated peak bytes of the computation (kernel included).
         structured: The checked capture sites, for ``STRUCTURED``.
         costs: The cost model's estimates (:mod:`rdiag.ntk.costs`), when
-            ``"auto"`` consulted it.
+            ``"auto"`` consulted it (with the read-out identity: those of the
+            reduced view, which is what runs).
         alternative: A runner-up whose estimate is too close to call: the handle's
-            first two calls time both and keep the faster (then ``None``).
+            first :data:`~rdiag.ntk.costs.RACE_CALLS` calls of each (alternating)
+            time both and keep the faster on its warmed calls (then ``None``).
         timings: Seconds each raced implementation took, once settled.
         readout: The read-out of the read-out identity (traced kernels of large
             output spaces): the rest runs on :attr:`inner`, the handle of the
@@ -291,8 +294,8 @@ class NTKFunction:
         self.memory_budget = memory_budget
         self.weights = self.fm.param_weights(lr_multipliers)
         self._plans: dict[tuple, NTKPlan] = {}
-        # Signature -> seconds per implementation of a race in progress.
-        self._races: dict[tuple, dict[NTKImplementation, float]] = {}
+        # Signature -> seconds of each call per implementation of a race in progress.
+        self._races: dict[tuple, dict[NTKImplementation, list[float]]] = {}
         self._jvp_mode: JvpMode | None = None
         self._vmap_error: str | None | bool = False  # False: not probed yet
         self.notices = Notices()
@@ -351,10 +354,11 @@ class NTKFunction:
             self.last_plan = plan
             return self._finish(self._run_readout(plan, x1, x2), plan)
         run = plan
-        if plan.alternative is not None and plan.implementation in self._races.get(
-            key, {}
-        ):
-            run = plan.alternative
+        if plan.alternative is not None:
+            timed = self._races.get(key, {})
+            ahead = len(timed.get(plan.implementation, ()))
+            if len(timed.get(plan.alternative.implementation, ())) < ahead:
+                run = plan.alternative
         self.last_plan = run
         start = time.perf_counter()
         try:
@@ -528,6 +532,7 @@ class NTKFunction:
             spec,
             shape,
             inner_plan.memory,
+            costs=inner_plan.costs,
             readout=readout,
             inner=inner,
         )
@@ -603,7 +608,10 @@ class NTKFunction:
             low, high = RACE_SECONDS
             if second <= RACE_RATIO * best and low <= best and second <= high:
                 alternative = plans[ranked[1]]
-                reason += "; too close to call, so the first two calls time both"
+                reason += (
+                    f"; too close to call, so the first {2 * RACE_CALLS} calls time "
+                    "both (alternating)"
+                )
         for plan in (plans[choice], alternative):
             if plan is None:
                 continue
@@ -681,20 +689,26 @@ class NTKFunction:
         return NTKPlan(impl, reason, spec, shape, memory)
 
     def _settle(self, key: tuple, plan: NTKPlan, run: NTKPlan, start: float) -> None:
-        """Time a raced call; after both, keep the faster plan for this signature."""
+        """Time a raced call; once both have run ``RACE_CALLS`` times, keep the faster.
+
+        The calls alternate, and only each one's last (warmed) time is compared:
+        a first call pays one-time costs (allocations, kernels' first launch) that
+        would bias the race against whichever runs first.
+        """
         if self.fm.device.type == "cuda":
             torch.cuda.synchronize(self.fm.device)
-        timings = self._races.setdefault(key, {})
-        timings[run.implementation] = time.perf_counter() - start
-        if len(timings) < 2:
+        race = self._races.setdefault(key, {})
+        race.setdefault(run.implementation, []).append(time.perf_counter() - start)
+        if len(race) < 2 or any(len(t) < RACE_CALLS for t in race.values()):
             return
         del self._races[key]
+        timings = {impl: t[-1] for impl, t in race.items()}
         winner = min(timings, key=timings.get)
         kept = plan if winner is plan.implementation else plan.alternative
         measured = " and ".join(f"{k.value} {t:.3g} s" for k, t in timings.items())
         self._plans[key] = replace(
             kept,
-            reason=f"auto: timed {measured} on the first two calls ({plan.reason})",
+            reason=f"auto: timed {measured} on warmed calls ({plan.reason})",
             costs=plan.costs,
             alternative=None,
             timings=timings,

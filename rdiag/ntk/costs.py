@@ -22,7 +22,7 @@ dominate small models. The CPU constants were fitted on the CI machine class
 the CUDA constants are assumed, not measured. ``auto`` only trusts the ranking
 when it is clear: estimates within :data:`RACE_RATIO` (and within
 :data:`RACE_SECONDS`) are settled by timing both implementations on the handle's
-first two calls.
+first calls, :data:`RACE_CALLS` of each, alternating, comparing the warmed ones.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from rdiag.ntk.spec import NTKSpec, kernel_itemsize
 from rdiag.ntk.structured import StructuredPlan, structured_flops
 
 __all__ = [
+    "RACE_CALLS",
     "RACE_RATIO",
     "RACE_SECONDS",
     "SPEEDS",
@@ -51,8 +52,10 @@ __all__ = [
     "structured_cost",
 ]
 
-#: Estimates closer than this factor are settled by timing the first two calls.
+#: Estimates closer than this factor are settled by timing the first calls.
 RACE_RATIO = 1.5
+#: Calls of each implementation in a race; the last of each (warmed) is compared.
+RACE_CALLS = 2
 #: Races are run only when the faster estimate is between these seconds: below,
 #: the difference does not matter and timings are noise; above, a wrong
 #: runner-up costs too much.
