@@ -145,7 +145,12 @@ class FunctionalModel:
         mode: ``"eval"`` or ``"train"``.
         dtype: The requested compute dtype, or ``None`` (the model's own).
         batch_coupled: Whether outputs depend on other samples of the batch.
+        skipped_modules: Modules the view's forward never enters (none here; a
+            view that stops early, the read-out identity's, names them), so their
+            parameter uses are not capture sites.
     """
+
+    skipped_modules: frozenset[str] = frozenset()
 
     def __init__(
         self,

@@ -93,7 +93,10 @@ def sites_of(fm: FunctionalModel) -> tuple[list[Site], dict[str, str]]:
     claimed: dict[
         str, str
     ] = {}  # full name -> path of the module whose rule claimed it
+    skipped = fm.skipped_modules
     for mname, module in fm.module.named_modules():
+        if any(mname == m or mname.startswith(f"{m}.") for m in skipped):
+            continue
         own = {
             k: canonical[id(p)]
             for k, p in module.named_parameters(recurse=False)
@@ -188,7 +191,31 @@ def capture(
         for n in parts[0]
         if n not in failed
     }
+    del parts
+    for name, uses in factors.items():
+        factors[name] = list(_laid_out(dict(enumerate(uses))).values())
     return factors, failed
+
+
+def _laid_out(facs: dict, /) -> dict:
+    """The factors with ``g (N, O, T, Dg)`` laid out as ``(N, T, O, Dg)`` in memory.
+
+    The traced kernel contracts each sample's ``(O, Dg)`` block per position as one
+    vector, which this layout makes a view; the vmapped backward leaves the output
+    units outermost (and a concatenation, the logical order), so ``g`` is copied
+    where it is not laid out so. Factors sharing a ``g`` (a weight and its bias)
+    keep sharing one.
+    """
+    laid: dict[int, Tensor] = {}
+    out = {}
+    for key, f in facs.items():
+        g = laid.get(id(f.g))
+        if g is None:
+            moved = f.g.permute(0, 2, 1, 3)
+            g = f.g if moved.is_contiguous() else moved.contiguous().permute(0, 2, 1, 3)
+            laid[id(f.g)] = g
+        out[key] = f if g is f.g else replace(f, g=g)
+    return out
 
 
 @dataclass(frozen=True)
@@ -380,10 +407,13 @@ def _capture_chunk(
             failed[s.name] = f"{type(s.module).__name__} (forward never called)"
     live = [(s, c) for s in sites if s.name not in failed for c in calls[s.name]]
     flat = [eps for _, (_, taps) in live for eps in taps]
-    cots = iter(_cotangents(out, flat, outputs))
+    cots = _cotangents(out, flat, outputs)
     per_site: dict[str, list[dict[str, Factor]]] = {}
+    used = 0
     for site, (saved, taps) in live:
-        site_cots = [next(cots).movedim(0, 1) for _ in taps]
+        site_cots = [c.movedim(0, 1) for c in cots[used : used + len(taps)]]
+        cots[used : used + len(taps)] = [None] * len(taps)  # freed once laid out
+        used += len(taps)
         if site.module is None:
             g = site_cots[0]
             facs = {"": Factor(g.reshape(n, g.shape[1], 1, -1), None)}
@@ -391,7 +421,8 @@ def _capture_chunk(
             facs = _with_multipliers(
                 site, site.rule.factors(site.module, saved, site_cots)
             )
-        per_site.setdefault(site.name, []).append(facs)
+        del site_cots
+        per_site.setdefault(site.name, []).append(_laid_out(facs))
     memo: dict = {}
     factors: Factors = {}
     for site in sites:

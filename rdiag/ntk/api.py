@@ -61,6 +61,7 @@ from rdiag.ntk.costs import (
 from rdiag.ntk.spec import NTKSpec, kernel_dtype, kernel_itemsize, kernel_shape
 from rdiag.ntk.structured import (
     StructuredPlan,
+    capture_bytes,
     output_chunks,
     plan_structured,
     structured_ntk,
@@ -649,8 +650,7 @@ class NTKFunction:
             else len(range(spec.num_outputs)[chunks[0]])
         )
         memory = (
-            self._kernel_bytes(shape)
-            + structured.cotangent_floats * item * samples * units
+            self._kernel_bytes(shape) + capture_bytes(structured, samples, item) * units
         )
         if structured.rest_view is not None:  # the rest runs 'jacobian'
             spec = replace(spec, whole_batch=self._whole_batch(x1))

@@ -159,12 +159,18 @@ def find_readout(fm: FunctionalModel, x: Inputs) -> Readout | None:
     )
 
 
+class _ReachedReadout(Exception):
+    """Raised by the read-out's pre-hook: the view's forward ends there."""
+
+
 class ReadoutView(FunctionalModel):
     """The view whose output is ``h L`` (``h`` the read-out's input, ``L`` fixed per call).
 
     The parameters are those of the original view but the read-out's (a tied
-    weight stays, for its embedding use); the read-out still runs (its output is
-    discarded), the backward never enters it.
+    weight stays, for its embedding use). The forward stops when it reaches the
+    read-out: neither the read-out (``N T V D`` multiply-adds for a vocabulary
+    ``V``) nor anything after it runs, and the read-out is not a capture site
+    (:attr:`skipped_modules`).
     """
 
     def __init__(self, fm: FunctionalModel, readout: Readout) -> None:
@@ -179,18 +185,29 @@ class ReadoutView(FunctionalModel):
         )
         self.readout = readout
         self.basis: Tensor | None = None
+        self.skipped_modules = frozenset({readout.name})
 
     def forward(self, params: Mapping[str, Tensor], x: Inputs) -> Tensor:
         """``h L`` of shape ``(N, ..., r)``, ``h`` the read-out's input."""
         captured: list[Tensor] = []
-        handle = self.readout.module.register_forward_pre_hook(
-            lambda module, args: captured.append(args[0])
-        )
+
+        def stop(module: nn.Module, args: tuple) -> None:
+            captured.append(args[0])
+            raise _ReachedReadout
+
+        handle = self.readout.module.register_forward_pre_hook(stop)
         try:
             super().forward(params, x)
+        except _ReachedReadout:
+            pass
         finally:
             handle.remove()
-        return captured[-1] @ self.basis.to(captured[-1].dtype)
+        if not captured:
+            raise RuntimeError(
+                f"expected the forward to reach the read-out {self.readout.name!r}, "
+                "but it did not run; the read-out identity does not apply"
+            )
+        return captured[0] @ self.basis.to(captured[0].dtype)
 
 
 def _features(view: ReadoutView, x: Inputs) -> Tensor:

@@ -265,17 +265,30 @@ def structured_ntk(
     return out
 
 
+#: The vmapped backward of a capture holds, besides the captured cotangents, the
+#: gradients of the graph's other tensors for every output unit at once: about
+#: as many floats again (GPT-2 small's block: peak 2.0x the cotangents at T = 4,
+#: 1.2x at T = 1; bench/README.md).
+BACKWARD_TRANSIENT = 1.0
+
+
+def capture_bytes(plan: StructuredPlan, samples: int, item: int) -> float:
+    """Peak bytes of capturing one output unit: its cotangents and the backward's."""
+    return plan.cotangent_floats * item * samples * (1.0 + BACKWARD_TRANSIENT)
+
+
 def output_chunks(
     plan: StructuredPlan, samples: int, spec: NTKSpec, item: int
 ) -> list[slice | None]:
-    """Output units per capture: all at once, or chunks when the cotangents do not fit.
+    """Output units per capture: all at once, or chunks when the capture does not fit.
 
     The cotangents take ``samples * O * sum(layer widths)`` floats (``samples``:
-    both batches). A traced kernel sums over output units, so it can be
-    accumulated over chunks of them; a full kernel pairs every two units and needs
-    them all.
+    both batches), the backward that computes them about as much again
+    (:data:`BACKWARD_TRANSIENT`). A traced kernel sums over output units, so it
+    can be accumulated over chunks of them; a full kernel pairs every two units
+    and needs them all.
     """
-    per = plan.cotangent_floats * item * samples
+    per = capture_bytes(plan, samples, item)
     o, room = spec.num_outputs, spec.budget / 2
     if not plan.sites or o * per <= room:
         return [None]
@@ -536,15 +549,16 @@ def _gemm(j1: Tensor, j2: Tensor, traced: bool) -> Tensor:
 
 
 def _tile(terms: list[_Term], routes: list[bool], traced: bool, same: bool) -> Tensor:
-    """One layer's kernel on one tile: Gram terms, plus one GEMM for the rest.
+    """One layer's kernel on one tile: Gram terms, plus one GEMM per other term.
 
     Single-position terms (Linear layers) go to one :func:`gram_hadamard_many`
     call (on the GPU: one launch per group of same-shaped layers); weight-shared
-    ones (tokens, conv positions) to :func:`gram_hadamard_shared` each.
+    ones (tokens, conv positions) to :func:`gram_hadamard_shared` each. The others'
+    per-sample gradients are formed one term at a time (not concatenated), so the
+    workspace is that of the largest term.
     """
     acc = None
     flat: list[tuple[Tensor, Tensor, Tensor, Tensor, float]] = []
-    jac1, jac2 = [], []
     for term, gram in zip(terms, routes):
         if term.kind == "cross":
             k = _cross(term, traced)
@@ -556,16 +570,11 @@ def _tile(terms: list[_Term], routes: list[bool], traced: bool, same: bool) -> T
             else:
                 acc = gram_hadamard_shared(x1, x2, g1, g2, acc, scale=term.scale)
         else:
-            root = math.sqrt(term.scale)
-            jac1.append(root * _per_sample(term.f1, term.vocab))
-            if not same:
-                jac2.append(root * _per_sample(term.f2, term.vocab))
+            j1 = _per_sample(term.f1, term.vocab)
+            k = _gemm(j1, j1 if same else _per_sample(term.f2, term.vocab), traced)
+            acc = k.mul_(term.scale) if acc is None else acc.add_(k, alpha=term.scale)
     if flat:
         acc = gram_hadamard_many(flat, acc)
-    if jac1:
-        j1 = torch.cat(jac1, dim=2)
-        k = _gemm(j1, j1 if same else torch.cat(jac2, dim=2), traced)
-        acc = k if acc is None else acc.add_(k)
     return acc[:, :, 0, 0] if traced else acc
 
 
@@ -682,10 +691,13 @@ def _block(
         pairs = b if spec.diagonal else b * b
         worst = 0.0
         for layer, ts in layers.items():
-            jac = sum(
-                2 * b * t.f1.g.shape[1] * t.f1.g.shape[3] * _dx(t.f1, t.vocab)
-                for t, gram in zip(ts, routes[layer])
-                if not gram
+            jac = max(
+                (
+                    2 * b * t.f1.g.shape[1] * t.f1.g.shape[3] * _dx(t.f1, t.vocab)
+                    for t, gram in zip(ts, routes[layer])
+                    if not gram
+                ),
+                default=0,
             )
             gram = max(
                 (
