@@ -9,8 +9,8 @@ after the first step and after the last. Depth-invariant series are fitted
 against ``L`` (:data:`rdiag.predictions.DEPTH_PREDICTIONS`):
 
 * ``f0`` and ``delta_f``: the output at init and its change;
-* ``h0`` and ``delta_h`` of the *stream*: the output of the module that holds the
-  last branch (the residual stream after the last block);
+* ``h0`` and ``delta_h`` of the *stream*: the residual stream after the last
+  block (:attr:`~rdiag.parametrization.Branches.stream_module`);
 * ``delta_h`` and ``dW_rel`` of the layers outside the branches (read-in and
   read-out, by their names);
 * ``dW_rel`` of the *blocks*: the mean over the layers inside the branches.
@@ -181,11 +181,11 @@ def depth_check(
             torch.manual_seed(seed)
             model = apply_parametrization(build(depth).to(dtype), param, roles=roles)
             branches = _branches(model, depth)
-            stream = branches.outputs[-1].rpartition(".")[0]
+            stream = branches.stream_module
             tracked = [stream] + [
                 n
-                for n, role in _roles(model).items()
-                if role == "readin" and n not in branches.layers
+                for n, scale in layer_scales(model).items()
+                if scale.role == "readin" and n not in branches.layers
             ]
             options = {"metrics": ["representations", "weights"], "mode": mode}
             options["layers"] = tracked
@@ -227,10 +227,6 @@ def _builder(family, width, kwargs, data) -> Callable[[int], nn.Module]:
             "expected data=(x, y) for a user model family; pass a fixed training batch"
         )
     return family
-
-
-def _roles(model: nn.Module) -> dict[str, str]:
-    return {n: s.role for n, s in layer_scales(model).items()}
 
 
 def _branches(model: nn.Module, depth: int) -> Branches:

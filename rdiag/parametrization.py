@@ -208,11 +208,22 @@ class Branches:
             branch multiplier).
         layers: Names of every module inside a branch (layers and norms; they get
             the depth learning-rate scale); includes ``outputs``.
+        stream: The module whose output is the residual stream after the last
+            block (what the depth check tracks); ``None``: the module holding the
+            last branch output (``blocks.3`` for ``blocks.3.fc2``).
     """
 
     depth: int
     outputs: tuple[str, ...]
     layers: tuple[str, ...]
+    stream: str | None = None
+
+    @property
+    def stream_module(self) -> str:
+        """The name of the module whose output is the last residual stream."""
+        if self.stream is not None:
+            return self.stream
+        return self.outputs[-1].rpartition(".")[0]
 
 
 @dataclass(frozen=True)
@@ -731,11 +742,9 @@ def _check_branches(model: nn.Module, branches: Branches | None) -> Branches | N
         )
     check_positive_int(branches.depth, "branches.depth")
     names = dict(model.named_modules())
-    unknown = [
-        n
-        for n in dict.fromkeys((*branches.outputs, *branches.layers))
-        if n not in names
-    ]
+    named = (*branches.outputs, *branches.layers)
+    named += () if branches.stream is None else (branches.stream,)
+    unknown = [n for n in dict.fromkeys(named) if n not in names]
     outside = [n for n in branches.outputs if n not in branches.layers]
     if unknown or outside:
         raise ValueError(

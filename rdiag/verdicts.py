@@ -11,7 +11,8 @@ interval (seed scatter), ``allowance`` the finite-width bias. A correction
 allowances of :data:`ALLOWANCE`, calibrated over widths 64..1024, are scaled by
 that factor (narrower, larger widths: tighter; depths use ``1/L`` corrections).
 A check whose tolerance cannot tell neighbouring richness values apart
-(``RESOLUTION`` in ``r``) fails as inconclusive rather than passing.
+(``RESOLUTION`` in ``r``; on the depth axis ``DEPTH_RESOLUTION``, depth-muP from
+CompleteP) fails as inconclusive rather than passing.
 
 **First-step regime** (SCIENCE.md section 2). The kernel exponents
 (``ntk_rel_change``, ``lin_error``) are ``2r - 1`` once the coherent term
@@ -75,6 +76,9 @@ REFERENCE = {"width": (64, 1024), "depth": (2, 32)}
 #: exponent the same at every ``r`` (``h0``, ``delta_f``), one that cannot tell it
 #: from the standard parametrization's (``+1`` for the output change).
 RESOLUTION, UNSCALED_RESOLUTION = 0.25, 0.5
+#: On the depth axis: half the gap between the blocks' exponents of the two
+#: named rules (depth-muP ``-1/2``, CompleteP ``0``), which a tolerance must resolve.
+DEPTH_RESOLUTION = 0.25
 #: Thresholds of the verdict on the scale: lazy below, muP above.
 LAZY_BELOW, MUP_ABOVE = 0.125, 0.375
 #: Huber threshold (in standard deviations) of the joint fit's weights.
@@ -173,8 +177,12 @@ def judge(
     first_step = metric in KERNEL and r is not None and 1 < steps < COHERENT_STEPS
     if first_step:  # between the first-step and the coherent exponent
         low, high = sorted((r - 1.0, 2.0 * r - 1.0))
-    a = abs(sensitivity(metric, "hidden", steps)[0]) if axis == "width" else 0.0
-    if tol >= (RESOLUTION * a if a > 0 else UNSCALED_RESOLUTION):
+    if axis == "depth":
+        limit = DEPTH_RESOLUTION
+    else:
+        a = abs(sensitivity(metric, "hidden", steps)[0])
+        limit = RESOLUTION * a if a > 0 else UNSCALED_RESOLUTION
+    if tol >= limit:
         return _verdict(
             None,
             tol,

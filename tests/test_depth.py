@@ -112,8 +112,18 @@ def test_bad_branches():
         apply_parametrization(model, "mup", branches=Branches(1, ("1",), ()))
     with pytest.raises(TypeError, match="Branches"):
         apply_parametrization(model, "mup", branches={"depth": 1})
+    with pytest.raises(ValueError, match="unknown \\['9'\\]"):
+        apply_parametrization(
+            model, "mup", branches=Branches(1, ("1",), ("1",), stream="9")
+        )
     ok = apply_parametrization(model, "mup", branches=Branches(4, ("1",), ("1",)))
     assert layer_scales(ok)["1"].weight == pytest.approx(0.5)
+
+
+def test_stream_module_defaults_to_the_last_branch_outputs_parent():
+    assert Branches(2, ("b.0.f", "b.1.f"), ("b.0.f", "b.1.f")).stream_module == "b.1"
+    nested = Branches(1, ("b.0.mlp.fc2",), ("b.0.mlp.fc2",), stream="b.0")
+    assert nested.stream_module == "b.0"
 
 
 # ---- the depth check -----------------------------------------------------------
@@ -171,26 +181,39 @@ def test_depth_check_transformer(tmp_path):
     res = depth_check(
         "transformer",
         "mup,depth=completep",
-        [2, 4, 8],
+        [2, 4, 8, 16],
         width=16,
-        seeds=2,
+        seeds=3,
         optimizer="adam",
     )
     assert res.passed, [f["reason"] for f in res.failures]
     assert _slopes(res)["dW_rel", "blocks"] == pytest.approx(0.0, abs=0.15)
     assert {f["layer"] for f in res.fits} >= {"stream", "embed", "unembed", "blocks"}
     saved = json.loads(res.save(tmp_path).read_text())
-    assert saved["passed"] is True and saved["depths"] == [2, 4, 8]
+    assert saved["passed"] is True and saved["depths"] == [2, 4, 8, 16]
 
 
 def test_depth_check_cli(tmp_path, capsys):
     code = main(
-        ["depth-check", "--depths", "2", "4", "8", "--width", "16", "--seeds", "2",
-         "--steps", "3", "--out", str(tmp_path)]
+        ["depth-check", "--parametrization", "mup,depth=completep", "--width", "32",
+         "--out", str(tmp_path)]
     )  # fmt: skip
     out = capsys.readouterr().out
-    assert code == 0 and "dW_rel          blocks" in out and "verdict: " in out
+    assert code == 0 and "pass dW_rel          blocks" in out
+    assert out.rstrip().endswith("verdict: pass")
+    assert (
+        json.loads((tmp_path / "summary.json").read_text())["depth_rule"] == "completep"
+    )
     assert (tmp_path / "depth_check.png").stat().st_size > 0
+
+
+def test_depth_check_is_inconclusive_when_it_cannot_tell_the_rules_apart():
+    """Two depths and two steps: tolerances over 1/4 cannot separate -1/2 from 0."""
+    res = depth_check("resmlp", "mup", [2, 4], width=16, steps=2, seeds=3)
+    vague = [f for f in res.fits if f["inconclusive"]]
+    assert vague and not res.passed
+    assert all(f["tolerance"] >= 0.25 and not f["passed"] for f in vague)
+    assert "inconclusive" in vague[0]["reason"]
 
 
 def test_depth_check_bad_input():
