@@ -1,4 +1,14 @@
-"""Fused kernels for structured eNTKs and kernel statistics, with torch references.
+"""Fused kernels for structured eNTKs and kernel statistics: the dispatchers.
+
+The kernel modules live in the repository's top-level ``kernels/`` folder,
+installed as ``rdiag/kernels/``: ``reference.py`` (torch, the CPU path and the
+oracle), ``_launch.py`` (shared checks) and the ``triton_*.py`` launchers. That
+folder has no ``__init__.py`` on purpose: a regular package named ``kernels`` at
+the repository root would shadow any other package of that name (Hugging Face's
+``kernels``, which ``transformers`` imports) for every command run from the
+root. This module is the package ``rdiag.kernels`` instead: it points its
+``__path__`` at that folder, so ``rdiag.kernels.reference`` and the launchers
+import as submodules in a source checkout, an editable install and a wheel.
 
 Dispatch rule, per call: the Triton kernel runs when Triton imports and the
 tensors are on CUDA, or when ``TRITON_INTERPRET=1`` is set (CPU tensors through
@@ -7,8 +17,7 @@ always for float64 inputs (the exact path), :mod:`rdiag.kernels.reference`
 runs. ``RDIAG_KERNELS=reference`` forces the reference. For the weight-shared
 variant a cost model also decides: where per-sample weight gradients are cheaper
 than token Grams, the reference's weight-gradient route runs on every device.
-Importing this package never imports Triton; the Triton launchers live in the
-``triton_*`` modules beside it.
+Importing this package never imports Triton.
 """
 
 from __future__ import annotations
@@ -19,14 +28,34 @@ import math
 import os
 import types
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from rdiag._optional import has_triton, warn_once
 
-from . import reference
-from ._launch import KernelSums, check_gram_hadamard_shared_args, interpreting
+
+def _kernel_folder() -> str:
+    """The folder of the kernel modules: installed beside this file, else the checkout's."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "kernels", here.parent / "kernels"):
+        if (folder / "reference.py").is_file():
+            return str(folder)
+    raise ImportError(
+        f"rdiag.kernels: the kernel modules are missing (looked in {here / 'kernels'} "
+        f"and {here.parent / 'kernels'}); reinstall rdiag: pip install -e ."
+    )
+
+
+__path__ = [_kernel_folder()]  # a package: its submodules live in kernels/
+
+from rdiag.kernels import reference  # noqa: E402
+from rdiag.kernels._launch import (  # noqa: E402
+    KernelSums,
+    check_gram_hadamard_shared_args,
+    interpreting,
+)
 
 __all__ = [
     "KernelStats",
