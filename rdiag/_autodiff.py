@@ -2,8 +2,10 @@
 
 Some PyTorch kernels (the fused scaled-dot-product-attention kernels among them)
 have no forward-mode derivative. :func:`probe_jvp_mode` probes a model and picks,
-in order: native forward mode, forward mode under the math attention backend, or
-reverse-over-reverse (the "double-vjp" trick, two backward passes per product).
+in order: forward mode with rdiag's own attention operator (a model that calls
+``scaled_dot_product_attention``, :mod:`rdiag.attention`), native forward mode,
+forward mode under the math attention backend, or reverse-over-reverse (the
+"double-vjp" trick, two backward passes per product).
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ from rdiag._inputs import Inputs, rows
 from rdiag._optional import notice
 
 if TYPE_CHECKING:
+    from rdiag.attention import AttentionCall
     from rdiag.functional import FunctionalModel
 
-JvpMode = Literal["forward", "math_attention", "reverse"]
-_MODES: tuple[JvpMode, ...] = ("forward", "math_attention", "reverse")
+JvpMode = Literal["attention", "forward", "math_attention", "reverse"]
+_MODES: tuple[JvpMode, ...] = ("attention", "forward", "math_attention", "reverse")
 
 
 class _MathAttention:
@@ -80,11 +83,17 @@ def jvp(
         func: Function of the primals returning a tensor.
         primals: Inputs (tuples of tensors or dicts of tensors).
         tangents: Tangents of the same structure.
-        mode: ``"forward"``, ``"math_attention"`` or ``"reverse"``.
+        mode: ``"attention"`` (forward mode, attention by rdiag's operator),
+            ``"forward"``, ``"math_attention"`` or ``"reverse"``.
 
     Returns:
         ``(output, jvp_output)``.
     """
+    if mode == "attention":
+        from rdiag.attention import efficient_attention
+
+        with efficient_attention():
+            return _jvp(func, primals, tangents)
     if mode == "forward":
         return _jvp(func, primals, tangents)
     if mode == "math_attention":
@@ -134,18 +143,30 @@ def probe_jvp_mode(fm: FunctionalModel, x: Inputs) -> JvpMode:
             a batch-coupled model).
 
     Returns:
-        The mode; a one-time warning says when it is not native forward mode.
+        The mode: ``"attention"`` where the model calls
+        ``scaled_dot_product_attention`` (a one-time warning names the calls rdiag's
+        operator does not cover, which run math attention), else the first that
+        works; a one-time warning says when that is not native forward mode.
 
     Raises:
         RuntimeError: No mode works (every mode's error is quoted).
     """
+    from rdiag.attention import efficient_attention
+
     probe_x = x if fm.batch_coupled else rows(x, slice(0, 2))
     params = fm.params
     zeros = {n: torch.zeros_like(p) for n, p in params.items()}
     errors = []
-    for mode in _MODES:
+    for mode in _MODES[1:]:
         try:
-            jvp(lambda p: fm(p, probe_x), (params,), (zeros,), mode)
+            if mode == "forward":
+                with efficient_attention() as router:
+                    jvp(lambda p: fm(p, probe_x), (params,), (zeros,), mode)
+                if router.calls:
+                    say_fallbacks(fm, router.fallbacks)
+                    return "attention"
+            else:
+                jvp(lambda p: fm(p, probe_x), (params,), (zeros,), mode)
         except (NotImplementedError, RuntimeError) as err:
             errors.append(f"{mode}: {str(err).splitlines()[0][:160]}")
             continue
@@ -160,3 +181,34 @@ def probe_jvp_mode(fm: FunctionalModel, x: Inputs) -> JvpMode:
     raise RuntimeError(
         "no differentiation mode works for this model: " + "; ".join(errors)
     )
+
+
+def attention_calls(fm: FunctionalModel, x: Inputs) -> list[AttentionCall]:
+    """The ``scaled_dot_product_attention`` calls of ``fm`` on one sample of ``x``.
+
+    One forward without gradients on the first sample (the whole batch for a
+    batch-coupled model, whose calls then count every sample); the calls rdiag's
+    operator does not cover are said once here. Nothing is cached: the caller
+    keeps the answer.
+
+    Returns:
+        One :class:`~rdiag.attention.AttentionCall` per call (empty: no attention).
+    """
+    from rdiag.attention import efficient_attention
+
+    probe_x = x if fm.batch_coupled else rows(x, slice(0, 1))
+    with torch.no_grad(), efficient_attention() as router:
+        fm(fm.params, probe_x)
+    say_fallbacks(fm, router.fallbacks)
+    return router.calls
+
+
+def say_fallbacks(fm: FunctionalModel, fallbacks: set[str]) -> None:
+    """Say which attention calls rdiag's operator left to math attention, if any."""
+    if fallbacks:
+        notice(
+            f"{type(fm.module).__name__} calls scaled_dot_product_attention with "
+            f"{'; '.join(sorted(fallbacks))}, which rdiag's attention operator does "
+            "not cover; rdiag uses math attention for those calls (same result, "
+            "memory quadratic in the sequence length)",
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -101,13 +102,34 @@ def test_parameter_block_is_the_dense_block() -> None:
     assert_close("H block", block, op.to_dense(), rtol=1e-10, atol=1e-12)
 
 
-def test_attention_falls_back_once_and_remembers() -> None:
+def test_attention_runs_rdiag_operator_without_a_notice() -> None:
     net, x, y, loss_fn, _ = make_case("attention", "mse")
     op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
-    op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
-    # The fused CPU attention has neither a double backward nor a forward-mode
-    # derivative; forward-over-reverse under the math backend works.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    # Forward-over-reverse through rdiag's attention is the first strategy.
+    assert op.failed_strategies == set()
+
+
+def test_attention_falls_back_once_and_remembers(monkeypatch) -> None:
+    import rdiag.attention
+
+    def broken(*args):
+        raise NotImplementedError("no rule")
+
+    # rdiag's operator without its derivatives: the chain before it existed.
+    for rule in ("jvp", "backward"):
+        monkeypatch.setattr(rdiag.attention._Attention, rule, staticmethod(broken))
+    net, x, y, loss_fn, _ = make_case("attention", "mse")
+    op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="using forward-over-reverse with math"):
+        op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    # Without rdiag's operator: the fused CPU attention has neither a double
+    # backward nor a forward-mode derivative; the math backend works.
     assert op.failed_strategies == {
+        "forward-over-reverse with rdiag attention",
+        "reverse-over-reverse with rdiag attention",
         "reverse-over-reverse on a retained graph",
         "forward-over-reverse",
     }

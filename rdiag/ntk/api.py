@@ -23,13 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rdiag._autodiff import JvpMode, probe_jvp_mode, probe_vmap
+from rdiag._autodiff import JvpMode, attention_calls, probe_jvp_mode, probe_vmap
 from rdiag._checks import check_positive_int
 from rdiag._deprecation import UNSET, renamed_argument
 from rdiag._inputs import Inputs, batch_size, describe, rows, signature, trailing
 from rdiag._optional import Notices
 from rdiag._tiling import block_size, check_fits, format_bytes, resolve_budget
 from rdiag._typing import ParamSelector, Weights
+from rdiag import attention as blocked
+from rdiag.attention import AttentionCall, attention_workspace
 from rdiag.distributed import Group, sharded_kernel
 from rdiag.functional import FunctionalModel, Mode, functionalize
 from rdiag.ntk.jacobian import jacobian_ntk
@@ -298,6 +300,8 @@ class NTKFunction:
         # Signature -> seconds of each call per implementation of a race in progress.
         self._races: dict[tuple, dict[NTKImplementation, list[float]]] = {}
         self._jvp_mode: JvpMode | None = None
+        # The attention calls of one sample, where the jvps run rdiag's operator.
+        self._attention: list[AttentionCall] = []
         self._vmap_error: str | None | bool = False  # False: not probed yet
         self.notices = Notices()
         self.last_plan: NTKPlan | None = None
@@ -409,10 +413,20 @@ class NTKFunction:
         if plan.inner is not None:
             return f"{plan.reason}; {plan.inner.explain()}"
         spec = plan.spec
+        attention = ""
+        if plan.implementation is NTKImplementation.NTVP and self._attention:
+            keys = blocked.DEFAULT_BLOCK
+            part = attention_workspace(self._attention, keys)
+            full = attention_workspace(self._attention, None)
+            attention = (
+                f"; attention by rdiag's blocked operator ({keys} keys per block): "
+                f"about {format_bytes(part)} of scores per sample and tangent, "
+                f"against {format_bytes(full)} with math attention"
+            )
         return (
             f"{plan.implementation.value}: {plan.reason}; kernel {plan.shape}, "
             f"block {spec.block_size} samples, about {format_bytes(plan.memory)} of "
-            f"the memory budget {format_bytes(spec.budget)}"
+            f"the memory budget {format_bytes(spec.budget)}{attention}"
         )
 
     # ---- planning -----------------------------------------------------------------
@@ -686,6 +700,10 @@ class NTKFunction:
             self.jvp_mode(x1)
         spec = replace(spec, block_size=block, whole_batch=self._whole_batch(x1))
         memory = out_bytes + 2 * block * row_bytes
+        if impl is NTKImplementation.NTVP:  # the jvps' attention scores
+            memory += block * attention_workspace(
+                self._attention, blocked.DEFAULT_BLOCK
+            )
         return NTKPlan(impl, reason, spec, shape, memory)
 
     def _settle(self, key: tuple, plan: NTKPlan, run: NTKPlan, start: float) -> None:
@@ -733,6 +751,8 @@ class NTKFunction:
         """The forward-mode strategy for this model, probed once per handle."""
         if self._jvp_mode is None:
             self._jvp_mode = probe_jvp_mode(self.fm, x)
+            if self._jvp_mode == "attention":
+                self._attention = attention_calls(self.fm, x)
         return self._jvp_mode
 
     def _notice_large_outputs(self, num_outputs: int) -> None:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
-from rdiag._autodiff import math_attention
+from rdiag._autodiff import attention_calls, math_attention
+from rdiag.attention import efficient_attention
 from rdiag._optional import notice
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
@@ -26,10 +27,12 @@ class HessianOperator(CurvatureOperator):
 
     :math:`L(\theta) = \sum_b \frac{n_b}{N}\,\mathrm{loss\_fn}(f(\theta, x_b), y_b)`
     over the batches of ``data`` (one batch: the batch's loss). Products are
-    forward-over-reverse (``jvp`` of ``grad``); if a module has no forward-mode
-    derivative (fused ``scaled_dot_product_attention``), the math attention backend
-    and then reverse-over-reverse are tried once per operator, with a one-time
-    notice. Products are at the model's current parameters; for a single batch
+    forward-over-reverse (``jvp`` of ``grad``). A model that calls
+    ``scaled_dot_product_attention`` runs it by rdiag's blocked operator
+    (:mod:`rdiag.attention`: exact, ``O(T * block)`` extra memory per head) inside
+    the products, tried first; otherwise, if a module has no forward-mode
+    derivative, the math attention backend and then reverse-over-reverse are tried
+    once per operator, with a one-time notice. Products are at the model's current parameters; for a single batch
     the gradient graph is kept and rebuilt only after the parameters change.
 
     Shapes: ``P`` selected parameters (``named_parameters()`` order);
@@ -104,6 +107,8 @@ class HessianOperator(CurvatureOperator):
         self._graph: tuple[tuple, list[Tensor], tuple[Tensor, ...]] | None = None
         # Strategies that failed before another one worked: skipped from then on.
         self.failed_strategies: set[str] = set()
+        # Whether the model calls scaled_dot_product_attention (probed once).
+        self._attention: bool | None = None
 
     def _invalidate(self) -> None:
         self._graph = None
@@ -185,12 +190,31 @@ class HessianOperator(CurvatureOperator):
         fwd = self._maybe_compiled("forward", self._forward)
         rev = self._maybe_compiled("reverse", self._reverse)
 
-        def math(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
+        def under(
+            context: Callable[[], Any], fn: Callable[..., Tensor]
+        ) -> Callable[[], Tensor]:
             def call() -> Tensor:
-                with math_attention():
+                with context():
                     return fn(x, y, matrix)
 
             return call
+
+        if self._attention is None:
+            self._attention = bool(attention_calls(self.fm, x))
+        attention = (
+            [
+                (
+                    "forward-over-reverse with rdiag attention",
+                    under(efficient_attention, fwd),
+                ),
+                (
+                    "reverse-over-reverse with rdiag attention",
+                    under(efficient_attention, rev),
+                ),
+            ]
+            if self._attention
+            else []
+        )
 
         retained = (
             []
@@ -203,12 +227,19 @@ class HessianOperator(CurvatureOperator):
             ]
         )
         return self.run_strategies(
-            retained
+            attention
+            + retained
             + [
                 ("forward-over-reverse", lambda: fwd(x, y, matrix)),
-                ("forward-over-reverse with math attention", math(fwd)),
+                (
+                    "forward-over-reverse with math attention",
+                    under(math_attention, fwd),
+                ),
                 ("reverse-over-reverse", lambda: rev(x, y, matrix)),
-                ("reverse-over-reverse with math attention", math(rev)),
+                (
+                    "reverse-over-reverse with math attention",
+                    under(math_attention, rev),
+                ),
             ]
         )
 

@@ -1,0 +1,453 @@
+"""rdiag's own attention: exact, blocked over keys, with forward mode and double backward.
+
+PyTorch's fused attention kernels (flash, memory-efficient) have no forward-mode
+derivative and no second derivative, and its math attention materialises the
+``L x S`` scores of every head for the primal and again for each tangent. This
+module's operator computes the same ``softmax(q k^T * scale + mask) v`` one block
+of keys at a time with an online softmax, and is a ``torch.autograd.Function``
+whose three rules are themselves blocked:
+
+- ``forward``: the output ``o`` and the row log-sum-exp ``lse`` (saved);
+- ``jvp`` (forward mode, ``torch.func.jvp``): the tangents of ``o`` and ``lse``;
+- ``backward``: recomputes each block's probabilities from ``lse``, written with
+  differentiable torch ops, so forward-over-reverse (Hessian-vector products) and
+  reverse-over-reverse differentiate through it.
+
+Every rule holds at most ``L x block`` scores per head at a time, so an HVP, a GGN
+product or a jvp-based eNTK column costs ``O(L * block)`` extra memory per head
+instead of ``O(L * S)``. ``vmap`` rules are generated (the eNTK vmaps over samples).
+
+:func:`efficient_attention` routes ``torch.nn.functional.scaled_dot_product_attention``
+to this operator inside rdiag's products only (routed per thread: the user's
+model and other threads are untouched); calls it does not cover
+(attention dropout, masks it cannot broadcast, nested tensors) run math attention
+and are named in :attr:`AttentionRouter.fallbacks`.
+
+Shapes: ``q (..., L, E)``, ``k (..., S, E)``, ``v (..., S, Ev)`` with the same
+leading axes (``enable_gqa``: ``k``, ``v`` may have fewer heads on axis ``-3``),
+``attn_mask`` broadcastable to ``(..., L, S)`` (boolean: ``True`` attends; float:
+added to the scores). Rows with no key to attend give zeros, as torch's math
+attention does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rdiag._autodiff import math_attention
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "AttentionCall",
+    "AttentionRouter",
+    "attention_workspace",
+    "blocked_attention",
+    "efficient_attention",
+    "uncovered",
+]
+
+#: Keys per block: ``L x DEFAULT_BLOCK`` scores per head live at a time.
+DEFAULT_BLOCK = 128
+
+_SDPA = F.scaled_dot_product_attention
+_SDPA_SIGNATURE = inspect.signature(
+    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: (
+        None
+    )  # noqa: E501
+)
+
+
+def _scores(
+    q: Tensor,
+    k: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    start: int,
+) -> Tensor:
+    """Masked scores ``q k^T * scale (+ mask)`` of the keys ``start : start + b``.
+
+    Shapes: ``q (..., L, E)``, ``k (..., b, E)``, ``mask (..., L, S)`` (its block
+    is sliced here); returns ``(..., L, b)`` with ``-inf`` where masked.
+    """
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    stop = start + k.shape[-2]
+    if mask is not None:
+        block = mask[..., start:stop]
+        if block.dtype == torch.bool:
+            s = s.masked_fill(~block, -math.inf)
+        else:
+            s = s + block
+    if causal:
+        rows = torch.arange(q.shape[-2], device=q.device)[:, None]
+        cols = torch.arange(start, stop, device=q.device)[None, :]
+        s = s.masked_fill(cols > rows, -math.inf)
+    return s
+
+
+def _safe(m: Tensor, fill: float) -> Tensor:
+    """``m`` with infinite entries (rows with nothing to attend) replaced by ``fill``."""
+    return torch.where(torch.isinf(m), torch.full_like(m, fill), m)
+
+
+def _blocks(size: int, block: int) -> range:
+    return range(0, size, block)
+
+
+class _Attention(torch.autograd.Function):
+    """``(o, lse)`` of blocked attention; see the module docstring for the rules."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Tensor | None,
+        causal: bool,
+        scale: float,
+        block: int,
+    ) -> tuple[Tensor, Tensor]:
+        lead = q.shape[:-1]
+        m = torch.full(lead, -math.inf, dtype=q.dtype, device=q.device)
+        l = torch.zeros(lead, dtype=q.dtype, device=q.device)  # noqa: E741
+        acc = torch.zeros(*lead, v.shape[-1], dtype=q.dtype, device=q.device)
+        for j in _blocks(k.shape[-2], block):
+            kj, vj = k[..., j : j + block, :], v[..., j : j + block, :]
+            s = _scores(q, kj, mask, causal, scale, j)
+            m_new = torch.maximum(m, s.amax(-1))
+            ref = _safe(m_new, 0.0)
+            alpha = torch.exp(m - ref)
+            p = torch.exp(s - ref[..., None])
+            l = l * alpha + p.sum(-1)  # noqa: E741
+            acc = acc * alpha[..., None] + torch.matmul(p, vj)
+            m = m_new
+        o = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
+        lse = _safe(m, 0.0) + torch.log(l)
+        return o, lse
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        q, k, v, mask, causal, scale, block = inputs
+        o, lse = output
+        ctx.causal, ctx.scale, ctx.block = causal, scale, block
+        ctx.has_mask = mask is not None
+        saved = (q, k, v, o, lse) + ((mask,) if mask is not None else ())
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def jvp(
+        ctx: Any,
+        dq: Tensor | None,
+        dk: Tensor | None,
+        dv: Tensor | None,
+        dmask: Tensor | None,
+        *_: Any,
+    ) -> tuple[Tensor, Tensor]:
+        q, k, v, o, lse = ctx.saved_tensors[:5]
+        mask = ctx.saved_tensors[5] if ctx.has_mask else None
+        scale, block = ctx.scale, ctx.block
+        lead = q.shape[:-1]
+        ref = _safe(lse, math.inf)[..., None]
+        # With p = exp(s - lse) (normalised) and t the scores' tangent:
+        # d lse = sum p t, d o = sum (p t) v + p dv - d lse * o.
+        dlse = torch.zeros(lead, dtype=q.dtype, device=q.device)
+        acc = torch.zeros_like(o)
+        for j in _blocks(k.shape[-2], block):
+            sl = slice(j, j + block)
+            kj, vj = k[..., sl, :], v[..., sl, :]
+            p = torch.exp(_scores(q, kj, mask, ctx.causal, scale, j) - ref)
+            t = torch.zeros_like(p)
+            if dq is not None:
+                t = t + torch.matmul(dq, kj.transpose(-1, -2)) * scale
+            if dk is not None:
+                t = t + torch.matmul(q, dk[..., sl, :].transpose(-1, -2)) * scale
+            if dmask is not None:
+                t = t + dmask[..., sl]
+            pt = p * t
+            dlse = dlse + pt.sum(-1)
+            acc = acc + torch.matmul(pt, vj)
+            if dv is not None:
+                acc = acc + torch.matmul(p, dv[..., sl, :])
+        return acc - dlse[..., None] * o, dlse
+
+    @staticmethod
+    def backward(ctx: Any, go: Tensor, glse: Tensor) -> tuple:
+        q, k, v, o, lse = ctx.saved_tensors[:5]
+        mask = ctx.saved_tensors[5] if ctx.has_mask else None
+        scale, block = ctx.scale, ctx.block
+        ref = _safe(lse, math.inf)[..., None]
+        # ds = p * (dp - D), D = rowsum(go * o) - glse (glse: lse's cotangent).
+        dd = ((go * o).sum(-1) - glse)[..., None]
+        dq = torch.zeros_like(q)
+        dks, dvs, dms = [], [], []
+        want_mask = ctx.has_mask and ctx.needs_input_grad[3]
+        for j in _blocks(k.shape[-2], block):
+            kj, vj = k[..., j : j + block, :], v[..., j : j + block, :]
+            p = torch.exp(_scores(q, kj, mask, ctx.causal, scale, j) - ref)
+            dvs.append(torch.matmul(p.transpose(-1, -2), go))
+            ds = p * (torch.matmul(go, vj.transpose(-1, -2)) - dd)
+            dq = dq + torch.matmul(ds, kj) * scale
+            dks.append(torch.matmul(ds.transpose(-1, -2), q) * scale)
+            if want_mask:
+                dms.append(ds)
+        dmask = torch.cat(dms, -1) if want_mask else None
+        return dq, torch.cat(dks, -2), torch.cat(dvs, -2), dmask, None, None, None
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One call of ``scaled_dot_product_attention`` seen by the router.
+
+    Attributes:
+        heads: Rows of heads: the product of the query's leading axes (batch
+            included, as the call saw it).
+        queries: ``L``.
+        keys: ``S``.
+        itemsize: Bytes per element of the scores.
+        covered: Whether rdiag's operator ran it (else math attention did).
+    """
+
+    heads: int
+    queries: int
+    keys: int
+    itemsize: int
+    covered: bool
+
+
+def uncovered(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> str | None:
+    """Why :func:`blocked_attention` does not cover this call, or ``None``.
+
+    Args: As ``torch.nn.functional.scaled_dot_product_attention``.
+    """
+    if dropout_p > 0.0:
+        return "attention dropout (mode='train')"
+    if any(t.is_nested or t.layout != torch.strided for t in (query, key, value)):
+        return "nested or sparse attention inputs"
+    if query.dim() < 2 or key.dim() != query.dim() or value.dim() != query.dim():
+        return "inputs of different ranks"
+    if key.shape[-2] != value.shape[-2] or key.shape[-1] != query.shape[-1]:
+        return "mismatched key and value shapes"
+    lead_q, lead_k = query.shape[:-2], key.shape[:-2]
+    if lead_q != lead_k or lead_k != value.shape[:-2]:
+        gqa = (
+            enable_gqa
+            and query.dim() >= 3
+            and lead_q[:-1] == lead_k[:-1] == value.shape[:-3]
+            and key.shape[-3] == value.shape[-3]
+            and query.shape[-3] % key.shape[-3] == 0
+        )
+        if not gqa:
+            return "leading axes of query, key and value that differ"
+    if attn_mask is not None:
+        if is_causal:
+            return "both attn_mask and is_causal"
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            return f"an attention mask of dtype {attn_mask.dtype}"
+        try:
+            torch.broadcast_shapes(
+                attn_mask.shape, (*lead_q, query.shape[-2], key.shape[-2])
+            )
+        except RuntimeError:
+            return f"an attention mask of shape {tuple(attn_mask.shape)}"
+        if attn_mask.dim() > query.dim():
+            return f"an attention mask of shape {tuple(attn_mask.shape)}"
+    return None
+
+
+def blocked_attention(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attn_mask: Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    *,
+    block_size: int = DEFAULT_BLOCK,
+) -> Tensor:
+    """``scaled_dot_product_attention`` by rdiag's blocked operator (same result).
+
+    Differentiable in every mode (forward, reverse, and each over the other) and
+    under ``vmap``, holding ``L x block_size`` scores per head at a time.
+
+    Args:
+        query: ``(..., L, E)``.
+        key: ``(..., S, E)`` (``(..., Hkv, S, E)`` with ``enable_gqa``).
+        value: ``(..., S, Ev)``.
+        attn_mask: Boolean (``True`` attends) or additive float mask, broadcastable
+            to ``(..., L, S)``; may depend on parameters (differentiated).
+        dropout_p: Must be 0 (see :func:`uncovered`).
+        is_causal: Top-left aligned causal mask (query ``i`` sees keys ``<= i``).
+        scale: Scores scale; default ``E ** -0.5``.
+        enable_gqa: ``key``/``value`` heads shared by groups of query heads.
+        block_size: Keys per block.
+
+    Returns:
+        ``(..., L, Ev)``.
+
+    Raises:
+        ValueError: A call :func:`uncovered` names, or ``block_size < 1``.
+    """
+    reason = uncovered(
+        query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa
+    )
+    if reason is not None:
+        raise ValueError(
+            f"rdiag's blocked attention does not cover {reason}; call "
+            "torch.nn.functional.scaled_dot_product_attention for it"
+        )
+    if block_size < 1:
+        raise ValueError(f"expected block_size >= 1, got {block_size}")
+    if key.shape[:-2] != query.shape[:-2]:  # grouped-query heads
+        groups = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(groups, dim=-3)
+        value = value.repeat_interleave(groups, dim=-3)
+    mask = attn_mask
+    if mask is not None:
+        mask = mask.expand(*query.shape[:-1], key.shape[-2])
+    scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _Attention.apply(
+        query, key, value, mask, bool(is_causal), scale, block_size
+    )[0]
+
+
+class AttentionRouter:
+    """What one :func:`efficient_attention` block routed, and what it could not.
+
+    Attributes:
+        block_size: Keys per block.
+        calls: Every attention call seen (:class:`AttentionCall`).
+        fallbacks: Why calls ran math attention instead.
+    """
+
+    def __init__(self, block_size: int = DEFAULT_BLOCK) -> None:
+        self.block_size = block_size
+        self.calls: list[AttentionCall] = []
+        self.fallbacks: set[str] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
+        """One ``scaled_dot_product_attention`` call (same arguments)."""
+        bound = _SDPA_SIGNATURE.bind(*args, **kwargs).arguments
+        reason = uncovered(**bound)
+        q, k = bound["query"], bound["key"]
+        self.calls.append(
+            AttentionCall(
+                math.prod(q.shape[:-2]),
+                q.shape[-2],
+                k.shape[-2],
+                q.element_size(),
+                reason is None,
+            )
+        )
+        if reason is None:
+            return blocked_attention(**bound, block_size=self.block_size)
+        self.fallbacks.add(reason)
+        with math_attention():
+            return _SDPA(*args, **kwargs)
+
+
+class _Routing:
+    """The process-wide hook, with a router per thread.
+
+    ``torch.nn.functional.scaled_dot_product_attention`` is replaced (looked up
+    at call time by Hugging Face's sdpa integration and by
+    ``F.multi_head_attention_forward``) by a function that asks this thread's
+    router, or calls torch's own where the thread has none: other threads and
+    the user's own calls are untouched. ``nn.MultiheadAttention``'s fused fast
+    path (no forward-mode derivative) is off while any thread routes. The first
+    of overlapping users installs the hook, the last one removes it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._fastpath = True
+        self.local = threading.local()
+
+    def routed(self, *args: Any, **kwargs: Any) -> Tensor:
+        router = getattr(self.local, "router", None)
+        if router is None:
+            return _SDPA(*args, **kwargs)
+        return router(*args, **kwargs)
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._fastpath = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+                F.scaled_dot_product_attention = self.routed
+            self._users += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                F.scaled_dot_product_attention = _SDPA
+                torch.backends.mha.set_fastpath_enabled(self._fastpath)
+
+
+_ROUTING = _Routing()
+
+
+@contextlib.contextmanager
+def efficient_attention(block_size: int | None = None) -> Iterator[AttentionRouter]:
+    """Run this thread's ``scaled_dot_product_attention`` calls by rdiag's operator.
+
+    Args:
+        block_size: Keys per block; default :data:`DEFAULT_BLOCK` (read here).
+
+    Yields:
+        The router: what it saw (``calls``) and what fell back (``fallbacks``).
+    """
+    router = AttentionRouter(DEFAULT_BLOCK if block_size is None else block_size)
+    outer = getattr(_ROUTING.local, "router", None)
+    _ROUTING.enter()
+    _ROUTING.local.router = router
+    try:
+        yield router
+    finally:
+        _ROUTING.local.router = outer
+        _ROUTING.exit()
+
+
+def attention_workspace(calls: list[AttentionCall], block_size: int | None) -> float:
+    """Bytes of scores one sample's attention holds at a time, per tangent.
+
+    ``block_size=None``: math attention (every call's ``heads * L * S`` scores,
+    held for the backward); else rdiag's operator (``heads * L * block`` for the
+    largest call, transient).
+
+    Args:
+        calls: The calls of one forward (:attr:`AttentionRouter.calls`), per sample.
+        block_size: Keys per block, or ``None`` for math attention.
+    """
+    if not calls:
+        return 0.0
+    if block_size is None:
+        return float(sum(c.heads * c.queries * c.keys * c.itemsize for c in calls))
+    return float(
+        max(c.heads * c.queries * min(c.keys, block_size) * c.itemsize for c in calls)
+    )
