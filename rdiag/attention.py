@@ -57,7 +57,7 @@ __all__ = [
 ]
 
 #: Keys per block: ``L x DEFAULT_BLOCK`` scores per head live at a time.
-DEFAULT_BLOCK = 128
+DEFAULT_BLOCK = 256
 
 _SDPA = F.scaled_dot_product_attention
 _SDPA_SIGNATURE = inspect.signature(
@@ -73,25 +73,28 @@ def _scores(
     mask: Tensor | None,
     causal: bool,
     scale: float,
-    start: int,
+    row: int,
+    col: int,
 ) -> Tensor:
-    """Masked scores ``q k^T * scale (+ mask)`` of the keys ``start : start + b``.
+    """Masked scores ``q k^T * scale (+ mask)`` of one tile.
 
-    Shapes: ``q (..., L, E)``, ``k (..., b, E)``, ``mask (..., L, S)`` (its block
-    is sliced here); returns ``(..., L, b)`` with ``-inf`` where masked.
+    Shapes: ``q (..., l, E)`` the queries ``row : row + l``, ``k (..., b, E)`` the
+    keys ``col : col + b``, ``mask (..., L, S)`` (its tile is sliced here);
+    returns ``(..., l, b)`` with ``-inf`` where masked.
     """
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    stop = start + k.shape[-2]
+    rows = slice(row, row + q.shape[-2])
+    cols = slice(col, col + k.shape[-2])
     if mask is not None:
-        block = mask[..., start:stop]
-        if block.dtype == torch.bool:
-            s = s.masked_fill(~block, -math.inf)
+        tile = mask[..., rows, cols]
+        if tile.dtype == torch.bool:
+            s = s.masked_fill(~tile, -math.inf)
         else:
-            s = s + block
+            s = s + tile
     if causal:
-        rows = torch.arange(q.shape[-2], device=q.device)[:, None]
-        cols = torch.arange(start, stop, device=q.device)[None, :]
-        s = s.masked_fill(cols > rows, -math.inf)
+        i = torch.arange(rows.start, rows.stop, device=q.device)[:, None]
+        j = torch.arange(cols.start, cols.stop, device=q.device)[None, :]
+        s = s.masked_fill(j > i, -math.inf)
     return s
 
 
@@ -100,8 +103,23 @@ def _safe(m: Tensor, fill: float) -> Tensor:
     return torch.where(torch.isinf(m), torch.full_like(m, fill), m)
 
 
-def _blocks(size: int, block: int) -> range:
-    return range(0, size, block)
+def _tiles(queries: int, keys: int, block: int, causal: bool) -> list[tuple[int, int]]:
+    """``(first query row, first key)`` of each block of keys that some query sees.
+
+    Causal: query ``i`` sees keys ``<= i``, so the keys from ``j`` on are seen by
+    the queries from ``j`` on only (about half the work), and keys past the last
+    query by none.
+    """
+    return [
+        (j if causal else 0, j)
+        for j in range(0, keys, block)
+        if not (causal and j >= queries)
+    ]
+
+
+def _pad_rows(x: Tensor, row: int) -> Tensor:
+    """``x (..., l, d)`` of the rows ``row :`` as ``(..., row + l, d)``, zeros above."""
+    return F.pad(x, (0, 0, row, 0)) if row else x
 
 
 class _Attention(torch.autograd.Function):
@@ -123,16 +141,19 @@ class _Attention(torch.autograd.Function):
         m = torch.full(lead, -math.inf, dtype=q.dtype, device=q.device)
         l = torch.zeros(lead, dtype=q.dtype, device=q.device)  # noqa: E741
         acc = torch.zeros(*lead, v.shape[-1], dtype=q.dtype, device=q.device)
-        for j in _blocks(k.shape[-2], block):
+        for r, j in _tiles(q.shape[-2], k.shape[-2], block, causal):
             kj, vj = k[..., j : j + block, :], v[..., j : j + block, :]
-            s = _scores(q, kj, mask, causal, scale, j)
-            m_new = torch.maximum(m, s.amax(-1))
+            s = _scores(q[..., r:, :], kj, mask, causal, scale, r, j)
+            m_r = m[..., r:]
+            m_new = torch.maximum(m_r, s.amax(-1))
             ref = _safe(m_new, 0.0)
-            alpha = torch.exp(m - ref)
+            alpha = torch.exp(m_r - ref)
             p = torch.exp(s - ref[..., None])
-            l = l * alpha + p.sum(-1)  # noqa: E741
-            acc = acc * alpha[..., None] + torch.matmul(p, vj)
-            m = m_new
+            l_r = l[..., r:] * alpha + p.sum(-1)
+            acc_r = acc[..., r:, :] * alpha[..., None] + torch.matmul(p, vj)
+            m = torch.cat([m[..., :r], m_new], -1)
+            l = torch.cat([l[..., :r], l_r], -1)  # noqa: E741
+            acc = torch.cat([acc[..., :r, :], acc_r], -2)
         o = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
         lse = _safe(m, 0.0) + torch.log(l)
         return o, lse
@@ -159,28 +180,29 @@ class _Attention(torch.autograd.Function):
         q, k, v, o, lse = ctx.saved_tensors[:5]
         mask = ctx.saved_tensors[5] if ctx.has_mask else None
         scale, block = ctx.scale, ctx.block
-        lead = q.shape[:-1]
         ref = _safe(lse, math.inf)[..., None]
         # With p = exp(s - lse) (normalised) and t the scores' tangent:
         # d lse = sum p t, d o = sum (p t) v + p dv - d lse * o.
-        dlse = torch.zeros(lead, dtype=q.dtype, device=q.device)
+        dlse = torch.zeros_like(lse)
         acc = torch.zeros_like(o)
-        for j in _blocks(k.shape[-2], block):
+        for r, j in _tiles(q.shape[-2], k.shape[-2], block, ctx.causal):
             sl = slice(j, j + block)
-            kj, vj = k[..., sl, :], v[..., sl, :]
-            p = torch.exp(_scores(q, kj, mask, ctx.causal, scale, j) - ref)
+            kj, vj, qr = k[..., sl, :], v[..., sl, :], q[..., r:, :]
+            s = _scores(qr, kj, mask, ctx.causal, scale, r, j)
+            p = torch.exp(s - ref[..., r:, :])
             t = torch.zeros_like(p)
             if dq is not None:
-                t = t + torch.matmul(dq, kj.transpose(-1, -2)) * scale
+                t = t + torch.matmul(dq[..., r:, :], kj.transpose(-1, -2)) * scale
             if dk is not None:
-                t = t + torch.matmul(q, dk[..., sl, :].transpose(-1, -2)) * scale
+                t = t + torch.matmul(qr, dk[..., sl, :].transpose(-1, -2)) * scale
             if dmask is not None:
-                t = t + dmask[..., sl]
+                t = t + dmask[..., r:, sl]
             pt = p * t
-            dlse = dlse + pt.sum(-1)
-            acc = acc + torch.matmul(pt, vj)
+            part = torch.matmul(pt, vj)
             if dv is not None:
-                acc = acc + torch.matmul(p, dv[..., sl, :])
+                part = part + torch.matmul(p, dv[..., sl, :])
+            dlse = dlse + _pad_rows(pt.sum(-1)[..., None], r)[..., 0]
+            acc = acc + _pad_rows(part, r)
         return acc - dlse[..., None] * o, dlse
 
     @staticmethod
@@ -192,19 +214,33 @@ class _Attention(torch.autograd.Function):
         # ds = p * (dp - D), D = rowsum(go * o) - glse (glse: lse's cotangent).
         dd = ((go * o).sum(-1) - glse)[..., None]
         dq = torch.zeros_like(q)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         dks, dvs, dms = [], [], []
         want_mask = ctx.has_mask and ctx.needs_input_grad[3]
-        for j in _blocks(k.shape[-2], block):
+        tiles = _tiles(q.shape[-2], k.shape[-2], block, ctx.causal)
+        for r, j in tiles:
             kj, vj = k[..., j : j + block, :], v[..., j : j + block, :]
-            p = torch.exp(_scores(q, kj, mask, ctx.causal, scale, j) - ref)
-            dvs.append(torch.matmul(p.transpose(-1, -2), go))
-            ds = p * (torch.matmul(go, vj.transpose(-1, -2)) - dd)
-            dq = dq + torch.matmul(ds, kj) * scale
-            dks.append(torch.matmul(ds.transpose(-1, -2), q) * scale)
+            qr, gor = q[..., r:, :], go[..., r:, :]
+            p = torch.exp(
+                _scores(qr, kj, mask, ctx.causal, scale, r, j) - ref[..., r:, :]
+            )
+            dvs.append(torch.matmul(p.transpose(-1, -2), gor))
+            ds = p * (torch.matmul(gor, vj.transpose(-1, -2)) - dd[..., r:, :])
+            dq = dq + _pad_rows(torch.matmul(ds, kj) * scale, r)
+            dks.append(torch.matmul(ds.transpose(-1, -2), qr) * scale)
             if want_mask:
-                dms.append(ds)
-        dmask = torch.cat(dms, -1) if want_mask else None
-        return dq, torch.cat(dks, -2), torch.cat(dvs, -2), dmask, None, None, None
+                dms.append(_pad_rows(ds, r))
+        # Keys no query sees (causal, past the last query) get zeros.
+        seen = len(tiles) and min(tiles[-1][1] + block, k.shape[-2])
+        if dks:
+            dk = torch.cat([torch.cat(dks, -2), dk[..., seen:, :]], -2)
+            dv = torch.cat([torch.cat(dvs, -2), dv[..., seen:, :]], -2)
+        dmask = None
+        if want_mask:
+            dmask = torch.zeros(*lse.shape, k.shape[-2], dtype=q.dtype, device=q.device)
+            if dms:
+                dmask = torch.cat([torch.cat(dms, -1), dmask[..., seen:]], -1)
+        return dq, dk, dv, dmask, None, None, None
 
 
 @dataclass(frozen=True)

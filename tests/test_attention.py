@@ -51,6 +51,8 @@ def _case(name: str, gen: torch.Generator):
         heads_kv, kwargs = 1, {"enable_gqa": True, "is_causal": True}
     elif name == "cross":
         keys = 23
+    elif name == "causal_wide":  # keys past the last query: seen by none
+        keys, kwargs = 30, {"is_causal": True}
     q, k, v = r(b, h, length, e), r(b, heads_kv, keys, e), r(b, heads_kv, keys, 3)
     if name == "causal":
         kwargs = {"is_causal": True, "scale": 0.7}
@@ -67,7 +69,7 @@ def _case(name: str, gen: torch.Generator):
     return q, k, v, kwargs
 
 
-CASES = ["plain", "causal", "padding", "additive", "gqa", "mqa", "cross"]
+CASES = ["plain", "causal", "padding", "additive", "gqa", "mqa", "cross", "causal_wide"]
 
 
 @pytest.mark.parametrize("block", [4, 128])
