@@ -26,6 +26,11 @@ products:
 The issue's target at ``T = 2048``, ``n_embd = 128``: the extra peak memory of
 one HVP at most 1/4 of math attention's, its time at most 1.5x, on CPU.
 
+On a shared machine the times of separate processes drift with the load;
+``python -m bench.bench_attention interleave PRODUCT T N_EMBD [ROUNDS]`` builds
+``rdiag`` and ``math`` in one process and times them alternately (best of the
+rounds after a warm-up each), the time ratio to quote.
+
 Run: ``python -m bench.bench_attention [T,...] [n_embd,...] [ways] [products]``
 prints a markdown table (defaults: T 512,1024,2048, n_embd 128, all ways and
 products); ``python -m bench.bench_attention case WAY PRODUCT T N_EMBD`` runs one.
@@ -34,8 +39,10 @@ products); ``python -m bench.bench_attention case WAY PRODUCT T N_EMBD`` runs on
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -111,11 +118,17 @@ def _case(way: str, product: str, t: int, width: int):
 
 def _row(way: str, product: str, t: int, width: int) -> dict:
     args = ["case", way, product, str(t), str(width)]
+    # Every allocation of 64 KiB or more is its own mapping, returned on free:
+    # the resident high-water mark then follows the live tensors (glibc's dynamic
+    # threshold would keep freed blocks of up to 32 MiB resident and hide the
+    # second product's tiles, but not math attention's larger score matrices).
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run(
         [sys.executable, "-m", "bench.bench_attention", *args],
         capture_output=True,
         text=True,
         check=True,
+        env=env,
     ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -149,13 +162,31 @@ def _table(ts, widths, ways, products) -> None:
                     )
 
 
+def _interleaved(product: str, t: int, width: int, rounds: int) -> dict:
+    """Best seconds of ``rdiag`` and ``math``, timed alternately in this process."""
+    runs = {way: _case(way, product, t, width) for way in ("rdiag", "math")}
+    best = dict.fromkeys(runs, float("inf"))
+    for run in runs.values():
+        run()  # warm-up
+    for _ in range(rounds):
+        for way, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            best[way] = min(best[way], time.perf_counter() - t0)
+    return {**best, "ratio": best["rdiag"] / best["math"]}
+
+
 def _ints(arg: str) -> list[int]:
     return [int(a) for a in arg.split(",")]
 
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if argv and argv[0] == "case":
+    if argv and argv[0] == "interleave":
+        product, t, width = argv[1], int(argv[2]), int(argv[3])
+        rounds = int(argv[4]) if len(argv) > 4 else 5
+        print(json.dumps(_interleaved(product, t, width, rounds)))
+    elif argv and argv[0] == "case":
         way, product, t, width = argv[1], argv[2], int(argv[3]), int(argv[4])
         print(json.dumps(measure_warm(_case(way, product, t, width))))
     else:

@@ -8,6 +8,7 @@ imported here (Triton, matplotlib, pandas, PyYAML, scikit-learn load lazily).
 from rdiag._version import __version__
 from typing import Any
 
+from rdiag.attention import blocked_attention, efficient_attention
 from rdiag.coord_check import CoordCheckResult, coord_check, plot_coord_check
 from rdiag.depth_check import DepthCheckResult, depth_check
 from rdiag.curvature import (
@@ -102,6 +103,9 @@ __all__ = [
     "GGNOperator",
     "FisherOperator",
     "hvp",
+    # attention with forward mode and double backward (used inside the products)
+    "blocked_attention",
+    "efficient_attention",
     # solvers and estimators (any operator)
     "EigResult",
     "lanczos",

@@ -105,6 +105,20 @@ def jvp(
     return out, push(tangents)[0]
 
 
+def differentiating(mode: JvpMode) -> contextlib.AbstractContextManager:
+    """The context of a whole product in ``mode``: rdiag's attention for ``"attention"``.
+
+    Around a product's reverse passes too (its pullbacks are vmapped over
+    cotangents; the fused kernels' backwards have no batching rule, the
+    operator's does), not only around its jvps.
+    """
+    if mode == "attention":
+        from rdiag.attention import efficient_attention
+
+        return efficient_attention()
+    return contextlib.nullcontext()
+
+
 def probe_vmap(fm: FunctionalModel, x: Inputs) -> str | None:
     """Why ``fm``'s forward does not run under ``vmap`` over samples, or ``None``.
 

@@ -60,11 +60,6 @@ __all__ = [
 DEFAULT_BLOCK = 256
 
 _SDPA = F.scaled_dot_product_attention
-_SDPA_SIGNATURE = inspect.signature(
-    lambda query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False: (
-        None
-    )  # noqa: E501
-)
 
 
 def _scores(
@@ -154,6 +149,7 @@ class _Attention(torch.autograd.Function):
             m = torch.cat([m[..., :r], m_new], -1)
             l = torch.cat([l[..., :r], l_r], -1)  # noqa: E741
             acc = torch.cat([acc[..., :r, :], acc_r], -2)
+            del s, p  # not alive beside the next tile's
         o = acc / torch.where(l > 0, l, torch.ones_like(l))[..., None]
         lse = _safe(m, 0.0) + torch.log(l)
         return o, lse
@@ -188,59 +184,194 @@ class _Attention(torch.autograd.Function):
         for r, j in _tiles(q.shape[-2], k.shape[-2], block, ctx.causal):
             sl = slice(j, j + block)
             kj, vj, qr = k[..., sl, :], v[..., sl, :], q[..., r:, :]
-            s = _scores(qr, kj, mask, ctx.causal, scale, r, j)
-            p = torch.exp(s - ref[..., r:, :])
-            t = torch.zeros_like(p)
+            p = torch.exp(
+                _scores(qr, kj, mask, ctx.causal, scale, r, j) - ref[..., r:, :]
+            )
+            terms = []
             if dq is not None:
-                t = t + torch.matmul(dq[..., r:, :], kj.transpose(-1, -2)) * scale
+                terms.append(torch.matmul(dq[..., r:, :], kj.transpose(-1, -2)) * scale)
             if dk is not None:
-                t = t + torch.matmul(qr, dk[..., sl, :].transpose(-1, -2)) * scale
+                terms.append(torch.matmul(qr, dk[..., sl, :].transpose(-1, -2)) * scale)
             if dmask is not None:
-                t = t + dmask[..., r:, sl]
-            pt = p * t
+                terms.append(dmask[..., r:, sl])
+            pt = p * sum(terms) if terms else torch.zeros_like(p)
+            del terms
             part = torch.matmul(pt, vj)
             if dv is not None:
                 part = part + torch.matmul(p, dv[..., sl, :])
             dlse = dlse + _pad_rows(pt.sum(-1)[..., None], r)[..., 0]
             acc = acc + _pad_rows(part, r)
+            del p, pt  # not alive beside the next tile's
         return acc - dlse[..., None] * o, dlse
 
     @staticmethod
     def backward(ctx: Any, go: Tensor, glse: Tensor) -> tuple:
         q, k, v, o, lse = ctx.saved_tensors[:5]
         mask = ctx.saved_tensors[5] if ctx.has_mask else None
-        scale, block = ctx.scale, ctx.block
-        ref = _safe(lse, math.inf)[..., None]
-        # ds = p * (dp - D), D = rowsum(go * o) - glse (glse: lse's cotangent).
-        dd = ((go * o).sum(-1) - glse)[..., None]
-        dq = torch.zeros_like(q)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
-        dks, dvs, dms = [], [], []
         want_mask = ctx.has_mask and ctx.needs_input_grad[3]
-        tiles = _tiles(q.shape[-2], k.shape[-2], block, ctx.causal)
-        for r, j in tiles:
-            kj, vj = k[..., j : j + block, :], v[..., j : j + block, :]
-            qr, gor = q[..., r:, :], go[..., r:, :]
-            p = torch.exp(
-                _scores(qr, kj, mask, ctx.causal, scale, r, j) - ref[..., r:, :]
-            )
-            dvs.append(torch.matmul(p.transpose(-1, -2), gor))
-            ds = p * (torch.matmul(gor, vj.transpose(-1, -2)) - dd[..., r:, :])
-            dq = dq + _pad_rows(torch.matmul(ds, kj) * scale, r)
-            dks.append(torch.matmul(ds.transpose(-1, -2), qr) * scale)
-            if want_mask:
-                dms.append(_pad_rows(ds, r))
-        # Keys no query sees (causal, past the last query) get zeros.
-        seen = len(tiles) and min(tiles[-1][1] + block, k.shape[-2])
-        if dks:
-            dk = torch.cat([torch.cat(dks, -2), dk[..., seen:, :]], -2)
-            dv = torch.cat([torch.cat(dvs, -2), dv[..., seen:, :]], -2)
-        dmask = None
+        grads = _Reverse.apply(
+            q, k, v, o, lse, go, glse, mask, ctx.causal, ctx.scale, ctx.block,
+            want_mask,
+        )  # fmt: skip
+        dmask = grads[3] if want_mask else None
+        return grads[0], grads[1], grads[2], dmask, None, None, None
+
+
+def _reverse(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    go: Tensor,
+    glse: Tensor,
+    mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    block: int,
+    want_mask: bool,
+    tangents: tuple[Tensor | None, ...] | None = None,
+) -> tuple[Tensor, ...]:
+    """The reverse rule ``(dq, dk, dv[, dmask])``, with ``tangents`` their tangents.
+
+    ``ds = p (dp - D)``, ``dp = go v^T``, ``D = rowsum(go o) - glse``; with the
+    tangents ``(tq, tk, tv, to, tlse, tgo, tglse, tmask)`` of every input, the
+    same tiles also give ``ds' = p' (dp - D) + p (dp' - D')``,
+    ``p' = p (s' - lse')``, and the tangents of the cotangents from them.
+    """
+    ref = _safe(lse, math.inf)[..., None]
+    dd = ((go * o).sum(-1) - glse)[..., None]
+    dq = torch.zeros_like(q)
+    dks, dvs, dms = [], [], []
+    tdq, tdks, tdvs, tdms = torch.zeros_like(q), [], [], []
+    if tangents is not None:
+        tq, tk, tv, to, tlse, tgo, tglse, tmask = (
+            torch.zeros_like(p) if t is None else t
+            for t, p in zip(tangents, (q, k, v, o, lse, go, glse, lse))
+        )
+        tmask = tangents[7]
+        tdd = ((tgo * o + go * to).sum(-1) - tglse)[..., None]
+    tiles = _tiles(q.shape[-2], k.shape[-2], block, causal)
+    for r, j in tiles:
+        sl = slice(j, j + block)
+        kj, vj = k[..., sl, :], v[..., sl, :]
+        qr, gor = q[..., r:, :], go[..., r:, :]
+        p = torch.exp(_scores(qr, kj, mask, causal, scale, r, j) - ref[..., r:, :])
+        dvs.append(torch.matmul(p.transpose(-1, -2), gor))
+        dp = torch.matmul(gor, vj.transpose(-1, -2))
+        ds = p * (dp - dd[..., r:, :])
+        dq = dq + _pad_rows(torch.matmul(ds, kj) * scale, r)
+        dks.append(torch.matmul(ds.transpose(-1, -2), qr) * scale)
         if want_mask:
-            dmask = torch.zeros(*lse.shape, k.shape[-2], dtype=q.dtype, device=q.device)
-            if dms:
-                dmask = torch.cat([torch.cat(dms, -1), dmask[..., seen:]], -1)
-        return dq, dk, dv, dmask, None, None, None
+            dms.append(_pad_rows(ds, r))
+        if tangents is not None:
+            tqr, tkj, tvj, tgor = (
+                tq[..., r:, :],
+                tk[..., sl, :],
+                tv[..., sl, :],
+                tgo[..., r:, :],
+            )
+            ts = (
+                torch.matmul(tqr, kj.transpose(-1, -2))
+                + torch.matmul(qr, tkj.transpose(-1, -2))
+            ) * scale
+            if tmask is not None:
+                ts = ts + tmask[..., r:, sl]
+            tp = p * (ts - tlse[..., r:, None])
+            del ts
+            tdp = torch.matmul(tgor, vj.transpose(-1, -2)) + torch.matmul(
+                gor, tvj.transpose(-1, -2)
+            )
+            tds = tp * (dp - dd[..., r:, :]) + p * (tdp - tdd[..., r:, :])
+            del tdp
+            tdvs.append(
+                torch.matmul(tp.transpose(-1, -2), gor)
+                + torch.matmul(p.transpose(-1, -2), tgor)
+            )
+            tdq = tdq + _pad_rows(
+                (torch.matmul(tds, kj) + torch.matmul(ds, tkj)) * scale, r
+            )
+            tdks.append(
+                (
+                    torch.matmul(tds.transpose(-1, -2), qr)
+                    + torch.matmul(ds.transpose(-1, -2), tqr)
+                )
+                * scale
+            )
+            if want_mask:
+                tdms.append(_pad_rows(tds, r))
+            del tp, tds
+        del p, dp, ds  # not alive beside the next tile's
+    # Keys no query sees (causal, past the last query) get zeros.
+    seen = min(tiles[-1][1] + block, k.shape[-2]) if tiles else 0
+    out = [dq, _keys(dks, k, seen, -2), _keys(dvs, v, seen, -2)]
+    if want_mask:
+        out.append(_keys(dms, lse[..., None].expand(*lse.shape, k.shape[-2]), seen, -1))
+    if tangents is None:
+        return tuple(out)
+    tout = [tdq, _keys(tdks, k, seen, -2), _keys(tdvs, v, seen, -2)]
+    if want_mask:
+        tout.append(
+            _keys(tdms, lse[..., None].expand(*lse.shape, k.shape[-2]), seen, -1)
+        )
+    return tuple(tout)
+
+
+def _keys(parts: list[Tensor], like: Tensor, seen: int, axis: int) -> Tensor:
+    """The per-block parts along the key ``axis``, zeros for the keys after ``seen``."""
+    rest = torch.zeros_like(like.narrow(axis, seen, like.shape[axis] - seen))
+    return torch.cat([*parts, rest], axis)
+
+
+class _Reverse(torch.autograd.Function):
+    """The reverse rule as a function of its own, so that differentiating it is blocked.
+
+    Forward mode through it (``jvp``: the attention's share of forward-over-reverse
+    HVPs) runs the tangent tiles of :func:`_reverse`, holding ``L x block`` scores
+    per head; the reverse rule inside ``torch.func.grad`` records no graph of its
+    tiles. Reverse over it (reverse-over-reverse, a fallback) differentiates the
+    blocked ops of :func:`_reverse` by ``torch.func.vjp``, which holds every tile
+    until the product is done.
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(q, k, v, o, lse, go, glse, mask, causal, scale, block, want_mask):
+        return _reverse(
+            q, k, v, o, lse, go, glse, mask, causal, scale, block, want_mask
+        )
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        *tensors, mask, causal, scale, block, want_mask = inputs
+        ctx.static = (causal, scale, block, want_mask)
+        ctx.has_mask = mask is not None
+        saved = (*tensors, mask) if mask is not None else tuple(tensors)
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple:
+        saved = ctx.saved_tensors
+        mask = saved[7] if ctx.has_mask else None
+        return _reverse(*saved[:7], mask, *ctx.static, tangents=tangents[:8])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor) -> tuple:
+        saved = ctx.saved_tensors
+        mask = saved[7] if ctx.has_mask else None
+        # A float mask is differentiated; a boolean one is a constant.
+        float_mask = mask is not None and mask.is_floating_point()
+        primals = (*saved[:7], *((mask,) if float_mask else ()))
+
+        def rule(*args: Tensor) -> tuple[Tensor, ...]:
+            return _reverse(*args[:7], args[7] if float_mask else mask, *ctx.static)
+
+        _, pullback = torch.func.vjp(rule, *primals)
+        cots = pullback(tuple(grads))
+        dmask = cots[7] if float_mask else None
+        return (*cots[:7], dmask, None, None, None, None)
 
 
 @dataclass(frozen=True)
@@ -386,7 +517,7 @@ class AttentionRouter:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Tensor:
         """One ``scaled_dot_product_attention`` call (same arguments)."""
-        bound = _SDPA_SIGNATURE.bind(*args, **kwargs).arguments
+        bound = inspect.signature(uncovered).bind(*args, **kwargs).arguments
         reason = uncovered(**bound)
         q, k = bound["query"], bound["key"]
         self.calls.append(

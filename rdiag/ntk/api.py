@@ -23,7 +23,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rdiag._autodiff import JvpMode, attention_calls, probe_jvp_mode, probe_vmap
+from rdiag._autodiff import (
+    JvpMode,
+    attention_calls,
+    differentiating,
+    probe_jvp_mode,
+    probe_vmap,
+)
 from rdiag._checks import check_positive_int
 from rdiag._deprecation import UNSET, renamed_argument
 from rdiag._inputs import Inputs, batch_size, describe, rows, signature, trailing
@@ -821,7 +827,9 @@ def _run_jacobian(
 def _run_ntvp(
     f: NTKFunction, plan: NTKPlan, x1: Inputs, x2: Inputs | None
 ) -> dict[str, Tensor]:
-    return ntvp_ntk(f.fm, x1, x2, plan.spec, f.jvp_mode(x1))
+    mode = f.jvp_mode(x1)
+    with differentiating(mode):
+        return ntvp_ntk(f.fm, x1, x2, plan.spec, mode)
 
 
 def _run_structured(

@@ -8,7 +8,6 @@ loss uses forward-over-reverse autodiff in the (small) output space, also exact.
 
 from __future__ import annotations
 
-import contextlib
 
 from collections.abc import Callable
 from typing import Any, Literal
@@ -17,8 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
-from rdiag.attention import efficient_attention
+from rdiag._autodiff import JvpMode, differentiating, jvp, probe_jvp_mode
 from rdiag._checks import check_choice
 from rdiag._typing import Data, LossFn, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
@@ -178,10 +176,7 @@ class GGNOperator(CurvatureOperator):
         def column(v: Tensor) -> Tensor:
             return pullback(curvature(jvp(f, (theta,), (v,), mode)[1]))[0]
 
-        # With rdiag's attention the pullbacks run it too (its backward is batched
-        # over the columns by vmap; the fused kernels' backwards are not).
-        routed = efficient_attention if mode == "attention" else contextlib.nullcontext
-        with routed():
+        with differentiating(mode):
             out, pullback = vjp(f, theta)
             curvature = self._curvature(out.detach(), y)
             return map_columns(column, matrix)

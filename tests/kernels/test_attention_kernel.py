@@ -154,3 +154,33 @@ def test_launchers_check_their_inputs() -> None:
         tri.attention_forward(q, q[:, :, :3], q)
     with pytest.raises(ValueError, match="broadcastable to"):
         tri.attention_forward(q, q, q, torch.ones(3, 5, 5, dtype=torch.bool))
+
+
+def test_dispatcher_runs_the_torch_operator_off_cuda(monkeypatch) -> None:
+    from rdiag import kernels
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, mask, _ = _case((2, 9, 11, 4, 3), "bool")
+    expected = blocked_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(kernels.attention(q, k, v, mask), expected)
+
+
+@pytest.mark.triton_interpret
+def test_dispatcher_runs_the_kernels_under_the_interpreter(monkeypatch) -> None:
+    from rdiag import kernels
+
+    monkeypatch.delenv("RDIAG_KERNELS", raising=False)
+    q, k, v, mask, _ = _case((2, 9, 11, 4, 3), "bool")
+    calls = []
+    tri = _triton()
+    real = tri.attention_forward
+    monkeypatch.setattr(
+        tri, "attention_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw)
+    )
+    out = kernels.attention(q, k, v, mask, causal=False)
+    assert calls, "the dispatcher did not run the Triton kernel"
+    _close(
+        "dispatched",
+        blocked_attention(q.double(), k.double(), v.double(), attn_mask=mask),
+        out,
+    )
