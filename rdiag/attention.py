@@ -9,13 +9,17 @@ whose three rules are themselves blocked:
 
 - ``forward``: the output ``o`` and the row log-sum-exp ``lse`` (saved);
 - ``jvp`` (forward mode, ``torch.func.jvp``): the tangents of ``o`` and ``lse``;
-- ``backward``: recomputes each block's probabilities from ``lse``, written with
-  differentiable torch ops, so forward-over-reverse (Hessian-vector products) and
-  reverse-over-reverse differentiate through it.
+- ``backward``: recomputes each block's probabilities from ``lse``; it is a
+  function of its own (``_Reverse``) with its own blocked ``jvp`` rule, so
+  forward-over-reverse (Hessian-vector products) is blocked too and
+  ``torch.func.grad``'s graph holds no tile of it; reverse-over-reverse (a
+  fallback) differentiates its blocked torch ops, holding every tile.
 
-Every rule holds at most ``L x block`` scores per head at a time, so an HVP, a GGN
-product or a jvp-based eNTK column costs ``O(L * block)`` extra memory per head
-instead of ``O(L * S)``. ``vmap`` rules are generated (the eNTK vmaps over samples).
+Forward, forward mode and forward-over-reverse hold ``L x block`` scores per head
+at a time (causal: the keys a query cannot see are skipped, about half the
+work), so an HVP, a GGN product or a jvp-based eNTK column costs
+``O(L * block)`` extra memory per head instead of ``O(L * S)``. ``vmap`` rules are
+generated (the eNTK vmaps over samples).
 
 :func:`efficient_attention` routes ``torch.nn.functional.scaled_dot_product_attention``
 to this operator inside rdiag's products only (routed per thread: the user's
