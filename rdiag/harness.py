@@ -17,6 +17,7 @@ deterministic slice of the grid into its own store (a Slurm array task), and
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import ctypes
 import dataclasses
 import itertools
@@ -462,7 +463,12 @@ def train(
         if store.status(rid) == "finished":  # by another process since the check
             return _not_run(rid, store, "skipped")
         return _execute(cfg, store, rid, device)
-    except StoreError:
+    except StoreError as err:
+        # Not finished: failed with the reason where the store still takes that
+        # write (arrays refused, the database not), else left unfinished; either
+        # way a rerun redoes it and what was written stays.
+        with contextlib.suppress(StoreError):
+            store.set_status(rid, "failed", describe_error(err))
         raise
     except Exception as err:
         store.set_status(rid, "failed", describe_error(err))

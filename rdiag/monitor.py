@@ -88,6 +88,7 @@ from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
 from rdiag.operators.ntk import NTKOperator
 from rdiag.sinks import Sink, as_sinks
+from rdiag.store import StoreError
 
 METRICS = (
     "ntk",
@@ -524,6 +525,8 @@ class Monitor:
         for name, run in groups:
             try:
                 run()
+            except StoreError:
+                raise  # the store refused a write: the run's fault, not the metric's
             except MEASUREMENT_ERRORS as err:
                 if self.strict:
                     raise

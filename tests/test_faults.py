@@ -22,7 +22,13 @@ import numpy as np
 import pytest
 
 from rdiag.harness import sweep
-from rdiag.store import Store, StoreCorruptError, StoreFullError, StoreReadOnlyError
+from rdiag.store import (
+    Store,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreReadOnlyError,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -363,3 +369,52 @@ def test_damaged_or_missing_array_files_are_named_and_left_alone(tmp_path) -> No
     before = damaged.read_bytes()
     assert sweep(config, out=out).count("skipped") == 2  # resuming reads no array
     assert damaged.read_bytes() == before
+
+
+# ---- round three (issue #21) ------------------------------------------------------
+SNAPSHOT_CONFIG = {
+    **CONFIG,
+    "base": {
+        **BASE,
+        "steps": 4,
+        "every": 2,
+        "metrics": ["ntk", "sharpness", "loss"],
+        "snapshots": True,
+    },
+    "grid": {"seed": [0, 1]},
+}
+
+
+def test_unwritable_arrays_fail_the_run_keep_its_records_and_rerun(tmp_path) -> None:
+    """A run whose snapshots the store refuses is failed (not finished), keeps what
+    was written, stops the sweep (an error: exit status 2 from the CLI), and a
+    rerun with a writable store redoes it."""
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / "arrays").write_text("not a directory")
+    with pytest.raises(StoreError):
+        sweep(SNAPSHOT_CONFIG, out=out)
+    store = Store(out)
+    (rid,) = store.run_ids("failed")  # the first run stopped the sweep
+    assert not store.run_ids("finished")
+    assert store.status(rid) == "failed" and "arrays" in store.reason(rid)
+    assert store.count(rid) > 0 and not store.missing(rid)
+    cli = subprocess.run(
+        [sys.executable, "-m", "rdiag.cli", "sweep", "--out", str(out), "--config",
+         str(_yaml(tmp_path, SNAPSHOT_CONFIG))],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert cli.returncode != 0 and "arrays" in cli.stderr
+    (out / "arrays").unlink()
+    rerun = sweep(SNAPSHOT_CONFIG, out=out)
+    assert rerun.count("finished") == 2
+    for run in Store(out).run_ids():
+        assert Store(out).array_steps(run, "sharpness") == [0, 2, 4]
+
+
+def _yaml(tmp_path: Path, config: dict) -> Path:
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
