@@ -400,9 +400,20 @@ def test_unwritable_arrays_fail_the_run_keep_its_records_and_rerun(tmp_path) -> 
     assert store.status(rid) == "failed" and "arrays" in store.reason(rid)
     assert store.count(rid) > 0 and not store.missing(rid)
     cli = subprocess.run(
-        [sys.executable, "-m", "rdiag.cli", "sweep", "--out", str(out), "--config",
-         str(_yaml(tmp_path, SNAPSHOT_CONFIG))],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "rdiag.cli",
+            "sweep",
+            "--out",
+            str(out),
+            "--config",
+            str(_yaml(tmp_path, SNAPSHOT_CONFIG)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert cli.returncode != 0 and "arrays" in cli.stderr
     (out / "arrays").unlink()
