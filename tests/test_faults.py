@@ -429,3 +429,54 @@ def _yaml(tmp_path: Path, config: dict) -> Path:
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def _claimed_by(out: Path, rid: str, other_than: int | None = None) -> int | None:
+    db = out / "rdiag.sqlite"
+    if not db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        try:
+            row = conn.execute(
+                "SELECT pid FROM claims WHERE run = ?", (rid,)
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return None
+    return None if row is None or row[0] == other_than else row[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("kills", [1, 2])
+def test_a_killed_pool_worker_costs_only_its_run_retried_once(
+    tmp_path, reference, kills: int
+) -> None:
+    """kill -9 of the worker holding a run: the others go on; the run is retried
+    once (then finished, exit 0), and at a second death it alone is lost (exit 1)."""
+    from rdiag.harness import expand_grid
+    from rdiag.store import run_key
+
+    out = tmp_path / "store"
+    victim = run_key(expand_grid(CONFIG)[4].to_dict())
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps(CONFIG))  # JSON is YAML
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rdiag.cli", "sweep", "--config", str(config),
+         "--workers", "2", "--no-report", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pid = None
+    for _ in range(kills):
+        _wait(lambda: _claimed_by(out, victim, pid) is not None, proc)
+        pid = _claimed_by(out, victim, pid)
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    store = Store(out)
+    if kills == 1:
+        assert proc.returncode == 0, stderr
+        assert len(store.run_ids("finished")) == RUNS
+        _same(reference, _records(out))
+    else:
+        assert proc.returncode == 1, stderr
+        assert store.run_ids("failed") == [victim]
+        assert "died twice" in store.reason(victim) and victim in stdout
+        assert len(store.run_ids("finished")) == RUNS - 1
