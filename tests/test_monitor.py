@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rdiag import empirical_ntk, metrics
 from rdiag.models import make_model
@@ -424,3 +425,24 @@ def test_ntk_moments_on_a_large_probe_are_within_their_error_bars() -> None:
     )
     with pytest.raises(ValueError, match="moments_vectors"):
         Monitor(model, (x, y), metrics=["ntk_moments"], moments_vectors=0)
+
+
+def test_the_monitors_sharpness_follows_in_place_edits_through_data() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    probe = (
+        torch.randn(8, 4, dtype=torch.float64),
+        torch.randn(8, 2, dtype=torch.float64),
+    )
+
+    def sharpness(monitor: Monitor, step: int) -> float:
+        return monitor.step(step, force=True)["sharpness/raw"]
+
+    kept = Monitor(net, probe, metrics=["sharpness"], loss_fn=F.mse_loss, strict=True)
+    sharpness(kept, 0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.data.mul_(2.0)
+    fresh = Monitor(net, probe, metrics=["sharpness"], loss_fn=F.mse_loss, strict=True)
+    expected = sharpness(fresh, 1)
+    assert sharpness(kept, 1) == pytest.approx(expected, rel=1e-6)

@@ -102,6 +102,7 @@ class HessianOperator(CurvatureOperator):
         self.compile = compile
         self._compiled: dict[str, Callable[..., Tensor]] = {}
         self._graph: tuple[tuple, list[Tensor], tuple[Tensor, ...]] | None = None
+        self._checksum_weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         # Strategies that failed before another one worked: skipped from then on.
         self.failed_strategies: set[str] = set()
 
@@ -109,9 +110,36 @@ class HessianOperator(CurvatureOperator):
         self._graph = None
 
     def _param_state(self) -> tuple:
-        """Identity and version of every selected parameter: changes with any update."""
+        """Identity, version and checksum of the selected parameters.
+
+        Storage and version change with an optimizer step, a ``no_grad`` edit or
+        ``load_state_dict``; an edit through ``p.data`` bumps neither, so the
+        state also holds one checksum: the parameters' dot product with a fixed
+        random vector (sensitive to any change of value, sign or position; one
+        read of the parameters, well under the cost of one product).
+        """
         named = dict(self.fm.module.named_parameters())
-        return tuple((named[n].data_ptr(), named[n]._version) for n in self.fm.names)
+        params = [named[n] for n in self.fm.names]
+        ids = tuple((p.data_ptr(), p._version) for p in params)
+        parts: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        with torch.no_grad():
+            for p in params:
+                w = self._weights(p.numel(), p.device, p.dtype)
+                parts.setdefault((p.device, p.dtype), []).append(
+                    torch.dot(p.detach().reshape(-1), w)
+                )
+        # One sync per device and dtype; as hex, a NaN checksum equals itself.
+        sums = (float(torch.stack(v).double().sum()).hex() for v in parts.values())
+        return ids, tuple(sums)
+
+    def _weights(self, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The checksum's fixed random weights in ``[0.5, 1.5)``: the first ``size``."""
+        w = self._checksum_weights.get((device, dtype))
+        if w is None or w.numel() < size:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.rand(max(size, 1), generator=gen, dtype=torch.float64) + 0.5
+            self._checksum_weights[(device, dtype)] = w = w.to(device, dtype)
+        return w[:size]
 
     def _flat_loss(self, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda theta, y: self.batch_loss(self.fm.unflatten(theta), x, y)
@@ -138,7 +166,8 @@ class HessianOperator(CurvatureOperator):
         a single backward pass through it, about half the cost of recomputing the
         forward and backward for forward-over-reverse. Used for a single batch only
         (a DataLoader would keep one graph per batch alive). The graph is rebuilt
-        whenever a parameter changed (an optimizer step bumps its version) or
+        whenever a parameter changed (an optimizer step bumps its version, an
+        edit through ``p.data`` its checksum, :meth:`_param_state`) or
         :meth:`rebind` was called.
         """
         state = self._param_state()
