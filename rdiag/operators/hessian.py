@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
-from rdiag._autodiff import math_attention
+from rdiag._autodiff import HARDSIGMOID_NOTE, twice_differentiable
 from rdiag._optional import notice
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode
@@ -27,8 +27,10 @@ class HessianOperator(CurvatureOperator):
     :math:`L(\theta) = \sum_b \frac{n_b}{N}\,\mathrm{loss\_fn}(f(\theta, x_b), y_b)`
     over the batches of ``data`` (one batch: the batch's loss). Products are
     forward-over-reverse (``jvp`` of ``grad``); if a module has no forward-mode
-    derivative (fused ``scaled_dot_product_attention``), the math attention backend
-    and then reverse-over-reverse are tried once per operator, with a one-time
+    derivative (fused ``scaled_dot_product_attention``; ``Hardsigmoid``, whose
+    backward has no derivative), the math attention backend with Hardsigmoid
+    as ``relu6(x + 3) / 6`` (:func:`rdiag._autodiff.twice_differentiable`) and
+    then reverse-over-reverse are tried once per operator, with a one-time
     notice. Products are at the model's current parameters; for a single batch
     the gradient graph is kept and rebuilt only after the parameters change.
 
@@ -105,6 +107,7 @@ class HessianOperator(CurvatureOperator):
         self._checksum_weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         # Strategies that failed before another one worked: skipped from then on.
         self.failed_strategies: set[str] = set()
+        self._note = ""  # what a fallback rewrote, said with its notice
 
     def _invalidate(self) -> None:
         self._graph = None
@@ -216,8 +219,11 @@ class HessianOperator(CurvatureOperator):
 
         def math(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
             def call() -> Tensor:
-                with math_attention():
-                    return fn(x, y, matrix)
+                with twice_differentiable() as mode:
+                    out = fn(x, y, matrix)
+                if mode.replaced:
+                    self._note = HARDSIGMOID_NOTE
+                return out
 
             return call
 
@@ -266,10 +272,11 @@ class HessianOperator(CurvatureOperator):
             skip.update(failed)
             if first is not None:
                 reason = str(first).splitlines()[0][:160]
+                note = f" ({self._note})" if self._note else ""
                 notice(
                     f"{self.kind}: the default autodiff path failed for "
                     f"{type(self.fm.module).__name__} ({reason}); using {name} from now "
-                    "on for this operator",
+                    f"on for this operator{note}",
                 )
             return result
         raise first  # type: ignore[misc]  # strategies is never empty
