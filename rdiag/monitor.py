@@ -674,7 +674,8 @@ class Monitor:
             dop, dfro = M.matrix_norms(w - w0)
             rec[R.name("W_op", name)], rec[R.name("W_fro", name)] = op, fro
             rec[R.name("dW_op", name)], rec[R.name("dW_fro", name)] = dop, dfro
-            rec[R.name("dW_rel", name)] = dop / max(op0, 1e-300)
+            # Relative to a zero initial weight (a zero read-out) it is undefined.
+            rec[R.name("dW_rel", name)] = dop / op0 if op0 > 0 else math.nan
 
     def _linearization(self, x: Inputs, rec: dict) -> None:
         """``||f_t - f_lin,t|| / ||f_t - f_0||`` on the probe (0 at the first check)."""
