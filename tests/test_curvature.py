@@ -123,7 +123,10 @@ def test_warm_start_after_an_sgd_step_needs_fewer_matvecs() -> None:
     assert cold.converged and warm.converged
     for res in (cold, warm):
         assert_close("lambda_max", exact, res.eigenvalues, rtol=1e-6, atol=0)
-    assert 2 * warm.num_matvecs <= cold.num_matvecs, (
+    # The eigenvalue criterion trusts a gap only once the nearest other Ritz value
+    # has converged too (issue #21), which a warm start must build first: 7
+    # products against 12 here (it was about 2x before the gap check).
+    assert warm.num_matvecs < cold.num_matvecs, (
         warm.num_matvecs,
         cold.num_matvecs,
     )
