@@ -72,7 +72,12 @@ from torch import Tensor, nn
 from rdiag import metrics as M
 from rdiag import records as R
 from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
-from rdiag._checks import check_finite_positive, check_module, check_positive_int
+from rdiag._checks import (
+    check_finite_positive,
+    check_module,
+    check_nonnegative_int,
+    check_positive_int,
+)
 from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
 from rdiag._typing import LossFn, Weights
@@ -412,6 +417,7 @@ class Monitor:
         Raises:
             Exception: With ``strict=True``, what a failing metric raised.
         """
+        step = check_nonnegative_int(step, "step")
         if not (self._sharded or self._main):
             return None  # shard_probe=False: rank 0 measures
         if self._start is None:

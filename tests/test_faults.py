@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import random
 import signal
@@ -480,3 +481,68 @@ def test_a_killed_pool_worker_costs_only_its_run_retried_once(
         assert store.run_ids("failed") == [victim]
         assert "died twice" in store.reason(victim) and victim in stdout
         assert len(store.run_ids("finished")) == RUNS - 1
+
+
+def test_bad_solver_and_monitor_arguments_are_named() -> None:
+    """Integer, non-symmetric or non-tensor matrices; a Lanczos basis over the
+    memory budget (before allocating); non-finite products; a step that is not
+    an int."""
+    import torch
+    import torch.nn.functional as F
+
+    from rdiag.linalg.lanczos import lanczos
+    from rdiag.monitor import Monitor
+    from rdiag.operators.base import DenseOperator, LinearOperator
+
+    with pytest.raises(ValueError, match="floating-point matrix, got torch.int64"):
+        DenseOperator(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="symmetric matrix"):
+        DenseOperator(torch.arange(9.0).reshape(3, 3))
+    with pytest.raises(TypeError, match="torch.Tensor, got list"):
+        DenseOperator([[1.0]])
+
+    class Huge(LinearOperator):
+        shape, dtype, device = (10**9, 10**9), torch.float32, torch.device("cpu")
+
+        def _matmat(self, matrix):  # pragma: no cover - never reached
+            raise AssertionError("allocated before the check")
+
+    with pytest.raises(MemoryError, match="Lanczos basis .* memory budget"):
+        lanczos(Huge(), k=10**5)
+    nan = torch.eye(4, dtype=torch.float64)
+    nan[0, 0] = math.nan
+    with pytest.raises(ValueError, match="product 1 is not finite"):
+        lanczos(DenseOperator(nan))
+    net = torch.nn.Linear(3, 2)
+    monitor = Monitor(net, (torch.randn(4, 3), torch.randn(4, 2)), loss_fn=F.mse_loss)
+    for step in ("a", -1, 1.5):
+        with pytest.raises(ValueError, match="step to be an int >= 0"):
+            monitor.step(step)
+
+
+def test_curvature_of_non_finite_weights_or_targets_is_refused_by_name() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from rdiag.curvature import sharpness
+
+    net = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    bad_y = y.clone()
+    bad_y[1, 0] = math.nan
+    with pytest.raises(ValueError, match="targets hold NaN or inf"):
+        sharpness(net, F.mse_loss, (x, bad_y))
+    with torch.no_grad():
+        net.weight[0, 0] = math.inf
+    with pytest.raises(ValueError, match=r"parameters \['weight'\] hold NaN or inf"):
+        sharpness(net, F.mse_loss, (x, y))
+
+
+def test_a_projection_over_the_memory_budget_is_refused_before_allocating() -> None:
+    import torch
+
+    from rdiag import ntk_fn
+
+    net = torch.nn.Linear(3, 10)
+    with pytest.raises(MemoryError, match=r"\(10000000000, 10\) random projection"):
+        ntk_fn(net, projection=10**10)(torch.randn(2, 3))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
+from rdiag._tiling import check_fits, resolve_budget
 from rdiag.linalg._vectors import (
     column_dots,
     column_norms,
@@ -202,6 +203,13 @@ def lanczos(
             f"expected basis_size >= {total + 2} for k={k} ({which}), got {m}; "
             "leave basis_size=None for the default"
         )
+    itemsize = torch.empty(0, dtype=op.dtype).element_size()
+    check_fits(
+        (m + 1) * p * itemsize,
+        resolve_budget(None, op.device),
+        f"the Lanczos basis ({m + 1} vectors of P = {p})",
+        "ask for fewer eigenpairs (k) or a smaller basis_size",
+    )
     basis = torch.empty(m + 1, p, dtype=op.dtype, device=op.device)
     basis[0] = start_vector(op, warm_start, seed)
     # T = V^T A V from the Lanczos relation A q_j = sum_i T[i, j] q_i + w_j: the
@@ -213,6 +221,11 @@ def lanczos(
     while True:
         w = op.matvec(basis[j])
         matvecs += 1
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"the operator's product {matvecs} is not finite (NaN or inf); check "
+                "that the model's weights, the inputs and the targets are finite"
+            )
         t[j, j] = column_dots(basis[j], w)
         coupled = t[: j + 1, j].nonzero()  # j-1 and j, or from 0 after a restart
         first = int(coupled[0, 0]) if len(coupled) else j
