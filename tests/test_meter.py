@@ -326,3 +326,33 @@ def test_a_rate_fix_is_offered_only_when_it_moves_the_end_toward_the_target():
     split = _layer("h", "hidden", [fit("dW_rel", -0.4, 0.0), fit("dW_rel1", 1.0, 0.0)],
                    0.5, 1.0, 64)  # fmt: skip
     assert not split.fixes and any("opposite directions" in v for v in split.violations)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"data": (torch.randn(16, 5), torch.randn(16, 4))},
+         r"the training data \(\(16, 5\) float32\) does not fit make_model\(64\)"),
+        ({"probe": torch.randn(4, 6)},
+         r"the probe \(\(4, 6\) float32\) does not fit make_model\(64\)"),
+        ({"data": (torch.randn(16, 8), torch.randn(16, 3))}, "target"),
+    ],
+)  # fmt: skip
+def test_data_or_a_probe_that_does_not_fit_is_named_before_any_run(kwargs, message):
+    data = kwargs.pop("data", _batch())
+    with pytest.raises(ValueError, match=message):
+        richness_meter(
+            _HandMLP, LRRule(0.3, MUP_SGD, PER_D), data, F.mse_loss,
+            widths=[64, 128], steps=2, seeds=1, ntk=False, **kwargs,
+        )  # fmt: skip
+
+
+def test_the_meter_leaves_the_callers_rng_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    richness_meter(
+        _HandMLP, LRRule(0.3, MUP_SGD, PER_D), _batch(), F.mse_loss,
+        widths=[64, 128], steps=2, seeds=1, ntk=False,
+    )  # fmt: skip
+    assert torch.equal(torch.rand(3), expected)
