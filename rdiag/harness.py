@@ -7,8 +7,8 @@ expands a grid over any config fields (``parametrization``/``r``, ``width``, ``s
 ``concurrent.futures.ProcessPoolExecutor`` (spawned workers, one torch thread
 each), ``executor="ray"`` (:class:`rdiag.ray_sweep.RayExecutor`: one task per run,
 records streamed to one writer on the driver), or anything with
-``submit``/``shutdown``. Runs are keyed by their configuration
-(:func:`rdiag.store.run_key`), so re-running a sweep skips finished runs and
+``submit``/``shutdown``. Runs are keyed by their canonical configuration
+(:func:`config_id`: current field names, defaults left out), so re-running a sweep skips finished runs and
 re-does unfinished ones without duplicating records. ``shard="i/n"`` runs one
 deterministic slice of the grid into its own store (a Slurm array task), and
 :func:`rdiag.merge.merge_stores` joins the shards.
@@ -248,8 +248,52 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a plain dict (what the store records and keys runs by)."""
+        """The config as a plain dict (what the store records)."""
         return dataclasses.asdict(self)
+
+    def canonical(self) -> dict[str, Any]:
+        """The fields that identify the run: current names, defaults left out.
+
+        A field added later (with a default) or renamed (:data:`_RENAMED_FIELDS`)
+        leaves it unchanged, so the run's id (:func:`config_id`) does too.
+        """
+        default = TrainConfig()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+
+def config_id(config: TrainConfig | Mapping[str, Any]) -> str:
+    """A run's id: :func:`~rdiag.store.run_key` of its canonical config.
+
+    Raises:
+        ValueError: A bad config field.
+    """
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_dict(config)
+    return run_key(config.canonical())
+
+
+def stored_ids(store: Store) -> dict[str, str]:
+    """Canonical id -> the id a run has in ``store``, where the two differ.
+
+    Runs written before ids were canonical (keyed by the whole config, perhaps
+    under old field names) are found again, so that resuming re-runs nothing.
+    Configs that no longer validate (fields since removed) are left out.
+    """
+    found = {}
+    for rid in store.run_ids():
+        try:
+            known = {f.name for f in dataclasses.fields(TrainConfig)}
+            values = _renamed(dict(store.config(rid)))
+            cid = config_id({k: v for k, v in values.items() if k in known})
+        except (ValueError, TypeError):
+            continue
+        if cid != rid:
+            found.setdefault(cid, rid)
+    return found
 
 
 def _renamed(values: dict[str, Any]) -> dict[str, Any]:
@@ -439,7 +483,8 @@ def train(
         store: A :class:`~rdiag.store.Store` or a directory (created if missing), or
             a :class:`~rdiag.writer.RemoteStore` (the store's writer on another
             machine).
-        run_id: Explicit run id (default the config's :func:`~rdiag.store.run_key`).
+        run_id: Explicit run id (default the config's :func:`config_id`, or the id
+            the store has for it from before ids were canonical).
         **overrides: Config fields overriding ``config``.
 
     Returns:
@@ -457,6 +502,10 @@ def train(
     cfg = TrainConfig.from_dict({**base, **overrides})
     store = Store(store) if isinstance(store, (str, os.PathLike)) else store
     device = _device(cfg.device)
+    if run_id is None:
+        run_id = canonical = config_id(cfg)
+        if isinstance(store, Store):  # a run written before ids were canonical
+            run_id = stored_ids(store).get(canonical, canonical)
     rid = store.create_run(
         cfg.to_dict(), run_id=run_id, seed=cfg.seed, device=str(device)
     )
@@ -784,7 +833,7 @@ def sweep_id(configs: list[TrainConfig]) -> str:
     The same grid (after overrides) gives the same id, whatever the order, the
     executor or the shard; every shard of a sweep records it.
     """
-    keys = sorted(run_key(cfg.to_dict()) for cfg in configs)
+    keys = sorted(config_id(cfg) for cfg in configs)
     return run_key({"runs": keys})
 
 
@@ -858,8 +907,8 @@ class SweepResult:
         return sum(r.status == status for r in self.results)
 
 
-def _run_config(cfg: dict[str, Any], root: str) -> TrainResult:
-    return train(cfg, store=root)
+def _run_config(cfg: dict[str, Any], root: str, rid: str | None = None) -> TrainResult:
+    return train(cfg, store=root, run_id=rid)
 
 
 def sweep(
@@ -946,8 +995,10 @@ def sweep(
         _mark_shard(store, facts)
     todo = []
     results: list[TrainResult] = []
+    older = stored_ids(store)
     for cfg in configs:
-        rid = store.create_run(cfg.to_dict(), seed=cfg.seed, device=cfg.device)
+        rid = older.get(config_id(cfg), config_id(cfg))
+        store.create_run(cfg.to_dict(), run_id=rid, seed=cfg.seed, device=cfg.device)
         if store.status(rid) == "finished":
             results.append(_not_run(rid, store, "skipped"))
         else:
@@ -1017,9 +1068,9 @@ def _run_all(
                 rid, cfg = queue.popleft()
                 by_run = getattr(pool[0], "submit_run", None)
                 future = (
-                    by_run(cfg, store.root)
+                    by_run(cfg, store.root, run_id=rid)
                     if by_run is not None
-                    else pool[0].submit(_run_config, cfg, str(store.root))
+                    else pool[0].submit(_run_config, cfg, str(store.root), rid)
                 )
                 running[future] = (rid, cfg)
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)

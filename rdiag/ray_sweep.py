@@ -40,14 +40,16 @@ from rdiag.writer import RemoteStore, StoreWriter, this_process
 CONNECT_SECONDS = 10.0
 
 
-def run_task(config: dict[str, Any], store: RemoteStore, threads: int) -> Any:
+def run_task(
+    config: dict[str, Any], store: RemoteStore, threads: int, run_id: str | None = None
+) -> Any:
     """One sweep run inside a Ray worker: ``train`` with ``threads`` torch threads."""
     import torch
 
     from rdiag.harness import train
 
     torch.set_num_threads(max(1, int(threads)))
-    return train(config, store=store)
+    return train(config, store=store, run_id=run_id)
 
 
 def check_address(address: str | None, seconds: float = CONNECT_SECONDS) -> None:
@@ -248,8 +250,12 @@ class RayExecutor:
             )
         return RemoteStore(key, _ActorCall(self._writers[key]))
 
-    def submit_run(self, config: dict[str, Any], root: str | Path) -> cf.Future:
+    def submit_run(
+        self, config: dict[str, Any], root: str | Path, run_id: str | None = None
+    ) -> cf.Future:
         """Launch one sweep run as a task writing through the writer of ``root``.
+
+        ``run_id``: the id the sweep found for the run in the store.
 
         Returns:
             A future of its :class:`~rdiag.harness.TrainResult`.
@@ -258,7 +264,8 @@ class RayExecutor:
         task = self._task.options(
             **needs, max_retries=self.max_retries, **self._options
         )
-        return task.remote(config, self.store(root), needs["num_cpus"]).future()
+        store = self.store(root)
+        return task.remote(config, store, needs["num_cpus"], run_id).future()
 
     def shutdown(self, wait: bool = True) -> None:
         """End the writers (the runs are done), and Ray if this executor started it."""

@@ -453,11 +453,10 @@ def test_a_killed_pool_worker_costs_only_its_run_retried_once(
 ) -> None:
     """kill -9 of the worker holding a run: the others go on; the run is retried
     once (then finished, exit 0), and at a second death it alone is lost (exit 1)."""
-    from rdiag.harness import expand_grid
-    from rdiag.store import run_key
+    from rdiag.harness import config_id, expand_grid
 
     out = tmp_path / "store"
-    victim = run_key(expand_grid(CONFIG)[4].to_dict())
+    victim = config_id(expand_grid(CONFIG)[4])
     config = tmp_path / "sweep.yaml"
     config.write_text(json.dumps(CONFIG))  # JSON is YAML
     proc = subprocess.Popen(
@@ -546,3 +545,49 @@ def test_a_projection_over_the_memory_budget_is_refused_before_allocating() -> N
     net = torch.nn.Linear(3, 10)
     with pytest.raises(MemoryError, match=r"\(10000000000, 10\) random projection"):
         ntk_fn(net, projection=10**10)(torch.randn(2, 3))
+
+
+def test_run_ids_are_canonical_and_an_older_store_resumes_without_re_runs(
+    tmp_path,
+) -> None:
+    """Ids from the current names with defaults left out; runs keyed the old way
+    (the whole config, an old field name) are found again, not re-run."""
+    from rdiag.harness import TrainConfig, config_id, expand_grid
+    from rdiag.store import run_key
+
+    cfg = {"width": 8, "parametrization": "mup"}
+    assert config_id(cfg) == config_id({"width": 8, "param": "mup", "momentum": 0.0})
+    assert config_id(cfg) != config_id({"width": 9})
+    out = tmp_path / "old"
+    config = {**CONFIG, "grid": {"seed": [0, 1]}}
+    sweep(config, out=out)
+    store = Store(out)
+    # Rewrite the store as an older release keyed it: the whole config as the id,
+    # the parametrization under its old name, a field since added missing.
+    with contextlib.closing(sqlite3.connect(out / "rdiag.sqlite")) as conn:
+        for cfg in expand_grid(config):
+            old = cfg.to_dict()
+            old["param"] = old.pop("parametrization")
+            del old["divergence_factor"]
+            for table, column in (
+                ("runs", "id"),
+                ("scalars", "run"),
+                ("missing", "run"),
+            ):
+                conn.execute(
+                    f"UPDATE {table} SET {column} = ? WHERE {column} = ?",
+                    (run_key(old), config_id(cfg)),
+                )
+            conn.execute(
+                "UPDATE runs SET config = ? WHERE id = ?",
+                (json.dumps(old, sort_keys=True), run_key(old)),
+            )
+        conn.commit()
+    before = _records(out)
+    resumed = sweep(config, out=out)
+    assert resumed.count("skipped") == 2 and len(store.run_ids()) == 2
+    _same(before, _records(out))
+    assert TrainConfig.from_dict({"param": "mup"}).canonical() == {}
+    from rdiag.report import build_report
+
+    assert build_report(store, tmp_path / "report")["summary"].is_file()

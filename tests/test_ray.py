@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdiag.harness import expand_grid, sweep, train
-from rdiag.store import Store, StoreError, run_key
+from rdiag.harness import config_id, expand_grid, sweep, train
+from rdiag.store import Store, StoreError
 from rdiag.writer import RemoteStore, StoreWriter, this_process
 from tests.test_faults import BASE, _records, _same
 
@@ -99,7 +99,7 @@ class KillingExecutor(RayExecutor):
 def test_a_task_killed_mid_run_is_retried_and_leaves_no_duplicates(
     cluster, pool_records, tmp_path
 ) -> None:
-    victim = run_key(expand_grid(CONFIG)[3].to_dict())
+    victim = config_id(expand_grid(CONFIG)[3])
     marker = tmp_path / "killed"
     out = tmp_path / "store"
     executor = KillingExecutor(victim, marker)
