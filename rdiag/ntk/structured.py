@@ -36,7 +36,7 @@ from torch import Tensor
 from rdiag._inputs import Inputs, batch_size
 from rdiag._optional import notice
 from rdiag._tiling import block_size, check_fits, place, symmetric_tile, tiles
-from rdiag.functional import FunctionalModel, layer_of
+from rdiag.functional import FunctionalModel, functionalize, layer_of
 from rdiag.kernels import gram_hadamard_many, gram_hadamard_shared
 from rdiag.ntk._capture import Factors, Site, TermShape, capture, sites_of, verify_sites
 from rdiag.ntk.rules import Factor
@@ -117,7 +117,9 @@ def _sub_view(fm: FunctionalModel, names: list[str]) -> FunctionalModel | None:
     )
 
 
-def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
+def structured_coverage(
+    fm: FunctionalModel | torch.nn.Module, x: Inputs | None = None
+) -> float:
     """Fraction of the selected scalar parameters that the static rules cover.
 
     Without ``x`` this counts the parameters the rules of
@@ -127,7 +129,7 @@ def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
     structured path itself uses. A batch-coupled model gives 0.0.
 
     Args:
-        fm: Functional model.
+        fm: Functional model, or a module (its default view, :func:`functionalize`).
         x: A batch of the model's inputs, or ``None`` for the static count.
 
     Returns:
@@ -140,6 +142,7 @@ def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
         >>> structured_coverage(functionalize(net))
         1.0
     """
+    fm = functionalize(fm)
     if fm.batch_coupled:
         return 0.0
     if x is not None:
