@@ -137,7 +137,12 @@ def _schedule(every: Schedule) -> Callable[[int], bool]:
         check_positive_int(every, "every")
         return lambda step: step % every == 0
     if isinstance(every, Iterable) and not isinstance(every, (str, bytes)):
-        steps = {int(s) for s in every}
+        steps = {check_nonnegative_int(s, "each step of every=") for s in every}
+        if not steps:
+            raise ValueError(
+                "expected every= to list at least one step, got an empty list; pass "
+                "e.g. every=[0, 10, 100] or every=10"
+            )
         return lambda step: step in steps
     raise TypeError(
         f"expected every= as a positive int, a list of steps or a callable step -> bool, "
@@ -228,6 +233,11 @@ class Monitor:
             measures the whole probe alone; :meth:`step` returns ``None`` on the
             other ranks.
         shard_probe: See ``process_group``.
+        probe_check: Run the model (and the loss) on the probe now
+            (:meth:`check_probe`), so that a probe that does not fit fails here
+            rather than leaving every check's metrics missing; ``False`` for
+            callers that check later themselves (the trainer callbacks, naming
+            the training batch, within their gather context).
 
     Attributes:
         history: One :class:`~rdiag.records.Records` ``{name: value}`` per check,
@@ -264,6 +274,7 @@ class Monitor:
         moments_block: int | None = None,
         process_group: Any = None,
         shard_probe: bool = True,
+        probe_check: bool = True,
     ) -> None:
         self.model = model = unwrap_parallel(check_module(model))
         self.group = None if process_group is None else Group(process_group)
@@ -283,6 +294,10 @@ class Monitor:
             )
         self.y = y
         self.metrics = tuple(metrics)
+        if not self.metrics:
+            raise ValueError(
+                f"expected at least one metric from {list(METRICS)}, got none"
+            )
         bad = [m for m in self.metrics if m not in METRICS]
         if bad:
             raise ValueError(
@@ -364,6 +379,8 @@ class Monitor:
         self._ref: dict[str, Any] = {}
         self._prev: dict[str, Any] = {}
         self._warm: dict[str, Any] = {}
+        if probe_check:
+            self.check_probe()
 
     # ---- schedule and budget ----------------------------------------------------
     @property
@@ -418,6 +435,12 @@ class Monitor:
             Exception: With ``strict=True``, what a failing metric raised.
         """
         step = check_nonnegative_int(step, "step")
+        if self.history and step < self.history[-1]["step"]:
+            raise ValueError(
+                f"expected steps in order, got step {step} after step "
+                f"{self.history[-1]['step']}; pass the training step (a resumed "
+                "run: load_state_dict, then go on from its step)"
+            )
         if not (self._sharded or self._main):
             return None  # shard_probe=False: rank 0 measures
         if self._start is None:

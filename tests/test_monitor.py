@@ -336,14 +336,16 @@ def test_check_probe_names_the_probe_and_the_training_batch() -> None:
     net = torch.nn.Sequential(
         torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)
     )
-    mon = Monitor(net, torch.randn(3, 5), metrics=["ntk"])
+    mon = Monitor(net, torch.randn(3, 5), metrics=["ntk"], probe_check=False)
     with pytest.raises(ValueError, match=r"\(3, 5\).*training batches are \(8, 4\)"):
         mon.check_probe(torch.randn(8, 4))
     fits = Monitor(net, (torch.randn(3, 4), torch.randn(3, 2)), loss_fn=F.mse_loss)
     fits.check_probe()
-    wrong = Monitor(net, (torch.randn(3, 4), torch.randn(3, 7)), loss_fn=F.mse_loss)
+    # By default the Monitor checks its probe when it is built (issue #21).
+    with pytest.raises(ValueError, match=r"probe does not fit .*\(3, 5\)"):
+        Monitor(net, torch.randn(3, 5), metrics=["ntk"])
     with pytest.raises(ValueError, match=r"outputs \(3, 2\) and targets \(3, 7\)"):
-        wrong.check_probe()
+        Monitor(net, (torch.randn(3, 4), torch.randn(3, 7)), loss_fn=F.mse_loss)
 
 
 def test_cost_report_and_a_restored_state_keep_time_and_history() -> None:
@@ -446,3 +448,25 @@ def test_the_monitors_sharpness_follows_in_place_edits_through_data() -> None:
     fresh = Monitor(net, probe, metrics=["sharpness"], loss_fn=F.mse_loss, strict=True)
     expected = sharpness(fresh, 1)
     assert sharpness(kept, 1) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every": []}, "at least one step"),
+        ({"every": [0, -1]}, "each step of every= to be an int >= 0"),
+        ({"every": [0, 1.5]}, "each step of every= to be an int >= 0"),
+        ({"metrics": []}, "at least one metric"),
+    ],
+)
+def test_a_schedule_or_metrics_that_measure_nothing_are_refused(kwargs, message):
+    net = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message):
+        Monitor(net, torch.randn(4, 3), **{"metrics": ["ntk"], **kwargs})
+
+
+def test_steps_going_backwards_are_refused():
+    mon = Monitor(torch.nn.Linear(3, 2), torch.randn(4, 3), metrics=["ntk"])
+    mon.step(5)
+    with pytest.raises(ValueError, match="step 3 after step 5"):
+        mon.step(3)

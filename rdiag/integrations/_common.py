@@ -177,6 +177,7 @@ class Adapter:
             every=self.every,
             budget_fraction=budget,
             sinks=[*self.sinks, *extra_sinks],
+            probe_check=False,  # checked at the first step, with its batch
             **options,
         )
         if self._restored is not None:
