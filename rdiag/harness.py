@@ -998,11 +998,11 @@ def sweep(
     older = stored_ids(store)
     for cfg in configs:
         rid = older.get(config_id(cfg), config_id(cfg))
-        store.create_run(cfg.to_dict(), run_id=rid, seed=cfg.seed, device=cfg.device)
-        if store.status(rid) == "finished":
+        if store.status(rid) == "finished":  # read only: a finished store resumes
             results.append(_not_run(rid, store, "skipped"))
-        else:
-            todo.append((rid, cfg.to_dict()))
+            continue
+        store.create_run(cfg.to_dict(), run_id=rid, seed=cfg.seed, device=cfg.device)
+        todo.append((rid, cfg.to_dict()))
     own = executor is None or isinstance(executor, str)
     renew = None
     if executor == "ray":

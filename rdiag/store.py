@@ -254,8 +254,28 @@ class Store:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise self._error(err) from err
+        self._check_not_truncated()
         self._retry(lambda: self._connection().executescript(_SCHEMA))
         self._migrate()
+
+    def _check_not_truncated(self) -> None:
+        """Refuse a zero-length database that is not being created right now.
+
+        SQLite would take it as an empty database and write a new schema into
+        it; a store that lost its content (a copy cut short, a disk error) is
+        named instead. A file younger than a few seconds may be another
+        process's store in the making.
+        """
+        try:
+            stat = self.db_path.stat()
+        except OSError:
+            return
+        if stat.st_size == 0 and time.time() - stat.st_mtime > 5.0:
+            raise StoreCorruptError(
+                f"the store database {self.db_path} is empty (0 bytes): a store "
+                "whose content was lost (a copy cut short, a disk error); restore "
+                "it from a backup, or remove the file to start a new store there"
+            )
 
     def __getstate__(self) -> dict[str, Any]:
         return {"root": self.root, "timeout": self.timeout}

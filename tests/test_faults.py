@@ -339,6 +339,8 @@ def test_a_read_only_store_is_read_and_refuses_writes(tmp_path, reference) -> No
                 sweep({**CONFIG, "grid": {"seed": [9]}}, out=out)
             with pytest.raises(StoreReadOnlyError, match="cannot be written"):
                 Store(out).set_status(Store(out).run_ids()[0], "failed")
+            # Nothing left to run: a finished read-only store resumes (issue #21).
+            assert sweep({**CONFIG, "report": False}, out=out).count("skipped") == RUNS
         _same(reference, _records(out))
         assert len(Store(out).run_ids("finished")) == RUNS
     finally:

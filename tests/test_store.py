@@ -307,3 +307,18 @@ def test_concurrent_writer_processes(tmp_path) -> None:
     for rid in store.run_ids():
         assert [s for s, _, _ in store.scalars(rid, "loss")] == list(range(40))
         assert store.array_steps(rid, "k") == [0, 10, 20, 30]
+
+
+def test_a_zero_length_database_is_named_not_taken_as_empty(tmp_path) -> None:
+    import os
+    import time
+
+    from rdiag.store import StoreCorruptError
+
+    db = tmp_path / "rdiag.sqlite"
+    db.write_bytes(b"")
+    old = time.time() - 60
+    os.utime(db, (old, old))
+    with pytest.raises(StoreCorruptError, match=r"rdiag.sqlite is empty \(0 bytes\)"):
+        Store(tmp_path)
+    assert db.stat().st_size == 0  # left as it was
