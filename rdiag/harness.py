@@ -977,6 +977,13 @@ def sweep(
     for key in axis:
         if key in given.get("grid", {}):
             raw["grid"].pop(axis[1 - axis.index(key)], None)
+    if not raw["base"] and not raw["grid"]:
+        raise ValueError(
+            f"the sweep config {config if isinstance(config, (str, Path)) else ''} "
+            "sets no base fields and no grid: nothing to sweep; write base: and "
+            "grid: sections (see rdiag sweep --config default), or use rdiag run "
+            "for one default run"
+        )
     configs = expand_grid(raw)
     workers = raw.get("workers", 1) if workers is None else workers
     check_positive_int(workers, "workers")

@@ -426,3 +426,13 @@ def test_the_harness_and_the_coord_check_run_one_loop(tmp_path, monkeypatch) -> 
     train(TINY, store=tmp_path)
     coord_check("mlp", "mup", [4, 8], steps=2, seeds=1, ntk=False, linearization=False)
     assert seen == [True, True, True]
+
+
+@pytest.mark.parametrize("config", [{}, {"base": {}, "grid": {}}, "empty.yaml"])
+def test_an_empty_sweep_config_is_refused(tmp_path, config) -> None:
+    if config == "empty.yaml":
+        config = tmp_path / "empty.yaml"
+        config.write_text("")
+    with pytest.raises(ValueError, match="nothing to sweep"):
+        sweep(config, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
