@@ -116,6 +116,7 @@ _OS_CODES = {
     for name, code in (
         ("ENOSPC", _FULL),
         ("EDQUOT", _FULL),
+        ("EFBIG", _FULL),
         ("EROFS", _READONLY),
         ("EACCES", _READONLY),
         ("EPERM", _READONLY),
@@ -430,11 +431,40 @@ class Store:
 
     def _full_error(self, err: Exception) -> StoreError:
         return StoreFullError(
-            f"the disk holding the store {self.root} is full ({err}); the write in "
-            "progress was rolled back and everything written before is intact; free "
-            "some space (or write to another --out directory) and rerun the same "
-            "command to resume"
+            f"{self._limit(err)} ({err}); the write in progress was rolled back and "
+            "everything written before is intact; free some space or raise that "
+            "limit (or write to another --out directory) and rerun the same command "
+            "to resume"
         )
+
+    def _limit(self, err: Exception) -> str:
+        """Which limit a write ran into: the disk, a quota, a file size, SQLite's."""
+        number = getattr(err, "errno", None)
+        if number == getattr(errno, "EDQUOT", None):
+            return f"the disk quota of the store {self.root} is used up"
+        if number == errno.EFBIG:
+            return (
+                f"a file of the store {self.root} reached the file size limit "
+                "(ulimit -f)"
+            )
+        try:
+            stat = os.statvfs(self.root)
+            free = stat.f_bavail * stat.f_frsize
+        except OSError:
+            free = None
+        if free is None or free < 1 << 20 or isinstance(err, OSError):
+            left = "" if free is None else f", {free} bytes left"
+            return f"the disk holding the store {self.root} is full{left}"
+        with contextlib.suppress(sqlite3.Error):
+            pages = self._connection().execute("PRAGMA max_page_count").fetchone()[0]
+            size = self._connection().execute("PRAGMA page_size").fetchone()[0]
+            return (
+                f"the store database {self.db_path} reached a size limit with "
+                f"{free} bytes free on its disk: SQLite's max_page_count ({pages} "
+                f"pages of {size} bytes), a disk quota or the file size limit "
+                "(ulimit -f)"
+            )
+        return f"the store database {self.db_path} reached a size limit"
 
     def _read_only_error(self, err: Exception) -> StoreError:
         return StoreReadOnlyError(

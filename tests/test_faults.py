@@ -261,8 +261,9 @@ def _umount(path: Path) -> None:
 
 
 @pytest.fixture(params=["tmpfs", "max_page_count"])
-def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable]]:
-    """A store directory whose disk fills up, and a function that frees it."""
+def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable, str]]:
+    """A store directory whose disk fills up, a function that frees it, and how
+    the error names the limit."""
     out = tmp_path / "disk"
     if request.param == "tmpfs":
         if not _tmpfs(out, "8m"):
@@ -271,7 +272,11 @@ def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable]]
         filler = out / "filler"
         free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
         filler.write_bytes(b"\0" * (free - 300 * 1024))
-        yield out, filler.unlink
+        yield (
+            out,
+            filler.unlink,
+            r"the disk holding the store .* is full, \d+ bytes left",
+        )
         _umount(out)
         return
     Store(out)
@@ -284,7 +289,7 @@ def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable]]
         return conn
 
     monkeypatch.setattr(Store, "_connection", limited)
-    yield out, monkeypatch.undo
+    yield out, monkeypatch.undo, rf"max_page_count \({limit} pages"
 
 
 def _pages(out: Path) -> int:
@@ -295,8 +300,8 @@ def _pages(out: Path) -> int:
 def test_disk_full_stops_the_sweep_keeps_every_record_and_resumes(
     full_disk, reference
 ) -> None:
-    out, free_space = full_disk
-    with pytest.raises(StoreFullError, match="is full.*rerun the same command"):
+    out, free_space, limit = full_disk  # the message names the limit (issue #21)
+    with pytest.raises(StoreFullError, match=f"{limit}.*rerun the same command"):
         sweep(CONFIG, out=out)
     kept = _records(out)
     assert kept and all(np.array_equal(reference[k], v, True) for k, v in kept.items())
