@@ -598,3 +598,23 @@ def test_run_ids_are_canonical_and_an_older_store_resumes_without_re_runs(
     from rdiag.report import build_report
 
     assert build_report(store, tmp_path / "report")["summary"].is_file()
+
+
+def test_non_finite_kernels_and_products_are_said_once() -> None:
+    import torch
+
+    from rdiag import ntk_fn
+    from rdiag.operators.base import DenseOperator
+
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    )
+    with torch.no_grad():
+        net[0].weight[0, 0] = math.nan
+    handle = ntk_fn(net)
+    with pytest.warns(UserWarning, match="eNTK of Sequential holds NaN or inf"):
+        handle(torch.randn(4, 3))
+    a = torch.eye(3, dtype=torch.float64)
+    a[1, 1] = math.inf
+    with pytest.warns(UserWarning, match="DenseOperator: a product holds NaN or inf"):
+        DenseOperator(a).matvec(torch.ones(3, dtype=torch.float64))

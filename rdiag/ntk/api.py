@@ -339,10 +339,26 @@ class NTKFunction:
         """
         if self.group is not None:
             self._prepare(x1, x2)  # bad inputs raise here, before any collective
-            return sharded_kernel(
+            out = sharded_kernel(
                 self.group, self._local, x1, x2, diagonal=self.diagonal
             )
-        return self._local(x1, x2)
+        else:
+            out = self._local(x1, x2)
+        self._say_if_not_finite(out)
+        return out
+
+    def _say_if_not_finite(self, out: Any) -> None:
+        """Say once when a kernel holds NaN or inf (weights that diverged)."""
+        values = out.values() if isinstance(out, dict) else [out]
+        tensors = [getattr(v, "kernel", v) for v in values]
+        if any(
+            isinstance(t, Tensor) and not bool(torch.isfinite(t).all()) for t in tensors
+        ):
+            self.notices.say(
+                "not-finite",
+                f"ntk_fn: the eNTK of {type(self.fm.module).__name__} holds NaN or "
+                "inf entries; check that its weights are finite (a diverged model)",
+            )
 
     def _local(
         self, x1: Inputs, x2: Inputs | None

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rdiag._optional import require
+from rdiag._optional import Notices, require
 
 
 class LinearOperator(ABC):
@@ -56,7 +56,16 @@ class LinearOperator(ABC):
             raise ValueError(
                 f"expected a ({self.shape[1]}, K) matrix for {type(self).__name__}, got {got}"
             )
-        return self._matmat(matrix.to(device=self.device, dtype=self.dtype))
+        out = self._matmat(matrix.to(device=self.device, dtype=self.dtype))
+        if not bool(torch.isfinite(out).all()):
+            if not hasattr(self, "_notices"):
+                self._notices = Notices()
+            self._notices.say(
+                "not-finite",
+                f"{type(self).__name__}: a product holds NaN or inf entries; check "
+                "that the weights, inputs and targets are finite",
+            )
+        return out
 
     def matvec(self, vector: Tensor) -> Tensor:
         """``A @ vector`` for a ``(D,)`` vector; returns ``(D,)``.
