@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import inspect
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -140,6 +142,25 @@ def _reap(driver: int, start: str, interval: float = 0.2) -> None:
                 pass
 
 
+def _exit_on_sigterm() -> Any:
+    """Make SIGTERM end this process as Python's ``SystemExit(143)`` (128 + 15).
+
+    Ray's core worker installs a native handler that dumps the stack and exits
+    15; this one unwinds instead (the sweep's ``finally`` shuts Ray down, runs
+    stay resumable) and exits with the conventional status. Main thread only.
+
+    Returns:
+        The handler it replaced (None off the main thread: nothing replaced).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminate(signum: int, _frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, terminate)
+
+
 def _start_reaper() -> subprocess.Popen | None:
     """The reaper of this driver's Ray processes (Linux, where ``/proc`` lists them)."""
     pid, _, start = this_process()
@@ -198,6 +219,7 @@ class RayExecutor:
         self._ray = require("ray", "RayExecutor")
         self._started = not self._ray.is_initialized()
         self._reaper: subprocess.Popen | None = None
+        self._sigterm: Any = None  # the SIGTERM handler before Ray's, to restore
         if self._started:
             check_address(address)
             # Before Ray starts its processes, so that it sees every one of them.
@@ -207,6 +229,7 @@ class RayExecutor:
             except BaseException:
                 self._stop_reaper()
                 raise
+            self._sigterm = _exit_on_sigterm()
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.max_retries = max_retries
         self._options = options
@@ -275,6 +298,9 @@ class RayExecutor:
         if self._started and self._ray.is_initialized():
             self._ray.shutdown()
         self._stop_reaper()
+        if self._sigterm is not None:
+            signal.signal(signal.SIGTERM, self._sigterm)
+            self._sigterm = None
 
     def _stop_reaper(self) -> None:
         if self._reaper is not None:

@@ -271,3 +271,31 @@ def test_a_killed_driver_writes_nothing_after_and_its_ray_processes_end(
         for pid in children:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_sigterm_ends_a_ray_sweep_with_143_and_no_stack_dump(tmp_path) -> None:
+    from tests.test_faults import _rows
+
+    out = tmp_path / "store"
+    config = {**CONFIG, "grid": {"width": [8, 12], "seed": list(range(40))}}
+    script = tmp_path / "sweep.py"
+    script.write_text(_RAY_SWEEP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(config), str(out)],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while _rows(out) < 20:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM received" not in stderr and "Stack trace" not in stderr
