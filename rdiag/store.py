@@ -56,7 +56,12 @@ import numpy as np
 import torch
 
 from rdiag import records as R
-from rdiag._checks import check_file_name, check_nonnegative_int
+from rdiag._checks import (
+    check_choice,
+    check_file_name,
+    check_finite_positive,
+    check_nonnegative_int,
+)
 from rdiag._optional import require
 
 DB_NAME = "rdiag.sqlite"
@@ -189,6 +194,28 @@ def _live(pid: int, host: str, pid_start: str | None, heartbeat: float) -> bool:
     return True
 
 
+def _row(run_id: str, row: Any) -> tuple[str, int, str, str, float]:
+    """A checked ``(step, metric, layer, value)`` row of ``run_id``, as stored."""
+    try:
+        step, metric, layer, value = row
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"expected rows (step, metric, layer, value), got {row!r}"
+        ) from None
+    step = check_nonnegative_int(step, "a row's step")
+    if not isinstance(metric, str) or not isinstance(layer, (str, type(None))):
+        raise TypeError(
+            f"expected a row's metric and layer as str (layer '' or None for "
+            f"model-level metrics), got {metric!r}, {layer!r}"
+        )
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+        if not (isinstance(value, torch.Tensor) and value.numel() == 1):
+            raise TypeError(
+                f"expected a real value for {metric!r}, got {type(value).__name__}"
+            )
+    return run_id, step, R.current_metric(metric), layer or "", float(value)
+
+
 def run_key(config: Mapping[str, Any]) -> str:
     """Deterministic run id of a configuration: a 16-hex sha256 of its sorted JSON."""
     blob = json.dumps(config, sort_keys=True, default=str).encode()
@@ -241,8 +268,13 @@ class Store:
     """
 
     def __init__(self, root: str | os.PathLike, *, timeout: float = 60.0) -> None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(
+                f"expected the store's directory as a str or path, got "
+                f"{type(root).__name__}"
+            )
         self.root = Path(root)
-        self.timeout = float(timeout)
+        self.timeout = check_finite_positive(timeout, "timeout")
         self.db_path = self.root / DB_NAME
         self._conn: sqlite3.Connection | None = None
         self._pid: int | None = None
@@ -515,6 +547,11 @@ class Store:
             ValueError: A ``run_id`` that is not a safe file name (it names the
                 run's array folder).
         """
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"expected the run's config as a mapping of fields, got "
+                f"{type(config).__name__}"
+            )
         rid = run_key(config) if run_id is None else check_file_name(run_id, "run_id")
         now = time.time()
         row = (
@@ -595,6 +632,8 @@ class Store:
 
     def run_ids(self, status: str | None = None) -> list[str]:
         """Ids of the runs, optionally only those with ``status``, in creation order."""
+        if status is not None:
+            check_choice(status, "status", STATUSES)
         if status is None:
             rows = self._read("SELECT id FROM runs ORDER BY created, id")
         else:
@@ -710,7 +749,19 @@ class Store:
         Raises:
             KeyError: No such run (nothing is written).
         """
-        rows = [(int(step), *R.columns(key), value) for key, value in records.items()]
+        step = check_nonnegative_int(step, "step")
+        if not isinstance(records, Mapping):
+            raise TypeError(
+                f"expected records as a mapping name -> value, got "
+                f"{type(records).__name__}"
+            )
+        bad = [k for k in records if not isinstance(k, (str, tuple))]
+        if bad:
+            raise TypeError(
+                f"expected record names (str, e.g. 'delta_h/hidden.0') or (metric, "
+                f"layer) tuples, got {bad[:3]}"
+            )
+        rows = [(step, *R.columns(key), value) for key, value in records.items()]
         self.log_rows(run_id, rows)
 
     def log_rows(
@@ -729,10 +780,7 @@ class Store:
         Raises:
             KeyError: No such run (nothing is written).
         """
-        rows = [
-            (run_id, int(s), R.current_metric(m), layer or "", float(v))
-            for s, m, layer, v in rows
-        ]
+        rows = [_row(run_id, row) for row in rows]
         old = [
             (run_id, s, layer, alias)
             for _, s, m, layer, _ in rows
@@ -767,7 +815,13 @@ class Store:
         Raises:
             KeyError: No such run (nothing is written).
         """
-        rows = [(run_id, int(step), str(m), str(r)) for m, r in missing.items()]
+        step = check_nonnegative_int(step, "step")
+        if not isinstance(missing, Mapping):
+            raise TypeError(
+                f"expected missing as a mapping metric -> reason, got "
+                f"{type(missing).__name__}"
+            )
+        rows = [(run_id, step, str(m), str(r)) for m, r in missing.items()]
         if rows:
             self._insert(
                 run_id,
@@ -910,6 +964,11 @@ class Store:
             if isinstance(array, torch.Tensor)
             else np.asarray(array)
         )
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(
+                f"expected a numeric array or tensor for snapshot {name!r}, got "
+                f"dtype {arr.dtype}"
+            )
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         path = self.root / "arrays" / run_id / f"{name}-{step}.npy"
