@@ -22,7 +22,9 @@ from rdiag.curvature import (
 )
 from rdiag.data import Dataset, load_data
 from rdiag.functional import FunctionalModel, functionalize, select_parameters
-from rdiag.harness import TrainConfig, TrainResult, sweep, train
+from rdiag.runs.config import TrainConfig
+from rdiag.runs.sweep import sweep
+from rdiag.runs.training import TrainResult, train
 from rdiag.kernels import KernelStats, kernel_stats
 from rdiag.meter import LRRule, MeterResult, richness_meter
 from rdiag.linalg import (
@@ -70,7 +72,7 @@ from rdiag.parametrization import (
     rescale,
     richness,
 )
-from rdiag.store import (
+from rdiag.runs.store import (
     Store,
     StoreCorruptError,
     StoreError,

@@ -2,8 +2,8 @@
 
 run, sweep, merge, coord-check, depth-check, meter, report, ntk, sharpness.
 
-Every subcommand parses its flags and calls the public API (:func:`rdiag.harness.train`,
-:func:`rdiag.harness.sweep`, :func:`rdiag.coord_check.coord_check`,
+Every subcommand parses its flags and calls the public API (:func:`rdiag.runs.training.train`,
+:func:`rdiag.runs.sweep.sweep`, :func:`rdiag.coord_check.coord_check`,
 :func:`rdiag.depth_check`, :func:`rdiag.richness_meter`, :func:`rdiag.report.build_report`,
 :func:`rdiag.empirical_ntk`, :func:`rdiag.curvature.sharpness`); it has no logic of
 its own beyond loading the user's factories (``MODULE:NAME``) and printing where
@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from rdiag.data import DATASETS
-from rdiag.harness import MODELS, OPTIMIZERS, parse_shard
-from rdiag.store import StoreError
+from rdiag.runs.config import MODELS, OPTIMIZERS, parse_shard
+from rdiag.runs.store import StoreError
 
 _EPILOG = {
     "run": """examples:
@@ -455,7 +455,8 @@ def _value(text: str) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rdiag.harness import load_train_config, train
+    from rdiag.runs.config import load_train_config
+    from rdiag.runs.training import train
 
     config = load_train_config(args.config) if args.config else {}
     flags = {
@@ -498,7 +499,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from rdiag.harness import sweep
+    from rdiag.runs.sweep import sweep
 
     base: dict[str, Any] = {}
     grid: dict[str, Any] = {}
@@ -545,7 +546,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from rdiag.merge import merge_stores
+    from rdiag.runs.merge import merge_stores
 
     result = merge_stores(args.out, args.shards)
     print(
@@ -571,7 +572,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _print_not_finished(result: Any) -> None:
     from rdiag.report import run_label
-    from rdiag.store import Store
+    from rdiag.runs.store import Store
 
     store = Store(result.store)
     for r in result.results:
@@ -823,7 +824,7 @@ def _cmd_meter(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from rdiag.report import build_report
-    from rdiag.store import DB_NAME, Store
+    from rdiag.runs.store import DB_NAME, Store
 
     from rdiag.meter import METER_JSON
     from rdiag.report import build_meter_report

@@ -31,7 +31,7 @@ scheduled steps the Monitor measures, on a fixed probe batch:
 
 Records are keyed by flat names (:mod:`rdiag.records`: ``"ntk/rel_change"``,
 ``"ntk/eig/0"``, ``"delta_h/hidden.0"``, ``"sharpness/precond"``) and go to a
-:class:`~rdiag.store.Store` (one transaction per check), to ``Monitor.history``
+:class:`~rdiag.runs.store.Store` (one transaction per check), to ``Monitor.history``
 and to any sinks (:mod:`rdiag.sinks`: TensorBoard, Weights & Biases, MLflow, CSV,
 a callable ``(name, value, step)``). A metric that cannot be computed at a check (a degenerate
 state: a zero kernel, a solver that does not converge) is left out of that check
@@ -181,7 +181,7 @@ class Monitor:
             gradient norm, loss); ``F.cross_entropy`` on sequence outputs
             ``(N, T, V)`` with ``(N, T)`` targets is the mean over every position
             (:mod:`rdiag.losses`; a causal LM's targets are shifted by the caller).
-        store: A :class:`~rdiag.store.Store` to write records to.
+        store: A :class:`~rdiag.runs.store.Store` to write records to.
         run_id: The store's run id (required with ``store``).
         lr_multipliers: Per-layer ``eta_l / eta0`` (:func:`rdiag.lr_multipliers`),
             the diagonal ``M`` of ``K_M`` and of the sharpness preconditioner;

@@ -1,7 +1,7 @@
 """Record names: one flat string per measured value, everywhere.
 
 The same name keys :attr:`rdiag.Monitor.history`, the rows of a
-:class:`~rdiag.store.Store` and what every sink and trainer logger receives. A
+:class:`~rdiag.runs.store.Store` and what every sink and trainer logger receives. A
 name is a metric, optionally followed by ``/`` and a layer (a module path) or an
 index:
 

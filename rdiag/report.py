@@ -1,6 +1,6 @@
 """Figures, ``summary.json`` and one self-contained HTML report from a run store.
 
-:func:`build_report` reads the finished runs of a :class:`~rdiag.store.Store`
+:func:`build_report` reads the finished runs of a :class:`~rdiag.runs.store.Store`
 (typically an r x width x seed sweep), fits the width exponent of every metric
 of :data:`rdiag.predictions.PREDICTIONS` the runs recorded (``h0``, ``delta_h``,
 ``f0``, ``delta_f``, ``dW_op``, ``dW_rel``, ``ntk_rel_change``, ``lin_error``),
@@ -47,7 +47,7 @@ from rdiag.meter import METER_JSON
 from rdiag.parametrization import Parametrization, parse_parametrization
 from rdiag.predictions import PREDICTIONS, fit_records, formulas
 from rdiag.records import TRAIN_LOSS
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 
 def _parsed(label: str) -> Parametrization | None:

@@ -229,7 +229,7 @@ def test_run_from_a_yaml_config_with_flag_overrides(tmp_path, capsys) -> None:
     assert (
         main(["run", "--config", str(config), "--param", "mup", "--out", str(out)]) == 0
     )
-    from rdiag.store import Store
+    from rdiag.runs.store import Store
 
     store = Store(out)
     (rid,) = store.run_ids("finished")

@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdiag.harness import sweep
-from rdiag.store import Store, StoreCorruptError, StoreFullError, StoreReadOnlyError
+from rdiag.runs.sweep import sweep
+from rdiag.runs.store import Store, StoreCorruptError, StoreFullError, StoreReadOnlyError
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -46,7 +46,7 @@ TIMING = ("monitor/seconds", "monitor/train_seconds")
 _SWEEP = """
 import json, sys
 import torch
-from rdiag.harness import sweep
+from rdiag.runs.sweep import sweep
 if __name__ == "__main__":
     torch.set_num_threads(1)
     result = sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=int(sys.argv[3]))
@@ -189,9 +189,9 @@ time.sleep(60)
 """
 _GRANDCHILD = """
 import os, sys, time
-from rdiag import harness
+from rdiag.runs import executors
 sys.platform = sys.argv[1]  # "darwin": the portable getppid watcher
-harness._die_with_parent(os.getppid())
+executors._die_with_parent(os.getppid())
 print("watching", flush=True)
 time.sleep(60)
 """

@@ -8,8 +8,10 @@ import concurrent.futures as cf
 import pytest
 import torch
 
-from rdiag.harness import TrainConfig, expand_grid, load_sweep_config, sweep, train
-from rdiag.store import Store
+from rdiag.runs.config import TrainConfig, expand_grid, load_sweep_config
+from rdiag.runs.sweep import sweep
+from rdiag.runs.training import train
+from rdiag.runs.store import Store
 
 TINY = {
     "width": 8,
@@ -193,7 +195,7 @@ def test_ray_executor_without_ray_says_how_to_install(monkeypatch) -> None:
     # With Ray installed, tests/test_ray.py runs sweeps on a local cluster.
     import sys
 
-    from rdiag.harness import RayExecutor
+    from rdiag.runs.ray_executor import RayExecutor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'rdiag\[ray\]'"):
@@ -306,7 +308,7 @@ def test_bad_sweep_configs_name_the_key(tmp_path, config: dict, match: str) -> N
 
 
 def test_yaml_configs_that_are_not_mappings(tmp_path) -> None:
-    from rdiag.harness import load_train_config
+    from rdiag.runs.config import load_train_config
 
     path = tmp_path / "list.yaml"
     path.write_text("- width: 8\n- width: 16\n")
@@ -397,7 +399,7 @@ def test_deprecated_field_and_loss_names_still_work() -> None:
 
 def test_the_families_are_those_of_rdiag_models_and_bn_mlp_trains(tmp_path) -> None:
     from rdiag.models import FAMILIES
-    from rdiag.harness import MODELS
+    from rdiag.runs.config import MODELS
 
     assert MODELS == tuple(FAMILIES)
     result = train({**TINY, "model": "bn_mlp", "depth": 2}, store=tmp_path)
@@ -420,7 +422,7 @@ def test_the_harness_and_the_coord_check_run_one_loop(tmp_path, monkeypatch) -> 
         return original(model, optimizer, batches, loss_fn, **kwargs)
 
     monkeypatch.setattr(loop, "fit", spy)
-    import rdiag.harness as harness
+    import rdiag.runs.training as harness
 
     monkeypatch.setattr(harness, "fit", spy)
     train(TINY, store=tmp_path)

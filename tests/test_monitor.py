@@ -10,7 +10,7 @@ from rdiag import empirical_ntk, metrics
 from rdiag.models import make_model
 from rdiag.monitor import METRICS, Monitor
 from rdiag.parametrization import effective_weights, lr_multipliers, make_optimizer
-from rdiag.store import Store
+from rdiag.runs.store import Store
 from tests._assert import assert_close
 from tests.oracles import (
     dense_eigh,

@@ -35,7 +35,7 @@ def test_public_names_resolve_and_version() -> None:
 
 def test_import_loads_no_optional_package() -> None:
     code = (
-        "import sys, torch; before = set(sys.modules); import rdiag, rdiag.kernels, rdiag.integrations, rdiag.sinks, rdiag.harness, rdiag.ray_sweep, rdiag.writer, rdiag.merge, rdiag.distributed, rdiag.cli; "
+        "import sys, torch; before = set(sys.modules); import rdiag, rdiag.kernels, rdiag.integrations, rdiag.sinks, rdiag.runs.sweep, rdiag.runs.ray_executor, rdiag.runs.writer, rdiag.runs.merge, rdiag.distributed, rdiag.cli; "
         f"print(sorted({{m.split('.')[0] for m in set(sys.modules) - before}} & set({OPTIONAL!r})))"
     )
     out = subprocess.run(

@@ -10,7 +10,7 @@ from rdiag import records as R
 from rdiag.models import make_model
 from rdiag.monitor import METRICS, Monitor
 from rdiag.predictions import records_from_checks
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 
 def _monitor(**kw) -> tuple[Monitor, torch.nn.Module]:

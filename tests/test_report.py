@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 
 from rdiag.report import build_report, fits
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("pandas")

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from rdiag.store import (
+from rdiag.runs.store import (
     Store,
     StoreCorruptError,
     StoreFullError,

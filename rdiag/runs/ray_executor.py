@@ -1,11 +1,11 @@
 """Sweeps on Ray: one task per run, its records streamed to one writer on the driver.
 
-:class:`RayExecutor` runs each configuration of :func:`rdiag.harness.sweep` as a
-Ray task with the resources it asks for (CPUs per run; GPUs for runs on
+:class:`RayExecutor` runs each configuration of :func:`rdiag.runs.sweep.sweep`
+as a Ray task with the resources it asks for (CPUs per run; GPUs for runs on
 ``device: cuda``; the sweep config's ``resources`` override both). The store
-stays on the driver's disk: a :class:`~rdiag.writer.StoreWriter` actor pinned
+stays on the driver's disk: a :class:`~rdiag.runs.writer.StoreWriter` actor pinned
 to the driver's node owns it, and every run writes through a
-:class:`~rdiag.writer.RemoteStore` (one call per check), so no node other than
+:class:`~rdiag.runs.writer.RemoteStore` (one call per check), so no node other than
 the driver's ever opens the SQLite file. A task whose worker dies is retried by
 Ray (``max_retries``); the rerun finds the run unfinished in the store, restarts
 it from step 0 (same seeds, same records) and its rows replace the partial
@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from rdiag._optional import require
-from rdiag.writer import RemoteStore, StoreWriter
+from rdiag.runs.writer import RemoteStore, StoreWriter
 
 
-def run_task(config: dict[str, Any], store: RemoteStore, threads: int) -> Any:
-    """One sweep run inside a Ray worker: ``train`` with ``threads`` torch threads."""
+def run_task(
+    run: Callable[..., Any], config: dict[str, Any], store: RemoteStore, threads: int
+) -> Any:
+    """One sweep run inside a Ray worker: ``run(config, store=store)``, ``threads`` torch threads."""
     import torch
 
-    from rdiag.harness import train
-
     torch.set_num_threads(max(1, int(threads)))
-    return train(config, store=store)
+    return run(config, store=store)
 
 
 class _ActorCall:
@@ -50,6 +50,9 @@ class RayExecutor:
     """Runs calls, or a sweep's runs, as Ray tasks (``pip install 'rdiag[ray]'``).
 
     Args:
+        run: What executes one sweep run: ``run(config, store=RemoteStore)``
+            (:func:`rdiag.runs.training.train` for :func:`~rdiag.runs.sweep.sweep`;
+            passed in, so that this module does not import the training).
         address: The cluster to connect to when Ray is not initialized yet
             (``"auto"``: the one this node belongs to; ``None``: Ray's default,
             a local instance unless one was started with ``ray start``). A
@@ -67,6 +70,7 @@ class RayExecutor:
 
     def __init__(
         self,
+        run: Callable[..., Any] | None = None,
         *,
         address: str | None = None,
         num_cpus: float = 1,
@@ -75,6 +79,7 @@ class RayExecutor:
         **options: Any,
     ) -> None:
         self._ray = require("ray", "RayExecutor")
+        self.run = run
         self._started = not self._ray.is_initialized()
         if self._started:
             self._ray.init(address=address)
@@ -125,13 +130,23 @@ class RayExecutor:
         """Launch one sweep run as a task writing through the writer of ``root``.
 
         Returns:
-            A future of its :class:`~rdiag.harness.TrainResult`.
+            A future of its :class:`~rdiag.runs.training.TrainResult`.
+
+        Raises:
+            ValueError: The executor was built without ``run``.
         """
+        if self.run is None:
+            raise ValueError(
+                "this RayExecutor has no run function; build it as RayExecutor(train, "
+                "...) (rdiag.runs.training.train) to submit sweep runs"
+            )
         needs = self.resources(config)
         task = self._task.options(
             **needs, max_retries=self.max_retries, **self._options
         )
-        return task.remote(config, self.store(root), needs["num_cpus"]).future()
+        return task.remote(
+            self.run, config, self.store(root), needs["num_cpus"]
+        ).future()
 
     def shutdown(self, wait: bool = True) -> None:
         """End the writers (the runs are done), and Ray if this executor started it."""
