@@ -49,8 +49,8 @@ from rdiag.metrics import (
 )
 from rdiag.models import BNMLP, CNN, MLP, ResMLP, Transformer, make_model
 from rdiag.monitor import Monitor
-from rdiag.ntk.api import NTKFunction, NTKImplementation, empirical_ntk, ntk_fn
-from rdiag.ntk.structured import structured_coverage
+from rdiag.ntk.handle import NTKFunction, empirical_ntk, ntk_fn, structured_coverage
+from rdiag.ntk.planning import NTKImplementation
 from rdiag.operators.base import DenseOperator, LinearOperator, ScaledOperator
 from rdiag.operators.curvature import CurvatureOperator
 from rdiag.operators.ggn import FisherOperator, GGNOperator
@@ -180,7 +180,6 @@ __all__ = [
 ]
 
 _MOVED = {
-    "ntk_costs": ("rdiag.ntk.api", "ntk_costs", "ntk_fn(model).plan(x1, x2).costs"),
     "write_summary": (
         "rdiag.coord_check",
         "write_summary",

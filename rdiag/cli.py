@@ -874,7 +874,7 @@ def _emit(summary: dict[str, Any], out: str | None) -> None:
 
 def _cmd_ntk(args: argparse.Namespace) -> int:
     from rdiag import metrics
-    from rdiag.ntk.api import empirical_ntk
+    from rdiag.ntk.handle import empirical_ntk
     from rdiag.parametrization import lr_multipliers
 
     model, x = _built_in(args)

@@ -584,7 +584,7 @@ def ggn_eigenvalues_from_ntk(
     Raises:
         ValueError: The loss Hessian in the outputs is not positive semi-definite.
     """
-    from rdiag.ntk.api import empirical_ntk
+    from rdiag.ntk.handle import empirical_ntk
 
     lr_multipliers = renamed_argument(
         "ggn_eigenvalues_from_ntk", "weights", "lr_multipliers", weights, lr_multipliers

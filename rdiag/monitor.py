@@ -83,7 +83,7 @@ from rdiag.linalg.lanczos import lanczos
 from rdiag.losses import apply_loss, checked_loss
 from rdiag.linalg.moments import kernel_moments
 from rdiag.linalg.trace import hutch_plus_plus
-from rdiag.ntk.api import ntk_fn
+from rdiag.ntk.handle import ntk_fn
 from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
 from rdiag.operators.ntk import NTKOperator

@@ -13,7 +13,7 @@ from torch import nn
 
 from rdiag import ntk_fn
 from rdiag.ntk import api
-from rdiag.ntk.api import NTKImplementation
+from rdiag.ntk.planning import NTKImplementation
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rdiag import empirical_ntk, functionalize
-from rdiag.ntk.api import NTKImplementation
+from rdiag.ntk.planning import NTKImplementation
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
@@ -274,7 +274,7 @@ def test_bad_input_errors() -> None:
 def test_auto_falls_back_when_structured_does_not_fit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import rdiag.ntk.api as api
+    import rdiag.ntk.handle as api
 
     def too_big(*args, **kwargs):
         raise MemoryError("structured needs 1 TiB")

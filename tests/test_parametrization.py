@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdiag.models import MLP, make_model
-from rdiag.ntk.api import empirical_ntk
+from rdiag.ntk.handle import empirical_ntk
 from rdiag.parametrization import (
     Centered,
     apply_parametrization,

@@ -40,7 +40,7 @@ class NTKOperator(LinearOperator):
         x: ``(N, ...)`` batch (a tensor, tuple or dict of tensors).
         params: Parameter selector.
         exclude: Parameters to leave out.
-        lr_multipliers: The diagonal ``M`` (see :class:`rdiag.ntk.api.NTKFunction`).
+        lr_multipliers: The diagonal ``M`` (see :class:`rdiag.ntk.handle.NTKFunction`).
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype (default the model's).
         output_fn: Picks the output tensor from a non-tensor model output.
