@@ -119,7 +119,7 @@ class Checked:
         }
         payload["passed"] = self.passed
         path = out / "summary.json"
-        path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
+        path.write_text(json.dumps(jsonable(payload), indent=1), encoding="utf-8")
         return path
 
 
@@ -367,13 +367,14 @@ def _run(
 
 
 # ---- output ------------------------------------------------------------------------
-def _jsonable(obj: object) -> object:
+def jsonable(obj: object) -> object:
+    """``obj`` with non-finite floats as None (JSON has no NaN), recursively."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
 
 

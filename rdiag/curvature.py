@@ -33,6 +33,7 @@ from rdiag.operators.ggn import (
     dense_loss_hessian,
 )
 from rdiag.operators.hessian import HessianOperator
+from rdiag.ntk.handle import empirical_ntk
 
 OperatorKind = Literal["hessian", "ggn", "fisher"]
 OPERATORS = ("hessian", "ggn", "fisher")
@@ -584,8 +585,6 @@ def ggn_eigenvalues_from_ntk(
     Raises:
         ValueError: The loss Hessian in the outputs is not positive semi-definite.
     """
-    from rdiag.ntk.handle import empirical_ntk
-
     lr_multipliers = renamed_argument(
         "ggn_eigenvalues_from_ntk", "weights", "lr_multipliers", weights, lr_multipliers
     )

@@ -61,6 +61,7 @@ from rdiag.verdicts import (
     judge_fits,
     predicted_at,
 )
+from rdiag.coord_check import jsonable
 
 #: The file :meth:`MeterResult.save` writes (and :mod:`rdiag.report` looks for).
 METER_JSON = "meter.json"
@@ -189,9 +190,7 @@ class MeterResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON data (non-finite numbers as ``None``), as saved."""
-        from rdiag.coord_check import _jsonable
-
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/meter.json`` (:meth:`to_dict`)."""

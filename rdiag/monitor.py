@@ -88,6 +88,9 @@ from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
 from rdiag.operators.ntk import NTKOperator
 from rdiag.sinks import Sink, as_sinks
+from rdiag.curvature import multiplier_diagonal
+from rdiag.parametrization import effective_weights
+from rdiag.parametrization import layer_scales
 
 METRICS = (
     "ntk",
@@ -158,8 +161,6 @@ def default_layers(model: nn.Module) -> list[str]:
     predicted for); otherwise every trainable leaf module but the last (taken as
     the read-out).
     """
-    from rdiag.parametrization import layer_scales
-
     scales = layer_scales(model)
     if scales:
         return [n for n, s in scales.items() if s.role in ("readin", "hidden")]
@@ -652,7 +653,6 @@ class Monitor:
                 rec[f"ntk_moments/{stat}_se"] = est.std_err
 
     def _weights(self) -> dict[str, Tensor]:
-        from rdiag.parametrization import effective_weights, layer_scales
 
         if layer_scales(self.model):
             return effective_weights(self.model)
@@ -718,8 +718,6 @@ class Monitor:
                 process_group=self.group.group if self._sharded else None,
             )
             if self.optimizer is None and self.lr_multipliers is not None:
-                from rdiag.curvature import multiplier_diagonal
-
                 self._lr_diagonal = multiplier_diagonal(self.fm, self.lr_multipliers)
         else:
             self._hessian.rebind(self._shard(x, y))
@@ -736,7 +734,6 @@ class Monitor:
         if self.optimizer is not None:
             if not any(self.optimizer.state.values()):
                 return None
-            from rdiag.curvature import multiplier_diagonal
 
             return ScaledOperator(op, multiplier_diagonal(self.fm, self.optimizer))
         if self._lr_diagonal is None:

@@ -48,6 +48,8 @@ from rdiag.parametrization import Parametrization, parse_parametrization
 from rdiag.predictions import PREDICTIONS, fit_records, formulas
 from rdiag.records import TRAIN_LOSS
 from rdiag.runs.store import Store
+from rdiag.coord_check import plot_series
+from rdiag.models import FAMILIES
 
 
 def _parsed(label: str) -> Parametrization | None:
@@ -126,8 +128,6 @@ def _frame(store: Store) -> Any:
 def _roles(info: dict[str, Any]) -> dict[str, str]:
     """Layer name -> role of the built-in family a run group names (else empty)."""
     import torch
-
-    from rdiag.models import FAMILIES
 
     family = FAMILIES.get(info.get("model"))
     if family is None:
@@ -548,8 +548,6 @@ def plot_meter(meter: Any, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    from rdiag.coord_check import plot_series
-
     Figure = require("matplotlib.figure", "rdiag meter figures").Figure
     payload = load_meter(meter)
     fits = [

@@ -294,12 +294,12 @@ def test_every_error_is_one_line_with_exit_2(
 def test_out_of_memory_is_one_line_and_debug_shows_the_traceback(
     capsys, monkeypatch
 ) -> None:
-    import rdiag.ntk.handle
+    import rdiag.cli.commands
 
     def no_memory(*_args, **_kwargs):
         raise MemoryError("cannot allocate 40.0 GB for the (100000, 100000) eNTK")
 
-    monkeypatch.setattr(rdiag.ntk.handle, "empirical_ntk", no_memory)
+    monkeypatch.setattr(rdiag.cli.commands, "empirical_ntk", no_memory)
     assert _exit_code(["ntk", "--n", "100000", "--width", "8"]) == 2
     line = _one_error_line(capsys, "ntk")
     assert line.endswith(

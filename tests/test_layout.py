@@ -147,3 +147,27 @@ def test_no_module_is_oversized(limit: int) -> None:
         f"modules over {LISTED} lines not listed (with the reason) under 'Modules "
         f"over 600 lines' in ARCHITECTURE.md: {unlisted}"
     )
+
+
+def test_function_level_imports_are_for_optional_packages_only() -> None:
+    """An import inside a function is only for an optional package (loaded lazily).
+
+    rdiag's own modules are imported at the top: with no import cycle there is
+    no reason to hide one inside a function.
+    """
+    hidden = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for sub in ast.walk(node):
+                if isinstance(sub, ast.ImportFrom) and (
+                    sub.level or (sub.module or "").split(".")[0] == "rdiag"
+                ):
+                    hidden.append(f"{path.relative_to(ROOT)}:{sub.lineno}")
+                elif isinstance(sub, ast.Import) and any(
+                    a.name.split(".")[0] == "rdiag" for a in sub.names
+                ):
+                    hidden.append(f"{path.relative_to(ROOT)}:{sub.lineno}")
+    assert not hidden, f"rdiag modules imported inside functions: {hidden}"

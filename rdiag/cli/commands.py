@@ -17,6 +17,31 @@ from typing import Any
 
 from rdiag.cli.factories import load_function, load_object
 from rdiag.cli.parser import LOSSES
+from rdiag import metrics
+from rdiag.coord_check import DEFAULT_LR
+from rdiag.coord_check import coord_check
+from rdiag.coord_check import plot_coord_check
+from rdiag.curvature import sharpness
+from rdiag.depth_check import depth_check
+from rdiag.loop import fit
+from rdiag.meter import LRRule
+from rdiag.meter import METER_JSON
+from rdiag.meter import default_data
+from rdiag.meter import optimizer_factory
+from rdiag.meter import richness_meter
+from rdiag.models import make_model
+from rdiag.ntk.handle import empirical_ntk
+from rdiag.parametrization import lr_multipliers
+from rdiag.parametrization import make_optimizer
+from rdiag.report import build_meter_report
+from rdiag.report import build_report
+from rdiag.report import run_label
+from rdiag.runs.config import load_train_config
+from rdiag.runs.merge import merge_stores
+from rdiag.runs.store import DB_NAME
+from rdiag.runs.store import Store
+from rdiag.runs.sweep import sweep
+from rdiag.runs.training import train
 
 
 def _value(text: str) -> Any:
@@ -27,8 +52,6 @@ def _value(text: str) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from rdiag.runs.config import load_train_config
-    from rdiag.runs.training import train
 
     config = load_train_config(args.config) if args.config else {}
     flags = {
@@ -71,7 +94,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from rdiag.runs.sweep import sweep
 
     base: dict[str, Any] = {}
     grid: dict[str, Any] = {}
@@ -118,7 +140,6 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    from rdiag.runs.merge import merge_stores
 
     result = merge_stores(args.out, args.shards)
     print(
@@ -143,8 +164,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _print_not_finished(result: Any) -> None:
-    from rdiag.report import run_label
-    from rdiag.runs.store import Store
 
     store = Store(result.store)
     for r in result.results:
@@ -171,7 +190,6 @@ def _print_fits(fits: list[dict]) -> None:
 
 
 def _cmd_coord_check(args: argparse.Namespace) -> int:
-    from rdiag.coord_check import coord_check
 
     result = coord_check(
         args.model,
@@ -186,7 +204,6 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
 
 
 def _cmd_depth_check(args: argparse.Namespace) -> int:
-    from rdiag.depth_check import depth_check
 
     result = depth_check(
         args.model,
@@ -203,8 +220,6 @@ def _cmd_depth_check(args: argparse.Namespace) -> int:
 
 def _write_check(result: Any, out: Path, figure_name: str) -> int:
     """Save a coordinate or depth check's summary and figure; print its verdicts."""
-    from rdiag.coord_check import plot_coord_check
-
     summary = result.save(out)
     figure = plot_coord_check(result, out / figure_name)
     print(f"summary: {summary.resolve()}")
@@ -227,15 +242,6 @@ def _print_verdicts(result: Any) -> None:
 
 def _cmd_meter(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
-
-    from rdiag.coord_check import DEFAULT_LR
-    from rdiag.meter import (
-        LRRule,
-        default_data,
-        optimizer_factory,
-        richness_meter,
-    )
-    from rdiag.report import build_meter_report
 
     make_model = load_function(
         args.factory, "--factory", "a function width -> nn.Module", "width"
@@ -291,11 +297,6 @@ def _cmd_meter(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from rdiag.report import build_report
-    from rdiag.runs.store import DB_NAME, Store
-
-    from rdiag.meter import METER_JSON
-    from rdiag.report import build_meter_report
 
     store = Path(args.store)
     if not (store / DB_NAME).is_file():
@@ -316,8 +317,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 def _built_in(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
-
-    from rdiag.models import make_model
 
     opts: dict[str, Any] = {"depth": args.depth}
     model = make_model(
@@ -341,9 +340,6 @@ def _emit(summary: dict[str, Any], out: str | None) -> None:
 
 
 def _cmd_ntk(args: argparse.Namespace) -> int:
-    from rdiag import metrics
-    from rdiag.ntk.handle import empirical_ntk
-    from rdiag.parametrization import lr_multipliers
 
     model, x = _built_in(args)
     tic = time.perf_counter()
@@ -373,9 +369,6 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 def _cmd_sharpness(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
-
-    from rdiag.curvature import sharpness
-    from rdiag.parametrization import lr_multipliers
 
     model, x = _built_in(args)
     with torch.no_grad():
@@ -411,9 +404,6 @@ def _gd(model: Any, x: Any, y: Any, lr: float, steps: int) -> tuple[int, str | N
     import itertools
 
     import torch.nn.functional as F
-
-    from rdiag.loop import fit
-    from rdiag.parametrization import make_optimizer
 
     opt = make_optimizer(model, None, lr)
     result = fit(model, opt, itertools.repeat((x, y), steps), F.mse_loss, steps=steps)

@@ -31,6 +31,8 @@ from rdiag.models import FAMILIES
 from rdiag.monitor import METRICS
 from rdiag.losses import LOSS_KINDS
 from rdiag.parametrization import OPTIMIZERS as PARAM_OPTIMIZERS
+from rdiag.models import ACTIVATIONS
+from rdiag.parametrization import parse_parametrization
 
 
 #: Model families (owned by :mod:`rdiag.models`).
@@ -166,8 +168,6 @@ class TrainConfig:
             ValueError: A value outside its allowed set or range.
             TypeError: ``data_options`` / ``model_options`` is not a mapping.
         """
-        from rdiag.models import ACTIVATIONS
-
         for name, allowed in (
             ("model", MODELS),
             ("optimizer", OPTIMIZERS),
@@ -213,7 +213,6 @@ class TrainConfig:
                 )
 
     def _validate_param_and_metrics(self) -> None:
-        from rdiag.parametrization import parse_parametrization
 
         try:
             parse_parametrization(self.parametrization)

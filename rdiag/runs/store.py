@@ -70,6 +70,7 @@ from rdiag.runs.errors import (
     sqlite_code,
     store_error,
 )
+from rdiag._version import __version__
 
 STATUSES = ("running", "finished", "failed")
 #: A claim made on another host (whose process cannot be checked) counts until its
@@ -100,6 +101,8 @@ CREATE TABLE IF NOT EXISTS claims (
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 Records = Mapping[str | tuple[str, str], float]
 T = TypeVar("T")
+
+
 def _proc_start(pid: int) -> str | None:
     """Start time (ticks after boot) of a live process, from ``/proc``.
 
@@ -140,8 +143,6 @@ def run_key(config: Mapping[str, Any]) -> str:
 
 def versions() -> dict[str, str]:
     """Versions recorded with every run (python, torch, numpy, rdiag)."""
-    from rdiag._version import __version__
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,

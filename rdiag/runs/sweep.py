@@ -41,6 +41,7 @@ from rdiag.runs.config import (
 from rdiag.runs.executors import Executor, SerialExecutor, process_executor
 from rdiag.runs.ray_executor import RayExecutor
 from rdiag.runs.training import TrainResult, _not_run, train
+from rdiag.report import build_report
 
 logger = logging.getLogger("rdiag")
 
@@ -212,8 +213,6 @@ def sweep(
     if shard is not None:
         wanted = False  # a slice: the report comes after the merge
     if wanted and store.run_ids("finished"):
-        from rdiag.report import build_report
-
         paths = {k: str(v) for k, v in build_report(store, out).items()}
     elif wanted:
         logger.warning("no run of %s has finished: no report", store.root)

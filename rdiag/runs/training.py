@@ -33,6 +33,9 @@ from rdiag.runs.config import (
     DTYPES,
     TrainConfig,
 )
+from rdiag.models import make_model
+from rdiag.parametrization import lr_multipliers
+from rdiag.parametrization import make_optimizer
 
 logger = logging.getLogger("rdiag")
 
@@ -110,8 +113,6 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
     Raises:
         ValueError: The family does not fit the data's input shape.
     """
-    from rdiag.models import make_model
-
     opts: dict[str, Any] = {"depth": cfg.depth}
     if cfg.model in ("mlp", "bn_mlp"):
         if len(data.in_shape) != 1:
@@ -235,8 +236,6 @@ def _execute(
     cfg: TrainConfig, store: Store, rid: str, device: torch.device
 ) -> TrainResult:
     """Build, train and measure a claimed run; set its final status."""
-    from rdiag.parametrization import lr_multipliers, make_optimizer
-
     tic = time.perf_counter()
     data_options = dict(cfg.data_options)
     if cfg.data != "cifar10":
