@@ -154,15 +154,6 @@ class CoordCheckResult(Checked):
     failed: list[dict] = field(default_factory=list, repr=False)
     lr: float = math.nan
 
-    @property
-    def param(self) -> str:
-        """Deprecated name of :attr:`parametrization`."""
-        from rdiag._deprecation import renamed_name
-
-        return renamed_name(
-            "CoordCheckResult.param", "parametrization", self.parametrization
-        )
-
 
 def coord_check(
     model_family: Family,
@@ -376,13 +367,6 @@ def jsonable(obj: object) -> object:
     if isinstance(obj, (list, tuple)):
         return [jsonable(v) for v in obj]
     return obj
-
-
-def write_summary(result: CoordCheckResult, out_dir: str | Path) -> Path:
-    """Deprecated: :meth:`CoordCheckResult.save`."""
-    from rdiag._deprecation import renamed_name
-
-    return renamed_name("write_summary", "CoordCheckResult.save", result.save)(out_dir)
 
 
 def plot_coord_check(result: Checked, path: str | Path) -> Path:

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
-from rdiag._deprecation import UNSET, renamed_argument, renamed_name
 from rdiag._typing import Data, LossFn, ParamSelector, Weights
 from rdiag.functional import FunctionalModel, Mode
 from rdiag.linalg.density import SpectralDensity, spectral_density
@@ -179,15 +178,6 @@ def multiplier_diagonal(
     ).to(fm.device)
 
 
-def preconditioner_diagonal(
-    fm: FunctionalModel, preconditioner: Multipliers
-) -> Tensor | None:
-    """Deprecated name of :func:`multiplier_diagonal`."""
-    return renamed_name(
-        "preconditioner_diagonal", "multiplier_diagonal", multiplier_diagonal
-    )(fm, preconditioner)
-
-
 def scaled(op: CurvatureOperator, lr_multipliers: Multipliers) -> LinearOperator:
     """``op`` itself, or ``M^1/2 op M^1/2`` for the diagonal of ``lr_multipliers``."""
     diagonal = multiplier_diagonal(op.fm, lr_multipliers)
@@ -227,7 +217,6 @@ def top_eigenvalues(
     seed: int = 0,
     compile: bool = False,
     criterion: Literal["residual", "eigenvalue"] = "residual",
-    preconditioner: Any = UNSET,
 ) -> EigResult:
     r"""Extreme eigenpairs of the loss Hessian (or GGN / Fisher), optionally preconditioned.
 
@@ -260,7 +249,6 @@ def top_eigenvalues(
         compile: ``torch.compile`` the Hessian product.
         criterion: Lanczos stopping test, ``"residual"`` or ``"eigenvalue"`` (see
             :func:`~rdiag.linalg.lanczos.lanczos`).
-        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         An :class:`~rdiag.linalg.lanczos.EigResult`; eigenvectors are ``(P, k)`` in
@@ -270,13 +258,6 @@ def top_eigenvalues(
         ValueError: Bad options (``method="power"`` with ``k > 1`` or
             ``which="both"``), or see the operators.
     """
-    lr_multipliers = renamed_argument(
-        "top_eigenvalues",
-        "preconditioner",
-        "lr_multipliers",
-        preconditioner,
-        lr_multipliers,
-    )
     check_choice(method, "method", ("lanczos", "power"))
     check_positive_int(k, "k")
     op = _operator(
@@ -330,7 +311,6 @@ def sharpness(
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
-    preconditioner: Any = UNSET,
 ) -> float:
     r"""The largest **algebraic** eigenvalue of the loss Hessian (or its preconditioned form).
 
@@ -363,14 +343,10 @@ def sharpness(
         dtype: Compute dtype.
         output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the start vector.
-        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         The eigenvalue, a Python float.
     """
-    lr_multipliers = renamed_argument(
-        "sharpness", "preconditioner", "lr_multipliers", preconditioner, lr_multipliers
-    )
     result = top_eigenvalues(
         model,
         loss_fn,
@@ -406,7 +382,6 @@ def hessian_trace(
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
-    preconditioner: Any = UNSET,
 ) -> TraceEstimate:
     """Stochastic estimate of ``tr(H)`` (or of the GGN/Fisher, or preconditioned).
 
@@ -424,7 +399,6 @@ def hessian_trace(
         dtype: Compute dtype.
         output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the probes.
-        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         A :class:`~rdiag.linalg.trace.TraceEstimate` with its standard error.
@@ -433,13 +407,6 @@ def hessian_trace(
         ValueError: A bad ``num_matvecs`` or ``method``.
         MemoryError: The probe vectors do not fit (the message says how big).
     """
-    lr_multipliers = renamed_argument(
-        "hessian_trace",
-        "preconditioner",
-        "lr_multipliers",
-        preconditioner,
-        lr_multipliers,
-    )
     check_choice(method, "method", ("hutch++", "hutchinson"))
     check_positive_int(num_matvecs, "num_matvecs")
     op = _operator(
@@ -476,7 +443,6 @@ def hessian_density(
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
-    preconditioner: Any = UNSET,
 ) -> SpectralDensity:
     """Smoothed eigenvalue density of the Hessian by stochastic Lanczos quadrature.
 
@@ -496,18 +462,10 @@ def hessian_density(
         dtype: Compute dtype.
         output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the probes.
-        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         ``(grid, density)``, a :class:`~rdiag.linalg.density.SpectralDensity`.
     """
-    lr_multipliers = renamed_argument(
-        "hessian_density",
-        "preconditioner",
-        "lr_multipliers",
-        preconditioner,
-        lr_multipliers,
-    )
     op = _operator(
         model,
         loss_fn,
@@ -543,7 +501,6 @@ def ggn_eigenvalues_from_ntk(
     mode: Mode = "eval",
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
-    weights: Any = UNSET,
 ) -> Tensor:
     r"""The GGN's spectrum on one batch, computed in sample space from the full eNTK.
 
@@ -576,7 +533,6 @@ def ggn_eigenvalues_from_ntk(
         mode: ``"eval"`` or ``"train"``.
         dtype: Compute dtype.
         output_fn: Picks the output tensor from a non-tensor model output.
-        weights: Deprecated name of ``lr_multipliers``.
 
     Returns:
         ``(N*O,)`` float64 eigenvalues, descending (the GGN's nonzero spectrum
@@ -585,9 +541,6 @@ def ggn_eigenvalues_from_ntk(
     Raises:
         ValueError: The loss Hessian in the outputs is not positive semi-definite.
     """
-    lr_multipliers = renamed_argument(
-        "ggn_eigenvalues_from_ntk", "weights", "lr_multipliers", weights, lr_multipliers
-    )
     op = GGNOperator(
         model,
         loss_fn,

@@ -225,7 +225,7 @@ class Monitor:
         shard_probe: See ``process_group``.
 
     Attributes:
-        history: One :class:`~rdiag.records.Records` ``{name: value}`` per check,
+        history: One ``{name: value}`` dict per check,
             with ``"step"``.
         missing: Metric -> reason, for the metrics the last check could not compute.
         seconds: Seconds spent in diagnostics.
@@ -347,7 +347,7 @@ class Monitor:
         self._hessian: HessianOperator | None = None
         self._lr_diagonal: Tensor | None = None
         self._jvp_mode: JvpMode | None = None
-        self.history: list[R.Records] = []
+        self.history: list[dict[str, float]] = []
         self.missing: dict[str, str] = {}
         self.notices = Notices()
         self.seconds = 0.0
@@ -398,7 +398,7 @@ class Monitor:
             due = self.group.agree(due)
         return due
 
-    def step(self, step: int, *, force: bool = False) -> R.Records | None:
+    def step(self, step: int, *, force: bool = False) -> dict[str, float] | None:
         """Run the diagnostics if ``step`` is scheduled (and within budget).
 
         Args:
@@ -421,7 +421,7 @@ class Monitor:
                 self.skipped += 1
             return None
         tic = time.perf_counter()
-        records = R.Records(self._measure(step))
+        records = dict(self._measure(step))
         self.checks += 1
         self.seconds += time.perf_counter() - tic
         records[R.MONITOR_SECONDS] = self.seconds
@@ -432,7 +432,7 @@ class Monitor:
                 self.store.log_missing(self.run_id, step, self.missing)
         for sink in self.sinks if self._main else ():
             sink.log_records(records, step)
-        self.history.append(R.Records({"step": step, **records}))
+        self.history.append({"step": step, **records})
         return records
 
     def close(self) -> None:
@@ -496,7 +496,7 @@ class Monitor:
         self.seconds, self.checks = state["seconds"], state["checks"]
         self.skipped = state["skipped"]
         self._ref, self._prev, self._warm = state["ref"], state["prev"], state["warm"]
-        self.history = [R.Records(R.flatten(h)) for h in state.get("history", [])]
+        self.history = [R.flatten(h) for h in state.get("history", [])]
         self._before = (state.get("train_seconds", 0.0), self.seconds)
         self._start = None
 

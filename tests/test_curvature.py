@@ -214,10 +214,5 @@ def test_bad_options_give_clear_errors() -> None:
         hessian_trace(net, loss_fn, (x, y), num_matvecs=0)
     with pytest.raises(MemoryError, match="fewer products"):
         hessian_trace(net, loss_fn, (x, y), num_matvecs=10**13)
-    with pytest.warns(DeprecationWarning, match="lr_multipliers"):
-        old = sharpness(net, loss_fn, (x, y), preconditioner=2.0, dtype=F64)
-    assert old == pytest.approx(
-        sharpness(net, loss_fn, (x, y), lr_multipliers=2.0, dtype=F64), rel=1e-6
-    )
-    with pytest.raises(TypeError, match="only lr_multipliers"):
-        sharpness(net, loss_fn, (x, y), preconditioner=2.0, lr_multipliers=2.0)
+    with pytest.raises(TypeError, match="preconditioner"):
+        sharpness(net, loss_fn, (x, y), preconditioner=2.0)

@@ -384,17 +384,14 @@ def test_serial_sweep_progress_moves_per_run(tmp_path, monkeypatch) -> None:
     assert seen == [1, 2, 3]
 
 
-def test_deprecated_field_and_loss_names_still_work() -> None:
-    with pytest.warns(DeprecationWarning, match="'param' is deprecated"):
-        cfg = TrainConfig.from_dict({"param": "ntk"})
-    assert cfg.parametrization == "ntk"
-    with pytest.warns(DeprecationWarning, match="'ce' is deprecated"):
-        assert TrainConfig.from_dict({"loss": "ce"}).loss == "cross_entropy"
-    with pytest.raises(ValueError, match="both 'param' and 'parametrization'"):
-        TrainConfig.from_dict({"param": "ntk", "parametrization": "mup"})
-    with pytest.warns(DeprecationWarning):
-        grid = expand_grid({"grid": {"param": ["ntk", "mup"]}})
-    assert [c.parametrization for c in grid] == ["ntk", "mup"]
+def test_pre_release_field_and_loss_names_are_refused() -> None:
+    """No release had ``param`` or ``"ce"``: they are errors naming the fields."""
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['param'\]"):
+        TrainConfig.from_dict({"param": "ntk"})
+    with pytest.raises(ValueError, match="cross_entropy"):
+        TrainConfig.from_dict({"loss": "ce"})
+    with pytest.raises(ValueError, match="unknown config field"):
+        expand_grid({"grid": {"param": ["ntk", "mup"]}})
 
 
 def test_the_families_are_those_of_rdiag_models_and_bn_mlp_trains(tmp_path) -> None:

@@ -134,9 +134,8 @@ def test_parameter_subsets_and_weights(impl: str) -> None:
         empirical_ntk(model, x1, x2, trace_outputs=False, lr_multipliers=weights, **kw),
         **F64,
     )
-    with pytest.warns(DeprecationWarning, match="weights= is deprecated"):
-        old = empirical_ntk(model, x1, x2, trace_outputs=False, weights=weights, **kw)
-    assert_close("deprecated weights=", ref, old, **F64)
+    with pytest.raises(TypeError, match="weights"):
+        empirical_ntk(model, x1, x2, trace_outputs=False, weights=weights, **kw)
 
 
 def test_frozen_parameters_are_excluded_by_default() -> None:

@@ -53,23 +53,13 @@ def test_kernels_live_under_rdiag_only() -> None:
     assert callable(rdiag.kernels.gram_hadamard)
 
 
-def test_names_that_left_the_top_level_still_work_with_a_warning() -> None:
+def test_pre_release_names_are_gone() -> None:
+    """No release had them: no shim keeps them alive."""
     import pytest
-    import torch
 
     import rdiag
 
-    with pytest.warns(DeprecationWarning, match="rdiag.parse_parametrization"):
-        parse = rdiag.parse_param
-    assert parse("r=0.5") == rdiag.parse_parametrization("r=0.5")
-    with pytest.warns(DeprecationWarning, match="rdiag.multiplier_diagonal"):
-        diagonal = rdiag.preconditioner_diagonal
-    fm = rdiag.functionalize(torch.nn.Linear(3, 2))
-    expected = rdiag.multiplier_diagonal(fm, {"weight": 2.0})
-    assert torch.equal(diagonal(fm, {"weight": 2.0}), expected)
-    with pytest.warns(DeprecationWarning, match="CoordCheckResult.save"):
-        assert callable(rdiag.write_summary)
-    with pytest.warns(DeprecationWarning, match=r"plan\(x1, x2\).costs"):
-        assert callable(rdiag.ntk_costs)
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        rdiag.nope  # noqa: B018
+    for name in ("parse_param", "preconditioner_diagonal", "write_summary", "ntk_costs"):
+        with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
+            getattr(rdiag, name)
+    assert not (Path(rdiag.__file__).parent / "_deprecation.py").exists()

@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from rdiag._autodiff import JvpMode
 from rdiag._checks import check_positive_int
-from rdiag._deprecation import UNSET, renamed_argument
 from rdiag._inputs import Inputs, describe, trailing
 from rdiag._optional import Notices
 from rdiag._tiling import format_bytes, resolve_budget
@@ -120,7 +119,6 @@ class NTKFunction(Planner):
         readout_identity: For traced kernels, reduce the ``V`` outputs of a linear
             read-out to its ``D`` inputs when ``D < V``, tied or not (exact; see
             :mod:`rdiag.ntk.readout`).
-        weights: Deprecated name of ``lr_multipliers``.
         process_group: A ``torch.distributed`` process group: each rank passes its
             shard of the inputs, the kernel's tiles are split across the ranks
             and all-gathered (see :meth:`__call__`); a ``DistributedDataParallel``
@@ -170,12 +168,8 @@ class NTKFunction(Planner):
         output_probes: int | None = None,
         seed: int = 0,
         readout_identity: bool = True,
-        weights: Any = UNSET,
         process_group: Any = None,
     ) -> None:
-        lr_multipliers = renamed_argument(
-            "ntk_fn", "weights", "lr_multipliers", weights, lr_multipliers
-        )
         self.requested = NTKImplementation.parse(implementation)
         self.fm = functionalize(
             model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn

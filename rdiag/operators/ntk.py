@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
-from rdiag._deprecation import UNSET, renamed_argument
 from rdiag._checks import check_positive_int
 from rdiag._inputs import Inputs, batch_size, describe, rows, trailing
 from rdiag._typing import ParamSelector, Weights
@@ -46,7 +44,6 @@ class NTKOperator(LinearOperator):
         output_fn: Picks the output tensor from a non-tensor model output.
         sample_block: Samples per forward pass (default all ``N``); not for
             batch-coupled models.
-        weights: Deprecated name of ``lr_multipliers``.
 
     Raises:
         ValueError: ``sample_block`` below 1, or given for a batch-coupled model.
@@ -74,11 +71,7 @@ class NTKOperator(LinearOperator):
         dtype: torch.dtype | str | None = None,
         output_fn: Callable[[object], Tensor] | None = None,
         sample_block: int | None = None,
-        weights: Any = UNSET,
     ) -> None:
-        lr_multipliers = renamed_argument(
-            "NTKOperator", "weights", "lr_multipliers", weights, lr_multipliers
-        )
         self.fm = functionalize(
             model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn
         )

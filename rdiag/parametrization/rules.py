@@ -423,12 +423,3 @@ def parse_parametrization(spec: str | Parametrization) -> Parametrization:
             f"expected a number after '{kind}=', got {value!r} in {spec!r}"
         ) from None
     return richness(number) if kind == "r" else gamma_family(number)
-
-
-def parse_param(spec: str | Parametrization) -> Parametrization:
-    """Deprecated name of :func:`parse_parametrization`."""
-    from rdiag._deprecation import renamed_name
-
-    return renamed_name("parse_param", "parse_parametrization", parse_parametrization)(
-        spec
-    )

@@ -54,13 +54,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda", "auto")
 
 
-#: Renamed config fields and values: old -> new (accepted with a DeprecationWarning).
-_RENAMED_FIELDS = {"param": "parametrization"}
-
-
-_RENAMED_LOSSES = {"ce": "cross_entropy"}
-
-
 @dataclass
 class TrainConfig:
     """One training run. Every field can be set from YAML / the CLI.
@@ -73,8 +66,7 @@ class TrainConfig:
         activation: Activation of the MLP / CNN.
         parametrization: Parametrization string (``"r=0.25"``, ``"ntk"``, ``"mup"``,
             ``"sp"``, ``"mf"``, ``"gamma=0.1"``), see
-            :func:`rdiag.parametrization.parse_parametrization` (``param`` is its
-            deprecated name).
+            :func:`rdiag.parametrization.parse_parametrization`.
         optimizer: ``"sgd"`` (minibatch), ``"adam"``, ``"gd"`` (full batch) or
             ``"online"`` (every sample used once).
         lr: Base learning rate ``eta0`` (per-layer rates follow ``parametrization``).
@@ -84,7 +76,7 @@ class TrainConfig:
         data: ``"teacher"``, ``"digits"``, ``"cifar10"`` or ``"sequences"``.
         data_options: Keyword arguments of the data loader (e.g. ``root`` for CIFAR-10).
         model_options: Extra keyword arguments of the model family.
-        loss: ``"mse"``, ``"cross_entropy"`` (``"ce"`` is deprecated) or ``"auto"``
+        loss: ``"mse"``, ``"cross_entropy"`` or ``"auto"``
             (MSE for regression, cross-entropy otherwise).
         seed: Seed of initialization, data order and data generation.
         dtype: ``"float32"`` or ``"float64"``.
@@ -150,7 +142,7 @@ class TrainConfig:
             raise TypeError(
                 f"expected a mapping of TrainConfig fields, got {type(values).__name__}"
             )
-        values = _renamed(dict(values))
+        values = dict(values)
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = [k for k in values if k not in names]
         if unknown:
@@ -234,34 +226,6 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _renamed(values: dict[str, Any]) -> dict[str, Any]:
-    """Map deprecated field names and loss names to the current ones."""
-    import warnings
-
-    for old, new in _RENAMED_FIELDS.items():
-        if old in values:
-            if new in values:
-                raise ValueError(
-                    f"config sets both {old!r} and {new!r}; use {new!r} ({old!r} is its "
-                    "deprecated name)"
-                )
-            warnings.warn(
-                f"config field {old!r} is deprecated; use {new!r}",
-                DeprecationWarning,
-                stacklevel=4,
-            )
-            values[new] = values.pop(old)
-    loss = values.get("loss")
-    if isinstance(loss, str) and loss in _RENAMED_LOSSES:
-        warnings.warn(
-            f"loss {loss!r} is deprecated; use {_RENAMED_LOSSES[loss]!r}",
-            DeprecationWarning,
-            stacklevel=4,
-        )
-        values["loss"] = _RENAMED_LOSSES[loss]
-    return values
-
-
 def _yaml_mapping(text: str, source: object, what: str) -> dict[str, Any]:
     """The top-level mapping of a YAML text (an empty text is ``{}``)."""
     yaml = require("yaml", f"reading a {what}")
@@ -300,7 +264,7 @@ def load_train_config(path: str | Path) -> dict[str, Any]:
         FileNotFoundError: The path is not a file.
         ValueError: Unparsable YAML, or not a mapping.
     """
-    return _renamed(_yaml_file(path, "run config", ""))
+    return _yaml_file(path, "run config", "")
 
 
 def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
@@ -422,8 +386,8 @@ def expand_grid(sweep_config: Mapping[str, Any]) -> list[TrainConfig]:
     Raises:
         ValueError: A field is unknown or invalid (named, with allowed values).
     """
-    base = _renamed(dict(sweep_config.get("base", {})))
-    grid = _renamed(dict(sweep_config.get("grid", {})))
+    base = dict(sweep_config.get("base", {}))
+    grid = dict(sweep_config.get("grid", {}))
     if "r" in grid:
         if "parametrization" in grid:
             raise ValueError(

@@ -33,7 +33,6 @@ from rdiag.loop import describe_error
 from rdiag.runs.store import Store, StoreError, run_key
 from rdiag.runs.config import (
     TrainConfig,
-    _renamed,
     expand_grid,
     load_sweep_config,
     parse_shard,
@@ -153,9 +152,9 @@ def sweep(
             f"address={address!r} is the Ray cluster's; pass executor='ray' with it"
         )
     raw = load_sweep_config(config)
-    given = {k: _renamed(dict(v)) for k, v in (overrides or {}).items()}
+    given = {k: dict(v) for k, v in (overrides or {}).items()}
     for section in ("base", "grid"):
-        raw[section] = {**_renamed(raw[section]), **given.get(section, {})}
+        raw[section] = {**raw[section], **given.get(section, {})}
     # An override of the parametrization axis replaces the config's, in either form.
     axis = ("r", "parametrization")
     for key in axis:
