@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
 from rdiag._typing import Data, LossFn, ParamSelector, Weights
-from rdiag.functional import FunctionalModel, Mode
+from rdiag.functional import FunctionalModel, Mode, document_selection
 from rdiag.linalg.density import SpectralDensity, spectral_density
 from rdiag.linalg.lanczos import EigResult, Which, lanczos
 from rdiag.linalg.power import power_extreme
@@ -39,6 +39,7 @@ OPERATORS = ("hessian", "ggn", "fisher")
 Multipliers = Tensor | Mapping[str, float] | float | torch.optim.Optimizer | None
 
 
+@document_selection
 def curvature_operator(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -61,11 +62,8 @@ def curvature_operator(
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch ``(x, y)`` or an iterable of batches.
         operator: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical Fisher).
-        params: Parameter selector (a block: ``params="layers.3.*"``).
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         loss: Loss kind for the GGN/Fisher (default: inferred).
         compile: ``torch.compile`` the Hessian product.
         process_group: A ``torch.distributed`` process group: ``data`` is this
@@ -195,6 +193,7 @@ def _operator(
     return scaled(op, lr_multipliers)
 
 
+@document_selection
 def top_eigenvalues(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -238,12 +237,9 @@ def top_eigenvalues(
         warm_start: The previous :class:`EigResult` (e.g. a few training steps ago)
             or ``(P,)`` / ``(P, k)`` vectors; cuts the products needed.
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
-        params: Parameter selector (per-layer blocks, per-layer sharpness).
-        exclude: Parameters to leave out.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
-        output_fn: Picks the output tensor from a non-tensor model output.
         loss: Loss kind for GGN/Fisher (default inferred).
         seed: Seed of the start vector.
         compile: ``torch.compile`` the Hessian product.
@@ -296,6 +292,7 @@ def top_eigenvalues(
     )
 
 
+@document_selection
 def sharpness(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -337,11 +334,8 @@ def sharpness(
         tol: Relative eigenvalue accuracy.
         warm_start: A previous result or eigenvector (use :func:`top_eigenvalues`
             to keep the :class:`EigResult` for the next call).
-        params: Parameter selector (per-layer sharpness: ``params="layer.*"``).
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         seed: Seed of the start vector.
 
     Returns:
@@ -367,6 +361,7 @@ def sharpness(
     return float(result.eigenvalues[0])
 
 
+@document_selection
 def hessian_trace(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -393,11 +388,8 @@ def hessian_trace(
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
         operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         seed: Seed of the probes.
 
     Returns:
@@ -426,6 +418,7 @@ def hessian_trace(
     return hutch_plus_plus(op, num_matvecs, seed=seed)
 
 
+@document_selection
 def hessian_density(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -456,11 +449,8 @@ def hessian_density(
         sigma: Gaussian broadening (default 1% of the node range).
         operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         seed: Seed of the probes.
 
     Returns:
@@ -488,6 +478,7 @@ def hessian_density(
     )
 
 
+@document_selection
 def ggn_eigenvalues_from_ntk(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -528,11 +519,8 @@ def ggn_eigenvalues_from_ntk(
         lr_multipliers: The diagonal ``M`` (dict, float, callable; see
             :meth:`~rdiag.functional.FunctionalModel.param_weights`), e.g. per-layer
             learning rates relative to the base rate.
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
 
     Returns:
         ``(N*O,)`` float64 eigenvalues, descending (the GGN's nonzero spectrum
@@ -571,19 +559,46 @@ def ggn_eigenvalues_from_ntk(
     return torch.linalg.eigvalsh((small + small.T) / 2).flip(0)
 
 
+@document_selection
 def ggn_sharpness_from_ntk(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
     x: Tensor,
     y: Tensor,
-    **kwargs: object,
+    *,
+    loss: LossKind | None = None,
+    lr_multipliers: Weights = None,
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
 ) -> float:
     r"""``lambda_max`` of the (preconditioned) GGN on one batch, via the full eNTK.
 
-    See :func:`ggn_eigenvalues_from_ntk` (same arguments); for MSE this is
-    :math:`2\lambda_{\max}(\Theta_M)/(N O)`.
+    For MSE this is :math:`2\lambda_{\max}(\Theta_M)/(N O)`; see
+    :func:`ggn_eigenvalues_from_ntk`.
+
+    Args:
+        model, loss_fn, x, y, loss, lr_multipliers: As
+            :func:`ggn_eigenvalues_from_ntk`.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
 
     Returns:
         The largest eigenvalue, a Python float.
     """
-    return float(ggn_eigenvalues_from_ntk(model, loss_fn, x, y, **kwargs)[0])  # type: ignore[arg-type]
+    spectrum = ggn_eigenvalues_from_ntk(
+        model,
+        loss_fn,
+        x,
+        y,
+        loss=loss,
+        lr_multipliers=lr_multipliers,
+        params=params,
+        exclude=exclude,
+        mode=mode,
+        dtype=dtype,
+        output_fn=output_fn,
+    )
+    return float(spectrum[0])

@@ -32,13 +32,13 @@ def _steps(store: Store, rid: str, metric: str) -> list[int]:
 
 
 def test_train_writes_monitor_and_losses(tmp_path) -> None:
-    result = train(TINY, store=tmp_path, param="r=0.5")
+    result = train(TINY, store=tmp_path, parametrization="r=0.5")
     store = Store(tmp_path)
     assert result.status == "finished" and store.status(result.run_id) == "finished"
     assert _steps(store, result.run_id, "train/loss") == [0, 1, 2, 3]
     assert _steps(store, result.run_id, "ntk/rel_change") == [0, 2, 4]
     assert store.config(result.run_id)["parametrization"] == "r=0.5"
-    again = train(TINY, store=tmp_path, param="r=0.5")
+    again = train(TINY, store=tmp_path, parametrization="r=0.5")
     assert again.status == "skipped" and again.run_id == result.run_id
 
 

@@ -28,7 +28,7 @@ from rdiag._optional import Notices
 from rdiag._tiling import format_bytes, resolve_budget
 from rdiag._typing import ParamSelector, Weights
 from rdiag.distributed import Group, sharded_kernel
-from rdiag.functional import FunctionalModel, Mode, functionalize
+from rdiag.functional import FunctionalModel, Mode, functionalize, document_selection
 from rdiag.ntk.jacobian import jacobian_ntk
 from rdiag.ntk.outputs import (
     KernelEstimate,
@@ -50,6 +50,7 @@ from rdiag.ntk._capture import StructuredPlan, sites_of
 __all__ = ["NTKFunction", "empirical_ntk", "ntk_fn", "structured_coverage"]
 
 
+@document_selection
 class NTKFunction(Planner):
     r"""The empirical NTK of one model as a reusable function ``(x1, x2=None) -> K``.
 
@@ -96,18 +97,14 @@ class NTKFunction(Planner):
         trace_outputs: Sum over output units (see the table).
         diagonal: Only ``K(x_i, x_i)`` (calls take no ``x2``).
         per_layer: Return ``{layer name: kernel}``.
-        params: Parameter selector (glob, list, module type, predicate).
-        exclude: Parameters to leave out.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         lr_multipliers: The diagonal ``M``: per-layer/parameter weights (dict by
             layer name, parameter name or glob; float; callable), e.g.
             :func:`rdiag.lr_multipliers`.
-        mode: ``"eval"`` or ``"train"`` (see the warning).
-        dtype: Compute in this dtype (e.g. ``torch.float64``); default the model's.
-            Half-precision models accumulate in float32.
         block_size: Samples per tile of ``N1 x N2``; default the largest that fits.
         memory_budget: Bytes the computation may use; default half the free memory
             (read when a plan is made).
-        output_fn: Picks the output tensor from a non-tensor model output.
         projection: The kernel of projected outputs ``K_P = (PJ)(PJ)^T``: a
             ``(k, O)`` tensor (``(k, V)`` with ``per_token``), or an int ``k`` for a
             seeded Rademacher matrix (see :mod:`rdiag.ntk.outputs`).
@@ -397,39 +394,53 @@ _RUNNERS: dict[
 }
 
 
-def ntk_fn(model: nn.Module | FunctionalModel, **options: Any) -> NTKFunction:
-    """The eNTK of ``model`` as a reusable kernel function that owns its plan.
-
-    ``rdiag.ntk_fn(model, **options)`` is :class:`NTKFunction` (see there for the
-    options, shapes and semantics); keep it for repeated kernels of one model (a
-    Monitor, a training loop): plans, checks and probes are done once.
-
-    Returns:
-        The :class:`NTKFunction`, called as ``kernel(x1, x2=None)``.
-    """
-    return NTKFunction(model, **options)
+#: ``rdiag.ntk_fn(model, ...)``: the eNTK of ``model`` as a reusable kernel function
+#: that owns its plan; the :class:`NTKFunction` constructor itself (one signature,
+#: one docstring). Keep it for repeated kernels of one model (a Monitor, a
+#: training loop): plans, checks and probes are done once.
+ntk_fn = NTKFunction
 
 
+@document_selection
 def empirical_ntk(
     model: nn.Module | FunctionalModel,
     x1: Inputs,
     x2: Inputs | None = None,
-    **options: Any,
-) -> Tensor | dict[str, Tensor]:
-    r"""Empirical NTK :math:`J(x_1)\, M\, J(x_2)^\top` in one call: ``ntk_fn(model, **options)(x1, x2)``.
+    *,
+    implementation: NTKImplementation | str = "auto",
+    trace_outputs: bool = True,
+    diagonal: bool = False,
+    per_layer: bool = False,
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    lr_multipliers: Weights = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | str | None = None,
+    block_size: int | None = None,
+    memory_budget: float | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
+    projection: Tensor | int | None = None,
+    per_token: bool = False,
+    output_probes: int | None = None,
+    seed: int = 0,
+    readout_identity: bool = True,
+    process_group: Any = None,
+) -> Tensor | dict[str, Tensor] | KernelEstimate:
+    r"""Empirical NTK :math:`J(x_1)\, M\, J(x_2)^\top` in one call: ``ntk_fn(model, ...)(x1, x2)``.
 
-    Options, shapes and semantics are those of :class:`NTKFunction`
-    (``implementation``, ``trace_outputs``, ``diagonal``, ``per_layer``,
-    ``params``, ``exclude``, ``lr_multipliers``, ``mode``, ``dtype``,
-    ``block_size``, ``memory_budget``, ``output_fn``). For repeated kernels of one
-    model keep the handle from :func:`ntk_fn` instead: this function plans anew
-    every call.
+    The keywords, shapes and semantics are those of :class:`NTKFunction`. For
+    repeated kernels of one model keep the handle from :func:`ntk_fn` instead:
+    this function plans anew every call.
 
     Args:
         model: The network (or a :class:`~rdiag.functional.FunctionalModel`).
         x1: ``(N1, ...)`` inputs.
         x2: ``(N2, ...)`` inputs, or ``None`` for the symmetric kernel.
-        **options: See :class:`NTKFunction`.
+        implementation, trace_outputs, diagonal, per_layer, lr_multipliers,
+            block_size, memory_budget, projection, per_token, output_probes, seed,
+            readout_identity, process_group: As :class:`NTKFunction`.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
 
     Returns:
         ``(N1, N2)`` traced (default), ``(N1, N2, O, O)`` full, ``(N1,)`` /
@@ -442,7 +453,28 @@ def empirical_ntk(
         >>> empirical_ntk(net, x).shape, empirical_ntk(net, x, trace_outputs=False).shape
         (torch.Size([5, 5]), torch.Size([5, 5, 2, 2]))
     """
-    return ntk_fn(model, **options)(x1, x2)
+    kernel = NTKFunction(
+        model,
+        implementation=implementation,
+        trace_outputs=trace_outputs,
+        diagonal=diagonal,
+        per_layer=per_layer,
+        params=params,
+        exclude=exclude,
+        lr_multipliers=lr_multipliers,
+        mode=mode,
+        dtype=dtype,
+        block_size=block_size,
+        memory_budget=memory_budget,
+        output_fn=output_fn,
+        projection=projection,
+        per_token=per_token,
+        output_probes=output_probes,
+        seed=seed,
+        readout_identity=readout_identity,
+        process_group=process_group,
+    )
+    return kernel(x1, x2)
 
 
 def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:

@@ -13,10 +13,11 @@ from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._checks import check_positive_int
 from rdiag._inputs import Inputs, batch_size, describe, rows, trailing
 from rdiag._typing import ParamSelector, Weights
-from rdiag.functional import FunctionalModel, Mode, functionalize
+from rdiag.functional import FunctionalModel, Mode, functionalize, document_selection
 from rdiag.operators.base import LinearOperator
 
 
+@document_selection
 class NTKOperator(LinearOperator):
     r"""The full eNTK of a batch, :math:`K = J M J^\top`, as a matrix-free operator.
 
@@ -36,12 +37,9 @@ class NTKOperator(LinearOperator):
     Args:
         model: Network or :class:`~rdiag.functional.FunctionalModel`.
         x: ``(N, ...)`` batch (a tensor, tuple or dict of tensors).
-        params: Parameter selector.
-        exclude: Parameters to leave out.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         lr_multipliers: The diagonal ``M`` (see :class:`rdiag.ntk.handle.NTKFunction`).
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (default the model's).
-        output_fn: Picks the output tensor from a non-tensor model output.
         sample_block: Samples per forward pass (default all ``N``); not for
             batch-coupled models.
 
