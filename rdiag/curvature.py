@@ -10,14 +10,14 @@ full eNTK instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
-from rdiag._typing import Data, LossFn, ParamSelector, Weights
+from rdiag._typing import Data, LossFn, ParamSelector, LRMultipliers
 from rdiag.functional import FunctionalModel, Mode, document_selection
 from rdiag.linalg.density import SpectralDensity, spectral_density
 from rdiag.linalg.lanczos import EigResult, Which, lanczos
@@ -34,9 +34,8 @@ from rdiag.operators.ggn import (
 from rdiag.operators.hessian import HessianOperator
 from rdiag.ntk.handle import empirical_ntk
 
-OperatorKind = Literal["hessian", "ggn", "fisher"]
-OPERATORS = ("hessian", "ggn", "fisher")
-Multipliers = Tensor | Mapping[str, float] | float | torch.optim.Optimizer | None
+Curvature = Literal["hessian", "ggn", "fisher"]
+CURVATURES = ("hessian", "ggn", "fisher")
 
 
 @document_selection
@@ -45,7 +44,7 @@ def curvature_operator(
     loss_fn: LossFn,
     data: Data,
     *,
-    operator: OperatorKind = "hessian",
+    curvature: Curvature = "hessian",
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
@@ -61,7 +60,7 @@ def curvature_operator(
         model: The network.
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch ``(x, y)`` or an iterable of batches.
-        operator: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical Fisher).
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical Fisher).
         params, exclude, mode, dtype, output_fn: The selection keywords, described
             once under "Selection keywords" below.
         loss: Loss kind for the GGN/Fisher (default: inferred).
@@ -75,9 +74,9 @@ def curvature_operator(
         for repeated use (it reads the parameters live; ``rebind`` for new data).
 
     Raises:
-        ValueError: Unknown ``operator``.
+        ValueError: Unknown ``curvature``.
     """
-    check_choice(operator, "operator", OPERATORS)
+    check_choice(curvature, "curvature", CURVATURES)
     common = {
         "params": params,
         "exclude": exclude,
@@ -86,9 +85,9 @@ def curvature_operator(
         "output_fn": output_fn,
         "process_group": process_group,
     }
-    if operator == "hessian":
+    if curvature == "hessian":
         return HessianOperator(model, loss_fn, data, compile=compile, **common)
-    if operator == "ggn":
+    if curvature == "ggn":
         return GGNOperator(model, loss_fn, data, loss=loss, **common)
     return FisherOperator(model, loss_fn, data, loss=loss, kind="empirical", **common)
 
@@ -128,7 +127,7 @@ def _adam_diagonal(fm: FunctionalModel, optimizer: torch.optim.Optimizer) -> Ten
 
 
 def multiplier_diagonal(
-    fm: FunctionalModel, lr_multipliers: Multipliers
+    fm: FunctionalModel, lr_multipliers: LRMultipliers
 ) -> Tensor | None:
     r"""Resolve the diagonal ``M`` (per-layer learning-rate ratios) to a flat ``(P,)`` vector.
 
@@ -176,7 +175,7 @@ def multiplier_diagonal(
     ).to(fm.device)
 
 
-def scaled(op: CurvatureOperator, lr_multipliers: Multipliers) -> LinearOperator:
+def scaled(op: CurvatureOperator, lr_multipliers: LRMultipliers) -> LinearOperator:
     """``op`` itself, or ``M^1/2 op M^1/2`` for the diagonal of ``lr_multipliers``."""
     diagonal = multiplier_diagonal(op.fm, lr_multipliers)
     return op if diagonal is None else ScaledOperator(op, diagonal)
@@ -186,7 +185,7 @@ def _operator(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
     data: Data,
-    lr_multipliers: Multipliers,
+    lr_multipliers: LRMultipliers,
     **kwargs: object,
 ) -> LinearOperator:
     op = curvature_operator(model, loss_fn, data, **kwargs)  # type: ignore[arg-type]
@@ -200,7 +199,7 @@ def top_eigenvalues(
     data: Data,
     k: int = 1,
     *,
-    operator: OperatorKind = "hessian",
+    curvature: Curvature = "hessian",
     method: Literal["lanczos", "power"] = "lanczos",
     tol: float = 1e-6,
     max_iter: int = 1000,
@@ -208,7 +207,7 @@ def top_eigenvalues(
     which: Which = "largest",
     params: ParamSelector = None,
     exclude: ParamSelector = None,
-    lr_multipliers: Multipliers = None,
+    lr_multipliers: LRMultipliers = None,
     mode: Mode = "eval",
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
@@ -229,7 +228,7 @@ def top_eigenvalues(
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch ``(x, y)`` or an iterable of batches (full-dataset operator).
         k: Eigenpairs wanted (per end with ``which="both"``).
-        operator: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical).
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical).
         method: ``"lanczos"`` (default) or ``"power"`` (``k=1`` only; the largest
             *algebraic* eigenvalue, in two phases if the dominant one is negative).
         tol: Relative residual tolerance (see :func:`~rdiag.linalg.lanczos.lanczos`).
@@ -261,7 +260,7 @@ def top_eigenvalues(
         loss_fn,
         data,
         lr_multipliers,
-        operator=operator,
+        curvature=curvature,
         params=params,
         exclude=exclude,
         mode=mode,
@@ -298,8 +297,8 @@ def sharpness(
     loss_fn: LossFn,
     data: Data,
     *,
-    lr_multipliers: Multipliers = None,
-    operator: OperatorKind = "hessian",
+    lr_multipliers: LRMultipliers = None,
+    curvature: Curvature = "hessian",
     tol: float = 1e-6,
     warm_start: EigResult | Tensor | None = None,
     params: ParamSelector = None,
@@ -330,7 +329,7 @@ def sharpness(
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch or an iterable of batches.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
-        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         tol: Relative eigenvalue accuracy.
         warm_start: A previous result or eigenvector (use :func:`top_eigenvalues`
             to keep the :class:`EigResult` for the next call).
@@ -346,7 +345,7 @@ def sharpness(
         loss_fn,
         data,
         1,
-        operator=operator,
+        curvature=curvature,
         tol=tol,
         warm_start=warm_start,
         params=params,
@@ -369,8 +368,8 @@ def hessian_trace(
     *,
     num_matvecs: int = 99,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
-    operator: OperatorKind = "hessian",
-    lr_multipliers: Multipliers = None,
+    curvature: Curvature = "hessian",
+    lr_multipliers: LRMultipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
@@ -386,7 +385,7 @@ def hessian_trace(
         data: A batch ``(x, y)`` or an iterable of batches.
         num_matvecs: Products to spend.
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
-        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
         params, exclude, mode, dtype, output_fn: The selection keywords, described
             once under "Selection keywords" below.
@@ -406,7 +405,7 @@ def hessian_trace(
         loss_fn,
         data,
         lr_multipliers,
-        operator=operator,
+        curvature=curvature,
         params=params,
         exclude=exclude,
         mode=mode,
@@ -428,8 +427,8 @@ def hessian_density(
     lanczos_steps: int = 50,
     grid: Tensor | int = 1000,
     sigma: float | None = None,
-    operator: OperatorKind = "hessian",
-    lr_multipliers: Multipliers = None,
+    curvature: Curvature = "hessian",
+    lr_multipliers: LRMultipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
@@ -447,7 +446,7 @@ def hessian_density(
         lanczos_steps: Lanczos steps (quadrature nodes) per probe.
         grid: ``(G,)`` points, or a number of points spanning the nodes.
         sigma: Gaussian broadening (default 1% of the node range).
-        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
         params, exclude, mode, dtype, output_fn: The selection keywords, described
             once under "Selection keywords" below.
@@ -461,7 +460,7 @@ def hessian_density(
         loss_fn,
         data,
         lr_multipliers,
-        operator=operator,
+        curvature=curvature,
         params=params,
         exclude=exclude,
         mode=mode,
@@ -486,7 +485,7 @@ def ggn_eigenvalues_from_ntk(
     y: Tensor,
     *,
     loss: LossKind | None = None,
-    lr_multipliers: Weights = None,
+    lr_multipliers: LRMultipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
@@ -567,7 +566,7 @@ def ggn_sharpness_from_ntk(
     y: Tensor,
     *,
     loss: LossKind | None = None,
-    lr_multipliers: Weights = None,
+    lr_multipliers: LRMultipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",

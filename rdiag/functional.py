@@ -22,7 +22,7 @@ from torch.func import functional_call
 from rdiag._checks import check_choice, check_dtype, check_module
 from rdiag._inputs import Inputs, check_inputs, describe, tree_map
 from rdiag._optional import Notices
-from rdiag._typing import Params, ParamSelector, Weights
+from rdiag._typing import Params, ParamSelector, LRMultipliers
 
 Mode = Literal["eval", "train"]
 _T = TypeVar("_T")
@@ -283,7 +283,7 @@ class FunctionalModel:
             start = stop
         return out
 
-    def param_weights(self, weights: Weights) -> dict[str, float]:
+    def param_weights(self, weights: LRMultipliers) -> dict[str, float]:
         """Resolve a per-layer weighting to one scalar per selected parameter.
 
         Args:
@@ -316,6 +316,13 @@ class FunctionalModel:
                     f"weights keys {unused} match no selected parameter or layer; "
                     f"layers are {list(self.groups)[:8]}"
                 )
+        elif isinstance(weights, (Tensor, torch.optim.Optimizer)):
+            raise TypeError(
+                f"expected one lr_multiplier per parameter here (None, float, dict or "
+                f"callable), got a per-coordinate {type(weights).__name__}; a tensor or "
+                "an optimizer is a diagonal for the curvature functions only: pass "
+                "rdiag.lr_multipliers(model) (per-layer rates)"
+            )
         elif callable(weights):
             resolved = {n: float(weights(n)) for n in self.names}
         else:

@@ -75,7 +75,7 @@ from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._checks import check_finite_positive, check_module, check_positive_int
 from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
-from rdiag._typing import LossFn, Weights
+from rdiag._typing import LossFn, LRMultipliers
 from rdiag.distributed import Group, shard_of
 from rdiag.functional import MODES, Mode, functionalize, unwrap_parallel
 from rdiag.kernels import kernel_stats
@@ -193,7 +193,7 @@ class Monitor:
             skipping checks (see the module docstring).
         layers: Module names whose outputs are the tracked representations; default
             :func:`default_layers`.
-        num_eigs: Number of top eNTK eigenvalues to record (``>= 0``).
+        k: Number of top eNTK eigenvalues to record (``>= 0``).
         sharpness_tol: Relative tolerance of the Lanczos sharpness solves.
         mode: ``"eval"`` (default: dropout off, batch norm running statistics) or
             ``"train"`` (batch statistics, fixed-seed dropout), for every metric.
@@ -208,10 +208,10 @@ class Monitor:
         moments_probe: Inputs ``(N', ...)`` of the ``"ntk_moments"`` metric: a large
             set (``10^4 - 10^5`` points) whose ``(N' O)^2`` eNTK is never formed;
             default the probe's ``x``.
-        moments_vectors: Rademacher vectors (= eNTK products) per check of
+        moments_matvecs: Rademacher vectors (= eNTK products) per check of
             ``"ntk_moments"``; the first check keeps them and its products (``2 N'
             O`` floats each) as the reference of the relative change.
-        moments_block: Samples per forward pass of those products (default all).
+        moments_block_size: Samples per forward pass of those products (default all).
         process_group: Under data-parallel training (a ``torch.distributed``
             process group; ``model`` may be the DDP wrapper): every rank calls
             :meth:`step` at the same steps with the same whole probe. With
@@ -242,11 +242,11 @@ class Monitor:
         loss_fn: LossFn | None = None,
         store: Any = None,
         run_id: str | None = None,
-        lr_multipliers: Weights = None,
+        lr_multipliers: LRMultipliers = None,
         optimizer: torch.optim.Optimizer | None = None,
         budget_fraction: float | None = None,
         layers: Sequence[str] | None = None,
-        num_eigs: int = 5,
+        k: int = 5,
         sharpness_tol: float = 1e-4,
         mode: Mode = "eval",
         dtype: torch.dtype | str | None = None,
@@ -255,8 +255,8 @@ class Monitor:
         strict: bool = False,
         sinks: Sequence[Sink | Callable[[str, float, int], None]] = (),
         moments_probe: Inputs | None = None,
-        moments_vectors: int = 30,
-        moments_block: int | None = None,
+        moments_matvecs: int = 30,
+        moments_block_size: int | None = None,
         process_group: Any = None,
         shard_probe: bool = True,
     ) -> None:
@@ -299,8 +299,8 @@ class Monitor:
             raise ValueError(
                 f"expected budget_fraction in (0, 1), got {budget_fraction!r}"
             )
-        if isinstance(num_eigs, bool) or not isinstance(num_eigs, int) or num_eigs < 0:
-            raise ValueError(f"expected num_eigs to be an int >= 0, got {num_eigs!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"expected k to be an int >= 0, got {k!r}")
         if mode not in MODES:
             raise ValueError(f"expected mode to be one of {list(MODES)}, got {mode!r}")
         self.scheduled = _schedule(every)
@@ -309,7 +309,7 @@ class Monitor:
         self.lr_multipliers = lr_multipliers
         self.optimizer = optimizer
         self.budget_fraction = budget_fraction
-        self.num_eigs = num_eigs
+        self.k = k
         self.sharpness_tol = check_finite_positive(sharpness_tol, "sharpness_tol")
         self.mode = mode
         self.snapshots = snapshots
@@ -334,15 +334,15 @@ class Monitor:
                 per_layer="ntk_layers" in self.metrics,
                 process_group=process_group if self._sharded else None,
             )
-        check_positive_int(moments_vectors, "moments_vectors")
-        self.moments_vectors = moments_vectors
+        check_positive_int(moments_matvecs, "moments_matvecs")
+        self.moments_matvecs = moments_matvecs
         self._moments: NTKOperator | None = None
         if "ntk_moments" in self.metrics:
             self._moments = NTKOperator(
                 self.fm,
                 self.x if moments_probe is None else moments_probe,
                 lr_multipliers=lr_multipliers,
-                sample_block=moments_block,
+                block_size=moments_block_size,
             )
         self._hessian: HessianOperator | None = None
         self._lr_diagonal: Tensor | None = None
@@ -615,7 +615,7 @@ class Monitor:
         if "ntk" in self.metrics:
             self._movement("ntk", k, rec)
             eigs = M.eigenvalues(k)
-            for i, lam in enumerate(eigs[: self.num_eigs].tolist()):
+            for i, lam in enumerate(eigs[: self.k].tolist()):
                 rec[R.name("ntk/eig", str(i))] = lam
             rec["ntk/eff_rank"] = M.effective_rank(eigs)
             rec["ntk/trace"] = float(k.trace())
@@ -638,7 +638,7 @@ class Monitor:
     def _moment_metrics(self, rec: dict) -> None:
         """Statistics of the eNTK from operator products (:func:`~rdiag.linalg.kernel_moments`)."""
         ref = self._ref.get("ntk_moments")
-        m = kernel_moments(self._moments, self.moments_vectors, reference=ref)
+        m = kernel_moments(self._moments, self.moments_matvecs, reference=ref)
         if ref is None:
             self._ref["ntk_moments"] = (m.probes, m.products)
         stats = {

@@ -26,7 +26,7 @@ from rdiag._checks import check_positive_int
 from rdiag._inputs import Inputs, describe, trailing
 from rdiag._optional import Notices
 from rdiag._tiling import format_bytes, resolve_budget
-from rdiag._typing import ParamSelector, Weights
+from rdiag._typing import ParamSelector, LRMultipliers
 from rdiag.distributed import Group, sharded_kernel
 from rdiag.functional import FunctionalModel, Mode, functionalize, document_selection
 from rdiag.ntk.jacobian import jacobian_ntk
@@ -154,7 +154,7 @@ class NTKFunction(Planner):
         per_layer: bool = False,
         params: ParamSelector = None,
         exclude: ParamSelector = None,
-        lr_multipliers: Weights = None,
+        lr_multipliers: LRMultipliers = None,
         mode: Mode = "eval",
         dtype: torch.dtype | str | None = None,
         block_size: int | None = None,
@@ -413,7 +413,7 @@ def empirical_ntk(
     per_layer: bool = False,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
-    lr_multipliers: Weights = None,
+    lr_multipliers: LRMultipliers = None,
     mode: Mode = "eval",
     dtype: torch.dtype | str | None = None,
     block_size: int | None = None,
