@@ -129,7 +129,7 @@ def _roles(info: dict[str, Any]) -> dict[str, str]:
     """Layer name -> role of the built-in family a run group names (else empty)."""
     import torch
 
-    family = FAMILIES.get(info.get("model"))
+    family = FAMILIES.get(info.get("family"))
     if family is None:
         return {}
     depth = info.get("depth")

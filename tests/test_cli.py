@@ -11,7 +11,7 @@ from rdiag.cli import main
 
 TINY_SWEEP = """
 base:
-  model: mlp
+  family: mlp
   depth: 3
   optimizer: gd
   lr: 0.1
@@ -138,7 +138,7 @@ def test_ntk_command_measures_in_the_mode_asked_for(tmp_path) -> None:
     traces = {}
     for mode in ("eval", "train"):
         path = tmp_path / f"{mode}.json"
-        argv = ["ntk", "--model", "bn_mlp", "--width", "8", "--n", "6", "--mode", mode]
+        argv = ["ntk", "--family", "bn_mlp", "--width", "8", "--n", "6", "--mode", mode]
         assert main([*argv, "--out", str(path)]) == 0
         traces[mode] = json.loads(path.read_text())["trace"]
         k = empirical_ntk(model, x, lr_multipliers=lr_multipliers(model), mode=mode)
@@ -152,7 +152,7 @@ def test_coord_check_command(tmp_path, capsys) -> None:
         main(
             [
                 "coord-check",
-                "--model",
+                "--family",
                 "mlp",
                 "--param",
                 "mup",
@@ -208,7 +208,7 @@ def test_coord_check_command(tmp_path, capsys) -> None:
             "argument --seeds: expected an integer >= 1, got '0'",
         ),
         (["report", "--store", "{tmp}/nothing"], "no store at"),
-        (["run", "--model", "resnet", "--out", "{tmp}"], "invalid choice: 'resnet'"),
+        (["run", "--family", "resnet", "--out", "{tmp}"], "invalid choice: 'resnet'"),
     ],
 )
 def test_errors_exit_2_with_a_clear_message(
@@ -264,7 +264,7 @@ def _one_error_line(capsys, command: str) -> str:
         (["run", "--out", "{tmp}/file"], "argument --out: expected a directory"),
         (["coord-check", "--out", "{tmp}/file"], "argument --out: expected a direc"),
         (["depth-check", "--depths", "0", "--out", "{tmp}/d"], "argument --depths"),
-        (["depth-check", "--model", "mlp", "--out", "{tmp}/d"], "argument --model"),
+        (["depth-check", "--family", "mlp", "--out", "{tmp}/d"], "argument --family"),
         (
             ["sweep", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/o"],
             "could not parse",

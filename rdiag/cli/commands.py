@@ -52,12 +52,11 @@ def _value(text: str) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-
     config = load_train_config(args.config) if args.config else {}
     flags = {
         k: getattr(args, k)
         for k in (
-            "model",
+            "family",
             "width",
             "depth",
             "parametrization",
@@ -94,10 +93,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-
     base: dict[str, Any] = {}
     grid: dict[str, Any] = {}
-    for key in ("model", "steps", "every"):
+    for key in ("family", "steps", "every"):
         if getattr(args, key) is not None:
             base[key] = getattr(args, key)
     if args.r is not None:
@@ -192,7 +190,7 @@ def _print_fits(fits: list[dict]) -> None:
 def _cmd_coord_check(args: argparse.Namespace) -> int:
 
     result = coord_check(
-        args.model,
+        args.family,
         args.parametrization,
         args.widths,
         steps=args.steps,
@@ -206,7 +204,7 @@ def _cmd_coord_check(args: argparse.Namespace) -> int:
 def _cmd_depth_check(args: argparse.Namespace) -> int:
 
     result = depth_check(
-        args.model,
+        args.family,
         args.parametrization,
         args.depths,
         width=args.width,
@@ -320,7 +318,7 @@ def _built_in(args: argparse.Namespace) -> tuple[Any, Any]:
 
     opts: dict[str, Any] = {"depth": args.depth}
     model = make_model(
-        args.model,
+        args.family,
         args.width,
         parametrization=args.parametrization,
         seed=args.seed,
@@ -354,7 +352,7 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
     eigs = metrics.eigenvalues(k.double())
     _emit(
         {
-            "model": f"{args.model} width={args.width} depth={args.depth} parametrization={args.parametrization}",
+            "family": f"{args.family} width={args.width} depth={args.depth} parametrization={args.parametrization}",
             "kernel": f"learning-rate-weighted eNTK K_M, shape {tuple(k.shape)}, traced over outputs",
             "seconds": round(seconds, 4),
             "trace": float(k.trace()),
@@ -377,7 +375,7 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
         )
     steps, diverged = _gd(model, x, y, args.lr, args.steps)
     summary: dict[str, Any] = {
-        "model": f"{args.model} width={args.width} depth={args.depth} parametrization={args.parametrization}",
+        "family": f"{args.family} width={args.width} depth={args.depth} parametrization={args.parametrization}",
         "loss": "mse on Gaussian targets",
         "steps_of_gd": steps,
     }

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from rdiag.data import DATASETS
-from rdiag.runs.config import MODELS, OPTIMIZERS, parse_shard
+from rdiag.models import FAMILIES
+from rdiag.runs.config import OPTIMIZERS, parse_shard
 
 
 _EPILOG = {
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--config", help="YAML file with TrainConfig fields (flags override it)"
     )
-    run.add_argument("--model", choices=MODELS)
+    run.add_argument("--family", choices=tuple(FAMILIES))
     run.add_argument("--width", type=_POSITIVE)
     run.add_argument("--depth", type=_POSITIVE)
     run.add_argument(
@@ -205,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="YAML sweep config, or 'default' (the packaged one)",
     )
-    sw.add_argument("--model", choices=MODELS)
+    sw.add_argument("--family", choices=tuple(FAMILIES))
     group = sw.add_mutually_exclusive_group()
     group.add_argument("--r", type=_REAL, nargs="+", help="richness values (grid)")
     group.add_argument(
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     cc = add("coord-check", "coordinate check of a parameterization over widths")
-    cc.add_argument("--model", choices=MODELS, default="mlp")
+    cc.add_argument("--family", choices=tuple(FAMILIES), default="mlp")
     cc.add_argument(
         "--parametrization", "--param", dest="parametrization", default="mup"
     )
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("sharpness", "raw and preconditioned sharpness of a built-in model"),
     ):
         p = add(name, help_)
-        p.add_argument("--model", choices=MODELS, default="mlp")
+        p.add_argument("--family", choices=tuple(FAMILIES), default="mlp")
         p.add_argument("--width", type=_POSITIVE, default=128)
         p.add_argument("--depth", type=_POSITIVE, default=3)
         p.add_argument(

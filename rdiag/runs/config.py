@@ -35,8 +35,6 @@ from rdiag.models import ACTIVATIONS
 from rdiag.parametrization import parse_parametrization
 
 
-#: Model families (owned by :mod:`rdiag.models`).
-MODELS = tuple(FAMILIES)
 
 
 #: Optimizers (:mod:`rdiag.parametrization`) and the batch streams of SGD
@@ -59,7 +57,7 @@ class TrainConfig:
     """One training run. Every field can be set from YAML / the CLI.
 
     Attributes:
-        model: A family of :data:`rdiag.models.FAMILIES` (``"mlp"``, ``"cnn"``,
+        family: A family of :data:`rdiag.models.FAMILIES` (``"mlp"``, ``"cnn"``,
             ``"transformer"``, ``"bn_mlp"``).
         width: The width knob (hidden units, channels, ``d_model``).
         depth: Weight layers (MLP), conv layers (CNN) or blocks (transformer).
@@ -92,7 +90,7 @@ class TrainConfig:
             counts as divergence.
     """
 
-    model: str = "mlp"
+    family: str = "mlp"
     width: int = 128
     depth: int = 3
     activation: str = "tanh"
@@ -161,7 +159,7 @@ class TrainConfig:
             TypeError: ``data_options`` / ``model_options`` is not a mapping.
         """
         for name, allowed in (
-            ("model", MODELS),
+            ("family", tuple(FAMILIES)),
             ("optimizer", OPTIMIZERS),
             ("loss", LOSSES),
             ("data", DATASETS),

@@ -135,10 +135,27 @@ def _live(pid: int, host: str, pid_start: str | None, heartbeat: float) -> bool:
     return True
 
 
+#: Config fields renamed since run ids were first computed: current name -> the
+#: name a run id hashes (CHANGELOG.md). A renamed field never changes a run id, so
+#: a store written before the rename resumes with 0 re-runs, and its configs read
+#: back under the current names (:meth:`Store.config`, :meth:`Store.query`).
+ID_NAMES = {"family": "model"}
+
+
 def run_key(config: Mapping[str, Any]) -> str:
-    """Deterministic run id of a configuration: a 16-hex sha256 of its sorted JSON."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    """Deterministic run id of a configuration: a 16-hex sha256 of its sorted JSON.
+
+    Fields renamed since (:data:`ID_NAMES`) are hashed under their first name.
+    """
+    named = {ID_NAMES.get(k, k): v for k, v in config.items()}
+    blob = json.dumps(named, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def current_names(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config under the current field names (:data:`ID_NAMES` reversed)."""
+    old = {v: k for k, v in ID_NAMES.items()}
+    return {old[k] if k in old and old[k] not in config else k: v for k, v in config.items()}
 
 
 def versions() -> dict[str, str]:
@@ -410,12 +427,12 @@ class Store:
         """The configuration a run was created with.
 
         Returns:
-            The config dict.
+            The config dict, under the current field names (:data:`ID_NAMES`).
 
         Raises:
             KeyError: No such run.
         """
-        return json.loads(self._run_field(run_id, "config"))
+        return current_names(json.loads(self._run_field(run_id, "config")))
 
     def _run_field(self, run_id: str, column: str) -> Any:
         rows = self._read(f"SELECT {column} FROM runs WHERE id = ?", (run_id,))
@@ -695,7 +712,7 @@ class Store:
         frame["metric"] = frame["metric"].map(R.current_metric)
         if config and len(frame):
             cfg = pd.DataFrame(
-                [json.loads(c) for c in frame["config"]], index=frame.index
+                [current_names(json.loads(c)) for c in frame["config"]], index=frame.index
             )
             cfg = cfg[[c for c in cfg.columns if c not in frame.columns]]
             cfg = cfg.apply(

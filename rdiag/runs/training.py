@@ -114,20 +114,20 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
         ValueError: The family does not fit the data's input shape.
     """
     opts: dict[str, Any] = {"depth": cfg.depth}
-    if cfg.model in ("mlp", "bn_mlp"):
+    if cfg.family in ("mlp", "bn_mlp"):
         if len(data.in_shape) != 1:
             raise ValueError(
-                f"model {cfg.model!r} needs flat inputs, got input shape "
-                f"{data.in_shape}; use model 'cnn' for images or data_options "
+                f"family {cfg.family!r} needs flat inputs, got input shape "
+                f"{data.in_shape}; use family 'cnn' for images or data_options "
                 "flatten: true"
             )
         opts.update(
             d_in=data.in_shape[0], d_out=data.num_outputs, activation=cfg.activation
         )
-    elif cfg.model == "cnn":
+    elif cfg.family == "cnn":
         if len(data.in_shape) != 3 or data.in_shape[1] != data.in_shape[2]:
             raise ValueError(
-                f"model 'cnn' needs square images (C, H, H), got input shape {data.in_shape}; "
+                f"family 'cnn' needs square images (C, H, H), got input shape {data.in_shape}; "
                 "use data 'cifar10' or 'digits' with data_options flatten: false"
             )
         opts.update(
@@ -139,7 +139,7 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
     else:
         if data.x.is_floating_point() or len(data.in_shape) != 1:
             raise ValueError(
-                f"model 'transformer' needs token inputs (N, T), got {data.x.dtype} inputs of "
+                f"family 'transformer' needs token inputs (N, T), got {data.x.dtype} inputs of "
                 f"shape {data.in_shape}; use data 'sequences'"
             )
         opts.update(
@@ -150,7 +150,7 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
         opts["vocab"] = max(opts["vocab"], data.num_outputs)
     opts.update(cfg.model_options)
     model = make_model(
-        cfg.model, cfg.width, parametrization=cfg.parametrization, seed=cfg.seed, **opts
+        cfg.family, cfg.width, parametrization=cfg.parametrization, seed=cfg.seed, **opts
     )
     return model.to(DTYPES[cfg.dtype])
 
