@@ -156,7 +156,7 @@ class CoordCheckResult(Checked):
 
 
 def coord_check(
-    model_family: Family,
+    family: Family,
     parametrization: Parametrization | str,
     widths: Sequence[int],
     *,
@@ -178,10 +178,10 @@ def coord_check(
     mode: Mode = "eval",
     output_fn: Callable[[object], Tensor] | None = None,
 ) -> CoordCheckResult:
-    """Train ``model_family`` at each width and fit every metric's width exponent.
+    """Train ``family`` at each width and fit every metric's width exponent.
 
     Args:
-        model_family: A built-in family name (``"mlp"``, ``"cnn"``,
+        family: A built-in family name (``"mlp"``, ``"cnn"``,
             ``"transformer"``) or ``width -> nn.Module`` (then ``data`` is needed).
         parametrization: A :class:`Parametrization` or a :func:`parse_parametrization` string.
         widths: At least two widths (span >= 16x recommended).
@@ -239,9 +239,9 @@ def coord_check(
         else lr
     )
     widths, seeds = _check_args(
-        model_family, widths, steps, seeds, lr, optimizer, data, confidence
+        family, widths, steps, seeds, lr, optimizer, data, confidence
     )
-    build = _builder(model_family, family_kwargs or {})
+    build = _builder(family, family_kwargs or {})
     if data is None:
         data = _default_data(build(widths[0]), batch_size, data_seed)
     device = torch.device(device or "cpu")
@@ -288,10 +288,10 @@ def coord_check(
 
 def _check_args(family, widths, steps, seeds, lr, optimizer, data, confidence):
     if isinstance(family, str):
-        check_choice(family, "model_family", tuple(FAMILIES))
+        check_choice(family, "family", tuple(FAMILIES))
     elif not callable(family):
         raise TypeError(
-            f"expected model_family to be a family name {sorted(FAMILIES)} or a callable "
+            f"expected family to be a family name {sorted(FAMILIES)} or a callable "
             f"width -> nn.Module, got {type(family).__name__}"
         )
     elif data is None:

@@ -1,6 +1,6 @@
 """The richness meter: where a user's own model and optimizer sit on the lazy-rich scale.
 
-:func:`richness_meter` builds ``make_model(width)`` at every width and seed,
+:func:`richness_meter` builds ``family(width)`` at every width and seed,
 trains it briefly with the user's optimizer and loss (the width experiment of
 :func:`rdiag.loop.measured_fit`, the coordinate check's), and fits the width
 exponents of ``||h_0||`` and ``||dh||`` per read-in/hidden layer, ``||f_0||``,
@@ -242,7 +242,7 @@ def width_roles(small: nn.Module, large: nn.Module) -> dict[str, str]:
     a, b = _weights(small), _weights(large)
     if list(a) != list(b):
         raise ValueError(
-            f"expected make_model to build the same layers at every width, got "
+            f"expected family to build the same layers at every width, got "
             f"{sorted(set(a) ^ set(b))[:6]} at only one of two widths"
         )
     roles = {}
@@ -259,7 +259,7 @@ def width_roles(small: nn.Module, large: nn.Module) -> dict[str, str]:
         }.get(tuple(grows), "fixed")
     if all(role == "fixed" for role in roles.values()):
         raise ValueError(
-            "expected make_model(width) to change the parameter shapes with the "
+            "expected family(width) to change the parameter shapes with the "
             f"width, got the same shapes at two widths for {list(roles)[:6]}; make "
             "the width argument set the hidden size"
         )
@@ -273,19 +273,19 @@ def width_roles(small: nn.Module, large: nn.Module) -> dict[str, str]:
 
 
 # ---- the meter ------------------------------------------------------------------------
-def _build(make_model: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
+def _build(family: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = make_model(width)
+    model = family(width)
     if not isinstance(model, nn.Module):
         raise TypeError(
-            f"expected make_model({width}) to return a torch.nn.Module, got "
+            f"expected family({width}) to return a torch.nn.Module, got "
             f"{type(model).__name__}; pass a function width -> nn.Module"
         )
     return model
 
 
 def default_data(
-    make_model: Callable[[int], nn.Module],
+    family: Callable[[int], nn.Module],
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     *,
     width: int,
@@ -303,7 +303,7 @@ def default_data(
     batch at every width.
 
     Args:
-        make_model: ``width -> nn.Module`` with ``sample_inputs(n, generator)``.
+        family: ``width -> nn.Module`` with ``sample_inputs(n, generator)``.
         loss_fn: The training loss (:func:`rdiag.losses.infer_loss_kind` decides
             the targets).
         width: The width the batch's shapes are read at.
@@ -314,11 +314,11 @@ def default_data(
         ``(x (N, ...), y)``.
 
     Raises:
-        TypeError: ``make_model`` does not return a module, or one without
+        TypeError: ``family`` does not return a module, or one without
             ``sample_inputs``.
     """
     check_positive_int(n, "n")
-    model = _build(make_model, width, seed)
+    model = _build(family, width, seed)
     inner = model.model if isinstance(model, Centered) else model
     if not callable(getattr(inner, "sample_inputs", None)):
         raise TypeError(
@@ -410,7 +410,7 @@ def _batches(data: Any, steps: int) -> Callable[[], Iterable]:
 
 
 def richness_meter(
-    make_model: Callable[[int], nn.Module],
+    family: Callable[[int], nn.Module],
     make_optimizer: OptimizerFactory | LRRule,
     data: tuple[Inputs, Tensor] | Iterable[tuple[Inputs, Tensor]],
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -427,10 +427,10 @@ def richness_meter(
     output_fn: Callable[[object], Tensor] | None = None,
     confidence: float = 0.95,
 ) -> MeterResult:
-    """Train ``make_model`` briefly at every width and say where it sits on the scale.
+    """Train ``family`` briefly at every width and say where it sits on the scale.
 
     Args:
-        make_model: ``width -> nn.Module``; the width must change the shapes.
+        family: ``width -> nn.Module``; the width must change the shapes.
         make_optimizer: ``model -> torch.optim.Optimizer`` (the learning rates are
             read from its parameter groups), or an :class:`LRRule`.
         data: The training batch ``(x (N, ...), y)`` (every step, full batch), or
@@ -454,7 +454,7 @@ def richness_meter(
         The :class:`MeterResult`.
 
     Raises:
-        TypeError: ``make_model`` does not return a module, or ``make_optimizer``
+        TypeError: ``family`` does not return a module, or ``make_optimizer``
             an optimizer; ``data`` is not a batch or batches.
         ValueError: Bad widths, steps, seeds or target; the width does not change
             the parameter shapes; a batch-coupled model.
@@ -480,14 +480,14 @@ def richness_meter(
     check_choice(mode, "mode", MODES)
     if target is not None and not 0.0 <= target <= 0.5:
         raise ValueError(f"expected target in [0, 1/2], got {target!r}")
-    if not callable(make_model):
+    if not callable(family):
         raise TypeError(
-            f"expected make_model to be a function width -> nn.Module, got "
-            f"{type(make_model).__name__}"
+            f"expected family to be a function width -> nn.Module, got "
+            f"{type(family).__name__}"
         )
     batches = _batches(data, steps)
-    small = _build(make_model, widths[0], seeds[0])
-    found = width_roles(small, _build(make_model, widths[-1], seeds[0]))
+    small = _build(family, widths[0], seeds[0])
+    found = width_roles(small, _build(family, widths[-1], seeds[0]))
     found.update(roles or {})
     first = next(iter(batches()))[0]
     if probe is None:
@@ -496,7 +496,7 @@ def richness_meter(
     metrics = list(METRICS[:2] + (METRICS[2:] if ntk else ()))
     records, failed, rates = [], [], {}
     for width, seed in itertools.product(widths, seeds):
-        model = _build(make_model, width, seed)
+        model = _build(family, width, seed)
         check_per_sample(model, mode)
         opt = _optimizer(make_optimizer, model, found, width)
         lrs = _rates(model, opt)

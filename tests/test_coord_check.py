@@ -216,23 +216,23 @@ def test_predictions():
         ({"lr": -1.0}, ValueError, "expected lr to be a finite number > 0"),
         ({"optimizer": "lbfgs"}, ValueError, "expected optimizer to be one of"),
         ({"confidence": 1.5}, ValueError, r"expected confidence in \(0, 1\)"),
-        ({"model_family": "resnet"}, ValueError, "expected model_family to be one of"),
-        ({"model_family": lambda w: MLP(w)}, ValueError, "expected data=\\(x, y\\)"),
-        ({"model_family": 3}, TypeError, "expected model_family"),
+        ({"family": "resnet"}, ValueError, "expected family to be one of"),
+        ({"family": lambda w: MLP(w)}, ValueError, "expected data=\\(x, y\\)"),
+        ({"family": 3}, TypeError, "expected family"),
         (
             {"parametrization": "r=0.9"},
             ValueError,
             r"expected r in \[0, 1/2\], got 0.9",
         ),
-        ({"model_family": "bn_mlp"}, ValueError, "acts on each sample separately"),
+        ({"family": "bn_mlp"}, ValueError, "acts on each sample separately"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
-    args = {"model_family": "mlp", "parametrization": "mup", "widths": [8, 16]}
+    args = {"family": "mlp", "parametrization": "mup", "widths": [8, 16]}
     args.update(kwargs)
     with pytest.raises(error, match=message):
         coord_check(
-            args.pop("model_family"),
+            args.pop("family"),
             args.pop("parametrization"),
             args.pop("widths"),
             **args,
