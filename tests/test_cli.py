@@ -438,7 +438,7 @@ _BROKEN = "import not_installed_package_xyz\n\n\ndef build(n):\n    return None\
         (["--factory", "tests.models:__doc__"], "got a str; name a function"),
         (
             ["--factory", "tests.models:mlp"],
-            "expected make_model(16) to return a torch.nn.Module, got function",
+            "expected family(16) to return a torch.nn.Module, got function",
         ),
         (
             ["--factory", "tests.models:meter_batch"],
