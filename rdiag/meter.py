@@ -62,6 +62,7 @@ from rdiag.verdicts import (
     predicted_at,
 )
 from rdiag.coord_check import jsonable
+from rdiag.roles import width_roles
 
 #: The file :meth:`MeterResult.save` writes (and :mod:`rdiag.report` looks for).
 METER_JSON = "meter.json"
@@ -199,77 +200,6 @@ class MeterResult:
         path = out / METER_JSON
         path.write_text(json.dumps(self.to_dict(), indent=1), encoding="utf-8")
         return path
-
-
-# ---- roles from widths --------------------------------------------------------------
-def _axes(module: nn.Module, weight: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(output axes, input axes)`` of a module's weight."""
-    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
-        return (1,), (0,)  # (num, dim); Hugging Face Conv1D is (in, out)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return (1,), (0,)
-    return (0,), tuple(range(1, weight.dim()))
-
-
-def _weights(model: nn.Module) -> dict[str, tuple[nn.Module, Tensor]]:
-    out = {}
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if isinstance(w, nn.Parameter) and w.dim() >= 2 and w.requires_grad:
-            out[name] = (module, w)
-    return out
-
-
-def width_roles(small: nn.Module, large: nn.Module) -> dict[str, str]:
-    """Each weight layer's role, from which axes change between two widths.
-
-    A layer whose output axis grows and input axes do not is a read-in (an
-    embedding's rows are its inputs), both is hidden, only the input is a
-    read-out; neither is ``"fixed"``. Layers sharing one weight in different
-    roles (tied embeddings) are ``"tied"``: no one prediction holds for them.
-
-    Args:
-        small: The model at one width.
-        large: The model at a larger width (same module names).
-
-    Returns:
-        Module name -> role, in ``named_modules()`` order.
-
-    Raises:
-        ValueError: The two models have different layers, or no shape changes
-            (the width argument does not set the width).
-    """
-    a, b = _weights(small), _weights(large)
-    if list(a) != list(b):
-        raise ValueError(
-            f"expected family to build the same layers at every width, got "
-            f"{sorted(set(a) ^ set(b))[:6]} at only one of two widths"
-        )
-    roles = {}
-    for name, (module, w) in a.items():
-        out_axes, in_axes = _axes(module, w)
-        big = b[name][1].shape
-        grows = [
-            any(w.shape[i] != big[i] for i in axes) for axes in (out_axes, in_axes)
-        ]
-        roles[name] = {
-            (True, False): "readin",
-            (True, True): "hidden",
-            (False, True): "readout",
-        }.get(tuple(grows), "fixed")
-    if all(role == "fixed" for role in roles.values()):
-        raise ValueError(
-            "expected family(width) to change the parameter shapes with the "
-            f"width, got the same shapes at two widths for {list(roles)[:6]}; make "
-            "the width argument set the hidden size"
-        )
-    by_weight: dict[int, list[str]] = {}
-    for name, (_, w) in a.items():
-        by_weight.setdefault(id(w), []).append(name)
-    for names in by_weight.values():
-        if len({roles[n] for n in names}) > 1:
-            roles.update({n: "tied" for n in names})
-    return roles
 
 
 # ---- the meter ------------------------------------------------------------------------

@@ -91,6 +91,7 @@ from rdiag.sinks import Sink, as_sinks
 from rdiag.curvature import multiplier_diagonal
 from rdiag.parametrization import effective_weights
 from rdiag.parametrization import layer_scales
+from rdiag.roles import readout_name
 
 METRICS = (
     "ntk",
@@ -158,13 +159,16 @@ def default_layers(model: nn.Module) -> list[str]:
 
     The read-in and hidden layers of a model prepared by
     :func:`rdiag.apply_parametrization` (the layers the width exponents are
-    predicted for); otherwise every trainable leaf module but the last (taken as
-    the read-out).
+    predicted for); otherwise every trainable leaf module before the read-out
+    (:func:`rdiag.roles.readout_name`: the last weight layer; a norm layer after
+    it is a gain of the outputs, not a layer of the width).
     """
     scales = layer_scales(model)
     if scales:
         return [n for n, s in scales.items() if s.role in ("readin", "hidden")]
-    return [n for n, _ in _leaf_param_modules(model)[:-1]]
+    leaves = [n for n, _ in _leaf_param_modules(model)]
+    readout = readout_name(model)
+    return leaves[: leaves.index(readout)] if readout in leaves else leaves[:-1]
 
 
 class Monitor:
@@ -325,7 +329,7 @@ class Monitor:
                 f"modules with parameters: {[n for n, _ in leaves][:10]}"
             )
         self.layers = layers
-        self._readout = leaves[-1][0] if leaves else None
+        self._readout = readout_name(model)
         self._ntk = None
         if {"ntk", "ntk_layers"} & set(self.metrics):
             self._ntk = ntk_fn(

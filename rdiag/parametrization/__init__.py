@@ -71,22 +71,19 @@ from rdiag.parametrization.application import (
     applied_parametrization,
     apply_parametrization,
     effective_weights,
-    fan_in,
-    infer_roles,
     layer_scale,
     layer_scales,
     model_width,
     rescale,
 )
+from rdiag.roles import ROLES, Role, fan_in, infer_roles
 from rdiag.parametrization.optimizers import OPTIMIZERS, lr_multipliers, make_optimizer
 from rdiag.parametrization.rules import (
     DEPTH_RULES,
-    ROLES,
     Branches,
     DepthRule,
     Gauge,
     Parametrization,
-    Role,
     Rule,
     Scale,
     depth_rule,

@@ -20,79 +20,18 @@ import torch
 from torch import Tensor, nn
 
 from rdiag._checks import (
-    check_choice,
     check_finite_positive,
     check_module,
     check_positive_int,
 )
+from rdiag.roles import NORMS, WEIGHT_LAYERS, fan_in, infer_roles
 from rdiag.parametrization.rules import (
-    ROLES,
     Branches,
     Parametrization,
-    Role,
     Rule,
     check_r,
     parse_parametrization,
 )
-
-_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
-
-
-# ---- layers, roles and multipliers -----------------------------------------------
-def fan_in(module: nn.Module) -> int:
-    """Fan-in of a layer: ``in_features``, ``C_in/groups * prod(kernel)``, 1 for embeddings."""
-    if isinstance(module, nn.Embedding):
-        return 1
-    return int(module.weight[0].numel())
-
-
-def infer_roles(
-    model: nn.Module, roles: Mapping[str, Role] | None = None
-) -> dict[str, Role]:
-    """Role of every parametrized layer (``Linear``, ``Conv``, ``Embedding``).
-
-    The model's own ``roles`` attribute (built-in families) is used if present;
-    otherwise the first layer in ``named_modules()`` order is the read-in, the last
-    the read-out and the others hidden. ``roles`` overrides per module name.
-
-    Args:
-        model: The module.
-        roles: Module name -> ``"readin"`` | ``"hidden"`` | ``"readout"``.
-
-    Returns:
-        Module name -> role, in ``named_modules()`` order.
-
-    Raises:
-        ValueError: Fewer than two layers without explicit roles, a name that is not
-            a layer, an unknown role, or weights shared between layers.
-    """
-    check_module(model)
-    layers = [n for n, m in model.named_modules() if isinstance(m, _LAYERS)]
-    given = dict(getattr(model, "roles", {}) or {})
-    given.update(roles or {})
-    for name, role in given.items():
-        check_choice(role, f"role of {name!r}", ROLES)
-        if name not in layers:
-            raise ValueError(
-                f"expected roles keys to name Linear/Conv/Embedding modules, got {name!r}; "
-                f"the model's layers are {layers[:8]}"
-            )
-    weights = [id(model.get_submodule(n).weight) for n in layers]
-    if len(set(weights)) != len(weights):
-        raise ValueError(
-            "expected every layer to own its weight, got weights tied between layers; "
-            "untie them (one role per weight) before applying a parameterization"
-        )
-    missing = [n for n in layers if n not in given]
-    if missing and len(layers) < 2:
-        raise ValueError(
-            f"expected at least a read-in and a read-out layer to infer roles, got "
-            f"{len(layers)} layer(s) {layers}; pass roles={{name: role}} explicitly"
-        )
-    inferred = {n: "hidden" for n in layers}
-    inferred[layers[0]], inferred[layers[-1]] = "readin", "readout"
-    return {n: given.get(n, inferred[n]) for n in layers}
 
 
 @dataclass(frozen=True)
@@ -186,7 +125,7 @@ def layer_scales(model: nn.Module) -> dict[str, LayerScale]:
         scale = layer_scale(module)
         if (
             scale is not None
-            and isinstance(module, _LAYERS)
+            and isinstance(module, WEIGHT_LAYERS)
             and module.weight.requires_grad
         ):
             out[name] = scale
@@ -306,7 +245,7 @@ def _check_supported(model: nn.Module) -> None:
         f"{n} ({type(m).__name__})"
         for n, m in model.named_modules()
         if any(True for _ in m.parameters(recurse=False))
-        and not isinstance(m, _LAYERS + _NORMS)
+        and not isinstance(m, WEIGHT_LAYERS + NORMS)
     ]
     if bad:
         raise ValueError(

@@ -20,14 +20,13 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 
+from rdiag.roles import ROLES
 from rdiag._checks import (
     check_choice,
     check_positive_int,
 )
 
-Role = Literal["readin", "hidden", "readout"]
 Gauge = Literal["table", "multiplier", "standard", "gamma"]
-ROLES: tuple[str, ...] = ("readin", "hidden", "readout")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 
