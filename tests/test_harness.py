@@ -426,3 +426,51 @@ def test_the_harness_and_the_coord_check_run_one_loop(tmp_path, monkeypatch) -> 
     train(TINY, store=tmp_path)
     coord_check("mlp", "mup", [4, 8], steps=2, seeds=1, ntk=False, linearization=False)
     assert seen == [True, True, True]
+
+
+#: A run config as the code before the renames (main at 065cb99) wrote it, and the
+#: run id that code gave it (``rdiag.store.run_key``).
+PRE_RENAME_CONFIG = {
+    "activation": "tanh",
+    "batch_size": 64,
+    "budget_fraction": None,
+    "data": "teacher",
+    "data_options": {"dim": 3, "n_test": 8, "n_train": 16},
+    "depth": 2,
+    "device": "cpu",
+    "divergence_factor": 1000000.0,
+    "dtype": "float32",
+    "every": 1,
+    "loss": "auto",
+    "lr": 0.1,
+    "metrics": ["loss"],
+    "model": "mlp",
+    "model_options": {},
+    "momentum": 0.0,
+    "optimizer": "sgd",
+    "parametrization": "mup",
+    "probe_size": 4,
+    "seed": 0,
+    "snapshots": False,
+    "steps": 2,
+    "width": 8,
+}
+PRE_RENAME_RUN_ID = "2a68bf1750e537e8"
+
+
+def test_a_store_written_before_the_renames_resumes_with_no_rerun(tmp_path) -> None:
+    from rdiag.runs.store import Store, run_key
+
+    store = Store(tmp_path)
+    rid = store.create_run(PRE_RENAME_CONFIG, seed=0, device="cpu")
+    assert rid == PRE_RENAME_RUN_ID
+    store.set_status(rid, "finished")
+    new = {k: v for k, v in PRE_RENAME_CONFIG.items() if k != "model"}
+    new["family"] = "mlp"
+    assert TrainConfig.from_dict(new).to_dict() == new  # every field, new names
+    assert run_key(new) == PRE_RENAME_RUN_ID
+    assert train(new, store=tmp_path).status == "skipped"
+    grid = {k: v for k, v in new.items() if k != "seed"}
+    result = sweep({"base": grid, "grid": {"seed": [0]}, "report": False}, out=tmp_path)
+    assert result.count("skipped") == 1 and len(result.results) == 1
+    assert store.config(rid)["family"] == "mlp" and "model" not in store.config(rid)
