@@ -7,7 +7,7 @@ mean over all ``N * O`` output entries, the harness's regression loss), and a
 :class:`~rdiag.monitor.Monitor` measures it on the ``probe`` inputs at
 initialization and after the last step (``representations``, ``weights`` and,
 optionally, ``ntk`` and ``linearization``). The metrics and their predicted
-exponents are those of :mod:`rdiag.predictions` (SCIENCE.md section 2), read
+exponents are those of :mod:`rdiag.predictions` (docs/theory.md section 2), read
 from the Monitor's records by :func:`rdiag.predictions.records_from_checks` and
 fitted by :func:`rdiag.predictions.fit_records`, the same functions the report
 uses on a sweep's store.

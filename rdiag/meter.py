@@ -89,7 +89,7 @@ class LRRule:
         base_width: Where ``width / base_width`` is 1.
 
     Example:
-        >>> # muP SGD in the table gauge (SCIENCE.md section 1), inputs of size d = 8
+        >>> # muP SGD in the table gauge (docs/theory.md section 1), inputs of size d = 8
         >>> rule = LRRule(0.3, {"readin": 1, "readout": -1}, factors={"readin": 1 / 8})
         >>> rule.rate("readin", 64), rule.rate("hidden", 64), rule.rate("readout", 64)
         (2.4, 0.3, 0.0046875)

@@ -5,7 +5,7 @@
 of :data:`rdiag.predictions.PREDICTIONS` the runs recorded (``h0``, ``delta_h``,
 ``f0``, ``delta_f``, ``dW_op``, ``dW_rel``, ``ntk_rel_change``, ``lin_error``),
 read at initialization or at each run's last step, and puts each next to its
-prediction (SCIENCE.md section 2) with :func:`rdiag.predictions.fit_records`,
+prediction (docs/theory.md section 2) with :func:`rdiag.predictions.fit_records`,
 the function the coordinate check uses. Stores written by the release before
 this one (other metric names) are reported the same: the store reads them back
 under the current names (:mod:`rdiag.records`). Layer roles (for ``dW_op``) come from the

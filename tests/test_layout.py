@@ -171,3 +171,16 @@ def test_function_level_imports_are_for_optional_packages_only() -> None:
                 ):
                     hidden.append(f"{path.relative_to(ROOT)}:{sub.lineno}")
     assert not hidden, f"rdiag modules imported inside functions: {hidden}"
+
+
+def test_the_theory_the_code_cites_is_in_the_repository() -> None:
+    theory = (ROOT / "docs" / "theory.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\.", theory, flags=re.M))
+    cited = set()
+    for path in PACKAGE.rglob("*.py"):
+        cited |= set(re.findall(r"docs/theory\.md section (\d+)", path.read_text()))
+    assert "docs/theory.md" in (PACKAGE / "predictions.py").read_text()
+    assert cited and cited <= sections, f"cited sections {cited - sections} missing"
+    verdicts = (PACKAGE / "verdicts.py").read_text()
+    for script in re.findall(r"bench/[\w/]+\.py", verdicts):
+        assert (ROOT / script).exists(), f"verdicts.py cites a missing {script}"

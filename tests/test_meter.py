@@ -76,7 +76,7 @@ def test_standard_parametrization_is_off_the_scale():
     )
     assert res.kind == "growing" and res.verdict.startswith("off the scale: outputs")
     step1 = next(f for f in res.fits if f["metric"] == "delta_f1")
-    assert 0.8 <= step1["slope"] <= 1.1  # SCIENCE.md section 1: slope +1
+    assert 0.8 <= step1["slope"] <= 1.1  # docs/theory.md section 1: slope +1
 
 
 class _HandMLP(nn.Sequential):

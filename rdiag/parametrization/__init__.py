@@ -14,7 +14,7 @@ the rule of their layer's role with ``fan_in = 1`` (a bias is a weight on the
 constant input 1); gains of normalization layers follow the hidden rule.
 
 The richness family of Karkada's tutorial (``alpha = m**r``, ``0 <= r <= 1/2``) in
-the two gauges of SCIENCE.md section 1 (``fan_in`` is ``d`` for the read-in and
+the two gauges of docs/theory.md section 1 (``fan_in`` is ``d`` for the read-in and
 ``n`` otherwise)::
 
                          read-in / hidden          read-out

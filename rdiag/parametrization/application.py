@@ -334,7 +334,7 @@ def _root_output_multiplier(model: nn.Module) -> float:
 def rescale(
     model: nn.Module, r: float, lr: float, *, width: int | None = None
 ) -> float:
-    """Emulate richness ``r`` with an NTK-parameterized model (SCIENCE.md section 1).
+    """Emulate richness ``r`` with an NTK-parameterized model (docs/theory.md section 1).
 
     Multiplies the model output by ``n**-r`` (a root :class:`OutputScale` hook; no
     parameter is renamed) and returns the SGD learning rate ``lr * n**2r`` (``n`` the width ratio).

@@ -252,7 +252,7 @@ def check_r(r: float) -> float:
 def richness(
     r: float, *, gauge: str = "table", base_width: int = 1, name: str | None = None
 ) -> Parametrization:
-    """The richness family ``alpha = m**r`` of Karkada's tutorial (SCIENCE.md section 1).
+    """The richness family ``alpha = m**r`` of Karkada's tutorial (docs/theory.md section 1).
 
     Args:
         r: Richness exponent in ``[0, 1/2]``: 0 is NTK (lazy), 1/2 is muP (rich).
@@ -325,7 +325,7 @@ def standard(*, base_width: int = 1) -> Parametrization:
 
 
 def gamma_family(gamma0: float, *, base_width: int = 1) -> Parametrization:
-    """The feature-learning-strength family of Atanasov et al. (SCIENCE.md section 3).
+    """The feature-learning-strength family of Atanasov et al. (docs/theory.md section 3).
 
     Weights N(0, 1), biases 0, multipliers ``1/sqrt(fan_in)``, the read-out
     weights divided by ``fan_in * gamma0`` (precisely ``sqrt(fan_in * m) * gamma0``,
