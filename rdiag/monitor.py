@@ -77,7 +77,13 @@ from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
 from rdiag._typing import LossFn, LRMultipliers
 from rdiag.distributed import Group, shard_of
-from rdiag.functional import MODES, Mode, functionalize, unwrap_parallel
+from rdiag.functional import (
+    MODES,
+    FunctionalModel,
+    Mode,
+    functionalize,
+    unwrap_parallel,
+)
 from rdiag.kernels import kernel_stats
 from rdiag.linalg.lanczos import lanczos
 from rdiag.losses import apply_loss, checked_loss
@@ -175,7 +181,9 @@ class Monitor:
     """Diagnostics of a model on a fixed probe batch, at scheduled training steps.
 
     Args:
-        model: The network being trained (read, never modified).
+        model: The network being trained (read, never modified), or a prepared
+            :class:`~rdiag.functional.FunctionalModel` of it (its selection is
+            measured).
         probe: Probe inputs ``x (N, ...)`` (a tensor, tuple or dict of tensors) or
             ``(x, y)``; targets are needed for the loss, accuracy, alignment and
             curvature metrics. Keep ``N`` small (32-64).
@@ -238,7 +246,7 @@ class Monitor:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | FunctionalModel,
         probe: Inputs | tuple[Inputs, Tensor],
         *,
         every: Schedule = 1,
@@ -264,6 +272,9 @@ class Monitor:
         process_group: Any = None,
         shard_probe: bool = True,
     ) -> None:
+        view = model if isinstance(model, FunctionalModel) else None
+        if view is not None:
+            model = view.module
         self.model = model = unwrap_parallel(check_module(model))
         self.group = None if process_group is None else Group(process_group)
         # Across the ranks (the sharded probe), or on rank 0 alone.
@@ -318,7 +329,9 @@ class Monitor:
         self.mode = mode
         self.snapshots = snapshots
         self.strict = bool(strict)
-        self.fm = functionalize(model, mode=mode, dtype=dtype, output_fn=output_fn)
+        self.fm = functionalize(
+            view or model, mode=mode, dtype=dtype, output_fn=output_fn
+        )
         leaves = _leaf_param_modules(model)
         layers = default_layers(model) if layers is None else list(layers)
         modules = dict(model.named_modules())

@@ -223,7 +223,7 @@ def test_run_from_a_yaml_config_with_flag_overrides(tmp_path, capsys) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(
         "width: 8\nsteps: 2\nevery: 2\nbatch_size: 8\nmetrics: [loss]\n"
-        "data_options: {n_train: 16, n_test: 8, dim: 3}\nparam: ntk\nprobe_size: 4\n"
+        "data_options: {n_train: 16, n_test: 8, dim: 3}\nparametrization: ntk\nprobe_size: 4\n"
     )
     out = tmp_path / "store"
     assert (

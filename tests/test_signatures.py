@@ -86,3 +86,17 @@ def test_a_prepared_view_is_accepted_wherever_a_model_is() -> None:
     for bad in ({"params": "0.*"}, {"dtype": torch.float32}, {"mode": "train"}):
         with pytest.raises(ValueError, match="prepared FunctionalModel"):
             rdiag.empirical_ntk(fm, x, **bad)
+
+
+def test_the_monitor_takes_a_prepared_view() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    x, y = torch.randn(6, 3), torch.randn(6, 2)
+    fm = functionalize(net, "2.*")
+    monitor = rdiag.Monitor(fm, (x, y), metrics=["ntk"], loss_fn=F.mse_loss)
+    assert monitor.fm is fm and monitor.model is net
+    monitor.step(0)
+    # The kernel of the selected read-out parameters only, not of the whole net.
+    expected = float(rdiag.empirical_ntk(fm, x).trace())
+    assert monitor.history[0]["ntk/trace"] == pytest.approx(expected, rel=1e-5)
+    assert expected < float(rdiag.empirical_ntk(net, x).trace())
