@@ -19,8 +19,8 @@ from rdiag.runs.config import OPTIMIZERS, parse_shard
 
 _EPILOG = {
     "run": """examples:
-  rdiag run --model mlp --width 256 --parametrization mup --lr 0.3 --steps 40 --out runs/
-  rdiag run --model cnn --data digits --data-option flatten=false --width 32 --out runs/""",
+  rdiag run --family mlp --width 256 --parametrization mup --lr 0.3 --steps 40 --out runs/
+  rdiag run --family cnn --data digits --data-option flatten=false --width 32 --out runs/""",
     "sweep": """examples:
   rdiag sweep --config default --out results/          # the main job (CPU, minutes)
   rdiag sweep --config default --r 0 0.5 --widths 64 256 1024 --seeds 2 --steps 20 --out quick/
@@ -32,13 +32,13 @@ _EPILOG = {
   rdiag merge results/merged results/shard-*-of-4
   rdiag report --store results/merged --out results/merged""",
     "coord-check": """examples:
-  rdiag coord-check --model mlp --parametrization r=0.25 --widths 64 128 256 512 1024 --steps 10 \\
+  rdiag coord-check --family mlp --parametrization r=0.25 --widths 64 128 256 512 1024 --steps 10 \\
       --seeds 4 --out coord/
-  rdiag coord-check --model transformer --parametrization mup --widths 32 64 128 256 --out coord_tf/""",
+  rdiag coord-check --family transformer --parametrization mup --widths 32 64 128 256 --out coord_tf/""",
     "depth-check": """examples:
-  rdiag depth-check --model resmlp --parametrization mup,depth=completep --depths 2 4 8 16 32 \\
+  rdiag depth-check --family resmlp --parametrization mup,depth=completep --depths 2 4 8 16 32 \\
       --width 64 --out depth/
-  rdiag depth-check --model transformer --parametrization mup --optimizer adam --out depth_tf/
+  rdiag depth-check --family transformer --parametrization mup --optimizer adam --out depth_tf/
 depth rules (the ,depth= suffix): depth-mup (branches x 1/sqrt(L), the default), completep
 (x 1/L), none, or a branch exponent alpha (e.g. mup,depth=0.75)""",
     "meter": """examples:
@@ -52,12 +52,12 @@ depth rules (the ,depth= suffix): depth-mup (branches x 1/sqrt(L), the default),
   rdiag report --store results/ --out results/    # + the meter's section if results/meter.json
   rdiag report --store meter/                     # a meter alone: meter/meter.html""",
     "ntk": """examples:
-  rdiag ntk --model mlp --width 512 --parametrization mup --n 64
-  rdiag ntk --model cnn --width 32 --n 32 --implementation jacobian --out ntk.json
-  rdiag ntk --model bn_mlp --width 64 --n 32 --mode train   # batch statistics""",
+  rdiag ntk --family mlp --width 512 --parametrization mup --n 64
+  rdiag ntk --family cnn --width 32 --n 32 --implementation jacobian --out ntk.json
+  rdiag ntk --family bn_mlp --width 64 --n 32 --mode train   # batch statistics""",
     "sharpness": """examples:
-  rdiag sharpness --model mlp --width 256 --parametrization mup --n 64
-  rdiag sharpness --model mlp --width 256 --parametrization ntk --lr 0.3 --steps 20""",
+  rdiag sharpness --family mlp --width 256 --parametrization mup --n 64
+  rdiag sharpness --family mlp --width 256 --parametrization ntk --lr 0.3 --steps 20""",
 }
 
 
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     cc.add_argument("--out", required=True, type=_directory)
 
     dc = add("depth-check", "depth check of a parameterization's residual branches")
-    dc.add_argument("--model", choices=("resmlp", "transformer"), default="resmlp")
+    dc.add_argument("--family", choices=("resmlp", "transformer"), default="resmlp")
     dc.add_argument(
         "--parametrization",
         "--param",
