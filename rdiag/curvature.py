@@ -17,12 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
-from rdiag._typing import Data, LossFn, ParamSelector, LRMultipliers
+from rdiag._typing import Data, LossFn, LRMultipliers, ParamSelector
 from rdiag.functional import FunctionalModel, Mode, document_selection
 from rdiag.linalg.density import SpectralDensity, spectral_density
 from rdiag.linalg.lanczos import EigResult, Which, lanczos
 from rdiag.linalg.power import power_extreme
 from rdiag.linalg.trace import TraceEstimate, hutch_plus_plus, hutchinson
+from rdiag.ntk.handle import empirical_ntk
 from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.curvature import CurvatureOperator
 from rdiag.operators.ggn import (
@@ -32,7 +33,6 @@ from rdiag.operators.ggn import (
     dense_loss_hessian,
 )
 from rdiag.operators.hessian import HessianOperator
-from rdiag.ntk.handle import empirical_ntk
 
 Curvature = Literal["hessian", "ggn", "fisher"]
 CURVATURES = ("hessian", "ggn", "fisher")

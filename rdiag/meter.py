@@ -40,6 +40,7 @@ from rdiag._checks import (
     check_sizes,
 )
 from rdiag._inputs import Inputs, batch_size, check_inputs, rows
+from rdiag.coord_check import jsonable
 from rdiag.functional import MODES, Mode, check_per_sample
 from rdiag.loop import measured_fit
 from rdiag.losses import infer_loss_kind
@@ -48,9 +49,12 @@ from rdiag.parametrization import (
     ROLES,
     Centered,
     applied_parametrization,
+)
+from rdiag.parametrization import (
     make_optimizer as parametrized_optimizer,
 )
 from rdiag.predictions import fit_records
+from rdiag.roles import width_roles
 from rdiag.verdicts import (
     COHERENT_STEPS,
     Diagnosis,
@@ -61,8 +65,6 @@ from rdiag.verdicts import (
     judge_fits,
     predicted_at,
 )
-from rdiag.coord_check import jsonable
-from rdiag.roles import width_roles
 
 #: The file :meth:`MeterResult.save` writes (and :mod:`rdiag.report` looks for).
 METER_JSON = "meter.json"

@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from rdiag.kernels import KernelStats, kernel_stats
-from rdiag.operators.base import LinearOperator
 from rdiag.linalg.lanczos import lanczos
+from rdiag.operators.base import LinearOperator
 
 
 def _check_kernel(k: Tensor, name: str, square: bool = False) -> None:

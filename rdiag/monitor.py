@@ -76,6 +76,7 @@ from rdiag._checks import check_finite_positive, check_module, check_positive_in
 from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
 from rdiag._typing import LossFn, LRMultipliers
+from rdiag.curvature import multiplier_diagonal
 from rdiag.distributed import Group, shard_of
 from rdiag.functional import (
     MODES,
@@ -86,18 +87,16 @@ from rdiag.functional import (
 )
 from rdiag.kernels import kernel_stats
 from rdiag.linalg.lanczos import lanczos
-from rdiag.losses import apply_loss, checked_loss
 from rdiag.linalg.moments import kernel_moments
 from rdiag.linalg.trace import hutch_plus_plus
+from rdiag.losses import apply_loss, checked_loss
 from rdiag.ntk.handle import ntk_fn
 from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
 from rdiag.operators.ntk import NTKOperator
-from rdiag.sinks import Sink, as_sinks
-from rdiag.curvature import multiplier_diagonal
-from rdiag.parametrization import effective_weights
-from rdiag.parametrization import layer_scales
+from rdiag.parametrization import effective_weights, layer_scales
 from rdiag.roles import readout_name
+from rdiag.sinks import Sink, as_sinks
 
 METRICS = (
     "ntk",

@@ -41,15 +41,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from rdiag._optional import require
+from rdiag.coord_check import plot_series
 from rdiag.meter import METER_JSON
+from rdiag.models import FAMILIES
 from rdiag.parametrization import Parametrization, parse_parametrization
 from rdiag.predictions import PREDICTIONS, fit_records, formulas
 from rdiag.records import TRAIN_LOSS
 from rdiag.runs.store import Store
-from rdiag.coord_check import plot_series
-from rdiag.models import FAMILIES
 
 
 def _parsed(label: str) -> Parametrization | None:
@@ -127,8 +128,6 @@ def _frame(store: Store) -> Any:
 
 def _roles(info: dict[str, Any]) -> dict[str, str]:
     """Layer name -> role of the built-in family a run group names (else empty)."""
-    import torch
-
     family = FAMILIES.get(info.get("family"))
     if family is None:
         return {}

@@ -9,37 +9,37 @@ One function per subcommand (``COMMANDS``), given the parsed flags
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
+from rdiag import metrics
 from rdiag.cli.factories import load_function, load_object
 from rdiag.cli.parser import LOSSES
-from rdiag import metrics
-from rdiag.coord_check import DEFAULT_LR
-from rdiag.coord_check import coord_check
-from rdiag.coord_check import plot_coord_check
+from rdiag.coord_check import DEFAULT_LR, coord_check, plot_coord_check
 from rdiag.curvature import sharpness
 from rdiag.depth_check import depth_check
 from rdiag.loop import fit
-from rdiag.meter import LRRule
-from rdiag.meter import METER_JSON
-from rdiag.meter import default_data
-from rdiag.meter import optimizer_factory
-from rdiag.meter import richness_meter
+from rdiag.meter import (
+    METER_JSON,
+    LRRule,
+    default_data,
+    optimizer_factory,
+    richness_meter,
+)
 from rdiag.models import make_model
 from rdiag.ntk.handle import empirical_ntk
-from rdiag.parametrization import lr_multipliers
-from rdiag.parametrization import make_optimizer
-from rdiag.report import build_meter_report
-from rdiag.report import build_report
-from rdiag.report import run_label
+from rdiag.parametrization import lr_multipliers, make_optimizer
+from rdiag.report import build_meter_report, build_report, run_label
 from rdiag.runs.config import load_train_config
 from rdiag.runs.merge import merge_stores
-from rdiag.runs.store import DB_NAME
-from rdiag.runs.store import Store
+from rdiag.runs.store import DB_NAME, Store
 from rdiag.runs.sweep import sweep
 from rdiag.runs.training import train
 
@@ -239,7 +239,6 @@ def _print_verdicts(result: Any) -> None:
 
 
 def _cmd_meter(args: argparse.Namespace) -> int:
-    import torch.nn.functional as F
 
     make_model = load_function(
         args.factory, "--factory", "a function width -> nn.Module", "width"
@@ -314,7 +313,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _built_in(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
 
     opts: dict[str, Any] = {"depth": args.depth}
     model = make_model(
@@ -365,8 +363,6 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 
 
 def _cmd_sharpness(args: argparse.Namespace) -> int:
-    import torch
-    import torch.nn.functional as F
 
     model, x = _built_in(args)
     with torch.no_grad():
@@ -399,10 +395,6 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
 
 def _gd(model: Any, x: Any, y: Any, lr: float, steps: int) -> tuple[int, str | None]:
     """Full-batch GD on MSE by :func:`rdiag.loop.fit`; ``(steps done, why it stopped)``."""
-    import itertools
-
-    import torch.nn.functional as F
-
     opt = make_optimizer(model, None, lr)
     result = fit(model, opt, itertools.repeat((x, y), steps), F.mse_loss, steps=steps)
     return result.steps, result.reason

@@ -11,6 +11,10 @@ the command will pass, naming the flag and the signature otherwise.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -19,10 +23,6 @@ from typing import Any
 
 def load_object(spec: str, flag: str, what: str) -> Any:
     """The object ``MODULE:NAME`` (or ``path/to/file.py:NAME``) names, for ``flag``."""
-    import importlib
-    import importlib.util
-    import os
-
     source, sep, name = spec.rpartition(":")
     usage = (
         f"pass {flag} MODULE:NAME naming {what}, e.g. mypkg.models:make_model or "
@@ -97,8 +97,6 @@ def load_object(spec: str, flag: str, what: str) -> Any:
 
 def load_function(spec: str, flag: str, what: str, *args: str) -> Callable:
     """A function by ``MODULE:NAME`` that takes the arguments named by ``args``."""
-    import inspect
-
     obj = load_object(spec, flag, what)
     if not callable(obj):
         raise TypeError(

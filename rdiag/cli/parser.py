@@ -16,7 +16,6 @@ from rdiag.data import DATASETS
 from rdiag.models import FAMILIES
 from rdiag.runs.config import OPTIMIZERS, parse_shard
 
-
 _EPILOG = {
     "run": """examples:
   rdiag run --family mlp --width 256 --parametrization mup --lr 0.3 --steps 40 --out runs/

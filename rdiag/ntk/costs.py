@@ -33,10 +33,10 @@ from dataclasses import dataclass, replace
 import torch
 
 from rdiag._inputs import Inputs, batch_size, rows
-from rdiag.functional import FunctionalModel
-from rdiag.ntk.spec import NTKSpec, kernel_itemsize
 from rdiag._tiling import check_fits
+from rdiag.functional import FunctionalModel
 from rdiag.ntk._capture import StructuredPlan, TermShape
+from rdiag.ntk.spec import NTKSpec, kernel_itemsize
 
 __all__ = [
     "RACE_CALLS",

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,11 @@ from rdiag._checks import (
 from rdiag._optional import require
 from rdiag.data import BATCH_MODES, DATASETS
 from rdiag.loop import DIVERGENCE_FACTOR
-from rdiag.models import FAMILIES
-from rdiag.monitor import METRICS
 from rdiag.losses import LOSS_KINDS
+from rdiag.models import ACTIVATIONS, FAMILIES
+from rdiag.monitor import METRICS
 from rdiag.parametrization import OPTIMIZERS as PARAM_OPTIMIZERS
-from rdiag.models import ACTIVATIONS
 from rdiag.parametrization import parse_parametrization
-
-
-
 
 #: Optimizers (:mod:`rdiag.parametrization`) and the batch streams of SGD
 #: (:data:`rdiag.data.BATCH_MODES`: full-batch ``"gd"``, one-pass ``"online"``).
@@ -296,8 +293,6 @@ def load_sweep_config(source: str | Path | Mapping[str, Any]) -> dict[str, Any]:
     if isinstance(source, Mapping):
         raw = dict(source)
     elif str(source) == "default":
-        from importlib import resources
-
         text = resources.files("rdiag").joinpath("configs/default.yaml").read_text()
         raw = _yaml_mapping(text, "default", "sweep config")
     else:

@@ -20,7 +20,6 @@ from typing import Any, Protocol
 
 import torch
 
-
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 

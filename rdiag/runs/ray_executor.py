@@ -20,6 +20,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rdiag._optional import require
 from rdiag.runs.writer import RemoteStore, StoreWriter
 
@@ -28,8 +30,6 @@ def run_task(
     run: Callable[..., Any], config: dict[str, Any], store: RemoteStore, threads: int
 ) -> Any:
     """One sweep run inside a Ray worker: ``run(config, store=store)``, ``threads`` torch threads."""
-    import torch
-
     torch.set_num_threads(max(1, int(threads)))
     return run(config, store=store)
 

@@ -57,20 +57,32 @@ import torch
 from rdiag import records as R
 from rdiag._checks import check_file_name, check_nonnegative_int
 from rdiag._optional import require
+from rdiag._version import __version__
 from rdiag.runs.errors import (
     BUSY,
     DB_NAME,
     LOCKED,
-    StoreCorruptError as StoreCorruptError,
-    StoreError as StoreError,
-    StoreFullError as StoreFullError,
-    StoreLockedError as StoreLockedError,
-    StoreNotADatabaseError as StoreNotADatabaseError,
-    StoreReadOnlyError as StoreReadOnlyError,
     sqlite_code,
     store_error,
 )
-from rdiag._version import __version__
+from rdiag.runs.errors import (
+    StoreCorruptError as StoreCorruptError,
+)
+from rdiag.runs.errors import (
+    StoreError as StoreError,
+)
+from rdiag.runs.errors import (
+    StoreFullError as StoreFullError,
+)
+from rdiag.runs.errors import (
+    StoreLockedError as StoreLockedError,
+)
+from rdiag.runs.errors import (
+    StoreNotADatabaseError as StoreNotADatabaseError,
+)
+from rdiag.runs.errors import (
+    StoreReadOnlyError as StoreReadOnlyError,
+)
 
 STATUSES = ("running", "finished", "failed")
 #: A claim made on another host (whose process cannot be checked) counts until its
@@ -155,7 +167,9 @@ def run_key(config: Mapping[str, Any]) -> str:
 def current_names(config: Mapping[str, Any]) -> dict[str, Any]:
     """A stored config under the current field names (:data:`ID_NAMES` reversed)."""
     old = {v: k for k, v in ID_NAMES.items()}
-    return {old[k] if k in old and old[k] not in config else k: v for k, v in config.items()}
+    return {
+        old[k] if k in old and old[k] not in config else k: v for k, v in config.items()
+    }
 
 
 def versions() -> dict[str, str]:
@@ -712,7 +726,8 @@ class Store:
         frame["metric"] = frame["metric"].map(R.current_metric)
         if config and len(frame):
             cfg = pd.DataFrame(
-                [current_names(json.loads(c)) for c in frame["config"]], index=frame.index
+                [current_names(json.loads(c)) for c in frame["config"]],
+                index=frame.index,
             )
             cfg = cfg[[c for c in cfg.columns if c not in frame.columns]]
             cfg = cfg.apply(

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from rdiag._checks import (
     check_choice,
     check_positive_int,
 )
 from rdiag._optional import require
 from rdiag.loop import describe_error
-from rdiag.runs.store import Store, StoreError, run_key
+from rdiag.report import build_report
 from rdiag.runs.config import (
     TrainConfig,
     expand_grid,
@@ -39,8 +38,8 @@ from rdiag.runs.config import (
 )
 from rdiag.runs.executors import Executor, SerialExecutor, process_executor
 from rdiag.runs.ray_executor import RayExecutor
+from rdiag.runs.store import Store, StoreError, run_key
 from rdiag.runs.training import TrainResult, _not_run, train
-from rdiag.report import build_report
 
 logger = logging.getLogger("rdiag")
 

@@ -25,17 +25,16 @@ from torch import Tensor, nn
 
 from rdiag.data import Dataset, batches, load_data
 from rdiag.loop import describe_error, fit
+from rdiag.models import make_model
 from rdiag.monitor import Monitor
+from rdiag.parametrization import lr_multipliers, make_optimizer
 from rdiag.records import TRAIN_LOSS
-from rdiag.runs.store import Store, StoreError
-from rdiag.runs.writer import RemoteStore
 from rdiag.runs.config import (
     DTYPES,
     TrainConfig,
 )
-from rdiag.models import make_model
-from rdiag.parametrization import lr_multipliers
-from rdiag.parametrization import make_optimizer
+from rdiag.runs.store import Store, StoreError
+from rdiag.runs.writer import RemoteStore
 
 logger = logging.getLogger("rdiag")
 
@@ -150,7 +149,11 @@ def build_model(cfg: TrainConfig, data: Dataset) -> nn.Module:
         opts["vocab"] = max(opts["vocab"], data.num_outputs)
     opts.update(cfg.model_options)
     model = make_model(
-        cfg.family, cfg.width, parametrization=cfg.parametrization, seed=cfg.seed, **opts
+        cfg.family,
+        cfg.width,
+        parametrization=cfg.parametrization,
+        seed=cfg.seed,
+        **opts,
     )
     return model.to(DTYPES[cfg.dtype])
 
