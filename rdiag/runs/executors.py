@@ -28,7 +28,7 @@ class Executor(Protocol):
 
     ``ProcessPoolExecutor``, ``ThreadPoolExecutor``, :class:`SerialExecutor` and
     :class:`~rdiag.runs.ray_executor.RayExecutor` (futures from ``ObjectRef.future()``)
-    qualify. An executor that also has ``submit_run(config, root)`` is given each
+    qualify. An executor that also has ``submit_run(run, config, root)`` is given each
     run that way, and decides itself how the run reaches the store (the Ray one:
     through a writer on the driver).
     """

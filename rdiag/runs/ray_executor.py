@@ -50,9 +50,6 @@ class RayExecutor:
     """Runs calls, or a sweep's runs, as Ray tasks (``pip install 'rdiag[ray]'``).
 
     Args:
-        run: What executes one sweep run: ``run(config, store=RemoteStore)``
-            (:func:`rdiag.runs.training.train` for :func:`~rdiag.runs.sweep.sweep`;
-            passed in, so that this module does not import the training).
         address: The cluster to connect to when Ray is not initialized yet
             (``"auto"``: the one this node belongs to; ``None``: Ray's default,
             a local instance unless one was started with ``ray start``). A
@@ -70,7 +67,6 @@ class RayExecutor:
 
     def __init__(
         self,
-        run: Callable[..., Any] | None = None,
         *,
         address: str | None = None,
         num_cpus: float = 1,
@@ -79,7 +75,6 @@ class RayExecutor:
         **options: Any,
     ) -> None:
         self._ray = require("ray", "RayExecutor")
-        self.run = run
         self._started = not self._ray.is_initialized()
         if self._started:
             self._ray.init(address=address)
@@ -126,27 +121,26 @@ class RayExecutor:
             )
         return RemoteStore(key, _ActorCall(self._writers[key]))
 
-    def submit_run(self, config: dict[str, Any], root: str | Path) -> cf.Future:
+    def submit_run(
+        self, run: Callable[..., Any], config: dict[str, Any], root: str | Path
+    ) -> cf.Future:
         """Launch one sweep run as a task writing through the writer of ``root``.
 
-        Returns:
-            A future of its :class:`~rdiag.runs.training.TrainResult`.
+        Args:
+            run: What executes the run, ``run(config, store=RemoteStore)``: the
+                sweep passes :func:`rdiag.runs.training.train` (this module never
+                imports the training, which is what keeps the two apart).
+            config: The run's config fields.
+            root: The store's root on this machine.
 
-        Raises:
-            ValueError: The executor was built without ``run``.
+        Returns:
+            A future of ``run``'s result (a :class:`~rdiag.runs.training.TrainResult`).
         """
-        if self.run is None:
-            raise ValueError(
-                "this RayExecutor has no run function; build it as RayExecutor(train, "
-                "...) (rdiag.runs.training.train) to submit sweep runs"
-            )
         needs = self.resources(config)
         task = self._task.options(
             **needs, max_retries=self.max_retries, **self._options
         )
-        return task.remote(
-            self.run, config, self.store(root), needs["num_cpus"]
-        ).future()
+        return task.remote(run, config, self.store(root), needs["num_cpus"]).future()
 
     def shutdown(self, wait: bool = True) -> None:
         """End the writers (the runs are done), and Ray if this executor started it."""

@@ -187,7 +187,6 @@ def sweep(
     if executor == "ray":
         resources = raw.get("resources") or {}
         executor = RayExecutor(
-            train,
             address=address,
             num_cpus=resources.get("cpus", 1),
             num_gpus=resources.get("gpus"),
@@ -231,7 +230,7 @@ def _run_all(
             while queue and len(running) < window:
                 rid, cfg = queue.popleft()
                 future = (
-                    by_run(cfg, store.root)
+                    by_run(train, cfg, store.root)
                     if by_run is not None
                     else executor.submit(_run_config, cfg, str(store.root))
                 )
