@@ -23,10 +23,8 @@ error is measured. Tolerances:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -42,10 +40,11 @@ from rdiag import (
     lr_multipliers,
     sharpness,
 )
+from bench.gpu_validation import tf32
 from rdiag import kernels as dispatch
 from tests import oracles
 from tests._assert import assert_close, assert_rel_error
-from tests.models import ZOO
+from tests.models import ZOO, meter_mlp
 from tests.test_monitor import _oracle_kernel, _setup, _train
 from tests.test_operators_ggn import ggn_case
 from tests.test_operators_hessian import case_and_hessian
@@ -71,17 +70,6 @@ DEVICE_PRECISIONS = [
 def device(request: pytest.FixtureRequest) -> str:
     """``"cpu"``, or ``"cuda"`` (marked ``cuda``)."""
     return request.param
-
-
-@contextlib.contextmanager
-def tf32(on: bool) -> Iterator[None]:
-    """Set torch's TF32 switches for matmuls and cuDNN convolutions, then restore them."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def to(x: Tensor, device: str, dtype: torch.dtype) -> Tensor:
@@ -131,18 +119,6 @@ def check(name: str, precision: str, expected: Tensor, actual: Tensor) -> None:
         assert_rel_error(name, expected, actual, tol=REL_TOL[precision])
 
 
-def wide_mlp(width: int) -> nn.Sequential:
-    """tanh MLP ``8 -> width -> width -> 10``: tiles with ragged edges at odd widths."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Linear(8, width),
-        nn.Tanh(),
-        nn.Linear(width, width),
-        nn.Tanh(),
-        nn.Linear(width, 10),
-    )
-
-
 # ---------------------------------------------------------------- eNTK
 
 
@@ -169,9 +145,9 @@ def test_wide_mlp_entk_runs_the_fused_kernel(
     """Cross and symmetric kernels of a wider MLP; structured runs the Triton kernel on CUDA."""
     dtype, tf32_on = PRECISIONS[precision]
     width, n1, n2 = (300, 70, 33) if device == "cuda" else (24, 9, 5)
-    model = wide_mlp(width).to(device, dtype)
+    model = meter_mlp(width).to(device, dtype)
     gen = torch.Generator().manual_seed(1)
-    x1, x2 = (torch.randn(n, 8, generator=gen).to(device, dtype) for n in (n1, n2))
+    x1, x2 = (torch.randn(n, 3, generator=gen).to(device, dtype) for n in (n1, n2))
     calls = spy(monkeypatch, "gram_hadamard_many", x1)
     with tf32(tf32_on):
         cross = empirical_ntk(model, x1, x2, trace_outputs=False, implementation=impl)
@@ -206,7 +182,10 @@ def test_hessian_and_ggn_products(device: str, arch: str, loss: str) -> None:
     net, x, y, loss_fn, _, hessian = case_and_hessian(arch, loss)
     ggn = ggn_case(arch, loss)[-1]
     v = torch.randn(
-        hessian.shape[0], 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+        hessian.shape[0],
+        3,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(3),
     )
     for dtype in (torch.float64, torch.float32):
         model = copy.deepcopy(net).to(device, dtype)
@@ -292,9 +271,9 @@ def test_kernel_stats_of_trained_kernels(
 ) -> None:
     """Distance, relative change and alignment of eNTKs before and after training."""
     n = 700 if device == "cuda" else 40
-    model = wide_mlp(64).to(device)
+    model = meter_mlp(64).to(device)
     gen = torch.Generator().manual_seed(2)
-    x, y = torch.randn(n, 8, generator=gen), torch.randn(n, 10, generator=gen)
+    x, y = torch.randn(n, 3, generator=gen), torch.randn(n, 2, generator=gen)
     x, y = x.to(device), y.to(device)
     k0 = empirical_ntk(model, x).to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.5)
