@@ -5,7 +5,7 @@
 #   bash bench/gpu_validation.sh --dry-run    # the same steps at tiny sizes on the CPU
 #
 # In the order, each step under its own timeout and all of them inside
-# RDIAG_GPU_BUDGET seconds (default 450: under 8 minutes on an H100):
+# RDIAG_GPU_BUDGET seconds (default 460: under 8 minutes on an H100):
 #   1. pip install -e . (no dependencies, no build isolation; skipped in a dry run),
 #      then the correctness tests: pytest -m cuda tests  -> $OUT/correctness.txt
 #   2. the benchmark groups of bench/gpu_validation.py, one process each:
@@ -22,7 +22,7 @@ DRY=${RDIAG_GPU_DRYRUN:-0}
 [ "${1:-}" = "--dry-run" ] && DRY=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-results/gpu}
-TOTAL=${RDIAG_GPU_BUDGET:-450}
+TOTAL=${RDIAG_GPU_BUDGET:-460}
 TESTS=${RDIAG_GPU_TESTS:-tests}
 mkdir -p "$OUT"
 : >"$OUT/log.txt"
@@ -88,7 +88,7 @@ step "pytest -m cuda" 170 "$PY" -m pytest -m cuda $TESTS -q -rfEs --durations=15
 
 # 2. the benchmark groups, in the order
 group kernels 70
-group ntk 120
+group ntk 150
 group curvature 50
 group monitor 35
 group attention 40
