@@ -4,7 +4,8 @@ Every test takes ``device``. Its ``cpu`` half runs in the ordinary suite (so no
 body here is dead code); its ``cuda`` half is marked ``cuda`` and skipped without
 a CUDA device (tests/conftest.py). ``pytest -m cuda tests`` on a GPU machine runs
 the cuda half (``bench/gpu_validation.sh`` does, issue #26); there the structured
-eNTK and ``kernel_stats`` run the Triton kernels (the tests check that they did).
+eNTK and ``kernel_stats`` run the Triton kernels (the tests check that they did;
+the Monitor's kernel movement is computed in float64, on the torch reference).
 
 References are float64 brute force (tests/oracles.py) on the same weights and
 inputs, rounded to the precision under test first, so only the arithmetic's
@@ -219,12 +220,11 @@ def test_lambda_max(device: str, arch: str, loss: str) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_monitor_check(
-    monkeypatch: pytest.MonkeyPatch, device: str, dtype: torch.dtype
-) -> None:
+def test_monitor_check(device: str, dtype: torch.dtype) -> None:
     """A Monitor on the device against float64 brute force on the same weights.
 
-    In float32 on CUDA the kernel movement goes through the Triton ``kernel_stats``.
+    The Monitor compares kernels in float64 (``kernel_stats``' reference path, on
+    the device); the Triton ``kernel_stats`` is checked on trained eNTKs below.
     """
     model, x, y = _setup()
     model, x, y = model.to(device, dtype), x.to(device, dtype), y.to(device, dtype)
@@ -246,12 +246,9 @@ def test_monitor_check(
 
     k0 = exact()[3]
     mon.step(0)
-    calls = spy(monkeypatch, "kernel_stats", torch.zeros(1, device=device))
     _train(model, x, y, 3)
     rec = mon.step(3)
     cpu, xd, yd, k1 = exact()
-    if dtype == torch.float32:
-        assert calls, "the Monitor's kernel movement did not call the dispatched stats"
     names = [n for n, _ in cpu.named_parameters()]
     top = oracles.dense_eigh(oracles.dense_hessian(cpu, names, F.mse_loss, xd, yd))[0]
     for key, value in {
