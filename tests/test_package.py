@@ -73,3 +73,45 @@ def test_names_that_left_the_top_level_still_work_with_a_warning() -> None:
         assert callable(rdiag.ntk_costs)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         rdiag.nope  # noqa: B018
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_kernels_folder_shadows_no_package_named_kernels() -> None:
+    """From the repository root, ``kernels`` is whatever else is installed by that name.
+
+    transformers >= 5 imports Hugging Face's ``kernels`` when a model is built; a
+    regular package ``kernels/`` at the root would be found first from there.
+    """
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers")
+    assert not (ROOT / "kernels" / "__init__.py").exists(), (
+        "kernels/ must stay a folder without __init__.py (rdiag/kernels.py is the package)"
+    )
+    code = (
+        "import importlib.util, torch, transformers as T, rdiag; "
+        "m = T.GPT2LMHeadModel(T.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)); "
+        "k = rdiag.empirical_ntk(m, torch.randint(0, 50, (2, 3))); "
+        "spec = importlib.util.find_spec('kernels'); "
+        "print(tuple(k.shape)); print(spec.origin); print(list(spec.submodule_search_locations or []))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    shape, origin, locations = out.stdout.strip().splitlines()[-3:]
+    assert shape == "(2, 2)"
+    ours = str(ROOT / "kernels")
+    if origin not in ("None", ""):  # a regular package by that name is installed
+        assert not origin.startswith(ours), f"import kernels found the project's: {origin}"
+    else:  # nothing else installed: at most a harmless namespace portion
+        assert locations == f"[{ours!r}]"
+
+
+def test_rdiag_kernels_is_the_dispatcher_over_the_kernels_folder() -> None:
+    import rdiag.kernels
+    import rdiag.kernels.reference
+
+    assert rdiag.kernels.__path__ == [str(Path(rdiag.kernels.reference.__file__).parent)]
+    assert Path(rdiag.kernels.reference.__file__).parent.name == "kernels"
