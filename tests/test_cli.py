@@ -43,6 +43,7 @@ def test_help_has_examples(command: str, capsys) -> None:
     assert "examples:" in out and f"rdiag {command}" in out
 
 
+@pytest.mark.slow
 def test_sweep_then_report_end_to_end(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib")
     config = tmp_path / "tiny.yaml"
@@ -146,6 +147,7 @@ def test_ntk_command_measures_in_the_mode_asked_for(tmp_path) -> None:
     assert traces["train"] != pytest.approx(traces["eval"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_coord_check_command(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib")
     assert (

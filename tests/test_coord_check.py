@@ -374,6 +374,7 @@ WIDTHS = [64, 128, 256, 512, 1024]
     ("r", "optimizer", "lr"), [(0.0, "sgd", 0.3), (0.25, "sgd", 0.3), (0.5, "sgd", 0.3),
                                (0.5, "adam", 0.1)]
 )  # fmt: skip
+@pytest.mark.slow
 def test_default_check_of_the_mlp_passes_with_reasons(r, optimizer, lr):
     """The calibrated defaults (SGD lr 0.3, Adam 0.1, 10 steps, 4 seeds) pass."""
     result = coord_check("mlp", f"r={r}", WIDTHS, optimizer=optimizer)
@@ -386,6 +387,7 @@ def test_default_check_of_the_mlp_passes_with_reasons(r, optimizer, lr):
     assert result.fit("dW_op", "hidden.0")["predicted"] == pytest.approx(r - 0.5)
 
 
+@pytest.mark.slow
 def test_small_learning_rate_fails_in_the_first_step_regime():
     """The issue's case: lr 0.05, 10 steps at r = 1/2 reads lin_error ~ n^-0.36."""
     result = coord_check("mlp", "r=0.5", WIDTHS, lr=0.05)
@@ -397,6 +399,7 @@ def test_small_learning_rate_fails_in_the_first_step_regime():
     assert "raise lr or steps" in fit["reason"]
 
 
+@pytest.mark.slow
 def test_a_mis_scaled_hidden_learning_rate_fails_at_that_layer():
     """muP but the hidden SGD rate without its n^(2r) = n factor: dW_rel ~ n^-1 there."""
     p = parse_parametrization("r=0.5")

@@ -186,6 +186,7 @@ def _same_on_both(ranks: list[dict], key: str) -> None:
         assert a == b, key
 
 
+@pytest.mark.slow
 def test_products_equal_the_single_process_ones_on_the_joined_batch(ranks) -> None:
     x, y, _, _ = _data()
     model = _model()
@@ -263,6 +264,7 @@ def test_ddp_models_are_measured_without_ddp_all_reduce(ranks) -> None:
     assert ranks[0]["ddp/grads_untouched"] and ranks[1]["ddp/grads_untouched"]
 
 
+@pytest.mark.slow
 def test_ranks_that_differ_are_named_on_every_rank(ranks) -> None:
     for r in range(WORLD):
         assert re.search(

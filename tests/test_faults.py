@@ -150,6 +150,7 @@ def _killed_at(proc: subprocess.Popen, out: Path, rows: int) -> Iterator[list[in
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "seed"), [(1, 0), (1, 1), (2, 2)])
 def test_kill_9_at_a_random_point_then_resume_loses_nothing(
     tmp_path, reference, workers: int, seed: int
@@ -168,6 +169,7 @@ def test_kill_9_at_a_random_point_then_resume_loses_nothing(
     _same(reference, _records(out))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 def test_workers_die_with_a_killed_sweep_and_write_nothing_after(tmp_path) -> None:
     out = tmp_path / "store"
@@ -223,6 +225,7 @@ def test_a_worker_dies_with_its_parent(platform: str) -> None:
             pytest.fail("the worker outlived its parent")
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_never_run_the_same_run(tmp_path, reference) -> None:
     out = tmp_path / "store"
     first = _start(out, 1)

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import rdiag
 
 OPTIONAL = (
@@ -78,13 +80,13 @@ def test_names_that_left_the_top_level_still_work_with_a_warning() -> None:
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_kernels_folder_shadows_no_package_named_kernels() -> None:
     """From the repository root, ``kernels`` is whatever else is installed by that name.
 
     transformers >= 5 imports Hugging Face's ``kernels`` when a model is built; a
     regular package ``kernels/`` at the root would be found first from there.
     """
-    pytest = __import__("pytest")
     pytest.importorskip("transformers")
     assert not (ROOT / "kernels" / "__init__.py").exists(), (
         "kernels/ must stay a folder without __init__.py (rdiag/kernels.py is the package)"
@@ -104,7 +106,9 @@ def test_the_kernels_folder_shadows_no_package_named_kernels() -> None:
     assert shape == "(2, 2)"
     ours = str(ROOT / "kernels")
     if origin not in ("None", ""):  # a regular package by that name is installed
-        assert not origin.startswith(ours), f"import kernels found the project's: {origin}"
+        assert not origin.startswith(ours), (
+            f"import kernels found the project's: {origin}"
+        )
     else:  # nothing else installed: at most a harmless namespace portion
         assert locations == f"[{ours!r}]"
 
@@ -113,5 +117,7 @@ def test_rdiag_kernels_is_the_dispatcher_over_the_kernels_folder() -> None:
     import rdiag.kernels
     import rdiag.kernels.reference
 
-    assert rdiag.kernels.__path__ == [str(Path(rdiag.kernels.reference.__file__).parent)]
+    assert rdiag.kernels.__path__ == [
+        str(Path(rdiag.kernels.reference.__file__).parent)
+    ]
     assert Path(rdiag.kernels.reference.__file__).parent.name == "kernels"

@@ -50,6 +50,7 @@ def _check(result, metric, layer, tol):
     return fit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("r", [0.0, 0.25, 0.5])
 def test_mlp_width_exponents(r):
     norms = coord_check(
