@@ -22,9 +22,10 @@ own ``timeout``; this module is what each group runs. Groups:
 
 Each group writes ``$OUT/<group>.json`` after every case (so a group cut short
 keeps what it measured) and rewrites ``$OUT/summary.md``. Timing: CUDA events
-around the call, median (and minimum) of the repeats after a warm-up call;
-peak memory: ``torch.cuda.max_memory_allocated`` above the allocation before
-the call. ``--dry-run`` (or ``RDIAG_GPU_DRYRUN=1``) runs the same code at tiny
+around each call, median (and minimum) of the repeats after a warm-up call (an
+eNTK's first call, planning and autotuning included, is ``first_call_s``); peak
+memory: ``torch.cuda.max_memory_allocated`` during the timed calls above the
+allocation before them. ``--dry-run`` (or ``RDIAG_GPU_DRYRUN=1``) runs the same code at tiny
 sizes on the CPU, where memory is not measured.
 """
 
