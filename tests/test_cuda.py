@@ -37,12 +37,12 @@ from rdiag import (
     HessianOperator,
     Monitor,
     empirical_ntk,
-    kernel_stats,
     lr_multipliers,
     sharpness,
 )
 from bench.gpu_validation import tf32
 from rdiag import kernels as dispatch
+from rdiag.kernels import kernel_stats
 from tests import oracles
 from tests._assert import assert_close, assert_rel_error
 from tests.models import ZOO, meter_mlp
