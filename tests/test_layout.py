@@ -184,3 +184,16 @@ def test_the_theory_the_code_cites_is_in_the_repository() -> None:
     verdicts = (PACKAGE / "verdicts.py").read_text()
     for script in re.findall(r"bench/[\w/]+\.py", verdicts):
         assert (ROOT / script).exists(), f"verdicts.py cites a missing {script}"
+
+
+def test_setup_installs_every_package() -> None:
+    """A package folder missing from setup.py's list is missing from a wheel."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    listed: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "packages":
+            listed = {ast.literal_eval(e) for e in node.value.elts}
+    folders = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in PACKAGE.rglob("__init__.py")
+    }
+    assert folders <= listed, f"packages missing from setup.py: {folders - listed}"
