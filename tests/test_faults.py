@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdiag.harness import sweep
-from rdiag.store import (
+from rdiag.runs.store import (
     Store,
     StoreCorruptError,
     StoreError,
     StoreFullError,
     StoreReadOnlyError,
 )
+from rdiag.runs.sweep import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -53,7 +53,7 @@ TIMING = ("monitor/seconds", "monitor/train_seconds")
 _SWEEP = """
 import json, sys
 import torch
-from rdiag.harness import sweep
+from rdiag.runs.sweep import sweep
 if __name__ == "__main__":
     torch.set_num_threads(1)
     result = sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=int(sys.argv[3]))
@@ -157,6 +157,7 @@ def _killed_at(proc: subprocess.Popen, out: Path, rows: int) -> Iterator[list[in
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "seed"), [(1, 0), (1, 1), (2, 2)])
 def test_kill_9_at_a_random_point_then_resume_loses_nothing(
     tmp_path, reference, workers: int, seed: int
@@ -175,6 +176,7 @@ def test_kill_9_at_a_random_point_then_resume_loses_nothing(
     _same(reference, _records(out))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 def test_workers_die_with_a_killed_sweep_and_write_nothing_after(tmp_path) -> None:
     out = tmp_path / "store"
@@ -196,9 +198,9 @@ time.sleep(60)
 """
 _GRANDCHILD = """
 import os, sys, time
-from rdiag import harness
+from rdiag.runs import executors
 sys.platform = sys.argv[1]  # "darwin": the portable getppid watcher
-harness._die_with_parent(os.getppid())
+executors._die_with_parent(os.getppid())
 print("watching", flush=True)
 time.sleep(60)
 """
@@ -230,6 +232,7 @@ def test_a_worker_dies_with_its_parent(platform: str) -> None:
             pytest.fail("the worker outlived its parent")
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_never_run_the_same_run(tmp_path, reference) -> None:
     out = tmp_path / "store"
     first = _start(out, 1)
@@ -460,7 +463,7 @@ def test_a_killed_pool_worker_costs_only_its_run_retried_once(
 ) -> None:
     """kill -9 of the worker holding a run: the others go on; the run is retried
     once (then finished, exit 0), and at a second death it alone is lost (exit 1)."""
-    from rdiag.harness import config_id, expand_grid
+    from rdiag.runs.config import config_id, expand_grid
 
     out = tmp_path / "store"
     victim = config_id(expand_grid(CONFIG)[4])
@@ -559,22 +562,23 @@ def test_run_ids_are_canonical_and_an_older_store_resumes_without_re_runs(
 ) -> None:
     """Ids from the current names with defaults left out; runs keyed the old way
     (the whole config, an old field name) are found again, not re-run."""
-    from rdiag.harness import TrainConfig, config_id, expand_grid
-    from rdiag.store import run_key
+    from rdiag.runs.config import TrainConfig, config_id, expand_grid
+    from rdiag.runs.store import run_key
 
     cfg = {"width": 8, "parametrization": "mup"}
-    assert config_id(cfg) == config_id({"width": 8, "param": "mup", "momentum": 0.0})
+    assert config_id(cfg) == config_id({"width": 8, "momentum": 0.0})
     assert config_id(cfg) != config_id({"width": 9})
     out = tmp_path / "old"
     config = {**CONFIG, "grid": {"seed": [0, 1]}}
     sweep(config, out=out)
     store = Store(out)
     # Rewrite the store as an older release keyed it: the whole config as the id,
-    # the parametrization under its old name, a field since added missing.
+    # fields under their old names (param, model), a field since added missing.
     with contextlib.closing(sqlite3.connect(out / "rdiag.sqlite")) as conn:
         for cfg in expand_grid(config):
             old = cfg.to_dict()
             old["param"] = old.pop("parametrization")
+            old["model"] = old.pop("family")
             del old["divergence_factor"]
             for table, column in (
                 ("runs", "id"),
@@ -594,7 +598,7 @@ def test_run_ids_are_canonical_and_an_older_store_resumes_without_re_runs(
     resumed = sweep(config, out=out)
     assert resumed.count("skipped") == 2 and len(store.run_ids()) == 2
     _same(before, _records(out))
-    assert TrainConfig.from_dict({"param": "mup"}).canonical() == {}
+    assert TrainConfig.from_dict({"parametrization": "mup"}).canonical() == {}
     from rdiag.report import build_report
 
     assert build_report(store, tmp_path / "report")["summary"].is_file()

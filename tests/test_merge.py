@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 
 from rdiag.cli import main
-from rdiag.harness import parse_shard, sweep
-from rdiag.merge import merge_stores
-from rdiag.store import Store
+from rdiag.runs.config import parse_shard
+from rdiag.runs.sweep import sweep
+from rdiag.runs.merge import merge_stores
+from rdiag.runs.store import Store
 from tests.test_faults import BASE, _records, _same
 
 CONFIG = {
@@ -173,7 +174,7 @@ def _corrupt(db: Path) -> None:
 def test_a_corrupt_shard_is_named_and_a_refused_merge_leaves_no_target(
     shards, tmp_path
 ) -> None:
-    from rdiag.store import StoreCorruptError
+    from rdiag.runs.store import StoreCorruptError
 
     _, root = shards
     bad = tmp_path / "shard-1-of-2"

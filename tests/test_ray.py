@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdiag.harness import config_id, expand_grid, sweep, train
-from rdiag.store import Store, StoreError
-from rdiag.writer import RemoteStore, StoreWriter, this_process
+from rdiag.runs.config import config_id, expand_grid
+from rdiag.runs.store import Store, StoreError
+from rdiag.runs.sweep import sweep
+from rdiag.runs.training import train
+from rdiag.runs.writer import RemoteStore, StoreWriter, this_process
 from tests.test_faults import BASE, _records, _same
 
 ray = pytest.importorskip("ray")
-from rdiag.ray_sweep import RayExecutor, check_address  # noqa: E402
+from rdiag.runs.ray_executor import RayExecutor, check_address  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
@@ -231,7 +233,7 @@ def test_a_writer_refuses_writes_once_its_sweep_is_gone(tmp_path) -> None:
 
 _RAY_SWEEP = """
 import json, sys
-from rdiag.harness import sweep
+from rdiag.runs.sweep import sweep
 if __name__ == "__main__":
     sweep(json.loads(sys.argv[1]), out=sys.argv[2], executor="ray")
 """
