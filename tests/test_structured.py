@@ -535,7 +535,7 @@ def test_parameterization_multipliers_stay_structured(family: str, param: str) -
 
 def test_structured_coverage_of_a_plain_module_builds_its_view() -> None:
     from rdiag import functionalize
-    from rdiag.ntk.structured import structured_coverage
+    from rdiag.ntk.handle import structured_coverage
 
     net = torch.nn.Sequential(
         torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
