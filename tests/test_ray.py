@@ -239,6 +239,28 @@ if __name__ == "__main__":
 """
 
 
+def _ray_sweep_at(tmp_path: Path, rows: int, **popen: object) -> subprocess.Popen:
+    """A sweep process that starts Ray itself, once ``rows`` records are stored."""
+    from tests.test_faults import _rows
+
+    out = tmp_path / "store"
+    config = {**CONFIG, "grid": {"width": [8, 12], "seed": list(range(40))}}
+    script = tmp_path / "sweep.py"
+    script.write_text(_RAY_SWEEP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(config), str(out)],
+        cwd=ROOT, env=env, **popen,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while _rows(out) < rows:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the sweep ended or stalled before the fault was injected")
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 def test_a_killed_driver_writes_nothing_after_and_its_ray_processes_end(
     tmp_path,
@@ -248,19 +270,9 @@ def test_a_killed_driver_writes_nothing_after_and_its_ray_processes_end(
     from tests.test_faults import _descendants, _rows, _wait_gone
 
     out = tmp_path / "store"
-    config = {**CONFIG, "grid": {"width": [8, 12], "seed": list(range(40))}}
-    script = tmp_path / "sweep.py"
-    script.write_text(_RAY_SWEEP)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), json.dumps(config), str(out)], cwd=ROOT, env=env
-    )
+    proc = _ray_sweep_at(tmp_path, 60)
     children: list[int] = []
     try:
-        deadline = time.monotonic() + 240
-        while _rows(out) < 60:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         children = _descendants(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(30)
@@ -277,22 +289,8 @@ def test_a_killed_driver_writes_nothing_after_and_its_ray_processes_end(
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 def test_sigterm_ends_a_ray_sweep_with_143_and_no_stack_dump(tmp_path) -> None:
-    from tests.test_faults import _rows
-
-    out = tmp_path / "store"
-    config = {**CONFIG, "grid": {"width": [8, 12], "seed": list(range(40))}}
-    script = tmp_path / "sweep.py"
-    script.write_text(_RAY_SWEEP)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, str(script), json.dumps(config), str(out)],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    proc = _ray_sweep_at(tmp_path, 20, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 240
-        while _rows(out) < 20:
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=60)
     finally:
