@@ -244,7 +244,7 @@ def test_claims_respect_live_owners_and_take_over_dead_ones(tmp_path) -> None:
 
 
 def test_claims_of_reused_pids_and_other_hosts(tmp_path) -> None:
-    from rdiag import store as store_module
+    from rdiag.runs import store as store_module
 
     store = Store(tmp_path)
     rid = store.create_run({"a": 1})
