@@ -11,15 +11,16 @@ forward mode under the math attention backend, or reverse-over-reverse (the
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
+from torch.func import vmap
 
 from rdiag._inputs import Inputs, rows
+from rdiag.attention import efficient_attention, math_attention
 from rdiag._optional import notice
 
 if TYPE_CHECKING:
@@ -30,48 +31,41 @@ JvpMode = Literal["attention", "forward", "math_attention", "reverse"]
 _MODES: tuple[JvpMode, ...] = ("attention", "forward", "math_attention", "reverse")
 
 
-class _MathAttention:
-    """The process-wide attention backend switch, safe for overlapping threads.
+class _TwiceDifferentiable(torch.overrides.TorchFunctionMode):
+    """Hardsigmoid as ``relu6(x + 3) / 6`` (MobileNetV3's gate).
 
-    torch's backend choice is one global setting; nested ``sdpa_kernel`` blocks
-    that overlap across threads (a thread-pool sweep) would restore each other's
-    state out of order and leave the math backend on for good. Here the first of
-    the overlapping users switches and the last one restores.
+    The same values and gradient, and a double backward and forward-mode
+    derivative, which ``hardsigmoid_backward`` lacks. ``replaced`` counts the
+    calls rewritten.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._context: contextlib.AbstractContextManager | None = None
+        super().__init__()
+        self.replaced = 0
 
-    def enter(self) -> None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        with self._lock:
-            if self._users == 0:
-                self._context = sdpa_kernel(SDPBackend.MATH)
-                self._context.__enter__()
-            self._users += 1
-
-    def exit(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                self._context.__exit__(None, None, None)
-                self._context = None
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        if func is torch.nn.functional.hardsigmoid:
+            self.replaced += 1
+            return torch.nn.functional.relu6(args[0] + 3) / 6
+        return func(*args, **(kwargs or {}))
 
 
-_MATH = _MathAttention()
+#: What the curvature fallback says when it rewrote Hardsigmoid.
+HARDSIGMOID_NOTE = (
+    "Hardsigmoid has no double backward in PyTorch: curvature computes it as "
+    "relu6(x + 3) / 6, the same function and gradient"
+)
 
 
 @contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """Route ``scaled_dot_product_attention`` to its math backend (has forward-mode AD)."""
-    _MATH.enter()
-    try:
-        yield
-    finally:
-        _MATH.exit()
+def twice_differentiable() -> Iterator[_TwiceDifferentiable]:
+    """Math attention, and Hardsigmoid as ``relu6(x + 3) / 6``, within the block.
+
+    Yields:
+        The rewriting mode (its ``replaced`` counts the Hardsigmoid calls).
+    """
+    with math_attention(), _TwiceDifferentiable() as mode:
+        yield mode
 
 
 def jvp(
@@ -90,8 +84,6 @@ def jvp(
         ``(output, jvp_output)``.
     """
     if mode == "attention":
-        from rdiag.attention import efficient_attention
-
         with efficient_attention():
             return _jvp(func, primals, tangents)
     if mode == "forward":
@@ -113,8 +105,6 @@ def differentiating(mode: JvpMode) -> contextlib.AbstractContextManager:
     operator's does), not only around its jvps.
     """
     if mode == "attention":
-        from rdiag.attention import efficient_attention
-
         return efficient_attention()
     return contextlib.nullcontext()
 
@@ -133,8 +123,6 @@ def probe_vmap(fm: FunctionalModel, x: Inputs) -> str | None:
     Returns:
         The first line of vmap's error, or ``None`` if vmap works.
     """
-    from torch.func import vmap
-
     sample = rows(x, slice(0, 2))
     try:
         with torch.no_grad():
@@ -165,8 +153,6 @@ def probe_jvp_mode(fm: FunctionalModel, x: Inputs) -> JvpMode:
     Raises:
         RuntimeError: No mode works (every mode's error is quoted).
     """
-    from rdiag.attention import efficient_attention
-
     probe_x = x if fm.batch_coupled else rows(x, slice(0, 2))
     params = fm.params
     zeros = {n: torch.zeros_like(p) for n, p in params.items()}
@@ -208,8 +194,6 @@ def attention_calls(fm: FunctionalModel, x: Inputs) -> list[AttentionCall]:
     Returns:
         One :class:`~rdiag.attention.AttentionCall` per call (empty: no attention).
     """
-    from rdiag.attention import efficient_attention
-
     probe_x = x if fm.batch_coupled else rows(x, slice(0, 1))
     with torch.no_grad(), efficient_attention() as router:
         fm(fm.params, probe_x)

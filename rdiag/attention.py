@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from rdiag._autodiff import math_attention
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 __all__ = [
     "DEFAULT_BLOCK",
@@ -57,6 +57,7 @@ __all__ = [
     "attention_workspace",
     "blocked_attention",
     "efficient_attention",
+    "math_attention",
     "uncovered",
 ]
 
@@ -64,6 +65,48 @@ __all__ = [
 DEFAULT_BLOCK = 256
 
 _SDPA = F.scaled_dot_product_attention
+
+
+class _MathAttention:
+    """The process-wide attention backend switch, safe for overlapping threads.
+
+    torch's backend choice is one global setting; nested ``sdpa_kernel`` blocks
+    that overlap across threads (a thread-pool sweep) would restore each other's
+    state out of order and leave the math backend on for good. Here the first of
+    the overlapping users switches and the last one restores.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._context: contextlib.AbstractContextManager | None = None
+
+    def enter(self) -> None:
+        with self._lock:
+            if self._users == 0:
+                self._context = sdpa_kernel(SDPBackend.MATH)
+                self._context.__enter__()
+            self._users += 1
+
+    def exit(self) -> None:
+        with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                self._context.__exit__(None, None, None)
+                self._context = None
+
+
+_MATH = _MathAttention()
+
+
+@contextlib.contextmanager
+def math_attention() -> Iterator[None]:
+    """Route ``scaled_dot_product_attention`` to its math backend (has forward-mode AD)."""
+    _MATH.enter()
+    try:
+        yield
+    finally:
+        _MATH.exit()
 
 
 def _scores(

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from rdiag.kernels import KernelStats, kernel_stats
+from rdiag.linalg.lanczos import lanczos
 from rdiag.operators.base import LinearOperator
 
 
@@ -220,7 +221,6 @@ def operator_norm(w: Tensor, *, exact_below: int = 256, tol: float = 1e-9) -> fl
     """
     if min(w.shape) < exact_below:
         return float(torch.linalg.svdvals(w)[0])
-    from rdiag.linalg.lanczos import lanczos
 
     top = lanczos(_GramOperator(w), k=1, tol=tol).eigenvalues[0]
     return float(top.clamp_min(0).sqrt())
@@ -318,8 +318,9 @@ def fit_exponent(
         >>> round(slope, 3), lo < slope < hi
         (-0.999, True)
     """
-    x = np.asarray(torch.as_tensor(widths).double().cpu(), dtype=float)
-    y = np.asarray(torch.as_tensor(values).double().cpu(), dtype=float)
+    # float64 from the start: a list of floats would become float32 (1e300 -> inf).
+    x = np.asarray(torch.as_tensor(widths, dtype=torch.float64).cpu(), dtype=float)
+    y = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu(), dtype=float)
     if y.ndim == 2 and x.ndim == 1 and len(x) == y.shape[0]:
         x = np.repeat(x, y.shape[1])
     y = y.reshape(-1)

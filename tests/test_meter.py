@@ -43,6 +43,7 @@ def _sgd(lr):
     [("r=0", 0.0, "lazy"), ("r=0.25", 0.25, "intermediate"), ("r=0.5", 0.5, "mup"),
      ("mf", 0.5, "mup")],
 )  # fmt: skip
+@pytest.mark.slow
 def test_known_richness_of_the_mlp_family(param, r, kind):
     res = richness_meter(
         _family(param),
@@ -63,6 +64,7 @@ def test_known_richness_of_the_mlp_family(param, r, kind):
     assert fit["predicted"] == pytest.approx(2 * res.target - 1)
 
 
+@pytest.mark.slow
 def test_standard_parametrization_is_off_the_scale():
     """PyTorch's init and one SGD rate: the first step's output change grows like n."""
     res = richness_meter(
@@ -76,7 +78,7 @@ def test_standard_parametrization_is_off_the_scale():
     )
     assert res.kind == "growing" and res.verdict.startswith("off the scale: outputs")
     step1 = next(f for f in res.fits if f["metric"] == "delta_f1")
-    assert 0.8 <= step1["slope"] <= 1.1  # SCIENCE.md section 1: slope +1
+    assert 0.8 <= step1["slope"] <= 1.1  # docs/theory.md section 1: slope +1
 
 
 class _HandMLP(nn.Sequential):
@@ -100,6 +102,7 @@ MUP_SGD = {"readin": 1.0, "hidden": 0.0, "readout": -1.0}
 PER_D = {"readin": 1 / 8}
 
 
+@pytest.mark.slow
 def test_a_hand_written_mup_mlp_with_a_learning_rate_rule():
     rule = LRRule(0.3, MUP_SGD, PER_D)
     res = richness_meter(
@@ -111,6 +114,7 @@ def test_a_hand_written_mup_mlp_with_a_learning_rate_rule():
     assert res.layer("4").lr_exponent == pytest.approx(-1.0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_hidden_learning_rate_n_times_too_large_is_named_with_its_fix():
     rule = LRRule(0.3, {**MUP_SGD, "hidden": 1.0}, PER_D, base_width=64)
     res = richness_meter(
@@ -128,6 +132,7 @@ def test_a_hidden_learning_rate_n_times_too_large_is_named_with_its_fix():
     assert res.layer("4").problem is None
 
 
+@pytest.mark.slow
 def test_a_hand_written_mup_transformer_with_adam():
     gen = torch.Generator().manual_seed(0)
     tokens, targets = (torch.randint(0, 16, (16, 6), generator=gen) for _ in range(2))
@@ -284,3 +289,75 @@ def test_optimizer_factory_uses_a_parametrization_s_rates_else_one_rate():
     assert plain.param_groups[0]["lr"] == 0.01
     with pytest.raises(ValueError, match="optimizer"):
         optimizer_factory("lbfgs", 0.1)
+
+
+class _ZeroReadoutMLP(_HandMLP):
+    """muP as the ``mup`` package writes it for SGD: a zero read-out."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        with torch.no_grad():
+            self[4].weight.zero_()
+
+
+def test_a_zero_initialised_read_out_is_metered_as_mup():
+    """8-w-w-4 tanh, hidden N(0, 1/fan_in), zero read-out, muP's SGD rate ratios
+    (Tensor Programs V, table 3): read-in ~ n, hidden constant, read-out ~ 1/n."""
+    rule = LRRule(0.3, MUP_SGD, PER_D, base_width=64)
+    res = richness_meter(
+        _ZeroReadoutMLP, rule, _batch(), F.mse_loss, widths=[64, 128, 256, 512],
+        steps=10, seeds=3, ntk=False,
+    )  # fmt: skip
+    assert res.kind == "mup", res.report()
+    # The read-out's relative change from zero is undefined: left out, not a fix.
+    assert not res.layer("4").fixes and not res.failed
+
+
+def test_a_rate_fix_is_offered_only_when_it_moves_the_end_toward_the_target():
+    from rdiag.verdicts import _layer
+
+    def fit(metric, slope, predicted):
+        return {
+            "metric": metric, "slope": slope, "predicted": predicted, "passed": False,
+            "tolerance": 0.1, "ci": [slope - 0.05, slope + 0.05], "reason": "",
+            "inconclusive": False,
+        }  # fmt: skip
+
+    agree = _layer("h", "hidden", [fit("dW_rel", 0.4, 0.0), fit("dW_rel1", 1.0, 0.0)],
+                   0.5, 1.0, 64)  # fmt: skip
+    assert agree.fixes == (
+        "learning rate x (n/64)^-1.00 (its rate ~ n^+1.00 -> n^+0.00)",
+    )
+    split = _layer("h", "hidden", [fit("dW_rel", -0.4, 0.0), fit("dW_rel1", 1.0, 0.0)],
+                   0.5, 1.0, 64)  # fmt: skip
+    assert not split.fixes and any("opposite directions" in v for v in split.violations)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"data": (torch.randn(16, 5), torch.randn(16, 4))},
+         r"the training data \(\(16, 5\) float32\) does not fit family\(64\)"),
+        ({"probe": torch.randn(4, 6)},
+         r"the probe \(\(4, 6\) float32\) does not fit family\(64\)"),
+        ({"data": (torch.randn(16, 8), torch.randn(16, 3))}, "target"),
+    ],
+)  # fmt: skip
+def test_data_or_a_probe_that_does_not_fit_is_named_before_any_run(kwargs, message):
+    data = kwargs.pop("data", _batch())
+    with pytest.raises(ValueError, match=message):
+        richness_meter(
+            _HandMLP, LRRule(0.3, MUP_SGD, PER_D), data, F.mse_loss,
+            widths=[64, 128], steps=2, seeds=1, ntk=False, **kwargs,
+        )  # fmt: skip
+
+
+def test_the_meter_leaves_the_callers_rng_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    richness_meter(
+        _HandMLP, LRRule(0.3, MUP_SGD, PER_D), _batch(), F.mse_loss,
+        widths=[64, 128], steps=2, seeds=1, ntk=False,
+    )  # fmt: skip
+    assert torch.equal(torch.rand(3), expected)

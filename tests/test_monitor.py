@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rdiag import empirical_ntk, metrics
 from rdiag.models import make_model
 from rdiag.monitor import METRICS, Monitor
 from rdiag.parametrization import effective_weights, lr_multipliers, make_optimizer
-from rdiag.store import Store
+from rdiag.runs.store import Store
 from tests._assert import assert_close
 from tests.oracles import (
     dense_eigh,
@@ -327,22 +328,24 @@ def test_train_mode_measures_the_whole_batch_function() -> None:
     assert rec["ntk/trace"] != pytest.approx(float(empirical_ntk(net, x).trace()))
     with pytest.raises(ValueError, match="mode"):
         Monitor(net, x, metrics=["ntk"], mode="inference")
-    with pytest.raises(ValueError, match="num_eigs"):
-        Monitor(net, x, metrics=["ntk"], num_eigs=-1)
+    with pytest.raises(ValueError, match="k"):
+        Monitor(net, x, metrics=["ntk"], k=-1)
 
 
 def test_check_probe_names_the_probe_and_the_training_batch() -> None:
     net = torch.nn.Sequential(
         torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)
     )
-    mon = Monitor(net, torch.randn(3, 5), metrics=["ntk"])
+    mon = Monitor(net, torch.randn(3, 5), metrics=["ntk"], probe_check=False)
     with pytest.raises(ValueError, match=r"\(3, 5\).*training batches are \(8, 4\)"):
         mon.check_probe(torch.randn(8, 4))
     fits = Monitor(net, (torch.randn(3, 4), torch.randn(3, 2)), loss_fn=F.mse_loss)
     fits.check_probe()
-    wrong = Monitor(net, (torch.randn(3, 4), torch.randn(3, 7)), loss_fn=F.mse_loss)
+    # By default the Monitor checks its probe when it is built (issue #21).
+    with pytest.raises(ValueError, match=r"probe does not fit .*\(3, 5\)"):
+        Monitor(net, torch.randn(3, 5), metrics=["ntk"])
     with pytest.raises(ValueError, match=r"outputs \(3, 2\) and targets \(3, 7\)"):
-        wrong.check_probe()
+        Monitor(net, (torch.randn(3, 4), torch.randn(3, 7)), loss_fn=F.mse_loss)
 
 
 def test_cost_report_and_a_restored_state_keep_time_and_history() -> None:
@@ -387,11 +390,11 @@ def test_ntk_moments_on_a_large_probe_are_within_their_error_bars() -> None:
         metrics=["ntk_moments"],
         lr_multipliers=mults,
         moments_probe=big,
-        moments_vectors=400,
+        moments_matvecs=400,
         strict=True,
     )
     mon = Monitor(model, (x, y), **kw)
-    blocked = Monitor(model, (x, y), moments_block=7, **kw)
+    blocked = Monitor(model, (x, y), moments_block_size=7, **kw)
     k0 = _dense_full(model, big, mults)
     first = mon.step(0)
     assert "ntk_moments/rel_change" not in first
@@ -422,5 +425,48 @@ def test_ntk_moments_on_a_large_probe_are_within_their_error_bars() -> None:
     assert again["ntk_moments/rel_change"] == pytest.approx(
         later["ntk_moments/rel_change"], rel=1e-12
     )
-    with pytest.raises(ValueError, match="moments_vectors"):
-        Monitor(model, (x, y), metrics=["ntk_moments"], moments_vectors=0)
+    with pytest.raises(ValueError, match="moments_matvecs"):
+        Monitor(model, (x, y), metrics=["ntk_moments"], moments_matvecs=0)
+
+
+def test_the_monitors_sharpness_follows_in_place_edits_through_data() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 2)).double()
+    probe = (
+        torch.randn(8, 4, dtype=torch.float64),
+        torch.randn(8, 2, dtype=torch.float64),
+    )
+
+    def sharpness(monitor: Monitor, step: int) -> float:
+        return monitor.step(step, force=True)["sharpness/raw"]
+
+    kept = Monitor(net, probe, metrics=["sharpness"], loss_fn=F.mse_loss, strict=True)
+    sharpness(kept, 0)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.data.mul_(2.0)
+    fresh = Monitor(net, probe, metrics=["sharpness"], loss_fn=F.mse_loss, strict=True)
+    expected = sharpness(fresh, 1)
+    assert sharpness(kept, 1) == pytest.approx(expected, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"every": []}, "at least one step"),
+        ({"every": [0, -1]}, "each step of every= to be an int >= 0"),
+        ({"every": [0, 1.5]}, "each step of every= to be an int >= 0"),
+        ({"metrics": []}, "at least one metric"),
+    ],
+)
+def test_a_schedule_or_metrics_that_measure_nothing_are_refused(kwargs, message):
+    net = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match=message):
+        Monitor(net, torch.randn(4, 3), **{"metrics": ["ntk"], **kwargs})
+
+
+def test_steps_going_backwards_are_refused():
+    mon = Monitor(torch.nn.Linear(3, 2), torch.randn(4, 3), metrics=["ntk"])
+    mon.step(5)
+    with pytest.raises(ValueError, match="step 3 after step 5"):
+        mon.step(3)

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from rdiag import empirical_ntk, functionalize, ntk_fn
 from rdiag.ntk import structured
 from rdiag.ntk.spec import NTKSpec
-from rdiag.ntk.structured import plan_structured, structured_coverage, structured_ntk
+from rdiag.ntk._capture import plan_structured
+from rdiag.ntk.handle import structured_coverage
+from rdiag.ntk.structured import structured_ntk
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
@@ -529,3 +531,15 @@ def test_parameterization_multipliers_stay_structured(family: str, param: str) -
     assert_close(
         f"{family} {param}", oracles.ntk_from_jacobians(j, j), k, rtol=1e-9, atol=1e-10
     )
+
+
+def test_structured_coverage_of_a_plain_module_builds_its_view() -> None:
+    from rdiag import functionalize
+    from rdiag.ntk.handle import structured_coverage
+
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    )
+    x = torch.randn(5, 3)
+    assert structured_coverage(net) == structured_coverage(functionalize(net)) == 1.0
+    assert structured_coverage(net, x) == structured_coverage(functionalize(net), x)

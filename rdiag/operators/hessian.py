@@ -9,11 +9,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
-from rdiag._autodiff import attention_calls, math_attention
+from rdiag._autodiff import HARDSIGMOID_NOTE, attention_calls, twice_differentiable
 from rdiag.attention import efficient_attention
 from rdiag._optional import notice
 from rdiag._typing import Data, LossFn, Params, ParamSelector
-from rdiag.functional import FunctionalModel, Mode
+from rdiag.functional import FunctionalModel, Mode, document_selection
 from rdiag.operators.curvature import (
     CurvatureOperator,
     forward_over_reverse,
@@ -22,6 +22,7 @@ from rdiag.operators.curvature import (
 )
 
 
+@document_selection
 class HessianOperator(CurvatureOperator):
     r"""The Hessian :math:`H = \nabla^2_\theta L(\theta)` of a mean loss, matrix-free.
 
@@ -30,9 +31,12 @@ class HessianOperator(CurvatureOperator):
     forward-over-reverse (``jvp`` of ``grad``). A model that calls
     ``scaled_dot_product_attention`` runs it by rdiag's blocked operator
     (:mod:`rdiag.attention`: exact, ``O(T * block)`` extra memory per head) inside
-    the products, tried first; otherwise, if a module has no forward-mode
-    derivative, the math attention backend and then reverse-over-reverse are tried
-    once per operator, with a one-time notice. Products are at the model's current parameters; for a single batch
+    the products, tried first, without a notice. If a module has no forward-mode
+    derivative (fused attention without rdiag's operator; ``Hardsigmoid``, whose
+    backward has no derivative), the math attention backend with Hardsigmoid
+    as ``relu6(x + 3) / 6`` (:func:`rdiag._autodiff.twice_differentiable`) and
+    then reverse-over-reverse are tried once per operator, with a one-time
+    notice. Products are at the model's current parameters; for a single batch
     the gradient graph is kept and rebuilt only after the parameters change.
 
     Shapes: ``P`` selected parameters (``named_parameters()`` order);
@@ -44,13 +48,8 @@ class HessianOperator(CurvatureOperator):
         loss_fn: ``loss_fn(output, target) -> scalar`` with mean reduction, on the
             raw output ``(n, *out)``.
         data: A batch ``(x, y)`` or an iterable of batches (a DataLoader).
-        params: Parameter selector (a per-layer block: ``params="fc1.*"``).
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"`` (train-mode batch norm: the loss is a
-            function of each whole batch).
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's.
-        output_fn: Picks the output tensor from a non-tensor model output (a
-            ``ModelOutput``'s ``logits`` are picked without it).
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         compile: ``torch.compile`` the per-batch product.
         process_group: A ``torch.distributed`` process group: ``data`` is this
             rank's shard and products are summed over the ranks, identical on
@@ -105,8 +104,10 @@ class HessianOperator(CurvatureOperator):
         self.compile = compile
         self._compiled: dict[str, Callable[..., Tensor]] = {}
         self._graph: tuple[tuple, list[Tensor], tuple[Tensor, ...]] | None = None
+        self._checksum_weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         # Strategies that failed before another one worked: skipped from then on.
         self.failed_strategies: set[str] = set()
+        self._note = ""  # what a fallback rewrote, said with its notice
         # Whether the model calls scaled_dot_product_attention (probed once).
         self._attention: bool | None = None
 
@@ -114,9 +115,36 @@ class HessianOperator(CurvatureOperator):
         self._graph = None
 
     def _param_state(self) -> tuple:
-        """Identity and version of every selected parameter: changes with any update."""
+        """Identity, version and checksum of the selected parameters.
+
+        Storage and version change with an optimizer step, a ``no_grad`` edit or
+        ``load_state_dict``; an edit through ``p.data`` bumps neither, so the
+        state also holds one checksum: the parameters' dot product with a fixed
+        random vector (sensitive to any change of value, sign or position; one
+        read of the parameters, well under the cost of one product).
+        """
         named = dict(self.fm.module.named_parameters())
-        return tuple((named[n].data_ptr(), named[n]._version) for n in self.fm.names)
+        params = [named[n] for n in self.fm.names]
+        ids = tuple((p.data_ptr(), p._version) for p in params)
+        parts: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        with torch.no_grad():
+            for p in params:
+                w = self._weights(p.numel(), p.device, p.dtype)
+                parts.setdefault((p.device, p.dtype), []).append(
+                    torch.dot(p.detach().reshape(-1), w)
+                )
+        # One sync per device and dtype; as hex, a NaN checksum equals itself.
+        sums = (float(torch.stack(v).double().sum()).hex() for v in parts.values())
+        return ids, tuple(sums)
+
+    def _weights(self, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The checksum's fixed random weights in ``[0.5, 1.5)``: the first ``size``."""
+        w = self._checksum_weights.get((device, dtype))
+        if w is None or w.numel() < size:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.rand(max(size, 1), generator=gen, dtype=torch.float64) + 0.5
+            self._checksum_weights[(device, dtype)] = w = w.to(device, dtype)
+        return w[:size]
 
     def _flat_loss(self, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda theta, y: self.batch_loss(self.fm.unflatten(theta), x, y)
@@ -143,7 +171,8 @@ class HessianOperator(CurvatureOperator):
         a single backward pass through it, about half the cost of recomputing the
         forward and backward for forward-over-reverse. Used for a single batch only
         (a DataLoader would keep one graph per batch alive). The graph is rebuilt
-        whenever a parameter changed (an optimizer step bumps its version) or
+        whenever a parameter changed (an optimizer step bumps its version, an
+        edit through ``p.data`` its checksum, :meth:`_param_state`) or
         :meth:`rebind` was called.
         """
         state = self._param_state()
@@ -190,11 +219,19 @@ class HessianOperator(CurvatureOperator):
         fwd = self._maybe_compiled("forward", self._forward)
         rev = self._maybe_compiled("reverse", self._reverse)
 
-        def under(
-            context: Callable[[], Any], fn: Callable[..., Tensor]
-        ) -> Callable[[], Tensor]:
+        def math(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
             def call() -> Tensor:
-                with context():
+                with twice_differentiable() as mode:
+                    out = fn(x, y, matrix)
+                if mode.replaced:
+                    self._note = HARDSIGMOID_NOTE
+                return out
+
+            return call
+
+        def routed(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
+            def call() -> Tensor:
+                with efficient_attention():
                     return fn(x, y, matrix)
 
             return call
@@ -205,11 +242,11 @@ class HessianOperator(CurvatureOperator):
             [
                 (
                     "forward-over-reverse with rdiag attention",
-                    under(efficient_attention, fwd),
+                    routed(fwd),
                 ),
                 (
                     "reverse-over-reverse with rdiag attention",
-                    under(efficient_attention, rev),
+                    routed(rev),
                 ),
             ]
             if self._attention
@@ -233,12 +270,12 @@ class HessianOperator(CurvatureOperator):
                 ("forward-over-reverse", lambda: fwd(x, y, matrix)),
                 (
                     "forward-over-reverse with math attention",
-                    under(math_attention, fwd),
+                    math(fwd),
                 ),
                 ("reverse-over-reverse", lambda: rev(x, y, matrix)),
                 (
                     "reverse-over-reverse with math attention",
-                    under(math_attention, rev),
+                    math(rev),
                 ),
             ]
         )
@@ -268,15 +305,17 @@ class HessianOperator(CurvatureOperator):
             skip.update(failed)
             if first is not None:
                 reason = str(first).splitlines()[0][:160]
+                note = f" ({self._note})" if self._note else ""
                 notice(
                     f"{self.kind}: the default autodiff path failed for "
                     f"{type(self.fm.module).__name__} ({reason}); using {name} from now "
-                    "on for this operator",
+                    f"on for this operator{note}",
                 )
             return result
         raise first  # type: ignore[misc]  # strategies is never empty
 
 
+@document_selection
 def hvp(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -302,11 +341,8 @@ def hvp(
         v: A flat ``(P,)`` vector over the selected parameters in
             ``named_parameters()`` order, or a dict name -> tensor of each
             parameter's shape.
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         compile: ``torch.compile`` the product.
 
     Returns:

@@ -23,7 +23,7 @@ L = pytest.importorskip("lightning.pytorch")
 
 from rdiag.integrations.lightning import RdiagMonitor  # noqa: E402
 from rdiag.monitor import Monitor  # noqa: E402
-from rdiag.store import Store  # noqa: E402
+from rdiag.runs.store import Store  # noqa: E402
 from tests._assert import assert_same_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,7 +210,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning.pytorch as L
 from rdiag.integrations.lightning import RdiagMonitor
 from rdiag.sinks import CSVSink
-from rdiag.store import Store
+from rdiag.runs.store import Store
 from tests.integrations.test_lightning import OPTIONS, Regressor, _data
 
 if __name__ == "__main__":
@@ -262,3 +262,17 @@ def test_ddp_on_two_processes_writes_records_once_and_ends(tmp_path) -> None:
     store = Store(tmp_path)
     (rid,) = store.run_ids()
     assert store.count(rid) == len(rows)
+
+
+def test_a_store_written_through_the_callback_is_finished_at_train_end(
+    tmp_path,
+) -> None:
+    from rdiag.report import build_report
+
+    loader, probe = _data()
+    store = Store(tmp_path / "store")
+    rid = store.create_run({"model": "regressor"})
+    cb = RdiagMonitor(probe, every=2, store=store, run_id=rid, **OPTIONS)
+    _trainer(tmp_path, 4, callbacks=[cb]).fit(Regressor(), loader)
+    assert store.status(rid) == "finished"
+    assert build_report(store, tmp_path / "report")["summary"].is_file()

@@ -2,9 +2,9 @@
 
 On a cluster the store's directory is on the driver's disk (SQLite over NFS is
 unsafe, and the path does not exist elsewhere). A :class:`StoreWriter` owns the
-:class:`~rdiag.store.Store` in one process on that machine and executes, one at a
+:class:`~rdiag.runs.store.Store` in one process on that machine and executes, one at a
 time, the calls that runs send it. A run holds a :class:`RemoteStore` instead of
-the store: the methods :func:`rdiag.harness.train` and the
+the store: the methods :func:`rdiag.runs.training.train` and the
 :class:`~rdiag.monitor.Monitor` call (create the run, claim it, write a check's
 records in one transaction, save arrays, set the status), each forwarded as one
 call and answered before the run goes on. So a check's records are durable when
@@ -14,11 +14,12 @@ them. Claims are the writer's: a retried run is the writer's again, and a second
 sweep on the same store (another writer) does not run it at the same time.
 
 The transport is any picklable callable ``call(method, args, kwargs)`` that gets
-the writer's answer (:class:`rdiag.ray_sweep.RayExecutor` uses a Ray actor).
+the writer's answer (:class:`rdiag.runs.ray_executor.RayExecutor` uses a Ray actor).
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rdiag.store import Store
+from rdiag.runs.store import Store, StoreError, _live, _this_process
+
+#: ``(pid, host, start time)`` of this process, as :meth:`Store.claim` records it.
+this_process = _this_process
 
 #: The store methods a run may call through a :class:`RemoteStore`.
 METHODS = (
@@ -50,29 +54,42 @@ class StoreWriter:
 
     Args:
         root: The store's directory, on this machine's disk.
+        owner: ``(pid, host, start time)`` of the process the writer works for
+            (:func:`this_process` of a sweep's driver): once that process is
+            gone every call is refused, so no run writes after its sweep died.
+            None: no owner.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(
+        self, root: str, owner: tuple[int, str, str | None] | None = None
+    ) -> None:
         self.store = Store(root)
+        self.owner = owner
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         """``store.method(*args, **kwargs)``; its return value or its error.
 
         Raises:
             ValueError: ``method`` is not one of :data:`METHODS`.
+            StoreError: The owner is gone (nothing is written).
         """
         if method not in METHODS:
             raise ValueError(
                 f"expected a store method from {list(METHODS)}, got {method!r}"
             )
+        if self.owner is not None and not _live(*self.owner, time.time()):
+            raise StoreError(
+                f"the sweep that owns the writer of {self.store.root} (pid "
+                f"{self.owner[0]} on {self.owner[1]}) is gone; nothing more is written"
+            )
         return getattr(self.store, method)(*args, **kwargs)
 
 
 class RemoteStore:
-    """What a run holds in place of a :class:`~rdiag.store.Store`: calls to its writer.
+    """What a run holds in place of a :class:`~rdiag.runs.store.Store`: calls to its writer.
 
     Picklable (the transport travels with it). Errors of the store (``KeyError``,
-    :class:`~rdiag.store.StoreError`, ...) come back as raised by the writer.
+    :class:`~rdiag.runs.store.StoreError`, ...) come back as raised by the writer.
 
     Args:
         root: The store's directory on the writer's machine (reported, never
