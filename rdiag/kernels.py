@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from rdiag._optional import has_triton, warn_once
+from rdiag.attention import blocked_attention
 
 
 def _kernel_folder() -> str:
@@ -225,8 +226,6 @@ def attention(
     if use_triton(q):
         impl = importlib.import_module(f"{__name__}.triton_attention")
         return impl.attention(q, k, v, mask, causal=causal, scale=scale)
-    from rdiag.attention import blocked_attention
-
     return blocked_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 

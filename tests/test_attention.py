@@ -327,7 +327,7 @@ def test_hvp_and_ggn_through_the_operator_equal_math_attention(name, monkeypatch
 
 @pytest.mark.parametrize("name", HF)
 def test_entk_through_the_operator_equals_math_attention(name, monkeypatch) -> None:
-    from rdiag.ntk.api import ntk_fn
+    from rdiag import ntk_fn
 
     model, x, _, _ = _hf(name)
     x1 = {k: t[:2] for k, t in x.items()}
