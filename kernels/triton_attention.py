@@ -229,8 +229,8 @@ def _dq_kernel(
         if TANGENT:
             tkt = _tile(tk_ptr + bh * s_kb, offs_e, offs_n, E, S, s_ke, s_kn)
             tvt = _tile(tv_ptr + bh * s_vb, offs_ev, offs_n, EV, S, s_ve, s_vn)
-            tds = _ds_tangent(q, kt, tq, tkt, go, vt, tgo, tvt, p, dp, dd, tlse,
-                              tdd, scale, INPUT_PRECISION)  # fmt: skip
+            tp = _p_tangent(q, kt, tq, tkt, p, tlse, scale, INPUT_PRECISION)
+            tds = _ds_tangent(go, vt, tgo, tvt, p, tp, dp, dd, tdd, INPUT_PRECISION)
             tdq = tl.dot(tds, tl.trans(kt), tdq, input_precision=INPUT_PRECISION)
             tdq = tl.dot(ds, tl.trans(tkt), tdq, input_precision=INPUT_PRECISION)
     out = dq_ptr + bh * s_qb + offs_m[:, None] * s_qm + offs_e[None, :] * s_qe
@@ -242,14 +242,18 @@ def _dq_kernel(
 
 
 @triton.jit
-def _ds_tangent(
-    q, kt, tq, tkt, go, vt, tgo, tvt, p, dp, dd, tlse, tdd, scale,
-    INPUT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """Tangent of ``ds = p (dp - D)``: ``p' (dp - D) + p (dp' - D')``."""
+def _p_tangent(q, kt, tq, tkt, p, tlse, scale, INPUT_PRECISION: tl.constexpr):
+    """Tangent of ``p = exp(s - lse)``: ``p (s' - lse')``, ``s' = (q' k^T + q k'^T) scale``."""
     ts = tl.dot(tq, kt, input_precision=INPUT_PRECISION)
     ts = tl.dot(q, tkt, ts, input_precision=INPUT_PRECISION) * scale
-    tp = p * (ts - tlse[:, None])
+    return p * (ts - tlse[:, None])
+
+
+@triton.jit
+def _ds_tangent(
+    go, vt, tgo, tvt, p, tp, dp, dd, tdd, INPUT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Tangent of ``ds = p (dp - D)``: ``p' (dp - D) + p (dp' - D')``."""
     tdp = tl.dot(tgo, vt, input_precision=INPUT_PRECISION)
     tdp = tl.dot(go, tvt, tdp, input_precision=INPUT_PRECISION)
     return tp * (dp - dd[:, None]) + p * (tdp - tdd[:, None])
@@ -302,11 +306,8 @@ def _dkdv_kernel(
             tgo = _tile(tgo_ptr + bh * s_ob, offs_m, offs_ev, L, EV, s_om, s_oe)
             tlse = tl.load(tlse_ptr + bh * s_lb + offs_m * s_lm, mask=rows, other=0.0)
             tdd = tl.load(tdd_ptr + bh * s_lb + offs_m * s_lm, mask=rows, other=0.0)
-            ts = tl.dot(tq, kt, input_precision=INPUT_PRECISION)
-            ts = tl.dot(q, tkt, ts, input_precision=INPUT_PRECISION) * scale
-            tp = p * (ts - tlse[:, None])
-            tds = _ds_tangent(q, kt, tq, tkt, go, vt, tgo, tvt, p, dp, dd, tlse,
-                              tdd, scale, INPUT_PRECISION)  # fmt: skip
+            tp = _p_tangent(q, kt, tq, tkt, p, tlse, scale, INPUT_PRECISION)
+            tds = _ds_tangent(go, vt, tgo, tvt, p, tp, dp, dd, tdd, INPUT_PRECISION)
             tdv = tl.dot(tl.trans(tp), go, tdv, input_precision=INPUT_PRECISION)
             tdv = tl.dot(tl.trans(p), tgo, tdv, input_precision=INPUT_PRECISION)
             tdk = tl.dot(tl.trans(tds), q, tdk, input_precision=INPUT_PRECISION)
