@@ -42,7 +42,6 @@ CONFIG = {
     "report": False,
 }
 RUNS = 12
-TIMING = ("monitor/seconds", "monitor/train_seconds")
 _SWEEP = """
 import json, sys
 import torch
@@ -56,7 +55,7 @@ if __name__ == "__main__":
 
 def _records(root: Path) -> dict[tuple, float]:
     rows = Store(root).query(config=False)
-    rows = rows[~rows["metric"].isin(TIMING)]
+    rows = rows[~(rows["metric"].isin(TIMING) | (rows["metric"] == "cost"))]
     return {
         (r.run, r.step, r.metric, r.layer): r.value
         for r in rows.itertuples(index=False)

@@ -136,7 +136,7 @@ class _Spies:
         self._patches = []
 
     def __enter__(self) -> _Spies:
-        import rdiag.monitor as monitor_module
+        import rdiag.monitor.units as monitor_module
 
         targets = dict(self.TARGETS)
         targets["jvp probe (Monitor)"] = (monitor_module, "probe_jvp_mode")
@@ -237,14 +237,14 @@ def test_monitor_checks_after_the_first_do_no_planning() -> None:
         f"{dict(spies.counts)}"
     )
     # One plan per handle; the read-out identity's reduced view is planned with it.
-    readout = mon._ntk.last_plan.inner is not None
+    readout = mon.unit("ntk").handle.last_plan.inner is not None
     assert after_first["plan"] == 1 + readout and after_first["hessian probe"] == 1
     assert mon.missing == {}
     assert {"ntk/rel_change", "sharpness/raw", "lin_error"} <= set(mon.history[-1])
 
 
 def test_a_check_computes_each_kernel_comparison_once(monkeypatch) -> None:
-    import rdiag.monitor as monitor_module
+    import rdiag.monitor.units as monitor_module
 
     model = rdiag.make_model("mlp", 16, parametrization="ntk", seed=0, d_in=3, d_out=2)
     x, y = torch.randn(6, 3), torch.randn(6, 2)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -176,17 +179,37 @@ def test_schedules_and_force() -> None:
         Monitor(model, x, every="often", metrics=["representations"])
 
 
-def test_budget_thins_schedule() -> None:
+def test_budget_plans_the_schedule_once_and_lists_what_it_leaves_out() -> None:
     model, x, _ = _setup()
-    mon = Monitor(model, x, every=1, metrics=["representations"], budget_fraction=0.1)
+    mon = Monitor(model, x, every=2, metrics=["representations"], budget_fraction=0.1)
     assert mon.step(0) is not None  # the first check always runs
-    mon.seconds = 1e6  # pretend diagnostics cost far more than training so far
-    assert mon.step(1) is None and mon.step(2) is None and mon.skipped == 2
-    assert mon.step(3, force=True) is not None
-    mon.seconds = 0.0
-    assert mon.step(4) is not None and mon.checks == 3
+    mon._first = {"representations": 1e3}  # pretend a check costs far more than a step
+    assert mon.step(1) is None and mon.budget_plan is None  # one step timed
+    with pytest.warns(UserWarning, match=r"running every \d+th scheduled check"):
+        assert mon.step(2) is None  # planned at the first scheduled step, up front
+    plan = mon.budget_plan
+    assert plan.stride > 1 and plan.gap == 2.0 and plan.check_steps > 1
+    mon.budget_plan = replace(plan, stride=3)  # check steps 0, 6, 12
+    ran = [s for s in range(3, 14) if mon.step(s) is not None]
+    assert ran == [6, 12]
+    assert mon.skipped_steps == [2, 4, 8, 10] and mon.skipped == 4
+    assert mon.step(13, force=True) is not None  # force always runs
+    assert mon.cost().plan is mon.budget_plan
+    # Without a budget every scheduled check runs.
+    free = Monitor(model, x, every=2, metrics=["representations"])
+    assert [s for s in range(7) if free.step(s) is not None] == [0, 2, 4, 6]
     with pytest.raises(ValueError, match="budget_fraction"):
         Monitor(model, x, budget_fraction=1.5, metrics=["representations"])
+
+
+def test_plan_budget_takes_the_smallest_stride_that_fits() -> None:
+    from rdiag.monitor.budget import mean_gap, plan_budget
+
+    assert plan_budget(1.0, 0.1, 100, 0.1).stride == 1  # 10 steps of 100: 10%
+    assert plan_budget(1.0, 0.1, 100, 0.05).stride == 2
+    assert plan_budget(3.0, 0.1, 100, 0.1).stride == 3
+    assert plan_budget(1.0, 0.1, math.inf, 0.1).stride == 1  # nothing scheduled
+    assert mean_gap([0, 5, 10, 20], lambda s: s in (0, 5, 10, 20), 0) == 20 / 3
 
 
 def test_sharpness_warm_start_saves_matvecs() -> None:
