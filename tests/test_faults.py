@@ -23,6 +23,7 @@ import pytest
 
 from rdiag.harness import sweep
 from rdiag.store import Store, StoreCorruptError, StoreFullError, StoreReadOnlyError
+from tests._assert import TIMING
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
