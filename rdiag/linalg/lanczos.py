@@ -23,6 +23,12 @@ from rdiag.linalg._vectors import (
 from rdiag.operators.base import LinearOperator
 
 Which = Literal["largest", "smallest", "both"]
+#: Below this many Lanczos vectors the Ritz gap is too rough an estimate for the
+#: eigenvalue criterion alone (see ``criterion``).
+SMALL_SPACE = 6
+#: There, the wanted Ritz values must have moved by at most ``SETTLE * tol`` (relative)
+#: in the last product.
+SETTLE = 3.0
 
 
 @dataclass(frozen=True)
@@ -160,7 +166,9 @@ def lanczos(
         criterion: ``"residual"`` (default; the test above) or ``"eigenvalue"``:
             stop when the eigenvalue error bound ``residual**2 / gap`` is at most
             ``tol * max|theta|`` (``gap``: distance to the nearest other Ritz value,
-            an estimate) and the residual at most ``sqrt(tol) * max|theta|``. For
+            an estimate), the residual at most ``sqrt(tol) * max|theta|`` and the
+            wanted Ritz values moved by at most ``SETTLE * tol * max|theta|`` in
+            the last product while the basis is smaller than :data:`SMALL_SPACE`. For
             eigenvalues only (sharpness tracking) it needs far fewer products,
             above all from a warm start; eigenvectors are then only
             ``sqrt(tol)``-accurate.
@@ -230,6 +238,14 @@ def lanczos(
         converged = len(want) >= total and _accurate(
             theta, want, res, tol, scale, criterion
         )
+        if criterion == "eigenvalue" and j < SMALL_SPACE:
+            # The gap of a small Krylov space's Ritz values can be far too large
+            # (a warm start stopped after 3 products 4x off its tolerance): there
+            # the values must also have settled (within SETTLE tolerances).
+            converged = converged and bool(
+                len(previous) == len(want)
+                and ((theta[want] - previous).abs() <= SETTLE * tol * scale).all()
+            )
         if broke:
             # Accept a breakdown only once a fresh direction left the pairs unchanged.
             stable = looked and len(previous) == len(want)
