@@ -183,16 +183,18 @@ def test_budget_plans_the_schedule_once_and_lists_what_it_leaves_out() -> None:
     model, x, _ = _setup()
     mon = Monitor(model, x, every=2, metrics=["representations"], budget_fraction=0.1)
     assert mon.step(0) is not None  # the first check always runs
-    mon._first = {"representations": 1e3}  # pretend a check costs far more than a step
-    assert mon.step(1) is None and mon.budget_plan is None  # one step timed
+    assert mon.step(1) is None and mon.step(2) is not None  # so does the second
+    mon._later = {"representations": 1e3}  # pretend a check costs far more than a step
     with pytest.warns(UserWarning, match=r"running every \d+th scheduled check"):
-        assert mon.step(2) is None  # planned at the first scheduled step, up front
+        assert (
+            mon.step(3) is None
+        )  # planned here, before any scheduled step is left out
     plan = mon.budget_plan
     assert plan.stride > 1 and plan.gap == 2.0 and plan.check_steps > 1
     mon.budget_plan = replace(plan, stride=3)  # check steps 0, 6, 12
-    ran = [s for s in range(3, 14) if mon.step(s) is not None]
+    ran = [s for s in range(4, 14) if mon.step(s) is not None]
     assert ran == [6, 12]
-    assert mon.skipped_steps == [2, 4, 8, 10] and mon.skipped == 4
+    assert mon.skipped_steps == [4, 8, 10] and mon.skipped == 3
     assert mon.step(13, force=True) is not None  # force always runs
     assert mon.cost().plan is mon.budget_plan
     # Without a budget every scheduled check runs.

@@ -59,8 +59,8 @@ one-time planning (eNTK plans, the Hessian operator, forward-mode probes) is
 timed apart. :meth:`Monitor.cost` breaks the cost down per unit (planning,
 first check, later checks; :mod:`rdiag.monitor.budget`). Training time is the
 wall time since the first call to :meth:`step` minus the Monitor's own time.
-With ``budget_fraction=b`` the Monitor plans once, after the first check and a
-few timed training steps: it runs every ``s``-th scheduled check, ``s`` the
+With ``budget_fraction=b`` the Monitor plans once, after the second check (the
+first later one: the first has cold starts) and before any skip: it runs every ``s``-th scheduled check, ``s`` the
 smallest stride whose measured check cost fits ``b`` of training time, says so
 once, and lists the scheduled steps it leaves out (``Monitor.skipped_steps``;
 the schedule is thinned, never shifted). The first check and any

@@ -1,7 +1,7 @@
 """The Monitor's schedule, its budget plan and its cost report.
 
-A budget is honoured up front: once the first check and a few training steps
-have been timed, :func:`plan_budget` picks the stride ``s`` (run every ``s``-th
+A budget is honoured up front: once the first two checks and the training
+steps between them have been timed, :func:`plan_budget` picks the stride ``s`` (run every ``s``-th
 scheduled check) whose checks fit ``budget_fraction`` of training time, from the
 measured cost of a check (its seconds less the one-time planning) and the
 measured time of a training step. The Monitor says once what it chose and why,

@@ -46,9 +46,6 @@ METRICS = tuple(m for unit in UNITS.values() for m in unit.metrics)
 DEFAULT_METRICS = ("ntk", "features", "representations", "weights", "sharpness", "loss")
 #: What a metric may raise on a degenerate state; recorded as missing unless strict.
 MEASUREMENT_ERRORS = (ValueError, RuntimeError, ArithmeticError, MemoryError)
-#: Training steps timed after the first check before a budget plans the schedule
-#: (sooner if a scheduled step comes first).
-TIMED_STEPS = 5
 #: The record of a check's cost in training steps (``cost/<unit>``: seconds per unit).
 CHECK_STEPS = "monitor/check_steps"
 COST = "cost"
@@ -105,8 +102,8 @@ class Monitor:
         optimizer: An Adam optimizer: its second moments precondition the sharpness
             (otherwise ``lr_multipliers`` do).
         budget_fraction: Keep diagnostics below this fraction of training time:
-            after the first check and a few timed training steps the Monitor
-            picks, once, the stride of scheduled checks that fits, says so, and
+            after the second check (the first later one) the Monitor picks,
+            once, the stride of scheduled checks that fits, says so, and
             lists the steps it leaves out (``skipped_steps``); ``None`` runs
             exactly the schedule.
         layers: Module names whose outputs are the tracked representations; default
@@ -342,18 +339,22 @@ class Monitor:
         )
 
     def _plan(self, step: int) -> None:
-        """Choose the budget's stride once, from the measured check and step cost."""
+        """Choose the budget's stride once, from a measured later check and step cost.
+
+        The first check includes cold starts (a cold Lanczos solve, the eNTK
+        race); the plan waits for the second check and is made at the next call,
+        before any scheduled check is left out.
+        """
         if self.budget_fraction is None or self.budget_plan is not None:
             return
-        if self._clock is None or step <= self._clock[0]:
+        if self._clock is None or not self._later_checks:
             return
-        first = self._clock[0]
-        if step - first < TIMED_STEPS and not self.scheduled(step):
+        if step <= self.history[-1]["step"]:
             return
         self.budget_plan = plan = plan_budget(
-            sum(self._first.values()),
+            sum(self._later.values()) / self._later_checks,
             self.step_seconds(),
-            mean_gap(self.every, self.scheduled, first),
+            mean_gap(self.every, self.scheduled, self._clock[0]),
             self.budget_fraction,
         )
         self.notices.say("budget-plan", str(plan))
