@@ -48,6 +48,7 @@ from rdiag.metrics import (
 from rdiag.models import BNMLP, CNN, MLP, ResMLP, Transformer, make_model
 from rdiag.monitor import Monitor
 from rdiag.ntk.api import NTKFunction, NTKImplementation, empirical_ntk, ntk_fn
+from rdiag.ntk.plan_cache import clear_plan_cache
 from rdiag.ntk.structured import structured_coverage
 from rdiag.operators.base import DenseOperator, LinearOperator, ScaledOperator
 from rdiag.operators.curvature import CurvatureOperator
@@ -91,6 +92,7 @@ __all__ = [
     "NTKFunction",
     "ntk_fn",
     "empirical_ntk",
+    "clear_plan_cache",
     "structured_coverage",
     # operators
     "LinearOperator",

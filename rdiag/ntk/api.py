@@ -844,8 +844,10 @@ def empirical_ntk(
     (``implementation``, ``trace_outputs``, ``diagonal``, ``per_layer``,
     ``params``, ``exclude``, ``lr_multipliers``, ``mode``, ``dtype``,
     ``block_size``, ``memory_budget``, ``output_fn``). For repeated kernels of one
-    model keep the handle from :func:`ntk_fn` instead: this function plans anew
-    every call.
+    model keep the handle from :func:`ntk_fn`; this function reuses the handle
+    (and its plans) of an earlier call on the same model and options from a
+    bounded cache (:mod:`rdiag.ntk.plan_cache`, cleared by
+    :func:`~rdiag.ntk.plan_cache.clear_plan_cache`).
 
     Args:
         model: The network (or a :class:`~rdiag.functional.FunctionalModel`).
@@ -864,7 +866,9 @@ def empirical_ntk(
         >>> empirical_ntk(net, x).shape, empirical_ntk(net, x, trace_outputs=False).shape
         (torch.Size([5, 5]), torch.Size([5, 5, 2, 2]))
     """
-    return ntk_fn(model, **options)(x1, x2)
+    from rdiag.ntk.plan_cache import PLANS
+
+    return PLANS.handle(model, options)(x1, x2)
 
 
 def ntk_costs(
