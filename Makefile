@@ -3,7 +3,7 @@ VENV ?= .venv
 OUT ?= results
 export VENV
 
-.PHONY: setup main test lint bench
+.PHONY: setup main test test-fast lint bench
 
 setup:
 	@bash scripts/setup_env.sh
@@ -13,6 +13,10 @@ main: setup
 
 test: setup
 	$(VENV)/bin/python -m pytest -q -n 2 --durations=15 tests
+
+# The edit-test loop: no trainers, no Ray, nothing marked slow (under 2 minutes).
+test-fast: setup
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not slow and not trainers and not ray" tests
 
 lint: setup
 	$(VENV)/bin/ruff check rdiag kernels tests bench

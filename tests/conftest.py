@@ -11,11 +11,23 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "cuda: needs a CUDA device (skipped without one)"
     )
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
+    config.addinivalue_line(
+        "markers", "trainers: runs Lightning or the Hugging Face Trainer"
+    )
+    config.addinivalue_line("markers", "ray: starts a local Ray cluster")
+
+
+# Whole files whose tests all carry a marker (`make test-fast` leaves them out).
+FILE_MARKERS = {"integrations": "trainers", "test_ray.py": "ray"}
 
 
 def pytest_collection_modifyitems(
     config: pytest.Config, items: list[pytest.Item]
 ) -> None:
+    for item in items:
+        for part in item.path.parts[-2:]:
+            if part in FILE_MARKERS:
+                item.add_marker(FILE_MARKERS[part])
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

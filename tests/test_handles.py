@@ -29,7 +29,7 @@ from rdiag import (
     ntk_fn,
 )
 from rdiag.functional import FunctionalModel
-from rdiag.ntk import api, structured
+from rdiag.ntk import _capture, planning
 from tests._assert import assert_close
 from tests.models import ZOO
 
@@ -122,11 +122,11 @@ class _Spies:
 
     TARGETS = {
         "probe": (FunctionalModel, "probe"),
-        "plan": (api.NTKFunction, "_make_plan"),
-        "structured plan": (api, "plan_structured"),
-        "self-check": (structured, "verify_sites"),
-        "flops": (api, "sample_forward_flops"),
-        "jvp probe (eNTK)": (api, "probe_jvp_mode"),
+        "plan": (planning.Planner, "_make_plan"),
+        "structured plan": (planning, "plan_structured"),
+        "self-check": (_capture, "verify_sites"),
+        "flops": (planning, "sample_forward_flops"),
+        "jvp probe (eNTK)": (planning, "probe_jvp_mode"),
         "hessian probe": (HessianOperator, "_probe"),
         "view": (FunctionalModel, "__init__"),
     }
@@ -136,7 +136,7 @@ class _Spies:
         self._patches = []
 
     def __enter__(self) -> _Spies:
-        import rdiag.monitor.units as monitor_module
+        import rdiag.monitor.metrics as monitor_module
 
         targets = dict(self.TARGETS)
         targets["jvp probe (Monitor)"] = (monitor_module, "probe_jvp_mode")
@@ -244,7 +244,7 @@ def test_monitor_checks_after_the_first_do_no_planning() -> None:
 
 
 def test_a_check_computes_each_kernel_comparison_once(monkeypatch) -> None:
-    import rdiag.monitor.units as monitor_module
+    import rdiag.monitor.metrics as monitor_module
 
     model = rdiag.make_model("mlp", 16, parametrization="ntk", seed=0, d_in=3, d_out=2)
     x, y = torch.randn(6, 3), torch.randn(6, 2)

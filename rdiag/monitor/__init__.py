@@ -33,7 +33,7 @@ scheduled steps the Monitor measures, on a fixed probe batch:
 
 Records are keyed by flat names (:mod:`rdiag.records`: ``"ntk/rel_change"``,
 ``"ntk/eig/0"``, ``"delta_h/hidden.0"``, ``"sharpness/precond"``) and go to a
-:class:`~rdiag.store.Store` (one transaction per check), to ``Monitor.history``
+:class:`~rdiag.runs.store.Store` (one transaction per check), to ``Monitor.history``
 and to any sinks (:mod:`rdiag.sinks`: TensorBoard, Weights & Biases, MLflow, CSV,
 a callable ``(name, value, step)``). A metric that cannot be computed at a check (a degenerate
 state: a zero kernel, a solver that does not converge) is left out of that check

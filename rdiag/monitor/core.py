@@ -15,9 +15,16 @@ from rdiag import records as R
 from rdiag._checks import check_finite_positive, check_module, check_positive_int
 from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
-from rdiag._typing import LossFn, Weights
+from rdiag._typing import LossFn, LRMultipliers
+from rdiag.curvature import multiplier_diagonal
 from rdiag.distributed import Group, shard_of
-from rdiag.functional import MODES, Mode, functionalize, unwrap_parallel
+from rdiag.functional import (
+    MODES,
+    FunctionalModel,
+    Mode,
+    functionalize,
+    unwrap_parallel,
+)
 from rdiag.losses import checked_loss
 from rdiag.monitor.budget import (
     BudgetPlan,
@@ -27,6 +34,7 @@ from rdiag.monitor.budget import (
     mean_gap,
     plan_budget,
 )
+from rdiag.monitor import metrics as _builtin  # noqa: F401  (registers the units)
 from rdiag.monitor.units import (
     TRACKING_TOL,
     UNITS,
@@ -37,6 +45,8 @@ from rdiag.monitor.units import (
 )
 from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
+from rdiag.parametrization import effective_weights, layer_scales
+from rdiag.roles import readout_name
 from rdiag.sinks import Sink, as_sinks
 
 logger = logging.getLogger("rdiag")
@@ -67,22 +77,25 @@ def default_layers(model: nn.Module) -> list[str]:
 
     The read-in and hidden layers of a model prepared by
     :func:`rdiag.apply_parametrization` (the layers the width exponents are
-    predicted for); otherwise every trainable leaf module but the last (taken as
-    the read-out).
+    predicted for); otherwise every trainable leaf module before the read-out
+    (:func:`rdiag.roles.readout_name`: the last weight layer; a norm layer after
+    it is a gain of the outputs, not a layer of the width).
     """
-    from rdiag.parametrization import layer_scales
-
     scales = layer_scales(model)
     if scales:
         return [n for n, s in scales.items() if s.role in ("readin", "hidden")]
-    return [n for n, _ in _leaf_param_modules(model)[:-1]]
+    leaves = [n for n, _ in _leaf_param_modules(model)]
+    readout = readout_name(model)
+    return leaves[: leaves.index(readout)] if readout in leaves else leaves[:-1]
 
 
 class Monitor:
     """Diagnostics of a model on a fixed probe batch, at scheduled training steps.
 
     Args:
-        model: The network being trained (read, never modified).
+        model: The network being trained (read, never modified), or a prepared
+            :class:`~rdiag.functional.FunctionalModel` of it (its selection is
+            measured).
         probe: Probe inputs ``x (N, ...)`` (a tensor, tuple or dict of tensors) or
             ``(x, y)``; targets are needed for the loss, accuracy, alignment and
             curvature metrics. Keep ``N`` small (32-64).
@@ -94,7 +107,7 @@ class Monitor:
             gradient norm, loss); ``F.cross_entropy`` on sequence outputs
             ``(N, T, V)`` with ``(N, T)`` targets is the mean over every position
             (:mod:`rdiag.losses`; a causal LM's targets are shifted by the caller).
-        store: A :class:`~rdiag.store.Store` to write records to.
+        store: A :class:`~rdiag.runs.store.Store` to write records to.
         run_id: The store's run id (required with ``store``).
         lr_multipliers: Per-layer ``eta_l / eta0`` (:func:`rdiag.lr_multipliers`),
             the diagonal ``M`` of ``K_M`` and of the sharpness preconditioner;
@@ -108,7 +121,7 @@ class Monitor:
             exactly the schedule.
         layers: Module names whose outputs are the tracked representations; default
             :func:`default_layers`.
-        num_eigs: Number of top eNTK eigenvalues to record (``>= 0``).
+        k: Number of top eNTK eigenvalues to record (``>= 0``).
         sharpness_tol: Relative tolerance of the Lanczos sharpness solves
             (eigenvalue criterion; the residual recorded beside each value bounds
             its error).
@@ -125,10 +138,11 @@ class Monitor:
         moments_probe: Inputs ``(N', ...)`` of the ``"ntk_moments"`` metric: a large
             set (``10^4 - 10^5`` points) whose ``(N' O)^2`` eNTK is never formed;
             default the probe's ``x``.
-        moments_vectors: Rademacher vectors (= eNTK products) per check of
+        moments_matvecs: Rademacher vectors (= eNTK products) per check of
             ``"ntk_moments"``; the first check keeps them and its products (``2 N'
             O`` floats each) as the reference of the relative change.
-        moments_block: Samples per forward pass of those products (default all).
+        moments_block_size: Samples per forward pass of those products (default
+            all).
         process_group: Under data-parallel training (a ``torch.distributed``
             process group; ``model`` may be the DDP wrapper): every rank calls
             :meth:`step` at the same steps with the same whole probe. With
@@ -142,8 +156,7 @@ class Monitor:
         shard_probe: See ``process_group``.
 
     Attributes:
-        history: One :class:`~rdiag.records.Records` ``{name: value}`` per check,
-            with ``"step"``.
+        history: One ``{name: value}`` dict per check, with ``"step"``.
         missing: Unit -> reason, for the metric units the last check could not
             compute.
         seconds: Seconds spent in diagnostics.
@@ -155,7 +168,7 @@ class Monitor:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | FunctionalModel,
         probe: Inputs | tuple[Inputs, Tensor],
         *,
         every: Schedule = 1,
@@ -163,11 +176,11 @@ class Monitor:
         loss_fn: LossFn | None = None,
         store: Any = None,
         run_id: str | None = None,
-        lr_multipliers: Weights = None,
+        lr_multipliers: LRMultipliers = None,
         optimizer: torch.optim.Optimizer | None = None,
         budget_fraction: float | None = None,
         layers: Sequence[str] | None = None,
-        num_eigs: int = 5,
+        k: int = 5,
         sharpness_tol: float = TRACKING_TOL,
         mode: Mode = "eval",
         dtype: torch.dtype | str | None = None,
@@ -176,11 +189,14 @@ class Monitor:
         strict: bool = False,
         sinks: Sequence[Sink | Callable[[str, float, int], None]] = (),
         moments_probe: Inputs | None = None,
-        moments_vectors: int = 30,
-        moments_block: int | None = None,
+        moments_matvecs: int = 30,
+        moments_block_size: int | None = None,
         process_group: Any = None,
         shard_probe: bool = True,
     ) -> None:
+        view = model if isinstance(model, FunctionalModel) else None
+        if view is not None:
+            model = view.module
         self.model = model = unwrap_parallel(check_module(model))
         self.group = None if process_group is None else Group(process_group)
         # Across the ranks (the sharded probe), or on rank 0 alone.
@@ -224,8 +240,8 @@ class Monitor:
             raise ValueError(
                 f"expected budget_fraction in (0, 1), got {budget_fraction!r}"
             )
-        if isinstance(num_eigs, bool) or not isinstance(num_eigs, int) or num_eigs < 0:
-            raise ValueError(f"expected num_eigs to be an int >= 0, got {num_eigs!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"expected k to be an int >= 0, got {k!r}")
         if mode not in MODES:
             raise ValueError(f"expected mode to be one of {list(MODES)}, got {mode!r}")
         self.every = every
@@ -235,12 +251,14 @@ class Monitor:
         self.lr_multipliers = lr_multipliers
         self.optimizer = optimizer
         self.budget_fraction = budget_fraction
-        self.num_eigs = num_eigs
+        self.k = k
         self.sharpness_tol = check_finite_positive(sharpness_tol, "sharpness_tol")
         self.mode = mode
         self.snapshots = snapshots
         self.strict = bool(strict)
-        self.fm = functionalize(model, mode=mode, dtype=dtype, output_fn=output_fn)
+        self.fm = functionalize(
+            view or model, mode=mode, dtype=dtype, output_fn=output_fn
+        )
         leaves = _leaf_param_modules(model)
         layers = default_layers(model) if layers is None else list(layers)
         modules = dict(model.named_modules())
@@ -251,16 +269,16 @@ class Monitor:
                 f"modules with parameters: {[n for n, _ in leaves][:10]}"
             )
         self.layers = layers
-        self.readout = leaves[-1][0] if leaves else None
-        check_positive_int(moments_vectors, "moments_vectors")
-        self.moments_vectors = moments_vectors
-        self.moments_probe, self.moments_block = moments_probe, moments_block
+        self.readout = readout_name(model)
+        check_positive_int(moments_matvecs, "moments_matvecs")
+        self.moments_matvecs = moments_matvecs
+        self.moments_probe, self.moments_block_size = moments_probe, moments_block_size
         self._hessian: HessianOperator | None = None
         self._lr_diagonal: Tensor | None = None
         self.notices = Notices()
         self.units: list[Metric] = [kind(self, wanted) for kind in kinds]
         self._ready: set[str] = set()  # units whose one-time planning ran
-        self.history: list[R.Records] = []
+        self.history: list[dict[str, float]] = []
         self.missing: dict[str, str] = {}
         self.seconds = 0.0
         self.checks = 0
@@ -375,7 +393,7 @@ class Monitor:
             due = self.group.agree(due)
         return due
 
-    def step(self, step: int, *, force: bool = False) -> R.Records | None:
+    def step(self, step: int, *, force: bool = False) -> dict[str, float] | None:
         """Run the diagnostics if ``step`` is scheduled (and within budget).
 
         Args:
@@ -405,7 +423,7 @@ class Monitor:
                 self.skipped_steps.append(step)
             return None
         tic = time.perf_counter()
-        records = R.Records(self._measure(step))
+        records = dict(self._measure(step))
         self.checks += 1
         spent = time.perf_counter() - tic
         self.seconds += spent
@@ -422,7 +440,7 @@ class Monitor:
                 self.store.log_missing(self.run_id, step, self.missing)
         for sink in self.sinks if self._main else ():
             sink.log_records(records, step)
-        self.history.append(R.Records({"step": step, **records}))
+        self.history.append({"step": step, **records})
         return records
 
     def close(self) -> None:
@@ -497,7 +515,7 @@ class Monitor:
                 own = unit.legacy_state(state["ref"], state["prev"], state["warm"])
             if own is not None:
                 unit.load_state_dict(own)
-        self.history = [R.Records(R.flatten(h)) for h in state.get("history", [])]
+        self.history = [R.flatten(h) for h in state.get("history", [])]
         self._before = (state.get("train_seconds", 0.0), self.seconds)
         self._start = None
         # The step clock goes on from the saved state's last step.
@@ -586,8 +604,6 @@ class Monitor:
 
     def weights(self) -> dict[str, Tensor]:
         """The effective weights per layer (the raw ones of a model not prepared by rdiag)."""
-        from rdiag.parametrization import effective_weights, layer_scales
-
         if layer_scales(self.model):
             return effective_weights(self.model)
         return {
@@ -607,8 +623,6 @@ class Monitor:
                 process_group=self.group.group if self.sharded else None,
             )
             if self.optimizer is None and self.lr_multipliers is not None:
-                from rdiag.curvature import multiplier_diagonal
-
                 self._lr_diagonal = multiplier_diagonal(self.fm, self.lr_multipliers)
         else:
             self._hessian.rebind(data)
@@ -625,8 +639,6 @@ class Monitor:
         if self.optimizer is not None:
             if not any(self.optimizer.state.values()):
                 return None
-            from rdiag.curvature import multiplier_diagonal
-
             return ScaledOperator(op, multiplier_diagonal(self.fm, self.optimizer))
         if self._lr_diagonal is None:
             return op

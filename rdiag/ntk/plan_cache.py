@@ -22,7 +22,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from enum import Enum
 from typing import Any
 
@@ -69,14 +69,14 @@ class PlanCache:
         self.hits = 0
         self.misses = 0
 
-    def handle(self, model: Any, options: Mapping[str, Any]) -> Any:
-        """The cached :class:`~rdiag.ntk.api.NTKFunction` of ``model`` and ``options``."""
-        from rdiag.ntk.api import NTKFunction
-
+    def handle(
+        self, model: Any, options: Mapping[str, Any], make: Callable[..., Any]
+    ) -> Any:
+        """The cached handle ``make(model, **options)`` (an ``NTKFunction``)."""
         try:
             key = (weakref.ref(model), _freeze(dict(options)))
         except (_Unhashable, TypeError):
-            return NTKFunction(model, **options)
+            return make(model, **options)
         with self._lock:
             self._prune()
             found = self._entries.get(key)
@@ -84,7 +84,7 @@ class PlanCache:
                 self._entries.move_to_end(key)
                 self.hits += 1
                 return found
-        made = NTKFunction(model, **options)
+        made = make(model, **options)
         with self._lock:
             self.misses += 1
             self._entries[key] = made
