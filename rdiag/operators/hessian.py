@@ -165,12 +165,12 @@ class HessianOperator(CurvatureOperator):
             v = self.fm.unflatten(matrix[:, k])
             hv = [torch.zeros_like(leaf) for leaf in leaves]
             if live:
+                # H v as the gradient of the scalar <g, v>: the same backward, and
+                # no explicit grad_outputs, whose check makes torch import sympy
+                # (a second of the first product in a fresh process).
+                dot = sum((grads[i] * v[self.fm.names[i]]).sum() for i in live)
                 parts = torch.autograd.grad(
-                    [grads[i] for i in live],
-                    leaves,
-                    [v[self.fm.names[i]] for i in live],
-                    retain_graph=True,
-                    allow_unused=True,
+                    dot, leaves, retain_graph=True, allow_unused=True
                 )
                 hv = [h if p is None else p for h, p in zip(hv, parts)]
             columns.append(torch.cat([h.reshape(-1) for h in hv]))
