@@ -72,6 +72,43 @@ def math_attention() -> Iterator[None]:
         _MATH.exit()
 
 
+class _TwiceDifferentiable(torch.overrides.TorchFunctionMode):
+    """Hardsigmoid as ``relu6(x + 3) / 6`` (MobileNetV3's gate).
+
+    The same values and gradient, and a double backward and forward-mode
+    derivative, which ``hardsigmoid_backward`` lacks. ``replaced`` counts the
+    calls rewritten.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.replaced = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        if func is torch.nn.functional.hardsigmoid:
+            self.replaced += 1
+            return torch.nn.functional.relu6(args[0] + 3) / 6
+        return func(*args, **(kwargs or {}))
+
+
+#: What the curvature fallback says when it rewrote Hardsigmoid.
+HARDSIGMOID_NOTE = (
+    "Hardsigmoid has no double backward in PyTorch: curvature computes it as "
+    "relu6(x + 3) / 6, the same function and gradient"
+)
+
+
+@contextlib.contextmanager
+def twice_differentiable() -> Iterator[_TwiceDifferentiable]:
+    """Math attention, and Hardsigmoid as ``relu6(x + 3) / 6``, within the block.
+
+    Yields:
+        The rewriting mode (its ``replaced`` counts the Hardsigmoid calls).
+    """
+    with math_attention(), _TwiceDifferentiable() as mode:
+        yield mode
+
+
 def jvp(
     func: Callable[..., Any], primals: tuple, tangents: tuple, mode: JvpMode
 ) -> tuple:

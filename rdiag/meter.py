@@ -39,11 +39,11 @@ from rdiag._checks import (
     check_seeds,
     check_sizes,
 )
-from rdiag._inputs import Inputs, batch_size, check_inputs, rows
+from rdiag._inputs import Inputs, batch_size, check_inputs, describe, rows
 from rdiag.coord_check import jsonable
-from rdiag.functional import MODES, Mode, check_per_sample
+from rdiag.functional import MODES, Mode, check_per_sample, functionalize
 from rdiag.loop import measured_fit
-from rdiag.losses import infer_loss_kind
+from rdiag.losses import checked_loss, infer_loss_kind
 from rdiag.metrics import fit_exponent
 from rdiag.parametrization import (
     ROLES,
@@ -206,7 +206,7 @@ class MeterResult:
 
 # ---- the meter ------------------------------------------------------------------------
 def _build(family: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # under richness_meter's forked RNG
     model = family(width)
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -417,43 +417,69 @@ def richness_meter(
             f"expected family to be a function width -> nn.Module, got "
             f"{type(family).__name__}"
         )
-    batches = _batches(data, steps)
-    small = _build(family, widths[0], seeds[0])
-    found = width_roles(small, _build(family, widths[-1], seeds[0]))
-    found.update(roles or {})
-    first = next(iter(batches()))[0]
-    if probe is None:
-        probe = rows(first, slice(0, min(probe_size, batch_size(first))))
-    tracked = [n for n, role in found.items() if role in ("readin", "hidden")]
-    metrics = list(METRICS[:2] + (METRICS[2:] if ntk else ()))
-    records, failed, rates = [], [], {}
-    for width, seed in itertools.product(widths, seeds):
-        model = _build(family, width, seed)
-        check_per_sample(model, mode)
-        opt = _optimizer(make_optimizer, model, found, width)
-        lrs = _rates(model, opt)
-        rates.setdefault(width, _layer_rates(model, lrs, found))
-        measured = measured_fit(
-            model,
-            opt,
-            batches(),
-            loss_fn,
-            probe,
-            found,
-            steps=steps,
-            metrics=metrics,
-            lr_multipliers=lrs,
-            layers=tracked,
-            mode=mode,
-            output_fn=output_fn,
+    # The caller's RNG is left as it was: every build reseeds (per run).
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        batches = _batches(data, steps)
+        small = _build(family, widths[0], seeds[0])
+        found = width_roles(small, _build(family, widths[-1], seeds[0]))
+        found.update(roles or {})
+        first, first_y = next(iter(batches()))
+        if probe is None:
+            probe = rows(first, slice(0, min(probe_size, batch_size(first))))
+        _check_fits(small, widths[0], (first, first_y), probe, loss_fn, mode, output_fn)
+        tracked = [n for n, role in found.items() if role in ("readin", "hidden")]
+        metrics = list(METRICS[:2] + (METRICS[2:] if ntk else ()))
+        records, failed, rates = [], [], {}
+        for width, seed in itertools.product(widths, seeds):
+            model = _build(family, width, seed)
+            check_per_sample(model, mode)
+            opt = _optimizer(make_optimizer, model, found, width)
+            lrs = _rates(model, opt)
+            rates.setdefault(width, _layer_rates(model, lrs, found))
+            measured = measured_fit(
+                model,
+                opt,
+                batches(),
+                loss_fn,
+                probe,
+                found,
+                steps=steps,
+                metrics=metrics,
+                lr_multipliers=lrs,
+                layers=tracked,
+                mode=mode,
+                output_fn=output_fn,
+            )
+            if isinstance(measured, str):
+                failed.append({"width": width, "seed": seed, "reason": measured})
+                continue
+            records += [dict(width=width, seed=seed, **rec) for rec in measured]
+        return _result(
+            records, failed, found, rates, widths, seeds, steps, target, confidence
         )
-        if isinstance(measured, str):
-            failed.append({"width": width, "seed": seed, "reason": measured})
-            continue
-        records += [dict(width=width, seed=seed, **rec) for rec in measured]
-    return _result(
-        records, failed, found, rates, widths, seeds, steps, target, confidence
-    )
+
+
+def _check_fits(model, width, batch, probe, loss_fn, mode, output_fn) -> None:
+    """Run the smallest model on the data (and loss) and on the probe, once.
+
+    Raises:
+        ValueError: The data, the loss or the probe does not fit the model (named),
+            before any run trains.
+    """
+    fm = functionalize(model, mode=mode, output_fn=output_fn)
+    x, y = batch
+    for what, inputs in (("the training data", x), ("the probe", probe)):
+        try:
+            out = fm.probe(fm.cast_input(inputs, "x"))
+        except ValueError as err:
+            raise ValueError(
+                f"{what} ({describe(inputs)}) does not fit family({width}): "
+                f"{err}; pass inputs in the form its forward takes"
+            ) from err
+        if what == "the training data":
+            with torch.enable_grad():
+                checked_loss(loss_fn, out, y.to(out.device))
 
 
 def _layer_rates(model, lrs, roles) -> dict[str, float]:

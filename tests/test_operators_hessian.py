@@ -172,3 +172,22 @@ def test_compiled_hvp_matches_dense() -> None:
     op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64, compile=True)
     v = torch.randn(op.shape[0], dtype=torch.float64)
     assert_close("compiled hvp", expected @ v, op.matvec(v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("edit", ["scale", "permute", "one_entry"])
+def test_a_kept_operator_sees_in_place_edits_through_data(edit: str) -> None:
+    """``p.data`` edits bump neither storage nor version: the checksum sees them."""
+    net, x, y, loss_fn, _ = make_case("mlp_tanh", "mse")
+    op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
+    v = torch.randn(op.shape[0], 2, dtype=torch.float64)
+    before = op.matmat(v)
+    weight = next(net.parameters())
+    if edit == "scale":
+        weight.data.mul_(1.7)
+    elif edit == "permute":
+        weight.data.copy_(weight.data.flip(0))
+    else:
+        weight.data[0, 0] += 0.5
+    fresh = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64).matmat(v)
+    assert (fresh - before).abs().max() > 1e-6  # the edit changes the Hessian
+    assert_close(f"H after a .data {edit}", fresh, op.matmat(v), rtol=1e-12, atol=1e-14)

@@ -319,3 +319,12 @@ def test_meter_section_rows_name_problems_violations_and_fixes(tmp_path) -> None
         load_meter(tmp_path / "other.json")
     with pytest.raises(FileNotFoundError, match="no richness meter result"):
         load_meter(tmp_path / "none")
+
+
+def test_a_malformed_meter_json_is_named(tmp_path) -> None:
+    from rdiag.report import load_meter
+
+    bad = tmp_path / "meter.json"
+    bad.write_text('{"verdict": "mup", "layers": [')
+    with pytest.raises(ValueError, match=f"could not read .* {bad}"):
+        load_meter(tmp_path)

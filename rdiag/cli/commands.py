@@ -134,6 +134,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"summary: {Path(result.report['summary']).resolve()}")
         print(f"figures: {out / 'figures'}")
         _print_fits(json.loads(Path(result.report["summary"]).read_text())["fits"])
+    lost = [r.run_id for r in result.results if r.lost]
+    if lost:
+        print(f"{len(lost)} run(s) lost with their worker: {' '.join(lost)}")
+        return 1
     return 0
 
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from rdiag._checks import check_positive_int
+from rdiag._checks import check_nonnegative_int, check_positive_int
 
 Schedule = int | Sequence[int] | Callable[[int], bool]
 #: Steps scanned ahead to find the mean gap of a list or callable schedule.
@@ -29,7 +29,12 @@ def _schedule(every: Schedule) -> Callable[[int], bool]:
         check_positive_int(every, "every")
         return lambda step: step % every == 0
     if isinstance(every, Iterable) and not isinstance(every, (str, bytes)):
-        steps = {int(s) for s in every}
+        steps = {check_nonnegative_int(s, "each step of every=") for s in every}
+        if not steps:
+            raise ValueError(
+                "expected every= to list at least one step, got an empty list; pass "
+                "e.g. every=[0, 10, 100] or every=10"
+            )
         return lambda step: step in steps
     raise TypeError(
         f"expected every= as a positive int, a list of steps or a callable step -> bool, "

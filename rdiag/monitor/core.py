@@ -12,7 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from rdiag import records as R
-from rdiag._checks import check_finite_positive, check_module, check_positive_int
+from rdiag._checks import (
+    check_finite_positive,
+    check_module,
+    check_nonnegative_int,
+    check_positive_int,
+)
 from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
 from rdiag._typing import LossFn, LRMultipliers
@@ -47,6 +52,7 @@ from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
 from rdiag.parametrization import effective_weights, layer_scales
 from rdiag.roles import readout_name
+from rdiag.runs.store import StoreError
 from rdiag.sinks import Sink, as_sinks
 
 logger = logging.getLogger("rdiag")
@@ -154,6 +160,11 @@ class Monitor:
             measures the whole probe alone; :meth:`step` returns ``None`` on the
             other ranks.
         shard_probe: See ``process_group``.
+        probe_check: Run the model (and the loss) on the probe now
+            (:meth:`check_probe`), so that a probe that does not fit fails here
+            rather than leaving every check's metrics missing; ``False`` for
+            callers that check later themselves (the trainer callbacks, naming
+            the training batch, within their gather context).
 
     Attributes:
         history: One ``{name: value}`` dict per check, with ``"step"``.
@@ -193,6 +204,7 @@ class Monitor:
         moments_block_size: int | None = None,
         process_group: Any = None,
         shard_probe: bool = True,
+        probe_check: bool = True,
     ) -> None:
         view = model if isinstance(model, FunctionalModel) else None
         if view is not None:
@@ -215,6 +227,10 @@ class Monitor:
             )
         self.y = y
         self.metrics = tuple(metrics)
+        if not self.metrics:
+            raise ValueError(
+                f"expected at least one metric from {list(METRICS)}, got none"
+            )
         bad = [m for m in self.metrics if m not in METRICS]
         if bad:
             raise ValueError(
@@ -298,6 +314,8 @@ class Monitor:
         self._scheduled_since = 0  # scheduled steps after the first check
         # Training and diagnostics seconds of the run before a restored state.
         self._before = (0.0, 0.0)
+        if probe_check:
+            self.check_probe()
 
     # ---- schedule and budget ----------------------------------------------------
     @property
@@ -407,6 +425,13 @@ class Monitor:
         Raises:
             Exception: With ``strict=True``, what a failing metric raised.
         """
+        step = check_nonnegative_int(step, "step")
+        if self.history and step < self.history[-1]["step"]:
+            raise ValueError(
+                f"expected steps in order, got step {step} after step "
+                f"{self.history[-1]['step']}; pass the training step (a resumed "
+                "run: load_state_dict, then go on from its step)"
+            )
         if not (self.sharded or self._main):
             return None  # shard_probe=False: rank 0 measures
         if self._start is None:
@@ -587,6 +612,8 @@ class Monitor:
         """Run one unit; a failure is recorded as missing (raised when ``strict``)."""
         try:
             run()
+        except StoreError:
+            raise  # the store refused a write: the run's fault, not the metric's
         except MEASUREMENT_ERRORS as err:
             if self.strict:
                 raise

@@ -8,6 +8,7 @@ accuracy. ``monitor`` below is the :class:`~rdiag.monitor.Monitor` measuring.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -312,7 +313,9 @@ class Weights(Metric):
             dop, dfro = self._norms(f"d:{name}", w - st.w0[name])
             rec[R.name("W_op", name)], rec[R.name("W_fro", name)] = op, fro
             rec[R.name("dW_op", name)], rec[R.name("dW_fro", name)] = dop, dfro
-            rec[R.name("dW_rel", name)] = dop / max(st.op0[name], 1e-300)
+            # Relative to a zero initial weight (a zero read-out) it is undefined.
+            op0 = st.op0[name]
+            rec[R.name("dW_rel", name)] = dop / op0 if op0 > 0 else math.nan
 
     def legacy_state(self, ref: dict, prev: dict, warm: dict) -> dict | None:
         """The previous release's keys of this unit."""

@@ -240,10 +240,26 @@ class NTKFunction(Planner):
         """
         if self.group is not None:
             self._prepare(x1, x2)  # bad inputs raise here, before any collective
-            return sharded_kernel(
+            out = sharded_kernel(
                 self.group, self._local, x1, x2, diagonal=self.diagonal
             )
-        return self._local(x1, x2)
+        else:
+            out = self._local(x1, x2)
+        self._say_if_not_finite(out)
+        return out
+
+    def _say_if_not_finite(self, out: Any) -> None:
+        """Say once when a kernel holds NaN or inf (weights that diverged)."""
+        values = out.values() if isinstance(out, dict) else [out]
+        tensors = [getattr(v, "kernel", v) for v in values]
+        if any(
+            isinstance(t, Tensor) and not bool(torch.isfinite(t).all()) for t in tensors
+        ):
+            self.notices.say(
+                "not-finite",
+                f"ntk_fn: the eNTK of {type(self.fm.module).__name__} holds NaN or "
+                "inf entries; check that its weights are finite (a diverged model)",
+            )
 
     def _local(
         self, x1: Inputs, x2: Inputs | None
@@ -480,7 +496,9 @@ def empirical_ntk(
     return PLANS.handle(model, options, NTKFunction)(x1, x2)
 
 
-def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
+def structured_coverage(
+    fm: FunctionalModel | nn.Module, x: Inputs | None = None
+) -> float:
     """Fraction of the selected scalar parameters that the static rules cover.
 
     Without ``x`` this counts the parameters the rules of
@@ -490,7 +508,7 @@ def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
     structured path itself uses. A batch-coupled model gives 0.0.
 
     Args:
-        fm: Functional model.
+        fm: Functional model, or a module (its default view, :func:`functionalize`).
         x: A batch of the model's inputs, or ``None`` for the static count.
 
     Returns:
@@ -503,6 +521,7 @@ def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
         >>> structured_coverage(functionalize(net))
         1.0
     """
+    fm = functionalize(fm)
     if fm.batch_coupled:
         return 0.0
     if x is not None:

@@ -192,6 +192,7 @@ class CurvatureOperator(LinearOperator):
         self._bound: tuple | None = None
         self.data = data
         self.out_shape = self._probe(*next(iter_batches(data)))
+        self._check_finite(*next(iter_batches(data)))
         self.group = None if process_group is None else Group(process_group)
         if self.group is not None:
             self.group.check_replicas(self.fm.module, self.fm.names)
@@ -217,6 +218,27 @@ class CurvatureOperator(LinearOperator):
         self.data = data
         if self._signature(x, y) != self._bound:
             self.out_shape = self._probe(x, y)
+        self._check_finite(x, y)
+
+    def _check_finite(self, x: Inputs, y: Tensor) -> None:
+        """Refuse NaN or inf in the weights or in the (first) batch, named.
+
+        Raises:
+            ValueError: A non-finite parameter, input or target.
+        """
+        bad = [
+            n for n, p in self.fm.params.items() if not bool(torch.isfinite(p).all())
+        ]
+        if bad:
+            raise ValueError(
+                f"the model's parameters {bad[:5]} hold NaN or inf; curvature of a "
+                "diverged model is undefined: measure an earlier state"
+            )
+        for what, t in [("targets", y)] + [("inputs", t) for t in leaves(x)]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"the batch's {what} hold NaN or inf; drop or fix those samples"
+                )
 
     def _invalidate(self) -> None:
         """Drop per-batch caches (subclasses that keep any override this)."""

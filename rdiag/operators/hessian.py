@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
-from rdiag._autodiff import math_attention
+from rdiag._autodiff import HARDSIGMOID_NOTE, twice_differentiable
 from rdiag._optional import notice
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode, document_selection
@@ -29,8 +29,10 @@ class HessianOperator(CurvatureOperator):
     :math:`L(\theta) = \sum_b \frac{n_b}{N}\,\mathrm{loss\_fn}(f(\theta, x_b), y_b)`
     over the batches of ``data`` (one batch: the batch's loss). Products are
     forward-over-reverse (``jvp`` of ``grad``); if a module has no forward-mode
-    derivative (fused ``scaled_dot_product_attention``), the math attention backend
-    and then reverse-over-reverse are tried once per operator, with a one-time
+    derivative (fused ``scaled_dot_product_attention``; ``Hardsigmoid``, whose
+    backward has no derivative), the math attention backend with Hardsigmoid
+    as ``relu6(x + 3) / 6`` (:func:`rdiag._autodiff.twice_differentiable`) and
+    then reverse-over-reverse are tried once per operator, with a one-time
     notice. Products are at the model's current parameters; for a single batch
     the gradient graph is kept and rebuilt only after the parameters change.
 
@@ -99,16 +101,45 @@ class HessianOperator(CurvatureOperator):
         self.compile = compile
         self._compiled: dict[str, Callable[..., Tensor]] = {}
         self._graph: tuple[tuple, list[Tensor], tuple[Tensor, ...]] | None = None
+        self._checksum_weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         # Strategies that failed before another one worked: skipped from then on.
         self.failed_strategies: set[str] = set()
+        self._note = ""  # what a fallback rewrote, said with its notice
 
     def _invalidate(self) -> None:
         self._graph = None
 
     def _param_state(self) -> tuple:
-        """Identity and version of every selected parameter: changes with any update."""
+        """Identity, version and checksum of the selected parameters.
+
+        Storage and version change with an optimizer step, a ``no_grad`` edit or
+        ``load_state_dict``; an edit through ``p.data`` bumps neither, so the
+        state also holds one checksum: the parameters' dot product with a fixed
+        random vector (sensitive to any change of value, sign or position; one
+        read of the parameters, well under the cost of one product).
+        """
         named = dict(self.fm.module.named_parameters())
-        return tuple((named[n].data_ptr(), named[n]._version) for n in self.fm.names)
+        params = [named[n] for n in self.fm.names]
+        ids = tuple((p.data_ptr(), p._version) for p in params)
+        parts: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        with torch.no_grad():
+            for p in params:
+                w = self._weights(p.numel(), p.device, p.dtype)
+                parts.setdefault((p.device, p.dtype), []).append(
+                    torch.dot(p.detach().reshape(-1), w)
+                )
+        # One sync per device and dtype; as hex, a NaN checksum equals itself.
+        sums = (float(torch.stack(v).double().sum()).hex() for v in parts.values())
+        return ids, tuple(sums)
+
+    def _weights(self, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The checksum's fixed random weights in ``[0.5, 1.5)``: the first ``size``."""
+        w = self._checksum_weights.get((device, dtype))
+        if w is None or w.numel() < size:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.rand(max(size, 1), generator=gen, dtype=torch.float64) + 0.5
+            self._checksum_weights[(device, dtype)] = w = w.to(device, dtype)
+        return w[:size]
 
     def _flat_loss(self, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda theta, y: self.batch_loss(self.fm.unflatten(theta), x, y)
@@ -137,10 +168,11 @@ class HessianOperator(CurvatureOperator):
         a single backward pass through it, about half the cost of recomputing the
         forward and backward for forward-over-reverse. Used for a single batch only
         (a DataLoader would keep one graph per batch alive). The graph is rebuilt
-        whenever a parameter changed (an optimizer step bumps its version) or
+        whenever a parameter changed (an optimizer step bumps its version, an
+        edit through ``p.data`` its checksum, :meth:`_param_state`) or
         :meth:`rebind` was called. With ``math=True`` the graph is built under the
-        math attention backend: the fused CPU / flash attention kernels have no
-        double backward, and without this route an attention model fell back to
+        math attention backend (and Hardsigmoid rewritten, :func:`twice_differentiable`):
+        the fused CPU / flash attention kernels have no double backward, and without this route an attention model fell back to
         forward-over-reverse, a whole forward and backward per product (190 ms
         against 18 ms a product on a small GPT-2).
         """
@@ -150,12 +182,14 @@ class HessianOperator(CurvatureOperator):
             leaves = {
                 n: p.detach().requires_grad_(True) for n, p in self.fm.params.items()
             }
-            backend = math_attention() if math else contextlib.nullcontext()
-            with torch.enable_grad(), backend:
+            backend = twice_differentiable() if math else contextlib.nullcontext()
+            with torch.enable_grad(), backend as mode:
                 loss = self.batch_loss(leaves, x, y)
                 grads = torch.autograd.grad(
                     loss, list(leaves.values()), create_graph=True
                 )
+            if mode is not None and mode.replaced:
+                self._note = HARDSIGMOID_NOTE
             self._graph = (state, list(leaves.values()), grads)
         _, leaves, grads = self._graph
         # Gradients that do not depend on the parameters have zero Hessian rows.
@@ -191,8 +225,11 @@ class HessianOperator(CurvatureOperator):
 
         def math(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
             def call() -> Tensor:
-                with math_attention():
-                    return fn(x, y, matrix)
+                with twice_differentiable() as mode:
+                    out = fn(x, y, matrix)
+                if mode.replaced:
+                    self._note = HARDSIGMOID_NOTE
+                return out
 
             return call
 
@@ -245,10 +282,11 @@ class HessianOperator(CurvatureOperator):
             skip.update(failed)
             if first is not None:
                 reason = str(first).splitlines()[0][:160]
+                note = f" ({self._note})" if self._note else ""
                 notice(
                     f"{self.kind}: the default autodiff path failed for "
                     f"{type(self.fm.module).__name__} ({reason}); using {name} from now "
-                    "on for this operator",
+                    f"on for this operator{note}",
                 )
             return result
         raise first  # type: ignore[misc]  # strategies is never empty
