@@ -55,6 +55,7 @@ setup(
         "rdiag.linalg",
         "rdiag.kernels",
         "rdiag.integrations",
+        "rdiag.monitor",
         "rdiag.parametrization",
         "rdiag.runs",
         "rdiag.cli",

@@ -53,6 +53,7 @@ PER_LAYER: frozenset[str] = frozenset(
         "dW_rel",
         "ntk/eig",
         "ntk_layers/rel_change",
+        "cost",
         "ntk_layers/trace",
     }
 )

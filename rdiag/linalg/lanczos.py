@@ -24,6 +24,12 @@ from rdiag.linalg._vectors import (
 from rdiag.operators.base import LinearOperator
 
 Which = Literal["largest", "smallest", "both"]
+#: Below this many Lanczos vectors the Ritz gap is too rough an estimate for the
+#: eigenvalue criterion alone (see ``criterion``).
+SMALL_SPACE = 6
+#: There, the wanted Ritz values must have moved by at most ``SETTLE * tol`` (relative)
+#: in the last product.
+SETTLE = 3.0
 
 
 @dataclass(frozen=True)
@@ -163,8 +169,10 @@ def lanczos(
             gap)`` is at most ``tol * max|theta|`` (``gap``: distance to the
             nearest other Ritz value, less its residual, where that one has
             converged itself; an unconverged one may stand for an unresolved
-            cluster, so it vouches for no gap) and the residual at most ``sqrt(tol) *
-            max|theta|``. For
+            cluster, so it vouches for no gap), the residual at most ``sqrt(tol) *
+            max|theta|`` and, while the basis is smaller than :data:`SMALL_SPACE`,
+            the wanted Ritz values moved by at most ``SETTLE * tol * max|theta|``
+            in the last product. For
             eigenvalues only (sharpness tracking) it needs far fewer products,
             above all from a warm start; eigenvectors are then only
             ``sqrt(tol)``-accurate.
@@ -246,6 +254,14 @@ def lanczos(
         converged = len(want) >= total and _accurate(
             theta, want, res, tol, scale, criterion, beta * s[j - 1].abs()
         )
+        if criterion == "eigenvalue" and j < SMALL_SPACE:
+            # The gap of a small Krylov space's Ritz values can be far too large
+            # (a warm start stopped after 3 products 4x off its tolerance): there
+            # the values must also have settled (within SETTLE tolerances).
+            converged = converged and bool(
+                len(previous) == len(want)
+                and ((theta[want] - previous).abs() <= SETTLE * tol * scale).all()
+            )
         if broke:
             # Accept a breakdown only once a fresh direction left the pairs unchanged.
             stable = looked and len(previous) == len(want)

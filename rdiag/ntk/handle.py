@@ -46,6 +46,7 @@ from rdiag.ntk.readout import (
 from rdiag.ntk.spec import kernel_dtype
 from rdiag.ntk.structured import structured_ntk
 from rdiag.ntk.vector_products import ntvp_ntk
+from rdiag.ntk.plan_cache import PLANS
 from rdiag.ntk.planning import NTKImplementation, NTKPlan, Planner
 from rdiag.ntk._capture import StructuredPlan, sites_of
 
@@ -460,8 +461,11 @@ def empirical_ntk(
     r"""Empirical NTK :math:`J(x_1)\, M\, J(x_2)^\top` in one call: ``ntk_fn(model, ...)(x1, x2)``.
 
     The keywords, shapes and semantics are those of :class:`NTKFunction`. For
-    repeated kernels of one model keep the handle from :func:`ntk_fn` instead:
-    this function plans anew every call.
+    repeated kernels of one model keep the handle from :func:`ntk_fn`; this
+    function reuses the handle (its plans, race and self-check) of an earlier
+    call on the same model and keywords from a bounded cache
+    (:mod:`rdiag.ntk.plan_cache`, emptied by
+    :func:`~rdiag.ntk.plan_cache.clear_plan_cache`).
 
     Args:
         model: The network (or a :class:`~rdiag.functional.FunctionalModel`).
@@ -484,8 +488,7 @@ def empirical_ntk(
         >>> empirical_ntk(net, x).shape, empirical_ntk(net, x, trace_outputs=False).shape
         (torch.Size([5, 5]), torch.Size([5, 5, 2, 2]))
     """
-    kernel = NTKFunction(
-        model,
+    options = dict(
         implementation=implementation,
         trace_outputs=trace_outputs,
         diagonal=diagonal,
@@ -505,7 +508,7 @@ def empirical_ntk(
         readout_identity=readout_identity,
         process_group=process_group,
     )
-    return kernel(x1, x2)
+    return PLANS.handle(model, options, NTKFunction)(x1, x2)
 
 
 def structured_coverage(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -10,7 +11,8 @@ from torch import Tensor, nn
 from torch.func import grad, vjp
 
 from rdiag._autodiff import HARDSIGMOID_NOTE, attention_calls, twice_differentiable
-from rdiag.attention import efficient_attention
+from rdiag._inputs import batch_size
+from rdiag.attention import attention_workspace, efficient_attention
 from rdiag._optional import notice
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode, document_selection
@@ -20,6 +22,14 @@ from rdiag.operators.curvature import (
     is_batch,
     map_columns,
 )
+
+
+#: Bytes of attention scores in one batch's forward (math attention) above which an
+#: attention model's products run forward-over-reverse through rdiag's blocked
+#: attention (``O(T * block)`` extra memory, a forward and a backward a product).
+#: Below it the retained graph is kept (one backward a product, about half the
+#: cost), though it holds every score of the batch under math attention.
+RETAINED_SCORES_BYTES = 32 * 2**20
 
 
 @document_selection
@@ -108,8 +118,9 @@ class HessianOperator(CurvatureOperator):
         # Strategies that failed before another one worked: skipped from then on.
         self.failed_strategies: set[str] = set()
         self._note = ""  # what a fallback rewrote, said with its notice
-        # Whether the model calls scaled_dot_product_attention (probed once).
-        self._attention: bool | None = None
+        # The bytes of attention scores of one batch under math attention (0: the
+        # model calls no scaled_dot_product_attention), probed once.
+        self._scores_bytes: float | None = None
 
     def _invalidate(self) -> None:
         self._graph = None
@@ -164,7 +175,9 @@ class HessianOperator(CurvatureOperator):
         _, pullback = vjp(lambda t: grad(loss)(t, y), theta)
         return map_columns(lambda v: pullback(v)[0], matrix)
 
-    def _retained(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
+    def _retained(
+        self, x: Tensor, y: Tensor, matrix: Tensor, math: bool = False
+    ) -> Tensor:
         """Reverse-over-reverse through one gradient graph kept for all products.
 
         The gradient is built once with ``create_graph=True``; each product is then
@@ -173,19 +186,26 @@ class HessianOperator(CurvatureOperator):
         (a DataLoader would keep one graph per batch alive). The graph is rebuilt
         whenever a parameter changed (an optimizer step bumps its version, an
         edit through ``p.data`` its checksum, :meth:`_param_state`) or
-        :meth:`rebind` was called.
+        :meth:`rebind` was called. With ``math=True`` the graph is built under the
+        math attention backend (and Hardsigmoid rewritten, :func:`twice_differentiable`):
+        the fused CPU / flash attention kernels have no double backward, and without this route an attention model fell back to
+        forward-over-reverse, a whole forward and backward per product (190 ms
+        against 18 ms a product on a small GPT-2).
         """
-        state = self._param_state()
+        state = (self._param_state(), math)
         if self._graph is None or self._graph[0] != state:
             self._graph = None
             leaves = {
                 n: p.detach().requires_grad_(True) for n, p in self.fm.params.items()
             }
-            with torch.enable_grad():
+            backend = twice_differentiable() if math else contextlib.nullcontext()
+            with torch.enable_grad(), backend as mode:
                 loss = self.batch_loss(leaves, x, y)
                 grads = torch.autograd.grad(
                     loss, list(leaves.values()), create_graph=True
                 )
+            if mode is not None and mode.replaced:
+                self._note = HARDSIGMOID_NOTE
             self._graph = (state, list(leaves.values()), grads)
         _, leaves, grads = self._graph
         # Gradients that do not depend on the parameters have zero Hessian rows.
@@ -195,12 +215,12 @@ class HessianOperator(CurvatureOperator):
             v = self.fm.unflatten(matrix[:, k])
             hv = [torch.zeros_like(leaf) for leaf in leaves]
             if live:
+                # H v as the gradient of the scalar <g, v>: the same backward, and
+                # no explicit grad_outputs, whose check makes torch import sympy
+                # (a second of the first product in a fresh process).
+                dot = sum((grads[i] * v[self.fm.names[i]]).sum() for i in live)
                 parts = torch.autograd.grad(
-                    [grads[i] for i in live],
-                    leaves,
-                    [v[self.fm.names[i]] for i in live],
-                    retain_graph=True,
-                    allow_unused=True,
+                    dot, leaves, retain_graph=True, allow_unused=True
                 )
                 hv = [h if p is None else p for h, p in zip(hv, parts)]
             columns.append(torch.cat([h.reshape(-1) for h in hv]))
@@ -236,23 +256,20 @@ class HessianOperator(CurvatureOperator):
 
             return call
 
-        if self._attention is None:
-            self._attention = bool(attention_calls(self.fm, x))
+        if self._scores_bytes is None:
+            calls = attention_calls(self.fm, x)
+            samples = 1 if self.fm.batch_coupled else batch_size(x)
+            self._scores_bytes = attention_workspace(calls, None) * samples
         attention = (
             [
-                (
-                    "forward-over-reverse with rdiag attention",
-                    routed(fwd),
-                ),
-                (
-                    "reverse-over-reverse with rdiag attention",
-                    routed(rev),
-                ),
+                ("forward-over-reverse with rdiag attention", routed(fwd)),
+                ("reverse-over-reverse with rdiag attention", routed(rev)),
             ]
-            if self._attention
+            if self._scores_bytes
             else []
         )
-
+        # An attention model's retained graph is built under math attention at once
+        # (the fused kernels have no double backward): a choice, not a fallback.
         retained = (
             []
             if self.compile or not is_batch(self.data)
@@ -260,12 +277,23 @@ class HessianOperator(CurvatureOperator):
                 (
                     "reverse-over-reverse on a retained graph",
                     lambda: self._retained(x, y, matrix),
-                )
-            ]
+                ),
+                (
+                    "reverse-over-reverse on a retained graph with math attention",
+                    lambda: self._retained(x, y, matrix, math=True),
+                ),
+            ][1 if self._scores_bytes else 0 :]
+        )
+        # Long sequences: rdiag's attention first (memory); short: the retained graph
+        # first (speed), rdiag's attention next.
+        first, second = (
+            (attention, retained)
+            if self._scores_bytes > RETAINED_SCORES_BYTES
+            else (retained, attention)
         )
         return self.run_strategies(
-            attention
-            + retained
+            first
+            + second
             + [
                 ("forward-over-reverse", lambda: fwd(x, y, matrix)),
                 (
