@@ -93,7 +93,7 @@ def _case(way: str, product: str, t: int, width: int):
         if way == "rdiag":
             return lambda: op.matvec(v)
         if way == "main":
-            op._attention = False  # the strategy chain before rdiag's operator
+            op._scores_bytes = 0.0  # the strategy chain before rdiag's operator
 
             return lambda: op.matvec(v)
         theta = op.fm.flatten(op.fm.params)
