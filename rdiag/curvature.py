@@ -64,7 +64,8 @@ def curvature_operator(
         params: Parameter selector (a block: ``params="layers.3.*"``).
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output.
         loss: Loss kind for the GGN/Fisher (default: inferred).
         compile: ``torch.compile`` the Hessian product.
@@ -252,7 +253,8 @@ def top_eigenvalues(
         exclude: Parameters to leave out.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output.
         loss: Loss kind for GGN/Fisher (default inferred).
         seed: Seed of the start vector.
@@ -359,7 +361,8 @@ def sharpness(
         params: Parameter selector (per-layer sharpness: ``params="layer.*"``).
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the start vector.
         preconditioner: Deprecated name of ``lr_multipliers``.
@@ -420,7 +423,8 @@ def hessian_trace(
         params: Parameter selector.
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the probes.
         preconditioner: Deprecated name of ``lr_multipliers``.
@@ -492,7 +496,8 @@ def hessian_density(
         params: Parameter selector.
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output.
         seed: Seed of the probes.
         preconditioner: Deprecated name of ``lr_multipliers``.
@@ -573,7 +578,8 @@ def ggn_eigenvalues_from_ntk(
         params: Parameter selector.
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output.
         weights: Deprecated name of ``lr_multipliers``.
 

@@ -487,6 +487,17 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     return model
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype quantities of a model in ``dtype`` accumulate in: at least float32.
+
+    Half-precision (bf16/fp16) parameters give float32; any other dtype is kept.
+    """
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
 def functionalize(
     model: nn.Module | FunctionalModel,
     params: ParamSelector = None,

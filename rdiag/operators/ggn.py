@@ -112,7 +112,8 @@ class GGNOperator(CurvatureOperator):
         params: Parameter selector (per-layer blocks).
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output.
         loss: ``"mse"``, ``"cross_entropy"``, ``"autodiff"``, or ``None`` to infer
             from ``loss_fn`` (:func:`infer_loss_kind`). An explicit value is trusted.

@@ -45,7 +45,8 @@ class HessianOperator(CurvatureOperator):
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"`` (train-mode batch norm: the loss is a
             function of each whole batch).
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output (a
             ``ModelOutput``'s ``logits`` are picked without it).
         compile: ``torch.compile`` the per-batch product.
@@ -274,7 +275,8 @@ def hvp(
         params: Parameter selector.
         exclude: Parameters to leave out.
         mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype.
+        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
+            float32 for a half-precision (bf16/fp16) model.
         output_fn: Picks the output tensor from a non-tensor model output.
         compile: ``torch.compile`` the product.
 
