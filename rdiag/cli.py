@@ -9,6 +9,13 @@ Every subcommand parses its flags and calls the public API (:func:`rdiag.harness
 its own beyond loading the user's factories (``MODULE:NAME``) and printing where
 results went.
 
+``rdiag ntk`` and ``rdiag sharpness`` measure a built-in model (``--model``) or
+the user's (``--factory MODULE:FUNCTION``, a function of no argument or of the
+width, ``--width``), on ``--data-factory``'s batch or else on ``--n`` inputs from
+the model's ``sample_inputs`` or Gaussian for its first ``nn.Linear``, with
+targets for ``--loss`` (:func:`rdiag.meter.sample_batch`); the factories are
+loaded and checked as the meter's.
+
 ``rdiag meter`` takes the user's code by name: ``--factory MODULE:FUNCTION``
 (``width -> nn.Module``), optionally ``--optimizer-factory`` (``model ->
 torch.optim.Optimizer``, or an :class:`rdiag.LRRule` object) and ``--data-factory``
@@ -18,9 +25,9 @@ a file ``path/to/file.py``. Without ``--optimizer-factory`` it trains with
 :func:`rdiag.meter.optimizer_factory` (``--optimizer``, ``--lr``: a model prepared
 by :func:`rdiag.apply_parametrization` gets its per-layer rates, any other one
 plain SGD / Adam over all its parameters); without ``--data-factory`` on
-:func:`rdiag.meter.default_data` (the model's ``sample_inputs``, targets shaped
-like its output). Every error exits with status 2 and one line
-``rdiag <command>: error: ...`` naming the field or flag and what it allows
+:func:`rdiag.meter.default_data` (the model's ``sample_inputs`` or Gaussian
+inputs for its first ``nn.Linear``, targets shaped like its output). Every
+error exits with status 2 and one line ``rdiag <command>: error: ...`` naming the field or flag and what it allows
 (``--debug`` shows the traceback instead); numeric and path flags are checked by
 argparse before anything runs. A sweep whose runs failed still exits 0 and lists
 the failed runs with their reasons; a merge that found conflicting records lists
@@ -79,10 +86,19 @@ depth rules (the ,depth= suffix): depth-mup (branches x 1/sqrt(L), the default),
     "ntk": """examples:
   rdiag ntk --model mlp --width 512 --parametrization mup --n 64
   rdiag ntk --model cnn --width 32 --n 32 --implementation jacobian --out ntk.json
-  rdiag ntk --model bn_mlp --width 64 --n 32 --mode train   # batch statistics""",
+  rdiag ntk --model bn_mlp --width 64 --n 32 --mode train   # batch statistics
+  rdiag ntk --factory my_models.py:make_model --width 256 --n 32
+  rdiag ntk --factory mypkg.models:build --data-factory mypkg.models:batch
+      # build() or build(width) -> nn.Module; batch() -> (x, y) or x. Without
+      # --data-factory: the model's sample_inputs, or Gaussian (n, in_features)
+      # for a first nn.Linear""",
     "sharpness": """examples:
   rdiag sharpness --model mlp --width 256 --parametrization mup --n 64
-  rdiag sharpness --model mlp --width 256 --parametrization ntk --lr 0.3 --steps 20""",
+  rdiag sharpness --model mlp --width 256 --parametrization ntk --lr 0.3 --steps 20
+  rdiag sharpness --factory my_models.py:make_model --loss cross_entropy --steps 10
+  rdiag sharpness --factory my_models.py:make_model --data-factory my_models.py:batch
+      # the preconditioned sharpness only for models prepared by
+      # rdiag.apply_parametrization (their per-layer rates)""",
 }
 
 
@@ -370,8 +386,8 @@ def _parser() -> argparse.ArgumentParser:
         "--data-factory",
         metavar="MODULE:FUNCTION",
         help="() -> (x, y) or a list of batches; default: --batch-size inputs from "
-        "the model's sample_inputs, Gaussian targets (class indices for "
-        "cross_entropy) shaped like its output",
+        "the model's sample_inputs (or Gaussian, sized from a first nn.Linear), "
+        "Gaussian targets (class indices for cross_entropy) shaped like its output",
     )
     mt.add_argument("--batch-size", type=_POSITIVE, default=16)
     mt.add_argument("--data-seed", type=_COUNT, default=1234)
@@ -408,18 +424,48 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     for name, help_ in (
-        ("ntk", "eNTK of a built-in model and its spectrum"),
-        ("sharpness", "raw and preconditioned sharpness of a built-in model"),
+        ("ntk", "eNTK of a built-in model or yours (--factory) and its spectrum"),
+        (
+            "sharpness",
+            "raw and preconditioned sharpness of a built-in model or yours (--factory)",
+        ),
     ):
         p = add(name, help_)
-        p.add_argument("--model", choices=MODELS, default="mlp")
-        p.add_argument("--width", type=_POSITIVE, default=128)
-        p.add_argument("--depth", type=_POSITIVE, default=3)
+        which = p.add_mutually_exclusive_group()
+        which.add_argument(
+            "--model", choices=MODELS, help="a built-in family (default mlp)"
+        )
+        which.add_argument(
+            "--factory",
+            metavar="MODULE:FUNCTION",
+            help="your model: a function () -> nn.Module or width -> nn.Module, by "
+            "module path (mypkg.models:make_model, the current directory "
+            "importable) or file (path/to/models.py:make_model), as rdiag meter",
+        )
         p.add_argument(
-            "--parametrization", "--param", dest="parametrization", default="mup"
+            "--width",
+            type=_POSITIVE,
+            help="width of a built-in model or of a width -> nn.Module factory "
+            "(default 128)",
+        )
+        p.add_argument("--depth", type=_POSITIVE, help="built-in models (default 3)")
+        p.add_argument(
+            "--parametrization",
+            "--param",
+            dest="parametrization",
+            help="built-in models (default mup)",
+        )
+        p.add_argument(
+            "--data-factory",
+            metavar="MODULE:FUNCTION",
+            help="() -> (x, y) (ntk also takes () -> x); default: --n inputs from "
+            "the model's sample_inputs or Gaussian sized from its first nn.Linear, "
+            "targets for --loss",
         )
         p.add_argument("--n", type=_POSITIVE, default=64, help="number of inputs")
-        p.add_argument("--seed", type=_COUNT, default=0)
+        p.add_argument(
+            "--seed", type=_COUNT, default=0, help="seed of the model and the data"
+        )
         p.add_argument("--out", type=_file, help="also write the summary as JSON here")
         p.add_argument(
             "--mode",
@@ -438,6 +484,12 @@ def _parser() -> argparse.ArgumentParser:
                 "--top", type=_POSITIVE, default=10, help="eigenvalues to print"
             )
         else:
+            p.add_argument(
+                "--loss",
+                choices=tuple(_LOSSES),
+                default="mse",
+                help="the loss whose Hessian is measured (default mse)",
+            )
             p.add_argument(
                 "--lr", type=_RATE, default=0.1, help="base rate of --steps of GD"
             )
@@ -732,6 +784,13 @@ def _load(spec: str, flag: str, what: str) -> Any:
 
 def _function(spec: str, flag: str, what: str, *args: str) -> Callable:
     """A function by ``MODULE:NAME`` that takes the arguments named by ``args``."""
+    return _function_of(spec, flag, what, args)[0]
+
+
+def _function_of(
+    spec: str, flag: str, what: str, *calls: tuple[str, ...]
+) -> tuple[Callable, tuple[str, ...]]:
+    """A function by ``MODULE:NAME`` and the first of ``calls`` (argument names) it takes."""
     import inspect
 
     obj = _load(spec, flag, what)
@@ -743,17 +802,20 @@ def _function(spec: str, flag: str, what: str, *args: str) -> Callable:
     try:
         signature = inspect.signature(obj)
     except ValueError:  # no signature to read (a builtin): let the call tell
-        return obj
-    try:
-        signature.bind(*args)
-    except TypeError:
-        shown = signature.replace(return_annotation=inspect.Signature.empty)
-        name = getattr(obj, "__name__", type(obj).__name__)
-        raise TypeError(
-            f"expected {flag} {spec} to name {what}, got {name}{shown}, which "
-            f"cannot be called as {name}({', '.join(args)})"
-        ) from None
-    return obj
+        return obj, calls[0]
+    for args in calls:
+        try:
+            signature.bind(*args)
+        except TypeError:
+            continue
+        return obj, args
+    shown = signature.replace(return_annotation=inspect.Signature.empty)
+    name = getattr(obj, "__name__", type(obj).__name__)
+    tried = " or ".join(f"{name}({', '.join(args)})" for args in calls)
+    raise TypeError(
+        f"expected {flag} {spec} to name {what}, got {name}{shown}, which "
+        f"cannot be called as {tried}"
+    )
 
 
 def _cmd_meter(args: argparse.Namespace) -> int:
@@ -845,22 +907,69 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _built_in(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
+def _model_and_data(args: argparse.Namespace, loss: Any) -> tuple[Any, Any, str]:
+    """``rdiag ntk`` / ``sharpness``: the model, its batch ``(x, y)`` and a description.
 
+    The model is a built-in family (``--model``, ``--width``, ``--depth``,
+    ``--parametrization``) or the user's ``--factory`` (called with ``--width``
+    if it takes one); the batch is ``--data-factory``'s, else
+    :func:`rdiag.meter.sample_batch` (``--n`` inputs, targets for ``loss``,
+    seeded by ``--seed``). ``y`` is ``None`` for a data factory that returns
+    inputs alone.
+    """
+    from torch import Tensor
+
+    from rdiag.meter import _build, sample_batch
     from rdiag.models import make_model
+    from rdiag.operators.curvature import is_batch
 
-    opts: dict[str, Any] = {"depth": args.depth}
-    model = make_model(
-        args.model,
-        args.width,
-        parametrization=args.parametrization,
-        seed=args.seed,
-        **opts,
+    if args.factory is None:
+        for flag in ("depth", "width"):
+            if getattr(args, flag) is None:
+                setattr(args, flag, {"depth": 3, "width": 128}[flag])
+        args.parametrization = args.parametrization or "mup"
+        args.model = args.model or "mlp"
+        model = make_model(
+            args.model,
+            args.width,
+            parametrization=args.parametrization,
+            seed=args.seed,
+            depth=args.depth,
+        )
+        described = (
+            f"{args.model} width={args.width} depth={args.depth} "
+            f"parametrization={args.parametrization}"
+        )
+    else:
+        for flag in ("depth", "parametrization"):
+            if getattr(args, flag) is not None:
+                raise ValueError(
+                    f"expected --{flag} with a built-in --model only, got it with "
+                    f"--factory {args.factory}; your factory builds the model as it is"
+                )
+        what = "a function () -> nn.Module or width -> nn.Module"
+        make, takes = _function_of(args.factory, "--factory", what, (), ("width",))
+        if not takes and args.width is not None:
+            raise ValueError(
+                f"expected --width with a factory of the width, got --factory "
+                f"{args.factory}, which takes no argument; drop --width"
+            )
+        width = args.width or 128
+        model = _build(lambda w: make(w) if takes else make(), width, args.seed)
+        described = f"{args.factory}" + (f"({width})" if takes else "()")
+    if args.data_factory is None:
+        x, y = sample_batch(model, loss, n=args.n, seed=args.seed)
+        return model, (x, y), described
+    what = "a function () -> (x, y)"
+    data = _function(args.data_factory, "--data-factory", what)()
+    if isinstance(data, Tensor):
+        return model, (data, None), described
+    if is_batch(data):
+        return model, tuple(data), described
+    raise TypeError(
+        f"expected --data-factory {args.data_factory} to return one batch (x, y) "
+        f"of tensors, got {type(data).__name__}; return (inputs, targets)"
     )
-    inner = getattr(model, "model", model)
-    x = inner.sample_inputs(args.n, torch.Generator().manual_seed(args.seed))
-    return model, x
 
 
 def _emit(summary: dict[str, Any], out: str | None) -> None:
@@ -871,26 +980,32 @@ def _emit(summary: dict[str, Any], out: str | None) -> None:
         print(f"written: {Path(out).resolve()}")
 
 
+def _multipliers(model: Any) -> Any:
+    """The parametrization's learning-rate ratios ``M`` of a prepared model, else ``None``."""
+    from rdiag.parametrization import applied_parametrization, lr_multipliers
+
+    return None if applied_parametrization(model) is None else lr_multipliers(model)
+
+
 def _cmd_ntk(args: argparse.Namespace) -> int:
+    import torch.nn.functional as F
+
     from rdiag import metrics
     from rdiag.ntk.api import empirical_ntk
-    from rdiag.parametrization import lr_multipliers
 
-    model, x = _built_in(args)
+    model, (x, _), described = _model_and_data(args, F.mse_loss)
+    m = _multipliers(model)
     tic = time.perf_counter()
     k = empirical_ntk(
-        model,
-        x,
-        implementation=args.implementation,
-        lr_multipliers=lr_multipliers(model),
-        mode=args.mode,
+        model, x, implementation=args.implementation, lr_multipliers=m, mode=args.mode
     )
     seconds = time.perf_counter() - tic
     eigs = metrics.eigenvalues(k.double())
+    kind = "learning-rate-weighted eNTK K_M" if m is not None else "eNTK K"
     _emit(
         {
-            "model": f"{args.model} width={args.width} depth={args.depth} parametrization={args.parametrization}",
-            "kernel": f"learning-rate-weighted eNTK K_M, shape {tuple(k.shape)}, traced over outputs",
+            "model": described,
+            "kernel": f"{kind}, shape {tuple(k.shape)}, traced over outputs",
             "seconds": round(seconds, 4),
             "trace": float(k.trace()),
             "top_eigenvalues": [round(v, 6) for v in eigs[: args.top].tolist()],
@@ -902,32 +1017,31 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 
 
 def _cmd_sharpness(args: argparse.Namespace) -> int:
-    import torch
     import torch.nn.functional as F
 
     from rdiag.curvature import sharpness
-    from rdiag.parametrization import lr_multipliers
 
-    model, x = _built_in(args)
-    with torch.no_grad():
-        y = torch.randn(
-            model(x).shape, generator=torch.Generator().manual_seed(args.seed + 1)
+    loss = getattr(F, _LOSSES[args.loss])
+    model, (x, y), described = _model_and_data(args, loss)
+    if y is None:
+        raise ValueError(
+            f"expected --data-factory {args.data_factory} to return (x, y) for "
+            "sharpness (the loss needs targets), got inputs alone"
         )
-    steps, diverged = _gd(model, x, y, args.lr, args.steps)
+    steps, diverged = _gd(model, loss, x, y, args.lr, args.steps)
     summary: dict[str, Any] = {
-        "model": f"{args.model} width={args.width} depth={args.depth} parametrization={args.parametrization}",
-        "loss": "mse on Gaussian targets",
+        "model": described,
+        "loss": args.loss
+        + (" on Gaussian targets" if args.data_factory is None else ""),
         "steps_of_gd": steps,
     }
     if diverged is None:
-        summary["sharpness"] = sharpness(model, F.mse_loss, (x, y), mode=args.mode)
-        summary["sharpness_preconditioned"] = sharpness(
-            model,
-            F.mse_loss,
-            (x, y),
-            lr_multipliers=lr_multipliers(model),
-            mode=args.mode,
-        )
+        summary["sharpness"] = sharpness(model, loss, (x, y), mode=args.mode)
+        m = _multipliers(model)
+        if m is not None:
+            summary["sharpness_preconditioned"] = sharpness(
+                model, loss, (x, y), lr_multipliers=m, mode=args.mode
+            )
     else:
         summary["diverged"] = (
             f"GD {diverged}; stopped there and measured no sharpness; lower --lr"
@@ -937,17 +1051,17 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gd(model: Any, x: Any, y: Any, lr: float, steps: int) -> tuple[int, str | None]:
-    """Full-batch GD on MSE, stopped at divergence; ``(steps done, why it stopped)``."""
-    import torch.nn.functional as F
-
+def _gd(
+    model: Any, loss_fn: Any, x: Any, y: Any, lr: float, steps: int
+) -> tuple[int, str | None]:
+    """Full-batch GD on ``loss_fn``, stopped at divergence; ``(steps done, why it stopped)``."""
     from rdiag.loop import DIVERGENCE_FACTOR, divergence_reason
-    from rdiag.parametrization import make_optimizer
+    from rdiag.meter import optimizer_factory
 
-    opt = make_optimizer(model, None, lr)
+    opt = optimizer_factory("sgd", lr)(model)  # per-layer rates if rdiag-prepared
     step, initial = 0, math.nan
     while True:
-        loss = F.mse_loss(model(x), y)
+        loss = loss_fn(model(x), y)
         value = float(loss.detach())
         initial = value if step == 0 else initial
         reason = divergence_reason(value, initial, DIVERGENCE_FACTOR, step)

@@ -285,6 +285,95 @@ def _build(make_model: Callable[[int], nn.Module], width: int, seed: int) -> nn.
     return model
 
 
+def sample_inputs(model: nn.Module, n: int, generator: torch.Generator) -> Inputs:
+    """``n`` inputs for ``model``: its own ``sample_inputs``, else Gaussian for its first layer.
+
+    A model with ``sample_inputs(n, generator)`` (rdiag's built-in ones; a
+    :class:`~rdiag.parametrization.Centered` wrapper's inner model is asked)
+    draws them; otherwise the first module that holds parameters (registration
+    order) must be an ``nn.Linear``, and the inputs are standard normal
+    ``(n, in_features)`` in its weight's dtype.
+
+    Args:
+        model: The network.
+        n: Batch size ``N``.
+        generator: The random generator (CPU).
+
+    Returns:
+        ``x`` of shape ``(N, ...)``.
+
+    Raises:
+        TypeError: No ``sample_inputs`` and a first layer whose input size is not
+            known from the layer (a convolution: spatial size; an embedding:
+            sequence length), or no parameters at all.
+    """
+    inner = model.model if isinstance(model, Centered) else model
+    if callable(getattr(inner, "sample_inputs", None)):
+        return inner.sample_inputs(n, generator)
+    first = next(
+        (
+            m
+            for m in inner.modules()
+            if next(m.parameters(recurse=False), None) is not None
+        ),
+        None,
+    )
+    if isinstance(first, nn.Linear):
+        x = torch.randn(n, first.in_features, generator=generator)
+        return x.to(first.weight.dtype)
+    found = "no parameters" if first is None else f"the first layer {first}"
+    raise TypeError(
+        f"expected a model with sample_inputs(n, generator) or a first layer "
+        f"nn.Linear to size Gaussian inputs from, got {type(inner).__name__} with "
+        f"{found}, whose input shape the layer does not tell; pass data=(x, y) "
+        "(on the command line: --data-factory MODULE:FUNCTION returning (x, y))"
+    )
+
+
+def sample_batch(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    n: int = 16,
+    seed: int = 1234,
+) -> tuple[Inputs, Tensor]:
+    """A batch ``(x, y)`` for ``model`` and ``loss_fn``, drawn from one ``seed``.
+
+    The inputs are :func:`sample_inputs`; the targets are shaped like the model's
+    output on them (evaluated in eval mode; the model is left as it was): standard normal for a regression loss, uniform class indices
+    over the last output axis for cross-entropy (``(N,)`` for ``(N, C)``
+    outputs, ``(N, T)`` for ``(N, T, V)``).
+
+    Args:
+        model: The network.
+        loss_fn: The training loss (:func:`rdiag.losses.infer_loss_kind` decides
+            the targets).
+        n: Batch size ``N``.
+        seed: Seed of the inputs and targets.
+
+    Returns:
+        ``(x (N, ...), y)``.
+
+    Raises:
+        TypeError: As :func:`sample_inputs`.
+    """
+    check_positive_int(n, "n")
+    gen = torch.Generator().manual_seed(seed)
+    x = sample_inputs(model, n, gen)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()  # no batch-norm statistics update, no dropout
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for m, training in modes:
+            m.training = training
+    if infer_loss_kind(loss_fn) != "cross_entropy":
+        return x, torch.randn(out.shape, generator=gen)
+    shape = out.shape[:-1] if out.dim() >= 3 else out.shape[:1]
+    return x, torch.randint(0, out.shape[-1], shape, generator=gen)
+
+
 def default_data(
     make_model: Callable[[int], nn.Module],
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -293,20 +382,16 @@ def default_data(
     n: int = 16,
     seed: int = 1234,
 ) -> tuple[Inputs, Tensor]:
-    """A training batch for a model that can draw its own inputs, as rdiag's built-in ones.
+    """The meter's training batch when none is given: :func:`sample_batch` at ``width``.
 
-    The inputs are ``model.sample_inputs(n, generator)`` (Gaussian, or random
-    tokens for the transformer; a :class:`~rdiag.parametrization.Centered`
-    wrapper's inner model is asked); the targets are shaped like the model's
-    output on them: standard normal for a regression loss, uniform class
-    indices over the last output axis for cross-entropy (``(N,)`` for ``(N, C)``
-    outputs, ``(N, T)`` for ``(N, T, V)``). One ``seed`` draws both, the same
-    batch at every width.
+    The inputs come from the model's ``sample_inputs`` (Gaussian, or random
+    tokens for the transformer) or, for a model without it, are Gaussian sized
+    from its first ``nn.Linear`` (:func:`sample_inputs`); one ``seed`` draws
+    inputs and targets, the same batch at every width.
 
     Args:
-        make_model: ``width -> nn.Module`` with ``sample_inputs(n, generator)``.
-        loss_fn: The training loss (:func:`rdiag.losses.infer_loss_kind` decides
-            the targets).
+        make_model: ``width -> nn.Module``.
+        loss_fn: The training loss (decides the targets).
         width: The width the batch's shapes are read at.
         n: Batch size ``N``.
         seed: Seed of the inputs and targets.
@@ -315,27 +400,11 @@ def default_data(
         ``(x (N, ...), y)``.
 
     Raises:
-        TypeError: ``make_model`` does not return a module, or one without
-            ``sample_inputs``.
+        TypeError: ``make_model`` does not return a module, or one whose inputs
+            cannot be drawn (see :func:`sample_inputs`).
     """
     check_positive_int(n, "n")
-    model = _build(make_model, width, seed)
-    inner = model.model if isinstance(model, Centered) else model
-    if not callable(getattr(inner, "sample_inputs", None)):
-        raise TypeError(
-            f"expected a model with sample_inputs(n, generator) for the default "
-            f"data (as rdiag's built-in models), got {type(inner).__name__} without "
-            "it; pass data=(x, y) (rdiag meter: --data-factory MODULE:FUNCTION "
-            "returning (x, y))"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    x = inner.sample_inputs(n, gen)
-    with torch.no_grad():
-        out = model(x)
-    if infer_loss_kind(loss_fn) != "cross_entropy":
-        return x, torch.randn(out.shape, generator=gen)
-    shape = out.shape[:-1] if out.dim() >= 3 else out.shape[:1]
-    return x, torch.randint(0, out.shape[-1], shape, generator=gen)
+    return sample_batch(_build(make_model, width, seed), loss_fn, n=n, seed=seed)
 
 
 def optimizer_factory(kind: str, lr: float) -> OptimizerFactory:
