@@ -633,6 +633,9 @@ def _print_not_finished(result: Any) -> None:
 
 
 def _print_fits(fits: list[dict]) -> None:
+    counts = {v: sum(f["verdict"] == v for f in fits) for v in ("pass", "fail")}
+    counts["inconclusive"] = sum(f["verdict"] == "inconclusive" for f in fits)
+    print("verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     for f in fits:
         if f["metric"] not in ("delta_h", "ntk_rel_change"):
             continue
@@ -643,9 +646,10 @@ def _print_fits(fits: list[dict]) -> None:
             if lo is None or math.isnan(lo)
             else f"[{lo:+.3f}, {hi:+.3f}]"
         )
+        verdict = {"fail": "FAIL", "no prediction": ""}.get(f["verdict"], f["verdict"])
         print(
             f"  {f['metric']:15s} {f['layer'] or '':9s} {f['parametrization'] or '':8s} slope "
-            f"{f['slope']:+.3f} {ci}  predicted {pred}"
+            f"{f['slope']:+.3f} {ci}  predicted {pred}  {verdict}"
         )
 
 
