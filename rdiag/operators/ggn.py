@@ -200,8 +200,7 @@ class FisherOperator(GGNOperator):
     batch function.
 
     Args:
-        model, loss_fn, data, params, exclude, mode, dtype, output_fn, loss,
-            process_group: As :class:`GGNOperator`.
+        model, loss_fn, data, params, exclude, mode, dtype, output_fn, loss, process_group: As :class:`GGNOperator`.
         kind: ``"empirical"`` or ``"true"``.
 
     Raises:
