@@ -202,7 +202,7 @@ def pyhessian_style_power(
     params = [p for p in model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
     gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
     norm = torch.sqrt(sum((u * u).sum() for u in v))
     v = [u / norm for u in v]
     eigenvalue, count = None, 0

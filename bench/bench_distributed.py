@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from rdiag.harness import sweep
+from rdiag.runs.sweep import sweep
 from rdiag.linalg.lanczos import lanczos
 from rdiag.models import make_model
 from rdiag.operators.hessian import HessianOperator

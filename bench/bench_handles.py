@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import rdiag
+from rdiag.operators.base import ScaledOperator
 from bench.models import ResNet18
 from rdiag.curvature import multiplier_diagonal
 from rdiag.linalg import lanczos
@@ -79,7 +80,7 @@ def test_monitor_check_vs_its_parts(benchmark) -> None:
     )
     kernel = rdiag.ntk_fn(model, lr_multipliers=mults)
     op = HessianOperator(model, F.mse_loss, (x, y))
-    scaled = rdiag.ScaledOperator(op, multiplier_diagonal(op.fm, mults))
+    scaled = ScaledOperator(op, multiplier_diagonal(op.fm, mults))
     opt = rdiag.make_optimizer(model, None, 0.3)
     mon.step(0)
     kernel(x)

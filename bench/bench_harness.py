@@ -25,7 +25,7 @@ from rdiag.metrics import operator_norm
 from rdiag.models import make_model
 from rdiag.monitor import Monitor
 from rdiag.parametrization import lr_multipliers
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 WIDTH = 512
 

@@ -17,7 +17,7 @@ from bench.baselines import tutorial_jacobian_ntk
 from rdiag import empirical_ntk, functionalize
 from rdiag._tiling import available_memory, format_bytes
 from rdiag.ntk import costs
-from rdiag.ntk.api import NTKImplementation
+from rdiag.ntk.planning import NTKImplementation
 from rdiag.ntk.spec import NTKSpec
 
 #: Skip what the cost model says needs more FLOPs than this (about a minute on 2 cores).

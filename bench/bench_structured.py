@@ -25,7 +25,7 @@ from bench.bench_ntk import SIZES, WIDTHS, estimated_costs, mlp
 from bench.rss import measure
 from rdiag import empirical_ntk, functionalize
 from rdiag._tiling import format_bytes
-from rdiag.ntk.api import NTKImplementation
+from rdiag.ntk.planning import NTKImplementation
 
 IMPLS = ["structured", "recipe", "jacobian", "ntvp"]
 #: The recipe holds both Jacobians; skip it above this many bytes.

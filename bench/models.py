@@ -28,12 +28,28 @@ class BasicBlock(nn.Module):
 
 
 class ResNet18(nn.Module):
-    """ResNet-18 layout (CIFAR stem), 11.2 M parameters at width 64; input (N, 3, H, W)."""
+    """ResNet-18 layout, 11.2 M parameters at width 64; input (N, 3, H, W).
 
-    def __init__(self, classes: int = 10, width: int = 64) -> None:
+    ``stem="cifar"``: one 3x3 stride-1 convolution (32 x 32 inputs);
+    ``stem="imagenet"``: torchvision's 7x7 stride-2 convolution and a 3x3 stride-2
+    max pool (224 x 224 inputs: the blocks see 56 x 56 down to 7 x 7).
+    """
+
+    def __init__(self, classes: int = 10, width: int = 64, stem: str = "cifar") -> None:
         super().__init__()
-        self.stem = nn.Conv2d(3, width, 3, 1, 1, bias=False)
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"expected stem 'cifar' or 'imagenet', got {stem!r}")
+        imagenet = stem == "imagenet"
+        self.stem = nn.Conv2d(
+            3,
+            width,
+            7 if imagenet else 3,
+            2 if imagenet else 1,
+            3 if imagenet else 1,
+            bias=False,
+        )
         self.bn = nn.BatchNorm2d(width)
+        self.pool = nn.MaxPool2d(3, 2, 1) if imagenet else nn.Identity()
         plan = [(1, 1), (1, 1), (2, 2), (2, 1), (4, 2), (4, 1), (8, 2), (8, 1)]
         blocks, cin = [], width
         for mult, stride in plan:
@@ -43,5 +59,5 @@ class ResNet18(nn.Module):
         self.fc = nn.Linear(cin, classes)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = F.relu(self.bn(self.stem(x)))
+        x = self.pool(F.relu(self.bn(self.stem(x))))
         return self.fc(self.layers(x).mean((2, 3)))

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
+from torch.func import vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rdiag._inputs import Inputs, rows
 from rdiag._optional import notice
@@ -42,7 +44,6 @@ class _MathAttention:
         self._context: contextlib.AbstractContextManager | None = None
 
     def enter(self) -> None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with self._lock:
             if self._users == 0:
@@ -110,8 +111,6 @@ def probe_vmap(fm: FunctionalModel, x: Inputs) -> str | None:
     Returns:
         The first line of vmap's error, or ``None`` if vmap works.
     """
-    from torch.func import vmap
-
     sample = rows(x, slice(0, 2))
     try:
         with torch.no_grad():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence, Union
 
+import torch
 from torch import Tensor, nn
 
 from rdiag._inputs import Inputs
@@ -20,4 +21,16 @@ ParamSelector = Union[
     tuple[type, ...],
     Callable[[str, nn.Parameter], bool],
 ]
-Weights = Union[None, float, dict[str, float], Callable[[str], float]]
+#: Per-layer learning-rate multipliers ``M = eta_l / eta_0`` (``lr_multipliers=``
+#: everywhere): ``None`` (all 1), a float, a dict of layer names, parameter names
+#: or globs, or a callable ``name -> float`` (one scalar per parameter, e.g.
+#: :func:`rdiag.lr_multipliers`); the curvature functions also take a per-coordinate
+#: ``(P,)`` tensor or an Adam-type optimizer (:func:`rdiag.curvature.multiplier_diagonal`).
+LRMultipliers = Union[
+    None,
+    float,
+    dict[str, float],
+    Callable[[str], float],
+    Tensor,
+    torch.optim.Optimizer,
+]

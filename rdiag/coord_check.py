@@ -7,7 +7,7 @@ mean over all ``N * O`` output entries, the harness's regression loss), and a
 :class:`~rdiag.monitor.Monitor` measures it on the ``probe`` inputs at
 initialization and after the last step (``representations``, ``weights`` and,
 optionally, ``ntk`` and ``linearization``). The metrics and their predicted
-exponents are those of :mod:`rdiag.predictions` (SCIENCE.md section 2), read
+exponents are those of :mod:`rdiag.predictions` (docs/theory.md section 2), read
 from the Monitor's records by :func:`rdiag.predictions.records_from_checks` and
 fitted by :func:`rdiag.predictions.fit_records`, the same functions the report
 uses on a sweep's store.
@@ -119,7 +119,7 @@ class Checked:
         }
         payload["passed"] = self.passed
         path = out / "summary.json"
-        path.write_text(json.dumps(_jsonable(payload), indent=1), encoding="utf-8")
+        path.write_text(json.dumps(jsonable(payload), indent=1), encoding="utf-8")
         return path
 
 
@@ -154,18 +154,9 @@ class CoordCheckResult(Checked):
     failed: list[dict] = field(default_factory=list, repr=False)
     lr: float = math.nan
 
-    @property
-    def param(self) -> str:
-        """Deprecated name of :attr:`parametrization`."""
-        from rdiag._deprecation import renamed_name
-
-        return renamed_name(
-            "CoordCheckResult.param", "parametrization", self.parametrization
-        )
-
 
 def coord_check(
-    model_family: Family,
+    family: Family,
     parametrization: Parametrization | str,
     widths: Sequence[int],
     *,
@@ -187,10 +178,10 @@ def coord_check(
     mode: Mode = "eval",
     output_fn: Callable[[object], Tensor] | None = None,
 ) -> CoordCheckResult:
-    """Train ``model_family`` at each width and fit every metric's width exponent.
+    """Train ``family`` at each width and fit every metric's width exponent.
 
     Args:
-        model_family: A built-in family name (``"mlp"``, ``"cnn"``,
+        family: A built-in family name (``"mlp"``, ``"cnn"``,
             ``"transformer"``) or ``width -> nn.Module`` (then ``data`` is needed).
         parametrization: A :class:`Parametrization` or a :func:`parse_parametrization` string.
         widths: At least two widths (span >= 16x recommended).
@@ -248,9 +239,9 @@ def coord_check(
         else lr
     )
     widths, seeds = _check_args(
-        model_family, widths, steps, seeds, lr, optimizer, data, confidence
+        family, widths, steps, seeds, lr, optimizer, data, confidence
     )
-    build = _builder(model_family, family_kwargs or {})
+    build = _builder(family, family_kwargs or {})
     if data is None:
         data = _default_data(build(widths[0]), batch_size, data_seed)
     device = torch.device(device or "cpu")
@@ -297,10 +288,10 @@ def coord_check(
 
 def _check_args(family, widths, steps, seeds, lr, optimizer, data, confidence):
     if isinstance(family, str):
-        check_choice(family, "model_family", tuple(FAMILIES))
+        check_choice(family, "family", tuple(FAMILIES))
     elif not callable(family):
         raise TypeError(
-            f"expected model_family to be a family name {sorted(FAMILIES)} or a callable "
+            f"expected family to be a family name {sorted(FAMILIES)} or a callable "
             f"width -> nn.Module, got {type(family).__name__}"
         )
     elif data is None:
@@ -367,21 +358,15 @@ def _run(
 
 
 # ---- output ------------------------------------------------------------------------
-def _jsonable(obj: object) -> object:
+def jsonable(obj: object) -> object:
+    """``obj`` with non-finite floats as None (JSON has no NaN), recursively."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
+        return {k: jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj
-
-
-def write_summary(result: CoordCheckResult, out_dir: str | Path) -> Path:
-    """Deprecated: :meth:`CoordCheckResult.save`."""
-    from rdiag._deprecation import renamed_name
-
-    return renamed_name("write_summary", "CoordCheckResult.save", result.save)(out_dir)
 
 
 def plot_coord_check(result: Checked, path: str | Path) -> Path:

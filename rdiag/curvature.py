@@ -10,20 +10,20 @@ full eNTK instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
-from rdiag._deprecation import UNSET, renamed_argument, renamed_name
-from rdiag._typing import Data, LossFn, ParamSelector, Weights
-from rdiag.functional import FunctionalModel, Mode
+from rdiag._typing import Data, LossFn, LRMultipliers, ParamSelector
+from rdiag.functional import FunctionalModel, Mode, document_selection
 from rdiag.linalg.density import SpectralDensity, spectral_density
 from rdiag.linalg.lanczos import EigResult, Which, lanczos
 from rdiag.linalg.power import power_extreme
 from rdiag.linalg.trace import TraceEstimate, hutch_plus_plus, hutchinson
+from rdiag.ntk.handle import empirical_ntk
 from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.curvature import CurvatureOperator
 from rdiag.operators.ggn import (
@@ -34,17 +34,17 @@ from rdiag.operators.ggn import (
 )
 from rdiag.operators.hessian import HessianOperator
 
-OperatorKind = Literal["hessian", "ggn", "fisher"]
-OPERATORS = ("hessian", "ggn", "fisher")
-Multipliers = Tensor | Mapping[str, float] | float | torch.optim.Optimizer | None
+Curvature = Literal["hessian", "ggn", "fisher"]
+CURVATURES = ("hessian", "ggn", "fisher")
 
 
+@document_selection
 def curvature_operator(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
     data: Data,
     *,
-    operator: OperatorKind = "hessian",
+    curvature: Curvature = "hessian",
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
@@ -60,13 +60,9 @@ def curvature_operator(
         model: The network.
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch ``(x, y)`` or an iterable of batches.
-        operator: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical Fisher).
-        params: Parameter selector (a block: ``params="layers.3.*"``).
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical Fisher).
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         loss: Loss kind for the GGN/Fisher (default: inferred).
         compile: ``torch.compile`` the Hessian product.
         process_group: A ``torch.distributed`` process group: ``data`` is this
@@ -78,9 +74,9 @@ def curvature_operator(
         for repeated use (it reads the parameters live; ``rebind`` for new data).
 
     Raises:
-        ValueError: Unknown ``operator``.
+        ValueError: Unknown ``curvature``.
     """
-    check_choice(operator, "operator", OPERATORS)
+    check_choice(curvature, "curvature", CURVATURES)
     common = {
         "params": params,
         "exclude": exclude,
@@ -89,9 +85,9 @@ def curvature_operator(
         "output_fn": output_fn,
         "process_group": process_group,
     }
-    if operator == "hessian":
+    if curvature == "hessian":
         return HessianOperator(model, loss_fn, data, compile=compile, **common)
-    if operator == "ggn":
+    if curvature == "ggn":
         return GGNOperator(model, loss_fn, data, loss=loss, **common)
     return FisherOperator(model, loss_fn, data, loss=loss, kind="empirical", **common)
 
@@ -131,7 +127,7 @@ def _adam_diagonal(fm: FunctionalModel, optimizer: torch.optim.Optimizer) -> Ten
 
 
 def multiplier_diagonal(
-    fm: FunctionalModel, lr_multipliers: Multipliers
+    fm: FunctionalModel, lr_multipliers: LRMultipliers
 ) -> Tensor | None:
     r"""Resolve the diagonal ``M`` (per-layer learning-rate ratios) to a flat ``(P,)`` vector.
 
@@ -179,16 +175,7 @@ def multiplier_diagonal(
     ).to(fm.device)
 
 
-def preconditioner_diagonal(
-    fm: FunctionalModel, preconditioner: Multipliers
-) -> Tensor | None:
-    """Deprecated name of :func:`multiplier_diagonal`."""
-    return renamed_name(
-        "preconditioner_diagonal", "multiplier_diagonal", multiplier_diagonal
-    )(fm, preconditioner)
-
-
-def scaled(op: CurvatureOperator, lr_multipliers: Multipliers) -> LinearOperator:
+def scaled(op: CurvatureOperator, lr_multipliers: LRMultipliers) -> LinearOperator:
     """``op`` itself, or ``M^1/2 op M^1/2`` for the diagonal of ``lr_multipliers``."""
     diagonal = multiplier_diagonal(op.fm, lr_multipliers)
     return op if diagonal is None else ScaledOperator(op, diagonal)
@@ -198,20 +185,21 @@ def _operator(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
     data: Data,
-    lr_multipliers: Multipliers,
+    lr_multipliers: LRMultipliers,
     **kwargs: object,
 ) -> LinearOperator:
     op = curvature_operator(model, loss_fn, data, **kwargs)  # type: ignore[arg-type]
     return scaled(op, lr_multipliers)
 
 
+@document_selection
 def top_eigenvalues(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
     data: Data,
     k: int = 1,
     *,
-    operator: OperatorKind = "hessian",
+    curvature: Curvature = "hessian",
     method: Literal["lanczos", "power"] = "lanczos",
     tol: float = 1e-6,
     max_iter: int = 1000,
@@ -219,7 +207,7 @@ def top_eigenvalues(
     which: Which = "largest",
     params: ParamSelector = None,
     exclude: ParamSelector = None,
-    lr_multipliers: Multipliers = None,
+    lr_multipliers: LRMultipliers = None,
     mode: Mode = "eval",
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
@@ -227,7 +215,6 @@ def top_eigenvalues(
     seed: int = 0,
     compile: bool = False,
     criterion: Literal["residual", "eigenvalue"] = "residual",
-    preconditioner: Any = UNSET,
 ) -> EigResult:
     r"""Extreme eigenpairs of the loss Hessian (or GGN / Fisher), optionally preconditioned.
 
@@ -241,7 +228,7 @@ def top_eigenvalues(
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch ``(x, y)`` or an iterable of batches (full-dataset operator).
         k: Eigenpairs wanted (per end with ``which="both"``).
-        operator: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical).
+        curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (empirical).
         method: ``"lanczos"`` (default) or ``"power"`` (``k=1`` only; the largest
             *algebraic* eigenvalue, in two phases if the dominant one is negative).
         tol: Relative residual tolerance (see :func:`~rdiag.linalg.lanczos.lanczos`).
@@ -249,19 +236,14 @@ def top_eigenvalues(
         warm_start: The previous :class:`EigResult` (e.g. a few training steps ago)
             or ``(P,)`` / ``(P, k)`` vectors; cuts the products needed.
         which: ``"largest"``, ``"smallest"`` or ``"both"``.
-        params: Parameter selector (per-layer blocks, per-layer sharpness).
-        exclude: Parameters to leave out.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output.
         loss: Loss kind for GGN/Fisher (default inferred).
         seed: Seed of the start vector.
         compile: ``torch.compile`` the Hessian product.
         criterion: Lanczos stopping test, ``"residual"`` or ``"eigenvalue"`` (see
             :func:`~rdiag.linalg.lanczos.lanczos`).
-        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         An :class:`~rdiag.linalg.lanczos.EigResult`; eigenvectors are ``(P, k)`` in
@@ -271,13 +253,6 @@ def top_eigenvalues(
         ValueError: Bad options (``method="power"`` with ``k > 1`` or
             ``which="both"``), or see the operators.
     """
-    lr_multipliers = renamed_argument(
-        "top_eigenvalues",
-        "preconditioner",
-        "lr_multipliers",
-        preconditioner,
-        lr_multipliers,
-    )
     check_choice(method, "method", ("lanczos", "power"))
     check_positive_int(k, "k")
     op = _operator(
@@ -285,7 +260,7 @@ def top_eigenvalues(
         loss_fn,
         data,
         lr_multipliers,
-        operator=operator,
+        curvature=curvature,
         params=params,
         exclude=exclude,
         mode=mode,
@@ -316,13 +291,14 @@ def top_eigenvalues(
     )
 
 
+@document_selection
 def sharpness(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
     data: Data,
     *,
-    lr_multipliers: Multipliers = None,
-    operator: OperatorKind = "hessian",
+    lr_multipliers: LRMultipliers = None,
+    curvature: Curvature = "hessian",
     tol: float = 1e-6,
     warm_start: EigResult | Tensor | None = None,
     params: ParamSelector = None,
@@ -331,7 +307,6 @@ def sharpness(
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
-    preconditioner: Any = UNSET,
 ) -> float:
     r"""The largest **algebraic** eigenvalue of the loss Hessian (or its preconditioned form).
 
@@ -354,31 +329,23 @@ def sharpness(
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch or an iterable of batches.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
-        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         tol: Relative eigenvalue accuracy.
         warm_start: A previous result or eigenvector (use :func:`top_eigenvalues`
             to keep the :class:`EigResult` for the next call).
-        params: Parameter selector (per-layer sharpness: ``params="layer.*"``).
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         seed: Seed of the start vector.
-        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         The eigenvalue, a Python float.
     """
-    lr_multipliers = renamed_argument(
-        "sharpness", "preconditioner", "lr_multipliers", preconditioner, lr_multipliers
-    )
     result = top_eigenvalues(
         model,
         loss_fn,
         data,
         1,
-        operator=operator,
+        curvature=curvature,
         tol=tol,
         warm_start=warm_start,
         params=params,
@@ -393,6 +360,7 @@ def sharpness(
     return float(result.eigenvalues[0])
 
 
+@document_selection
 def hessian_trace(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -400,15 +368,14 @@ def hessian_trace(
     *,
     num_matvecs: int = 99,
     method: Literal["hutch++", "hutchinson"] = "hutch++",
-    operator: OperatorKind = "hessian",
-    lr_multipliers: Multipliers = None,
+    curvature: Curvature = "hessian",
+    lr_multipliers: LRMultipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
-    preconditioner: Any = UNSET,
 ) -> TraceEstimate:
     """Stochastic estimate of ``tr(H)`` (or of the GGN/Fisher, or preconditioned).
 
@@ -418,16 +385,11 @@ def hessian_trace(
         data: A batch ``(x, y)`` or an iterable of batches.
         num_matvecs: Products to spend.
         method: ``"hutch++"`` (default) or ``"hutchinson"``.
-        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         seed: Seed of the probes.
-        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         A :class:`~rdiag.linalg.trace.TraceEstimate` with its standard error.
@@ -436,13 +398,6 @@ def hessian_trace(
         ValueError: A bad ``num_matvecs`` or ``method``.
         MemoryError: The probe vectors do not fit (the message says how big).
     """
-    lr_multipliers = renamed_argument(
-        "hessian_trace",
-        "preconditioner",
-        "lr_multipliers",
-        preconditioner,
-        lr_multipliers,
-    )
     check_choice(method, "method", ("hutch++", "hutchinson"))
     check_positive_int(num_matvecs, "num_matvecs")
     op = _operator(
@@ -450,7 +405,7 @@ def hessian_trace(
         loss_fn,
         data,
         lr_multipliers,
-        operator=operator,
+        curvature=curvature,
         params=params,
         exclude=exclude,
         mode=mode,
@@ -462,6 +417,7 @@ def hessian_trace(
     return hutch_plus_plus(op, num_matvecs, seed=seed)
 
 
+@document_selection
 def hessian_density(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -471,15 +427,14 @@ def hessian_density(
     lanczos_steps: int = 50,
     grid: Tensor | int = 1000,
     sigma: float | None = None,
-    operator: OperatorKind = "hessian",
-    lr_multipliers: Multipliers = None,
+    curvature: Curvature = "hessian",
+    lr_multipliers: LRMultipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
     seed: int = 0,
-    preconditioner: Any = UNSET,
 ) -> SpectralDensity:
     """Smoothed eigenvalue density of the Hessian by stochastic Lanczos quadrature.
 
@@ -491,33 +446,21 @@ def hessian_density(
         lanczos_steps: Lanczos steps (quadrature nodes) per probe.
         grid: ``(G,)`` points, or a number of points spanning the nodes.
         sigma: Gaussian broadening (default 1% of the node range).
-        operator: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
+        curvature: ``"hessian"`` (default), ``"ggn"`` or ``"fisher"``.
         lr_multipliers: The diagonal ``M``; see :func:`multiplier_diagonal`.
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         seed: Seed of the probes.
-        preconditioner: Deprecated name of ``lr_multipliers``.
 
     Returns:
         ``(grid, density)``, a :class:`~rdiag.linalg.density.SpectralDensity`.
     """
-    lr_multipliers = renamed_argument(
-        "hessian_density",
-        "preconditioner",
-        "lr_multipliers",
-        preconditioner,
-        lr_multipliers,
-    )
     op = _operator(
         model,
         loss_fn,
         data,
         lr_multipliers,
-        operator=operator,
+        curvature=curvature,
         params=params,
         exclude=exclude,
         mode=mode,
@@ -534,6 +477,7 @@ def hessian_density(
     )
 
 
+@document_selection
 def ggn_eigenvalues_from_ntk(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -541,13 +485,12 @@ def ggn_eigenvalues_from_ntk(
     y: Tensor,
     *,
     loss: LossKind | None = None,
-    lr_multipliers: Weights = None,
+    lr_multipliers: LRMultipliers = None,
     params: ParamSelector = None,
     exclude: ParamSelector = None,
     mode: Mode = "eval",
     dtype: torch.dtype | str | None = None,
     output_fn: Callable[[object], Tensor] | None = None,
-    weights: Any = UNSET,
 ) -> Tensor:
     r"""The GGN's spectrum on one batch, computed in sample space from the full eNTK.
 
@@ -575,13 +518,8 @@ def ggn_eigenvalues_from_ntk(
         lr_multipliers: The diagonal ``M`` (dict, float, callable; see
             :meth:`~rdiag.functional.FunctionalModel.param_weights`), e.g. per-layer
             learning rates relative to the base rate.
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output.
-        weights: Deprecated name of ``lr_multipliers``.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
 
     Returns:
         ``(N*O,)`` float64 eigenvalues, descending (the GGN's nonzero spectrum
@@ -590,11 +528,6 @@ def ggn_eigenvalues_from_ntk(
     Raises:
         ValueError: The loss Hessian in the outputs is not positive semi-definite.
     """
-    from rdiag.ntk.api import empirical_ntk
-
-    lr_multipliers = renamed_argument(
-        "ggn_eigenvalues_from_ntk", "weights", "lr_multipliers", weights, lr_multipliers
-    )
     op = GGNOperator(
         model,
         loss_fn,
@@ -625,19 +558,46 @@ def ggn_eigenvalues_from_ntk(
     return torch.linalg.eigvalsh((small + small.T) / 2).flip(0)
 
 
+@document_selection
 def ggn_sharpness_from_ntk(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
     x: Tensor,
     y: Tensor,
-    **kwargs: object,
+    *,
+    loss: LossKind | None = None,
+    lr_multipliers: LRMultipliers = None,
+    params: ParamSelector = None,
+    exclude: ParamSelector = None,
+    mode: Mode = "eval",
+    dtype: torch.dtype | str | None = None,
+    output_fn: Callable[[object], Tensor] | None = None,
 ) -> float:
     r"""``lambda_max`` of the (preconditioned) GGN on one batch, via the full eNTK.
 
-    See :func:`ggn_eigenvalues_from_ntk` (same arguments); for MSE this is
-    :math:`2\lambda_{\max}(\Theta_M)/(N O)`.
+    For MSE this is :math:`2\lambda_{\max}(\Theta_M)/(N O)`; see
+    :func:`ggn_eigenvalues_from_ntk`.
+
+    Args:
+        model, loss_fn, x, y, loss, lr_multipliers: As
+            :func:`ggn_eigenvalues_from_ntk`.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
 
     Returns:
         The largest eigenvalue, a Python float.
     """
-    return float(ggn_eigenvalues_from_ntk(model, loss_fn, x, y, **kwargs)[0])  # type: ignore[arg-type]
+    spectrum = ggn_eigenvalues_from_ntk(
+        model,
+        loss_fn,
+        x,
+        y,
+        loss=loss,
+        lr_multipliers=lr_multipliers,
+        params=params,
+        exclude=exclude,
+        mode=mode,
+        dtype=dtype,
+        output_fn=output_fn,
+    )
+    return float(spectrum[0])

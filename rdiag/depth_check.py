@@ -101,7 +101,7 @@ class DepthCheckResult(Checked):
 
 
 def depth_check(
-    model_family: str | Callable[[int], nn.Module],
+    family: str | Callable[[int], nn.Module],
     parametrization: Parametrization | str,
     depths: Sequence[int],
     *,
@@ -119,10 +119,10 @@ def depth_check(
     data_seed: int = 1234,
     mode: Mode = "eval",
 ) -> DepthCheckResult:
-    """Train ``model_family`` at each depth and fit every depth exponent.
+    """Train ``family`` at each depth and fit every depth exponent.
 
     Args:
-        model_family: ``"resmlp"`` or ``"transformer"``, or ``depth -> nn.Module``
+        family: ``"resmlp"`` or ``"transformer"``, or ``depth -> nn.Module``
             (a model with a ``branches`` attribute, :class:`Branches`; then
             ``data`` is needed).
         parametrization: A :class:`Parametrization` or string; its depth rule
@@ -166,7 +166,7 @@ def depth_check(
     seeds = check_seeds(seeds)
     if not 0 < confidence < 1:
         raise ValueError(f"expected confidence in (0, 1), got {confidence!r}")
-    build = _builder(model_family, width, family_kwargs or {}, data)
+    build = _builder(family, width, family_kwargs or {}, data)
     if data is None:
         data = _default_data(build(depths[0]), batch_size, data_seed)
 
@@ -215,11 +215,11 @@ def depth_check(
 
 def _builder(family, width, kwargs, data) -> Callable[[int], nn.Module]:
     if isinstance(family, str):
-        check_choice(family, "model_family", RESIDUAL_FAMILIES)
+        check_choice(family, "family", RESIDUAL_FAMILIES)
         return lambda depth: make_model(family, width, depth=depth, **kwargs)
     if not callable(family):
         raise TypeError(
-            f"expected model_family to be one of {list(RESIDUAL_FAMILIES)} or a callable "
+            f"expected family to be one of {list(RESIDUAL_FAMILIES)} or a callable "
             f"depth -> nn.Module, got {type(family).__name__}"
         )
     if data is None:

@@ -13,7 +13,7 @@ import contextlib
 import fnmatch
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -22,9 +22,35 @@ from torch.func import functional_call
 from rdiag._checks import check_choice, check_dtype, check_module
 from rdiag._inputs import Inputs, check_inputs, describe, tree_map
 from rdiag._optional import Notices
-from rdiag._typing import Params, ParamSelector, Weights
+from rdiag._typing import Params, ParamSelector, LRMultipliers
 
 Mode = Literal["eval", "train"]
+_T = TypeVar("_T")
+
+#: The selection keywords, described once for every entry point that takes them
+#: (:func:`document_selection` appends this section to their docstrings).
+SELECTION = ("params", "exclude", "mode", "dtype", "output_fn")
+SELECTION_DOC = """
+Selection keywords (the functional view, built by :func:`rdiag.functionalize`;
+the same names, defaults and meaning on every entry point):
+    params: Parameter selector: a glob, a list of names or globs, a module type,
+        or a predicate ``(name, parameter) -> bool``; default every parameter
+        with ``requires_grad=True``.
+    exclude: Selector of parameters to leave out (same forms as ``params``).
+    mode: ``"eval"`` (default: dropout off, batch norm running statistics) or
+        ``"train"`` (batch statistics, fixed-seed dropout; a batch-norm model is
+        then a function of the whole batch).
+    dtype: Compute in this dtype (e.g. ``torch.float64``); default the model's,
+        except that half-precision (bf16/fp16) models compute and accumulate in
+        float32 (eNTKs and curvature products; ``dtype=torch.bfloat16`` keeps the
+        model's own).
+    output_fn: Picks the output tensor from a non-tensor model output (default: a
+        tensor as is, a ``ModelOutput``'s ``logits``).
+
+A prepared :class:`~rdiag.functional.FunctionalModel` is accepted wherever a
+model is; it already fixes these, so passing a different value with it is an
+error.
+"""
 MODES = ("eval", "train")
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
 _DROPOUTS = (nn.modules.dropout._DropoutNd,)
@@ -259,7 +285,7 @@ class FunctionalModel:
             start = stop
         return out
 
-    def param_weights(self, weights: Weights) -> dict[str, float]:
+    def param_weights(self, weights: LRMultipliers) -> dict[str, float]:
         """Resolve a per-layer weighting to one scalar per selected parameter.
 
         Args:
@@ -292,6 +318,13 @@ class FunctionalModel:
                     f"weights keys {unused} match no selected parameter or layer; "
                     f"layers are {list(self.groups)[:8]}"
                 )
+        elif isinstance(weights, (Tensor, torch.optim.Optimizer)):
+            raise TypeError(
+                f"expected one lr_multiplier per parameter here (None, float, dict or "
+                f"callable), got a per-coordinate {type(weights).__name__}; a tensor or "
+                "an optimizer is a diagonal for the curvature functions only: pass "
+                "rdiag.lr_multipliers(model) (per-layer rates)"
+            )
         elif callable(weights):
             resolved = {n: float(weights(n)) for n in self.names}
         else:
@@ -498,6 +531,46 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
+def document_selection(obj: _T) -> _T:
+    """Append :data:`SELECTION_DOC` to ``obj``'s docstring (what ``help()`` shows).
+
+    Every entry point that takes the selection keywords lists them in its
+    signature and describes them in one line of its ``Args``; the description
+    itself lives here once.
+    """
+    indent = " " * 4
+    section = "\n".join(
+        indent + line if line else line for line in SELECTION_DOC.splitlines()
+    )
+    obj.__doc__ = (obj.__doc__ or "").rstrip() + "\n" + section + "\n"
+    return obj
+
+
+def _check_prepared(
+    fm: FunctionalModel,
+    params: ParamSelector,
+    exclude: ParamSelector,
+    mode: Mode,
+    dtype: torch.dtype | str | None,
+    output_fn: Callable[[object], Tensor] | None,
+) -> None:
+    """Refuse selection keywords that a prepared view would silently ignore."""
+    given = {
+        "params": params is not None,
+        "exclude": exclude is not None,
+        "mode": mode != "eval" and mode != fm.mode,
+        "dtype": dtype is not None and check_dtype(dtype) != fm.param_dtype,
+        "output_fn": output_fn is not None and output_fn is not fm.output_fn,
+    }
+    clashing = [k for k, v in given.items() if v]
+    if clashing:
+        raise ValueError(
+            f"got a prepared FunctionalModel together with {clashing}; the view "
+            "already fixes its parameters, mode, dtype and output function: pass "
+            "them to rdiag.functionalize, or pass the nn.Module instead"
+        )
+
+
 def functionalize(
     model: nn.Module | FunctionalModel,
     params: ParamSelector = None,
@@ -511,8 +584,10 @@ def functionalize(
     """Build the functional view of ``model`` over the selected parameters.
 
     Args:
-        model: An ``nn.Module`` (or a ``FunctionalModel``, returned unchanged); a
-            ``DistributedDataParallel`` model is viewed through its ``module``.
+        model: An ``nn.Module`` (or a ``FunctionalModel``, returned unchanged: then
+            the other selection keywords must be left at their defaults or agree
+            with it); a ``DistributedDataParallel`` model is viewed through its
+            ``module``.
         params: Parameter selector (see :func:`select_parameters`); default every
             parameter with ``requires_grad=True``.
         exclude: Selector of parameters to leave out.
@@ -526,6 +601,10 @@ def functionalize(
     Returns:
         The :class:`FunctionalModel`.
 
+    Raises:
+        ValueError: A prepared view together with selection keywords that differ
+            from what it fixes.
+
     Example:
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
@@ -536,6 +615,7 @@ def functionalize(
         True
     """
     if isinstance(model, FunctionalModel):
+        _check_prepared(model, params, exclude, mode, dtype, output_fn)
         return model
     model = unwrap_parallel(model)
     names = select_parameters(model, params, exclude)

@@ -25,7 +25,7 @@ from rdiag.functional import output_tensor
 from rdiag.losses import apply_loss
 from rdiag.monitor import Monitor
 from rdiag.predictions import records_from_checks
-from rdiag.store import StoreError
+from rdiag.runs.store import StoreError
 
 #: Default of ``divergence_factor``: a loss above this multiple of the initial one.
 DIVERGENCE_FACTOR = 1e6

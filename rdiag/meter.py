@@ -1,6 +1,6 @@
 """The richness meter: where a user's own model and optimizer sit on the lazy-rich scale.
 
-:func:`richness_meter` builds ``make_model(width)`` at every width and seed,
+:func:`richness_meter` builds ``family(width)`` at every width and seed,
 trains it briefly with the user's optimizer and loss (the width experiment of
 :func:`rdiag.loop.measured_fit`, the coordinate check's), and fits the width
 exponents of ``||h_0||`` and ``||dh||`` per read-in/hidden layer, ``||f_0||``,
@@ -40,6 +40,7 @@ from rdiag._checks import (
     check_sizes,
 )
 from rdiag._inputs import Inputs, batch_size, check_inputs, rows
+from rdiag.coord_check import jsonable
 from rdiag.functional import MODES, Mode, check_per_sample
 from rdiag.loop import measured_fit
 from rdiag.losses import infer_loss_kind
@@ -48,9 +49,12 @@ from rdiag.parametrization import (
     ROLES,
     Centered,
     applied_parametrization,
+)
+from rdiag.parametrization import (
     make_optimizer as parametrized_optimizer,
 )
 from rdiag.predictions import fit_records
+from rdiag.roles import width_roles
 from rdiag.verdicts import (
     COHERENT_STEPS,
     Diagnosis,
@@ -87,7 +91,7 @@ class LRRule:
         base_width: Where ``width / base_width`` is 1.
 
     Example:
-        >>> # muP SGD in the table gauge (SCIENCE.md section 1), inputs of size d = 8
+        >>> # muP SGD in the table gauge (docs/theory.md section 1), inputs of size d = 8
         >>> rule = LRRule(0.3, {"readin": 1, "readout": -1}, factors={"readin": 1 / 8})
         >>> rule.rate("readin", 64), rule.rate("hidden", 64), rule.rate("readout", 64)
         (2.4, 0.3, 0.0046875)
@@ -189,9 +193,7 @@ class MeterResult:
 
     def to_dict(self) -> dict[str, Any]:
         """The result as plain JSON data (non-finite numbers as ``None``), as saved."""
-        from rdiag.coord_check import _jsonable
-
-        return _jsonable(asdict(self))
+        return jsonable(asdict(self))
 
     def save(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/meter.json`` (:meth:`to_dict`)."""
@@ -202,84 +204,13 @@ class MeterResult:
         return path
 
 
-# ---- roles from widths --------------------------------------------------------------
-def _axes(module: nn.Module, weight: Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """``(output axes, input axes)`` of a module's weight."""
-    if isinstance(module, nn.Embedding) or type(module).__name__ == "Conv1D":
-        return (1,), (0,)  # (num, dim); Hugging Face Conv1D is (in, out)
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return (1,), (0,)
-    return (0,), tuple(range(1, weight.dim()))
-
-
-def _weights(model: nn.Module) -> dict[str, tuple[nn.Module, Tensor]]:
-    out = {}
-    for name, module in model.named_modules():
-        w = getattr(module, "weight", None)
-        if isinstance(w, nn.Parameter) and w.dim() >= 2 and w.requires_grad:
-            out[name] = (module, w)
-    return out
-
-
-def width_roles(small: nn.Module, large: nn.Module) -> dict[str, str]:
-    """Each weight layer's role, from which axes change between two widths.
-
-    A layer whose output axis grows and input axes do not is a read-in (an
-    embedding's rows are its inputs), both is hidden, only the input is a
-    read-out; neither is ``"fixed"``. Layers sharing one weight in different
-    roles (tied embeddings) are ``"tied"``: no one prediction holds for them.
-
-    Args:
-        small: The model at one width.
-        large: The model at a larger width (same module names).
-
-    Returns:
-        Module name -> role, in ``named_modules()`` order.
-
-    Raises:
-        ValueError: The two models have different layers, or no shape changes
-            (the width argument does not set the width).
-    """
-    a, b = _weights(small), _weights(large)
-    if list(a) != list(b):
-        raise ValueError(
-            f"expected make_model to build the same layers at every width, got "
-            f"{sorted(set(a) ^ set(b))[:6]} at only one of two widths"
-        )
-    roles = {}
-    for name, (module, w) in a.items():
-        out_axes, in_axes = _axes(module, w)
-        big = b[name][1].shape
-        grows = [
-            any(w.shape[i] != big[i] for i in axes) for axes in (out_axes, in_axes)
-        ]
-        roles[name] = {
-            (True, False): "readin",
-            (True, True): "hidden",
-            (False, True): "readout",
-        }.get(tuple(grows), "fixed")
-    if all(role == "fixed" for role in roles.values()):
-        raise ValueError(
-            "expected make_model(width) to change the parameter shapes with the "
-            f"width, got the same shapes at two widths for {list(roles)[:6]}; make "
-            "the width argument set the hidden size"
-        )
-    by_weight: dict[int, list[str]] = {}
-    for name, (_, w) in a.items():
-        by_weight.setdefault(id(w), []).append(name)
-    for names in by_weight.values():
-        if len({roles[n] for n in names}) > 1:
-            roles.update({n: "tied" for n in names})
-    return roles
-
-
 # ---- the meter ------------------------------------------------------------------------
-def _build(make_model: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
+def _build(family: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    model = make_model(width)
+    model = family(width)
     if not isinstance(model, nn.Module):
         raise TypeError(
-            f"expected make_model({width}) to return a torch.nn.Module, got "
+            f"expected family({width}) to return a torch.nn.Module, got "
             f"{type(model).__name__}; pass a function width -> nn.Module"
         )
     return model
@@ -375,23 +306,20 @@ def sample_batch(
 
 
 def default_data(
-    make_model: Callable[[int], nn.Module],
+    family: Callable[[int], nn.Module],
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     *,
     width: int,
     n: int = 16,
     seed: int = 1234,
 ) -> tuple[Inputs, Tensor]:
-    """The meter's training batch when none is given: :func:`sample_batch` at ``width``.
+    """The meter's batch when none is given: :func:`sample_batch` at ``width``.
 
-    The inputs come from the model's ``sample_inputs`` (Gaussian, or random
-    tokens for the transformer) or, for a model without it, are Gaussian sized
-    from its first ``nn.Linear`` (:func:`sample_inputs`); one ``seed`` draws
-    inputs and targets, the same batch at every width.
+    One ``seed`` draws inputs and targets: the same batch at every width.
 
     Args:
-        make_model: ``width -> nn.Module``.
-        loss_fn: The training loss (decides the targets).
+        family: ``width -> nn.Module``.
+        loss_fn: The training loss (it decides the targets).
         width: The width the batch's shapes are read at.
         n: Batch size ``N``.
         seed: Seed of the inputs and targets.
@@ -400,11 +328,11 @@ def default_data(
         ``(x (N, ...), y)``.
 
     Raises:
-        TypeError: ``make_model`` does not return a module, or one whose inputs
+        TypeError: ``family`` does not return a module, or one whose inputs
             cannot be drawn (see :func:`sample_inputs`).
     """
     check_positive_int(n, "n")
-    return sample_batch(_build(make_model, width, seed), loss_fn, n=n, seed=seed)
+    return sample_batch(_build(family, width, seed), loss_fn, n=n, seed=seed)
 
 
 def optimizer_factory(kind: str, lr: float) -> OptimizerFactory:
@@ -480,7 +408,7 @@ def _batches(data: Any, steps: int) -> Callable[[], Iterable]:
 
 
 def richness_meter(
-    make_model: Callable[[int], nn.Module],
+    family: Callable[[int], nn.Module],
     make_optimizer: OptimizerFactory | LRRule,
     data: tuple[Inputs, Tensor] | Iterable[tuple[Inputs, Tensor]],
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -497,10 +425,10 @@ def richness_meter(
     output_fn: Callable[[object], Tensor] | None = None,
     confidence: float = 0.95,
 ) -> MeterResult:
-    """Train ``make_model`` briefly at every width and say where it sits on the scale.
+    """Train ``family`` briefly at every width and say where it sits on the scale.
 
     Args:
-        make_model: ``width -> nn.Module``; the width must change the shapes.
+        family: ``width -> nn.Module``; the width must change the shapes.
         make_optimizer: ``model -> torch.optim.Optimizer`` (the learning rates are
             read from its parameter groups), or an :class:`LRRule`.
         data: The training batch ``(x (N, ...), y)`` (every step, full batch), or
@@ -524,7 +452,7 @@ def richness_meter(
         The :class:`MeterResult`.
 
     Raises:
-        TypeError: ``make_model`` does not return a module, or ``make_optimizer``
+        TypeError: ``family`` does not return a module, or ``make_optimizer``
             an optimizer; ``data`` is not a batch or batches.
         ValueError: Bad widths, steps, seeds or target; the width does not change
             the parameter shapes; a batch-coupled model.
@@ -550,14 +478,14 @@ def richness_meter(
     check_choice(mode, "mode", MODES)
     if target is not None and not 0.0 <= target <= 0.5:
         raise ValueError(f"expected target in [0, 1/2], got {target!r}")
-    if not callable(make_model):
+    if not callable(family):
         raise TypeError(
-            f"expected make_model to be a function width -> nn.Module, got "
-            f"{type(make_model).__name__}"
+            f"expected family to be a function width -> nn.Module, got "
+            f"{type(family).__name__}"
         )
     batches = _batches(data, steps)
-    small = _build(make_model, widths[0], seeds[0])
-    found = width_roles(small, _build(make_model, widths[-1], seeds[0]))
+    small = _build(family, widths[0], seeds[0])
+    found = width_roles(small, _build(family, widths[-1], seeds[0]))
     found.update(roles or {})
     first = next(iter(batches()))[0]
     if probe is None:
@@ -566,7 +494,7 @@ def richness_meter(
     metrics = list(METRICS[:2] + (METRICS[2:] if ntk else ()))
     records, failed, rates = [], [], {}
     for width, seed in itertools.product(widths, seeds):
-        model = _build(make_model, width, seed)
+        model = _build(family, width, seed)
         check_per_sample(model, mode)
         opt = _optimizer(make_optimizer, model, found, width)
         lrs = _rates(model, opt)

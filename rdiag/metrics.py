@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from rdiag.kernels import KernelStats, kernel_stats
+from rdiag.linalg.lanczos import lanczos
 from rdiag.operators.base import LinearOperator
 
 
@@ -220,7 +221,6 @@ def operator_norm(w: Tensor, *, exact_below: int = 256, tol: float = 1e-9) -> fl
     """
     if min(w.shape) < exact_below:
         return float(torch.linalg.svdvals(w)[0])
-    from rdiag.linalg.lanczos import lanczos
 
     top = lanczos(_GramOperator(w), k=1, tol=tol).eigenvalues[0]
     return float(top.clamp_min(0).sqrt())

@@ -358,7 +358,7 @@ class RMSBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm without mean subtraction or affine parameters: ``x / rms_batch(x)``.
 
     In train mode each feature (axis 1) is divided by its root-mean-square over the
-    batch (axis 0), so the output depends on the whole batch (SCIENCE.md section 5)
+    batch (axis 0), so the output depends on the whole batch (docs/theory.md section 5)
     and the running mean square (``running_var``; ``running_mean`` stays 0) is
     updated; in eval mode the running mean square is used instead. A subclass of
     PyTorch's ``_BatchNorm``, so rdiag's functional view treats it as batch norm

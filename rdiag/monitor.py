@@ -31,7 +31,7 @@ scheduled steps the Monitor measures, on a fixed probe batch:
 
 Records are keyed by flat names (:mod:`rdiag.records`: ``"ntk/rel_change"``,
 ``"ntk/eig/0"``, ``"delta_h/hidden.0"``, ``"sharpness/precond"``) and go to a
-:class:`~rdiag.store.Store` (one transaction per check), to ``Monitor.history``
+:class:`~rdiag.runs.store.Store` (one transaction per check), to ``Monitor.history``
 and to any sinks (:mod:`rdiag.sinks`: TensorBoard, Weights & Biases, MLflow, CSV,
 a callable ``(name, value, step)``). A metric that cannot be computed at a check (a degenerate
 state: a zero kernel, a solver that does not converge) is left out of that check
@@ -75,18 +75,27 @@ from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._checks import check_finite_positive, check_module, check_positive_int
 from rdiag._inputs import Inputs, batch_size, check_inputs, describe
 from rdiag._optional import Notices
-from rdiag._typing import LossFn, Weights
+from rdiag._typing import LossFn, LRMultipliers
+from rdiag.curvature import multiplier_diagonal
 from rdiag.distributed import Group, shard_of
-from rdiag.functional import MODES, Mode, functionalize, unwrap_parallel
+from rdiag.functional import (
+    MODES,
+    FunctionalModel,
+    Mode,
+    functionalize,
+    unwrap_parallel,
+)
 from rdiag.kernels import kernel_stats
 from rdiag.linalg.lanczos import lanczos
-from rdiag.losses import apply_loss, checked_loss
 from rdiag.linalg.moments import kernel_moments
 from rdiag.linalg.trace import hutch_plus_plus
-from rdiag.ntk.api import ntk_fn
+from rdiag.losses import apply_loss, checked_loss
+from rdiag.ntk.handle import ntk_fn
 from rdiag.operators.base import LinearOperator, ScaledOperator
 from rdiag.operators.hessian import HessianOperator
 from rdiag.operators.ntk import NTKOperator
+from rdiag.parametrization import effective_weights, layer_scales
+from rdiag.roles import readout_name
 from rdiag.sinks import Sink, as_sinks
 
 METRICS = (
@@ -155,22 +164,25 @@ def default_layers(model: nn.Module) -> list[str]:
 
     The read-in and hidden layers of a model prepared by
     :func:`rdiag.apply_parametrization` (the layers the width exponents are
-    predicted for); otherwise every trainable leaf module but the last (taken as
-    the read-out).
+    predicted for); otherwise every trainable leaf module before the read-out
+    (:func:`rdiag.roles.readout_name`: the last weight layer; a norm layer after
+    it is a gain of the outputs, not a layer of the width).
     """
-    from rdiag.parametrization import layer_scales
-
     scales = layer_scales(model)
     if scales:
         return [n for n, s in scales.items() if s.role in ("readin", "hidden")]
-    return [n for n, _ in _leaf_param_modules(model)[:-1]]
+    leaves = [n for n, _ in _leaf_param_modules(model)]
+    readout = readout_name(model)
+    return leaves[: leaves.index(readout)] if readout in leaves else leaves[:-1]
 
 
 class Monitor:
     """Diagnostics of a model on a fixed probe batch, at scheduled training steps.
 
     Args:
-        model: The network being trained (read, never modified).
+        model: The network being trained (read, never modified), or a prepared
+            :class:`~rdiag.functional.FunctionalModel` of it (its selection is
+            measured).
         probe: Probe inputs ``x (N, ...)`` (a tensor, tuple or dict of tensors) or
             ``(x, y)``; targets are needed for the loss, accuracy, alignment and
             curvature metrics. Keep ``N`` small (32-64).
@@ -181,7 +193,7 @@ class Monitor:
             gradient norm, loss); ``F.cross_entropy`` on sequence outputs
             ``(N, T, V)`` with ``(N, T)`` targets is the mean over every position
             (:mod:`rdiag.losses`; a causal LM's targets are shifted by the caller).
-        store: A :class:`~rdiag.store.Store` to write records to.
+        store: A :class:`~rdiag.runs.store.Store` to write records to.
         run_id: The store's run id (required with ``store``).
         lr_multipliers: Per-layer ``eta_l / eta0`` (:func:`rdiag.lr_multipliers`),
             the diagonal ``M`` of ``K_M`` and of the sharpness preconditioner;
@@ -192,7 +204,7 @@ class Monitor:
             skipping checks (see the module docstring).
         layers: Module names whose outputs are the tracked representations; default
             :func:`default_layers`.
-        num_eigs: Number of top eNTK eigenvalues to record (``>= 0``).
+        k: Number of top eNTK eigenvalues to record (``>= 0``).
         sharpness_tol: Relative tolerance of the Lanczos sharpness solves.
         mode: ``"eval"`` (default: dropout off, batch norm running statistics) or
             ``"train"`` (batch statistics, fixed-seed dropout), for every metric.
@@ -207,10 +219,10 @@ class Monitor:
         moments_probe: Inputs ``(N', ...)`` of the ``"ntk_moments"`` metric: a large
             set (``10^4 - 10^5`` points) whose ``(N' O)^2`` eNTK is never formed;
             default the probe's ``x``.
-        moments_vectors: Rademacher vectors (= eNTK products) per check of
+        moments_matvecs: Rademacher vectors (= eNTK products) per check of
             ``"ntk_moments"``; the first check keeps them and its products (``2 N'
             O`` floats each) as the reference of the relative change.
-        moments_block: Samples per forward pass of those products (default all).
+        moments_block_size: Samples per forward pass of those products (default all).
         process_group: Under data-parallel training (a ``torch.distributed``
             process group; ``model`` may be the DDP wrapper): every rank calls
             :meth:`step` at the same steps with the same whole probe. With
@@ -224,7 +236,7 @@ class Monitor:
         shard_probe: See ``process_group``.
 
     Attributes:
-        history: One :class:`~rdiag.records.Records` ``{name: value}`` per check,
+        history: One ``{name: value}`` dict per check,
             with ``"step"``.
         missing: Metric -> reason, for the metrics the last check could not compute.
         seconds: Seconds spent in diagnostics.
@@ -233,7 +245,7 @@ class Monitor:
 
     def __init__(
         self,
-        model: nn.Module,
+        model: nn.Module | FunctionalModel,
         probe: Inputs | tuple[Inputs, Tensor],
         *,
         every: Schedule = 1,
@@ -241,11 +253,11 @@ class Monitor:
         loss_fn: LossFn | None = None,
         store: Any = None,
         run_id: str | None = None,
-        lr_multipliers: Weights = None,
+        lr_multipliers: LRMultipliers = None,
         optimizer: torch.optim.Optimizer | None = None,
         budget_fraction: float | None = None,
         layers: Sequence[str] | None = None,
-        num_eigs: int = 5,
+        k: int = 5,
         sharpness_tol: float = 1e-4,
         mode: Mode = "eval",
         dtype: torch.dtype | str | None = None,
@@ -254,11 +266,14 @@ class Monitor:
         strict: bool = False,
         sinks: Sequence[Sink | Callable[[str, float, int], None]] = (),
         moments_probe: Inputs | None = None,
-        moments_vectors: int = 30,
-        moments_block: int | None = None,
+        moments_matvecs: int = 30,
+        moments_block_size: int | None = None,
         process_group: Any = None,
         shard_probe: bool = True,
     ) -> None:
+        view = model if isinstance(model, FunctionalModel) else None
+        if view is not None:
+            model = view.module
         self.model = model = unwrap_parallel(check_module(model))
         self.group = None if process_group is None else Group(process_group)
         # Across the ranks (the sharded probe), or on rank 0 alone.
@@ -298,8 +313,8 @@ class Monitor:
             raise ValueError(
                 f"expected budget_fraction in (0, 1), got {budget_fraction!r}"
             )
-        if isinstance(num_eigs, bool) or not isinstance(num_eigs, int) or num_eigs < 0:
-            raise ValueError(f"expected num_eigs to be an int >= 0, got {num_eigs!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"expected k to be an int >= 0, got {k!r}")
         if mode not in MODES:
             raise ValueError(f"expected mode to be one of {list(MODES)}, got {mode!r}")
         self.scheduled = _schedule(every)
@@ -308,12 +323,14 @@ class Monitor:
         self.lr_multipliers = lr_multipliers
         self.optimizer = optimizer
         self.budget_fraction = budget_fraction
-        self.num_eigs = num_eigs
+        self.k = k
         self.sharpness_tol = check_finite_positive(sharpness_tol, "sharpness_tol")
         self.mode = mode
         self.snapshots = snapshots
         self.strict = bool(strict)
-        self.fm = functionalize(model, mode=mode, dtype=dtype, output_fn=output_fn)
+        self.fm = functionalize(
+            view or model, mode=mode, dtype=dtype, output_fn=output_fn
+        )
         leaves = _leaf_param_modules(model)
         layers = default_layers(model) if layers is None else list(layers)
         modules = dict(model.named_modules())
@@ -324,7 +341,7 @@ class Monitor:
                 f"modules with parameters: {[n for n, _ in leaves][:10]}"
             )
         self.layers = layers
-        self._readout = leaves[-1][0] if leaves else None
+        self._readout = readout_name(model)
         self._ntk = None
         if {"ntk", "ntk_layers"} & set(self.metrics):
             self._ntk = ntk_fn(
@@ -333,20 +350,20 @@ class Monitor:
                 per_layer="ntk_layers" in self.metrics,
                 process_group=process_group if self._sharded else None,
             )
-        check_positive_int(moments_vectors, "moments_vectors")
-        self.moments_vectors = moments_vectors
+        check_positive_int(moments_matvecs, "moments_matvecs")
+        self.moments_matvecs = moments_matvecs
         self._moments: NTKOperator | None = None
         if "ntk_moments" in self.metrics:
             self._moments = NTKOperator(
                 self.fm,
                 self.x if moments_probe is None else moments_probe,
                 lr_multipliers=lr_multipliers,
-                sample_block=moments_block,
+                block_size=moments_block_size,
             )
         self._hessian: HessianOperator | None = None
         self._lr_diagonal: Tensor | None = None
         self._jvp_mode: JvpMode | None = None
-        self.history: list[R.Records] = []
+        self.history: list[dict[str, float]] = []
         self.missing: dict[str, str] = {}
         self.notices = Notices()
         self.seconds = 0.0
@@ -397,7 +414,7 @@ class Monitor:
             due = self.group.agree(due)
         return due
 
-    def step(self, step: int, *, force: bool = False) -> R.Records | None:
+    def step(self, step: int, *, force: bool = False) -> dict[str, float] | None:
         """Run the diagnostics if ``step`` is scheduled (and within budget).
 
         Args:
@@ -420,7 +437,7 @@ class Monitor:
                 self.skipped += 1
             return None
         tic = time.perf_counter()
-        records = R.Records(self._measure(step))
+        records = dict(self._measure(step))
         self.checks += 1
         self.seconds += time.perf_counter() - tic
         records[R.MONITOR_SECONDS] = self.seconds
@@ -431,7 +448,7 @@ class Monitor:
                 self.store.log_missing(self.run_id, step, self.missing)
         for sink in self.sinks if self._main else ():
             sink.log_records(records, step)
-        self.history.append(R.Records({"step": step, **records}))
+        self.history.append({"step": step, **records})
         return records
 
     def close(self) -> None:
@@ -495,7 +512,7 @@ class Monitor:
         self.seconds, self.checks = state["seconds"], state["checks"]
         self.skipped = state["skipped"]
         self._ref, self._prev, self._warm = state["ref"], state["prev"], state["warm"]
-        self.history = [R.Records(R.flatten(h)) for h in state.get("history", [])]
+        self.history = [R.flatten(h) for h in state.get("history", [])]
         self._before = (state.get("train_seconds", 0.0), self.seconds)
         self._start = None
 
@@ -614,7 +631,7 @@ class Monitor:
         if "ntk" in self.metrics:
             self._movement("ntk", k, rec)
             eigs = M.eigenvalues(k)
-            for i, lam in enumerate(eigs[: self.num_eigs].tolist()):
+            for i, lam in enumerate(eigs[: self.k].tolist()):
                 rec[R.name("ntk/eig", str(i))] = lam
             rec["ntk/eff_rank"] = M.effective_rank(eigs)
             rec["ntk/trace"] = float(k.trace())
@@ -637,7 +654,7 @@ class Monitor:
     def _moment_metrics(self, rec: dict) -> None:
         """Statistics of the eNTK from operator products (:func:`~rdiag.linalg.kernel_moments`)."""
         ref = self._ref.get("ntk_moments")
-        m = kernel_moments(self._moments, self.moments_vectors, reference=ref)
+        m = kernel_moments(self._moments, self.moments_matvecs, reference=ref)
         if ref is None:
             self._ref["ntk_moments"] = (m.probes, m.products)
         stats = {
@@ -652,7 +669,6 @@ class Monitor:
                 rec[f"ntk_moments/{stat}_se"] = est.std_err
 
     def _weights(self) -> dict[str, Tensor]:
-        from rdiag.parametrization import effective_weights, layer_scales
 
         if layer_scales(self.model):
             return effective_weights(self.model)
@@ -718,8 +734,6 @@ class Monitor:
                 process_group=self.group.group if self._sharded else None,
             )
             if self.optimizer is None and self.lr_multipliers is not None:
-                from rdiag.curvature import multiplier_diagonal
-
                 self._lr_diagonal = multiplier_diagonal(self.fm, self.lr_multipliers)
         else:
             self._hessian.rebind(self._shard(x, y))
@@ -736,7 +750,6 @@ class Monitor:
         if self.optimizer is not None:
             if not any(self.optimizer.state.values()):
                 return None
-            from rdiag.curvature import multiplier_diagonal
 
             return ScaledOperator(op, multiplier_diagonal(self.fm, self.optimizer))
         if self._lr_diagonal is None:

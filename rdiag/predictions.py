@@ -1,4 +1,4 @@
-"""The predicted width exponents of SCIENCE.md section 2: one table, read by everyone.
+"""The predicted width exponents of docs/theory.md section 2: one table, read by everyone.
 
 Each :class:`Prediction` names a width-scaling metric, the Monitor record it is
 read from (:mod:`rdiag.monitor`), the step it is read at (initialization or the

@@ -1,7 +1,7 @@
 """Record names: one flat string per measured value, everywhere.
 
 The same name keys :attr:`rdiag.Monitor.history`, the rows of a
-:class:`~rdiag.store.Store` and what every sink and trainer logger receives. A
+:class:`~rdiag.runs.store.Store` and what every sink and trainer logger receives. A
 name is a metric, optionally followed by ``/`` and a layer (a module path) or an
 index:
 
@@ -29,13 +29,12 @@ The release before this one keyed records by ``(metric, layer)`` tuples with
 other metric names (``("ntk_rel_change", "")``, ``"sharpness_precond"``,
 ``"train_loss"``); :data:`LEGACY` maps them to the current names, so stores
 written then read back under the current names (:func:`columns`,
-:func:`stored_metrics`), and :class:`Records` still answers the old keys, with a
-``DeprecationWarning``.
+:func:`stored_metrics`), and a Monitor state saved then restores its history
+under them (:func:`flatten`).
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -141,43 +140,3 @@ def stored_metrics(metric: str) -> tuple[str, ...]:
 def flatten(records: Mapping[Any, float]) -> dict[str, float]:
     """Records keyed by current names, whatever release's keys they came with."""
     return {name(*columns(key)): value for key, value in records.items()}
-
-
-class Records(dict):
-    """A check's records ``{name: value}`` (and ``"step"``), as ``Monitor.history`` holds.
-
-    Keys are the names of this module. A key of the release before this one (a
-    ``(metric, layer)`` tuple or an old metric name) still finds its value, with a
-    ``DeprecationWarning``.
-    """
-
-    def _old(self, key: Any) -> str | None:
-        """The current name of an old key whose record is here (said with a warning)."""
-        if not (isinstance(key, tuple) or (isinstance(key, str) and key in LEGACY)):
-            return None
-        new = name(*columns(key))
-        if not dict.__contains__(self, new):
-            return None
-        warnings.warn(
-            f"record key {key!r} is deprecated and will be removed in the next "
-            f"release; use {new!r} (see rdiag.records)",
-            DeprecationWarning,
-            stacklevel=3,
-        )
-        return new
-
-    def __missing__(self, key: Any) -> float:
-        new = self._old(key)
-        if new is None:
-            raise KeyError(key)
-        return dict.__getitem__(self, new)
-
-    def __contains__(self, key: object) -> bool:
-        return dict.__contains__(self, key) or self._old(key) is not None
-
-    def get(self, key: Any, default: Any = None) -> Any:
-        """``self[key]`` if present (old keys too), else ``default``."""
-        if dict.__contains__(self, key):
-            return dict.__getitem__(self, key)
-        new = self._old(key)
-        return default if new is None else dict.__getitem__(self, new)

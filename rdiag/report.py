@@ -1,11 +1,11 @@
 """Figures, ``summary.json`` and one self-contained HTML report from a run store.
 
-:func:`build_report` reads the finished runs of a :class:`~rdiag.store.Store`
+:func:`build_report` reads the finished runs of a :class:`~rdiag.runs.store.Store`
 (typically an r x width x seed sweep), fits the width exponent of every metric
 of :data:`rdiag.predictions.PREDICTIONS` the runs recorded (``h0``, ``delta_h``,
 ``f0``, ``delta_f``, ``dW_op``, ``dW_rel``, ``ntk_rel_change``, ``lin_error``),
 read at initialization or at each run's last step, and puts each next to its
-prediction (SCIENCE.md section 2) with :func:`rdiag.predictions.fit_records`,
+prediction (docs/theory.md section 2) with :func:`rdiag.predictions.fit_records`,
 the function the coordinate check uses, judged as the coordinate check judges
 (:func:`rdiag.verdicts.judge`: pass, fail or inconclusive, with the reason).
 ``report.html`` opens with those verdicts (failures first), then the tables and
@@ -45,13 +45,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from rdiag._optional import require
+from rdiag.coord_check import plot_series
 from rdiag.meter import METER_JSON
+from rdiag.models import FAMILIES
 from rdiag.parametrization import Parametrization, parse_parametrization
 from rdiag.predictions import PREDICTIONS, fit_records, formulas, richness_of
 from rdiag.records import TRAIN_LOSS
-from rdiag.store import Store
+from rdiag.runs.store import Store
 from rdiag.verdicts import judge_fits
 
 
@@ -130,11 +133,7 @@ def _frame(store: Store) -> Any:
 
 def _roles(info: dict[str, Any]) -> dict[str, str]:
     """Layer name -> role of the built-in family a run group names (else empty)."""
-    import torch
-
-    from rdiag.models import FAMILIES
-
-    family = FAMILIES.get(info.get("model"))
+    family = FAMILIES.get(info.get("family"))
     if family is None:
         return {}
     depth = info.get("depth")
@@ -503,7 +502,7 @@ def _verdict_section(fit_list: list[dict]) -> str:
     )
     return f"""<h2>Verdicts</h2>
 <p class="headline {cls}">{html.escape(headline)}</p>
-<p>Each fitted width exponent against its prediction (SCIENCE.md section 2), judged as the
+<p>Each fitted width exponent against its prediction (docs/theory.md section 2), judged as the
 coordinate check judges (rdiag.verdicts.judge): within a tolerance of finite-width allowance
 and seed scatter; inconclusive where that tolerance cannot tell the prediction from its
 neighbours in r.</p>
@@ -637,8 +636,6 @@ def plot_meter(meter: Any, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
-    from rdiag.coord_check import plot_series
-
     Figure = require("matplotlib.figure", "rdiag meter figures").Figure
     payload = load_meter(meter)
     fits = [

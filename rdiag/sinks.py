@@ -1,6 +1,6 @@
 """Sinks: where a Monitor's records go besides its store.
 
-The :class:`~rdiag.store.Store` stays the source of truth; a sink receives the
+The :class:`~rdiag.runs.store.Store` stays the source of truth; a sink receives the
 same records as ``(name, value, step)`` (names from :mod:`rdiag.records`) at each
 check: :class:`TensorBoardSink`, :class:`WandbSink`, :class:`MLflowSink`,
 :class:`CSVSink`, or any callable ``(name, value, step) -> None``. Each sink

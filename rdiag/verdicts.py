@@ -14,7 +14,7 @@ A check whose tolerance cannot tell neighbouring richness values apart
 (``RESOLUTION`` in ``r``; on the depth axis ``DEPTH_RESOLUTION``, depth-muP from
 CompleteP) fails as inconclusive rather than passing.
 
-**First-step regime** (SCIENCE.md section 2). The kernel exponents
+**First-step regime** (docs/theory.md section 2). The kernel exponents
 (``ntk_rel_change``, ``lin_error``) are ``2r - 1`` once the coherent term
 ``eta0**2 n**(2r-1)`` dominates, after ``T >~ 10`` steps (:data:`COHERENT_STEPS`);
 after one small step the zero-mean fluctuation ``eta0 n**(r-1)`` gives ``r - 1``.
@@ -52,12 +52,12 @@ from rdiag.metrics import log_slope
 from rdiag.parametrization import ROLES
 from rdiag.predictions import PREDICTIONS
 
-#: Steps after which the kernel exponents read ``2r - 1`` (SCIENCE.md section 2).
+#: Steps after which the kernel exponents read ``2r - 1`` (docs/theory.md section 2).
 COHERENT_STEPS = 10
 #: The metrics with the first-step regime.
 KERNEL = frozenset({"ntk_rel_change", "lin_error"})
 #: Finite-width allowance of each exponent over widths 64..1024 (the built-in MLP
-#: at r = 0, its worst case; bench/calibrate_verdicts.py gives the figures).
+#: at r = 0, its worst case; the protocol that sets them: docs/theory.md section 7).
 ALLOWANCE: dict[str, float] = {
     "h0": 0.05,
     "delta_h": 0.1,

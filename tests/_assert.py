@@ -37,6 +37,28 @@ def assert_close(
     )
 
 
+def assert_rel_error(name: str, expected: Tensor, actual: Tensor, *, tol: float) -> None:
+    """Assert ``||actual - expected||_F <= tol * ||expected||_F`` and every entry finite.
+
+    The measure for low-precision arithmetic (TF32, bfloat16), whose error is
+    relative to the size of the whole result rather than to each entry.
+
+    Raises:
+        AssertionError: With the shape, the relative error and the bound.
+    """
+    expected = torch.as_tensor(expected, dtype=torch.float64).detach().cpu()
+    actual = torch.as_tensor(actual, dtype=torch.float64).detach().cpu()
+    assert expected.shape == actual.shape, (
+        f"{name}: shape mismatch, expected {tuple(expected.shape)}, got {tuple(actual.shape)}"
+    )
+    assert bool(actual.isfinite().all()), f"{name}: non-finite entries in the result"
+    rel = float((actual - expected).norm() / expected.norm().clamp_min(1e-300))
+    assert rel <= tol, (
+        f"{name}: relative Frobenius error {rel:.3g} over {tol:.1g} "
+        f"(shape {tuple(expected.shape)})"
+    )
+
+
 #: Records that time the run, not the model (they differ between runs).
 TIMING = ("monitor/seconds", "monitor/train_seconds")
 

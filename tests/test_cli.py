@@ -11,7 +11,7 @@ from rdiag.cli import main
 
 TINY_SWEEP = """
 base:
-  model: mlp
+  family: mlp
   depth: 3
   optimizer: gd
   lr: 0.1
@@ -43,6 +43,7 @@ def test_help_has_examples(command: str, capsys) -> None:
     assert "examples:" in out and f"rdiag {command}" in out
 
 
+@pytest.mark.slow
 def test_sweep_then_report_end_to_end(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib")
     config = tmp_path / "tiny.yaml"
@@ -138,7 +139,7 @@ def test_ntk_command_measures_in_the_mode_asked_for(tmp_path) -> None:
     traces = {}
     for mode in ("eval", "train"):
         path = tmp_path / f"{mode}.json"
-        argv = ["ntk", "--model", "bn_mlp", "--width", "8", "--n", "6", "--mode", mode]
+        argv = ["ntk", "--family", "bn_mlp", "--width", "8", "--n", "6", "--mode", mode]
         assert main([*argv, "--out", str(path)]) == 0
         traces[mode] = json.loads(path.read_text())["trace"]
         k = empirical_ntk(model, x, lr_multipliers=lr_multipliers(model), mode=mode)
@@ -146,13 +147,14 @@ def test_ntk_command_measures_in_the_mode_asked_for(tmp_path) -> None:
     assert traces["train"] != pytest.approx(traces["eval"], rel=1e-3)
 
 
+@pytest.mark.slow
 def test_coord_check_command(tmp_path, capsys) -> None:
     pytest.importorskip("matplotlib")
     assert (
         main(
             [
                 "coord-check",
-                "--model",
+                "--family",
                 "mlp",
                 "--param",
                 "mup",
@@ -208,7 +210,7 @@ def test_coord_check_command(tmp_path, capsys) -> None:
             "argument --seeds: expected an integer >= 1, got '0'",
         ),
         (["report", "--store", "{tmp}/nothing"], "no store at"),
-        (["run", "--model", "resnet", "--out", "{tmp}"], "invalid choice: 'resnet'"),
+        (["run", "--family", "resnet", "--out", "{tmp}"], "invalid choice: 'resnet'"),
     ],
 )
 def test_errors_exit_2_with_a_clear_message(
@@ -223,13 +225,13 @@ def test_run_from_a_yaml_config_with_flag_overrides(tmp_path, capsys) -> None:
     config = tmp_path / "run.yaml"
     config.write_text(
         "width: 8\nsteps: 2\nevery: 2\nbatch_size: 8\nmetrics: [loss]\n"
-        "data_options: {n_train: 16, n_test: 8, dim: 3}\nparam: ntk\nprobe_size: 4\n"
+        "data_options: {n_train: 16, n_test: 8, dim: 3}\nparametrization: ntk\nprobe_size: 4\n"
     )
     out = tmp_path / "store"
     assert (
         main(["run", "--config", str(config), "--param", "mup", "--out", str(out)]) == 0
     )
-    from rdiag.store import Store
+    from rdiag.runs.store import Store
 
     store = Store(out)
     (rid,) = store.run_ids("finished")
@@ -264,7 +266,7 @@ def _one_error_line(capsys, command: str) -> str:
         (["run", "--out", "{tmp}/file"], "argument --out: expected a directory"),
         (["coord-check", "--out", "{tmp}/file"], "argument --out: expected a direc"),
         (["depth-check", "--depths", "0", "--out", "{tmp}/d"], "argument --depths"),
-        (["depth-check", "--model", "mlp", "--out", "{tmp}/d"], "argument --model"),
+        (["depth-check", "--family", "mlp", "--out", "{tmp}/d"], "argument --family"),
         (
             ["sweep", "--config", "{tmp}/bad.yaml", "--out", "{tmp}/o"],
             "could not parse",
@@ -294,12 +296,12 @@ def test_every_error_is_one_line_with_exit_2(
 def test_out_of_memory_is_one_line_and_debug_shows_the_traceback(
     capsys, monkeypatch
 ) -> None:
-    import rdiag.ntk.api
+    import rdiag.cli.commands
 
     def no_memory(*_args, **_kwargs):
         raise MemoryError("cannot allocate 40.0 GB for the (100000, 100000) eNTK")
 
-    monkeypatch.setattr(rdiag.ntk.api, "empirical_ntk", no_memory)
+    monkeypatch.setattr(rdiag.cli.commands, "empirical_ntk", no_memory)
     assert _exit_code(["ntk", "--n", "100000", "--width", "8"]) == 2
     line = _one_error_line(capsys, "ntk")
     assert line.endswith(
@@ -442,7 +444,7 @@ _CONV = (
         (["--factory", "tests.models:__doc__"], "got a str; name a function"),
         (
             ["--factory", "tests.models:mlp"],
-            "expected make_model(16) to return a torch.nn.Module, got function",
+            "expected family(16) to return a torch.nn.Module, got function",
         ),
         (
             ["--factory", "tests.models:meter_batch"],
@@ -547,7 +549,7 @@ def test_ntk_and_sharpness_on_a_factory_from_a_file(tmp_path) -> None:
         float(empirical_ntk(model, x).trace()), rel=1e-5
     )
     assert summary["kernel"].startswith("eNTK K, shape (6, 6)")
-    assert summary["model"] == f"{source}:make(12)"
+    assert summary["family"] == f"{source}:make(12)"
 
     # a factory of no argument, the user's batch, cross-entropy targets, GD steps
     for data, loss in (("batch", "mse"), (None, "cross_entropy")):
@@ -607,7 +609,7 @@ def test_ntk_on_a_module_path_factory(tmp_path) -> None:
         ("sharpness", ["--factory", "tests.models:nope"], "has no attribute 'nope'"),
         ("ntk", ["--factory", "tests.models:__doc__"], "got a str; name a function"),
         ("ntk", ["--factory", "tests.models:mlp"],
-         "expected make_model(128) to return a torch.nn.Module, got function"),
+         "expected family(128) to return a torch.nn.Module, got function"),
         ("ntk", ["--factory", "tests.models:mu_adam"],
          "which cannot be called as mu_adam() or mu_adam(width)"),
         ("ntk", ["--factory", "{tmp}/conv.py:build"], "--data-factory MODULE:FUNCTION"),
@@ -621,8 +623,8 @@ def test_ntk_on_a_module_path_factory(tmp_path) -> None:
         ("ntk", ["--factory", "{tmp}/user_models.py:fixed", "--width", "8"],
          "takes no argument; drop --width"),
         ("ntk", ["--factory", "{tmp}/user_models.py:make", "--depth", "2"],
-         "expected --depth with a built-in --model only"),
-        ("sharpness", ["--factory", "f:g", "--model", "mlp"],
+         "expected --depth with a built-in --family only"),
+        ("sharpness", ["--factory", "f:g", "--family", "mlp"],
          "not allowed with argument --factory"),
     ],
 )  # fmt: skip

@@ -216,23 +216,23 @@ def test_predictions():
         ({"lr": -1.0}, ValueError, "expected lr to be a finite number > 0"),
         ({"optimizer": "lbfgs"}, ValueError, "expected optimizer to be one of"),
         ({"confidence": 1.5}, ValueError, r"expected confidence in \(0, 1\)"),
-        ({"model_family": "resnet"}, ValueError, "expected model_family to be one of"),
-        ({"model_family": lambda w: MLP(w)}, ValueError, "expected data=\\(x, y\\)"),
-        ({"model_family": 3}, TypeError, "expected model_family"),
+        ({"family": "resnet"}, ValueError, "expected family to be one of"),
+        ({"family": lambda w: MLP(w)}, ValueError, "expected data=\\(x, y\\)"),
+        ({"family": 3}, TypeError, "expected family"),
         (
             {"parametrization": "r=0.9"},
             ValueError,
             r"expected r in \[0, 1/2\], got 0.9",
         ),
-        ({"model_family": "bn_mlp"}, ValueError, "acts on each sample separately"),
+        ({"family": "bn_mlp"}, ValueError, "acts on each sample separately"),
     ],
 )
 def test_bad_arguments(kwargs, error, message):
-    args = {"model_family": "mlp", "parametrization": "mup", "widths": [8, 16]}
+    args = {"family": "mlp", "parametrization": "mup", "widths": [8, 16]}
     args.update(kwargs)
     with pytest.raises(error, match=message):
         coord_check(
-            args.pop("model_family"),
+            args.pop("family"),
             args.pop("parametrization"),
             args.pop("widths"),
             **args,
@@ -374,6 +374,7 @@ WIDTHS = [64, 128, 256, 512, 1024]
     ("r", "optimizer", "lr"), [(0.0, "sgd", 0.3), (0.25, "sgd", 0.3), (0.5, "sgd", 0.3),
                                (0.5, "adam", 0.1)]
 )  # fmt: skip
+@pytest.mark.slow
 def test_default_check_of_the_mlp_passes_with_reasons(r, optimizer, lr):
     """The calibrated defaults (SGD lr 0.3, Adam 0.1, 10 steps, 4 seeds) pass."""
     result = coord_check("mlp", f"r={r}", WIDTHS, optimizer=optimizer)
@@ -386,6 +387,7 @@ def test_default_check_of_the_mlp_passes_with_reasons(r, optimizer, lr):
     assert result.fit("dW_op", "hidden.0")["predicted"] == pytest.approx(r - 0.5)
 
 
+@pytest.mark.slow
 def test_small_learning_rate_fails_in_the_first_step_regime():
     """The issue's case: lr 0.05, 10 steps at r = 1/2 reads lin_error ~ n^-0.36."""
     result = coord_check("mlp", "r=0.5", WIDTHS, lr=0.05)
@@ -397,6 +399,7 @@ def test_small_learning_rate_fails_in_the_first_step_regime():
     assert "raise lr or steps" in fit["reason"]
 
 
+@pytest.mark.slow
 def test_a_mis_scaled_hidden_learning_rate_fails_at_that_layer():
     """muP but the hidden SGD rate without its n^(2r) = n factor: dW_rel ~ n^-1 there."""
     p = parse_parametrization("r=0.5")

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from rdiag import ntk_fn
-from rdiag.ntk import api
-from rdiag.ntk.api import NTKImplementation
+from rdiag.ntk import planning
+from rdiag.ntk.planning import NTKImplementation
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
@@ -62,8 +62,8 @@ def test_full_kernel_of_many_outputs_favours_ntvp_among_generic() -> None:
 
 
 def test_a_close_call_is_raced_on_warmed_calls(monkeypatch) -> None:
-    monkeypatch.setattr(api, "RACE_RATIO", float("inf"))
-    monkeypatch.setattr(api, "RACE_SECONDS", (0.0, float("inf")))
+    monkeypatch.setattr(planning, "RACE_RATIO", float("inf"))
+    monkeypatch.setattr(planning, "RACE_SECONDS", (0.0, float("inf")))
     model, make = ZOO["cnn"](0)
     x1, x2 = make(5, 1), make(3, 2)
     expected = _oracle(model, x1, x2)
@@ -88,13 +88,13 @@ def test_a_close_call_is_raced_on_warmed_calls(monkeypatch) -> None:
 
 def test_the_race_compares_warmed_calls_only(monkeypatch) -> None:
     """A slow first call (one-time costs) does not lose the race."""
-    monkeypatch.setattr(api, "RACE_RATIO", float("inf"))
-    monkeypatch.setattr(api, "RACE_SECONDS", (0.0, float("inf")))
+    monkeypatch.setattr(planning, "RACE_RATIO", float("inf"))
+    monkeypatch.setattr(planning, "RACE_SECONDS", (0.0, float("inf")))
     model, make = ZOO["mlp_tanh"](0)
     kernel = ntk_fn(model, dtype=torch.float64)
     plan = kernel.plan(make(4, 1))
     other = plan.alternative
-    monkeypatch.setattr(api, "time", SimpleNamespace(perf_counter=lambda: 100.0))
+    monkeypatch.setattr(planning, "time", SimpleNamespace(perf_counter=lambda: 100.0))
     # best: 50 s cold then 1 s warm; the other: 2 s then 1.5 s
     for run, seconds in ((plan, 50.0), (other, 2.0), (plan, 1.0), (other, 1.5)):
         kernel._settle(("sig",), plan, run, 100.0 - seconds)

@@ -140,7 +140,7 @@ def test_sample_space_ggn_equals_parameter_space(arch: str, loss: str) -> None:
         f"sample-space GGN {arch} {loss}", exact, sample, rtol=1e-8, atol=1e-12
     )
     lanczos_top = top_eigenvalues(
-        net, loss_fn, (x, y), 3, operator="ggn", dtype=F64, tol=1e-10
+        net, loss_fn, (x, y), 3, curvature="ggn", dtype=F64, tol=1e-10
     )
     assert_close(
         "vs GGN Lanczos", lanczos_top.eigenvalues, sample[:3], rtol=1e-8, atol=1e-12
@@ -162,7 +162,7 @@ def test_sample_space_with_weights_and_the_mse_convention() -> None:
         net,
         loss_fn,
         (x, y),
-        operator="ggn",
+        curvature="ggn",
         lr_multipliers=weights,
         dtype=F64,
         tol=1e-10,
@@ -198,8 +198,8 @@ def test_bad_options_give_clear_errors() -> None:
     net, x, y, loss_fn, _ = make_case("mlp_tanh", "ce")
     with pytest.raises(ValueError, match="method='lanczos'"):
         top_eigenvalues(net, loss_fn, (x, y), 2, method="power")
-    with pytest.raises(ValueError, match="operator"):
-        sharpness(net, loss_fn, (x, y), operator="kfac")
+    with pytest.raises(ValueError, match="curvature"):
+        sharpness(net, loss_fn, (x, y), curvature="kfac")
     with pytest.raises(ValueError, match="lr_multipliers"):
         sharpness(net, loss_fn, (x, y), lr_multipliers=torch.ones(5))
     with pytest.raises(ValueError, match="optimizer step"):
@@ -214,13 +214,8 @@ def test_bad_options_give_clear_errors() -> None:
         hessian_trace(net, loss_fn, (x, y), num_matvecs=0)
     with pytest.raises(MemoryError, match="fewer products"):
         hessian_trace(net, loss_fn, (x, y), num_matvecs=10**13)
-    with pytest.warns(DeprecationWarning, match="lr_multipliers"):
-        old = sharpness(net, loss_fn, (x, y), preconditioner=2.0, dtype=F64)
-    assert old == pytest.approx(
-        sharpness(net, loss_fn, (x, y), lr_multipliers=2.0, dtype=F64), rel=1e-6
-    )
-    with pytest.raises(TypeError, match="only lr_multipliers"):
-        sharpness(net, loss_fn, (x, y), preconditioner=2.0, lr_multipliers=2.0)
+    with pytest.raises(TypeError, match="preconditioner"):
+        sharpness(net, loss_fn, (x, y), preconditioner=2.0)
 
 
 @pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
@@ -249,7 +244,7 @@ def test_half_precision_model_curvature_runs_in_float32(half: torch.dtype) -> No
     )
     assert next(net.parameters()).dtype == half  # the model is untouched
     for kind in ("hessian", "ggn", "fisher"):
-        assert curvature_operator(net, F.mse_loss, (x, y), operator=kind).dtype == (
+        assert curvature_operator(net, F.mse_loss, (x, y), curvature=kind).dtype == (
             torch.float32
         )
     own = curvature_operator(net, F.mse_loss, (x, y), dtype=half)

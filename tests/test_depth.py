@@ -177,6 +177,7 @@ def test_depth_check_sees_frozen_blocks():
     assert -0.3 < _slopes(res)["delta_h", "stream"] < 0.05
 
 
+@pytest.mark.slow
 def test_depth_check_transformer(tmp_path):
     res = depth_check(
         "transformer",
@@ -193,6 +194,7 @@ def test_depth_check_transformer(tmp_path):
     assert saved["passed"] is True and saved["depths"] == [2, 4, 8, 16]
 
 
+@pytest.mark.slow
 def test_depth_check_cli(tmp_path, capsys):
     code = main(
         ["depth-check", "--parametrization", "mup,depth=completep", "--width", "32",

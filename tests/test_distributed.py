@@ -61,7 +61,7 @@ def _on_ranks(rank: int, world: int, out: str) -> None:
     mine, batch = (x[SHARDS[rank]], y[SHARDS[rank]]), SHARDS[rank]
     ops = {
         kind: curvature_operator(
-            model, F.mse_loss, mine, operator=kind, process_group=group
+            model, F.mse_loss, mine, curvature=kind, process_group=group
         )
         for kind in KINDS
     }
@@ -186,11 +186,12 @@ def _same_on_both(ranks: list[dict], key: str) -> None:
         assert a == b, key
 
 
+@pytest.mark.slow
 def test_products_equal_the_single_process_ones_on_the_joined_batch(ranks) -> None:
     x, y, _, _ = _data()
     model = _model()
     for kind in KINDS:
-        op = curvature_operator(model, F.mse_loss, (x, y), operator=kind)
+        op = curvature_operator(model, F.mse_loss, (x, y), curvature=kind)
         want = op.matvec(_vector(op.shape[0]))
         for r in range(WORLD):
             _close(f"{kind} rank {r}", want, ranks[r][f"product/{kind}"])
@@ -224,7 +225,7 @@ def test_lanczos_trace_and_density_run_replicated(ranks) -> None:
     assert_close(
         "oracle", exact.flip(0)[:3], ranks[0]["eigenvalues"], rtol=1e-9, atol=1e-12
     )
-    ggn = curvature_operator(model, F.mse_loss, (x, y), operator="ggn")
+    ggn = curvature_operator(model, F.mse_loss, (x, y), curvature="ggn")
     assert ranks[0]["trace"] == pytest.approx(
         hutch_plus_plus(ggn, 30, seed=0).estimate, rel=1e-12
     )
@@ -263,6 +264,7 @@ def test_ddp_models_are_measured_without_ddp_all_reduce(ranks) -> None:
     assert ranks[0]["ddp/grads_untouched"] and ranks[1]["ddp/grads_untouched"]
 
 
+@pytest.mark.slow
 def test_ranks_that_differ_are_named_on_every_rank(ranks) -> None:
     for r in range(WORLD):
         assert re.search(

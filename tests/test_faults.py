@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdiag.harness import sweep
-from rdiag.store import Store, StoreCorruptError, StoreFullError, StoreReadOnlyError
+from rdiag.runs.sweep import sweep
+from rdiag.runs.store import Store, StoreCorruptError, StoreFullError, StoreReadOnlyError
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -46,7 +46,7 @@ TIMING = ("monitor/seconds", "monitor/train_seconds")
 _SWEEP = """
 import json, sys
 import torch
-from rdiag.harness import sweep
+from rdiag.runs.sweep import sweep
 if __name__ == "__main__":
     torch.set_num_threads(1)
     result = sweep(json.loads(sys.argv[1]), out=sys.argv[2], workers=int(sys.argv[3]))
@@ -150,6 +150,7 @@ def _killed_at(proc: subprocess.Popen, out: Path, rows: int) -> Iterator[list[in
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("workers", "seed"), [(1, 0), (1, 1), (2, 2)])
 def test_kill_9_at_a_random_point_then_resume_loses_nothing(
     tmp_path, reference, workers: int, seed: int
@@ -168,6 +169,7 @@ def test_kill_9_at_a_random_point_then_resume_loses_nothing(
     _same(reference, _records(out))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
 def test_workers_die_with_a_killed_sweep_and_write_nothing_after(tmp_path) -> None:
     out = tmp_path / "store"
@@ -189,9 +191,9 @@ time.sleep(60)
 """
 _GRANDCHILD = """
 import os, sys, time
-from rdiag import harness
+from rdiag.runs import executors
 sys.platform = sys.argv[1]  # "darwin": the portable getppid watcher
-harness._die_with_parent(os.getppid())
+executors._die_with_parent(os.getppid())
 print("watching", flush=True)
 time.sleep(60)
 """
@@ -223,6 +225,7 @@ def test_a_worker_dies_with_its_parent(platform: str) -> None:
             pytest.fail("the worker outlived its parent")
 
 
+@pytest.mark.slow
 def test_two_concurrent_sweeps_never_run_the_same_run(tmp_path, reference) -> None:
     out = tmp_path / "store"
     first = _start(out, 1)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rdiag import functionalize, select_parameters
+from rdiag.functional import functionalize, select_parameters
 from tests._assert import assert_close
 from tests.models import ZOO
 

@@ -29,7 +29,7 @@ from rdiag import (
     ntk_fn,
 )
 from rdiag.functional import FunctionalModel
-from rdiag.ntk import api, structured
+from rdiag.ntk import _capture, planning
 from tests._assert import assert_close
 from tests.models import ZOO
 
@@ -122,11 +122,11 @@ class _Spies:
 
     TARGETS = {
         "probe": (FunctionalModel, "probe"),
-        "plan": (api.NTKFunction, "_make_plan"),
-        "structured plan": (api, "plan_structured"),
-        "self-check": (structured, "verify_sites"),
-        "flops": (api, "sample_forward_flops"),
-        "jvp probe (eNTK)": (api, "probe_jvp_mode"),
+        "plan": (planning.Planner, "_make_plan"),
+        "structured plan": (planning, "plan_structured"),
+        "self-check": (_capture, "verify_sites"),
+        "flops": (planning, "sample_forward_flops"),
+        "jvp probe (eNTK)": (planning, "probe_jvp_mode"),
         "hessian probe": (HessianOperator, "_probe"),
         "view": (FunctionalModel, "__init__"),
     }

@@ -8,8 +8,10 @@ import concurrent.futures as cf
 import pytest
 import torch
 
-from rdiag.harness import TrainConfig, expand_grid, load_sweep_config, sweep, train
-from rdiag.store import Store
+from rdiag.runs.config import TrainConfig, expand_grid, load_sweep_config
+from rdiag.runs.sweep import sweep
+from rdiag.runs.training import train
+from rdiag.runs.store import Store
 
 TINY = {
     "width": 8,
@@ -30,13 +32,13 @@ def _steps(store: Store, rid: str, metric: str) -> list[int]:
 
 
 def test_train_writes_monitor_and_losses(tmp_path) -> None:
-    result = train(TINY, store=tmp_path, param="r=0.5")
+    result = train(TINY, store=tmp_path, parametrization="r=0.5")
     store = Store(tmp_path)
     assert result.status == "finished" and store.status(result.run_id) == "finished"
     assert _steps(store, result.run_id, "train/loss") == [0, 1, 2, 3]
     assert _steps(store, result.run_id, "ntk/rel_change") == [0, 2, 4]
     assert store.config(result.run_id)["parametrization"] == "r=0.5"
-    again = train(TINY, store=tmp_path, param="r=0.5")
+    again = train(TINY, store=tmp_path, parametrization="r=0.5")
     assert again.status == "skipped" and again.run_id == result.run_id
 
 
@@ -59,7 +61,7 @@ def test_train_writes_monitor_and_losses(tmp_path) -> None:
             "metrics": ["loss", "accuracy", "ntk", "features"],
         },
         {
-            "model": "transformer",
+            "family": "transformer",
             "data": "sequences",
             "width": 8,
             "depth": 1,
@@ -80,7 +82,7 @@ def test_cnn_on_images(tmp_path) -> None:
     pytest.importorskip("sklearn")
     cfg = {
         **TINY,
-        "model": "cnn",
+        "family": "cnn",
         "depth": 1,
         "data": "digits",
         "width": 4,
@@ -95,8 +97,8 @@ def test_cnn_on_images(tmp_path) -> None:
     [
         ({"widht": 3}, "unknown config field.*'widht'.*allowed fields"),
         (
-            {"model": "resnet"},
-            "model to be one of \\['mlp', 'resmlp', 'cnn', 'transformer', 'bn_mlp'\\]",
+            {"family": "resnet"},
+            "family to be one of \\['mlp', 'resmlp', 'cnn', 'transformer', 'bn_mlp'\\]",
         ),
         ({"optimizer": "lbfgs"}, "optimizer to be one of"),
         (
@@ -106,7 +108,7 @@ def test_cnn_on_images(tmp_path) -> None:
         ({"width": 0}, "'width' to be a positive int"),
         ({"lr": -1}, "'lr' to be a finite number > 0"),
         ({"metrics": ["ntk", "magic"]}, "bad config field 'metrics'"),
-        ({"model": "cnn"}, "model 'cnn' needs square images"),
+        ({"family": "cnn"}, "family 'cnn' needs square images"),
         ({"loss": "cross_entropy"}, "'cross_entropy' needs classification data"),
     ],
 )
@@ -176,7 +178,7 @@ def test_a_run_that_raises_fails_with_its_reason_and_the_sweep_goes_on(
 ) -> None:
     config = {
         "base": {**TINY, "metrics": ["loss"]},
-        "grid": {"model": ["cnn", "mlp"], "seed": [0, 1]},
+        "grid": {"family": ["cnn", "mlp"], "seed": [0, 1]},
         "report": False,
     }
     result = sweep(config, out=tmp_path)
@@ -184,7 +186,7 @@ def test_a_run_that_raises_fails_with_its_reason_and_the_sweep_goes_on(
     assert result.count("failed") == 2 and result.count("finished") == 2
     for r in result.results:
         if r.status == "failed":
-            assert "ValueError: model 'cnn' needs square images" in r.reason
+            assert "ValueError: family 'cnn' needs square images" in r.reason
             assert store.reason(r.run_id) == r.reason
             assert store.status(r.run_id) == "failed"
 
@@ -193,7 +195,7 @@ def test_ray_executor_without_ray_says_how_to_install(monkeypatch) -> None:
     # With Ray installed, tests/test_ray.py runs sweeps on a local cluster.
     import sys
 
-    from rdiag.harness import RayExecutor
+    from rdiag.runs.ray_executor import RayExecutor
 
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     with pytest.raises(ImportError, match=r"pip install 'rdiag\[ray\]'"):
@@ -306,7 +308,7 @@ def test_bad_sweep_configs_name_the_key(tmp_path, config: dict, match: str) -> N
 
 
 def test_yaml_configs_that_are_not_mappings(tmp_path) -> None:
-    from rdiag.harness import load_train_config
+    from rdiag.runs.config import load_train_config
 
     path = tmp_path / "list.yaml"
     path.write_text("- width: 8\n- width: 16\n")
@@ -382,25 +384,23 @@ def test_serial_sweep_progress_moves_per_run(tmp_path, monkeypatch) -> None:
     assert seen == [1, 2, 3]
 
 
-def test_deprecated_field_and_loss_names_still_work() -> None:
-    with pytest.warns(DeprecationWarning, match="'param' is deprecated"):
-        cfg = TrainConfig.from_dict({"param": "ntk"})
-    assert cfg.parametrization == "ntk"
-    with pytest.warns(DeprecationWarning, match="'ce' is deprecated"):
-        assert TrainConfig.from_dict({"loss": "ce"}).loss == "cross_entropy"
-    with pytest.raises(ValueError, match="both 'param' and 'parametrization'"):
-        TrainConfig.from_dict({"param": "ntk", "parametrization": "mup"})
-    with pytest.warns(DeprecationWarning):
-        grid = expand_grid({"grid": {"param": ["ntk", "mup"]}})
-    assert [c.parametrization for c in grid] == ["ntk", "mup"]
+def test_pre_release_field_and_loss_names_are_refused() -> None:
+    """No release had ``param`` or ``"ce"``: they are errors naming the fields."""
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['param'\]"):
+        TrainConfig.from_dict({"param": "ntk"})
+    with pytest.raises(ValueError, match="cross_entropy"):
+        TrainConfig.from_dict({"loss": "ce"})
+    with pytest.raises(ValueError, match="unknown config field"):
+        expand_grid({"grid": {"param": ["ntk", "mup"]}})
 
 
 def test_the_families_are_those_of_rdiag_models_and_bn_mlp_trains(tmp_path) -> None:
     from rdiag.models import FAMILIES
-    from rdiag.harness import MODELS
 
-    assert MODELS == tuple(FAMILIES)
-    result = train({**TINY, "model": "bn_mlp", "depth": 2}, store=tmp_path)
+    with pytest.raises(ValueError, match="bn_mlp"):  # the allowed values are listed
+        TrainConfig.from_dict({"family": "nope"})
+    assert "bn_mlp" in FAMILIES
+    result = train({**TINY, "family": "bn_mlp", "depth": 2}, store=tmp_path)
     assert result.status == "finished", result.reason
 
 
@@ -420,9 +420,57 @@ def test_the_harness_and_the_coord_check_run_one_loop(tmp_path, monkeypatch) -> 
         return original(model, optimizer, batches, loss_fn, **kwargs)
 
     monkeypatch.setattr(loop, "fit", spy)
-    import rdiag.harness as harness
+    import rdiag.runs.training as harness
 
     monkeypatch.setattr(harness, "fit", spy)
     train(TINY, store=tmp_path)
     coord_check("mlp", "mup", [4, 8], steps=2, seeds=1, ntk=False, linearization=False)
     assert seen == [True, True, True]
+
+
+#: A run config as the code before the renames (main at 065cb99) wrote it, and the
+#: run id that code gave it (``rdiag.store.run_key``).
+PRE_RENAME_CONFIG = {
+    "activation": "tanh",
+    "batch_size": 64,
+    "budget_fraction": None,
+    "data": "teacher",
+    "data_options": {"dim": 3, "n_test": 8, "n_train": 16},
+    "depth": 2,
+    "device": "cpu",
+    "divergence_factor": 1000000.0,
+    "dtype": "float32",
+    "every": 1,
+    "loss": "auto",
+    "lr": 0.1,
+    "metrics": ["loss"],
+    "model": "mlp",
+    "model_options": {},
+    "momentum": 0.0,
+    "optimizer": "sgd",
+    "parametrization": "mup",
+    "probe_size": 4,
+    "seed": 0,
+    "snapshots": False,
+    "steps": 2,
+    "width": 8,
+}
+PRE_RENAME_RUN_ID = "2a68bf1750e537e8"
+
+
+def test_a_store_written_before_the_renames_resumes_with_no_rerun(tmp_path) -> None:
+    from rdiag.runs.store import Store, run_key
+
+    store = Store(tmp_path)
+    rid = store.create_run(PRE_RENAME_CONFIG, seed=0, device="cpu")
+    assert rid == PRE_RENAME_RUN_ID
+    store.set_status(rid, "finished")
+    new = {k: v for k, v in PRE_RENAME_CONFIG.items() if k != "model"}
+    new["family"] = "mlp"
+    assert TrainConfig.from_dict(new).to_dict() == new  # every field, new names
+    assert run_key(new) == PRE_RENAME_RUN_ID
+    assert train(new, store=tmp_path).status == "skipped"
+    grid = {k: v for k, v in new.items() if k != "seed"}
+    result = sweep({"base": grid, "grid": {"seed": [0]}, "report": False}, out=tmp_path)
+    assert result.count("skipped") == 1 and len(result.results) == 1
+    assert store.config(rid)["family"] == "mlp" and "model" not in store.config(rid)

@@ -153,6 +153,7 @@ def test_float32_dots_and_gram_schmidt_are_accurate_at_millions_of_entries() -> 
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("criterion", ["eigenvalue", "residual"])
 def test_float32_lanczos_reaches_1e6_on_millions_of_parameters(criterion: str) -> None:
     # Float32 norms and dots without float64 accumulation left this at 4e-6 (norm

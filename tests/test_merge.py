@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from rdiag.cli import main
-from rdiag.harness import parse_shard, sweep
-from rdiag.merge import merge_stores
-from rdiag.store import Store
+from rdiag.runs.config import parse_shard
+from rdiag.runs.sweep import sweep
+from rdiag.runs.merge import merge_stores
+from rdiag.runs.store import Store
 from tests.test_faults import BASE, _records, _same
 
 CONFIG = {

@@ -43,6 +43,7 @@ def _sgd(lr):
     [("r=0", 0.0, "lazy"), ("r=0.25", 0.25, "intermediate"), ("r=0.5", 0.5, "mup"),
      ("mf", 0.5, "mup")],
 )  # fmt: skip
+@pytest.mark.slow
 def test_known_richness_of_the_mlp_family(param, r, kind):
     res = richness_meter(
         _family(param),
@@ -63,6 +64,7 @@ def test_known_richness_of_the_mlp_family(param, r, kind):
     assert fit["predicted"] == pytest.approx(2 * res.target - 1)
 
 
+@pytest.mark.slow
 def test_standard_parametrization_is_off_the_scale():
     """PyTorch's init and one SGD rate: the first step's output change grows like n."""
     res = richness_meter(
@@ -76,7 +78,7 @@ def test_standard_parametrization_is_off_the_scale():
     )
     assert res.kind == "growing" and res.verdict.startswith("off the scale: outputs")
     step1 = next(f for f in res.fits if f["metric"] == "delta_f1")
-    assert 0.8 <= step1["slope"] <= 1.1  # SCIENCE.md section 1: slope +1
+    assert 0.8 <= step1["slope"] <= 1.1  # docs/theory.md section 1: slope +1
 
 
 class _HandMLP(nn.Sequential):
@@ -100,6 +102,7 @@ MUP_SGD = {"readin": 1.0, "hidden": 0.0, "readout": -1.0}
 PER_D = {"readin": 1 / 8}
 
 
+@pytest.mark.slow
 def test_a_hand_written_mup_mlp_with_a_learning_rate_rule():
     rule = LRRule(0.3, MUP_SGD, PER_D)
     res = richness_meter(
@@ -111,6 +114,7 @@ def test_a_hand_written_mup_mlp_with_a_learning_rate_rule():
     assert res.layer("4").lr_exponent == pytest.approx(-1.0, abs=1e-9)
 
 
+@pytest.mark.slow
 def test_a_hidden_learning_rate_n_times_too_large_is_named_with_its_fix():
     rule = LRRule(0.3, {**MUP_SGD, "hidden": 1.0}, PER_D, base_width=64)
     res = richness_meter(
@@ -128,6 +132,7 @@ def test_a_hidden_learning_rate_n_times_too_large_is_named_with_its_fix():
     assert res.layer("4").problem is None
 
 
+@pytest.mark.slow
 def test_a_hand_written_mup_transformer_with_adam():
     gen = torch.Generator().manual_seed(0)
     tokens, targets = (torch.randint(0, 16, (16, 6), generator=gen) for _ in range(2))

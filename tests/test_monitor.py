@@ -10,7 +10,7 @@ from rdiag import empirical_ntk, metrics
 from rdiag.models import make_model
 from rdiag.monitor import METRICS, Monitor
 from rdiag.parametrization import effective_weights, lr_multipliers, make_optimizer
-from rdiag.store import Store
+from rdiag.runs.store import Store
 from tests._assert import assert_close
 from tests.oracles import (
     dense_eigh,
@@ -327,8 +327,8 @@ def test_train_mode_measures_the_whole_batch_function() -> None:
     assert rec["ntk/trace"] != pytest.approx(float(empirical_ntk(net, x).trace()))
     with pytest.raises(ValueError, match="mode"):
         Monitor(net, x, metrics=["ntk"], mode="inference")
-    with pytest.raises(ValueError, match="num_eigs"):
-        Monitor(net, x, metrics=["ntk"], num_eigs=-1)
+    with pytest.raises(ValueError, match="k"):
+        Monitor(net, x, metrics=["ntk"], k=-1)
 
 
 def test_check_probe_names_the_probe_and_the_training_batch() -> None:
@@ -387,11 +387,11 @@ def test_ntk_moments_on_a_large_probe_are_within_their_error_bars() -> None:
         metrics=["ntk_moments"],
         lr_multipliers=mults,
         moments_probe=big,
-        moments_vectors=400,
+        moments_matvecs=400,
         strict=True,
     )
     mon = Monitor(model, (x, y), **kw)
-    blocked = Monitor(model, (x, y), moments_block=7, **kw)
+    blocked = Monitor(model, (x, y), moments_block_size=7, **kw)
     k0 = _dense_full(model, big, mults)
     first = mon.step(0)
     assert "ntk_moments/rel_change" not in first
@@ -422,5 +422,5 @@ def test_ntk_moments_on_a_large_probe_are_within_their_error_bars() -> None:
     assert again["ntk_moments/rel_change"] == pytest.approx(
         later["ntk_moments/rel_change"], rel=1e-12
     )
-    with pytest.raises(ValueError, match="moments_vectors"):
-        Monitor(model, (x, y), metrics=["ntk_moments"], moments_vectors=0)
+    with pytest.raises(ValueError, match="moments_matvecs"):
+        Monitor(model, (x, y), metrics=["ntk_moments"], moments_matvecs=0)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from rdiag import empirical_ntk, functionalize
-from rdiag.ntk.api import NTKImplementation
+from rdiag.ntk.planning import NTKImplementation
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO
@@ -134,9 +134,8 @@ def test_parameter_subsets_and_weights(impl: str) -> None:
         empirical_ntk(model, x1, x2, trace_outputs=False, lr_multipliers=weights, **kw),
         **F64,
     )
-    with pytest.warns(DeprecationWarning, match="weights= is deprecated"):
-        old = empirical_ntk(model, x1, x2, trace_outputs=False, weights=weights, **kw)
-    assert_close("deprecated weights=", ref, old, **F64)
+    with pytest.raises(TypeError, match="weights"):
+        empirical_ntk(model, x1, x2, trace_outputs=False, weights=weights, **kw)
 
 
 def test_frozen_parameters_are_excluded_by_default() -> None:
@@ -274,7 +273,7 @@ def test_bad_input_errors() -> None:
 def test_auto_falls_back_when_structured_does_not_fit(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import rdiag.ntk.api as api
+    import rdiag.ntk.handle as api
 
     def too_big(*args, **kwargs):
         raise MemoryError("structured needs 1 TiB")

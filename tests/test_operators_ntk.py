@@ -39,14 +39,14 @@ def test_sample_blocks_give_the_same_products(name: str) -> None:
     names = [n for n, _ in model.named_parameters()]
     j = oracles.per_sample_jacobian(model, names, x)
     ref = _dense(oracles.ntk_from_jacobians(j, j))
-    op = NTKOperator(model, x, dtype=torch.float64, sample_block=3)  # 3 + 3 + 1
+    op = NTKOperator(model, x, dtype=torch.float64, block_size=3)  # 3 + 3 + 1
     v = torch.randn(ref.shape[0], 4, dtype=torch.float64)
     assert_close(f"{name} blocked", ref @ v, op.matmat(v), **F64)
-    with pytest.raises(ValueError, match="sample_block"):
-        NTKOperator(model, x, sample_block=0)
+    with pytest.raises(ValueError, match="block_size"):
+        NTKOperator(model, x, block_size=0)
     bn, make_bn = ZOO["batchnorm"](0)
     with pytest.raises(ValueError, match="batch-coupled"):
-        NTKOperator(bn, make_bn(4, 1), mode="train", sample_block=2)
+        NTKOperator(bn, make_bn(4, 1), mode="train", block_size=2)
 
 
 def test_weighted_and_batch_coupled_operator() -> None:

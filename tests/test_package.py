@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import rdiag
 
 OPTIONAL = (
@@ -35,7 +37,7 @@ def test_public_names_resolve_and_version() -> None:
 
 def test_import_loads_no_optional_package() -> None:
     code = (
-        "import sys, torch; before = set(sys.modules); import rdiag, rdiag.kernels, rdiag.integrations, rdiag.sinks, rdiag.harness, rdiag.ray_sweep, rdiag.writer, rdiag.merge, rdiag.distributed, rdiag.cli; "
+        "import sys, torch; before = set(sys.modules); import rdiag, rdiag.kernels, rdiag.integrations, rdiag.sinks, rdiag.runs.sweep, rdiag.runs.ray_executor, rdiag.runs.writer, rdiag.runs.merge, rdiag.distributed, rdiag.cli; "
         f"print(sorted({{m.split('.')[0] for m in set(sys.modules) - before}} & set({OPTIONAL!r})))"
     )
     out = subprocess.run(
@@ -53,38 +55,28 @@ def test_kernels_live_under_rdiag_only() -> None:
     assert callable(rdiag.kernels.gram_hadamard)
 
 
-def test_names_that_left_the_top_level_still_work_with_a_warning() -> None:
+def test_pre_release_names_are_gone() -> None:
+    """No release had them: no shim keeps them alive."""
     import pytest
-    import torch
 
     import rdiag
 
-    with pytest.warns(DeprecationWarning, match="rdiag.parse_parametrization"):
-        parse = rdiag.parse_param
-    assert parse("r=0.5") == rdiag.parse_parametrization("r=0.5")
-    with pytest.warns(DeprecationWarning, match="rdiag.multiplier_diagonal"):
-        diagonal = rdiag.preconditioner_diagonal
-    fm = rdiag.functionalize(torch.nn.Linear(3, 2))
-    expected = rdiag.multiplier_diagonal(fm, {"weight": 2.0})
-    assert torch.equal(diagonal(fm, {"weight": 2.0}), expected)
-    with pytest.warns(DeprecationWarning, match="CoordCheckResult.save"):
-        assert callable(rdiag.write_summary)
-    with pytest.warns(DeprecationWarning, match=r"plan\(x1, x2\).costs"):
-        assert callable(rdiag.ntk_costs)
-    with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        rdiag.nope  # noqa: B018
+    for name in ("parse_param", "preconditioner_diagonal", "write_summary", "ntk_costs"):
+        with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
+            getattr(rdiag, name)
+    assert not (Path(rdiag.__file__).parent / "_deprecation.py").exists()
 
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_kernels_folder_shadows_no_package_named_kernels() -> None:
     """From the repository root, ``kernels`` is whatever else is installed by that name.
 
     transformers >= 5 imports Hugging Face's ``kernels`` when a model is built; a
     regular package ``kernels/`` at the root would be found first from there.
     """
-    pytest = __import__("pytest")
     pytest.importorskip("transformers")
     assert not (ROOT / "kernels" / "__init__.py").exists(), (
         "kernels/ must stay a folder without __init__.py (rdiag/kernels.py is the package)"
@@ -104,7 +96,9 @@ def test_the_kernels_folder_shadows_no_package_named_kernels() -> None:
     assert shape == "(2, 2)"
     ours = str(ROOT / "kernels")
     if origin not in ("None", ""):  # a regular package by that name is installed
-        assert not origin.startswith(ours), f"import kernels found the project's: {origin}"
+        assert not origin.startswith(ours), (
+            f"import kernels found the project's: {origin}"
+        )
     else:  # nothing else installed: at most a harmless namespace portion
         assert locations == f"[{ours!r}]"
 
@@ -113,5 +107,7 @@ def test_rdiag_kernels_is_the_dispatcher_over_the_kernels_folder() -> None:
     import rdiag.kernels
     import rdiag.kernels.reference
 
-    assert rdiag.kernels.__path__ == [str(Path(rdiag.kernels.reference.__file__).parent)]
+    assert rdiag.kernels.__path__ == [
+        str(Path(rdiag.kernels.reference.__file__).parent)
+    ]
     assert Path(rdiag.kernels.reference.__file__).parent.name == "kernels"

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rdiag.models import MLP, make_model
-from rdiag.ntk.api import empirical_ntk
+from rdiag.ntk.handle import empirical_ntk
 from rdiag.parametrization import (
     Centered,
     apply_parametrization,
@@ -137,7 +137,7 @@ def test_roles_inferred_and_explicit():
 # ---- the formulas --------------------------------------------------------------------
 @pytest.mark.parametrize("r", [0.0, 0.25, 0.5])
 def test_table_gauge_init_and_lr(r):
-    """Effective init std and SGD/Adam rates are the SCIENCE.md table at width n."""
+    """Effective init std and SGD/Adam rates are the docs/theory.md table at width n."""
     model = _mlp(richness(r))
     n, alpha = WIDTH, WIDTH**r
     w = effective_weights(model)

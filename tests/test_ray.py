@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from rdiag.harness import expand_grid, sweep, train
-from rdiag.store import Store, run_key
-from rdiag.writer import RemoteStore, StoreWriter
+from rdiag.runs.config import expand_grid
+from rdiag.runs.sweep import sweep
+from rdiag.runs.training import train
+from rdiag.runs.store import Store, run_key
+from rdiag.runs.writer import RemoteStore, StoreWriter
 from tests.test_faults import BASE, _records, _same
 
 ray = pytest.importorskip("ray")
-from rdiag.ray_sweep import RayExecutor  # noqa: E402
+from rdiag.runs.ray_executor import RayExecutor  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -23,6 +25,7 @@ def test_quick_start_runs() -> None:
     )
 
 
+@pytest.mark.slow
 def test_large_output_block_runs() -> None:
     import pytest
 

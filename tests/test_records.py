@@ -10,7 +10,7 @@ from rdiag import records as R
 from rdiag.models import make_model
 from rdiag.monitor import METRICS, Monitor
 from rdiag.predictions import records_from_checks
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 
 def _monitor(**kw) -> tuple[Monitor, torch.nn.Module]:
@@ -45,19 +45,14 @@ def test_every_monitor_record_is_a_flat_name_that_splits_back() -> None:
     assert R.split("my/own/metric") == ("my/own/metric", "")
 
 
-def test_old_keys_still_read_with_a_warning() -> None:
+def test_history_holds_the_current_names_only() -> None:
     mon, _ = _monitor()
     mon.step(0)
     rec = mon.history[0]
-    with pytest.warns(DeprecationWarning, match="ntk/rel_change"):
-        assert rec[("ntk_rel_change", "")] == rec["ntk/rel_change"]
-    with pytest.warns(DeprecationWarning):
-        assert ("delta_h", "readin") in rec and "sharpness_precond" in rec
-    with pytest.warns(DeprecationWarning):
-        assert rec.get(("ntk_eig", "0")) == rec["ntk/eig/0"]
-    assert rec.get(("nope", "")) is None and "nope" not in rec
+    assert "ntk/rel_change" in rec and ("ntk_rel_change", "") not in rec
+    assert "sharpness_precond" not in rec and rec.get(("ntk_eig", "0")) is None
     with pytest.raises(KeyError):
-        rec["nope"]
+        rec[("ntk_rel_change", "")]
 
 
 def test_store_takes_old_keys_and_record_names(tmp_path) -> None:

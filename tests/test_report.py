@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 
 from rdiag.report import build_report, fits
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 pytest.importorskip("matplotlib")
 pytest.importorskip("pandas")
@@ -118,6 +118,7 @@ def test_fits_recover_exponents_and_predictions(tmp_path, key: str) -> None:
     assert ("f0", None, "r=0.5") in found and len(found) == 10
 
 
+@pytest.mark.slow
 def test_a_store_of_the_previous_release_reads_and_reports_the_same(tmp_path) -> None:
     old = _synthetic_store(tmp_path / "old", noise=0.05, key="param", previous=True)
     new = _synthetic_store(tmp_path / "new", noise=0.05, key="param")
@@ -275,6 +276,7 @@ def _tiny_meter():
     )
 
 
+@pytest.mark.slow
 def test_a_meter_beside_the_store_is_in_its_report(tmp_path) -> None:
     store = _synthetic_store(tmp_path / "store")
     meter = _tiny_meter()

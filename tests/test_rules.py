@@ -17,7 +17,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from rdiag import empirical_ntk, functionalize, ntk_fn, structured_coverage
+from rdiag import empirical_ntk, functionalize, ntk_fn
+from rdiag.ntk.handle import structured_coverage
 from rdiag.ntk.rules import Factor, layer_rule, register_structured_rule, rule_for
 from tests import oracles
 from tests._assert import assert_close

@@ -1,4 +1,4 @@
-"""The science checks: width exponents (SCIENCE.md section 2), the gamma0 laws (3), BN (5).
+"""The science checks: width exponents (docs/theory.md section 2), the gamma0 laws (3), BN (5).
 
 Every check is a measurement with a stated tolerance; the negative controls show
 that the same measurement separates the alternatives.
@@ -16,7 +16,7 @@ Protocol notes (why these settings):
     ``eta0`` keeps the 10 steps in the regime where the leading order dominates;
   - "kernel" (``d_in = 8``, ``d_out = 1``, ``eta0 = 0.25``, batch 32): one output
     makes the read-out a vector; the larger ``eta0 * T`` lets the coherent
-    second-order term of the kernel change dominate (SCIENCE.md section 2).
+    second-order term of the kernel change dominate (docs/theory.md section 2).
 
 * Norm exponents: +-0.05; kernel and linearization exponents: +-0.2.
 * CNN (channels 8..128) and transformer (``d_model`` 16..256): ``||dh||`` of the
@@ -50,6 +50,7 @@ def _check(result, metric, layer, tol):
     return fit
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("r", [0.0, 0.25, 0.5])
 def test_mlp_width_exponents(r):
     norms = coord_check(
@@ -192,7 +193,7 @@ def test_adam_table_at_mup():
     assert control.fit("delta_h", "hidden.0")["slope"] > 1.2
 
 
-# ---- gamma0 laws (SCIENCE.md section 3) ---------------------------------------------
+# ---- gamma0 laws (docs/theory.md section 3) ---------------------------------------------
 def _stable(
     gamma0: float, eta0: float, width: int = 64, depth: int = 3, steps: int = 300
 ) -> bool:
@@ -249,7 +250,7 @@ def test_largest_stable_learning_rate_follows_gamma_laws():
     )
 
 
-# ---- batch norm without gradient explosion (SCIENCE.md section 5) ---------------------
+# ---- batch norm without gradient explosion (docs/theory.md section 5) ---------------------
 def _log_grad_w2(depth: int, seed: int, **kwargs) -> float:
     """log ||dL/dW_2|| at init, width = batch = 100, L = mean of the outputs.
 

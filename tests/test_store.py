@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from rdiag.store import (
+from rdiag.runs.store import (
     Store,
     StoreCorruptError,
     StoreFullError,
@@ -24,7 +24,7 @@ from rdiag.store import (
 
 def test_runs_scalars_and_replace_not_duplicate(tmp_path) -> None:
     store = Store(tmp_path)
-    cfg = {"model": "mlp", "width": 64, "r": 0.25}
+    cfg = {"family": "mlp", "width": 64, "r": 0.25}
     rid = store.create_run(cfg, seed=3, device="cpu")
     assert rid == run_key(cfg) == store.create_run(dict(reversed(list(cfg.items()))))
     assert store.status(rid) == "running" and store.config(rid) == cfg
@@ -244,7 +244,7 @@ def test_claims_respect_live_owners_and_take_over_dead_ones(tmp_path) -> None:
 
 
 def test_claims_of_reused_pids_and_other_hosts(tmp_path) -> None:
-    from rdiag import store as store_module
+    from rdiag.runs import store as store_module
 
     store = Store(tmp_path)
     rid = store.create_run({"a": 1})

@@ -21,7 +21,9 @@ from torch import Tensor, nn
 from rdiag import empirical_ntk, functionalize, ntk_fn
 from rdiag.ntk import structured
 from rdiag.ntk.spec import NTKSpec
-from rdiag.ntk.structured import plan_structured, structured_coverage, structured_ntk
+from rdiag.ntk._capture import plan_structured
+from rdiag.ntk.handle import structured_coverage
+from rdiag.ntk.structured import structured_ntk
 from tests import oracles
 from tests._assert import assert_close
 from tests.models import ZOO

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import rdiag
+from rdiag.ntk.handle import structured_coverage
+from rdiag.operators.hessian import hvp
 
 
 def _model() -> nn.Module:
@@ -79,7 +81,7 @@ def _entry_points(mode: str):
         ),
         "ntk_fn per layer": lambda m: rdiag.ntk_fn(m, per_layer=True, **kw)(x),
         "NTKOperator": lambda m: rdiag.NTKOperator(m, x, **kw).to_dense(),
-        "hvp": lambda m: rdiag.hvp(
+        "hvp": lambda m: hvp(
             m,
             loss,
             data,
@@ -101,7 +103,7 @@ def _entry_points(mode: str):
         "ggn_sharpness_from_ntk": lambda m: rdiag.ggn_sharpness_from_ntk(
             m, loss, x, y, **kw
         ),
-        "structured_coverage": lambda m: rdiag.structured_coverage(
+        "structured_coverage": lambda m: structured_coverage(
             rdiag.functionalize(m, **kw)
         ),
         "functional call": lambda m: rdiag.functionalize(m, **kw)(

@@ -44,7 +44,7 @@ def random_vectors(
         op.shape[0] * count * 8.0,
         resolve_budget(None, torch.device("cpu")),
         f"{count} random vectors of {op.shape[0]} entries",
-        "ask for fewer products (num_matvecs=, num_samples=, num_probes=)",
+        "ask for fewer products (num_matvecs=, num_probes=)",
     )
     gen = torch.Generator().manual_seed(seed)
     if kind == "rademacher":

@@ -28,7 +28,7 @@ class SpectralDensity(NamedTuple):
 
 
 def lanczos_quadrature(
-    op: LinearOperator, num_probes: int, steps: int, seed: int
+    op: LinearOperator, num_probes: int, lanczos_steps: int, seed: int
 ) -> tuple[Tensor, Tensor]:
     """Gauss quadrature nodes and weights of the spectral measure, per probe.
 
@@ -42,19 +42,19 @@ def lanczos_quadrature(
     Args:
         op: A symmetric operator ``(P, P)``.
         num_probes: Probes.
-        steps: Lanczos steps per probe (capped at ``P``).
+        lanczos_steps: Lanczos lanczos_steps per probe (capped at ``P``).
         seed: Seed of the probes.
 
     Returns:
-        ``(nodes, weights)``, each ``(num_probes, steps)`` float64.
+        ``(nodes, weights)``, each ``(num_probes, lanczos_steps)`` float64.
     """
     p = op.shape[0]
-    steps = min(steps, p)
+    lanczos_steps = min(lanczos_steps, p)
     q = random_vectors(op, num_probes, seed, "rademacher") / math.sqrt(p)
-    basis = torch.empty(num_probes, steps, p, dtype=op.dtype, device=op.device)
-    t = torch.zeros(num_probes, steps, steps, dtype=torch.float64)
+    basis = torch.empty(num_probes, lanczos_steps, p, dtype=op.dtype, device=op.device)
+    t = torch.zeros(num_probes, lanczos_steps, lanczos_steps, dtype=torch.float64)
     eps = torch.finfo(op.dtype).eps
-    for j in range(steps):
+    for j in range(lanczos_steps):
         basis[:, j] = q.T
         w, coeff, beta = orthogonalize(basis[:, : j + 1], op.matmat(q).T)
         t[:, j, j] = coeff[:, j]

@@ -46,7 +46,7 @@ def _estimate(base: float, samples: Tensor, matvecs: int) -> TraceEstimate:
 
 
 def hutchinson(
-    op: LinearOperator, num_samples: int = 100, *, seed: int = 0, block_size: int = 16
+    op: LinearOperator, num_matvecs: int = 100, *, seed: int = 0, block_size: int = 16
 ) -> TraceEstimate:
     r"""Hutchinson's estimate :math:`\mathrm{tr}(A) \approx \frac1s \sum_i z_i^\top A z_i`.
 
@@ -55,7 +55,7 @@ def hutchinson(
 
     Args:
         op: A symmetric :class:`~rdiag.operators.base.LinearOperator` ``(P, P)``.
-        num_samples: Number of probes ``s`` (= products).
+        num_matvecs: Number of probes ``s`` (= products).
         seed: Seed of the probes.
         block_size: Probes per ``matmat`` call.
 
@@ -66,10 +66,10 @@ def hutchinson(
         ValueError: A count is not a positive int.
     """
     check_operator(op)
-    check_positive_int(num_samples, "num_samples")
+    check_positive_int(num_matvecs, "num_matvecs")
     check_positive_int(block_size, "block_size")
-    z = random_vectors(op, num_samples, seed, "rademacher")
-    return _estimate(0.0, _quadratic_forms(op, z, block_size), num_samples)
+    z = random_vectors(op, num_matvecs, seed, "rademacher")
+    return _estimate(0.0, _quadratic_forms(op, z, block_size), num_matvecs)
 
 
 def hutch_plus_plus(

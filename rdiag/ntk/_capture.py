@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -513,3 +513,74 @@ def _verify(
                 "gradient check failed (parameter used outside its module's forward?)"
             )
     return bad
+
+
+@dataclass(frozen=True)
+class StructuredPlan:
+    """What the structured path captures for one input signature, checked once.
+
+    Attributes:
+        sites: Supported modules whose factors passed the autograd check.
+        rest: Selected parameter name -> why it goes through ``"jacobian"``
+            (no rule, an unsupported instance, tied, or a failed check).
+        rest_view: The functional view of the ``rest`` parameters with a non-zero
+            weight (``None`` if there are none), built once.
+        cotangent_floats: Floats of the captured cotangents per sample and output
+            unit (measured by the autograd check).
+        shapes: Captured name -> the shapes of its uses (for the cost model).
+    """
+
+    sites: list[Site]
+    rest: dict[str, str]
+    rest_view: FunctionalModel | None = None
+    cotangent_floats: int = 0
+    shapes: dict[str, list[TermShape]] = field(default_factory=dict)
+
+    def coverage(self, fm: FunctionalModel) -> float:
+        """Fraction of the selected scalar parameters that run structured."""
+        names = {n for s in self.sites for n in s.params.values()}
+        return sum(fm.sizes[n] for n in names) / fm.num_params
+
+
+def plan_structured(
+    fm: FunctionalModel, x: Inputs, num_outputs: int, weights: dict[str, float]
+) -> StructuredPlan:
+    """Split the parameters by the static rules, then check the captured factors.
+
+    Args:
+        fm: Functional model (not batch-coupled).
+        x: A prepared batch of the planned signature (a few samples are used).
+        num_outputs: ``O``.
+        weights: Parameter name -> weight of the kernel (zero-weight ones are skipped).
+
+    Returns:
+        The :class:`StructuredPlan`.
+    """
+    sites, rest = sites_of(fm)
+    sites = [s for s in sites if any(weights[n] != 0.0 for n in s.params.values())]
+    check = verify_sites(fm, sites, x, num_outputs) if sites else None
+    failed = {} if check is None else check.failed
+    rest.update(failed)
+    kept = []
+    for site in sites:
+        params = {k: n for k, n in site.params.items() if n not in failed}
+        if params:
+            kept.append(replace(site, params=params))
+    view = sub_view(fm, [n for n in rest if weights[n]])
+    if check is None:
+        return StructuredPlan(kept, rest, view)
+    return StructuredPlan(kept, rest, view, check.cotangent_floats, check.shapes)
+
+
+def sub_view(fm: FunctionalModel, names: list[str]) -> FunctionalModel | None:
+    """The view of ``names`` alone, sharing ``fm``'s settings."""
+    if not names:
+        return None
+    return FunctionalModel(
+        fm.module,
+        [n for n in fm.names if n in names],
+        mode=fm.mode,
+        dtype=fm.dtype,
+        dropout_seed=fm.dropout_seed,
+        output_fn=fm.output_fn,
+    )

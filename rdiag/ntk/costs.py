@@ -1,4 +1,4 @@
-"""The cost model behind ``implementation="auto"``: FLOPs, working memory, seconds.
+"""Every byte and FLOP estimate of the eNTK: the cost model behind ``"auto"``, memory.
 
 With ``F`` the forward FLOPs of one sample (torch's flop counter), ``P`` selected
 parameters, ``O`` output units, ``S`` the samples differentiated (``N1`` for the
@@ -12,7 +12,7 @@ computed (``N1 N2``, halved when symmetric; ``N1`` on the diagonal):
   layer for per-layer kernels.
 - structured: the capture, a forward and a backward batched over the output units
   (``F S (1 + O / 2)``; the backward only forms activation cotangents), plus
-  twice :func:`~rdiag.ntk.structured.structured_flops`, plus the jacobian rows
+  twice :func:`structured_flops`, plus the jacobian rows
   and contraction of the parameters no rule covers.
 
 Seconds are FLOPs over a throughput plus fixed costs per captured site (per chunk
@@ -28,14 +28,15 @@ first calls, :data:`RACE_CALLS` of each, alternating, comparing the warmed ones.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from rdiag._inputs import Inputs, batch_size, rows
+from rdiag._tiling import check_fits
 from rdiag.functional import FunctionalModel
+from rdiag.ntk._capture import StructuredPlan, TermShape
 from rdiag.ntk.spec import NTKSpec, kernel_itemsize
-from rdiag.ntk.structured import StructuredPlan, structured_flops
 
 __all__ = [
     "RACE_CALLS",
@@ -217,3 +218,124 @@ def structured_cost(
         * math.ceil(spec.num_outputs / chunks)
     )
     return Cost(flops, unit, _seconds(flops, fixed, speed))
+
+
+# ---- bytes: the kernel, Jacobian rows ----------------------------------------------
+def kernel_bytes(fm: FunctionalModel, shape: tuple[int, ...], per_layer: bool) -> float:
+    """Bytes of the returned kernel of ``shape`` (one per layer group when per-layer)."""
+    copies = len(fm.groups) if per_layer else 1
+    return math.prod(shape) * kernel_itemsize(fm) * copies
+
+
+def row_bytes(fm: FunctionalModel, spec: NTKSpec) -> float:
+    """Bytes of one sample's Jacobian rows ``(O, P)`` (a block holds two per sample)."""
+    return spec.num_outputs * fm.num_params * kernel_itemsize(fm)
+
+
+# ---- the structured path: bytes of its capture, FLOPs of its routes ------------------
+#: The vmapped backward of a capture holds, besides the captured cotangents, the
+#: gradients of the graph's other tensors for every output unit at once: about
+#: as many floats again (GPT-2 small's block: peak 2.0x the cotangents at T = 4,
+#: 1.2x at T = 1; bench/README.md).
+BACKWARD_TRANSIENT = 1.0
+
+
+def capture_bytes(plan: StructuredPlan, samples: int, item: int) -> float:
+    """Peak bytes of capturing one output unit: its cotangents and the backward's."""
+    return plan.cotangent_floats * item * samples * (1.0 + BACKWARD_TRANSIENT)
+
+
+def output_chunks(
+    plan: StructuredPlan, samples: int, spec: NTKSpec, item: int
+) -> list[slice | None]:
+    """Output units per capture: all at once, or chunks when the capture does not fit.
+
+    The cotangents take ``samples * O * sum(layer widths)`` floats (``samples``:
+    both batches), the backward that computes them about as much again
+    (:data:`BACKWARD_TRANSIENT`). A traced kernel sums over output units, so it
+    can be accumulated over chunks of them; a full kernel pairs every two units
+    and needs them all.
+    """
+    per = capture_bytes(plan, samples, item)
+    o, room = spec.num_outputs, spec.budget / 2
+    if not plan.sites or o * per <= room:
+        return [None]
+    if not spec.trace_outputs:
+        check_fits(
+            o * per,
+            room,
+            "the layer cotangents of every output unit (N * O * widths)",
+            "use trace_outputs=True (accumulated over chunks of output units), fewer "
+            "samples, or select fewer parameters",
+        )
+    check_fits(
+        per, room, "the layer cotangents of one output unit", "use fewer samples"
+    )
+    step = int(room // per)
+    return [slice(a, min(a + step, o)) for a in range(0, o, step)]
+
+
+def route_flops(
+    shape: TermShape, n1: int, n2: int, o: int, spec: NTKSpec
+) -> tuple[float | None, float | None]:
+    """Multiply-adds of one term by the Gram route and by per-sample gradients.
+
+    ``None`` marks a route the term cannot take: tied parameters only pair their
+    uses by Grams; grouped convolutions and ``x = 1`` factors only materialize
+    their (cheap) per-sample gradients.
+
+    Args:
+        shape: The term's per-sample shape.
+        n1: Samples of the first batch.
+        n2: Samples of the second batch (ignored for the diagonal).
+        o: Output units ``O``.
+        spec: The request (traced, diagonal).
+
+    Returns:
+        ``(gram, per_sample)``.
+    """
+    t, dx, dg = shape.t, shape.dx, shape.dg
+    outs = o if spec.trace_outputs else o * o
+    build = o * t * dg * (1 if shape.tokens else dx)
+    if spec.diagonal:
+        gram = n1 * t * t * (dx + o * dg) + n1 * outs * t * dg
+        per_sample = n1 * build + n1 * outs * dg * dx
+    else:
+        gram = n1 * n2 * t * t * (dx + outs * dg)
+        per_sample = (n1 + n2) * build + n1 * n2 * outs * dg * dx
+    if shape.uses > 1:
+        return gram * shape.uses, None
+    if shape.bare or shape.groups > 1:
+        return None, per_sample / max(shape.groups, 1)
+    return gram, per_sample
+
+
+def structured_flops(
+    plan: StructuredPlan, n1: int, n2: int, spec: NTKSpec, symmetric: bool
+) -> float:
+    """Multiply-adds of the structured eNTK's contractions (the cheaper route per term).
+
+    The capture (one forward and a backward batched over the ``O`` output units)
+    is costed by the caller from the forward cost.
+    """
+    total = 0.0
+    pairs = 0.5 if symmetric and not spec.diagonal else 1.0
+    for name, uses in plan.shapes.items():
+        if spec.weights.get(name, 1.0) == 0.0:
+            continue
+        for shape in uses:
+            if shape.tokens:  # token ids are renumbered over the ids present
+                shape = replace(shape, dx=min(shape.dx, (n1 + n2) * shape.t))
+            costs = [c for c in route_flops(shape, n1, n2, spec.num_outputs, spec) if c]
+            total += pairs * min(costs) * shape.uses
+    return total
+
+
+def forward_flops(plan: StructuredPlan) -> float:
+    """Forward multiply-adds of one sample through the captured layers: ``sum T Dx Dg``."""
+    return sum(
+        s.t * s.dx * s.dg / s.groups
+        for uses in plan.shapes.values()
+        for s in uses[:1]
+        if not (s.bare or s.tokens)
+    )

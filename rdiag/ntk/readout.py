@@ -35,6 +35,7 @@ from torch.func import vmap
 from rdiag._inputs import Inputs, rows
 from rdiag.functional import FunctionalModel, layer_of
 from rdiag.parametrization import layer_scale
+from rdiag.roles import readout_name
 
 __all__ = [
     "Readout",
@@ -101,10 +102,14 @@ def _plain_embedding(module: nn.Module) -> bool:
 
 
 def find_readout(fm: FunctionalModel, x: Inputs) -> Readout | None:
-    """The ``nn.Linear`` whose output is the model output, if the identity helps.
+    """The read-out, when the identity is exact and helps.
 
-    It helps when the read-out widens (``in_features < out_features``) and its
-    weight is its own or shared with one token embedding only (a tied read-out).
+    The read-out is :func:`rdiag.roles.readout_name`'s (the last weight layer). The
+    identity is exact when it is an ``nn.Linear`` whose output is the model
+    output (a norm layer after it, a gain, makes the output nonlinear in the
+    read-out's input: no identity), and it helps when the read-out widens
+    (``in_features < out_features``) and its weight is its own or shared with one
+    token embedding only (a tied read-out).
 
     Args:
         fm: The view.
@@ -122,11 +127,11 @@ def find_readout(fm: FunctionalModel, x: Inputs) -> Readout | None:
 
         return record
 
-    linears = [
-        (n, m)
-        for n, m in fm.module.named_modules()
-        if isinstance(m, nn.Linear) and m.in_features < m.out_features
-    ]
+    name = readout_name(fm.module)
+    module = None if name is None else fm.module.get_submodule(name)
+    if not (isinstance(module, nn.Linear) and module.in_features < module.out_features):
+        return None
+    linears = [(name, module)]
     handles = [m.register_forward_hook(hook(n)) for n, m in linears]
     try:
         with torch.no_grad():

@@ -27,7 +27,7 @@ budget.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,117 +38,13 @@ from rdiag._optional import notice
 from rdiag._tiling import block_size, check_fits, place, symmetric_tile, tiles
 from rdiag.functional import FunctionalModel, layer_of
 from rdiag.kernels import gram_hadamard_many, gram_hadamard_shared
-from rdiag.ntk._capture import Factors, Site, TermShape, capture, sites_of, verify_sites
+from rdiag.ntk._capture import Factors, StructuredPlan, TermShape, capture, sub_view
+from rdiag.ntk.costs import output_chunks, route_flops
 from rdiag.ntk.rules import Factor
 from rdiag.ntk.jacobian import jacobian_ntk
 from rdiag.ntk.spec import NTKSpec, empty_kernels, kernel_dtype, kernel_itemsize
 
-__all__ = ["StructuredPlan", "plan_structured", "structured_coverage", "structured_ntk"]
-
-
-@dataclass(frozen=True)
-class StructuredPlan:
-    """What the structured path captures for one input signature, checked once.
-
-    Attributes:
-        sites: Supported modules whose factors passed the autograd check.
-        rest: Selected parameter name -> why it goes through ``"jacobian"``
-            (no rule, an unsupported instance, tied, or a failed check).
-        rest_view: The functional view of the ``rest`` parameters with a non-zero
-            weight (``None`` if there are none), built once.
-        cotangent_floats: Floats of the captured cotangents per sample and output
-            unit (measured by the autograd check).
-        shapes: Captured name -> the shapes of its uses (for the cost model).
-    """
-
-    sites: list[Site]
-    rest: dict[str, str]
-    rest_view: FunctionalModel | None = None
-    cotangent_floats: int = 0
-    shapes: dict[str, list[TermShape]] = field(default_factory=dict)
-
-    def coverage(self, fm: FunctionalModel) -> float:
-        """Fraction of the selected scalar parameters that run structured."""
-        names = {n for s in self.sites for n in s.params.values()}
-        return sum(fm.sizes[n] for n in names) / fm.num_params
-
-
-def plan_structured(
-    fm: FunctionalModel, x: Inputs, num_outputs: int, weights: dict[str, float]
-) -> StructuredPlan:
-    """Split the parameters by the static rules, then check the captured factors.
-
-    Args:
-        fm: Functional model (not batch-coupled).
-        x: A prepared batch of the planned signature (a few samples are used).
-        num_outputs: ``O``.
-        weights: Parameter name -> weight of the kernel (zero-weight ones are skipped).
-
-    Returns:
-        The :class:`StructuredPlan`.
-    """
-    sites, rest = sites_of(fm)
-    sites = [s for s in sites if any(weights[n] != 0.0 for n in s.params.values())]
-    check = verify_sites(fm, sites, x, num_outputs) if sites else None
-    failed = {} if check is None else check.failed
-    rest.update(failed)
-    kept = []
-    for site in sites:
-        params = {k: n for k, n in site.params.items() if n not in failed}
-        if params:
-            kept.append(replace(site, params=params))
-    view = _sub_view(fm, [n for n in rest if weights[n]])
-    if check is None:
-        return StructuredPlan(kept, rest, view)
-    return StructuredPlan(kept, rest, view, check.cotangent_floats, check.shapes)
-
-
-def _sub_view(fm: FunctionalModel, names: list[str]) -> FunctionalModel | None:
-    """The view of ``names`` alone, sharing ``fm``'s settings."""
-    if not names:
-        return None
-    return FunctionalModel(
-        fm.module,
-        [n for n in fm.names if n in names],
-        mode=fm.mode,
-        dtype=fm.dtype,
-        dropout_seed=fm.dropout_seed,
-        output_fn=fm.output_fn,
-    )
-
-
-def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
-    """Fraction of the selected scalar parameters that the static rules cover.
-
-    Without ``x`` this counts the parameters the rules of
-    :mod:`rdiag.ntk.rules` claim (static: a rule may still fail on a batch). With
-    ``x`` it is what really runs structured on batches like ``x``: the plan's
-    coverage after its one-time capture and autograd check, the number the
-    structured path itself uses. A batch-coupled model gives 0.0.
-
-    Args:
-        fm: Functional model.
-        x: A batch of the model's inputs, or ``None`` for the static count.
-
-    Returns:
-        A number in ``[0, 1]``.
-
-    Example:
-        >>> import torch
-        >>> from rdiag import functionalize
-        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
-        >>> structured_coverage(functionalize(net))
-        1.0
-    """
-    if fm.batch_coupled:
-        return 0.0
-    if x is not None:
-        from rdiag.ntk.api import ntk_fn
-
-        plan = ntk_fn(fm, implementation="structured", readout_identity=False).plan(x)
-        return 0.0 if plan.structured is None else plan.structured.coverage(fm)
-    sites, rest = sites_of(fm)
-    return StructuredPlan(sites, rest).coverage(fm)
+__all__ = ["structured_ntk"]
 
 
 @dataclass
@@ -258,53 +154,11 @@ def structured_ntk(
     view = plan.rest_view
     if failed:
         names = set(failed) | set(view.names if view is not None else ())
-        view = _sub_view(fm, [n for n in names if spec.weights[n]])
+        view = sub_view(fm, [n for n in names if spec.weights[n]])
     if view is not None:
         for layer, k in _generic(view, x1, x2, spec).items():
             out[layer if spec.per_layer else "all"] += k
     return out
-
-
-#: The vmapped backward of a capture holds, besides the captured cotangents, the
-#: gradients of the graph's other tensors for every output unit at once: about
-#: as many floats again (GPT-2 small's block: peak 2.0x the cotangents at T = 4,
-#: 1.2x at T = 1; bench/README.md).
-BACKWARD_TRANSIENT = 1.0
-
-
-def capture_bytes(plan: StructuredPlan, samples: int, item: int) -> float:
-    """Peak bytes of capturing one output unit: its cotangents and the backward's."""
-    return plan.cotangent_floats * item * samples * (1.0 + BACKWARD_TRANSIENT)
-
-
-def output_chunks(
-    plan: StructuredPlan, samples: int, spec: NTKSpec, item: int
-) -> list[slice | None]:
-    """Output units per capture: all at once, or chunks when the capture does not fit.
-
-    The cotangents take ``samples * O * sum(layer widths)`` floats (``samples``:
-    both batches), the backward that computes them about as much again
-    (:data:`BACKWARD_TRANSIENT`). A traced kernel sums over output units, so it
-    can be accumulated over chunks of them; a full kernel pairs every two units
-    and needs them all.
-    """
-    per = capture_bytes(plan, samples, item)
-    o, room = spec.num_outputs, spec.budget / 2
-    if not plan.sites or o * per <= room:
-        return [None]
-    if not spec.trace_outputs:
-        check_fits(
-            o * per,
-            room,
-            "the layer cotangents of every output unit (N * O * widths)",
-            "use trace_outputs=True (accumulated over chunks of output units), fewer "
-            "samples, or select fewer parameters",
-        )
-    check_fits(
-        per, room, "the layer cotangents of one output unit", "use fewer samples"
-    )
-    step = int(room // per)
-    return [slice(a, min(a + step, o)) for a in range(0, o, step)]
 
 
 def _layer_terms(
@@ -396,41 +250,6 @@ def _dx(f: Factor, vocab: int) -> int:
     return 1 if f.x is None else vocab if f.tokens else f.x.shape[2]
 
 
-def route_flops(
-    shape: TermShape, n1: int, n2: int, o: int, spec: NTKSpec
-) -> tuple[float | None, float | None]:
-    """Multiply-adds of one term by the Gram route and by per-sample gradients.
-
-    ``None`` marks a route the term cannot take: tied parameters only pair their
-    uses by Grams; grouped convolutions and ``x = 1`` factors only materialize
-    their (cheap) per-sample gradients.
-
-    Args:
-        shape: The term's per-sample shape.
-        n1: Samples of the first batch.
-        n2: Samples of the second batch (ignored for the diagonal).
-        o: Output units ``O``.
-        spec: The request (traced, diagonal).
-
-    Returns:
-        ``(gram, per_sample)``.
-    """
-    t, dx, dg = shape.t, shape.dx, shape.dg
-    outs = o if spec.trace_outputs else o * o
-    build = o * t * dg * (1 if shape.tokens else dx)
-    if spec.diagonal:
-        gram = n1 * t * t * (dx + o * dg) + n1 * outs * t * dg
-        per_sample = n1 * build + n1 * outs * dg * dx
-    else:
-        gram = n1 * n2 * t * t * (dx + outs * dg)
-        per_sample = (n1 + n2) * build + n1 * n2 * outs * dg * dx
-    if shape.uses > 1:
-        return gram * shape.uses, None
-    if shape.bare or shape.groups > 1:
-        return None, per_sample / max(shape.groups, 1)
-    return gram, per_sample
-
-
 def _use_gram(term: _Term, n1: int, n2: int, spec: NTKSpec) -> bool:
     """Whether the Gram route is cheaper than materializing per-sample gradients."""
     f = term.f1
@@ -445,37 +264,6 @@ def _use_gram(term: _Term, n1: int, n2: int, spec: NTKSpec) -> bool:
     )
     gram, per_sample = route_flops(shape, n1, n2, f.g.shape[1], spec)
     return per_sample is None or (gram is not None and gram < per_sample)
-
-
-def structured_flops(
-    plan: StructuredPlan, n1: int, n2: int, spec: NTKSpec, symmetric: bool
-) -> float:
-    """Multiply-adds of the structured eNTK's contractions (the cheaper route per term).
-
-    The capture (one forward and a backward batched over the ``O`` output units)
-    is costed by the caller from the forward cost.
-    """
-    total = 0.0
-    pairs = 0.5 if symmetric and not spec.diagonal else 1.0
-    for name, uses in plan.shapes.items():
-        if spec.weights.get(name, 1.0) == 0.0:
-            continue
-        for shape in uses:
-            if shape.tokens:  # token ids are renumbered over the ids present
-                shape = replace(shape, dx=min(shape.dx, (n1 + n2) * shape.t))
-            costs = [c for c in route_flops(shape, n1, n2, spec.num_outputs, spec) if c]
-            total += pairs * min(costs) * shape.uses
-    return total
-
-
-def forward_flops(plan: StructuredPlan) -> float:
-    """Forward multiply-adds of one sample through the captured layers: ``sum T Dx Dg``."""
-    return sum(
-        s.t * s.dx * s.dg / s.groups
-        for uses in plan.shapes.values()
-        for s in uses[:1]
-        if not (s.bare or s.tokens)
-    )
 
 
 def _dense_x(f: Factor, vocab: int) -> Tensor:

@@ -18,7 +18,7 @@ from torch.func import vjp, vmap
 from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
 from rdiag._checks import check_choice
 from rdiag._typing import Data, LossFn, ParamSelector
-from rdiag.functional import FunctionalModel, Mode
+from rdiag.functional import FunctionalModel, Mode, document_selection
 from rdiag.losses import (
     LOSS_KINDS,
     LossKind,
@@ -94,6 +94,7 @@ def dense_loss_hessian(
     return vmap(column, in_dims=1, out_dims=1)(eye)
 
 
+@document_selection
 class GGNOperator(CurvatureOperator):
     r"""Generalized Gauss-Newton :math:`G = \sum_b \frac{n_b}{N} J_b^\top H_{\ell,b} J_b`.
 
@@ -109,12 +110,8 @@ class GGNOperator(CurvatureOperator):
         model: The network (or a prepared FunctionalModel).
         loss_fn: ``loss_fn(output, target)`` with mean reduction.
         data: A batch ``(x, y)`` or an iterable of batches.
-        params: Parameter selector (per-layer blocks).
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         loss: ``"mse"``, ``"cross_entropy"``, ``"autodiff"``, or ``None`` to infer
             from ``loss_fn`` (:func:`infer_loss_kind`). An explicit value is trusted.
         process_group: A ``torch.distributed`` process group: ``data`` is this
@@ -182,6 +179,7 @@ class GGNOperator(CurvatureOperator):
         return map_columns(column, matrix)
 
 
+@document_selection
 class FisherOperator(GGNOperator):
     r"""Fisher information of the loss as a likelihood, true or empirical.
 
@@ -200,7 +198,9 @@ class FisherOperator(GGNOperator):
     batch function.
 
     Args:
-        model, loss_fn, data, params, exclude, mode, dtype, output_fn, loss, process_group: As :class:`GGNOperator`.
+        model, loss_fn, data, loss, process_group: As :class:`GGNOperator`.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         kind: ``"empirical"`` or ``"true"``.
 
     Raises:

@@ -12,7 +12,7 @@ from torch.func import grad, vjp
 from rdiag._autodiff import math_attention
 from rdiag._optional import notice
 from rdiag._typing import Data, LossFn, Params, ParamSelector
-from rdiag.functional import FunctionalModel, Mode
+from rdiag.functional import FunctionalModel, Mode, document_selection
 from rdiag.operators.curvature import (
     CurvatureOperator,
     forward_over_reverse,
@@ -21,6 +21,7 @@ from rdiag.operators.curvature import (
 )
 
 
+@document_selection
 class HessianOperator(CurvatureOperator):
     r"""The Hessian :math:`H = \nabla^2_\theta L(\theta)` of a mean loss, matrix-free.
 
@@ -41,14 +42,8 @@ class HessianOperator(CurvatureOperator):
         loss_fn: ``loss_fn(output, target) -> scalar`` with mean reduction, on the
             raw output ``(n, *out)``.
         data: A batch ``(x, y)`` or an iterable of batches (a DataLoader).
-        params: Parameter selector (a per-layer block: ``params="fc1.*"``).
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"`` (train-mode batch norm: the loss is a
-            function of each whole batch).
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output (a
-            ``ModelOutput``'s ``logits`` are picked without it).
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         compile: ``torch.compile`` the per-batch product.
         process_group: A ``torch.distributed`` process group: ``data`` is this
             rank's shard and products are summed over the ranks, identical on
@@ -247,6 +242,7 @@ class HessianOperator(CurvatureOperator):
         raise first  # type: ignore[misc]  # strategies is never empty
 
 
+@document_selection
 def hvp(
     model: nn.Module | FunctionalModel,
     loss_fn: LossFn,
@@ -272,12 +268,8 @@ def hvp(
         v: A flat ``(P,)`` vector over the selected parameters in
             ``named_parameters()`` order, or a dict name -> tensor of each
             parameter's shape.
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (e.g. ``torch.float64``); default the model's,
-            float32 for a half-precision (bf16/fp16) model.
-        output_fn: Picks the output tensor from a non-tensor model output.
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
         compile: ``torch.compile`` the product.
 
     Returns:

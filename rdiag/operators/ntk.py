@@ -4,21 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
 from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
-from rdiag._deprecation import UNSET, renamed_argument
 from rdiag._checks import check_positive_int
 from rdiag._inputs import Inputs, batch_size, describe, rows, trailing
-from rdiag._typing import ParamSelector, Weights
-from rdiag.functional import FunctionalModel, Mode, functionalize
+from rdiag._typing import ParamSelector, LRMultipliers
+from rdiag.functional import FunctionalModel, Mode, functionalize, document_selection
 from rdiag.operators.base import LinearOperator
 
 
+@document_selection
 class NTKOperator(LinearOperator):
     r"""The full eNTK of a batch, :math:`K = J M J^\top`, as a matrix-free operator.
 
@@ -31,25 +30,21 @@ class NTKOperator(LinearOperator):
     Works for batch-coupled models (train-mode batch norm) as the kernel of the
     whole-batch function. Products are taken at the model's current parameters
     (read live); :meth:`rebind` swaps the batch without probing the model again.
-    With ``sample_block`` a product runs over blocks of samples (``J^T v``
+    With ``block_size`` a product runs over blocks of samples (``J^T v``
     accumulated over blocks, then ``J`` block by block): large probe sets
     (``10^4 - 10^5`` points) whose activations do not fit at once.
 
     Args:
         model: Network or :class:`~rdiag.functional.FunctionalModel`.
         x: ``(N, ...)`` batch (a tensor, tuple or dict of tensors).
-        params: Parameter selector.
-        exclude: Parameters to leave out.
-        lr_multipliers: The diagonal ``M`` (see :class:`rdiag.ntk.api.NTKFunction`).
-        mode: ``"eval"`` or ``"train"``.
-        dtype: Compute dtype (default the model's).
-        output_fn: Picks the output tensor from a non-tensor model output.
-        sample_block: Samples per forward pass (default all ``N``); not for
+        params, exclude, mode, dtype, output_fn: The selection keywords, described
+            once under "Selection keywords" below.
+        lr_multipliers: The diagonal ``M`` (see :class:`rdiag.ntk.handle.NTKFunction`).
+        block_size: Samples per forward pass (default all ``N``); not for
             batch-coupled models.
-        weights: Deprecated name of ``lr_multipliers``.
 
     Raises:
-        ValueError: ``sample_block`` below 1, or given for a batch-coupled model.
+        ValueError: ``block_size`` below 1, or given for a batch-coupled model.
 
     Example:
         >>> import torch
@@ -69,16 +64,12 @@ class NTKOperator(LinearOperator):
         *,
         params: ParamSelector = None,
         exclude: ParamSelector = None,
-        lr_multipliers: Weights = None,
+        lr_multipliers: LRMultipliers = None,
         mode: Mode = "eval",
         dtype: torch.dtype | str | None = None,
         output_fn: Callable[[object], Tensor] | None = None,
-        sample_block: int | None = None,
-        weights: Any = UNSET,
+        block_size: int | None = None,
     ) -> None:
-        lr_multipliers = renamed_argument(
-            "NTKOperator", "weights", "lr_multipliers", weights, lr_multipliers
-        )
         self.fm = functionalize(
             model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn
         )
@@ -92,13 +83,13 @@ class NTKOperator(LinearOperator):
         self.shape = (size, size)
         self.dtype = self.fm.param_dtype
         self.device = self.fm.device
-        check_positive_int(sample_block, "sample_block", allow_none=True)
-        if sample_block is not None and self.fm.batch_coupled:
+        check_positive_int(block_size, "block_size", allow_none=True)
+        if block_size is not None and self.fm.batch_coupled:
             raise ValueError(
-                "expected no sample_block for a batch-coupled model (train-mode batch "
+                "expected no block_size for a batch-coupled model (train-mode batch "
                 "norm couples the samples); use mode='eval' or the whole batch"
             )
-        self.sample_block = sample_block
+        self.block_size = block_size
         self._mode: JvpMode = probe_jvp_mode(self.fm, self.x)
 
     def rebind(self, x: Inputs) -> None:
@@ -117,7 +108,7 @@ class NTKOperator(LinearOperator):
 
     def _blocks(self) -> list[slice]:
         n = self.out_shape[0]
-        step = self.sample_block or n
+        step = self.block_size or n
         return [slice(a, min(a + step, n)) for a in range(0, n, step)]
 
     def _matmat(self, matrix: Tensor) -> Tensor:

@@ -23,7 +23,7 @@ L = pytest.importorskip("lightning.pytorch")
 
 from rdiag.integrations.lightning import RdiagMonitor  # noqa: E402
 from rdiag.monitor import Monitor  # noqa: E402
-from rdiag.store import Store  # noqa: E402
+from rdiag.runs.store import Store  # noqa: E402
 from tests._assert import assert_same_records  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,7 +210,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import lightning.pytorch as L
 from rdiag.integrations.lightning import RdiagMonitor
 from rdiag.sinks import CSVSink
-from rdiag.store import Store
+from rdiag.runs.store import Store
 from tests.integrations.test_lightning import OPTIONS, Regressor, _data
 
 if __name__ == "__main__":

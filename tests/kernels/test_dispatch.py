@@ -22,6 +22,7 @@ from rdiag import _optional, kernels
 HERE = Path(__file__).parent
 
 
+@pytest.mark.slow
 def test_kernels_under_triton_interpreter():
     """Run this directory's ``triton_interpret`` tests in a TRITON_INTERPRET=1 child."""
     pytest.importorskip("triton", reason="needs Triton (pip install 'rdiag[triton]')")

@@ -1,7 +1,7 @@
 """Merging the shards of a sweep into one store (``rdiag merge OUT SHARD...``).
 
 A Slurm array runs ``rdiag sweep --shard i/n`` once per task; each shard's store
-records the sweep it is a slice of (:func:`rdiag.harness.sweep_id`) and its
+records the sweep it is a slice of (:func:`rdiag.runs.sweep.sweep_id`) and its
 ``i/n``. :func:`merge_stores` copies the shards' runs, records, missing records
 and arrays into ``OUT``:
 
@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rdiag import records as R
-from rdiag.store import DB_NAME, Store, StoreCorruptError
+from rdiag.runs.store import DB_NAME, Store, StoreCorruptError
 
 #: Records that time an execution, not the model: they differ between two
 #: executions of the same run and are never conflicts.

@@ -2,9 +2,9 @@
 
 On a cluster the store's directory is on the driver's disk (SQLite over NFS is
 unsafe, and the path does not exist elsewhere). A :class:`StoreWriter` owns the
-:class:`~rdiag.store.Store` in one process on that machine and executes, one at a
+:class:`~rdiag.runs.store.Store` in one process on that machine and executes, one at a
 time, the calls that runs send it. A run holds a :class:`RemoteStore` instead of
-the store: the methods :func:`rdiag.harness.train` and the
+the store: the methods :func:`rdiag.runs.training.train` and the
 :class:`~rdiag.monitor.Monitor` call (create the run, claim it, write a check's
 records in one transaction, save arrays, set the status), each forwarded as one
 call and answered before the run goes on. So a check's records are durable when
@@ -14,7 +14,7 @@ them. Claims are the writer's: a retried run is the writer's again, and a second
 sweep on the same store (another writer) does not run it at the same time.
 
 The transport is any picklable callable ``call(method, args, kwargs)`` that gets
-the writer's answer (:class:`rdiag.ray_sweep.RayExecutor` uses a Ray actor).
+the writer's answer (:class:`rdiag.runs.ray_executor.RayExecutor` uses a Ray actor).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 #: The store methods a run may call through a :class:`RemoteStore`.
 METHODS = (
@@ -69,10 +69,10 @@ class StoreWriter:
 
 
 class RemoteStore:
-    """What a run holds in place of a :class:`~rdiag.store.Store`: calls to its writer.
+    """What a run holds in place of a :class:`~rdiag.runs.store.Store`: calls to its writer.
 
     Picklable (the transport travels with it). Errors of the store (``KeyError``,
-    :class:`~rdiag.store.StoreError`, ...) come back as raised by the writer.
+    :class:`~rdiag.runs.store.StoreError`, ...) come back as raised by the writer.
 
     Args:
         root: The store's directory on the writer's machine (reported, never

@@ -1,11 +1,11 @@
 """Sweeps on Ray: one task per run, its records streamed to one writer on the driver.
 
-:class:`RayExecutor` runs each configuration of :func:`rdiag.harness.sweep` as a
-Ray task with the resources it asks for (CPUs per run; GPUs for runs on
+:class:`RayExecutor` runs each configuration of :func:`rdiag.runs.sweep.sweep`
+as a Ray task with the resources it asks for (CPUs per run; GPUs for runs on
 ``device: cuda``; the sweep config's ``resources`` override both). The store
-stays on the driver's disk: a :class:`~rdiag.writer.StoreWriter` actor pinned
+stays on the driver's disk: a :class:`~rdiag.runs.writer.StoreWriter` actor pinned
 to the driver's node owns it, and every run writes through a
-:class:`~rdiag.writer.RemoteStore` (one call per check), so no node other than
+:class:`~rdiag.runs.writer.RemoteStore` (one call per check), so no node other than
 the driver's ever opens the SQLite file. A task whose worker dies is retried by
 Ray (``max_retries``); the rerun finds the run unfinished in the store, restarts
 it from step 0 (same seeds, same records) and its rows replace the partial
@@ -20,18 +20,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rdiag._optional import require
-from rdiag.writer import RemoteStore, StoreWriter
+from rdiag.runs.writer import RemoteStore, StoreWriter
 
 
-def run_task(config: dict[str, Any], store: RemoteStore, threads: int) -> Any:
-    """One sweep run inside a Ray worker: ``train`` with ``threads`` torch threads."""
-    import torch
-
-    from rdiag.harness import train
-
+def run_task(
+    run: Callable[..., Any], config: dict[str, Any], store: RemoteStore, threads: int
+) -> Any:
+    """One sweep run inside a Ray worker: ``run(config, store=store)``, ``threads`` torch threads."""
     torch.set_num_threads(max(1, int(threads)))
-    return train(config, store=store)
+    return run(config, store=store)
 
 
 class _ActorCall:
@@ -121,17 +121,26 @@ class RayExecutor:
             )
         return RemoteStore(key, _ActorCall(self._writers[key]))
 
-    def submit_run(self, config: dict[str, Any], root: str | Path) -> cf.Future:
+    def submit_run(
+        self, run: Callable[..., Any], config: dict[str, Any], root: str | Path
+    ) -> cf.Future:
         """Launch one sweep run as a task writing through the writer of ``root``.
 
+        Args:
+            run: What executes the run, ``run(config, store=RemoteStore)``: the
+                sweep passes :func:`rdiag.runs.training.train` (this module never
+                imports the training, which is what keeps the two apart).
+            config: The run's config fields.
+            root: The store's root on this machine.
+
         Returns:
-            A future of its :class:`~rdiag.harness.TrainResult`.
+            A future of ``run``'s result (a :class:`~rdiag.runs.training.TrainResult`).
         """
         needs = self.resources(config)
         task = self._task.options(
             **needs, max_retries=self.max_retries, **self._options
         )
-        return task.remote(config, self.store(root), needs["num_cpus"]).future()
+        return task.remote(run, config, self.store(root), needs["num_cpus"]).future()
 
     def shutdown(self, wait: bool = True) -> None:
         """End the writers (the runs are done), and Ray if this executor started it."""

@@ -32,13 +32,12 @@ Guarantees:
 * A run is claimed by the process executing it (:meth:`Store.claim`): a claim of
   a live process is respected, a claim left by a dead one is taken over.
 * ``meta`` holds facts about the store as a whole (:meth:`Store.meta`), e.g. which
-  sweep, and which shard of it, wrote it (:mod:`rdiag.merge` checks them).
+  sweep, and which shard of it, wrote it (:mod:`rdiag.runs.merge` checks them).
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
@@ -58,8 +57,33 @@ import torch
 from rdiag import records as R
 from rdiag._checks import check_file_name, check_nonnegative_int
 from rdiag._optional import require
+from rdiag._version import __version__
+from rdiag.runs.errors import (
+    BUSY,
+    DB_NAME,
+    LOCKED,
+    sqlite_code,
+    store_error,
+)
+from rdiag.runs.errors import (
+    StoreCorruptError as StoreCorruptError,
+)
+from rdiag.runs.errors import (
+    StoreError as StoreError,
+)
+from rdiag.runs.errors import (
+    StoreFullError as StoreFullError,
+)
+from rdiag.runs.errors import (
+    StoreLockedError as StoreLockedError,
+)
+from rdiag.runs.errors import (
+    StoreNotADatabaseError as StoreNotADatabaseError,
+)
+from rdiag.runs.errors import (
+    StoreReadOnlyError as StoreReadOnlyError,
+)
 
-DB_NAME = "rdiag.sqlite"
 STATUSES = ("running", "finished", "failed")
 #: A claim made on another host (whose process cannot be checked) counts until its
 #: heartbeat is this many seconds old.
@@ -89,71 +113,6 @@ CREATE TABLE IF NOT EXISTS claims (
 _META = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 Records = Mapping[str | tuple[str, str], float]
 T = TypeVar("T")
-# Primary SQLite result codes (sqlite3.h) that the store tells apart.
-_BUSY, _LOCKED, _READONLY, _IOERR, _CORRUPT, _FULL, _CANTOPEN, _NOTADB = (
-    5,
-    6,
-    8,
-    10,
-    11,
-    13,
-    14,
-    26,
-)
-# Python 3.10's sqlite3 errors carry no code: read it from SQLite's message.
-_MESSAGES = {
-    "locked": _LOCKED,
-    "busy": _BUSY,
-    "readonly": _READONLY,
-    "disk i/o": _IOERR,
-    "malformed": _CORRUPT,
-    "is full": _FULL,
-    "unable to open": _CANTOPEN,
-    "not a database": _NOTADB,
-}
-_OS_CODES = {
-    getattr(errno, name): code
-    for name, code in (
-        ("ENOSPC", _FULL),
-        ("EDQUOT", _FULL),
-        ("EROFS", _READONLY),
-        ("EACCES", _READONLY),
-        ("EPERM", _READONLY),
-    )
-    if hasattr(errno, name)  # EDQUOT is not on every system
-}
-
-
-class StoreError(RuntimeError):
-    """Base class of store errors."""
-
-
-class StoreLockedError(StoreError):
-    """Another process held the database lock for longer than the timeout."""
-
-
-class StoreCorruptError(StoreError):
-    """The database is damaged, or an array file is missing or fails its checksum."""
-
-
-class StoreFullError(StoreError):
-    """The disk holding the store is full (the write in flight was rolled back)."""
-
-
-class StoreReadOnlyError(StoreError):
-    """The store's directory or database files cannot be written."""
-
-
-class StoreNotADatabaseError(StoreError):
-    """The database path holds a directory or a file that is not SQLite."""
-
-
-def _sqlite_code(err: sqlite3.Error) -> int | None:
-    code = getattr(err, "sqlite_errorcode", None)
-    if code is not None:
-        return code & 0xFF  # an extended code carries the primary one in its low byte
-    msg = str(err).lower()
-    return next((c for text, c in _MESSAGES.items() if text in msg), None)
 
 
 def _proc_start(pid: int) -> str | None:
@@ -188,16 +147,33 @@ def _live(pid: int, host: str, pid_start: str | None, heartbeat: float) -> bool:
     return True
 
 
+#: Config fields renamed since run ids were first computed: current name -> the
+#: name a run id hashes (CHANGELOG.md). A renamed field never changes a run id, so
+#: a store written before the rename resumes with 0 re-runs, and its configs read
+#: back under the current names (:meth:`Store.config`, :meth:`Store.query`).
+ID_NAMES = {"family": "model"}
+
+
 def run_key(config: Mapping[str, Any]) -> str:
-    """Deterministic run id of a configuration: a 16-hex sha256 of its sorted JSON."""
-    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    """Deterministic run id of a configuration: a 16-hex sha256 of its sorted JSON.
+
+    Fields renamed since (:data:`ID_NAMES`) are hashed under their first name.
+    """
+    named = {ID_NAMES.get(k, k): v for k, v in config.items()}
+    blob = json.dumps(named, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def current_names(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A stored config under the current field names (:data:`ID_NAMES` reversed)."""
+    old = {v: k for k, v in ID_NAMES.items()}
+    return {
+        old[k] if k in old and old[k] not in config else k: v for k, v in config.items()
+    }
 
 
 def versions() -> dict[str, str]:
     """Versions recorded with every run (python, torch, numpy, rdiag)."""
-    from rdiag._version import __version__
-
     return {
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -253,7 +229,7 @@ class Store:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise self._error(err) from err
+            raise store_error(self, err) from err
         self._retry(lambda: self._connection().executescript(_SCHEMA))
         self._migrate()
 
@@ -287,7 +263,7 @@ class Store:
         as immutable, so an archived store can still be read.
         """
         uri = self.db_path.resolve().as_uri()
-        if self._unwritable() is None:
+        if self.unwritable() is None:
             return uri
         wal = self.db_path.with_name(f"{DB_NAME}-wal").exists()
         return f"{uri}?mode=ro" if wal else f"{uri}?mode=ro&immutable=1"
@@ -311,12 +287,12 @@ class Store:
             try:
                 return call()
             except sqlite3.Error as err:
-                locked = _sqlite_code(err) in (_BUSY, _LOCKED)
+                locked = sqlite_code(err) in (BUSY, LOCKED)
                 if locked and time.monotonic() < deadline:
                     time.sleep(delay)
                     delay = min(delay * 2, 0.5)
                     continue
-                error = self._error(err)
+                error = store_error(self, err)
                 if error is err:
                     raise
                 raise error from err
@@ -364,78 +340,13 @@ class Store:
             "Store.create_run"
         )
 
-    def _unwritable(self) -> str | None:
+    def unwritable(self) -> str | None:
         """Which part of the store cannot be written, or None."""
         names = ("", "-wal", "-shm")
         for path in (self.root, *(self.root / f"{DB_NAME}{n}" for n in names)):
             if path.exists() and not os.access(path, os.W_OK):
                 return f"{path} is not writable"
         return None
-
-    def _error(self, err: sqlite3.Error | OSError) -> Exception:
-        """The store error of a failed SQLite call or file write, by its cause."""
-        if isinstance(err, (sqlite3.IntegrityError, sqlite3.InterfaceError)) or (
-            isinstance(err, sqlite3.ProgrammingError)
-        ):
-            return err  # a misuse of SQLite (a bug), not a state of the store
-        code = (
-            _OS_CODES.get(err.errno) if isinstance(err, OSError) else _sqlite_code(err)
-        )
-        if code == _CANTOPEN and self.db_path.is_dir():
-            code = _NOTADB
-        elif code == _CANTOPEN and self._unwritable():
-            code = _READONLY
-        build = {
-            _BUSY: self._locked_error,
-            _LOCKED: self._locked_error,
-            _FULL: self._full_error,
-            _READONLY: self._read_only_error,
-            _NOTADB: self._not_a_database_error,
-            _CORRUPT: self._corrupt_error,
-        }.get(code)
-        if build is not None:
-            return build(err)
-        return StoreError(
-            f"the store {self.root} failed ({err}); if the disk is full, failing or a "
-            "network mount, fix that and rerun the same command to resume"
-        )
-
-    def _locked_error(self, err: Exception) -> StoreError:
-        return StoreLockedError(
-            f"the store database {self.db_path} stayed locked by another process for "
-            f"{self.timeout:.0f} s; wait for the other writer to finish or pass a "
-            "larger timeout (Store(root, timeout=...)); nothing was written for this "
-            "record and existing data is intact"
-        )
-
-    def _full_error(self, err: Exception) -> StoreError:
-        return StoreFullError(
-            f"the disk holding the store {self.root} is full ({err}); the write in "
-            "progress was rolled back and everything written before is intact; free "
-            "some space (or write to another --out directory) and rerun the same "
-            "command to resume"
-        )
-
-    def _read_only_error(self, err: Exception) -> StoreError:
-        return StoreReadOnlyError(
-            f"the store {self.root} cannot be written ({self._unwritable() or err}); "
-            f"its data is intact; make the directory and its {DB_NAME}* files "
-            "writable, or copy the store to a writable directory and use that"
-        )
-
-    def _not_a_database_error(self, err: Exception) -> StoreError:
-        what = "a directory" if self.db_path.is_dir() else "a file that is not SQLite"
-        return StoreNotADatabaseError(
-            f"expected {self.db_path} to be an rdiag store database, got {what}; "
-            "rdiag has not modified it; move it away or use another --out directory"
-        )
-
-    def _corrupt_error(self, err: Exception) -> StoreError:
-        return StoreCorruptError(
-            f"the store database {self.db_path} is damaged ({err}); rdiag has not "
-            "modified it; inspect it with `sqlite3 <file> 'PRAGMA integrity_check'`, "
-            "restore it from a backup, or write to a new --out directory"
-        )
 
     # ---- runs --------------------------------------------------------------------
     def create_run(
@@ -530,12 +441,12 @@ class Store:
         """The configuration a run was created with.
 
         Returns:
-            The config dict.
+            The config dict, under the current field names (:data:`ID_NAMES`).
 
         Raises:
             KeyError: No such run.
         """
-        return json.loads(self._run_field(run_id, "config"))
+        return current_names(json.loads(self._run_field(run_id, "config")))
 
     def _run_field(self, run_id: str, column: str) -> Any:
         rows = self._read(f"SELECT {column} FROM runs WHERE id = ?", (run_id,))
@@ -815,7 +726,8 @@ class Store:
         frame["metric"] = frame["metric"].map(R.current_metric)
         if config and len(frame):
             cfg = pd.DataFrame(
-                [json.loads(c) for c in frame["config"]], index=frame.index
+                [current_names(json.loads(c)) for c in frame["config"]],
+                index=frame.index,
             )
             cfg = cfg[[c for c in cfg.columns if c not in frame.columns]]
             cfg = cfg.apply(
@@ -892,7 +804,7 @@ class Store:
         except OSError as err:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
-            raise self._error(err) from err
+            raise store_error(self, err) from err
 
     def array_steps(self, run_id: str, name: str) -> list[int]:
         """Steps at which snapshot ``name`` of the run was saved."""
