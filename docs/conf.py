@@ -8,6 +8,7 @@ treats warnings as errors (``-W --keep-going`` in the Makefile).
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -55,6 +56,9 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 napoleon_attr_annotations = True
 napoleon_use_ivar = True  # NamedTuple fields: no duplicate attribute entries
+# rdiag.functional.SELECTION_DOC, appended to every entry point that selects
+# parameters, renders as an argument list.
+napoleon_custom_sections = [("Selection keywords", "params_style")]
 # Type hints name optional packages' and private aliases' types; they are not
 # documented here, so references to them are not errors.
 nitpicky = False
@@ -104,10 +108,48 @@ EXTRA_API = {
         "rdiag.report.build_report",
         "rdiag.report.fits",
         "rdiag.verdicts.judge",
-        "rdiag.merge.merge_stores",
+        "rdiag.runs.merge.merge_stores",
         "rdiag.meter.sample_batch",
         "rdiag.losses.shift_labels",
         "rdiag.ntk.rules.register_structured_rule",
+    ],
+    # The names that left the top level in the re-layout (CHANGELOG.md).
+    "From their modules: views, operators, solvers, metrics": [
+        "rdiag.functional.select_parameters",
+        "rdiag.ntk.handle.structured_coverage",
+        "rdiag.operators.base.DenseOperator",
+        "rdiag.operators.base.ScaledOperator",
+        "rdiag.operators.curvature.CurvatureOperator",
+        "rdiag.operators.hessian.hvp",
+        "rdiag.linalg.power_iteration",
+        "rdiag.linalg.power_extreme",
+        "rdiag.linalg.lanczos_quadrature",
+        "rdiag.linalg.TraceEstimate",
+        "rdiag.linalg.hutch_plus_plus",
+        "rdiag.linalg.SpectralDensity",
+        "rdiag.curvature.multiplier_diagonal",
+        "rdiag.curvature.ggn_eigenvalues_from_ntk",
+        "rdiag.kernels.KernelStats",
+        "rdiag.kernels.kernel_stats",
+        "rdiag.metrics.relative_change",
+        "rdiag.metrics.kernel_target_alignment",
+        "rdiag.metrics.fit_exponent",
+    ],
+    "From their modules: parametrizations, checks, runs": [
+        "rdiag.parametrization.applied_parametrization",
+        "rdiag.parametrization.LayerScale",
+        "rdiag.parametrization.layer_scales",
+        "rdiag.coord_check.CoordCheckResult",
+        "rdiag.coord_check.plot_coord_check",
+        "rdiag.depth_check.DepthCheckResult",
+        "rdiag.meter.MeterResult",
+        "rdiag.runs.store.StoreLockedError",
+        "rdiag.runs.store.StoreCorruptError",
+        "rdiag.runs.store.StoreFullError",
+        "rdiag.runs.store.StoreReadOnlyError",
+        "rdiag.runs.store.StoreNotADatabaseError",
+        "rdiag.data.Dataset",
+        "rdiag.runs.training.TrainResult",
     ],
 }
 
@@ -117,16 +159,28 @@ def _module_title(module_name: str) -> str:
 
     doc = importlib.import_module(module_name).__doc__ or module_name
     first = doc.strip().splitlines()[0].strip().rstrip(".")
+    # A title is plain text: ":class:`~a.b.C`" -> "C", "``x``" -> "x".
+    first = re.sub(r":[\w:]+:`~?([^`]*)`", lambda m: m.group(1).split(".")[-1], first)
     return first.replace("``", "").replace("`", "")
 
 
-def _write_api(app) -> None:  # noqa: ANN001
-    """``docs/api.rst``: every name of ``rdiag.__all__``, grouped by defining module."""
+def _write_api(srcdir: Path) -> None:
+    """``docs/api.rst``: every name of ``rdiag.__all__``, grouped by defining module.
+
+    Written when this configuration is read, before Sphinx lists its sources (so
+    autosummary generates the stubs on a fresh clone too).
+    """
     import importlib
+    import importlib.util
 
     groups: dict[str, list[str]] = {}
+    aliases: dict[str, list[str]] = {}
     for name in rdiag.__all__:
         if name == "__version__":
+            continue
+        own = getattr(getattr(rdiag, name), "__name__", name)
+        if own != name and own in rdiag.__all__:  # another name of a public object
+            aliases.setdefault(own, []).append(name)
             continue
         module = getattr(getattr(rdiag, name), "__module__", "rdiag") or "rdiag"
         key = ".".join(module.split(".")[:2])
@@ -152,20 +206,28 @@ def _write_api(app) -> None:  # noqa: ANN001
         out.extend(f"   {n}" for n in names)
         out.append("")
 
+    def target(name: str) -> str:
+        # ``rdiag.coord_check`` is both a function and a module: autosummary would
+        # document the module, so such a name is given by its defining module.
+        if importlib.util.find_spec(f"rdiag.{name}") is not None:
+            return f"{getattr(rdiag, name).__module__}.{name}"
+        return f"rdiag.{name}"
+
     for key, names in groups.items():
         title = f"{_module_title(key)} (``{key}``)" if key != "rdiag" else "Top level"
-        section(title, [f"rdiag.{n}" for n in names])
+        section(title, [target(n) for n in names])
+        for n in names:
+            for alias in aliases.get(n, ()):
+                out.extend([f"``rdiag.{alias}`` is another name of :class:`{target(n)}`.", ""])
     for title, names in EXTRA_API.items():
         for n in names:  # fail early on a stale name
             module, _, attr = n.rpartition(".")
             getattr(importlib.import_module(module), attr)
         section(title, names)
     text = "\n".join(out)
-    path = Path(app.srcdir) / "api.rst"
+    path = srcdir / "api.rst"
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
 
 
-def setup(app):  # noqa: ANN001, ANN201
-    """Write the API page before the sources are read."""
-    app.connect("builder-inited", _write_api, priority=100)  # before autosummary
+_write_api(Path(__file__).resolve().parent)

@@ -31,8 +31,7 @@ _T = TypeVar("_T")
 #: (:func:`document_selection` appends this section to their docstrings).
 SELECTION = ("params", "exclude", "mode", "dtype", "output_fn")
 SELECTION_DOC = """
-Selection keywords (the functional view, built by :func:`rdiag.functionalize`;
-the same names, defaults and meaning on every entry point):
+Selection keywords:
     params: Parameter selector: a glob, a list of names or globs, a module type,
         or a predicate ``(name, parameter) -> bool``; default every parameter
         with ``requires_grad=True``.
@@ -47,9 +46,10 @@ the same names, defaults and meaning on every entry point):
     output_fn: Picks the output tensor from a non-tensor model output (default: a
         tensor as is, a ``ModelOutput``'s ``logits``).
 
-A prepared :class:`~rdiag.functional.FunctionalModel` is accepted wherever a
-model is; it already fixes these, so passing a different value with it is an
-error.
+They build the functional view (:func:`rdiag.functionalize`), with the same
+names, defaults and meaning on every entry point. A prepared
+:class:`~rdiag.functional.FunctionalModel` is accepted wherever a model is; it
+already fixes these, so passing a different value with it is an error.
 """
 MODES = ("eval", "train")
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)

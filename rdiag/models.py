@@ -66,7 +66,7 @@ def _dense_readin(
 
 
 class MLP(nn.Module):
-    """Fully connected network ``d_in -> width -> ... -> width -> d_out``.
+    """Fully connected network: read-in ``d_in -> width``, hidden ``width -> width``, read-out ``width -> d_out``.
 
     Layers: ``readin`` (read-in), ``hidden.0 ... hidden.{depth-3}``, ``readout``;
     ``depth`` counts weight layers (>= 2). Input ``(N, d_in)``, output ``(N, d_out)``.

@@ -40,7 +40,7 @@ torch.manual_seed(0)
 config = transformers.GPT2Config(
     vocab_size=V, n_positions=T, n_embd=32, n_layer=2, n_head=2,
     bos_token_id=0, eos_token_id=0, attn_implementation="eager",
-)  # fmt: skip
+)
 model = transformers.GPT2LMHeadModel(config)
 
 # %%
@@ -52,16 +52,16 @@ probe = transformers.default_data_collator(examples[:8])
 callback = RdiagCallback(
     probe, every=10, budget_fraction=None,
     metrics=["ntk", "sharpness", "loss"],
-)  # fmt: skip
+)
 args = transformers.TrainingArguments(
     output_dir=tempfile.mkdtemp(), max_steps=40, per_device_train_batch_size=16,
     learning_rate=3e-3, lr_scheduler_type="constant", logging_steps=5,
     save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True, seed=0,
-)  # fmt: skip
+)
 trainer = transformers.Trainer(
     model=model, args=args, train_dataset=examples,
     data_collator=transformers.default_data_collator, callbacks=[callback],
-)  # fmt: skip
+)
 trainer.train()
 print(callback.monitor.cost())
 
@@ -71,7 +71,7 @@ logged = [h for h in trainer.state.log_history if "ntk/rel_change" in h]
 print(sorted(k for k in logged[-1] if "/" in k)[:12], "...")
 
 fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-trainer_loss = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+trainer_loss = [h for h in trainer.state.log_history if "learning_rate" in h]  # its own logs
 axes[0].plot([h["step"] for h in trainer_loss], [h["loss"] for h in trainer_loss], "o-")
 axes[0].set(xlabel="step", ylabel="training loss (Trainer)", yscale="log")
 steps = [h["step"] for h in logged]

@@ -33,7 +33,7 @@ class Classifier(L.LightningModule):
             torch.nn.Linear(10, width), torch.nn.ReLU(),
             torch.nn.Linear(width, width), torch.nn.ReLU(),
             torch.nn.Linear(width, 3),
-        )  # fmt: skip
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -65,7 +65,7 @@ trainer = L.Trainer(
     max_epochs=4, accelerator="cpu", callbacks=[monitor],
     logger=TensorBoardLogger(log_dir, name="rdiag"), enable_checkpointing=False,
     enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10,
-)  # fmt: skip
+)
 torch.manual_seed(0)
 trainer.fit(Classifier(), loader)
 

@@ -25,7 +25,7 @@ result = rdiag.coord_check(
     "transformer", "mup", [32, 64, 128, 256, 512], steps=10, seeds=3,
     optimizer="adam", ntk=False, linearization=False, batch_size=8,
     family_kwargs={"depth": 1, "seq_len": 4},
-)  # fmt: skip
+)
 print("verdict:", "pass" if result.passed else "FAIL")
 for f in result.fits:
     if f["metric"] in ("delta_h", "f0", "delta_f", "dW_op"):

@@ -23,7 +23,7 @@ from rdiag.coord_check import plot_series
 result = rdiag.depth_check(
     "transformer", "mup,depth=completep", [2, 4, 8, 16], width=16, seeds=3,
     optimizer="adam", batch_size=8, family_kwargs={"seq_len": 4},
-)  # fmt: skip
+)
 print("verdict:", "pass" if result.passed else "FAIL")
 for f in result.fits:
     print(f"  {f['verdict']:13s} {f['metric']:8s} {f['layer'] or '':8s} {f['reason']}")

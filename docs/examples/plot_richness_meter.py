@@ -30,7 +30,7 @@ def make_model(width: int) -> torch.nn.Module:  # your network; `width` sets its
         torch.nn.Linear(8, width), torch.nn.Tanh(),
         torch.nn.Linear(width, width), torch.nn.Tanh(),
         torch.nn.Linear(width, 4),
-    )  # fmt: skip
+    )
 
 
 def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:  # yours, as you train

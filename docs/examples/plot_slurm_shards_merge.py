@@ -30,11 +30,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt
 
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 root = Path(tempfile.mkdtemp())
 (root / "sweep.yaml").write_text("""
-base: {model: mlp, depth: 3, optimizer: gd, lr: 0.3, steps: 10, every: 10, data: teacher,
+base: {family: mlp, depth: 3, optimizer: gd, lr: 0.3, steps: 10, every: 10, data: teacher,
        probe_size: 16, data_options: {n_train: 64, n_test: 64, dim: 8, outputs: 4, seed: 0},
        metrics: [representations, loss]}
 grid: {r: [0.5], width: [64, 128, 256, 512], seed: [0, 1, 2]}
@@ -44,14 +44,14 @@ grid: {r: [0.5], width: [64, 128, 256, 512], seed: [0, 1, 2]}
 def rdiag_cli(*args: str) -> subprocess.CompletedProcess:
     """``rdiag ARGS`` (the console script), from the example's directory."""
     done = subprocess.run([sys.executable, "-m", "rdiag.cli", *args], cwd=root,
-                          capture_output=True, text=True)  # fmt: skip
+                          capture_output=True, text=True)
     print(f"$ rdiag {' '.join(args)}  (exit {done.returncode})\n{done.stdout}")
     return done
 
 
 for task in (0, 1):  # SLURM_ARRAY_TASK_ID
     rdiag_cli("sweep", "--config", "sweep.yaml", "--shard", f"{task}/2",
-              "--workers", "1", "--out", "results", "--no-report")  # fmt: skip
+              "--workers", "1", "--out", "results", "--no-report")
 
 # %%
 # Each shard is a store of its own, with the sweep's id and its slice.
@@ -74,14 +74,14 @@ fig, ax = plt.subplots(figsize=(5.5, 4))
 for task, color in ((0, "tab:blue"), (1, "tab:orange")):
     frame = Store(root / "results" / f"shard-{task}-of-2").query()
     rows = frame[(frame["metric"] == "delta_h") & (frame["layer"] == "hidden.0")
-                 & (frame["step"] == 10)]  # fmt: skip
+                 & (frame["step"] == 10)]
     ax.plot(rows["width"], rows["value"], "o", color=color, label=f"shard {task}/2")
 merged = Store(root / "results" / "merged").query()
 rows = merged[(merged["metric"] == "delta_h") & (merged["layer"] == "hidden.0")
-              & (merged["step"] == 10)]  # fmt: skip
+              & (merged["step"] == 10)]
 ax.plot(rows["width"], rows["value"], "k+", ms=12, label=f"merged ({len(rows)} runs)")
 fit = next(f for f in summary["fits"] if f["metric"] == "delta_h" and f["layer"] == "hidden.0")
 ax.set(xscale="log", yscale="log", xlabel="width", ylabel="||dh|| (hidden layer)",
-       title=f"slope {fit['slope']:+.2f}, predicted {fit['predicted']:+.2f}: {fit['verdict']}")  # fmt: skip
+       title=f"slope {fit['slope']:+.2f}, predicted {fit['predicted']:+.2f}: {fit['verdict']}")
 ax.legend()
 fig.tight_layout()

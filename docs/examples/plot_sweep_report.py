@@ -21,17 +21,17 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 
 import rdiag
-from rdiag.store import Store
+from rdiag.runs.store import Store
 
 config = {
     "base": {
-        "model": "mlp", "depth": 3, "optimizer": "gd", "lr": 0.3, "steps": 20,
+        "family": "mlp", "depth": 3, "optimizer": "gd", "lr": 0.3, "steps": 20,
         "every": 10, "data": "teacher", "probe_size": 16,
         "data_options": {"n_train": 64, "n_test": 64, "dim": 8, "outputs": 4, "seed": 0},
         "metrics": ["ntk", "representations", "loss"],
     },
     "grid": {"r": [0, 0.5], "width": [64, 128, 256, 512], "seed": [0, 1, 2]},
-}  # fmt: skip
+}
 out = Path(tempfile.mkdtemp()) / "results"
 result = rdiag.sweep(config, out=out, workers=1)
 print(f"{result.count('finished')} runs finished; report at {result.report['html']}")
@@ -44,7 +44,7 @@ print("verdicts:", summary["verdicts"])
 for f in summary["fits"]:
     if f["metric"] in ("delta_h", "ntk_rel_change", "f0"):
         print(f"  {f['verdict']:4s} {f['metric']:14s} {f['layer'] or '':9s} "
-              f"{f['parametrization']:6s} {f['reason']}")  # fmt: skip
+              f"{f['parametrization']:6s} {f['reason']}")
 
 # %%
 # A sweep's second run finds every run finished and does nothing.
@@ -61,9 +61,9 @@ last = frame[(frame["metric"] == "ntk/rel_change") & (frame["step"] == 20)]
 fig, ax = plt.subplots(figsize=(5.5, 4))
 for param, group in last.groupby("parametrization"):
     fit = next(f for f in summary["fits"] if f["metric"] == "ntk_rel_change"
-               and f["parametrization"] == param)  # fmt: skip
+               and f["parametrization"] == param)
     ax.plot(group["width"], group["value"], "o", alpha=0.6,
-            label=f"{param}: slope {fit['slope']:+.2f}, predicted {fit['predicted']:+.2f} ({fit['verdict']})")  # fmt: skip
+            label=f"{param}: slope {fit['slope']:+.2f}, predicted {fit['predicted']:+.2f} ({fit['verdict']})")
 ax.set(xscale="log", yscale="log", xlabel="width", ylabel=r"$\|K_T - K_0\|_F / \|K_0\|_F$")
 ax.legend(fontsize=8)
 fig.tight_layout()
