@@ -63,6 +63,7 @@ setup(
         "rdiag.linalg",
         "rdiag.kernels",
         "rdiag.integrations",
+        "rdiag.monitor",
         "rdiag.parametrization",
         "rdiag.runs",
         "rdiag.cli",

@@ -10,6 +10,8 @@ Groups:
     PyHessian's power-iteration recipe, and scipy ``eigsh`` on ``to_scipy()``.
     ``extra_info``: products spent and the relative error against a float64
     Lanczos reference (goal: <= 1e-6).
+    ``hvp-*`` also holds ``check_per_product``: the retained graph's check for
+    in-place ``p.data`` edits over one product (goal <= 0.05).
     ``lambda-max-warm-vs-cold``: the same after one SGD step of rate 0.003 to
     0.3, cold and warm-started runs timed in turn (goal: warm >= 3x cheaper).
 
@@ -275,3 +277,23 @@ def test_warm_over_cold_by_step_size(benchmark, problems, spectrum, lr: float) -
             abs(float(result.eigenvalues[0]) - reference) / reference
         )
     benchmark.extra_info["cold_over_warm_time"] = seconds["cold"] / seconds["warm"]
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_edit_check_per_product(benchmark, hvp_operators, arch: str) -> None:
+    """The retained graph's check for ``p.data`` edits (storage, versions, one
+    checksum) against one eager product, timed in turn 8 times: min-time ratio
+    in ``extra_info["check_per_product"]`` (goal <= 0.05)."""
+    op, v = hvp_operators[arch, False]
+    benchmark.group = f"hvp-{arch}"
+    times: dict[str, list[float]] = {"check": [], "product": []}
+    calls = {"check": op._param_state, "product": lambda: op.matvec(v)}
+    for _ in range(8):
+        for name, call in calls.items():
+            tic = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - tic)
+    benchmark.pedantic(op._param_state, rounds=5, warmup_rounds=1)
+    benchmark.extra_info["check_per_product"] = min(times["check"]) / min(
+        times["product"]
+    )

@@ -109,7 +109,7 @@ EXTRA_API = {
         "rdiag.report.fits",
         "rdiag.verdicts.judge",
         "rdiag.runs.merge.merge_stores",
-        "rdiag.meter.sample_batch",
+        "rdiag.data.sample_batch",
         "rdiag.losses.shift_labels",
         "rdiag.ntk.rules.register_structured_rule",
     ],

@@ -2,14 +2,15 @@
 
 Some PyTorch kernels (the fused scaled-dot-product-attention kernels among them)
 have no forward-mode derivative. :func:`probe_jvp_mode` probes a model and picks,
-in order: native forward mode, forward mode under the math attention backend, or
-reverse-over-reverse (the "double-vjp" trick, two backward passes per product).
+in order: forward mode with rdiag's own attention operator (a model that calls
+``scaled_dot_product_attention``, :mod:`rdiag.attention`), native forward mode,
+forward mode under the math attention backend, or reverse-over-reverse (the
+"double-vjp" trick, two backward passes per product).
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -17,59 +18,54 @@ import torch
 from torch.func import jvp as _jvp
 from torch.func import vjp as _vjp
 from torch.func import vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rdiag._inputs import Inputs, rows
+from rdiag.attention import efficient_attention, math_attention
 from rdiag._optional import notice
 
 if TYPE_CHECKING:
+    from rdiag.attention import AttentionCall
     from rdiag.functional import FunctionalModel
 
-JvpMode = Literal["forward", "math_attention", "reverse"]
-_MODES: tuple[JvpMode, ...] = ("forward", "math_attention", "reverse")
+JvpMode = Literal["attention", "forward", "math_attention", "reverse"]
+_MODES: tuple[JvpMode, ...] = ("attention", "forward", "math_attention", "reverse")
 
 
-class _MathAttention:
-    """The process-wide attention backend switch, safe for overlapping threads.
+class _TwiceDifferentiable(torch.overrides.TorchFunctionMode):
+    """Hardsigmoid as ``relu6(x + 3) / 6`` (MobileNetV3's gate).
 
-    torch's backend choice is one global setting; nested ``sdpa_kernel`` blocks
-    that overlap across threads (a thread-pool sweep) would restore each other's
-    state out of order and leave the math backend on for good. Here the first of
-    the overlapping users switches and the last one restores.
+    The same values and gradient, and a double backward and forward-mode
+    derivative, which ``hardsigmoid_backward`` lacks. ``replaced`` counts the
+    calls rewritten.
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._context: contextlib.AbstractContextManager | None = None
+        super().__init__()
+        self.replaced = 0
 
-    def enter(self) -> None:
-
-        with self._lock:
-            if self._users == 0:
-                self._context = sdpa_kernel(SDPBackend.MATH)
-                self._context.__enter__()
-            self._users += 1
-
-    def exit(self) -> None:
-        with self._lock:
-            self._users -= 1
-            if self._users == 0:
-                self._context.__exit__(None, None, None)
-                self._context = None
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: D105
+        if func is torch.nn.functional.hardsigmoid:
+            self.replaced += 1
+            return torch.nn.functional.relu6(args[0] + 3) / 6
+        return func(*args, **(kwargs or {}))
 
 
-_MATH = _MathAttention()
+#: What the curvature fallback says when it rewrote Hardsigmoid.
+HARDSIGMOID_NOTE = (
+    "Hardsigmoid has no double backward in PyTorch: curvature computes it as "
+    "relu6(x + 3) / 6, the same function and gradient"
+)
 
 
 @contextlib.contextmanager
-def math_attention() -> Iterator[None]:
-    """Route ``scaled_dot_product_attention`` to its math backend (has forward-mode AD)."""
-    _MATH.enter()
-    try:
-        yield
-    finally:
-        _MATH.exit()
+def twice_differentiable() -> Iterator[_TwiceDifferentiable]:
+    """Math attention, and Hardsigmoid as ``relu6(x + 3) / 6``, within the block.
+
+    Yields:
+        The rewriting mode (its ``replaced`` counts the Hardsigmoid calls).
+    """
+    with math_attention(), _TwiceDifferentiable() as mode:
+        yield mode
 
 
 def jvp(
@@ -81,11 +77,15 @@ def jvp(
         func: Function of the primals returning a tensor.
         primals: Inputs (tuples of tensors or dicts of tensors).
         tangents: Tangents of the same structure.
-        mode: ``"forward"``, ``"math_attention"`` or ``"reverse"``.
+        mode: ``"attention"`` (forward mode, attention by rdiag's operator),
+            ``"forward"``, ``"math_attention"`` or ``"reverse"``.
 
     Returns:
         ``(output, jvp_output)``.
     """
+    if mode == "attention":
+        with efficient_attention():
+            return _jvp(func, primals, tangents)
     if mode == "forward":
         return _jvp(func, primals, tangents)
     if mode == "math_attention":
@@ -95,6 +95,18 @@ def jvp(
     out, pullback = _vjp(func, *primals)
     _, push = _vjp(pullback, torch.zeros_like(out))
     return out, push(tangents)[0]
+
+
+def differentiating(mode: JvpMode) -> contextlib.AbstractContextManager:
+    """The context of a whole product in ``mode``: rdiag's attention for ``"attention"``.
+
+    Around a product's reverse passes too (its pullbacks are vmapped over
+    cotangents; the fused kernels' backwards have no batching rule, the
+    operator's does), not only around its jvps.
+    """
+    if mode == "attention":
+        return efficient_attention()
+    return contextlib.nullcontext()
 
 
 def probe_vmap(fm: FunctionalModel, x: Inputs) -> str | None:
@@ -133,7 +145,10 @@ def probe_jvp_mode(fm: FunctionalModel, x: Inputs) -> JvpMode:
             a batch-coupled model).
 
     Returns:
-        The mode; a one-time warning says when it is not native forward mode.
+        The mode: ``"attention"`` where the model calls
+        ``scaled_dot_product_attention`` (a one-time warning names the calls rdiag's
+        operator does not cover, which run math attention), else the first that
+        works; a one-time warning says when that is not native forward mode.
 
     Raises:
         RuntimeError: No mode works (every mode's error is quoted).
@@ -142,9 +157,16 @@ def probe_jvp_mode(fm: FunctionalModel, x: Inputs) -> JvpMode:
     params = fm.params
     zeros = {n: torch.zeros_like(p) for n, p in params.items()}
     errors = []
-    for mode in _MODES:
+    for mode in _MODES[1:]:
         try:
-            jvp(lambda p: fm(p, probe_x), (params,), (zeros,), mode)
+            if mode == "forward":
+                with efficient_attention() as router:
+                    jvp(lambda p: fm(p, probe_x), (params,), (zeros,), mode)
+                if router.calls:
+                    say_fallbacks(fm, router.fallbacks)
+                    return "attention"
+            else:
+                jvp(lambda p: fm(p, probe_x), (params,), (zeros,), mode)
         except (NotImplementedError, RuntimeError) as err:
             errors.append(f"{mode}: {str(err).splitlines()[0][:160]}")
             continue
@@ -159,3 +181,32 @@ def probe_jvp_mode(fm: FunctionalModel, x: Inputs) -> JvpMode:
     raise RuntimeError(
         "no differentiation mode works for this model: " + "; ".join(errors)
     )
+
+
+def attention_calls(fm: FunctionalModel, x: Inputs) -> list[AttentionCall]:
+    """The ``scaled_dot_product_attention`` calls of ``fm`` on one sample of ``x``.
+
+    One forward without gradients on the first sample (the whole batch for a
+    batch-coupled model, whose calls then count every sample); the calls rdiag's
+    operator does not cover are said once here. Nothing is cached: the caller
+    keeps the answer.
+
+    Returns:
+        One :class:`~rdiag.attention.AttentionCall` per call (empty: no attention).
+    """
+    probe_x = x if fm.batch_coupled else rows(x, slice(0, 1))
+    with torch.no_grad(), efficient_attention() as router:
+        fm(fm.params, probe_x)
+    say_fallbacks(fm, router.fallbacks)
+    return router.calls
+
+
+def say_fallbacks(fm: FunctionalModel, fallbacks: set[str]) -> None:
+    """Say which attention calls rdiag's operator left to math attention, if any."""
+    if fallbacks:
+        notice(
+            f"{type(fm.module).__name__} calls scaled_dot_product_attention with "
+            f"{'; '.join(sorted(fallbacks))}, which rdiag's attention operator does "
+            "not cover; rdiag uses math attention for those calls (same result, "
+            "memory quadratic in the sequence length)",
+        )

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from rdiag._optional import has_triton, warn_once
+from rdiag.attention import blocked_attention
 
 
 def _kernel_folder() -> str:
@@ -59,6 +60,7 @@ from rdiag.kernels._launch import (  # noqa: E402
 
 __all__ = [
     "KernelStats",
+    "attention",
     "gram_hadamard",
     "gram_hadamard_many",
     "gram_hadamard_shared",
@@ -195,6 +197,36 @@ def gram_hadamard_many(
         else reference
     )
     return impl.gram_hadamard_many(terms, out, allow_tf32=allow_tf32)
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+) -> Tensor:
+    """Blocked attention ``(BH, L, Ev)``, differentiable in forward and reverse mode.
+
+    The Triton kernels (``triton_attention.attention``: forward, JVP, backward and
+    forward over reverse; a constant mask, no ``vmap``) by the dispatch rule, else
+    rdiag's torch operator :func:`rdiag.attention.blocked_attention` (every mode,
+    ``vmap``, the exact float64 path), which is their reference.
+
+    Args:
+        q: ``(BH, L, E)``.
+        k: ``(BH, S, E)``.
+        v: ``(BH, S, Ev)``.
+        mask: Boolean (``True`` attends) or additive, broadcastable to ``(BH, L, S)``.
+        causal: Query ``i`` sees keys ``<= i``.
+        scale: Scores scale; default ``E ** -0.5``.
+    """
+    if use_triton(q):
+        impl = importlib.import_module(f"{__name__}.triton_attention")
+        return impl.attention(q, k, v, mask, causal=causal, scale=scale)
+    return blocked_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
 
 
 def gram_hadamard_shared(

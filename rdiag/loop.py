@@ -145,7 +145,13 @@ def fit(
         if reason is not None:
             return FitResult(value, reason, taken)
         loss.backward()
-        optimizer.step()
+        try:
+            optimizer.step()
+        except RuntimeError:
+            reason = _overflowing_rate(optimizer, step)
+            if reason is None:
+                raise
+            return FitResult(value, reason, taken)
         taken += 1
     if last is None:
         return FitResult(value, None, 0)
@@ -224,6 +230,23 @@ def measured_fit(
         return result.reason
     first, step1, last = monitor.history[0], monitor.history[1], monitor.history[-1]
     return records_from_checks(first, last, roles, centered=centered, step1=step1)
+
+
+def _overflowing_rate(optimizer: torch.optim.Optimizer, step: int) -> str | None:
+    """Why an optimizer step failed as divergence: a rate beyond its weights' dtype.
+
+    A finite but huge learning rate (``1e38`` on float32 weights) makes torch
+    refuse the update itself; that run diverges, as one whose loss overflows.
+    """
+    for i, group in enumerate(optimizer.param_groups):
+        lr = float(group.get("lr", 0.0))
+        for p in group["params"]:
+            if p.is_floating_point() and abs(lr) > torch.finfo(p.dtype).max:
+                return (
+                    f"diverged at step {step}: the learning rate {lr:g} of parameter "
+                    f"group {i} is beyond the range of its {p.dtype} weights"
+                )
+    return None
 
 
 def _diagnose(monitor: Monitor, step: int, *, force: bool = False) -> str | None:

@@ -39,15 +39,15 @@ from rdiag._checks import (
     check_seeds,
     check_sizes,
 )
-from rdiag._inputs import Inputs, batch_size, check_inputs, rows
+from rdiag._inputs import Inputs, batch_size, check_inputs, describe, rows
 from rdiag.coord_check import jsonable
-from rdiag.functional import MODES, Mode, check_per_sample
+from rdiag.data import sample_batch
+from rdiag.functional import MODES, Mode, check_per_sample, functionalize
 from rdiag.loop import measured_fit
-from rdiag.losses import infer_loss_kind
+from rdiag.losses import checked_loss
 from rdiag.metrics import fit_exponent
 from rdiag.parametrization import (
     ROLES,
-    Centered,
     applied_parametrization,
 )
 from rdiag.parametrization import (
@@ -206,7 +206,7 @@ class MeterResult:
 
 # ---- the meter ------------------------------------------------------------------------
 def _build(family: Callable[[int], nn.Module], width: int, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # under richness_meter's forked RNG
     model = family(width)
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -214,95 +214,6 @@ def _build(family: Callable[[int], nn.Module], width: int, seed: int) -> nn.Modu
             f"{type(model).__name__}; pass a function width -> nn.Module"
         )
     return model
-
-
-def sample_inputs(model: nn.Module, n: int, generator: torch.Generator) -> Inputs:
-    """``n`` inputs for ``model``: its own ``sample_inputs``, else Gaussian for its first layer.
-
-    A model with ``sample_inputs(n, generator)`` (rdiag's built-in ones; a
-    :class:`~rdiag.parametrization.Centered` wrapper's inner model is asked)
-    draws them; otherwise the first module that holds parameters (registration
-    order) must be an ``nn.Linear``, and the inputs are standard normal
-    ``(n, in_features)`` in its weight's dtype.
-
-    Args:
-        model: The network.
-        n: Batch size ``N``.
-        generator: The random generator (CPU).
-
-    Returns:
-        ``x`` of shape ``(N, ...)``.
-
-    Raises:
-        TypeError: No ``sample_inputs`` and a first layer whose input size is not
-            known from the layer (a convolution: spatial size; an embedding:
-            sequence length), or no parameters at all.
-    """
-    inner = model.model if isinstance(model, Centered) else model
-    if callable(getattr(inner, "sample_inputs", None)):
-        return inner.sample_inputs(n, generator)
-    first = next(
-        (
-            m
-            for m in inner.modules()
-            if next(m.parameters(recurse=False), None) is not None
-        ),
-        None,
-    )
-    if isinstance(first, nn.Linear):
-        x = torch.randn(n, first.in_features, generator=generator)
-        return x.to(first.weight.dtype)
-    found = "no parameters" if first is None else f"the first layer {first}"
-    raise TypeError(
-        f"expected a model with sample_inputs(n, generator) or a first layer "
-        f"nn.Linear to size Gaussian inputs from, got {type(inner).__name__} with "
-        f"{found}, whose input shape the layer does not tell; pass data=(x, y) "
-        "(on the command line: --data-factory MODULE:FUNCTION returning (x, y))"
-    )
-
-
-def sample_batch(
-    model: nn.Module,
-    loss_fn: Callable[[Tensor, Tensor], Tensor],
-    *,
-    n: int = 16,
-    seed: int = 1234,
-) -> tuple[Inputs, Tensor]:
-    """A batch ``(x, y)`` for ``model`` and ``loss_fn``, drawn from one ``seed``.
-
-    The inputs are :func:`sample_inputs`; the targets are shaped like the model's
-    output on them (evaluated in eval mode; the model is left as it was): standard normal for a regression loss, uniform class indices
-    over the last output axis for cross-entropy (``(N,)`` for ``(N, C)``
-    outputs, ``(N, T)`` for ``(N, T, V)``).
-
-    Args:
-        model: The network.
-        loss_fn: The training loss (:func:`rdiag.losses.infer_loss_kind` decides
-            the targets).
-        n: Batch size ``N``.
-        seed: Seed of the inputs and targets.
-
-    Returns:
-        ``(x (N, ...), y)``.
-
-    Raises:
-        TypeError: As :func:`sample_inputs`.
-    """
-    check_positive_int(n, "n")
-    gen = torch.Generator().manual_seed(seed)
-    x = sample_inputs(model, n, gen)
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()  # no batch-norm statistics update, no dropout
-        with torch.no_grad():
-            out = model(x)
-    finally:
-        for m, training in modes:
-            m.training = training
-    if infer_loss_kind(loss_fn) != "cross_entropy":
-        return x, torch.randn(out.shape, generator=gen)
-    shape = out.shape[:-1] if out.dim() >= 3 else out.shape[:1]
-    return x, torch.randint(0, out.shape[-1], shape, generator=gen)
 
 
 def default_data(
@@ -313,7 +224,7 @@ def default_data(
     n: int = 16,
     seed: int = 1234,
 ) -> tuple[Inputs, Tensor]:
-    """The meter's batch when none is given: :func:`sample_batch` at ``width``.
+    """The meter's batch when none is given: :func:`rdiag.data.sample_batch` at ``width``.
 
     One ``seed`` draws inputs and targets: the same batch at every width.
 
@@ -483,43 +394,69 @@ def richness_meter(
             f"expected family to be a function width -> nn.Module, got "
             f"{type(family).__name__}"
         )
-    batches = _batches(data, steps)
-    small = _build(family, widths[0], seeds[0])
-    found = width_roles(small, _build(family, widths[-1], seeds[0]))
-    found.update(roles or {})
-    first = next(iter(batches()))[0]
-    if probe is None:
-        probe = rows(first, slice(0, min(probe_size, batch_size(first))))
-    tracked = [n for n, role in found.items() if role in ("readin", "hidden")]
-    metrics = list(METRICS[:2] + (METRICS[2:] if ntk else ()))
-    records, failed, rates = [], [], {}
-    for width, seed in itertools.product(widths, seeds):
-        model = _build(family, width, seed)
-        check_per_sample(model, mode)
-        opt = _optimizer(make_optimizer, model, found, width)
-        lrs = _rates(model, opt)
-        rates.setdefault(width, _layer_rates(model, lrs, found))
-        measured = measured_fit(
-            model,
-            opt,
-            batches(),
-            loss_fn,
-            probe,
-            found,
-            steps=steps,
-            metrics=metrics,
-            lr_multipliers=lrs,
-            layers=tracked,
-            mode=mode,
-            output_fn=output_fn,
+    # The caller's RNG is left as it was: every build reseeds (per run).
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        batches = _batches(data, steps)
+        small = _build(family, widths[0], seeds[0])
+        found = width_roles(small, _build(family, widths[-1], seeds[0]))
+        found.update(roles or {})
+        first, first_y = next(iter(batches()))
+        if probe is None:
+            probe = rows(first, slice(0, min(probe_size, batch_size(first))))
+        _check_fits(small, widths[0], (first, first_y), probe, loss_fn, mode, output_fn)
+        tracked = [n for n, role in found.items() if role in ("readin", "hidden")]
+        metrics = list(METRICS[:2] + (METRICS[2:] if ntk else ()))
+        records, failed, rates = [], [], {}
+        for width, seed in itertools.product(widths, seeds):
+            model = _build(family, width, seed)
+            check_per_sample(model, mode)
+            opt = _optimizer(make_optimizer, model, found, width)
+            lrs = _rates(model, opt)
+            rates.setdefault(width, _layer_rates(model, lrs, found))
+            measured = measured_fit(
+                model,
+                opt,
+                batches(),
+                loss_fn,
+                probe,
+                found,
+                steps=steps,
+                metrics=metrics,
+                lr_multipliers=lrs,
+                layers=tracked,
+                mode=mode,
+                output_fn=output_fn,
+            )
+            if isinstance(measured, str):
+                failed.append({"width": width, "seed": seed, "reason": measured})
+                continue
+            records += [dict(width=width, seed=seed, **rec) for rec in measured]
+        return _result(
+            records, failed, found, rates, widths, seeds, steps, target, confidence
         )
-        if isinstance(measured, str):
-            failed.append({"width": width, "seed": seed, "reason": measured})
-            continue
-        records += [dict(width=width, seed=seed, **rec) for rec in measured]
-    return _result(
-        records, failed, found, rates, widths, seeds, steps, target, confidence
-    )
+
+
+def _check_fits(model, width, batch, probe, loss_fn, mode, output_fn) -> None:
+    """Run the smallest model on the data (and loss) and on the probe, once.
+
+    Raises:
+        ValueError: The data, the loss or the probe does not fit the model (named),
+            before any run trains.
+    """
+    fm = functionalize(model, mode=mode, output_fn=output_fn)
+    x, y = batch
+    for what, inputs in (("the training data", x), ("the probe", probe)):
+        try:
+            out = fm.probe(fm.cast_input(inputs, "x"))
+        except ValueError as err:
+            raise ValueError(
+                f"{what} ({describe(inputs)}) does not fit family({width}): "
+                f"{err}; pass inputs in the form its forward takes"
+            ) from err
+        if what == "the training data":
+            with torch.enable_grad():
+                checked_loss(loss_fn, out, y.to(out.device))
 
 
 def _layer_rates(model, lrs, roles) -> dict[str, float]:

@@ -318,8 +318,9 @@ def fit_exponent(
         >>> round(slope, 3), lo < slope < hi
         (-0.999, True)
     """
-    x = np.asarray(torch.as_tensor(widths).double().cpu(), dtype=float)
-    y = np.asarray(torch.as_tensor(values).double().cpu(), dtype=float)
+    # float64 from the start: a list of floats would become float32 (1e300 -> inf).
+    x = np.asarray(torch.as_tensor(widths, dtype=torch.float64).cpu(), dtype=float)
+    y = np.asarray(torch.as_tensor(values, dtype=torch.float64).cpu(), dtype=float)
     if y.ndim == 2 and x.ndim == 1 and len(x) == y.shape[0]:
         x = np.repeat(x, y.shape[1])
     y = y.reshape(-1)

@@ -35,6 +35,7 @@ under them (:func:`flatten`).
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from typing import Any
 
@@ -52,6 +53,7 @@ PER_LAYER: frozenset[str] = frozenset(
         "dW_rel",
         "ntk/eig",
         "ntk_layers/rel_change",
+        "cost",
         "ntk_layers/trace",
     }
 )
@@ -140,3 +142,35 @@ def stored_metrics(metric: str) -> tuple[str, ...]:
 def flatten(records: Mapping[Any, float]) -> dict[str, float]:
     """Records keyed by current names, whatever release's keys they came with."""
     return {name(*columns(key)): value for key, value in records.items()}
+
+
+def store_row(row: Any) -> tuple[int, str, str, float]:
+    """A checked ``(step, metric, layer, value)`` row as the store keeps it.
+
+    The metric under its current name, ``layer`` ``""`` for model-level ones.
+
+    Raises:
+        ValueError: Not four fields, or a step that is not an int >= 0.
+        TypeError: A metric or layer that is not a str, a value that is not real.
+    """
+    try:
+        step, metric, layer, value = row
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"expected rows (step, metric, layer, value), got {row!r}"
+        ) from None
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"expected a row's step to be an int >= 0, got {step!r}")
+    if not isinstance(metric, str) or not isinstance(layer, (str, type(None))):
+        raise TypeError(
+            f"expected a row's metric and layer as str (layer '' or None for "
+            f"model-level metrics), got {metric!r}, {layer!r}"
+        )
+    real = isinstance(value, numbers.Real) or (  # a one-element tensor too
+        hasattr(value, "numel") and value.numel() == 1
+    )
+    if isinstance(value, bool) or not real:
+        raise TypeError(
+            f"expected a real value for {metric!r}, got {type(value).__name__}"
+        )
+    return int(step), current_metric(metric), layer or "", float(value)

@@ -573,7 +573,7 @@ def load_meter(source: Any) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: No ``meter.json`` there.
-        ValueError: The file is not a meter's result.
+        ValueError: The file (named) is not JSON or not a meter's result.
     """
     if hasattr(source, "to_dict"):
         return source.to_dict()
@@ -586,7 +586,13 @@ def load_meter(source: Any) -> dict[str, Any]:
             f"no richness meter result at {path}; write one with `rdiag meter --out "
             "DIR` or MeterResult.save(DIR)"
         )
-    payload = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(
+            f"could not read the richness meter result {path}: {err}; write it "
+            "again (rdiag meter --out DIR) or remove it"
+        ) from err
     if not isinstance(payload, dict) or not {"verdict", "layers", "fits"} <= set(
         payload
     ):

@@ -473,7 +473,16 @@ def _layer(name, role, fits, target, lr_exponent, n0) -> LayerDiagnosis:
             if lr_exponent is None
             else f" (its rate ~ n^{lr_exponent:+.2f} -> n^{lr_exponent - delta:+.2f})"
         )
-        fixes.append(f"learning rate {_factor(-delta, n0)}{lr}")
+        # Checked: the change must move the last exponent toward its target too
+        # (a rate exponent raises dW_rel's), else the first step and the end
+        # disagree and no rate fixes both.
+        if -delta * (rel["predicted"] - rel["slope"]) > 0:
+            fixes.append(f"learning rate {_factor(-delta, n0)}{lr}")
+        else:
+            violations.append(
+                "no learning-rate fix: the first step's exponent and the last "
+                "one are off in opposite directions"
+            )
     dh = exps.get("delta_h")
     if dh is not None and math.isfinite(dh["slope"]):
         if dh["slope"] > 0.5 + (dh["tolerance"] or 0.0):

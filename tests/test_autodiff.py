@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -12,7 +14,7 @@ from tests._assert import assert_close
 from tests.models import ZOO
 
 
-@pytest.mark.parametrize("mode", ["forward", "math_attention", "reverse"])
+@pytest.mark.parametrize("mode", ["attention", "forward", "math_attention", "reverse"])
 @pytest.mark.parametrize("name", ["mlp_gelu", "cnn", "layernorm", "embedding"])
 def test_every_mode_gives_the_jacobian_product(name: str, mode: str) -> None:
     model, make = ZOO[name](0)
@@ -26,13 +28,32 @@ def test_every_mode_gives_the_jacobian_product(name: str, mode: str) -> None:
     assert_close(f"{name} {mode} f", fm(fm.params, x), out, rtol=0, atol=0)
 
 
-def test_fused_attention_picks_math_backend_once() -> None:
+def test_fused_attention_picks_rdiag_attention_silently() -> None:
     model, make = ZOO["attention"](0)
     x = make(3, 1)
     fm = functionalize(model, dtype=torch.float64)
     zeros = {n: torch.zeros_like(p) for n, p in fm.params.items()}
     with pytest.raises(NotImplementedError, match="forward AD"):
         jvp(lambda p: fm(p, x), (fm.params,), (zeros,), "forward")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert probe_jvp_mode(fm, x) == "attention"
+
+
+def test_fused_attention_picks_math_backend_once_without_rdiag_attention(
+    monkeypatch,
+) -> None:
+    import rdiag.attention
+
+    def broken(*args):
+        raise NotImplementedError("no rule")
+
+    # rdiag's operator without its derivatives: the chain before it existed.
+    for rule in ("jvp", "backward"):
+        monkeypatch.setattr(rdiag.attention._Attention, rule, staticmethod(broken))
+    model, make = ZOO["attention"](0)
+    x = make(3, 1)
+    fm = functionalize(model, dtype=torch.float64)
     with pytest.warns(UserWarning, match="math attention"):
         assert probe_jvp_mode(fm, x) == "math_attention"
     assert probe_jvp_mode(fm, x) == "math_attention"

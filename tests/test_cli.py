@@ -534,7 +534,7 @@ def test_ntk_and_sharpness_on_a_factory_from_a_file(tmp_path) -> None:
     import torch.nn.functional as F
 
     from rdiag import empirical_ntk, sharpness
-    from rdiag.meter import sample_batch
+    from rdiag.data import sample_batch
 
     source, user = _user_module(tmp_path)
     path = tmp_path / "ntk.json"

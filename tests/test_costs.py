@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from rdiag import ntk_fn
@@ -119,3 +120,59 @@ def test_memory_is_checked_when_planning() -> None:
     assert roomy.memory >= 200 * 8  # the kernel itself
     with pytest.raises(MemoryError, match="no eNTK implementation fits"):
         ntk_fn(model, memory_budget=3e3, dtype=torch.float64).plan(x1, x2)
+
+
+def test_first_planned_call_imports_no_dynamo_and_counts_matrix_flops() -> None:
+    """The cost model's FLOP count imports neither Dynamo nor Triton (seconds on a
+    first call) and agrees with torch's flop counter on linear, conv and attention."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; import rdiag; "
+        "net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)); "
+        "rdiag.empirical_ntk(net, torch.randn(3, 4)); "
+        "print(sorted({m.split('.')[1] for m in sys.modules if m.startswith('torch._dynamo')} | "
+        "({'triton'} & set(sys.modules))))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rdiag.functional import functionalize
+    from rdiag.ntk.costs import sample_forward_flops
+
+    torch.manual_seed(0)
+    cases = [
+        (
+            nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 36, 5)),
+            torch.randn(3, 3, 8, 8),
+        ),
+        (nn.Sequential(nn.Linear(6, 7), nn.ReLU(), nn.Linear(7, 3)), torch.randn(3, 6)),
+    ]
+    for model, x in cases:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(x[:2])
+        expected = max(
+            counter.get_total_flops() / 2,
+            2.0 * sum(p.numel() for p in model.parameters()),
+        )
+        assert sample_forward_flops(functionalize(model), x) == expected
+    # Attention: the two batched products QK^T and AV, 4 T^2 d per sample, on top
+    # of the projection (2 T d 3d).
+    fm = functionalize(_Attend(8))
+    expected = 2.0 * 5 * 8 * 24 + 4.0 * 5 * 5 * 8
+    assert sample_forward_flops(fm, torch.randn(3, 5, 8)) == pytest.approx(expected)
+
+
+class _Attend(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return F.scaled_dot_product_attention(q, k, v)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rdiag.curvature import (
@@ -121,7 +123,10 @@ def test_warm_start_after_an_sgd_step_needs_fewer_matvecs() -> None:
     assert cold.converged and warm.converged
     for res in (cold, warm):
         assert_close("lambda_max", exact, res.eigenvalues, rtol=1e-6, atol=0)
-    assert 2 * warm.num_matvecs <= cold.num_matvecs, (
+    # The eigenvalue criterion trusts a gap only once the nearest other Ritz value
+    # has converged too (issue #21), which a warm start must build first: 7
+    # products against 12 here (it was about 2x before the gap check).
+    assert warm.num_matvecs < cold.num_matvecs, (
         warm.num_matvecs,
         cold.num_matvecs,
     )
@@ -251,3 +256,40 @@ def test_half_precision_model_curvature_runs_in_float32(half: torch.dtype) -> No
     assert own.dtype == half  # dtype= overrides the float32 default
     in_own = sharpness(net, F.mse_loss, (x, y), dtype=half, tol=1e-7)
     assert abs(in_own - expected) > 1e-5 * abs(expected)  # what the default avoids
+
+
+class _Gated(nn.Module):
+    """A MobileNetV3-style gate: ``h * gate(h)`` with ``gate`` Hardsigmoid or its
+    written-out form ``relu6(x + 3) / 6``."""
+
+    def __init__(self, written_out: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 12), nn.Linear(12, 3)
+        self.act = nn.Hardswish()
+        self.gate = _Relu6Gate() if written_out else nn.Hardsigmoid()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.fc1(x))
+        return self.fc2(h * self.gate(2 * h))
+
+
+class _Relu6Gate(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu6(x + 3) / 6
+
+
+def test_hardsigmoid_curvature_falls_back_once_to_the_same_function() -> None:
+    from rdiag.curvature import sharpness
+
+    x = torch.randn(16, 4, generator=torch.Generator().manual_seed(1)) * 2
+    y = torch.randn(16, 3, generator=torch.Generator().manual_seed(2))
+    net = _Gated(written_out=False).double()
+    oracle = _Gated(written_out=True).double()
+    names = [n for n, _ in oracle.named_parameters()]
+    dense = oracles.dense_hessian(oracle, names, F.mse_loss, x.double(), y.double())
+    expected = float(torch.linalg.eigvalsh(dense)[-1])
+    with pytest.warns(UserWarning, match=r"Hardsigmoid .* relu6\(x \+ 3\) / 6") as said:
+        got = sharpness(net, F.mse_loss, (x, y), dtype=torch.float64, tol=1e-12)
+    assert sum("Hardsigmoid" in str(w.message) for w in said) == 1
+    assert float(got) == pytest.approx(expected, rel=1e-8)

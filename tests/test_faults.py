@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import math
 import os
 import random
 import signal
@@ -21,8 +22,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rdiag.runs.store import (
+    Store,
+    StoreCorruptError,
+    StoreError,
+    StoreFullError,
+    StoreReadOnlyError,
+)
 from rdiag.runs.sweep import sweep
-from rdiag.runs.store import Store, StoreCorruptError, StoreFullError, StoreReadOnlyError
+from tests._assert import TIMING
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {
@@ -42,7 +50,6 @@ CONFIG = {
     "report": False,
 }
 RUNS = 12
-TIMING = ("monitor/seconds", "monitor/train_seconds")
 _SWEEP = """
 import json, sys
 import torch
@@ -56,7 +63,7 @@ if __name__ == "__main__":
 
 def _records(root: Path) -> dict[tuple, float]:
     rows = Store(root).query(config=False)
-    rows = rows[~rows["metric"].isin(TIMING)]
+    rows = rows[~(rows["metric"].isin(TIMING) | (rows["metric"] == "cost"))]
     return {
         (r.run, r.step, r.metric, r.layer): r.value
         for r in rows.itertuples(index=False)
@@ -257,8 +264,9 @@ def _umount(path: Path) -> None:
 
 
 @pytest.fixture(params=["tmpfs", "max_page_count"])
-def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable]]:
-    """A store directory whose disk fills up, and a function that frees it."""
+def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable, str]]:
+    """A store directory whose disk fills up, a function that frees it, and how
+    the error names the limit."""
     out = tmp_path / "disk"
     if request.param == "tmpfs":
         if not _tmpfs(out, "8m"):
@@ -267,7 +275,11 @@ def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable]]
         filler = out / "filler"
         free = os.statvfs(out).f_bavail * os.statvfs(out).f_frsize
         filler.write_bytes(b"\0" * (free - 300 * 1024))
-        yield out, filler.unlink
+        yield (
+            out,
+            filler.unlink,
+            r"the disk holding the store .* is full, \d+ bytes left",
+        )
         _umount(out)
         return
     Store(out)
@@ -280,7 +292,7 @@ def full_disk(request, tmp_path, monkeypatch) -> Iterator[tuple[Path, Callable]]
         return conn
 
     monkeypatch.setattr(Store, "_connection", limited)
-    yield out, monkeypatch.undo
+    yield out, monkeypatch.undo, rf"max_page_count \({limit} pages"
 
 
 def _pages(out: Path) -> int:
@@ -291,8 +303,8 @@ def _pages(out: Path) -> int:
 def test_disk_full_stops_the_sweep_keeps_every_record_and_resumes(
     full_disk, reference
 ) -> None:
-    out, free_space = full_disk
-    with pytest.raises(StoreFullError, match="is full.*rerun the same command"):
+    out, free_space, limit = full_disk  # the message names the limit (issue #21)
+    with pytest.raises(StoreFullError, match=f"{limit}.*rerun the same command"):
         sweep(CONFIG, out=out)
     kept = _records(out)
     assert kept and all(np.array_equal(reference[k], v, True) for k, v in kept.items())
@@ -335,6 +347,8 @@ def test_a_read_only_store_is_read_and_refuses_writes(tmp_path, reference) -> No
                 sweep({**CONFIG, "grid": {"seed": [9]}}, out=out)
             with pytest.raises(StoreReadOnlyError, match="cannot be written"):
                 Store(out).set_status(Store(out).run_ids()[0], "failed")
+            # Nothing left to run: a finished read-only store resumes (issue #21).
+            assert sweep({**CONFIG, "report": False}, out=out).count("skipped") == RUNS
         _same(reference, _records(out))
         assert len(Store(out).run_ids("finished")) == RUNS
     finally:
@@ -366,3 +380,245 @@ def test_damaged_or_missing_array_files_are_named_and_left_alone(tmp_path) -> No
     before = damaged.read_bytes()
     assert sweep(config, out=out).count("skipped") == 2  # resuming reads no array
     assert damaged.read_bytes() == before
+
+
+# ---- round three (issue #21) ------------------------------------------------------
+SNAPSHOT_CONFIG = {
+    **CONFIG,
+    "base": {
+        **BASE,
+        "steps": 4,
+        "every": 2,
+        "metrics": ["ntk", "sharpness", "loss"],
+        "snapshots": True,
+    },
+    "grid": {"seed": [0, 1]},
+}
+
+
+def test_unwritable_arrays_fail_the_run_keep_its_records_and_rerun(tmp_path) -> None:
+    """A run whose snapshots the store refuses is failed (not finished), keeps what
+    was written, stops the sweep (an error: exit status 2 from the CLI), and a
+    rerun with a writable store redoes it."""
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / "arrays").write_text("not a directory")
+    with pytest.raises(StoreError):
+        sweep(SNAPSHOT_CONFIG, out=out)
+    store = Store(out)
+    (rid,) = store.run_ids("failed")  # the first run stopped the sweep
+    assert not store.run_ids("finished")
+    assert store.status(rid) == "failed" and "arrays" in store.reason(rid)
+    assert store.count(rid) > 0 and not store.missing(rid)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "rdiag.cli",
+            "sweep",
+            "--out",
+            str(out),
+            "--config",
+            str(_yaml(tmp_path, SNAPSHOT_CONFIG)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode != 0 and "arrays" in cli.stderr
+    (out / "arrays").unlink()
+    rerun = sweep(SNAPSHOT_CONFIG, out=out)
+    assert rerun.count("finished") == 2
+    for run in Store(out).run_ids():
+        assert Store(out).array_steps(run, "sharpness") == [0, 2, 4]
+
+
+def _yaml(tmp_path: Path, config: dict) -> Path:
+    import yaml
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _claimed_by(out: Path, rid: str, other_than: int | None = None) -> int | None:
+    db = out / "rdiag.sqlite"
+    if not db.exists():
+        return None
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        try:
+            row = conn.execute(
+                "SELECT pid FROM claims WHERE run = ?", (rid,)
+            ).fetchone()
+        except sqlite3.OperationalError:
+            return None
+    return None if row is None or row[0] == other_than else row[0]
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+@pytest.mark.parametrize("kills", [1, 2])
+def test_a_killed_pool_worker_costs_only_its_run_retried_once(
+    tmp_path, reference, kills: int
+) -> None:
+    """kill -9 of the worker holding a run: the others go on; the run is retried
+    once (then finished, exit 0), and at a second death it alone is lost (exit 1)."""
+    from rdiag.runs.config import config_id, expand_grid
+
+    out = tmp_path / "store"
+    victim = config_id(expand_grid(CONFIG)[4])
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps(CONFIG))  # JSON is YAML
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rdiag.cli", "sweep", "--config", str(config),
+         "--workers", "2", "--no-report", "--out", str(out)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    pid = None
+    for _ in range(kills):
+        _wait(lambda: _claimed_by(out, victim, pid) is not None, proc)
+        pid = _claimed_by(out, victim, pid)
+        os.kill(pid, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    store = Store(out)
+    if kills == 1:
+        assert proc.returncode == 0, stderr
+        assert len(store.run_ids("finished")) == RUNS
+        _same(reference, _records(out))
+    else:
+        assert proc.returncode == 1, stderr
+        assert store.run_ids("failed") == [victim]
+        assert "died twice" in store.reason(victim) and victim in stdout
+        assert len(store.run_ids("finished")) == RUNS - 1
+
+
+def test_bad_solver_and_monitor_arguments_are_named() -> None:
+    """Integer, non-symmetric or non-tensor matrices; a Lanczos basis over the
+    memory budget (before allocating); non-finite products; a step that is not
+    an int."""
+    import torch
+    import torch.nn.functional as F
+
+    from rdiag.linalg.lanczos import lanczos
+    from rdiag.monitor import Monitor
+    from rdiag.operators.base import DenseOperator, LinearOperator
+
+    with pytest.raises(ValueError, match="floating-point matrix, got torch.int64"):
+        DenseOperator(torch.ones(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match="symmetric matrix"):
+        DenseOperator(torch.arange(9.0).reshape(3, 3))
+    with pytest.raises(TypeError, match="torch.Tensor, got list"):
+        DenseOperator([[1.0]])
+
+    class Huge(LinearOperator):
+        shape, dtype, device = (10**9, 10**9), torch.float32, torch.device("cpu")
+
+        def _matmat(self, matrix):  # pragma: no cover - never reached
+            raise AssertionError("allocated before the check")
+
+    with pytest.raises(MemoryError, match="Lanczos basis .* memory budget"):
+        lanczos(Huge(), k=10**5)
+    nan = torch.eye(4, dtype=torch.float64)
+    nan[0, 0] = math.nan
+    with pytest.raises(ValueError, match="product 1 is not finite"):
+        lanczos(DenseOperator(nan))
+    net = torch.nn.Linear(3, 2)
+    monitor = Monitor(net, (torch.randn(4, 3), torch.randn(4, 2)), loss_fn=F.mse_loss)
+    for step in ("a", -1, 1.5):
+        with pytest.raises(ValueError, match="step to be an int >= 0"):
+            monitor.step(step)
+
+
+def test_curvature_of_non_finite_weights_or_targets_is_refused_by_name() -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from rdiag.curvature import sharpness
+
+    net = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    bad_y = y.clone()
+    bad_y[1, 0] = math.nan
+    with pytest.raises(ValueError, match="targets hold NaN or inf"):
+        sharpness(net, F.mse_loss, (x, bad_y))
+    with torch.no_grad():
+        net.weight[0, 0] = math.inf
+    with pytest.raises(ValueError, match=r"parameters \['weight'\] hold NaN or inf"):
+        sharpness(net, F.mse_loss, (x, y))
+
+
+def test_a_projection_over_the_memory_budget_is_refused_before_allocating() -> None:
+    import torch
+
+    from rdiag import ntk_fn
+
+    net = torch.nn.Linear(3, 10)
+    with pytest.raises(MemoryError, match=r"\(10000000000, 10\) random projection"):
+        ntk_fn(net, projection=10**10)(torch.randn(2, 3))
+
+
+def test_run_ids_are_canonical_and_an_older_store_resumes_without_re_runs(
+    tmp_path,
+) -> None:
+    """Ids from the current names with defaults left out; runs keyed the old way
+    (the whole config, an old field name) are found again, not re-run."""
+    from rdiag.runs.config import TrainConfig, config_id, expand_grid
+    from rdiag.runs.store import run_key
+
+    cfg = {"width": 8, "parametrization": "mup"}
+    assert config_id(cfg) == config_id({"width": 8, "momentum": 0.0})
+    assert config_id(cfg) != config_id({"width": 9})
+    out = tmp_path / "old"
+    config = {**CONFIG, "grid": {"seed": [0, 1]}}
+    sweep(config, out=out)
+    store = Store(out)
+    # Rewrite the store as an older release keyed it: the whole config as the id,
+    # fields under their old names (param, model), a field since added missing.
+    with contextlib.closing(sqlite3.connect(out / "rdiag.sqlite")) as conn:
+        for cfg in expand_grid(config):
+            old = cfg.to_dict()
+            old["param"] = old.pop("parametrization")
+            old["model"] = old.pop("family")
+            del old["divergence_factor"]
+            for table, column in (
+                ("runs", "id"),
+                ("scalars", "run"),
+                ("missing", "run"),
+            ):
+                conn.execute(
+                    f"UPDATE {table} SET {column} = ? WHERE {column} = ?",
+                    (run_key(old), config_id(cfg)),
+                )
+            conn.execute(
+                "UPDATE runs SET config = ? WHERE id = ?",
+                (json.dumps(old, sort_keys=True), run_key(old)),
+            )
+        conn.commit()
+    before = _records(out)
+    resumed = sweep(config, out=out)
+    assert resumed.count("skipped") == 2 and len(store.run_ids()) == 2
+    _same(before, _records(out))
+    assert TrainConfig.from_dict({"parametrization": "mup"}).canonical() == {}
+    from rdiag.report import build_report
+
+    assert build_report(store, tmp_path / "report")["summary"].is_file()
+
+
+def test_non_finite_kernels_and_products_are_said_once() -> None:
+    import torch
+
+    from rdiag import ntk_fn
+    from rdiag.operators.base import DenseOperator
+
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    )
+    with torch.no_grad():
+        net[0].weight[0, 0] = math.nan
+    handle = ntk_fn(net)
+    with pytest.warns(UserWarning, match="eNTK of Sequential holds NaN or inf"):
+        handle(torch.randn(4, 3))
+    a = torch.eye(3, dtype=torch.float64)
+    a[1, 1] = math.inf
+    with pytest.warns(UserWarning, match="DenseOperator: a product holds NaN or inf"):
+        DenseOperator(a).matvec(torch.ones(3, dtype=torch.float64))

@@ -136,7 +136,7 @@ class _Spies:
         self._patches = []
 
     def __enter__(self) -> _Spies:
-        import rdiag.monitor as monitor_module
+        import rdiag.monitor.metrics as monitor_module
 
         targets = dict(self.TARGETS)
         targets["jvp probe (Monitor)"] = (monitor_module, "probe_jvp_mode")
@@ -237,14 +237,14 @@ def test_monitor_checks_after_the_first_do_no_planning() -> None:
         f"{dict(spies.counts)}"
     )
     # One plan per handle; the read-out identity's reduced view is planned with it.
-    readout = mon._ntk.last_plan.inner is not None
+    readout = mon.unit("ntk").handle.last_plan.inner is not None
     assert after_first["plan"] == 1 + readout and after_first["hessian probe"] == 1
     assert mon.missing == {}
     assert {"ntk/rel_change", "sharpness/raw", "lin_error"} <= set(mon.history[-1])
 
 
 def test_a_check_computes_each_kernel_comparison_once(monkeypatch) -> None:
-    import rdiag.monitor as monitor_module
+    import rdiag.monitor.metrics as monitor_module
 
     model = rdiag.make_model("mlp", 16, parametrization="ntk", seed=0, d_in=3, d_out=2)
     x, y = torch.randn(6, 3), torch.randn(6, 2)
@@ -307,3 +307,51 @@ def test_no_decision_is_stored_on_the_model() -> None:
     assert snapshot(model) == before
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_one_shot_calls_reuse_the_plan_of_an_earlier_call() -> None:
+    """empirical_ntk plans once per model, options and input signature (a bounded
+    cache keyed by a weak reference to the model, cleared on request); the reused
+    plan computes the current kernel."""
+    import gc
+    import weakref
+
+    from rdiag.ntk import plan_cache
+
+    plan_cache.clear_plan_cache()
+    model = rdiag.make_model("mlp", 8, parametrization="ntk", seed=0, d_in=3, d_out=2)
+    x = torch.randn(5, 3)
+    with _Spies() as spies:
+        first = empirical_ntk(model, x)
+        planned = spies.counts["plan"]
+        assert planned >= 1
+        again = empirical_ntk(model, x)
+        assert spies.counts["plan"] == planned  # reused: no planning
+        torch.testing.assert_close(first, again)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.mul_(1.5)
+        moved = empirical_ntk(model, x)  # parameter values are read live
+        torch.testing.assert_close(moved, ntk_fn(model)(x))
+        empirical_ntk(model, torch.randn(4, 3))  # another signature: planned
+        assert spies.counts["plan"] > planned
+        empirical_ntk(model, x, trace_outputs=False)  # other options: another handle
+    assert len(plan_cache.PLANS) == 2
+    # Unhashable options (a tensor projection) are not cached.
+    empirical_ntk(model, x, projection=torch.randn(1, 2))
+    assert len(plan_cache.PLANS) == 2
+    # Bounded: the least recently used handle goes first.
+    for seed in range(plan_cache.MAX_ENTRIES):
+        other = rdiag.make_model(
+            "mlp", 4, parametrization="ntk", seed=seed, d_in=3, d_out=2
+        )
+        empirical_ntk(other, x)
+    assert len(plan_cache.PLANS) == plan_cache.MAX_ENTRIES
+    # Clearing releases the models the handles held; nothing is left on the model.
+    alive = weakref.ref(model)
+    empirical_ntk(model, x)
+    assert not [k for k in vars(model) if "plan" in k.lower()]
+    del model
+    plan_cache.clear_plan_cache()
+    gc.collect()
+    assert alive() is None and len(plan_cache.PLANS) == 0

@@ -428,6 +428,24 @@ def test_the_harness_and_the_coord_check_run_one_loop(tmp_path, monkeypatch) -> 
     assert seen == [True, True, True]
 
 
+@pytest.mark.parametrize("config", [{}, {"base": {}, "grid": {}}, "empty.yaml"])
+def test_an_empty_sweep_config_is_refused(tmp_path, config) -> None:
+    if config == "empty.yaml":
+        config = tmp_path / "empty.yaml"
+        config.write_text("")
+    with pytest.raises(ValueError, match="nothing to sweep"):
+        sweep(config, out=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_finite_rate_beyond_the_weights_range_is_divergence(tmp_path) -> None:
+    config = {"width": 8, "steps": 3, "every": 1, "data_options": {"n_train": 16, "n_test": 8, "dim": 3},
+              "probe_size": 4, "metrics": ["loss"], "lr": 1e38, "optimizer": "gd"}  # fmt: skip
+    result = train(config, store=tmp_path)
+    assert result.status == "failed"
+    assert "diverged at step 0: the learning rate" in result.reason
+
+
 #: A run config as the code before the renames (main at 065cb99) wrote it, and the
 #: run id that code gave it (``rdiag.store.run_key``).
 PRE_RENAME_CONFIG = {

@@ -302,3 +302,24 @@ def test_kernel_moments_within_their_error_bars() -> None:
     assert m0.rel_change is None
     with pytest.raises(ValueError, match="same size"):
         kernel_moments(NTKOperator(net, x[:10]), reference=m0)
+
+
+def test_eigenvalue_criterion_converged_means_the_stated_accuracy_on_a_cluster():
+    """Four top eigenvalues within 1e-3 (relative) over a bulk below 0.9: the
+    Ritz gap to the bulk must not vouch for an error bound the cluster breaks."""
+    from rdiag.linalg.lanczos import lanczos
+    from rdiag.operators.base import DenseOperator
+
+    for seed in range(7):
+        gen = torch.Generator().manual_seed(seed)
+        top = 1 - torch.rand(4, generator=gen, dtype=torch.float64) * 1e-3
+        bulk = torch.rand(396, generator=gen, dtype=torch.float64) * 0.9
+        eig = torch.cat([top, bulk])
+        q, _ = torch.linalg.qr(
+            torch.randn(400, 400, generator=gen, dtype=torch.float64)
+        )
+        res = lanczos(
+            DenseOperator((q * eig) @ q.T), tol=1e-6, criterion="eigenvalue", seed=seed
+        )
+        assert res.converged
+        assert abs(float(res.eigenvalues[0]) - float(top.max())) <= 1e-6, seed

@@ -4,6 +4,7 @@ sweep, a second merge changes nothing, conflicts are reported, bad input refused
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import sqlite3
 from pathlib import Path
@@ -154,3 +155,48 @@ def test_merging_stores_of_different_sweeps_is_refused_with_the_reason(
         merge_stores(tmp_path / "m3", [tmp_path / "nothing"])
     with pytest.raises(ValueError, match="holds shard 0/2 of sweep .*, not shard 0/2"):
         sweep(other, out=root, shard="0/2")
+
+
+def _corrupt(db: Path) -> None:
+    """Overwrite the scalars table's root page: 'database disk image is malformed'
+    when its rows are read, while the store still opens."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        (page,) = conn.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'scalars'"
+        ).fetchone()
+    data = bytearray(db.read_bytes())
+    data[(page - 1) * size : page * size] = b"\x07" * size
+    db.write_bytes(bytes(data))
+
+
+def test_a_corrupt_shard_is_named_and_a_refused_merge_leaves_no_target(
+    shards, tmp_path
+) -> None:
+    from rdiag.runs.store import StoreCorruptError
+
+    _, root = shards
+    bad = tmp_path / "shard-1-of-2"
+    shutil.copytree(root / "shard-1-of-2", bad)
+    _corrupt(bad / "rdiag.sqlite")
+    out = tmp_path / "merged"
+    with pytest.raises(StoreCorruptError, match=str(bad / "rdiag.sqlite")):
+        merge_stores(out, [root / "shard-0-of-2", bad])
+    refused = tmp_path / "refused"
+    with pytest.raises(ValueError, match="records no sweep shard"):
+        merge_stores(refused, [root / "whole"])
+    assert not refused.exists(), "a refused merge left its target behind"
+
+
+def test_a_re_merge_removes_what_a_killed_merge_left(shards, tmp_path) -> None:
+    _, root = shards
+    out = tmp_path / "merged"
+    merge_stores(out, _parts(root))
+    run = next((out / "arrays").iterdir())
+    left = run / "ntk-2.tmp999999999"  # a dead merge's pid
+    left.write_bytes(b"partial")
+    mine = run / f"ntk-4.tmp{os.getppid()}"  # a live process's: kept
+    mine.write_bytes(b"partial")
+    merge_stores(out, _parts(root))
+    assert not left.exists() and mine.exists()

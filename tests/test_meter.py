@@ -282,7 +282,7 @@ def test_default_data_is_shaped_like_the_model_output():
 
 
 def test_sample_batch_leaves_batch_norm_statistics_alone():
-    from rdiag.meter import sample_batch
+    from rdiag.data import sample_batch
 
     model = rdiag.make_model("bn_mlp", 8, seed=0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -307,3 +307,75 @@ def test_optimizer_factory_uses_a_parametrization_s_rates_else_one_rate():
     assert plain.param_groups[0]["lr"] == 0.01
     with pytest.raises(ValueError, match="optimizer"):
         optimizer_factory("lbfgs", 0.1)
+
+
+class _ZeroReadoutMLP(_HandMLP):
+    """muP as the ``mup`` package writes it for SGD: a zero read-out."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__(width)
+        with torch.no_grad():
+            self[4].weight.zero_()
+
+
+def test_a_zero_initialised_read_out_is_metered_as_mup():
+    """8-w-w-4 tanh, hidden N(0, 1/fan_in), zero read-out, muP's SGD rate ratios
+    (Tensor Programs V, table 3): read-in ~ n, hidden constant, read-out ~ 1/n."""
+    rule = LRRule(0.3, MUP_SGD, PER_D, base_width=64)
+    res = richness_meter(
+        _ZeroReadoutMLP, rule, _batch(), F.mse_loss, widths=[64, 128, 256, 512],
+        steps=10, seeds=3, ntk=False,
+    )  # fmt: skip
+    assert res.kind == "mup", res.report()
+    # The read-out's relative change from zero is undefined: left out, not a fix.
+    assert not res.layer("4").fixes and not res.failed
+
+
+def test_a_rate_fix_is_offered_only_when_it_moves_the_end_toward_the_target():
+    from rdiag.verdicts import _layer
+
+    def fit(metric, slope, predicted):
+        return {
+            "metric": metric, "slope": slope, "predicted": predicted, "passed": False,
+            "tolerance": 0.1, "ci": [slope - 0.05, slope + 0.05], "reason": "",
+            "inconclusive": False,
+        }  # fmt: skip
+
+    agree = _layer("h", "hidden", [fit("dW_rel", 0.4, 0.0), fit("dW_rel1", 1.0, 0.0)],
+                   0.5, 1.0, 64)  # fmt: skip
+    assert agree.fixes == (
+        "learning rate x (n/64)^-1.00 (its rate ~ n^+1.00 -> n^+0.00)",
+    )
+    split = _layer("h", "hidden", [fit("dW_rel", -0.4, 0.0), fit("dW_rel1", 1.0, 0.0)],
+                   0.5, 1.0, 64)  # fmt: skip
+    assert not split.fixes and any("opposite directions" in v for v in split.violations)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"data": (torch.randn(16, 5), torch.randn(16, 4))},
+         r"the training data \(\(16, 5\) float32\) does not fit family\(64\)"),
+        ({"probe": torch.randn(4, 6)},
+         r"the probe \(\(4, 6\) float32\) does not fit family\(64\)"),
+        ({"data": (torch.randn(16, 8), torch.randn(16, 3))}, "target"),
+    ],
+)  # fmt: skip
+def test_data_or_a_probe_that_does_not_fit_is_named_before_any_run(kwargs, message):
+    data = kwargs.pop("data", _batch())
+    with pytest.raises(ValueError, match=message):
+        richness_meter(
+            _HandMLP, LRRule(0.3, MUP_SGD, PER_D), data, F.mse_loss,
+            widths=[64, 128], steps=2, seeds=1, ntk=False, **kwargs,
+        )  # fmt: skip
+
+
+def test_the_meter_leaves_the_callers_rng_alone():
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    richness_meter(
+        _HandMLP, LRRule(0.3, MUP_SGD, PER_D), _batch(), F.mse_loss,
+        widths=[64, 128], steps=2, seeds=1, ntk=False,
+    )  # fmt: skip
+    assert torch.equal(torch.rand(3), expected)

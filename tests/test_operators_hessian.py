@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import pytest
 import torch
@@ -101,15 +102,58 @@ def test_parameter_block_is_the_dense_block() -> None:
     assert_close("H block", block, op.to_dense(), rtol=1e-10, atol=1e-12)
 
 
-def test_attention_falls_back_once_and_remembers() -> None:
+def test_short_attention_keeps_a_retained_graph_without_a_notice() -> None:
     net, x, y, loss_fn, _ = make_case("attention", "mse")
     op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    # Few scores: the retained graph built under the math backend (the fused CPU
+    # attention has no double backward) is the first strategy, chosen, not fallen
+    # back to; one backward a product, and the later products reuse it.
+    assert op.failed_strategies == set()
+    graph = op._graph
+    assert graph is not None
     op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
-    # The fused CPU attention has neither a double backward nor a forward-mode
-    # derivative; forward-over-reverse under the math backend works.
+    assert op._graph is graph
+
+
+def test_long_attention_runs_rdiag_operator_without_a_notice(monkeypatch) -> None:
+    from rdiag.operators import hessian as hessian_module
+
+    monkeypatch.setattr(hessian_module, "RETAINED_SCORES_BYTES", 0)  # as if T were long
+    net, x, y, loss_fn, _ = make_case("attention", "mse")
+    op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        hv = op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    # Forward-over-reverse through rdiag's attention is the first strategy.
+    assert op.failed_strategies == set() and op._graph is None
+    monkeypatch.undo()  # the retained graph under math attention, as a reference
+    retained = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
+    expected = retained.matvec(torch.ones_like(hv))
+    assert retained._graph is not None
+    assert_close("H v", expected, hv, rtol=1e-10, atol=1e-12)
+
+
+def test_attention_falls_back_once_and_remembers(monkeypatch) -> None:
+    import rdiag.attention
+    from rdiag.operators import hessian as hessian_module
+
+    def broken(*args):
+        raise NotImplementedError("no rule")
+
+    # rdiag's operator without its derivatives: the chain before it existed.
+    for rule in ("jvp", "backward"):
+        monkeypatch.setattr(rdiag.attention._Attention, rule, staticmethod(broken))
+    monkeypatch.setattr(hessian_module, "RETAINED_SCORES_BYTES", 0)
+    net, x, y, loss_fn, _ = make_case("attention", "mse")
+    op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="retained graph with math attention"):
+        op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
     assert op.failed_strategies == {
-        "reverse-over-reverse on a retained graph",
-        "forward-over-reverse",
+        "forward-over-reverse with rdiag attention",
+        "reverse-over-reverse with rdiag attention",
     }
     # The memory is the operator's: a new operator finds out for itself.
     assert HessianOperator(net, loss_fn, (x, y)).failed_strategies == set()
@@ -171,3 +215,48 @@ def test_compiled_hvp_matches_dense() -> None:
     op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64, compile=True)
     v = torch.randn(op.shape[0], dtype=torch.float64)
     assert_close("compiled hvp", expected @ v, op.matvec(v), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("edit", ["scale", "permute", "one_entry"])
+def test_a_kept_operator_sees_in_place_edits_through_data(edit: str) -> None:
+    """``p.data`` edits bump neither storage nor version: the checksum sees them."""
+    net, x, y, loss_fn, _ = make_case("mlp_tanh", "mse")
+    op = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64)
+    v = torch.randn(op.shape[0], 2, dtype=torch.float64)
+    before = op.matmat(v)
+    weight = next(net.parameters())
+    if edit == "scale":
+        weight.data.mul_(1.7)
+    elif edit == "permute":
+        weight.data.copy_(weight.data.flip(0))
+    else:
+        weight.data[0, 0] += 0.5
+    fresh = HessianOperator(net, loss_fn, (x, y), dtype=torch.float64).matmat(v)
+    assert (fresh - before).abs().max() > 1e-6  # the edit changes the Hessian
+    assert_close(f"H after a .data {edit}", fresh, op.matmat(v), rtol=1e-12, atol=1e-14)
+
+
+def test_an_embedding_padding_row_is_left_out_symmetrically() -> None:
+    """``padding_idx`` zeroes that row's gradient: the operator is ``P H P``.
+
+    Reverse-over-reverse (the retained graph of one batch) gives ``P H P v`` by
+    itself; forward-over-reverse (batches from a loader) gave ``P H v``, so the two
+    strategies differed (by 1e-4 on a small BERT) and the operator was not
+    symmetric.
+    """
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(6, 4, padding_idx=0), nn.Flatten(), nn.Linear(12, 2))
+    net = net.double()
+    x = torch.tensor([[0, 1, 2], [3, 0, 5], [4, 4, 1]])
+    y = torch.randn(3, 2, dtype=torch.float64)
+    names = [n for n, _ in net.named_parameters()]
+    dense = oracles.dense_hessian(net, names, F.mse_loss, x, y)
+    keep = torch.ones(dense.shape[0], dtype=torch.float64)
+    keep[:4] = 0  # the padding row's four entries
+    v, w = torch.randn(2, dense.shape[0], dtype=torch.float64)
+    for data in [(x, y), [(x, y)]]:  # retained graph; forward-over-reverse
+        op = HessianOperator(net, F.mse_loss, data, dtype=torch.float64)
+        hv, hw = op.matvec(v), op.matvec(w)
+        assert (op._graph is not None) == isinstance(data, tuple)
+        assert float(w @ hv) == pytest.approx(float(v @ hw), rel=1e-12)
+        assert_close("P H P v", keep * (dense @ (keep * v)), hv, rtol=1e-10, atol=1e-12)

@@ -61,7 +61,12 @@ def test_pre_release_names_are_gone() -> None:
 
     import rdiag
 
-    for name in ("parse_param", "preconditioner_diagonal", "write_summary", "ntk_costs"):
+    for name in (
+        "parse_param",
+        "preconditioner_diagonal",
+        "write_summary",
+        "ntk_costs",
+    ):
         with pytest.raises(AttributeError, match=f"no attribute '{name}'"):
             getattr(rdiag, name)
     assert not (Path(rdiag.__file__).parent / "_deprecation.py").exists()

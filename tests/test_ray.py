@@ -4,22 +4,28 @@ finished runs skipped; the one-writer proxy without Ray."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from rdiag.runs.config import expand_grid
+from rdiag.runs.config import config_id, expand_grid
+from rdiag.runs.store import Store, StoreError
 from rdiag.runs.sweep import sweep
 from rdiag.runs.training import train
-from rdiag.runs.store import Store, run_key
-from rdiag.runs.writer import RemoteStore, StoreWriter
+from rdiag.runs.writer import RemoteStore, StoreWriter, this_process
 from tests.test_faults import BASE, _records, _same
 
 ray = pytest.importorskip("ray")
-from rdiag.runs.ray_executor import RayExecutor  # noqa: E402
+from rdiag.runs.ray_executor import RayExecutor, check_address  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = {
@@ -95,7 +101,7 @@ class KillingExecutor(RayExecutor):
 def test_a_task_killed_mid_run_is_retried_and_leaves_no_duplicates(
     cluster, pool_records, tmp_path
 ) -> None:
-    victim = run_key(expand_grid(CONFIG)[3].to_dict())
+    victim = config_id(expand_grid(CONFIG)[3])
     marker = tmp_path / "killed"
     out = tmp_path / "store"
     executor = KillingExecutor(victim, marker)
@@ -179,3 +185,117 @@ def test_a_remote_store_writes_what_a_local_one_does(tmp_path) -> None:
         RemoteStore(tmp_path, call).query()
     with pytest.raises(ValueError, match="expected a store method"):
         writer.call("close", (), {})
+
+
+def _cli(*argv: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "rdiag.cli", *argv],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+
+
+def test_an_address_that_does_not_answer_fails_within_30_s_naming_it(tmp_path) -> None:
+    tic = time.monotonic()
+    done = _cli(
+        "sweep",
+        "--config",
+        "default",
+        "--executor",
+        "ray",
+        "--address",
+        "127.0.0.1:1",
+        "--out",
+        str(tmp_path),
+        timeout=60,
+    )
+    assert time.monotonic() - tic < 30
+    assert done.returncode == 2 and "127.0.0.1:1 does not answer" in done.stderr
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        check_address("nohost")
+
+
+def test_a_writer_refuses_writes_once_its_sweep_is_gone(tmp_path) -> None:
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    owner = (dead.pid, socket.gethostname(), "1")
+    writer = StoreWriter(str(tmp_path), owner=owner)
+    with pytest.raises(StoreError, match=f"pid {dead.pid} .* is gone"):
+        writer.call("create_run", ({"a": 1},), {})
+    assert not Store(tmp_path).run_ids()
+    alive = StoreWriter(str(tmp_path), owner=this_process())
+    assert alive.call("create_run", ({"a": 1},), {}) in Store(tmp_path).run_ids()
+
+
+_RAY_SWEEP = """
+import json, sys
+from rdiag.runs.sweep import sweep
+if __name__ == "__main__":
+    sweep(json.loads(sys.argv[1]), out=sys.argv[2], executor="ray")
+"""
+
+
+def _ray_sweep_at(tmp_path: Path, rows: int, **popen: object) -> subprocess.Popen:
+    """A sweep process that starts Ray itself, once ``rows`` records are stored."""
+    from tests.test_faults import _rows
+
+    out = tmp_path / "store"
+    config = {**CONFIG, "grid": {"width": [8, 12], "seed": list(range(40))}}
+    script = tmp_path / "sweep.py"
+    script.write_text(_RAY_SWEEP)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), json.dumps(config), str(out)],
+        cwd=ROOT, env=env, **popen,
+    )  # fmt: skip
+    deadline = time.monotonic() + 240
+    while _rows(out) < rows:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the sweep ended or stalled before the fault was injected")
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_a_killed_driver_writes_nothing_after_and_its_ray_processes_end(
+    tmp_path,
+) -> None:
+    """kill -9 of a sweep that started Ray itself: no row after, no Ray process
+    it started alive 10 s later."""
+    from tests.test_faults import _descendants, _rows, _wait_gone
+
+    out = tmp_path / "store"
+    proc = _ray_sweep_at(tmp_path, 60)
+    children: list[int] = []
+    try:
+        children = _descendants(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        rows = _rows(out)
+        alive = _wait_gone(children, 10.0)
+        assert not alive, f"Ray processes {alive} outlived the killed driver"
+        time.sleep(1.0)
+        assert _rows(out) == rows, "rows were written after the driver died"
+    finally:
+        for pid in children:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc")
+def test_sigterm_ends_a_ray_sweep_with_143_and_no_stack_dump(tmp_path) -> None:
+    proc = _ray_sweep_at(tmp_path, 20, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(30)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "SIGTERM received" not in stderr and "Stack trace" not in stderr

@@ -360,3 +360,12 @@ def test_report_opens_with_each_prediction_s_verdict(tmp_path) -> None:
     order = ["fail"] + ["inconclusive"] * 2 + ["pass"] * 8
     assert [r.split('"')[0] for r in rows] == order
     assert html.escape(bad["reason"]) in rows[0]
+
+
+def test_a_malformed_meter_json_is_named(tmp_path) -> None:
+    from rdiag.report import load_meter
+
+    bad = tmp_path / "meter.json"
+    bad.write_text('{"verdict": "mup", "layers": [')
+    with pytest.raises(ValueError, match=f"could not read .* {bad}"):
+        load_meter(tmp_path)

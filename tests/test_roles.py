@@ -30,7 +30,7 @@ def test_a_norm_after_the_readout_is_a_gain_everywhere() -> None:
     assert width_roles(_net(8), _net(16)) == {"0": "readin", "2": "readout"}
     x = torch.randn(5, 4)
     monitor = Monitor(model, x, metrics=["features"])
-    assert monitor._readout == "2"
+    assert monitor.readout == "2"
     assert default_layers(model) == ["0"] == monitor.layers
     prepared = apply_parametrization(_net(8), "mup")
     roles = {n: s.role for n, s in layer_scales(prepared).items()}

@@ -64,7 +64,9 @@ def test_the_selection_keywords_mean_the_same_everywhere(name: str) -> None:
 
 def test_common_calls_stay_one_call() -> None:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+    )
     data = (torch.randn(8, 3), torch.randn(8, 2))
     lam = rdiag.sharpness(net, F.mse_loss, data, dtype=torch.float64)
     assert isinstance(lam, float) and lam > 0
@@ -72,11 +74,18 @@ def test_common_calls_stay_one_call() -> None:
 
 def test_a_prepared_view_is_accepted_wherever_a_model_is() -> None:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
-    x, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 2, dtype=torch.float64)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+    )
+    x, y = (
+        torch.randn(6, 3, dtype=torch.float64),
+        torch.randn(6, 2, dtype=torch.float64),
+    )
     fm = functionalize(net, "2.*", dtype=torch.float64)
     by_view = rdiag.sharpness(fm, F.mse_loss, (x, y))
-    by_model = rdiag.sharpness(net, F.mse_loss, (x, y), params="2.*", dtype=torch.float64)
+    by_model = rdiag.sharpness(
+        net, F.mse_loss, (x, y), params="2.*", dtype=torch.float64
+    )
     assert by_view == pytest.approx(by_model, rel=1e-10)
     k_view = rdiag.empirical_ntk(fm, x)
     k_model = rdiag.empirical_ntk(net, x, params="2.*", dtype=torch.float64)
@@ -90,7 +99,9 @@ def test_a_prepared_view_is_accepted_wherever_a_model_is() -> None:
 
 def test_the_monitor_takes_a_prepared_view() -> None:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 2)
+    )
     x, y = torch.randn(6, 3), torch.randn(6, 2)
     fm = functionalize(net, "2.*")
     monitor = rdiag.Monitor(fm, (x, y), metrics=["ntk"], loss_fn=F.mse_loss)

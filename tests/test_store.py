@@ -307,3 +307,40 @@ def test_concurrent_writer_processes(tmp_path) -> None:
     for rid in store.run_ids():
         assert [s for s, _, _ in store.scalars(rid, "loss")] == list(range(40))
         assert store.array_steps(rid, "k") == [0, 10, 20, 30]
+
+
+def test_a_zero_length_database_is_named_not_taken_as_empty(tmp_path) -> None:
+    import os
+    import time
+
+    from rdiag.runs.store import StoreCorruptError
+
+    db = tmp_path / "rdiag.sqlite"
+    db.write_bytes(b"")
+    old = time.time() - 60
+    os.utime(db, (old, old))
+    with pytest.raises(StoreCorruptError, match=r"rdiag.sqlite is empty \(0 bytes\)"):
+        Store(tmp_path)
+    assert db.stat().st_size == 0  # left as it was
+
+
+def test_bad_arguments_are_named(tmp_path) -> None:
+    store = Store(tmp_path)
+    rid = store.create_run({"a": 1})
+    cases = [
+        (lambda: Store(123), TypeError, "directory as a str or path, got int"),
+        (lambda: Store(tmp_path, timeout="x"), ValueError, "timeout"),
+        (lambda: store.create_run("abc"), TypeError, "config as a mapping"),
+        (lambda: store.log(rid, "a", {"x": 1.0}), ValueError, "step to be an int"),
+        (lambda: store.log(rid, 0, "x"), TypeError, "records as a mapping"),
+        (lambda: store.log(rid, 0, {"x": "y"}), TypeError, "real value for 'x'"),
+        (lambda: store.log(rid, 0, {3: 1.0}), TypeError, "record names"),
+        (lambda: store.log_rows(rid, [(0, "x")]), ValueError, "rows \\(step, metric"),
+        (lambda: store.log_missing(rid, 0, "x"), TypeError, "metric -> reason"),
+        (lambda: store.save_array(rid, 0, "n", "abc"), TypeError, "numeric array"),
+        (lambda: store.run_ids(5), ValueError, "status"),
+    ]
+    for call, kind, message in cases:
+        with pytest.raises(kind, match=message):
+            call()
+    assert store.count(rid) == 0

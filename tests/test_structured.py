@@ -531,3 +531,15 @@ def test_parameterization_multipliers_stay_structured(family: str, param: str) -
     assert_close(
         f"{family} {param}", oracles.ntk_from_jacobians(j, j), k, rtol=1e-9, atol=1e-10
     )
+
+
+def test_structured_coverage_of_a_plain_module_builds_its_view() -> None:
+    from rdiag import functionalize
+    from rdiag.ntk.handle import structured_coverage
+
+    net = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)
+    )
+    x = torch.randn(5, 3)
+    assert structured_coverage(net) == structured_coverage(functionalize(net)) == 1.0
+    assert structured_coverage(net, x) == structured_coverage(functionalize(net), x)

@@ -13,7 +13,7 @@ results went.
 or the user's model (``--factory MODULE:FUNCTION``, a function of no argument or
 of the width, ``--width``), on ``--data-factory``'s batch or else on ``--n``
 inputs from the model's ``sample_inputs`` or Gaussian for its first
-``nn.Linear``, with targets for ``--loss`` (:func:`rdiag.meter.sample_batch`);
+``nn.Linear``, with targets for ``--loss`` (:func:`rdiag.data.sample_batch`);
 the factories are loaded and checked as the meter's.
 
 ``rdiag meter`` takes the user's code by name: ``--factory MODULE:FUNCTION``
@@ -29,9 +29,10 @@ plain SGD / Adam over all its parameters); without ``--data-factory`` on
 inputs for its first ``nn.Linear``, targets shaped like its output). Every
 error exits with status 2 and one line ``rdiag <command>: error: ...`` naming the field or flag and what it allows
 (``--debug`` shows the traceback instead); numeric and path flags are checked by
-argparse before anything runs. A sweep whose runs failed still exits 0 and lists
-the failed runs with their reasons; a merge that found conflicting records lists
-them and exits 1.
+argparse before anything runs. A sweep whose runs failed (diverged, a
+diagnostic failed) still exits 0 and lists the failed runs with their reasons; a
+sweep that lost a run (its worker process died twice) exits 1, and so does a
+merge that found conflicting records (listed).
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Returns:
         The exit status: 0 on success (a sweep whose runs failed included: they
-        are listed with their reasons), 1 for a merge that found conflicting
-        records (listed). An error exits with status 2 and one line
+        are listed with their reasons), 1 for a sweep that lost a run with its
+        worker or a merge that found conflicting records (listed). An error exits with status 2 and one line
         ``rdiag <command>: error: ...`` (``--debug``: the traceback instead); an
         interrupt with 130.
     """

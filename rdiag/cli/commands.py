@@ -24,6 +24,7 @@ from rdiag.cli.factories import load_function, load_function_of, load_object
 from rdiag.cli.parser import LOSSES
 from rdiag.coord_check import DEFAULT_LR, coord_check, plot_coord_check
 from rdiag.curvature import sharpness
+from rdiag.data import sample_batch
 from rdiag.depth_check import depth_check
 from rdiag.loop import fit
 from rdiag.meter import (
@@ -33,7 +34,6 @@ from rdiag.meter import (
     default_data,
     optimizer_factory,
     richness_meter,
-    sample_batch,
 )
 from rdiag.models import make_model
 from rdiag.ntk.handle import empirical_ntk
@@ -137,6 +137,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
         print(f"summary: {Path(result.report['summary']).resolve()}")
         print(f"figures: {out / 'figures'}")
         _print_fits(json.loads(Path(result.report["summary"]).read_text())["fits"])
+    lost = [r.run_id for r in result.results if r.lost]
+    if lost:
+        print(f"{len(lost)} run(s) lost with their worker: {' '.join(lost)}")
+        return 1
     return 0
 
 
@@ -325,7 +329,7 @@ def _model_and_data(args: argparse.Namespace, loss: Any) -> tuple[Any, Any, str]
     The model is a built-in family (``--family``, ``--width``, ``--depth``,
     ``--parametrization``) or the user's ``--factory`` (called with ``--width``
     if it takes one); the batch is ``--data-factory``'s, else
-    :func:`rdiag.meter.sample_batch` (``--n`` inputs, targets for ``loss``,
+    :func:`rdiag.data.sample_batch` (``--n`` inputs, targets for ``loss``,
     seeded by ``--seed``). ``y`` is ``None`` for a data factory that returns
     inputs alone.
     """

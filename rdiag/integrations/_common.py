@@ -177,6 +177,7 @@ class Adapter:
             every=self.every,
             budget_fraction=budget,
             sinks=[*self.sinks, *extra_sinks],
+            probe_check=False,  # checked at the first step, with its batch
             **options,
         )
         if self._restored is not None:
@@ -225,7 +226,10 @@ class Adapter:
         return list((self._restored or {}).get("history", []))
 
     def finish(self) -> CostReport | None:
-        """Report the cost (logged) and close the sinks; ``None`` if nothing ran."""
+        """End of training: the run of ``store=`` finished, the cost, sinks closed.
+
+        The cost is logged and returned (``None`` if nothing ran).
+        """
         if self.monitor is None:
             self.notices.say(
                 "no-step",
@@ -236,6 +240,8 @@ class Adapter:
         report = self.monitor.cost()
         logger.info("%s", report)
         self.monitor.close()
+        if self.monitor.store is not None:  # training ended: nothing left to run
+            self.monitor.store.set_status(self.monitor.run_id, "finished")
         return report
 
     # ---- state ----------------------------------------------------------------------

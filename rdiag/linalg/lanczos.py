@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from rdiag._checks import check_choice, check_finite_positive, check_positive_int
+from rdiag._tiling import check_fits, resolve_budget
 from rdiag.linalg._vectors import (
     column_dots,
     column_norms,
@@ -23,6 +24,12 @@ from rdiag.linalg._vectors import (
 from rdiag.operators.base import LinearOperator
 
 Which = Literal["largest", "smallest", "both"]
+#: Below this many Lanczos vectors the Ritz gap is too rough an estimate for the
+#: eigenvalue criterion alone (see ``criterion``).
+SMALL_SPACE = 6
+#: There, the wanted Ritz values must have moved by at most ``SETTLE * tol`` (relative)
+#: in the last product.
+SETTLE = 3.0
 
 
 @dataclass(frozen=True)
@@ -158,9 +165,14 @@ def lanczos(
             eigenvector lies in the bulk of the spectrum.
         seed: Seed of the random start vector (and of restarts after a breakdown).
         criterion: ``"residual"`` (default; the test above) or ``"eigenvalue"``:
-            stop when the eigenvalue error bound ``residual**2 / gap`` is at most
-            ``tol * max|theta|`` (``gap``: distance to the nearest other Ritz value,
-            an estimate) and the residual at most ``sqrt(tol) * max|theta|``. For
+            stop when the eigenvalue error bound ``min(residual, residual**2 /
+            gap)`` is at most ``tol * max|theta|`` (``gap``: distance to the
+            nearest other Ritz value, less its residual, where that one has
+            converged itself; an unconverged one may stand for an unresolved
+            cluster, so it vouches for no gap), the residual at most ``sqrt(tol) *
+            max|theta|`` and, while the basis is smaller than :data:`SMALL_SPACE`,
+            the wanted Ritz values moved by at most ``SETTLE * tol * max|theta|``
+            in the last product. For
             eigenvalues only (sharpness tracking) it needs far fewer products,
             above all from a warm start; eigenvectors are then only
             ``sqrt(tol)``-accurate.
@@ -199,6 +211,13 @@ def lanczos(
             f"expected basis_size >= {total + 2} for k={k} ({which}), got {m}; "
             "leave basis_size=None for the default"
         )
+    itemsize = torch.empty(0, dtype=op.dtype).element_size()
+    check_fits(
+        (m + 1) * p * itemsize,
+        resolve_budget(None, op.device),
+        f"the Lanczos basis ({m + 1} vectors of P = {p})",
+        "ask for fewer eigenpairs (k) or a smaller basis_size",
+    )
     basis = torch.empty(m + 1, p, dtype=op.dtype, device=op.device)
     basis[0] = start_vector(op, warm_start, seed)
     # T = V^T A V from the Lanczos relation A q_j = sum_i T[i, j] q_i + w_j: the
@@ -210,6 +229,11 @@ def lanczos(
     while True:
         w = op.matvec(basis[j])
         matvecs += 1
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(
+                f"the operator's product {matvecs} is not finite (NaN or inf); check "
+                "that the model's weights, the inputs and the targets are finite"
+            )
         t[j, j] = column_dots(basis[j], w)
         coupled = t[: j + 1, j].nonzero()  # j-1 and j, or from 0 after a restart
         first = int(coupled[0, 0]) if len(coupled) else j
@@ -228,8 +252,16 @@ def lanczos(
         # fresh random directions orthogonal to the basis (coupling computed).
         broke, looked = beta <= math.sqrt(eps) * scale, broke
         converged = len(want) >= total and _accurate(
-            theta, want, res, tol, scale, criterion
+            theta, want, res, tol, scale, criterion, beta * s[j - 1].abs()
         )
+        if criterion == "eigenvalue" and j < SMALL_SPACE:
+            # The gap of a small Krylov space's Ritz values can be far too large
+            # (a warm start stopped after 3 products 4x off its tolerance): there
+            # the values must also have settled (within SETTLE tolerances).
+            converged = converged and bool(
+                len(previous) == len(want)
+                and ((theta[want] - previous).abs() <= SETTLE * tol * scale).all()
+            )
         if broke:
             # Accept a breakdown only once a fresh direction left the pairs unchanged.
             stable = looked and len(previous) == len(want)
@@ -272,18 +304,35 @@ def lanczos(
 
 
 def _accurate(
-    theta: Tensor, want: Tensor, res: Tensor, tol: float, scale: float, criterion: str
+    theta: Tensor,
+    want: Tensor,
+    res: Tensor,
+    tol: float,
+    scale: float,
+    criterion: str,
+    all_res: Tensor,
 ) -> bool:
-    """Whether the wanted Ritz pairs meet the stopping test (see ``criterion``)."""
+    """Whether the wanted Ritz pairs meet the stopping test (see ``criterion``).
+
+    ``res`` are the wanted pairs' residuals, ``all_res`` every Ritz pair's.
+    """
     if criterion == "residual":
         return bool((res <= tol * scale).all())
     if len(theta) < 2:
         return False
+    # The quadratic bound needs the gap to the rest of the *spectrum*. Only a
+    # nearest neighbour that has converged itself (residual under a tenth of
+    # its distance) vouches for one: an unconverged Ritz value may stand for an
+    # eigenvalue the basis has not resolved yet (a cluster), next to the wanted
+    # one. Without such a neighbour the bound is the residual (Weyl).
     distance = (theta[want, None] - theta[None, :]).abs()
-    distance[torch.arange(len(want)), want] = float("inf")
-    gap = distance.min(dim=1).values
+    distance[torch.arange(len(want)), want] = math.inf
+    gap, nearest = distance.min(dim=1)
+    vouched = all_res[nearest] <= 0.1 * gap
+    gap = torch.where(vouched, gap - all_res[nearest], 0.0)
+    bound = torch.minimum(res, res**2 / gap)
     small = res <= math.sqrt(tol) * scale
-    return bool((small & (res**2 <= tol * scale * gap)).all())
+    return bool((small & (bound <= tol * scale)).all())
 
 
 def _restart_indices(theta: Tensor, total: int, which: Which, m: int) -> Tensor:

@@ -1,6 +1,7 @@
 """Every byte and FLOP estimate of the eNTK: the cost model behind ``"auto"``, memory.
 
-With ``F`` the forward FLOPs of one sample (torch's flop counter), ``P`` selected
+With ``F`` the forward FLOPs of one sample (its matrix products, counted by a
+dispatch mode that imports neither Dynamo nor Triton), ``P`` selected
 parameters, ``O`` output units, ``S`` the samples differentiated (``N1`` for the
 symmetric kernel, ``N1 + N2`` otherwise) and ``pairs`` the kernel entries
 computed (``N1 N2``, halved when symmetric; ``N1`` on the diagonal):
@@ -29,8 +30,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from rdiag._inputs import Inputs, batch_size, rows
 from rdiag._tiling import check_fits
@@ -105,17 +108,55 @@ class Cost:
     seconds: float
 
 
-def sample_forward_flops(fm: FunctionalModel, x: Inputs) -> float:
-    """FLOPs of one forward pass per sample (torch's flop counter on two samples)."""
-    # Imported here: torch's flop counter imports Triton when it is installed.
-    from torch.utils.flop_counter import FlopCounterMode
+def _matmul_flops(func: Any, args: tuple, out: Any) -> float:
+    """``2 * out.numel() * k`` for the matrix products torch dispatches to."""
+    name = func.__name__
+    if name.startswith(("mm", "bmm")):
+        return 2.0 * out.numel() * args[0].shape[-1]
+    if name.startswith(("addmm", "baddbmm")):
+        return 2.0 * out.numel() * args[1].shape[-1]
+    if name.startswith("convolution"):
+        weight = args[1]
+        return 2.0 * out.numel() * weight[0].numel()
+    if "scaled_dot_product" in name:  # QK^T and AV: 4 B H Tq Tk D
+        q, k = args[0], args[1]
+        return 4.0 * q.numel() * k.shape[-2]
+    return 0.0
 
+
+class _FlopCount(TorchDispatchMode):
+    """Counts matrix-product FLOPs (mm, bmm, addmm, convolution, attention).
+
+    torch's ``FlopCounterMode`` imports ``torch._dynamo`` when entered (seconds on a
+    first call) and Triton when imported; this mode declares that it needs no
+    Dynamo guard (it never compiles) and keeps its few formulas here.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0.0
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        return False
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(first, torch.Tensor):
+            self.flops += _matmul_flops(func, args, first)
+        return out
+
+
+def sample_forward_flops(fm: FunctionalModel, x: Inputs) -> float:
+    """FLOPs of one forward pass per sample (matrix products counted on two samples)."""
     probe = rows(x, slice(0, 2))
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), _FlopCount() as counter:
         fm(fm.params, probe)
     # Elementwise ops are not counted; 2 FLOPs per parameter is the floor.
-    return max(counter.get_total_flops() / batch_size(probe), 2.0 * fm.num_params)
+    return max(counter.flops / batch_size(probe), 2.0 * fm.num_params)
 
 
 @dataclass(frozen=True)

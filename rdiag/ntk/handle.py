@@ -21,12 +21,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from rdiag._autodiff import JvpMode
+from rdiag import attention as blocked
+from rdiag._autodiff import JvpMode, differentiating
 from rdiag._checks import check_positive_int
 from rdiag._inputs import Inputs, describe, trailing
 from rdiag._optional import Notices
 from rdiag._tiling import format_bytes, resolve_budget
 from rdiag._typing import ParamSelector, LRMultipliers
+from rdiag.attention import AttentionCall, attention_workspace
 from rdiag.distributed import Group, sharded_kernel
 from rdiag.functional import FunctionalModel, Mode, functionalize, document_selection
 from rdiag.ntk.jacobian import jacobian_ntk
@@ -44,6 +46,7 @@ from rdiag.ntk.readout import (
 from rdiag.ntk.spec import kernel_dtype
 from rdiag.ntk.structured import structured_ntk
 from rdiag.ntk.vector_products import ntvp_ntk
+from rdiag.ntk.plan_cache import PLANS
 from rdiag.ntk.planning import NTKImplementation, NTKPlan, Planner
 from rdiag.ntk._capture import StructuredPlan, sites_of
 
@@ -198,6 +201,7 @@ class NTKFunction(Planner):
         # Signature -> seconds of each call per implementation of a race in progress.
         self._races: dict[tuple, dict[NTKImplementation, list[float]]] = {}
         self._jvp_mode: JvpMode | None = None
+        self._attention: list[AttentionCall] = []
         self._vmap_error: str | None | bool = False  # False: not probed yet
         self.notices = Notices()
         self.last_plan: NTKPlan | None = None
@@ -239,10 +243,26 @@ class NTKFunction(Planner):
         """
         if self.group is not None:
             self._prepare(x1, x2)  # bad inputs raise here, before any collective
-            return sharded_kernel(
+            out = sharded_kernel(
                 self.group, self._local, x1, x2, diagonal=self.diagonal
             )
-        return self._local(x1, x2)
+        else:
+            out = self._local(x1, x2)
+        self._say_if_not_finite(out)
+        return out
+
+    def _say_if_not_finite(self, out: Any) -> None:
+        """Say once when a kernel holds NaN or inf (weights that diverged)."""
+        values = out.values() if isinstance(out, dict) else [out]
+        tensors = [getattr(v, "kernel", v) for v in values]
+        if any(
+            isinstance(t, Tensor) and not bool(torch.isfinite(t).all()) for t in tensors
+        ):
+            self.notices.say(
+                "not-finite",
+                f"ntk_fn: the eNTK of {type(self.fm.module).__name__} holds NaN or "
+                "inf entries; check that its weights are finite (a diverged model)",
+            )
 
     def _local(
         self, x1: Inputs, x2: Inputs | None
@@ -309,10 +329,20 @@ class NTKFunction(Planner):
         if plan.inner is not None:
             return f"{plan.reason}; {plan.inner.explain()}"
         spec = plan.spec
+        attention = ""
+        if plan.implementation is NTKImplementation.NTVP and self._attention:
+            keys = blocked.DEFAULT_BLOCK
+            part = attention_workspace(self._attention, keys)
+            full = attention_workspace(self._attention, None)
+            attention = (
+                f"; attention by rdiag's blocked operator ({keys} keys per block): "
+                f"about {format_bytes(part)} of scores per sample and tangent, "
+                f"against {format_bytes(full)} with math attention"
+            )
         return (
             f"{plan.implementation.value}: {plan.reason}; kernel {plan.shape}, "
             f"block {spec.block_size} samples, about {format_bytes(plan.memory)} of "
-            f"the memory budget {format_bytes(spec.budget)}"
+            f"the memory budget {format_bytes(spec.budget)}{attention}"
         )
 
     # ---- inputs -------------------------------------------------------------------
@@ -376,7 +406,9 @@ def _run_jacobian(
 def _run_ntvp(
     f: NTKFunction, plan: NTKPlan, x1: Inputs, x2: Inputs | None
 ) -> dict[str, Tensor]:
-    return ntvp_ntk(f.fm, x1, x2, plan.spec, f.jvp_mode(x1))
+    mode = f.jvp_mode(x1)
+    with differentiating(mode):
+        return ntvp_ntk(f.fm, x1, x2, plan.spec, mode)
 
 
 def _run_structured(
@@ -429,8 +461,11 @@ def empirical_ntk(
     r"""Empirical NTK :math:`J(x_1)\, M\, J(x_2)^\top` in one call: ``ntk_fn(model, ...)(x1, x2)``.
 
     The keywords, shapes and semantics are those of :class:`NTKFunction`. For
-    repeated kernels of one model keep the handle from :func:`ntk_fn` instead:
-    this function plans anew every call.
+    repeated kernels of one model keep the handle from :func:`ntk_fn`; this
+    function reuses the handle (its plans, race and self-check) of an earlier
+    call on the same model and keywords from a bounded cache
+    (:mod:`rdiag.ntk.plan_cache`, emptied by
+    :func:`~rdiag.ntk.plan_cache.clear_plan_cache`).
 
     Args:
         model: The network (or a :class:`~rdiag.functional.FunctionalModel`).
@@ -451,8 +486,7 @@ def empirical_ntk(
         >>> empirical_ntk(net, x).shape, empirical_ntk(net, x, trace_outputs=False).shape
         (torch.Size([5, 5]), torch.Size([5, 5, 2, 2]))
     """
-    kernel = NTKFunction(
-        model,
+    options = dict(
         implementation=implementation,
         trace_outputs=trace_outputs,
         diagonal=diagonal,
@@ -472,10 +506,12 @@ def empirical_ntk(
         readout_identity=readout_identity,
         process_group=process_group,
     )
-    return kernel(x1, x2)
+    return PLANS.handle(model, options, NTKFunction)(x1, x2)
 
 
-def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
+def structured_coverage(
+    fm: FunctionalModel | nn.Module, x: Inputs | None = None
+) -> float:
     """Fraction of the selected scalar parameters that the static rules cover.
 
     Without ``x`` this counts the parameters the rules of
@@ -485,7 +521,7 @@ def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
     structured path itself uses. A batch-coupled model gives 0.0.
 
     Args:
-        fm: Functional model.
+        fm: Functional model, or a module (its default view, :func:`functionalize`).
         x: A batch of the model's inputs, or ``None`` for the static count.
 
     Returns:
@@ -498,6 +534,7 @@ def structured_coverage(fm: FunctionalModel, x: Inputs | None = None) -> float:
         >>> structured_coverage(functionalize(net))
         1.0
     """
+    fm = functionalize(fm)
     if fm.batch_coupled:
         return 0.0
     if x is not None:

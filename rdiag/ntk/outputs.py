@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rdiag._tiling import check_fits, resolve_budget
 from rdiag.functional import FunctionalModel
 
 __all__ = ["KernelEstimate", "Projection", "probe_estimate", "projected_view"]
@@ -95,6 +96,12 @@ class Projection:
             return self.given.to(device=like.device, dtype=like.dtype)
         key = (size, like.device, like.dtype)
         if key not in self._drawn:
+            check_fits(
+                self.given * size * (8 + like.element_size()),
+                resolve_budget(None, like.device),
+                f"the ({self.given}, {size}) random projection",
+                "pass a smaller projection k",
+            )
             gen = torch.Generator().manual_seed(self.seed)
             if self.kind == "rademacher":
                 m = torch.randint(0, 2, (self.given, size), generator=gen) * 2.0 - 1

@@ -20,10 +20,12 @@ from enum import Enum
 
 import torch
 
-from rdiag._autodiff import JvpMode, probe_jvp_mode, probe_vmap
+from rdiag import attention as blocked
+from rdiag._autodiff import JvpMode, attention_calls, probe_jvp_mode, probe_vmap
 from rdiag._inputs import Inputs, batch_size, rows, signature
 from rdiag._optional import Notices
 from rdiag._tiling import block_size, check_fits, resolve_budget
+from rdiag.attention import AttentionCall, attention_workspace
 from rdiag.functional import FunctionalModel
 from rdiag.ntk._capture import StructuredPlan, plan_structured
 from rdiag.ntk.costs import (
@@ -127,7 +129,9 @@ class Planner:
     -> kernel weight), ``block_size``, ``memory_budget``, ``readout_identity``,
     ``notices``, and the caches ``_plans`` (signature -> :class:`NTKPlan`),
     ``_races`` (signature -> seconds per implementation of a race in
-    progress), ``_jvp_mode`` and ``_vmap_error`` (probed once).
+    progress), ``_jvp_mode`` and ``_vmap_error`` (probed once), and
+    ``_attention`` (the attention calls of one sample where the jvps run rdiag's
+    operator, probed with the jvp mode).
     """
 
     fm: FunctionalModel
@@ -144,6 +148,7 @@ class Planner:
     _races: dict[tuple, dict[NTKImplementation, list[float]]]
     _jvp_mode: JvpMode | None
     _vmap_error: str | None | bool
+    _attention: list[AttentionCall]
 
     def _key(self, x1: Inputs, x2: Inputs | None) -> tuple:
         return (
@@ -397,6 +402,10 @@ class Planner:
             self.jvp_mode(x1)
         spec = replace(spec, block_size=block, whole_batch=self._whole_batch(x1))
         memory = out_bytes + 2 * block * row
+        if impl is NTKImplementation.NTVP:  # the jvps' attention scores
+            memory += block * attention_workspace(
+                self._attention, blocked.DEFAULT_BLOCK
+            )
         return NTKPlan(impl, reason, spec, shape, memory)
 
     def _settle(self, key: tuple, plan: NTKPlan, run: NTKPlan, start: float) -> None:
@@ -444,6 +453,8 @@ class Planner:
         """The forward-mode strategy for this model, probed once per handle."""
         if self._jvp_mode is None:
             self._jvp_mode = probe_jvp_mode(self.fm, x)
+            if self._jvp_mode == "attention":
+                self._attention = attention_calls(self.fm, x)
         return self._jvp_mode
 
     def _notice_large_outputs(self, num_outputs: int) -> None:

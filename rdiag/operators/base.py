@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rdiag._optional import require
+from rdiag._optional import Notices, require
 
 
 class LinearOperator(ABC):
@@ -56,7 +56,16 @@ class LinearOperator(ABC):
             raise ValueError(
                 f"expected a ({self.shape[1]}, K) matrix for {type(self).__name__}, got {got}"
             )
-        return self._matmat(matrix.to(device=self.device, dtype=self.dtype))
+        out = self._matmat(matrix.to(device=self.device, dtype=self.dtype))
+        if not bool(torch.isfinite(out).all()):
+            if not hasattr(self, "_notices"):
+                self._notices = Notices()
+            self._notices.say(
+                "not-finite",
+                f"{type(self).__name__}: a product holds NaN or inf entries; check "
+                "that the weights, inputs and targets are finite",
+            )
+        return out
 
     def matvec(self, vector: Tensor) -> Tensor:
         """``A @ vector`` for a ``(D,)`` vector; returns ``(D,)``.
@@ -106,10 +115,28 @@ class DenseOperator(LinearOperator):
     """
 
     def __init__(self, matrix: Tensor) -> None:
+        if not isinstance(matrix, Tensor):
+            raise TypeError(
+                f"expected a (D, D) torch.Tensor, got {type(matrix).__name__}; "
+                "convert it with torch.as_tensor(..., dtype=torch.float64)"
+            )
         if matrix.dim() != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(
                 f"expected a square matrix, got shape {tuple(matrix.shape)}"
             )
+        if not matrix.is_floating_point():
+            raise ValueError(
+                f"expected a floating-point matrix, got {matrix.dtype}; convert it "
+                "with .double()"
+            )
+        if matrix.numel():
+            skew = float((matrix - matrix.T).abs().max())
+            scale = float(matrix.abs().max())
+            if skew > 100 * torch.finfo(matrix.dtype).eps * scale:
+                raise ValueError(
+                    "expected a symmetric matrix (the solvers assume one), got one "
+                    f"whose largest |A - A^T| entry is {skew:.3g}; pass (A + A^T) / 2"
+                )
         self.matrix = matrix
         self.shape = (matrix.shape[0], matrix.shape[1])
         self.dtype = matrix.dtype

@@ -132,6 +132,34 @@ def forward_over_reverse(
     return jvp(grad(lambda p: fun(p, target)), (primal,), (tangent,))[1]
 
 
+
+def trainable_mask(fm: FunctionalModel) -> Tensor | None:
+    """``(P,)`` mask of the coordinates that have a gradient (None: all of them).
+
+    An ``nn.Embedding`` with ``padding_idx`` never updates that row: autograd sets
+    its gradient to zero, so ``grad`` is not the derivative there and its Jacobian is
+    not symmetric (forward-over-reverse and reverse-over-reverse products differ
+    on that row). The curvature operators act on the other coordinates,
+    ``P H P`` with ``P`` this mask as a diagonal: symmetric, and the same by
+    every product strategy.
+    """
+    rows: dict[str, int] = {}
+    for prefix, module in fm.module.named_modules():
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            name = f"{prefix}.weight" if prefix else "weight"
+            if name in fm.names:
+                rows[name] = module.padding_idx % module.num_embeddings
+    if not rows:
+        return None
+    mask = {
+        n: torch.ones(fm.shapes[n], dtype=torch.bool, device=fm.device)
+        for n in fm.names
+    }
+    for name, row in rows.items():
+        mask[name][row] = False
+    return torch.cat([mask[n].reshape(-1) for n in fm.names])
+
+
 class CurvatureOperator(LinearOperator):
     """Base of the operators built from ``(model, loss_fn, data)``.
 
@@ -217,9 +245,11 @@ class CurvatureOperator(LinearOperator):
         self._bound: tuple | None = None
         self.data = data
         self.out_shape = self._probe(*next(iter_batches(data)))
+        self._check_finite(*next(iter_batches(data)))
         self.group = None if process_group is None else Group(process_group)
         if self.group is not None:
             self.group.check_replicas(self.fm.module, self.fm.names)
+        self._trainable = trainable_mask(self.fm)
 
     def rebind(self, data: Data | None = None) -> None:
         """Take products on ``data`` from now on (default: the same data, fresh).
@@ -242,6 +272,27 @@ class CurvatureOperator(LinearOperator):
         self.data = data
         if self._signature(x, y) != self._bound:
             self.out_shape = self._probe(x, y)
+        self._check_finite(x, y)
+
+    def _check_finite(self, x: Inputs, y: Tensor) -> None:
+        """Refuse NaN or inf in the weights or in the (first) batch, named.
+
+        Raises:
+            ValueError: A non-finite parameter, input or target.
+        """
+        bad = [
+            n for n, p in self.fm.params.items() if not bool(torch.isfinite(p).all())
+        ]
+        if bad:
+            raise ValueError(
+                f"the model's parameters {bad[:5]} hold NaN or inf; curvature of a "
+                "diverged model is undefined: measure an earlier state"
+            )
+        for what, t in [("targets", y)] + [("inputs", t) for t in leaves(x)]:
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"the batch's {what} hold NaN or inf; drop or fix those samples"
+                )
 
     def _invalidate(self) -> None:
         """Drop per-batch caches (subclasses that keep any override this)."""
@@ -280,6 +331,8 @@ class CurvatureOperator(LinearOperator):
     def _matmat(self, matrix: Tensor) -> Tensor:
         if self.group is not None:
             self.group.check_replicated(matrix, f"the {self.kind} operator's input")
+        if self._trainable is not None:
+            matrix = matrix * self._trainable.to(matrix.dtype)[:, None]
         total, acc = 0, torch.zeros_like(matrix)
         for x, y in iter_batches(self.data):
             n = batch_size(x)
@@ -287,6 +340,8 @@ class CurvatureOperator(LinearOperator):
             total += n
         if self.group is not None:
             acc, total = self.group.sum(acc), self.group.total(total)
+        if self._trainable is not None:
+            acc = acc * self._trainable.to(acc.dtype)[:, None]
         return acc / total
 
     @abstractmethod

@@ -8,6 +8,7 @@ loss uses forward-over-reverse autodiff in the (small) output space, also exact.
 
 from __future__ import annotations
 
+
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
+from rdiag._autodiff import JvpMode, differentiating, jvp, probe_jvp_mode
 from rdiag._checks import check_choice
 from rdiag._typing import Data, LossFn, ParamSelector
 from rdiag.functional import FunctionalModel, Mode, document_selection
@@ -170,13 +171,13 @@ class GGNOperator(CurvatureOperator):
         def f(t: Tensor) -> Tensor:
             return self.outputs(self.fm.unflatten(t), x)
 
-        out, pullback = vjp(f, theta)
-        curvature = self._curvature(out.detach(), y)
-
         def column(v: Tensor) -> Tensor:
             return pullback(curvature(jvp(f, (theta,), (v,), mode)[1]))[0]
 
-        return map_columns(column, matrix)
+        with differentiating(mode):
+            out, pullback = vjp(f, theta)
+            curvature = self._curvature(out.detach(), y)
+            return map_columns(column, matrix)
 
 
 @document_selection

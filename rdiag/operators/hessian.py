@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vjp
 
-from rdiag._autodiff import math_attention
+from rdiag._autodiff import HARDSIGMOID_NOTE, attention_calls, twice_differentiable
+from rdiag._inputs import batch_size
+from rdiag.attention import attention_workspace, efficient_attention
 from rdiag._optional import notice
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.functional import FunctionalModel, Mode, document_selection
@@ -21,15 +24,28 @@ from rdiag.operators.curvature import (
 )
 
 
+#: Bytes of attention scores in one batch's forward (math attention) above which an
+#: attention model's products run forward-over-reverse through rdiag's blocked
+#: attention (``O(T * block)`` extra memory, a forward and a backward a product).
+#: Below it the retained graph is kept (one backward a product, about half the
+#: cost), though it holds every score of the batch under math attention.
+RETAINED_SCORES_BYTES = 32 * 2**20
+
+
 @document_selection
 class HessianOperator(CurvatureOperator):
     r"""The Hessian :math:`H = \nabla^2_\theta L(\theta)` of a mean loss, matrix-free.
 
     :math:`L(\theta) = \sum_b \frac{n_b}{N}\,\mathrm{loss\_fn}(f(\theta, x_b), y_b)`
     over the batches of ``data`` (one batch: the batch's loss). Products are
-    forward-over-reverse (``jvp`` of ``grad``); if a module has no forward-mode
-    derivative (fused ``scaled_dot_product_attention``), the math attention backend
-    and then reverse-over-reverse are tried once per operator, with a one-time
+    forward-over-reverse (``jvp`` of ``grad``). A model that calls
+    ``scaled_dot_product_attention`` runs it by rdiag's blocked operator
+    (:mod:`rdiag.attention`: exact, ``O(T * block)`` extra memory per head) inside
+    the products, tried first, without a notice. If a module has no forward-mode
+    derivative (fused attention without rdiag's operator; ``Hardsigmoid``, whose
+    backward has no derivative), the math attention backend with Hardsigmoid
+    as ``relu6(x + 3) / 6`` (:func:`rdiag._autodiff.twice_differentiable`) and
+    then reverse-over-reverse are tried once per operator, with a one-time
     notice. Products are at the model's current parameters; for a single batch
     the gradient graph is kept and rebuilt only after the parameters change.
 
@@ -98,16 +114,48 @@ class HessianOperator(CurvatureOperator):
         self.compile = compile
         self._compiled: dict[str, Callable[..., Tensor]] = {}
         self._graph: tuple[tuple, list[Tensor], tuple[Tensor, ...]] | None = None
+        self._checksum_weights: dict[tuple[torch.device, torch.dtype], Tensor] = {}
         # Strategies that failed before another one worked: skipped from then on.
         self.failed_strategies: set[str] = set()
+        self._note = ""  # what a fallback rewrote, said with its notice
+        # The bytes of attention scores of one batch under math attention (0: the
+        # model calls no scaled_dot_product_attention), probed once.
+        self._scores_bytes: float | None = None
 
     def _invalidate(self) -> None:
         self._graph = None
 
     def _param_state(self) -> tuple:
-        """Identity and version of every selected parameter: changes with any update."""
+        """Identity, version and checksum of the selected parameters.
+
+        Storage and version change with an optimizer step, a ``no_grad`` edit or
+        ``load_state_dict``; an edit through ``p.data`` bumps neither, so the
+        state also holds one checksum: the parameters' dot product with a fixed
+        random vector (sensitive to any change of value, sign or position; one
+        read of the parameters, well under the cost of one product).
+        """
         named = dict(self.fm.module.named_parameters())
-        return tuple((named[n].data_ptr(), named[n]._version) for n in self.fm.names)
+        params = [named[n] for n in self.fm.names]
+        ids = tuple((p.data_ptr(), p._version) for p in params)
+        parts: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+        with torch.no_grad():
+            for p in params:
+                w = self._weights(p.numel(), p.device, p.dtype)
+                parts.setdefault((p.device, p.dtype), []).append(
+                    torch.dot(p.detach().reshape(-1), w)
+                )
+        # One sync per device and dtype; as hex, a NaN checksum equals itself.
+        sums = (float(torch.stack(v).double().sum()).hex() for v in parts.values())
+        return ids, tuple(sums)
+
+    def _weights(self, size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The checksum's fixed random weights in ``[0.5, 1.5)``: the first ``size``."""
+        w = self._checksum_weights.get((device, dtype))
+        if w is None or w.numel() < size:
+            gen = torch.Generator().manual_seed(0)
+            w = torch.rand(max(size, 1), generator=gen, dtype=torch.float64) + 0.5
+            self._checksum_weights[(device, dtype)] = w = w.to(device, dtype)
+        return w[:size]
 
     def _flat_loss(self, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda theta, y: self.batch_loss(self.fm.unflatten(theta), x, y)
@@ -127,27 +175,37 @@ class HessianOperator(CurvatureOperator):
         _, pullback = vjp(lambda t: grad(loss)(t, y), theta)
         return map_columns(lambda v: pullback(v)[0], matrix)
 
-    def _retained(self, x: Tensor, y: Tensor, matrix: Tensor) -> Tensor:
+    def _retained(
+        self, x: Tensor, y: Tensor, matrix: Tensor, math: bool = False
+    ) -> Tensor:
         """Reverse-over-reverse through one gradient graph kept for all products.
 
         The gradient is built once with ``create_graph=True``; each product is then
         a single backward pass through it, about half the cost of recomputing the
         forward and backward for forward-over-reverse. Used for a single batch only
         (a DataLoader would keep one graph per batch alive). The graph is rebuilt
-        whenever a parameter changed (an optimizer step bumps its version) or
-        :meth:`rebind` was called.
+        whenever a parameter changed (an optimizer step bumps its version, an
+        edit through ``p.data`` its checksum, :meth:`_param_state`) or
+        :meth:`rebind` was called. With ``math=True`` the graph is built under the
+        math attention backend (and Hardsigmoid rewritten, :func:`twice_differentiable`):
+        the fused CPU / flash attention kernels have no double backward, and without this route an attention model fell back to
+        forward-over-reverse, a whole forward and backward per product (190 ms
+        against 18 ms a product on a small GPT-2).
         """
-        state = self._param_state()
+        state = (self._param_state(), math)
         if self._graph is None or self._graph[0] != state:
             self._graph = None
             leaves = {
                 n: p.detach().requires_grad_(True) for n, p in self.fm.params.items()
             }
-            with torch.enable_grad():
+            backend = twice_differentiable() if math else contextlib.nullcontext()
+            with torch.enable_grad(), backend as mode:
                 loss = self.batch_loss(leaves, x, y)
                 grads = torch.autograd.grad(
                     loss, list(leaves.values()), create_graph=True
                 )
+            if mode is not None and mode.replaced:
+                self._note = HARDSIGMOID_NOTE
             self._graph = (state, list(leaves.values()), grads)
         _, leaves, grads = self._graph
         # Gradients that do not depend on the parameters have zero Hessian rows.
@@ -157,12 +215,12 @@ class HessianOperator(CurvatureOperator):
             v = self.fm.unflatten(matrix[:, k])
             hv = [torch.zeros_like(leaf) for leaf in leaves]
             if live:
+                # H v as the gradient of the scalar <g, v>: the same backward, and
+                # no explicit grad_outputs, whose check makes torch import sympy
+                # (a second of the first product in a fresh process).
+                dot = sum((grads[i] * v[self.fm.names[i]]).sum() for i in live)
                 parts = torch.autograd.grad(
-                    [grads[i] for i in live],
-                    leaves,
-                    [v[self.fm.names[i]] for i in live],
-                    retain_graph=True,
-                    allow_unused=True,
+                    dot, leaves, retain_graph=True, allow_unused=True
                 )
                 hv = [h if p is None else p for h, p in zip(hv, parts)]
             columns.append(torch.cat([h.reshape(-1) for h in hv]))
@@ -183,11 +241,35 @@ class HessianOperator(CurvatureOperator):
 
         def math(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
             def call() -> Tensor:
-                with math_attention():
+                with twice_differentiable() as mode:
+                    out = fn(x, y, matrix)
+                if mode.replaced:
+                    self._note = HARDSIGMOID_NOTE
+                return out
+
+            return call
+
+        def routed(fn: Callable[..., Tensor]) -> Callable[[], Tensor]:
+            def call() -> Tensor:
+                with efficient_attention():
                     return fn(x, y, matrix)
 
             return call
 
+        if self._scores_bytes is None:
+            calls = attention_calls(self.fm, x)
+            samples = 1 if self.fm.batch_coupled else batch_size(x)
+            self._scores_bytes = attention_workspace(calls, None) * samples
+        attention = (
+            [
+                ("forward-over-reverse with rdiag attention", routed(fwd)),
+                ("reverse-over-reverse with rdiag attention", routed(rev)),
+            ]
+            if self._scores_bytes
+            else []
+        )
+        # An attention model's retained graph is built under math attention at once
+        # (the fused kernels have no double backward): a choice, not a fallback.
         retained = (
             []
             if self.compile or not is_batch(self.data)
@@ -195,16 +277,34 @@ class HessianOperator(CurvatureOperator):
                 (
                     "reverse-over-reverse on a retained graph",
                     lambda: self._retained(x, y, matrix),
-                )
-            ]
+                ),
+                (
+                    "reverse-over-reverse on a retained graph with math attention",
+                    lambda: self._retained(x, y, matrix, math=True),
+                ),
+            ][1 if self._scores_bytes else 0 :]
+        )
+        # Long sequences: rdiag's attention first (memory); short: the retained graph
+        # first (speed), rdiag's attention next.
+        first, second = (
+            (attention, retained)
+            if self._scores_bytes > RETAINED_SCORES_BYTES
+            else (retained, attention)
         )
         return self.run_strategies(
-            retained
+            first
+            + second
             + [
                 ("forward-over-reverse", lambda: fwd(x, y, matrix)),
-                ("forward-over-reverse with math attention", math(fwd)),
+                (
+                    "forward-over-reverse with math attention",
+                    math(fwd),
+                ),
                 ("reverse-over-reverse", lambda: rev(x, y, matrix)),
-                ("reverse-over-reverse with math attention", math(rev)),
+                (
+                    "reverse-over-reverse with math attention",
+                    math(rev),
+                ),
             ]
         )
 
@@ -233,10 +333,11 @@ class HessianOperator(CurvatureOperator):
             skip.update(failed)
             if first is not None:
                 reason = str(first).splitlines()[0][:160]
+                note = f" ({self._note})" if self._note else ""
                 notice(
                     f"{self.kind}: the default autodiff path failed for "
                     f"{type(self.fm.module).__name__} ({reason}); using {name} from now "
-                    "on for this operator",
+                    f"on for this operator{note}",
                 )
             return result
         raise first  # type: ignore[misc]  # strategies is never empty

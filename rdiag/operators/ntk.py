@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vjp, vmap
 
-from rdiag._autodiff import JvpMode, jvp, probe_jvp_mode
+from rdiag._autodiff import JvpMode, differentiating, jvp, probe_jvp_mode
 from rdiag._checks import check_positive_int
 from rdiag._inputs import Inputs, batch_size, describe, rows, trailing
 from rdiag._typing import ParamSelector, LRMultipliers
@@ -112,6 +112,10 @@ class NTKOperator(LinearOperator):
         return [slice(a, min(a + step, n)) for a in range(0, n, step)]
 
     def _matmat(self, matrix: Tensor) -> Tensor:
+        with differentiating(self._mode):
+            return self._products(matrix)
+
+    def _products(self, matrix: Tensor) -> Tensor:
         fm, params, k = self.fm, self.fm.params, matrix.shape[1]
         cot = matrix.T.reshape(k, *self.out_shape)
         blocks = [(b, rows(self.x, b)) for b in self._blocks()]

@@ -33,6 +33,7 @@ from rdiag.models import ACTIVATIONS, FAMILIES
 from rdiag.monitor import METRICS
 from rdiag.parametrization import OPTIMIZERS as PARAM_OPTIMIZERS
 from rdiag.parametrization import parse_parametrization
+from rdiag.runs.store import Store, run_key
 
 #: Optimizers (:mod:`rdiag.parametrization`) and the batch streams of SGD
 #: (:data:`rdiag.data.BATCH_MODES`: full-batch ``"gd"``, one-pass ``"online"``).
@@ -217,8 +218,65 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The config as a plain dict (what the store records and keys runs by)."""
+        """The config as a plain dict (what the store records)."""
         return dataclasses.asdict(self)
+
+    def canonical(self) -> dict[str, Any]:
+        """The fields that identify the run: current names, defaults left out.
+
+        A field added later (with a default) or renamed leaves it unchanged, so
+        the run's id (:func:`config_id`) does too.
+        """
+        default = TrainConfig()
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != getattr(default, f.name)
+        }
+
+
+#: Field names and values of stores written two formats back (before
+#: :data:`rdiag.runs.store.ID_NAMES`), read when matching their runs.
+_OLDER_FIELDS = {"param": "parametrization"}
+_OLDER_LOSSES = {"ce": "cross_entropy"}
+
+
+def config_id(config: TrainConfig | Mapping[str, Any]) -> str:
+    """A run's id: :func:`~rdiag.runs.store.run_key` of its canonical config.
+
+    Raises:
+        ValueError: A bad config field.
+    """
+    if not isinstance(config, TrainConfig):
+        config = TrainConfig.from_dict(config)
+    return run_key(config.canonical())
+
+
+def stored_ids(store: Store) -> dict[str, str]:
+    """Canonical id -> the id a run has in ``store``, where the two differ.
+
+    Runs written before ids were canonical (keyed by the whole config, perhaps
+    under older field names, without fields added since) are found again, so
+    that resuming re-runs nothing. Configs that no longer validate (fields
+    since removed) are left out.
+    """
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    found = {}
+    for rid in store.run_ids():
+        values = store.config(rid)
+        for old, new in _OLDER_FIELDS.items():
+            if old in values and new not in values:
+                values[new] = values.pop(old)
+        values["loss"] = _OLDER_LOSSES.get(values.get("loss"), values.get("loss"))
+        if values["loss"] is None:
+            del values["loss"]
+        try:
+            cid = config_id({k: v for k, v in values.items() if k in known})
+        except (ValueError, TypeError):
+            continue
+        if cid != rid:
+            found.setdefault(cid, rid)
+    return found
 
 
 def _yaml_mapping(text: str, source: object, what: str) -> dict[str, Any]:

@@ -7,8 +7,12 @@ or from its message on Python 3.10), or the ``errno`` of an ``OSError``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import os
 import sqlite3
+import time
+from pathlib import Path
 from typing import Any
 
 DB_NAME = "rdiag.sqlite"
@@ -40,6 +44,7 @@ _OS_CODES = {
     for name, code in (
         ("ENOSPC", _FULL),
         ("EDQUOT", _FULL),
+        ("EFBIG", _FULL),
         ("EROFS", _READONLY),
         ("EACCES", _READONLY),
         ("EPERM", _READONLY),
@@ -119,11 +124,39 @@ def _locked_error(store: Any, err: Exception) -> StoreError:
 
 def _full_error(store: Any, err: Exception) -> StoreError:
     return StoreFullError(
-        f"the disk holding the store {store.root} is full ({err}); the write in "
-        "progress was rolled back and everything written before is intact; free "
-        "some space (or write to another --out directory) and rerun the same "
-        "command to resume"
+        f"{_limit(store, err)} ({err}); the write in progress was rolled back and "
+        "everything written before is intact; free some space or raise that limit "
+        "(or write to another --out directory) and rerun the same command to resume"
     )
+
+
+def _limit(store: Any, err: Exception) -> str:
+    """Which limit a write ran into: the disk, a quota, a file size, SQLite's."""
+    number = getattr(err, "errno", None)
+    if number == getattr(errno, "EDQUOT", None):
+        return f"the disk quota of the store {store.root} is used up"
+    if number == errno.EFBIG:
+        return (
+            f"a file of the store {store.root} reached the file size limit (ulimit -f)"
+        )
+    try:
+        stat = os.statvfs(store.root)
+        free = stat.f_bavail * stat.f_frsize
+    except OSError:
+        free = None
+    if free is None or free < 1 << 20 or isinstance(err, OSError):
+        left = "" if free is None else f", {free} bytes left"
+        return f"the disk holding the store {store.root} is full{left}"
+    with contextlib.suppress(sqlite3.Error):
+        conn = store._connection()
+        pages = conn.execute("PRAGMA max_page_count").fetchone()[0]
+        size = conn.execute("PRAGMA page_size").fetchone()[0]
+        return (
+            f"the store database {store.db_path} reached a size limit with {free} "
+            f"bytes free on its disk: SQLite's max_page_count ({pages} pages of "
+            f"{size} bytes), a disk quota or the file size limit (ulimit -f)"
+        )
+    return f"the store database {store.db_path} reached a size limit"
 
 
 def _read_only_error(store: Any, err: Exception) -> StoreError:
@@ -148,3 +181,26 @@ def _corrupt_error(store: Any, err: Exception) -> StoreError:
         "modified it; inspect it with `sqlite3 <file> 'PRAGMA integrity_check'`, "
         "restore it from a backup, or write to a new --out directory"
     )
+
+
+def check_not_truncated(db_path: Path) -> None:
+    """Refuse a zero-length database that is not being created right now.
+
+    SQLite would take it as an empty database and write a new schema into it;
+    a store that lost its content (a copy cut short, a disk error) is named
+    instead. A file younger than a few seconds may be another process's store
+    in the making.
+
+    Raises:
+        StoreCorruptError: The database file is empty and not new.
+    """
+    try:
+        stat = db_path.stat()
+    except OSError:
+        return
+    if stat.st_size == 0 and time.time() - stat.st_mtime > 5.0:
+        raise StoreCorruptError(
+            f"the store database {db_path} is empty (0 bytes): a store whose "
+            "content was lost (a copy cut short, a disk error); restore it from a "
+            "backup, or remove the file to start a new store there"
+        )

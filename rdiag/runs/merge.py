@@ -100,7 +100,7 @@ class MergeResult:
         return bool(self.added_runs or self.completed_runs or self.rows)
 
 
-def _open_shard(path: str | Path, out: Store) -> tuple[Store, dict[str, Any]]:
+def _open_shard(path: str | Path, out: Path) -> tuple[Store, dict[str, Any]]:
     """A shard's store and its sweep facts; raise if it is not a shard."""
     root = Path(path)
     if not (root / DB_NAME).is_file():
@@ -109,7 +109,7 @@ def _open_shard(path: str | Path, out: Store) -> tuple[Store, dict[str, Any]]:
             "directories that `rdiag sweep --shard i/n --out DIR` made "
             "(DIR/shard-i-of-n)"
         )
-    if root.resolve() == out.root.resolve():
+    if root.resolve() == out.resolve():
         raise ValueError(
             f"the shard {root} is the merged store itself; merge into another directory"
         )
@@ -125,9 +125,9 @@ def _open_shard(path: str | Path, out: Store) -> tuple[Store, dict[str, Any]]:
 
 
 def _check_one_sweep(
-    out: Store, shards: Sequence[tuple[Store, dict[str, Any]]]
+    out: Store | None, shards: Sequence[tuple[Store, dict[str, Any]]]
 ) -> dict[str, Any]:
-    """The sweep all shards (and ``OUT``) are of; raise with the reason otherwise."""
+    """The sweep all shards (and ``OUT``, None: no store yet) are of; raise otherwise."""
     first_store, first = shards[0]
     for store, facts in shards[1:]:
         if facts["sweep"] != first["sweep"]:
@@ -139,6 +139,8 @@ def _check_one_sweep(
                 "runs); their grids differ (the config, or --r/--widths/--seeds/--lr/"
                 "--steps/--every); merge the shards of one sweep into one OUT"
             )
+    if out is None:
+        return first
     held = out.meta().get("sweep")
     if held is not None and held != first["sweep"]:
         raise ValueError(
@@ -281,6 +283,34 @@ def _merge_one(out: Store, shard: Store) -> tuple[int, int, int, list[Conflict]]
     return added, taken, rows, conflicts
 
 
+def _damaged(store: Store) -> bool:
+    """Whether a store's database fails SQLite's quick check (read-only)."""
+    uri = f"{store.db_path.resolve().as_uri()}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            return conn.execute("PRAGMA quick_check").fetchone()[0] != "ok"
+    except sqlite3.DatabaseError:
+        return True
+
+
+def _remove_stale_files(root: Path) -> None:
+    """Remove the temporary array files (``*.tmp<pid>``) of dead processes.
+
+    A merge or run killed between writing a copy and renaming it into place
+    leaves one; a live process's are its own.
+    """
+    for path in (root / "arrays").glob("*/*.tmp*"):
+        pid = path.suffix.removeprefix(".tmp")
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (PermissionError, OverflowError):
+            pass
+
+
 def merge_stores(out: str | Path, shards: Sequence[str | Path]) -> MergeResult:
     """Merge shard stores of one sweep into the store at ``out`` (created if missing).
 
@@ -297,19 +327,32 @@ def merge_stores(out: str | Path, shards: Sequence[str | Path]) -> MergeResult:
             shards of different sweeps; an ``out`` holding another sweep or
             runs of none (nothing is written then).
         FileNotFoundError: A shard directory holds no store.
-        StoreCorruptError: A shard's array file is missing or damaged (that
-            shard is not merged; the shards before it are).
+        StoreCorruptError: A shard's database (named) or array file is missing
+            or damaged (that shard is not merged; the shards before it are).
     """
     if not shards:
         raise ValueError("expected at least one shard directory to merge, got none")
-    store = Store(out)
-    opened = [_open_shard(path, store) for path in shards]
-    sweep = _check_one_sweep(store, opened)
+    # Every check before OUT is created: a refused merge leaves nothing behind.
+    target = Path(out)
+    opened = [_open_shard(path, target) for path in shards]
+    existing = Store(target) if (target / DB_NAME).is_file() else None
+    sweep = _check_one_sweep(existing, opened)
+    store = existing or Store(target)
+    _remove_stale_files(store.root)
     totals = [0, 0, 0]
     conflicts: list[Conflict] = []
     merged = set(store.meta().get("shards", []))
     for shard, facts in opened:
-        *counts, found = _merge_one(store, shard)
+        try:
+            *counts, found = _merge_one(store, shard)
+        except (sqlite3.DatabaseError, StoreCorruptError) as err:
+            if not _damaged(shard):
+                raise
+            raise StoreCorruptError(
+                f"the shard database {shard.db_path} is damaged ({err}); nothing of "
+                "this shard was merged (the shards before it were); restore it or "
+                "re-run that shard, then merge again"
+            ) from err
         totals = [t + c for t, c in zip(totals, counts)]
         conflicts += found
         merged.add(facts["shard"])

@@ -55,13 +55,19 @@ import numpy as np
 import torch
 
 from rdiag import records as R
-from rdiag._checks import check_file_name, check_nonnegative_int
+from rdiag._checks import (
+    check_choice,
+    check_file_name,
+    check_finite_positive,
+    check_nonnegative_int,
+)
 from rdiag._optional import require
 from rdiag._version import __version__
 from rdiag.runs.errors import (
     BUSY,
     DB_NAME,
     LOCKED,
+    check_not_truncated,
     sqlite_code,
     store_error,
 )
@@ -216,8 +222,13 @@ class Store:
     """
 
     def __init__(self, root: str | os.PathLike, *, timeout: float = 60.0) -> None:
+        if not isinstance(root, (str, os.PathLike)):
+            raise TypeError(
+                f"expected the store's directory as a str or path, got "
+                f"{type(root).__name__}"
+            )
         self.root = Path(root)
-        self.timeout = float(timeout)
+        self.timeout = check_finite_positive(timeout, "timeout")
         self.db_path = self.root / DB_NAME
         self._conn: sqlite3.Connection | None = None
         self._pid: int | None = None
@@ -230,6 +241,7 @@ class Store:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise store_error(self, err) from err
+        check_not_truncated(self.db_path)
         self._retry(lambda: self._connection().executescript(_SCHEMA))
         self._migrate()
 
@@ -376,6 +388,11 @@ class Store:
             ValueError: A ``run_id`` that is not a safe file name (it names the
                 run's array folder).
         """
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                f"expected the run's config as a mapping of fields, got "
+                f"{type(config).__name__}"
+            )
         rid = run_key(config) if run_id is None else check_file_name(run_id, "run_id")
         now = time.time()
         row = (
@@ -456,6 +473,8 @@ class Store:
 
     def run_ids(self, status: str | None = None) -> list[str]:
         """Ids of the runs, optionally only those with ``status``, in creation order."""
+        if status is not None:
+            check_choice(status, "status", STATUSES)
         if status is None:
             rows = self._read("SELECT id FROM runs ORDER BY created, id")
         else:
@@ -571,7 +590,19 @@ class Store:
         Raises:
             KeyError: No such run (nothing is written).
         """
-        rows = [(int(step), *R.columns(key), value) for key, value in records.items()]
+        step = check_nonnegative_int(step, "step")
+        if not isinstance(records, Mapping):
+            raise TypeError(
+                f"expected records as a mapping name -> value, got "
+                f"{type(records).__name__}"
+            )
+        bad = [k for k in records if not isinstance(k, (str, tuple))]
+        if bad:
+            raise TypeError(
+                f"expected record names (str, e.g. 'delta_h/hidden.0') or (metric, "
+                f"layer) tuples, got {bad[:3]}"
+            )
+        rows = [(step, *R.columns(key), value) for key, value in records.items()]
         self.log_rows(run_id, rows)
 
     def log_rows(
@@ -590,10 +621,7 @@ class Store:
         Raises:
             KeyError: No such run (nothing is written).
         """
-        rows = [
-            (run_id, int(s), R.current_metric(m), layer or "", float(v))
-            for s, m, layer, v in rows
-        ]
+        rows = [(run_id, *R.store_row(row)) for row in rows]
         old = [
             (run_id, s, layer, alias)
             for _, s, m, layer, _ in rows
@@ -628,7 +656,13 @@ class Store:
         Raises:
             KeyError: No such run (nothing is written).
         """
-        rows = [(run_id, int(step), str(m), str(r)) for m, r in missing.items()]
+        step = check_nonnegative_int(step, "step")
+        if not isinstance(missing, Mapping):
+            raise TypeError(
+                f"expected missing as a mapping metric -> reason, got "
+                f"{type(missing).__name__}"
+            )
+        rows = [(run_id, step, str(m), str(r)) for m, r in missing.items()]
         if rows:
             self._insert(
                 run_id,
@@ -772,6 +806,11 @@ class Store:
             if isinstance(array, torch.Tensor)
             else np.asarray(array)
         )
+        if arr.dtype.kind not in "biufc":
+            raise TypeError(
+                f"expected a numeric array or tensor for snapshot {name!r}, got "
+                f"dtype {arr.dtype}"
+            )
         buf = io.BytesIO()
         np.save(buf, arr, allow_pickle=False)
         path = self.root / "arrays" / run_id / f"{name}-{step}.npy"

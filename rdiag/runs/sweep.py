@@ -16,9 +16,13 @@ one deterministic slice of the grid into its own store (a Slurm array task), and
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
+import functools
 import logging
+import signal
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,9 +36,11 @@ from rdiag.loop import describe_error
 from rdiag.report import build_report
 from rdiag.runs.config import (
     TrainConfig,
+    config_id,
     expand_grid,
     load_sweep_config,
     parse_shard,
+    stored_ids,
 )
 from rdiag.runs.executors import Executor, SerialExecutor, process_executor
 from rdiag.runs.ray_executor import RayExecutor
@@ -50,7 +56,7 @@ def sweep_id(configs: list[TrainConfig]) -> str:
     The same grid (after overrides) gives the same id, whatever the order, the
     executor or the shard; every shard of a sweep records it.
     """
-    keys = sorted(run_key(cfg.to_dict()) for cfg in configs)
+    keys = sorted(config_id(cfg) for cfg in configs)
     return run_key({"runs": keys})
 
 
@@ -91,8 +97,8 @@ class SweepResult:
         return sum(r.status == status for r in self.results)
 
 
-def _run_config(cfg: dict[str, Any], root: str) -> TrainResult:
-    return train(cfg, store=root)
+def _run_config(cfg: dict[str, Any], root: str, rid: str | None = None) -> TrainResult:
+    return train(cfg, store=root, run_id=rid)
 
 
 def sweep(
@@ -109,9 +115,11 @@ def sweep(
 ) -> SweepResult:
     """Run a grid of configurations into ``out`` (store + optional report), resumably.
 
-    A run that fails (diverges, or raises: out of memory, a bad data option, a dead
-    worker) is recorded ``failed`` with its reason, and the sweep goes on with the
-    others; a rerun retries failed and unfinished runs and skips finished ones. A
+    A run that fails (diverges, or raises: out of memory, a bad data option) is
+    recorded ``failed`` with its reason, and the sweep goes on with the others. A
+    process-pool worker that dies costs only the run it held, retried once in a
+    new pool (the runs the broken pool cancelled are submitted again); at its
+    second death the run is failed and ``lost``; a rerun retries failed and unfinished runs and skips finished ones. A
     run that another live sweep is executing is skipped (``"elsewhere"``).
 
     Args:
@@ -159,6 +167,13 @@ def sweep(
     for key in axis:
         if key in given.get("grid", {}):
             raw["grid"].pop(axis[1 - axis.index(key)], None)
+    if not raw["base"] and not raw["grid"]:
+        raise ValueError(
+            f"the sweep config {config if isinstance(config, (str, Path)) else ''} "
+            "sets no base fields and no grid: nothing to sweep; write base: and "
+            "grid: sections (see rdiag sweep --config default), or use rdiag run "
+            "for one default run"
+        )
     configs = expand_grid(raw)
     workers = raw.get("workers", 1) if workers is None else workers
     check_positive_int(workers, "workers")
@@ -177,13 +192,16 @@ def sweep(
         _mark_shard(store, facts)
     todo = []
     results: list[TrainResult] = []
+    older = stored_ids(store)
     for cfg in configs:
-        rid = store.create_run(cfg.to_dict(), seed=cfg.seed, device=cfg.device)
-        if store.status(rid) == "finished":
+        rid = older.get(config_id(cfg), config_id(cfg))
+        if store.status(rid) == "finished":  # read only: a finished store resumes
             results.append(_not_run(rid, store, "skipped"))
-        else:
-            todo.append((rid, cfg.to_dict()))
+            continue
+        store.create_run(cfg.to_dict(), run_id=rid, seed=cfg.seed, device=cfg.device)
+        todo.append((rid, cfg.to_dict()))
     own = executor is None or isinstance(executor, str)
+    renew = None
     if executor == "ray":
         resources = raw.get("resources") or {}
         executor = RayExecutor(
@@ -193,18 +211,21 @@ def sweep(
         )
     elif own:
         executor = SerialExecutor() if workers == 1 else process_executor(workers)
+        if workers > 1:
+            renew = functools.partial(process_executor, workers)
     bar = None
     if progress:
         bar = require("tqdm", "sweep progress").tqdm(
             total=len(configs), initial=len(results), desc="rdiag sweep", unit="run"
         )
+    pool = [executor]  # a pool that lost a worker is replaced (renew)
     try:
-        results += _run_all(executor, todo, store, bar)
+        results += _run_all(pool, todo, store, bar, renew)
     finally:
         if bar is not None:
             bar.close()
         if own:
-            executor.shutdown(wait=True)
+            pool[0].shutdown(wait=True)
     paths: dict[str, str] = {}
     wanted = report if report is not None else raw.get("report", True)
     if shard is not None:
@@ -217,27 +238,46 @@ def sweep(
 
 
 def _run_all(
-    executor: Executor, todo: list[tuple[str, dict[str, Any]]], store: Store, bar: Any
+    pool: list[Executor],
+    todo: list[tuple[str, dict[str, Any]]],
+    store: Store,
+    bar: Any,
+    renew: Callable[[], Executor] | None = None,
 ) -> list[TrainResult]:
-    """Run ``(run id, config)`` pairs through ``executor``, in completion order."""
+    """Run ``(run id, config)`` pairs through ``pool[0]``, in completion order.
+
+    With ``renew`` (a process pool's factory), a pool that lost a worker is
+    replaced by a new one: the run the dead worker held is retried once (a
+    second death fails it), the runs the broken pool cancelled with it are
+    submitted again without counting against them.
+    """
     # SerialExecutor runs at submit: one at a time, so that the bar moves per run.
-    window = 1 if isinstance(executor, SerialExecutor) else len(todo)
-    queue, running = deque(todo), {}
+    window = 1 if isinstance(pool[0], SerialExecutor) else len(todo)
+    queue: deque[tuple[str, dict[str, Any]]] = deque(todo)
+    running: dict[cf.Future, tuple[str, dict[str, Any]]] = {}
     results = []
-    by_run = getattr(executor, "submit_run", None)
+    deaths: dict[str, int] = {}
     try:
         while queue or running:
             while queue and len(running) < window:
                 rid, cfg = queue.popleft()
+                by_run = getattr(pool[0], "submit_run", None)
                 future = (
-                    by_run(train, cfg, store.root)
+                    by_run(functools.partial(train, run_id=rid), cfg, store.root)
                     if by_run is not None
-                    else executor.submit(_run_config, cfg, str(store.root))
+                    else pool[0].submit(_run_config, cfg, str(store.root), rid)
                 )
-                running[future] = rid
+                running[future] = (rid, cfg)
             done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
+            if renew is not None and any(_broken(f) for f in done):
+                again, lost = _renew(pool, running, store, deaths, renew)
+                queue.extendleft(reversed(again))
+                results += lost
+                if bar is not None:
+                    bar.update(len(lost))
+                continue
             for fut in done:
-                results.append(_outcome(fut, running.pop(fut), store))
+                results.append(_outcome(fut, running.pop(fut)[0], store))
                 if bar is not None:
                     bar.update(1)
     except BaseException:
@@ -245,6 +285,65 @@ def _run_all(
             fut.cancel()
         raise
     return results
+
+
+def _broken(future: cf.Future) -> bool:
+    return not future.cancelled() and isinstance(future.exception(), BrokenProcessPool)
+
+
+def _renew(
+    pool: list[Executor],
+    running: dict[cf.Future, tuple[str, dict[str, Any]]],
+    store: Store,
+    deaths: dict[str, int],
+    renew: Callable[[], Executor],
+) -> tuple[list[tuple[str, dict[str, Any]]], list[TrainResult]]:
+    """Replace a broken pool: the runs to submit again, and those lost.
+
+    The dead worker's run is submitted again once; at its second death it is
+    lost (failed, ``lost=True``).
+
+    The dead worker is the one that ended other than by the pool's own
+    terminate (SIGTERM); its run is the one it had claimed in the store.
+    """
+    cf.wait(running)  # a broken pool fails every call it held at once
+    workers = dict(getattr(pool[0], "_processes", None) or {})
+    pool[0].shutdown(wait=True)
+    dead = {
+        pid: p.exitcode
+        for pid, p in workers.items()
+        if p.exitcode not in (None, 0, -signal.SIGTERM)
+    }
+    again, lost = [], []
+    for fut, (rid, cfg) in list(running.items()):
+        if not _broken(fut):
+            continue  # finished before the break: collected as usual
+        del running[fut]
+        holder = store.claim_holder(rid)
+        if holder is not None and holder["pid"] in dead:
+            deaths[rid] = deaths.get(rid, 0) + 1
+            logger.warning(
+                "run %s: its worker (pid %s) died (exit code %s); %s",
+                rid,
+                holder["pid"],
+                dead[holder["pid"]],
+                "retrying it once" if deaths[rid] == 1 else "giving up",
+            )
+            if deaths[rid] > 1:
+                reason = (
+                    f"its worker process died twice (exit code {dead[holder['pid']]}: "
+                    "killed, out of memory?); rerun the sweep to retry it"
+                )
+                store.set_status(rid, "failed", reason)
+                lost.append(
+                    dataclasses.replace(
+                        _not_run(rid, store, "failed", reason), lost=True
+                    )
+                )
+                continue
+        again.append((rid, cfg))
+    pool[0] = renew()
+    return again, lost
 
 
 def _outcome(future: cf.Future, rid: str, store: Store) -> TrainResult:

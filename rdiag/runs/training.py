@@ -10,6 +10,7 @@ run is skipped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -32,6 +33,8 @@ from rdiag.records import TRAIN_LOSS
 from rdiag.runs.config import (
     DTYPES,
     TrainConfig,
+    config_id,
+    stored_ids,
 )
 from rdiag.runs.store import Store, StoreError
 from rdiag.runs.writer import RemoteStore
@@ -53,6 +56,8 @@ class TrainResult:
         seconds: Wall time of the run; ``monitor_seconds``: of which diagnostics.
         reason: Why it failed or ran elsewhere (None otherwise); a failure's reason
             is also stored (:meth:`~rdiag.runs.store.Store.reason`).
+        lost: The run failed because its worker process died twice (killed,
+            out of memory), not because of anything it computed.
     """
 
     run_id: str
@@ -62,6 +67,7 @@ class TrainResult:
     seconds: float
     monitor_seconds: float
     reason: str | None = None
+    lost: bool = False
 
 
 def _device(name: str) -> torch.device:
@@ -197,7 +203,9 @@ def train(
         store: A :class:`~rdiag.runs.store.Store` or a directory (created if missing), or
             a :class:`~rdiag.runs.writer.RemoteStore` (the store's writer on another
             machine).
-        run_id: Explicit run id (default the config's :func:`~rdiag.runs.store.run_key`).
+        run_id: Explicit run id (default the config's
+            :func:`~rdiag.runs.config.config_id`, or the id the store has for it
+            from before ids were canonical).
         **overrides: Config fields overriding ``config``.
 
     Returns:
@@ -215,6 +223,10 @@ def train(
     cfg = TrainConfig.from_dict({**base, **overrides})
     store = Store(store) if isinstance(store, (str, os.PathLike)) else store
     device = _device(cfg.device)
+    if run_id is None:
+        run_id = canonical = config_id(cfg)
+        if isinstance(store, Store):  # a run written before ids were canonical
+            run_id = stored_ids(store).get(canonical, canonical)
     rid = store.create_run(
         cfg.to_dict(), run_id=run_id, seed=cfg.seed, device=str(device)
     )
@@ -226,7 +238,12 @@ def train(
         if store.status(rid) == "finished":  # by another process since the check
             return _not_run(rid, store, "skipped")
         return _execute(cfg, store, rid, device)
-    except StoreError:
+    except StoreError as err:
+        # Not finished: failed with the reason where the store still takes that
+        # write (arrays refused, the database not), else left unfinished; either
+        # way a rerun redoes it and what was written stays.
+        with contextlib.suppress(StoreError):
+            store.set_status(rid, "failed", describe_error(err))
         raise
     except Exception as err:
         store.set_status(rid, "failed", describe_error(err))

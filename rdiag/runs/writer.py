@@ -19,6 +19,7 @@ the writer's answer (:class:`rdiag.runs.ray_executor.RayExecutor` uses a Ray act
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from rdiag.runs.store import Store
+from rdiag.runs.store import Store, StoreError, _live, _this_process
+
+#: ``(pid, host, start time)`` of this process, as :meth:`Store.claim` records it.
+this_process = _this_process
 
 #: The store methods a run may call through a :class:`RemoteStore`.
 METHODS = (
@@ -50,20 +54,33 @@ class StoreWriter:
 
     Args:
         root: The store's directory, on this machine's disk.
+        owner: ``(pid, host, start time)`` of the process the writer works for
+            (:func:`this_process` of a sweep's driver): once that process is
+            gone every call is refused, so no run writes after its sweep died.
+            None: no owner.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(
+        self, root: str, owner: tuple[int, str, str | None] | None = None
+    ) -> None:
         self.store = Store(root)
+        self.owner = owner
 
     def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         """``store.method(*args, **kwargs)``; its return value or its error.
 
         Raises:
             ValueError: ``method`` is not one of :data:`METHODS`.
+            StoreError: The owner is gone (nothing is written).
         """
         if method not in METHODS:
             raise ValueError(
                 f"expected a store method from {list(METHODS)}, got {method!r}"
+            )
+        if self.owner is not None and not _live(*self.owner, time.time()):
+            raise StoreError(
+                f"the sweep that owns the writer of {self.store.root} (pid "
+                f"{self.owner[0]} on {self.owner[1]}) is gone; nothing more is written"
             )
         return getattr(self.store, method)(*args, **kwargs)
 

@@ -192,3 +192,39 @@ def test_a_probe_that_does_not_fit_names_its_shapes(tmp_path) -> None:
         _train(_gpt2(), examples, [cb], _args(tmp_path, 1))
     with pytest.raises(ValueError, match="restore_callback_states_from_checkpoint"):
         RdiagCallback()
+
+
+def test_default_budget_says_its_schedule_up_front_and_skips_nothing_silently(
+    tmp_path,
+) -> None:
+    """every=10 over 40 steps with the default budget (issue 23's every=100 over
+    400, scaled): each scheduled check after the first runs, or the callback said
+    which schedule it uses before the first one it left out, and lists it."""
+    import warnings
+
+    examples = _examples("tokens")
+    cb = RdiagCallback(transformers.default_data_collator(examples[:6]), every=10)
+    said: dict[int, int] = {}
+
+    class Watch(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            said[state.global_step] = sum(
+                "rdiag: a check costs" in str(w.message) for w in caught
+            )
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train(_gpt2(), examples, [cb, Watch()], _args(tmp_path, 40))
+    mon = cb.monitor
+    ran = [h["step"] for h in cb.history]
+    assert sorted(ran + mon.skipped_steps) == [0, 10, 20, 30, 40]
+    assert mon.skipped == len(mon.skipped_steps)
+    if mon.skipped_steps:
+        assert said[mon.skipped_steps[0]] == 1  # said once, before the first skip
+        stride = mon.budget_plan.stride
+        assert ran == [
+            s for s in (0, 10, 20, 30, 40) if s <= 10 or (s // 10) % stride == 0
+        ]
+    assert said[40] <= 1
+    assert 10 in ran  # the second check measures a later check's cost
+    assert "monitor/check_steps" in cb.history[1] and cb.cost.per_check

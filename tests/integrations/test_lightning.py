@@ -262,3 +262,17 @@ def test_ddp_on_two_processes_writes_records_once_and_ends(tmp_path) -> None:
     store = Store(tmp_path)
     (rid,) = store.run_ids()
     assert store.count(rid) == len(rows)
+
+
+def test_a_store_written_through_the_callback_is_finished_at_train_end(
+    tmp_path,
+) -> None:
+    from rdiag.report import build_report
+
+    loader, probe = _data()
+    store = Store(tmp_path / "store")
+    rid = store.create_run({"model": "regressor"})
+    cb = RdiagMonitor(probe, every=2, store=store, run_id=rid, **OPTIONS)
+    _trainer(tmp_path, 4, callbacks=[cb]).fit(Regressor(), loader)
+    assert store.status(rid) == "finished"
+    assert build_report(store, tmp_path / "report")["summary"].is_file()
