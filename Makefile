@@ -3,7 +3,7 @@ VENV ?= .venv
 OUT ?= results
 export VENV
 
-.PHONY: setup main test test-fast lint bench
+.PHONY: setup main test test-fast lint bench docs
 
 setup:
 	@bash scripts/setup_env.sh
@@ -25,3 +25,8 @@ bench: setup
 	$(VENV)/bin/python -m pip install -q -e ".[bench]"
 	mkdir -p $(OUT)
 	$(VENV)/bin/python -m pytest bench --benchmark-only --benchmark-json=$(OUT)/bench.json
+
+# The documentation site: docs/_build/html (the gallery executed; warnings are errors).
+docs: setup
+	$(VENV)/bin/python -m pip install -q -c $(VENV)/constraints.txt -e ".[docs]"
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/python -m sphinx -b html -W --keep-going -j 1 docs docs/_build/html

@@ -39,6 +39,14 @@ EXTRAS["test"] = (
     + ["pytest>=7", "pytest-xdist>=3", "ruff>=0.5"]
 )
 EXTRAS["bench"] = EXTRAS["test"] + ["pytest-benchmark>=4"]
+# The documentation site (`make docs`): Sphinx, the executed gallery and what its
+# examples import (the trainers, Ray, TensorBoard: the "test" extra).
+EXTRAS["docs"] = EXTRAS["test"] + [
+    "sphinx>=7.2",
+    "sphinx-gallery>=0.16",
+    "furo>=2024.1",
+    "myst-parser>=2.0",
+]
 
 setup(
     name="rdiag",

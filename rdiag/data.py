@@ -2,7 +2,10 @@
 
 Every loader returns a :class:`Dataset` of tensors (no DataLoader), small enough to
 live in memory; :func:`batches` turns one into the batch stream of an optimizer
-mode (minibatch SGD, full-batch GD, online SGD).
+mode (minibatch SGD, full-batch GD, online SGD). :func:`sample_batch` draws a
+batch for a model when the user gives none (the meter's and ``rdiag ntk`` /
+``sharpness --factory``'s default): its ``sample_inputs``, or Gaussian inputs
+sized from its first ``nn.Linear``, and targets for the loss.
 """
 
 from __future__ import annotations
@@ -13,10 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from rdiag._checks import check_choice, check_positive_int
+from rdiag._inputs import Inputs
 from rdiag._optional import require
+from rdiag.losses import infer_loss_kind
+from rdiag.parametrization import Centered
 
 TASKS = ("regression", "classification")
 DATASETS = ("teacher", "digits", "cifar10", "sequences")
@@ -447,3 +453,93 @@ def batches(
         idx = perm[pos : pos + batch_size]
         pos += batch_size
         yield data.x[idx], data.y[idx]
+
+
+# ---- a batch for a model ---------------------------------------------------------
+def sample_inputs(model: nn.Module, n: int, generator: torch.Generator) -> Inputs:
+    """``n`` inputs for ``model``: its own ``sample_inputs``, else Gaussian for its first layer.
+
+    A model with ``sample_inputs(n, generator)`` (rdiag's built-in ones; a
+    :class:`~rdiag.parametrization.Centered` wrapper's inner model is asked)
+    draws them; otherwise the first module that holds parameters (registration
+    order) must be an ``nn.Linear``, and the inputs are standard normal
+    ``(n, in_features)`` in its weight's dtype.
+
+    Args:
+        model: The network.
+        n: Batch size ``N``.
+        generator: The random generator (CPU).
+
+    Returns:
+        ``x`` of shape ``(N, ...)``.
+
+    Raises:
+        TypeError: No ``sample_inputs`` and a first layer whose input size is not
+            known from the layer (a convolution: spatial size; an embedding:
+            sequence length), or no parameters at all.
+    """
+    inner = model.model if isinstance(model, Centered) else model
+    if callable(getattr(inner, "sample_inputs", None)):
+        return inner.sample_inputs(n, generator)
+    first = next(
+        (
+            m
+            for m in inner.modules()
+            if next(m.parameters(recurse=False), None) is not None
+        ),
+        None,
+    )
+    if isinstance(first, nn.Linear):
+        x = torch.randn(n, first.in_features, generator=generator)
+        return x.to(first.weight.dtype)
+    found = "no parameters" if first is None else f"the first layer {first}"
+    raise TypeError(
+        f"expected a model with sample_inputs(n, generator) or a first layer "
+        f"nn.Linear to size Gaussian inputs from, got {type(inner).__name__} with "
+        f"{found}, whose input shape the layer does not tell; pass data=(x, y) "
+        "(on the command line: --data-factory MODULE:FUNCTION returning (x, y))"
+    )
+
+
+def sample_batch(
+    model: nn.Module,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    n: int = 16,
+    seed: int = 1234,
+) -> tuple[Inputs, Tensor]:
+    """A batch ``(x, y)`` for ``model`` and ``loss_fn``, drawn from one ``seed``.
+
+    The inputs are :func:`sample_inputs`; the targets are shaped like the model's
+    output on them (evaluated in eval mode; the model is left as it was): standard normal for a regression loss, uniform class indices
+    over the last output axis for cross-entropy (``(N,)`` for ``(N, C)``
+    outputs, ``(N, T)`` for ``(N, T, V)``).
+
+    Args:
+        model: The network.
+        loss_fn: The training loss (:func:`rdiag.losses.infer_loss_kind` decides
+            the targets).
+        n: Batch size ``N``.
+        seed: Seed of the inputs and targets.
+
+    Returns:
+        ``(x (N, ...), y)``.
+
+    Raises:
+        TypeError: As :func:`sample_inputs`.
+    """
+    check_positive_int(n, "n")
+    gen = torch.Generator().manual_seed(seed)
+    x = sample_inputs(model, n, gen)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()  # no batch-norm statistics update, no dropout
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for m, training in modes:
+            m.training = training
+    if infer_loss_kind(loss_fn) != "cross_entropy":
+        return x, torch.randn(out.shape, generator=gen)
+    shape = out.shape[:-1] if out.dim() >= 3 else out.shape[:1]
+    return x, torch.randint(0, out.shape[-1], shape, generator=gen)

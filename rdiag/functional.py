@@ -31,8 +31,7 @@ _T = TypeVar("_T")
 #: (:func:`document_selection` appends this section to their docstrings).
 SELECTION = ("params", "exclude", "mode", "dtype", "output_fn")
 SELECTION_DOC = """
-Selection keywords (the functional view, built by :func:`rdiag.functionalize`;
-the same names, defaults and meaning on every entry point):
+Selection keywords:
     params: Parameter selector: a glob, a list of names or globs, a module type,
         or a predicate ``(name, parameter) -> bool``; default every parameter
         with ``requires_grad=True``.
@@ -40,14 +39,17 @@ the same names, defaults and meaning on every entry point):
     mode: ``"eval"`` (default: dropout off, batch norm running statistics) or
         ``"train"`` (batch statistics, fixed-seed dropout; a batch-norm model is
         then a function of the whole batch).
-    dtype: Compute in this dtype (e.g. ``torch.float64``); default the model's.
-        Half-precision models accumulate in float32.
+    dtype: Compute in this dtype (e.g. ``torch.float64``); default the model's,
+        except that half-precision (bf16/fp16) models compute and accumulate in
+        float32 (eNTKs and curvature products; ``dtype=torch.bfloat16`` keeps the
+        model's own).
     output_fn: Picks the output tensor from a non-tensor model output (default: a
         tensor as is, a ``ModelOutput``'s ``logits``).
 
-A prepared :class:`~rdiag.functional.FunctionalModel` is accepted wherever a
-model is; it already fixes these, so passing a different value with it is an
-error.
+They build the functional view (:func:`rdiag.functionalize`), with the same
+names, defaults and meaning on every entry point. A prepared
+:class:`~rdiag.functional.FunctionalModel` is accepted wherever a model is; it
+already fixes these, so passing a different value with it is an error.
 """
 MODES = ("eval", "train")
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -516,6 +518,17 @@ def unwrap_parallel(model: nn.Module) -> nn.Module:
     if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         return model.module
     return model
+
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype quantities of a model in ``dtype`` accumulate in: at least float32.
+
+    Half-precision (bf16/fp16) parameters give float32; any other dtype is kept.
+    """
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def document_selection(obj: _T) -> _T:

@@ -41,13 +41,13 @@ from rdiag._checks import (
 )
 from rdiag._inputs import Inputs, batch_size, check_inputs, describe, rows
 from rdiag.coord_check import jsonable
+from rdiag.data import sample_batch
 from rdiag.functional import MODES, Mode, check_per_sample, functionalize
 from rdiag.loop import measured_fit
-from rdiag.losses import checked_loss, infer_loss_kind
+from rdiag.losses import checked_loss
 from rdiag.metrics import fit_exponent
 from rdiag.parametrization import (
     ROLES,
-    Centered,
     applied_parametrization,
 )
 from rdiag.parametrization import (
@@ -224,20 +224,13 @@ def default_data(
     n: int = 16,
     seed: int = 1234,
 ) -> tuple[Inputs, Tensor]:
-    """A training batch for a model that can draw its own inputs, as rdiag's built-in ones.
+    """The meter's batch when none is given: :func:`rdiag.data.sample_batch` at ``width``.
 
-    The inputs are ``model.sample_inputs(n, generator)`` (Gaussian, or random
-    tokens for the transformer; a :class:`~rdiag.parametrization.Centered`
-    wrapper's inner model is asked); the targets are shaped like the model's
-    output on them: standard normal for a regression loss, uniform class
-    indices over the last output axis for cross-entropy (``(N,)`` for ``(N, C)``
-    outputs, ``(N, T)`` for ``(N, T, V)``). One ``seed`` draws both, the same
-    batch at every width.
+    One ``seed`` draws inputs and targets: the same batch at every width.
 
     Args:
-        family: ``width -> nn.Module`` with ``sample_inputs(n, generator)``.
-        loss_fn: The training loss (:func:`rdiag.losses.infer_loss_kind` decides
-            the targets).
+        family: ``width -> nn.Module``.
+        loss_fn: The training loss (it decides the targets).
         width: The width the batch's shapes are read at.
         n: Batch size ``N``.
         seed: Seed of the inputs and targets.
@@ -246,27 +239,11 @@ def default_data(
         ``(x (N, ...), y)``.
 
     Raises:
-        TypeError: ``family`` does not return a module, or one without
-            ``sample_inputs``.
+        TypeError: ``family`` does not return a module, or one whose inputs
+            cannot be drawn (see :func:`sample_inputs`).
     """
     check_positive_int(n, "n")
-    model = _build(family, width, seed)
-    inner = model.model if isinstance(model, Centered) else model
-    if not callable(getattr(inner, "sample_inputs", None)):
-        raise TypeError(
-            f"expected a model with sample_inputs(n, generator) for the default "
-            f"data (as rdiag's built-in models), got {type(inner).__name__} without "
-            "it; pass data=(x, y) (rdiag meter: --data-factory MODULE:FUNCTION "
-            "returning (x, y))"
-        )
-    gen = torch.Generator().manual_seed(seed)
-    x = inner.sample_inputs(n, gen)
-    with torch.no_grad():
-        out = model(x)
-    if infer_loss_kind(loss_fn) != "cross_entropy":
-        return x, torch.randn(out.shape, generator=gen)
-    shape = out.shape[:-1] if out.dim() >= 3 else out.shape[:1]
-    return x, torch.randint(0, out.shape[-1], shape, generator=gen)
+    return sample_batch(_build(family, width, seed), loss_fn, n=n, seed=seed)
 
 
 def optimizer_factory(kind: str, lr: float) -> OptimizerFactory:

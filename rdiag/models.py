@@ -66,7 +66,7 @@ def _dense_readin(
 
 
 class MLP(nn.Module):
-    """Fully connected network ``d_in -> width -> ... -> width -> d_out``.
+    """Fully connected network: read-in ``d_in -> width``, hidden ``width -> width``, read-out ``width -> d_out``.
 
     Layers: ``readin`` (read-in), ``hidden.0 ... hidden.{depth-3}``, ``readout``;
     ``depth`` counts weight layers (>= 2). Input ``(N, d_in)``, output ``(N, d_out)``.
@@ -396,7 +396,7 @@ class RMSBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 class BNMLP(nn.Module):
-    """Batch-normalized MLP of Meterez et al.: ``H_l = act(l**-alpha * BN(H_{l-1} W_l^T))``.
+    """Batch-normalized MLP (Meterez et al., arXiv 2310.02012): ``H_l = act(l**-alpha * BN(H_{l-1} W_l^T))``.
 
     Bias-free layers ``readin`` (``d_in -> width``), ``hidden.0 ...`` (``width ->
     width``; ``hidden.0`` is ``W_2``) and a linear ``readout`` (``width -> d_out``,

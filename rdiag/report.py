@@ -6,7 +6,11 @@ of :data:`rdiag.predictions.PREDICTIONS` the runs recorded (``h0``, ``delta_h``,
 ``f0``, ``delta_f``, ``dW_op``, ``dW_rel``, ``ntk_rel_change``, ``lin_error``),
 read at initialization or at each run's last step, and puts each next to its
 prediction (docs/theory.md section 2) with :func:`rdiag.predictions.fit_records`,
-the function the coordinate check uses. Stores written by the release before
+the function the coordinate check uses, judged as the coordinate check judges
+(:func:`rdiag.verdicts.judge`: pass, fail or inconclusive, with the reason).
+``report.html`` opens with those verdicts (failures first), then the tables and
+figures; ``summary.json`` has ``verdict`` and ``reason`` in every fit and the
+counts in ``verdicts``. Stores written by the release before
 this one (other metric names) are reported the same: the store reads them back
 under the current names (:mod:`rdiag.records`). Layer roles (for ``dW_op``) come from the
 built-in family a run names.
@@ -48,9 +52,10 @@ from rdiag.coord_check import plot_series
 from rdiag.meter import METER_JSON
 from rdiag.models import FAMILIES
 from rdiag.parametrization import Parametrization, parse_parametrization
-from rdiag.predictions import PREDICTIONS, fit_records, formulas
+from rdiag.predictions import PREDICTIONS, fit_records, formulas, richness_of
 from rdiag.records import TRAIN_LOSS
 from rdiag.runs.store import Store
+from rdiag.verdicts import judge_fits
 
 
 def _parsed(label: str) -> Parametrization | None:
@@ -152,9 +157,14 @@ def fits(store: Store | str | Path) -> list[dict[str, Any]]:
 
     Returns:
         A list of ``{"metric", "layer", "parametrization", "r", "slope", "ci":
-        [lo, hi], "predicted", "widths", "seeds", "group"}`` (``layer`` None for
-        model-level metrics; ``r``/``predicted`` None where the parametrization
-        has no r; ``ci`` ``[None, None]`` for a fit through two points).
+        [lo, hi], "predicted", "widths", "seeds", "group", "verdict", "reason",
+        "passed", "tolerance", "inconclusive"}`` (``layer`` None for model-level
+        metrics; ``r``/``predicted`` None where the parametrization has no r;
+        ``ci`` ``[None, None]`` for a fit through two points). The verdict is
+        the coordinate check's, :func:`rdiag.verdicts.judge` at the group's last
+        step ``T`` and learning rate: ``"pass"``, ``"fail"``, ``"inconclusive"``
+        (the tolerance cannot resolve the prediction, or no interval) or ``"no
+        prediction"``, and ``reason`` says why in numbers.
     """
     store = store if isinstance(store, Store) else Store(store)
     frame = _frame(store)
@@ -190,7 +200,15 @@ def fits(store: Store | str | Path) -> list[dict[str, Any]]:
             for row in g[(g["metric"] == p.source) & at[p.when][g.index]].itertuples()
         ]
         param = _parsed(info["parametrization"])
-        for f in fit_records(records, param, int(g["step"].max())):
+        steps = int(g["step"].max())
+        lr = _plain(info.get("lr"))
+        judged = judge_fits(
+            fit_records(records, param, steps),
+            r=None if param is None else richness_of(param),
+            steps=steps,
+            lr=lr if isinstance(lr, (int, float)) else None,
+        )
+        for f in judged:
             if math.isnan(f["slope"]):
                 continue
             lo, hi = f["ci"]
@@ -427,6 +445,70 @@ def _fit_table(fit_list: list[dict]) -> str:
     return _table(head, rows)
 
 
+def _verdict_section(fit_list: list[dict]) -> str:
+    """The report's opening: every prediction's verdict, failures first, with reasons."""
+    judged = [f for f in fit_list if f.get("verdict") not in (None, "no prediction")]
+    counts = {
+        v: sum(f["verdict"] == v for f in judged)
+        for v in ("pass", "fail", "inconclusive")
+    }
+    if not judged:
+        headline = "No fit has a prediction (no parametrization on the richness scale)."
+        cls = "none"
+    elif counts["pass"] == len(judged):
+        headline = f"All {len(judged)} predictions pass."
+        cls = "pass"
+    else:
+        parts = [f"{counts[v]} {v}" for v in ("fail", "inconclusive") if counts[v]]
+        headline = (
+            f"{', '.join(parts)}, {counts['pass']} pass, of {len(judged)} predictions."
+        )
+        cls = "fail" if counts["fail"] else "inconclusive"
+    order = {"fail": 0, "inconclusive": 1, "pass": 2}
+    rows = [
+        (
+            f["verdict"],
+            [
+                f["verdict"],
+                f["metric"],
+                f["layer"] or "",
+                f["parametrization"],
+                f"{f['slope']:+.3f}",
+                f"{f['predicted'] + 0.0:+.3f}",  # no "-0.000"
+                f["reason"],
+            ],
+        )
+        for f in sorted(judged, key=lambda f: order[f["verdict"]])
+    ]
+    head = [
+        "verdict",
+        "metric",
+        "layer",
+        "parametrization",
+        "slope",
+        "predicted",
+        "reason",
+    ]
+    cells = "".join(
+        f'<tr class="{verdict.replace(" ", "-")}">'
+        + "".join(f"<td>{html.escape(c)}</td>" for c in row)
+        + "</tr>"
+        for verdict, row in rows
+    )
+    table = (
+        '<table class="verdicts"><tr>'
+        + "".join(f"<th>{h}</th>" for h in head)
+        + f"</tr>{cells}</table>"
+    )
+    return f"""<h2>Verdicts</h2>
+<p class="headline {cls}">{html.escape(headline)}</p>
+<p>Each fitted width exponent against its prediction (docs/theory.md section 2), judged as the
+coordinate check judges (rdiag.verdicts.judge): within a tolerance of finite-width allowance
+and seed scatter; inconclusive where that tolerance cannot tell the prediction from its
+neighbours in r.</p>
+{table}"""
+
+
 def _prediction_text() -> str:
     return "; ".join(
         f"{metric} ~ n^({formula})" for metric, formula in formulas().items()
@@ -447,7 +529,12 @@ def _page(title: str, body: str) -> str:
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;max-width:1400px;margin:auto}}
 table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px}}
-img{{max-width:100%}}</style></head><body>
+img{{max-width:100%}}tr.pass td:first-child{{color:#176f2c;font-weight:bold}}
+tr.fail td:first-child{{color:#b00020;font-weight:bold}}
+tr.inconclusive td:first-child{{color:#8a6d00;font-weight:bold}}
+p.headline{{font-size:17px;font-weight:bold;padding:6px 10px;border-radius:4px}}
+p.headline.pass{{background:#e3f4e6}}p.headline.fail{{background:#fbe3e6}}
+p.headline.inconclusive,p.headline.none{{background:#fbf3dc}}</style></head><body>
 <h1>{html.escape(title)}</h1>
 {body}
 </body></html>
@@ -531,7 +618,9 @@ def _exponent_label(fit: dict[str, Any]) -> str:
 
 
 def _judged(fit: dict[str, Any]) -> str:
-    if fit.get("inconclusive"):
+    if "verdict" in fit:
+        return {"fail": "FAIL", "no prediction": ""}.get(fit["verdict"], fit["verdict"])
+    if fit.get("inconclusive"):  # a meter.json written before the verdict key
         return "inconclusive"
     return {True: "pass", False: "FAIL", None: ""}[fit.get("passed")]
 
@@ -718,6 +807,10 @@ def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Pa
     run_ids = store.run_ids()
     statuses = {s: len(store.run_ids(s)) for s in ("finished", "running", "failed")}
     summary = {
+        "verdicts": {
+            v: sum(f["verdict"] == v for f in fit_list)
+            for v in ("pass", "fail", "inconclusive", "no prediction")
+        },
         "fits": fit_list,
         "runs": {"total": len(run_ids), **statuses},
         "failed": failed_runs(store),
@@ -734,7 +827,8 @@ def build_report(store: Store | str | Path, out_dir: str | Path) -> dict[str, Pa
     summary_path.write_text(json.dumps(summary, indent=2, default=str, allow_nan=False))
     images = "".join(_image(key, path) for key, path in figures.items())
     section = "" if meter is None else meter_section(meter, extra["meter"])
-    body = f"""<p>Store: {html.escape(str(store.db_path))}. Runs: {html.escape(json.dumps(summary["runs"]))}.</p>
+    body = f"""{_verdict_section(fit_list)}
+<p>Store: {html.escape(str(store.db_path))}. Runs: {html.escape(json.dumps(summary["runs"]))}.</p>
 {section}
 <h2>Fitted width exponents</h2>
 <p>Least-squares slopes of log(metric) on log(width) over every (width, seed) point at the

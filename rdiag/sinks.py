@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+import uuid
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -232,25 +233,51 @@ class MLflowSink(Sink):
 
 
 class CSVSink(Sink):
-    """Records appended to a CSV file with the columns ``step, name, value``.
+    """Records appended to a CSV file with the columns ``run, step, name, value``.
 
-    The file is opened per check (append), so nothing stays open; the header is
-    written when the file is new or empty. Non-finite values are written as
-    ``nan`` / ``inf``.
+    The ``run`` column tells apart the runs written into one file (two Monitors,
+    a resumed job, the runs of a sweep): each sink writes its ``run`` label on
+    every row. The file is opened per check (append), so nothing stays open; the
+    header is written when the file is new or empty. Non-finite values are
+    written as ``nan`` / ``inf``.
 
     Args:
         path: The CSV file (its directory is created if missing).
+        run: The label of this sink's rows, e.g. a store's run id or an
+            experiment name; default a new label per sink,
+            ``<YYYYmmddTHHMMSS>-<pid>-<6 hex digits>`` (unique per process and
+            construction), kept as :attr:`run`.
+
+    Raises:
+        ValueError: ``path`` is a directory, or an existing file whose header is
+            not ``run,step,name,value`` (a file of another format, or one
+            written before the run column): appending would mix the formats.
     """
 
-    HEADER = ("step", "name", "value")
+    HEADER = ("run", "step", "name", "value")
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, run: str | int | None = None) -> None:
         self.path = Path(path)
         if self.path.is_dir():
             raise ValueError(
                 f"expected a CSV file path, got the directory {self.path}; pass e.g. "
                 f"{str(self.path / 'records.csv')!r}"
             )
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with open(self.path, newline="", encoding="utf-8") as f:
+                header = tuple(next(csv.reader(f), ()))
+            if header != self.HEADER:
+                raise ValueError(
+                    f"expected {self.path} to have the header {','.join(self.HEADER)}, "
+                    f"got {','.join(header)!r}; appending would mix two formats "
+                    "(files written before the run column have step,name,value): "
+                    "write to a new file"
+                )
+        if run is None:
+            run = (
+                f"{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+            )
+        self.run = str(run)
 
     def log(self, name: str, value: float, step: int) -> None:
         """Append one row."""
@@ -264,4 +291,6 @@ class CSVSink(Sink):
             writer = csv.writer(f)
             if new:
                 writer.writerow(self.HEADER)
-            writer.writerows((int(step), k, repr(float(v))) for k, v in records.items())
+            writer.writerows(
+                (self.run, int(step), k, repr(float(v))) for k, v in records.items()
+            )

@@ -145,9 +145,10 @@ def judge(
 
     Returns:
         ``{"passed": bool | None, "tolerance": float | None, "reason": str,
-        "inconclusive": bool}`` (``passed`` None where nothing is predicted; an
-        inconclusive fit has ``passed`` False but claims no violation). A fit
-        with ``"bound": "upper"`` passes anywhere below its prediction too.
+        "inconclusive": bool, "verdict": str}`` (``passed`` None where nothing is
+        predicted; an inconclusive fit has ``passed`` False but claims no
+        violation; ``verdict`` is one word of :data:`VERDICTS`). A fit with
+        ``"bound": "upper"`` passes anywhere below its prediction too.
     """
     predicted, slope = fit["predicted"], fit["slope"]
     if predicted is None:
@@ -156,6 +157,7 @@ def judge(
             "tolerance": None,
             "reason": "no prediction",
             "inconclusive": False,
+            "verdict": "no prediction",
         }
     metric = fit["metric"]
     sizes = fit["widths" if axis == "width" else "depths"]
@@ -220,6 +222,10 @@ def judge(
     return _verdict(False, tol, reason)
 
 
+#: The verdict of a judged fit in one word (``"verdict"`` of :func:`judge`).
+VERDICTS = ("pass", "fail", "inconclusive", "no prediction")
+
+
 def _verdict(passed: bool | None, tol: float | None, reason: str) -> dict[str, Any]:
     """``passed=None``: inconclusive (a failure that claims no violation)."""
     return {
@@ -227,6 +233,7 @@ def _verdict(passed: bool | None, tol: float | None, reason: str) -> dict[str, A
         "tolerance": tol,
         "reason": reason,
         "inconclusive": passed is None,
+        "verdict": {True: "pass", False: "fail", None: "inconclusive"}[passed],
     }
 
 

@@ -422,6 +422,10 @@ def test_one_file_named_by_every_flag_is_loaded_once(tmp_path, capsys) -> None:
 
 
 _BROKEN = "import not_installed_package_xyz\n\n\ndef build(n):\n    return None\n"
+_CONV = (
+    "import torch\n\n\ndef build(n):\n    return torch.nn.Sequential("
+    "torch.nn.Conv2d(3, n, 3), torch.nn.Flatten(), torch.nn.LazyLinear(2))\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -451,7 +455,7 @@ _BROKEN = "import not_installed_package_xyz\n\n\ndef build(n):\n    return None\
              "tests.models:meter_mlp"],
             "which cannot be called as meter_mlp()",
         ),
-        (["--factory", "tests.models:meter_mlp"], "--data-factory MODULE:FUNCTION"),
+        (["--factory", "{tmp}/conv.py:build"], "--data-factory MODULE:FUNCTION"),
         (
             ["--factory", "tests.models:meter_mlp", "--data-factory", "tests.models:x"],
             "has no attribute 'x' (from --data-factory tests.models:x)",
@@ -479,6 +483,7 @@ _BROKEN = "import not_installed_package_xyz\n\n\ndef build(n):\n    return None\
 )  # fmt: skip
 def test_meter_errors_say_what_to_do(tmp_path, capsys, flags, message) -> None:
     (tmp_path / "broken.py").write_text(_BROKEN)
+    (tmp_path / "conv.py").write_text(_CONV)
     flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
     argv = ["meter", *flags, "--steps", "2", "--seeds", "1", "--no-ntk"]
     if "--lr" not in flags and "expected --lr" in message:
@@ -486,3 +491,149 @@ def test_meter_errors_say_what_to_do(tmp_path, capsys, flags, message) -> None:
     argv += [] if "--widths" in flags else ["--widths", "16", "32"]
     assert _exit_code([*argv, "--out", str(tmp_path)]) == 2
     assert message in _one_error_line(capsys, "meter")
+
+
+# ---- rdiag ntk / sharpness on the user's model -------------------------------------
+_USER = """
+import torch
+
+
+def make(width):
+    return torch.nn.Sequential(
+        torch.nn.Linear(5, width), torch.nn.Tanh(), torch.nn.Linear(width, 3)
+    )
+
+
+def fixed():
+    return make(12)
+
+
+def batch():
+    gen = torch.Generator().manual_seed(3)
+    return torch.randn(7, 5, generator=gen), torch.randn(7, 3, generator=gen)
+
+
+def inputs():
+    return batch()[0]
+"""
+
+
+def _user_module(tmp_path):
+    source = tmp_path / "user_models.py"
+    source.write_text(_USER)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_user_models_test", source)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return source, module
+
+
+def test_ntk_and_sharpness_on_a_factory_from_a_file(tmp_path) -> None:
+    """The kernel and sharpness of the user's model equal the library's on that model."""
+    import torch.nn.functional as F
+
+    from rdiag import empirical_ntk, sharpness
+    from rdiag.data import sample_batch
+
+    source, user = _user_module(tmp_path)
+    path = tmp_path / "ntk.json"
+    argv = ["ntk", "--factory", f"{source}:make", "--width", "12", "--n", "6"]
+    assert main([*argv, "--seed", "2", "--out", str(path)]) == 0
+    torch.manual_seed(2)
+    model = user.make(12)
+    x, _ = sample_batch(model, F.mse_loss, n=6, seed=2)
+    assert x.shape == (6, 5)  # Gaussian, sized from the first nn.Linear
+    summary = json.loads(path.read_text())
+    assert summary["trace"] == pytest.approx(
+        float(empirical_ntk(model, x).trace()), rel=1e-5
+    )
+    assert summary["kernel"].startswith("eNTK K, shape (6, 6)")
+    assert summary["family"] == f"{source}:make(12)"
+
+    # a factory of no argument, the user's batch, cross-entropy targets, GD steps
+    for data, loss in (("batch", "mse"), (None, "cross_entropy")):
+        path = tmp_path / f"s-{loss}.json"
+        argv = ["sharpness", "--factory", f"{source}:fixed", "--loss", loss]
+        argv += ["--data-factory", f"{source}:{data}"] if data else ["--n", "9"]
+        assert main([*argv, "--out", str(path)]) == 0
+        summary = json.loads(path.read_text())
+        torch.manual_seed(0)
+        model = user.fixed()
+        loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+        xy = user.batch() if data else sample_batch(model, loss_fn, n=9, seed=0)
+        if loss == "cross_entropy":
+            assert xy[1].dtype == torch.long and xy[1].shape == (9,)
+        assert summary["sharpness"] == pytest.approx(
+            sharpness(model, loss_fn, xy), rel=1e-4
+        )
+        assert "sharpness_preconditioned" not in summary  # no parametrization
+    path = tmp_path / "steps.json"
+    argv = ["sharpness", "--factory", f"{source}:fixed", "--steps", "3"]
+    assert main([*argv, "--lr", "0.05", "--out", str(path)]) == 0
+    assert json.loads(path.read_text())["steps_of_gd"] == 3
+    path = tmp_path / "x.json"  # ntk: a data factory of inputs alone
+    argv = ["ntk", "--factory", f"{source}:fixed", "--data-factory", f"{source}:inputs"]
+    assert main([*argv, "--out", str(path)]) == 0
+    assert json.loads(path.read_text())["kernel"].endswith(
+        "(7, 7), traced over outputs"
+    )
+
+
+def test_ntk_on_a_module_path_factory(tmp_path) -> None:
+    """A factory by module path (rdiag's bare MLP class: its own sample_inputs, no M)."""
+    from rdiag import empirical_ntk
+    from rdiag.models import MLP
+
+    path = tmp_path / "ntk.json"
+    argv = ["ntk", "--factory", "rdiag.models:MLP", "--width", "16", "--n", "5"]
+    assert main([*argv, "--out", str(path)]) == 0
+    summary = json.loads(path.read_text())
+    assert summary["kernel"].startswith("eNTK K,")  # not prepared: no multipliers
+    torch.manual_seed(0)
+    model = MLP(16)
+    x = model.sample_inputs(5, torch.Generator().manual_seed(0))
+    expected = float(empirical_ntk(model, x).trace())
+    assert summary["trace"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "message"),
+    [
+        ("ntk", ["--factory", "tests.models"], "expected --factory MODULE:NAME, got"),
+        ("sharpness", ["--factory", "no_such_module_xyz:build"],
+         "cannot import module 'no_such_module_xyz'"),
+        ("ntk", ["--factory", "{tmp}/none.py:build"], "no file "),
+        ("ntk", ["--factory", "{tmp}/broken.py:build"],
+         "'not_installed_package_xyz', which"),
+        ("sharpness", ["--factory", "tests.models:nope"], "has no attribute 'nope'"),
+        ("ntk", ["--factory", "tests.models:__doc__"], "got a str; name a function"),
+        ("ntk", ["--factory", "tests.models:mlp"],
+         "expected family(128) to return a torch.nn.Module, got function"),
+        ("ntk", ["--factory", "tests.models:mu_adam"],
+         "which cannot be called as mu_adam() or mu_adam(width)"),
+        ("ntk", ["--factory", "{tmp}/conv.py:build"], "--data-factory MODULE:FUNCTION"),
+        ("sharpness", ["--factory", "{tmp}/user_models.py:fixed", "--data-factory",
+                       "{tmp}/user_models.py:inputs"], "got inputs alone"),
+        ("sharpness", ["--factory", "{tmp}/user_models.py:fixed", "--data-factory",
+                       "{tmp}/user_models.py:make"],
+         "which cannot be called as make()"),
+        ("ntk", ["--factory", "{tmp}/user_models.py:fixed", "--data-factory",
+                 "{tmp}/user_models.py:fixed"], "to return one batch (x, y)"),
+        ("ntk", ["--factory", "{tmp}/user_models.py:fixed", "--width", "8"],
+         "takes no argument; drop --width"),
+        ("ntk", ["--factory", "{tmp}/user_models.py:make", "--depth", "2"],
+         "expected --depth with a built-in --family only"),
+        ("sharpness", ["--factory", "f:g", "--family", "mlp"],
+         "not allowed with argument --factory"),
+    ],
+)  # fmt: skip
+def test_ntk_and_sharpness_factory_errors_are_the_meters(
+    tmp_path, capsys, command, flags, message
+) -> None:
+    (tmp_path / "broken.py").write_text(_BROKEN)
+    (tmp_path / "conv.py").write_text(_CONV)
+    _user_module(tmp_path)
+    flags = [f.replace("{tmp}", str(tmp_path)) for f in flags]
+    assert _exit_code([command, *flags, "--n", "4"]) == 2
+    assert message in _one_error_line(capsys, command)

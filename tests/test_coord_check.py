@@ -142,7 +142,7 @@ def test_result_fits_summary_and_plot(tmp_path):
     )
     keys = {"metric", "layer", "role", "parametrization", "r", "slope", "ci"}
     keys |= {"predicted", "widths", "seeds", "passed", "tolerance", "reason"}
-    keys |= {"inconclusive"}
+    keys |= {"inconclusive", "verdict"}
     assert all(set(f) == keys for f in result.fits)
     assert all(f["widths"] == [8, 16, 32] and f["seeds"] == 2 for f in result.fits)
     metrics = {f["metric"] for f in result.fits}

@@ -223,6 +223,41 @@ def test_bad_options_give_clear_errors() -> None:
         sharpness(net, loss_fn, (x, y), preconditioner=2.0)
 
 
+@pytest.mark.parametrize("half", [torch.bfloat16, torch.float16])
+def test_half_precision_model_curvature_runs_in_float32(half: torch.dtype) -> None:
+    """A bf16/fp16 model's sharpness equals that of its float32 copy (not 1e-4..1e-2 off)."""
+    import copy
+
+    import torch.nn.functional as F
+
+    from rdiag.curvature import curvature_operator
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Linear(8, 64), torch.nn.Tanh(), torch.nn.Linear(64, 4)
+    ).to(half)
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+    as_f32 = copy.deepcopy(net).float()  # the same (rounded) weights in float32
+    expected = sharpness(as_f32, F.mse_loss, (x, y), tol=1e-7)
+    got = sharpness(net, F.mse_loss, (x, y), tol=1e-7)
+    assert_close(
+        f"{half} sharpness",
+        torch.tensor(expected),
+        torch.tensor(got),
+        rtol=1e-5,
+        atol=0.0,
+    )
+    assert next(net.parameters()).dtype == half  # the model is untouched
+    for kind in ("hessian", "ggn", "fisher"):
+        assert curvature_operator(net, F.mse_loss, (x, y), curvature=kind).dtype == (
+            torch.float32
+        )
+    own = curvature_operator(net, F.mse_loss, (x, y), dtype=half)
+    assert own.dtype == half  # dtype= overrides the float32 default
+    in_own = sharpness(net, F.mse_loss, (x, y), dtype=half, tol=1e-7)
+    assert abs(in_own - expected) > 1e-5 * abs(expected)  # what the default avoids
+
+
 class _Gated(nn.Module):
     """A MobileNetV3-style gate: ``h * gate(h)`` with ``gate`` Hardsigmoid or its
     written-out form ``relu6(x + 3) / 6``."""

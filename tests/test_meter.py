@@ -270,8 +270,26 @@ def test_default_data_is_shaped_like_the_model_output():
     assert classes.shape == (7,) and classes.dtype == torch.int64
     centered = lambda n: rdiag.make_model("mlp", n, parametrization="gamma=0.5")  # noqa: E731
     assert default_data(centered, F.mse_loss, width=16)[1].shape == (16, 1)
-    with pytest.raises(TypeError, match="sample_inputs.*--data-factory"):
-        default_data(lambda n: nn.Linear(3, n), F.mse_loss, width=4)
+    # no sample_inputs: Gaussian for the first nn.Linear, in its dtype
+    half = lambda n: nn.Sequential(nn.Linear(3, n), nn.Tanh()).to(torch.bfloat16)  # noqa: E731
+    x, y = default_data(half, F.mse_loss, width=4, n=6)
+    assert x.shape == (6, 3) and x.dtype == torch.bfloat16 and y.shape == (6, 4)
+    conv = lambda n: nn.Sequential(nn.Conv2d(3, n, 3), nn.Flatten())  # noqa: E731
+    with pytest.raises(TypeError, match="first layer Conv2d.*--data-factory"):
+        default_data(conv, F.mse_loss, width=4)
+    with pytest.raises(TypeError, match="no parameters"):
+        default_data(lambda n: nn.Sequential(nn.Tanh()), F.mse_loss, width=4)
+
+
+def test_sample_batch_leaves_batch_norm_statistics_alone():
+    from rdiag.data import sample_batch
+
+    model = rdiag.make_model("bn_mlp", 8, seed=0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert model.training
+    sample_batch(model, F.mse_loss, n=6, seed=0)
+    after = model.state_dict()
+    assert model.training and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_optimizer_factory_uses_a_parametrization_s_rates_else_one_rate():

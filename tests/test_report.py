@@ -321,6 +321,47 @@ def test_meter_section_rows_name_problems_violations_and_fixes(tmp_path) -> None
         load_meter(tmp_path / "none")
 
 
+def test_report_opens_with_each_prediction_s_verdict(tmp_path) -> None:
+    """Verdicts as the coordinate check's (verdicts.judge), failures first in the page."""
+    from rdiag.verdicts import VERDICTS, judge
+
+    store = _synthetic_store(tmp_path / "store", noise=0.05)
+    for width in WIDTHS:  # a group whose hidden representation moves like n^0.9
+        for seed in (0, 1, 2):
+            cfg = {"model": "mlp", "parametrization": "r=0.25", "width": width}
+            rid = store.create_run({**cfg, "seed": seed, "lr": 0.25, "steps": 10})
+            store.log(rid, 0, {("delta_h", "h1"): 0.0})
+            wobble = 1 + 0.02 * (seed - 1)
+            store.log(rid, 10, {("delta_h", "h1"): 0.5 * width**0.9 * wobble})
+            store.set_status(rid, "finished")
+    paths = build_report(store, tmp_path / "out")
+    summary = json.loads(paths["summary"].read_text())
+    judged = {
+        (f["metric"], f["layer"], f["parametrization"]): f for f in summary["fits"]
+    }
+    for f in judged.values():
+        assert f["verdict"] in VERDICTS and f["reason"]
+        ci = [math.nan if c is None else c for c in f["ci"]]
+        again = judge({**f, "ci": ci}, r=f["r"], steps=10, lr=0.25)
+        assert (again["verdict"], again["reason"]) == (f["verdict"], f["reason"])
+    bad = judged[("delta_h", "h1", "r=0.25")]
+    assert bad["verdict"] == "fail" and "beyond the tolerance" in bad["reason"]
+    assert judged[("delta_h", "h1", "r=0.5")]["verdict"] == "pass"
+    assert judged[("ntk_rel_change", None, "r=0")]["verdict"] == "pass"
+    counts = summary["verdicts"]
+    # dW_rel over 16..256: a tolerance of 0.30 cannot resolve r in steps of 1/4
+    assert judged[("dW_rel", "h1", "r=0")]["verdict"] == "inconclusive"
+    assert counts == {"pass": 8, "fail": 1, "inconclusive": 2, "no prediction": 0}
+    page = paths["html"].read_text()
+    verdicts = page.index("<h2>Verdicts</h2>")
+    assert verdicts < page.index("<h2>Fitted width exponents</h2>") < page.index("<img")
+    assert "1 fail, 2 inconclusive, 8 pass, of 11 predictions." in page
+    rows = page[verdicts:].split('<tr class="')[1:]
+    order = ["fail"] + ["inconclusive"] * 2 + ["pass"] * 8
+    assert [r.split('"')[0] for r in rows] == order
+    assert html.escape(bad["reason"]) in rows[0]
+
+
 def test_a_malformed_meter_json_is_named(tmp_path) -> None:
     from rdiag.report import load_meter
 

@@ -56,7 +56,7 @@ def test_csv_and_callable_sinks_get_every_record(tmp_path) -> None:
     )
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["step", "name", "value"]
+    assert rows[0] == ["run", "step", "name", "value"]
     expected = [
         (name, value, check["step"])
         for check in mon.history
@@ -64,7 +64,30 @@ def test_csv_and_callable_sinks_get_every_record(tmp_path) -> None:
         if name != "step"
     ]
     assert seen == expected
-    assert [(n, float(v), int(s)) for s, n, v in rows[1:]] == expected
+    assert [(n, float(v), int(s)) for _, s, n, v in rows[1:]] == expected
+    assert len({run for run, *_ in rows[1:]}) == 1
+
+
+def test_csv_rows_of_two_runs_in_one_file_are_told_apart(tmp_path) -> None:
+    path = tmp_path / "records.csv"
+    first, second = _train_with([CSVSink(path)]), _train_with([CSVSink(path, run=7)])
+    third = CSVSink(path)  # default labels differ per sink
+    assert third.run != CSVSink(path).run
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    runs = list(dict.fromkeys(r["run"] for r in rows))
+    assert len(runs) == 2 and runs[1] == "7"
+    for run, mon in zip(runs, (first, second)):
+        mine = [(int(r["step"]), r["name"]) for r in rows if r["run"] == run]
+        assert mine == [(c["step"], n) for c in mon.history for n in c if n != "step"]
+
+
+def test_csv_file_of_the_old_format_is_refused_before_appending(tmp_path) -> None:
+    path = tmp_path / "old.csv"
+    path.write_text("step,name,value\n0,loss,1.0\n")
+    with pytest.raises(ValueError, match="header run,step,name,value"):
+        CSVSink(path)
+    assert path.read_text() == "step,name,value\n0,loss,1.0\n"
 
 
 def test_wandb_offline_run_holds_the_records(tmp_path, monkeypatch) -> None:

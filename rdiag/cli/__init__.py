@@ -9,6 +9,13 @@ Every subcommand parses its flags and calls the public API (:func:`rdiag.runs.tr
 its own beyond loading the user's factories (``MODULE:NAME``) and printing where
 results went.
 
+``rdiag ntk`` and ``rdiag sharpness`` measure a built-in family (``--family``)
+or the user's model (``--factory MODULE:FUNCTION``, a function of no argument or
+of the width, ``--width``), on ``--data-factory``'s batch or else on ``--n``
+inputs from the model's ``sample_inputs`` or Gaussian for its first
+``nn.Linear``, with targets for ``--loss`` (:func:`rdiag.data.sample_batch`);
+the factories are loaded and checked as the meter's.
+
 ``rdiag meter`` takes the user's code by name: ``--factory MODULE:FUNCTION``
 (``width -> nn.Module``), optionally ``--optimizer-factory`` (``model ->
 torch.optim.Optimizer``, or an :class:`rdiag.LRRule` object) and ``--data-factory``
@@ -18,9 +25,9 @@ a file ``path/to/file.py``. Without ``--optimizer-factory`` it trains with
 :func:`rdiag.meter.optimizer_factory` (``--optimizer``, ``--lr``: a model prepared
 by :func:`rdiag.apply_parametrization` gets its per-layer rates, any other one
 plain SGD / Adam over all its parameters); without ``--data-factory`` on
-:func:`rdiag.meter.default_data` (the model's ``sample_inputs``, targets shaped
-like its output). Every error exits with status 2 and one line
-``rdiag <command>: error: ...`` naming the field or flag and what it allows
+:func:`rdiag.meter.default_data` (the model's ``sample_inputs`` or Gaussian
+inputs for its first ``nn.Linear``, targets shaped like its output). Every
+error exits with status 2 and one line ``rdiag <command>: error: ...`` naming the field or flag and what it allows
 (``--debug`` shows the traceback instead); numeric and path flags are checked by
 argparse before anything runs. A sweep whose runs failed (diverged, a
 diagnostic failed) still exits 0 and lists the failed runs with their reasons; a

@@ -20,22 +20,25 @@ import torch
 import torch.nn.functional as F
 
 from rdiag import metrics
-from rdiag.cli.factories import load_function, load_object
+from rdiag.cli.factories import load_function, load_function_of, load_object
 from rdiag.cli.parser import LOSSES
 from rdiag.coord_check import DEFAULT_LR, coord_check, plot_coord_check
 from rdiag.curvature import sharpness
+from rdiag.data import sample_batch
 from rdiag.depth_check import depth_check
 from rdiag.loop import fit
 from rdiag.meter import (
     METER_JSON,
     LRRule,
+    _build,
     default_data,
     optimizer_factory,
     richness_meter,
 )
 from rdiag.models import make_model
 from rdiag.ntk.handle import empirical_ntk
-from rdiag.parametrization import lr_multipliers, make_optimizer
+from rdiag.operators.curvature import is_batch
+from rdiag.parametrization import applied_parametrization, lr_multipliers
 from rdiag.report import build_meter_report, build_report, run_label
 from rdiag.runs.config import load_train_config
 from rdiag.runs.merge import merge_stores
@@ -175,6 +178,9 @@ def _print_not_finished(result: Any) -> None:
 
 
 def _print_fits(fits: list[dict]) -> None:
+    counts = {v: sum(f["verdict"] == v for f in fits) for v in ("pass", "fail")}
+    counts["inconclusive"] = sum(f["verdict"] == "inconclusive" for f in fits)
+    print("verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()))
     for f in fits:
         if f["metric"] not in ("delta_h", "ntk_rel_change"):
             continue
@@ -185,9 +191,10 @@ def _print_fits(fits: list[dict]) -> None:
             if lo is None or math.isnan(lo)
             else f"[{lo:+.3f}, {hi:+.3f}]"
         )
+        verdict = {"fail": "FAIL", "no prediction": ""}.get(f["verdict"], f["verdict"])
         print(
             f"  {f['metric']:15s} {f['layer'] or '':9s} {f['parametrization'] or '':8s} slope "
-            f"{f['slope']:+.3f} {ci}  predicted {pred}"
+            f"{f['slope']:+.3f} {ci}  predicted {pred}  {verdict}"
         )
 
 
@@ -316,19 +323,67 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _built_in(args: argparse.Namespace) -> tuple[Any, Any]:
+def _model_and_data(args: argparse.Namespace, loss: Any) -> tuple[Any, Any, str]:
+    """``rdiag ntk`` / ``sharpness``: the model, its batch ``(x, y)`` and a description.
 
-    opts: dict[str, Any] = {"depth": args.depth}
-    model = make_model(
-        args.family,
-        args.width,
-        parametrization=args.parametrization,
-        seed=args.seed,
-        **opts,
+    The model is a built-in family (``--family``, ``--width``, ``--depth``,
+    ``--parametrization``) or the user's ``--factory`` (called with ``--width``
+    if it takes one); the batch is ``--data-factory``'s, else
+    :func:`rdiag.data.sample_batch` (``--n`` inputs, targets for ``loss``,
+    seeded by ``--seed``). ``y`` is ``None`` for a data factory that returns
+    inputs alone.
+    """
+    if args.factory is None:
+        args.family = args.family or "mlp"
+        args.width = args.width or 128
+        args.depth = args.depth or 3
+        args.parametrization = args.parametrization or "mup"
+        model = make_model(
+            args.family,
+            args.width,
+            parametrization=args.parametrization,
+            seed=args.seed,
+            depth=args.depth,
+        )
+        described = (
+            f"{args.family} width={args.width} depth={args.depth} "
+            f"parametrization={args.parametrization}"
+        )
+    else:
+        for flag in ("depth", "parametrization"):
+            if getattr(args, flag) is not None:
+                raise ValueError(
+                    f"expected --{flag} with a built-in --family only, got it with "
+                    f"--factory {args.factory}; your factory builds the model as it is"
+                )
+        what = "a function () -> nn.Module or width -> nn.Module"
+        make, takes = load_function_of(args.factory, "--factory", what, (), ("width",))
+        if not takes and args.width is not None:
+            raise ValueError(
+                f"expected --width with a factory of the width, got --factory "
+                f"{args.factory}, which takes no argument; drop --width"
+            )
+        width = args.width or 128
+        model = _build(lambda w: make(w) if takes else make(), width, args.seed)
+        described = f"{args.factory}" + (f"({width})" if takes else "()")
+    if args.data_factory is None:
+        x, y = sample_batch(model, loss, n=args.n, seed=args.seed)
+        return model, (x, y), described
+    what = "a function () -> (x, y)"
+    data = load_function(args.data_factory, "--data-factory", what)()
+    if isinstance(data, torch.Tensor):
+        return model, (data, None), described
+    if is_batch(data):
+        return model, tuple(data), described
+    raise TypeError(
+        f"expected --data-factory {args.data_factory} to return one batch (x, y) "
+        f"of tensors, got {type(data).__name__}; return (inputs, targets)"
     )
-    inner = getattr(model, "model", model)
-    x = inner.sample_inputs(args.n, torch.Generator().manual_seed(args.seed))
-    return model, x
+
+
+def _multipliers(model: Any) -> Any:
+    """The parametrization's learning-rate ratios ``M`` of a prepared model, else ``None``."""
+    return None if applied_parametrization(model) is None else lr_multipliers(model)
 
 
 def _emit(summary: dict[str, Any], out: str | None) -> None:
@@ -340,22 +395,19 @@ def _emit(summary: dict[str, Any], out: str | None) -> None:
 
 
 def _cmd_ntk(args: argparse.Namespace) -> int:
-
-    model, x = _built_in(args)
+    model, (x, _), described = _model_and_data(args, F.mse_loss)
+    m = _multipliers(model)
     tic = time.perf_counter()
     k = empirical_ntk(
-        model,
-        x,
-        implementation=args.implementation,
-        lr_multipliers=lr_multipliers(model),
-        mode=args.mode,
+        model, x, implementation=args.implementation, lr_multipliers=m, mode=args.mode
     )
     seconds = time.perf_counter() - tic
     eigs = metrics.eigenvalues(k.double())
+    kind = "learning-rate-weighted eNTK K_M" if m is not None else "eNTK K"
     _emit(
         {
-            "family": f"{args.family} width={args.width} depth={args.depth} parametrization={args.parametrization}",
-            "kernel": f"learning-rate-weighted eNTK K_M, shape {tuple(k.shape)}, traced over outputs",
+            "family": described,
+            "kernel": f"{kind}, shape {tuple(k.shape)}, traced over outputs",
             "seconds": round(seconds, 4),
             "trace": float(k.trace()),
             "top_eigenvalues": [round(v, 6) for v in eigs[: args.top].tolist()],
@@ -367,27 +419,27 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 
 
 def _cmd_sharpness(args: argparse.Namespace) -> int:
-
-    model, x = _built_in(args)
-    with torch.no_grad():
-        y = torch.randn(
-            model(x).shape, generator=torch.Generator().manual_seed(args.seed + 1)
+    loss = getattr(F, LOSSES[args.loss])
+    model, (x, y), described = _model_and_data(args, loss)
+    if y is None:
+        raise ValueError(
+            f"expected --data-factory {args.data_factory} to return (x, y) for "
+            "sharpness (the loss needs targets), got inputs alone"
         )
-    steps, diverged = _gd(model, x, y, args.lr, args.steps)
+    steps, diverged = _gd(model, loss, x, y, args.lr, args.steps)
     summary: dict[str, Any] = {
-        "family": f"{args.family} width={args.width} depth={args.depth} parametrization={args.parametrization}",
-        "loss": "mse on Gaussian targets",
+        "family": described,
+        "loss": args.loss
+        + (" on Gaussian targets" if args.data_factory is None else ""),
         "steps_of_gd": steps,
     }
     if diverged is None:
-        summary["sharpness"] = sharpness(model, F.mse_loss, (x, y), mode=args.mode)
-        summary["sharpness_preconditioned"] = sharpness(
-            model,
-            F.mse_loss,
-            (x, y),
-            lr_multipliers=lr_multipliers(model),
-            mode=args.mode,
-        )
+        summary["sharpness"] = sharpness(model, loss, (x, y), mode=args.mode)
+        m = _multipliers(model)
+        if m is not None:
+            summary["sharpness_preconditioned"] = sharpness(
+                model, loss, (x, y), lr_multipliers=m, mode=args.mode
+            )
     else:
         summary["diverged"] = (
             f"GD {diverged}; stopped there and measured no sharpness; lower --lr"
@@ -397,10 +449,16 @@ def _cmd_sharpness(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gd(model: Any, x: Any, y: Any, lr: float, steps: int) -> tuple[int, str | None]:
-    """Full-batch GD on MSE by :func:`rdiag.loop.fit`; ``(steps done, why it stopped)``."""
-    opt = make_optimizer(model, None, lr)
-    result = fit(model, opt, itertools.repeat((x, y), steps), F.mse_loss, steps=steps)
+def _gd(
+    model: Any, loss_fn: Any, x: Any, y: Any, lr: float, steps: int
+) -> tuple[int, str | None]:
+    """Full-batch GD by :func:`rdiag.loop.fit`; ``(steps done, why it stopped)``.
+
+    The optimizer is :func:`rdiag.meter.optimizer_factory`'s SGD: an
+    rdiag-prepared model's per-layer rates, any other one ``lr`` everywhere.
+    """
+    opt = optimizer_factory("sgd", lr)(model)
+    result = fit(model, opt, itertools.repeat((x, y), steps), loss_fn, steps=steps)
     return result.steps, result.reason
 
 

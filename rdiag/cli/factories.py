@@ -2,7 +2,9 @@
 
 ``rdiag meter`` takes the user's code by name: ``--factory MODULE:FUNCTION``
 (``width -> nn.Module``), optionally ``--optimizer-factory`` and
-``--data-factory``. ``MODULE`` is a dotted module path, imported with the
+``--data-factory``; ``rdiag ntk`` and ``rdiag sharpness`` take ``--factory`` (a
+function of no argument or of the width) and ``--data-factory``, loaded and
+checked here with the same messages. ``MODULE`` is a dotted module path, imported with the
 current directory on ``sys.path`` (as ``python -m`` would), or a file
 ``path/to/file.py`` (executed once however many flags name it).
 :func:`load_function` checks that the object is callable with the arguments
@@ -97,6 +99,17 @@ def load_object(spec: str, flag: str, what: str) -> Any:
 
 def load_function(spec: str, flag: str, what: str, *args: str) -> Callable:
     """A function by ``MODULE:NAME`` that takes the arguments named by ``args``."""
+    return load_function_of(spec, flag, what, args)[0]
+
+
+def load_function_of(
+    spec: str, flag: str, what: str, *calls: tuple[str, ...]
+) -> tuple[Callable, tuple[str, ...]]:
+    """A function by ``MODULE:NAME`` and the first of ``calls`` (argument names) it takes.
+
+    ``rdiag ntk --factory`` takes a function of no argument or of the width:
+    ``load_function_of(spec, "--factory", what, (), ("width",))``.
+    """
     obj = load_object(spec, flag, what)
     if not callable(obj):
         raise TypeError(
@@ -106,14 +119,17 @@ def load_function(spec: str, flag: str, what: str, *args: str) -> Callable:
     try:
         signature = inspect.signature(obj)
     except ValueError:  # no signature to read (a builtin): let the call tell
-        return obj
-    try:
-        signature.bind(*args)
-    except TypeError:
-        shown = signature.replace(return_annotation=inspect.Signature.empty)
-        name = getattr(obj, "__name__", type(obj).__name__)
-        raise TypeError(
-            f"expected {flag} {spec} to name {what}, got {name}{shown}, which "
-            f"cannot be called as {name}({', '.join(args)})"
-        ) from None
-    return obj
+        return obj, calls[0]
+    for args in calls:
+        try:
+            signature.bind(*args)
+        except TypeError:
+            continue
+        return obj, args
+    shown = signature.replace(return_annotation=inspect.Signature.empty)
+    name = getattr(obj, "__name__", type(obj).__name__)
+    tried = " or ".join(f"{name}({', '.join(args)})" for args in calls)
+    raise TypeError(
+        f"expected {flag} {spec} to name {what}, got {name}{shown}, which "
+        f"cannot be called as {tried}"
+    )

@@ -53,10 +53,19 @@ depth rules (the ,depth= suffix): depth-mup (branches x 1/sqrt(L), the default),
     "ntk": """examples:
   rdiag ntk --family mlp --width 512 --parametrization mup --n 64
   rdiag ntk --family cnn --width 32 --n 32 --implementation jacobian --out ntk.json
-  rdiag ntk --family bn_mlp --width 64 --n 32 --mode train   # batch statistics""",
+  rdiag ntk --family bn_mlp --width 64 --n 32 --mode train   # batch statistics
+  rdiag ntk --factory my_models.py:make_model --width 256 --n 32
+  rdiag ntk --factory mypkg.models:build --data-factory mypkg.models:batch
+      # build() or build(width) -> nn.Module; batch() -> (x, y) or x. Without
+      # --data-factory: the model's sample_inputs, or Gaussian (n, in_features)
+      # for a first nn.Linear""",
     "sharpness": """examples:
   rdiag sharpness --family mlp --width 256 --parametrization mup --n 64
-  rdiag sharpness --family mlp --width 256 --parametrization ntk --lr 0.3 --steps 20""",
+  rdiag sharpness --family mlp --width 256 --parametrization ntk --lr 0.3 --steps 20
+  rdiag sharpness --factory my_models.py:make_model --loss cross_entropy --steps 10
+  rdiag sharpness --factory my_models.py:make_model --data-factory my_models.py:batch
+      # the preconditioned sharpness only for models prepared by
+      # rdiag.apply_parametrization (their per-layer rates)""",
 }
 
 
@@ -345,8 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-factory",
         metavar="MODULE:FUNCTION",
         help="() -> (x, y) or a list of batches; default: --batch-size inputs from "
-        "the model's sample_inputs, Gaussian targets (class indices for "
-        "cross_entropy) shaped like its output",
+        "the model's sample_inputs (or Gaussian, sized from a first nn.Linear), "
+        "Gaussian targets (class indices for cross_entropy) shaped like its output",
     )
     mt.add_argument("--batch-size", type=_POSITIVE, default=16)
     mt.add_argument("--data-seed", type=_COUNT, default=1234)
@@ -383,18 +392,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     for name, help_ in (
-        ("ntk", "eNTK of a built-in model and its spectrum"),
-        ("sharpness", "raw and preconditioned sharpness of a built-in model"),
+        ("ntk", "eNTK of a built-in model or yours (--factory) and its spectrum"),
+        (
+            "sharpness",
+            "raw and preconditioned sharpness of a built-in model or yours (--factory)",
+        ),
     ):
         p = add(name, help_)
-        p.add_argument("--family", choices=tuple(FAMILIES), default="mlp")
-        p.add_argument("--width", type=_POSITIVE, default=128)
-        p.add_argument("--depth", type=_POSITIVE, default=3)
+        which = p.add_mutually_exclusive_group()
+        which.add_argument(
+            "--family", choices=tuple(FAMILIES), help="a built-in family (default mlp)"
+        )
+        which.add_argument(
+            "--factory",
+            metavar="MODULE:FUNCTION",
+            help="your model: a function () -> nn.Module or width -> nn.Module, by "
+            "module path (mypkg.models:make_model, the current directory "
+            "importable) or file (path/to/models.py:make_model), as rdiag meter",
+        )
         p.add_argument(
-            "--parametrization", "--param", dest="parametrization", default="mup"
+            "--width",
+            type=_POSITIVE,
+            help="width of a built-in family or of a width -> nn.Module factory "
+            "(default 128)",
+        )
+        p.add_argument("--depth", type=_POSITIVE, help="built-in families (default 3)")
+        p.add_argument(
+            "--parametrization",
+            "--param",
+            dest="parametrization",
+            help="built-in families (default mup)",
+        )
+        p.add_argument(
+            "--data-factory",
+            metavar="MODULE:FUNCTION",
+            help="() -> (x, y) (ntk also takes () -> x); default: --n inputs from "
+            "the model's sample_inputs or Gaussian sized from its first nn.Linear, "
+            "targets for --loss",
         )
         p.add_argument("--n", type=_POSITIVE, default=64, help="number of inputs")
-        p.add_argument("--seed", type=_COUNT, default=0)
+        p.add_argument(
+            "--seed", type=_COUNT, default=0, help="seed of the model and the data"
+        )
         p.add_argument("--out", type=_file, help="also write the summary as JSON here")
         p.add_argument(
             "--mode",
@@ -413,6 +452,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "--top", type=_POSITIVE, default=10, help="eigenvalues to print"
             )
         else:
+            p.add_argument(
+                "--loss",
+                choices=tuple(LOSSES),
+                default="mse",
+                help="the loss whose Hessian is measured (default mse)",
+            )
             p.add_argument(
                 "--lr", type=_RATE, default=0.1, help="base rate of --steps of GD"
             )

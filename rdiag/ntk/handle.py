@@ -471,9 +471,7 @@ def empirical_ntk(
         model: The network (or a :class:`~rdiag.functional.FunctionalModel`).
         x1: ``(N1, ...)`` inputs.
         x2: ``(N2, ...)`` inputs, or ``None`` for the symmetric kernel.
-        implementation, trace_outputs, diagonal, per_layer, lr_multipliers,
-            block_size, memory_budget, projection, per_token, output_probes, seed,
-            readout_identity, process_group: As :class:`NTKFunction`.
+        implementation, trace_outputs, diagonal, per_layer, lr_multipliers, block_size, memory_budget, projection, per_token, output_probes, seed, readout_identity, process_group: As :class:`NTKFunction`.
         params, exclude, mode, dtype, output_fn: The selection keywords, described
             once under "Selection keywords" below.
 

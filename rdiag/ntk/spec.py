@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rdiag.functional import FunctionalModel
+from rdiag.functional import FunctionalModel, accumulation_dtype
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,7 @@ def kernel_shape(spec: NTKSpec, n1: int, n2: int) -> tuple[int, ...]:
 
 def kernel_dtype(fm: FunctionalModel) -> torch.dtype:
     """Accumulation dtype: the parameters' dtype, at least float32."""
-    dtype = fm.param_dtype
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    return accumulation_dtype(fm.param_dtype)
 
 
 def kernel_itemsize(fm: FunctionalModel) -> int:

@@ -22,7 +22,12 @@ from rdiag._checks import check_vector
 from rdiag._inputs import Inputs, batch_size, describe, leaves, trailing
 from rdiag._typing import Data, LossFn, Params, ParamSelector
 from rdiag.distributed import Group
-from rdiag.functional import FunctionalModel, Mode, functionalize
+from rdiag.functional import (
+    FunctionalModel,
+    Mode,
+    accumulation_dtype,
+    functionalize,
+)
 from rdiag.losses import apply_loss, checked_loss
 from rdiag.operators.base import LinearOperator
 
@@ -179,6 +184,13 @@ class CurvatureOperator(LinearOperator):
     measured through its ``module``: the products differentiate fresh copies of
     the parameters, so DDP's gradient all-reduce is never triggered.
 
+    Numerics: products run in ``dtype=`` if given, else in the parameters' dtype,
+    except that a half-precision model (bf16/fp16 parameters, e.g. Lightning's
+    ``precision="bf16-true"``) is differentiated in float32 copies of its
+    parameters, buffers and inputs (the model itself is untouched), as the eNTK
+    accumulates; pass ``dtype=torch.bfloat16`` to compute in the model's own
+    dtype. A prepared :class:`~rdiag.functional.FunctionalModel` keeps its dtype.
+
     Subclasses implement :meth:`_batch_matmat` on one batch.
 
     Attributes:
@@ -212,6 +224,19 @@ class CurvatureOperator(LinearOperator):
         self.fm = functionalize(
             model, params, exclude=exclude, mode=mode, dtype=dtype, output_fn=output_fn
         )
+        if dtype is None and not isinstance(model, FunctionalModel):
+            # A bf16/fp16 model's curvature in its own dtype is off by ~1e-3..1e-2
+            # (bf16 has 8 bits of mantissa): compute in float32, as the eNTK does.
+            wanted = accumulation_dtype(self.fm.param_dtype)
+            if wanted != self.fm.param_dtype:
+                self.fm = functionalize(
+                    model,
+                    params,
+                    exclude=exclude,
+                    mode=mode,
+                    dtype=wanted,
+                    output_fn=output_fn,
+                )
         self.loss_fn = loss_fn
         p = self.fm.num_params
         self.shape = (p, p)
