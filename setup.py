@@ -46,6 +46,7 @@ EXTRAS["docs"] = EXTRAS["test"] + [
     "sphinx-gallery>=0.16",
     "furo>=2024.1",
     "myst-parser>=2.0",
+    "sphinx-mathjax-offline>=0.0.2",
 ]
 
 setup(

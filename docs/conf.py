@@ -32,6 +32,8 @@ extensions = [
     "sphinx.ext.autosummary",
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
+    # MathJax served from the built site itself: equations render with no network.
+    "sphinx-mathjax-offline",
     "sphinx.ext.viewcode",
     "myst_parser",
     "sphinx_gallery.gen_gallery",
