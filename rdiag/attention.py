@@ -62,7 +62,7 @@ __all__ = [
 ]
 
 #: Keys per block: ``L x DEFAULT_BLOCK`` scores per head live at a time.
-DEFAULT_BLOCK = 256
+DEFAULT_BLOCK = 128
 
 _SDPA = F.scaled_dot_product_attention
 
