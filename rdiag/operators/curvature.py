@@ -249,7 +249,9 @@ class CurvatureOperator(LinearOperator):
         self.group = None if process_group is None else Group(process_group)
         if self.group is not None:
             self.group.check_replicas(self.fm.module, self.fm.names)
-        self._trainable = trainable_mask(self.fm)
+        # (P,) 0/1 in the operator's dtype, built once (None: every coordinate).
+        mask = trainable_mask(self.fm)
+        self._trainable = None if mask is None else mask.to(self.dtype)
 
     def rebind(self, data: Data | None = None) -> None:
         """Take products on ``data`` from now on (default: the same data, fresh).
@@ -332,7 +334,7 @@ class CurvatureOperator(LinearOperator):
         if self.group is not None:
             self.group.check_replicated(matrix, f"the {self.kind} operator's input")
         if self._trainable is not None:
-            matrix = matrix * self._trainable.to(matrix.dtype)[:, None]
+            matrix = matrix * self._trainable[:, None]
         total, acc = 0, torch.zeros_like(matrix)
         for x, y in iter_batches(self.data):
             n = batch_size(x)
@@ -341,7 +343,7 @@ class CurvatureOperator(LinearOperator):
         if self.group is not None:
             acc, total = self.group.sum(acc), self.group.total(total)
         if self._trainable is not None:
-            acc = acc * self._trainable.to(acc.dtype)[:, None]
+            acc.mul_(self._trainable[:, None])
         return acc / total
 
     @abstractmethod
